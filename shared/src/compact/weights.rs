@@ -1,0 +1,172 @@
+//! Named f32 weights and their on-disk form: safetensors, with 4-bit convolution weights.
+//!
+//! A 4-D `*.weight` is stored as two tensors, `{name}.q4` (U8, packed nibbles) and
+//! `{name}.q4scale` (F16, one per group), with the logical shape and group size in the
+//! safetensors metadata under `q4:{name}` (e.g. `"32,3,3,3;32"`). Everything else is F32.
+
+use crate::quant::{QuantError, Q4Tensor};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use std::collections::{BTreeMap, HashMap};
+
+/// A tensor of f32 values with its shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Values, row-major.
+    pub values: Vec<f32>,
+}
+
+/// Why weights could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    /// A tensor the model needs is absent.
+    #[error("weights: tensor {0:?} is missing")]
+    Missing(String),
+    /// A tensor has the wrong shape.
+    #[error("weights: tensor {name:?} has shape {found:?}, expected {expected:?}")]
+    Shape {
+        /// Tensor name.
+        name: String,
+        /// Expected shape.
+        expected: Vec<usize>,
+        /// Found shape.
+        found: Vec<usize>,
+    },
+    /// The file is not valid.
+    #[error("weights: {0}")]
+    Format(String),
+    /// 4-bit data is inconsistent.
+    #[error("weights: tensor {name:?}: {source}")]
+    Quant {
+        /// Tensor name.
+        name: String,
+        /// Cause.
+        source: QuantError,
+    },
+}
+
+/// A set of named tensors.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Weights(pub BTreeMap<String, NamedTensor>);
+
+impl Weights {
+    /// Adds or replaces a tensor.
+    pub fn insert(&mut self, name: String, t: NamedTensor) {
+        self.0.insert(name, t);
+    }
+
+    /// A tensor by name.
+    pub fn get(&self, name: &str) -> Result<&NamedTensor, WeightError> {
+        self.0.get(name).ok_or_else(|| WeightError::Missing(name.to_string()))
+    }
+
+    /// A tensor by name, checking its shape.
+    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<&NamedTensor, WeightError> {
+        let t = self.get(name)?;
+        if t.shape != shape {
+            return Err(WeightError::Shape { name: name.to_string(), expected: shape.to_vec(), found: t.shape.clone() });
+        }
+        Ok(t)
+    }
+
+    /// Serializes to safetensors, 4-D weights in 4 bits with the given group size.
+    pub fn to_safetensors(&self, group: usize) -> Result<Vec<u8>, WeightError> {
+        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut meta = HashMap::new();
+        for (name, t) in &self.0 {
+            if t.shape.len() == 4 && name.ends_with(".weight") {
+                let q = Q4Tensor::quantize(&t.values, &t.shape, group);
+                let shape_s: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
+                meta.insert(format!("q4:{name}"), format!("{};{}", shape_s.join(","), group));
+                owned.push((format!("{name}.q4"), Dtype::U8, vec![q.packed.len()], q.packed));
+                let scales: Vec<u8> = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+                owned.push((format!("{name}.q4scale"), Dtype::F16, vec![q.scales.len()], scales));
+            } else {
+                let bytes = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                owned.push((name.clone(), Dtype::F32, t.shape.clone(), bytes));
+            }
+        }
+        let views: Vec<(String, TensorView<'_>)> = owned
+            .iter()
+            .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b).map_err(|e| WeightError::Format(e.to_string()))?)))
+            .collect::<Result<_, WeightError>>()?;
+        safetensors::serialize(views, Some(meta)).map_err(|e| WeightError::Format(e.to_string()))
+    }
+
+    /// Reads safetensors written by [`Weights::to_safetensors`], dequantizing 4-bit tensors.
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Weights, WeightError> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| WeightError::Format(e.to_string()))?;
+        let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| WeightError::Format(e.to_string()))?;
+        let meta = metadata.metadata().clone().unwrap_or_default();
+        let mut out = Weights::default();
+        for (name, view) in st.tensors() {
+            if name.ends_with(".q4") || name.ends_with(".q4scale") {
+                continue;
+            }
+            if view.dtype() != Dtype::F32 {
+                return Err(WeightError::Format(format!("tensor {name:?} is {:?}, expected F32", view.dtype())));
+            }
+            let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            out.insert(name, NamedTensor { shape: view.shape().to_vec(), values });
+        }
+        for (key, layout) in meta.iter().filter(|(k, _)| k.starts_with("q4:")) {
+            let name = &key[3..];
+            let bad = || WeightError::Format(format!("bad 4-bit layout {layout:?} for {name:?}"));
+            let (shape_s, group_s) = layout.split_once(';').ok_or_else(bad)?;
+            let shape: Vec<usize> = shape_s.split(',').map(|d| d.parse().map_err(|_| bad())).collect::<Result<_, _>>()?;
+            let group: usize = group_s.parse().map_err(|_| bad())?;
+            let packed = st.tensor(&format!("{name}.q4")).map_err(|_| WeightError::Missing(format!("{name}.q4")))?;
+            let scales = st.tensor(&format!("{name}.q4scale")).map_err(|_| WeightError::Missing(format!("{name}.q4scale")))?;
+            if packed.dtype() != Dtype::U8 || scales.dtype() != Dtype::F16 {
+                return Err(bad());
+            }
+            let q = Q4Tensor {
+                shape: shape.clone(),
+                group,
+                packed: packed.data().to_vec(),
+                scales: scales.data().chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])).collect(),
+            };
+            let values = q.dequantize().map_err(|source| WeightError::Quant { name: name.to_string(), source })?;
+            out.insert(name.to_string(), NamedTensor { shape, values });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Weights {
+        let mut w = Weights::default();
+        let conv: Vec<f32> = (0..2 * 3 * 3 * 3).map(|i| (i as f32 - 27.0) / 10.0).collect();
+        w.insert("a.weight".into(), NamedTensor { shape: vec![2, 3, 3, 3], values: conv });
+        w.insert("a.bias".into(), NamedTensor { shape: vec![2], values: vec![0.5, -0.25] });
+        w.insert("head.weight".into(), NamedTensor { shape: vec![2, 2], values: vec![1.0, 2.0, 3.0, 4.0] });
+        w
+    }
+
+    #[test]
+    fn conv_weights_go_4_bit_the_rest_stays_exact() {
+        let w = sample();
+        let bytes = w.to_safetensors(32).unwrap();
+        let back = Weights::from_safetensors(&bytes).unwrap();
+        assert_eq!(back.get("a.bias").unwrap(), w.get("a.bias").unwrap());
+        assert_eq!(back.get("head.weight").unwrap(), w.get("head.weight").unwrap());
+        let (a, b) = (&w.get("a.weight").unwrap().values, &back.get("a.weight").unwrap().values);
+        // One group per row of 27 values with max |w| 2.7: step 2.7/7.
+        assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 2.7 / 7.0 / 2.0 + 1e-3));
+        assert_eq!(back.get("a.weight").unwrap().shape, vec![2, 3, 3, 3]);
+    }
+
+    #[test]
+    fn damaged_file_and_wrong_shape_are_errors() {
+        let bytes = sample().to_safetensors(8).unwrap();
+        assert!(Weights::from_safetensors(&bytes[..bytes.len() / 2]).is_err());
+        assert!(Weights::from_safetensors(b"garbage").is_err());
+        let back = Weights::from_safetensors(&bytes).unwrap();
+        assert!(matches!(back.get_shaped("a.bias", &[3]), Err(WeightError::Shape { .. })));
+        assert!(matches!(back.get("nope"), Err(WeightError::Missing(_))));
+    }
+}

@@ -1,0 +1,20 @@
+//! What the trainer, the appliance and central agree on: the cell classes and their order,
+//! morphology attributes and descriptions, image preprocessing, the model families, the signed
+//! bundle format, metrics, and the versioned result types that travel between them.
+#![deny(missing_docs)]
+
+pub mod attributes;
+pub mod bundle;
+pub mod classes;
+pub mod classify;
+pub mod compact;
+pub mod describe;
+pub mod embed;
+pub mod image;
+pub mod messages;
+pub mod metrics;
+pub mod quant;
+
+pub use attributes::{ATTRIBUTES, AttributeSet};
+pub use classes::{CellClass, NUM_CLASSES};
+pub use messages::CellResult;

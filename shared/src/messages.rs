@@ -1,0 +1,122 @@
+//! Result types that cross process and network boundaries, versioned.
+//!
+//! Every wire message carries `schema_version`; readers refuse versions they do not know
+//! instead of guessing. Bump [`SCHEMA_VERSION`] on any incompatible change.
+
+use crate::attributes::AttributeSet;
+use crate::classes::CellClass;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Schema version of the types in this module.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What a classifier says about one cell.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CellResult {
+    /// Schema version ([`SCHEMA_VERSION`]).
+    pub schema_version: u32,
+    /// Predicted class, or `None` when the cell is left for review (Unidentified).
+    pub class: Option<CellClass>,
+    /// Probability of every class, by class name.
+    pub probabilities: BTreeMap<String, f32>,
+    /// Confidence in the reported class (the top probability).
+    pub confidence: f32,
+    /// Predicted morphology attributes (compact family); empty where the model has none.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// Description of the cell.
+    pub description: String,
+    /// Cell's box in the source image's pixels `[x0, y0, x1, y1]`, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bbox: Option<[u32; 4]>,
+    /// Version of the model that produced the result.
+    pub model_version: u64,
+}
+
+impl CellResult {
+    /// Builds a result from class probabilities in class order, applying a review threshold:
+    /// below `min_confidence` the class is `None` (Unidentified).
+    pub fn from_probabilities(
+        probs: &[f32; crate::classes::NUM_CLASSES],
+        attributes: &AttributeSet,
+        description: String,
+        min_confidence: f32,
+        model_version: u64,
+    ) -> Self {
+        let (best, &conf) = probs
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .expect("six probabilities");
+        let class = (conf >= min_confidence).then(|| CellClass::ALL[best]);
+        CellResult {
+            schema_version: SCHEMA_VERSION,
+            class,
+            probabilities: CellClass::ALL.iter().map(|c| (c.name().to_string(), probs[c.index()])).collect(),
+            confidence: conf,
+            attributes: attributes.to_map(),
+            description,
+            bbox: None,
+            model_version,
+        }
+    }
+
+    /// Display name of the reported class (`Unidentified` when left for review).
+    pub fn class_name(&self) -> &'static str {
+        self.class.map(CellClass::name).unwrap_or("Unidentified")
+    }
+}
+
+/// Parses a wire message, refusing unknown schema versions.
+pub fn parse_versioned<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, MessageError> {
+    #[derive(Deserialize)]
+    struct Probe {
+        schema_version: u32,
+    }
+    let probe: Probe = serde_json::from_slice(bytes).map_err(|e| MessageError::Invalid(e.to_string()))?;
+    if probe.schema_version != SCHEMA_VERSION {
+        return Err(MessageError::UnsupportedVersion(probe.schema_version));
+    }
+    serde_json::from_slice(bytes).map_err(|e| MessageError::Invalid(e.to_string()))
+}
+
+/// Why a wire message was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MessageError {
+    /// Not valid JSON for the type.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    /// A schema version this build does not know.
+    #[error("unsupported schema version {0} (this build speaks {SCHEMA_VERSION})")]
+    UnsupportedVersion(u32),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn low_confidence_is_unidentified_and_round_trips_through_json() {
+        let p = [0.05, 0.05, 0.3, 0.4, 0.1, 0.1];
+        let r = CellResult::from_probabilities(&p, &AttributeSet::default(), "d".into(), 0.5, 2);
+        assert_eq!(r.class, None);
+        assert_eq!(r.class_name(), "Unidentified");
+        assert_eq!(r.confidence, 0.4);
+        let sure = CellResult::from_probabilities(&p, &AttributeSet::default(), "d".into(), 0.3, 2);
+        assert_eq!(sure.class, Some(CellClass::Monocyte));
+        let json = serde_json::to_vec(&sure).unwrap();
+        let back: CellResult = parse_versioned(&json).unwrap();
+        assert_eq!(back, sure);
+    }
+
+    #[test]
+    fn unknown_schema_version_and_garbage_are_refused() {
+        let p = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let mut v = serde_json::to_value(CellResult::from_probabilities(&p, &AttributeSet::default(), String::new(), 0.0, 1)).unwrap();
+        v["schema_version"] = 99.into();
+        let bytes = serde_json::to_vec(&v).unwrap();
+        assert_eq!(parse_versioned::<CellResult>(&bytes), Err(MessageError::UnsupportedVersion(99)));
+        assert!(matches!(parse_versioned::<CellResult>(b"{not json"), Err(MessageError::Invalid(_))));
+    }
+}

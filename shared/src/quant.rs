@@ -1,0 +1,178 @@
+//! A 4-bit weight format for convolutional backbones.
+//!
+//! burn's Q4 block quantization runs blocks along the last dimension, which does not fit
+//! convolution weights (`[out, in, k, k]`, last dimension 1 or 3) and destroys depthwise layers
+//! when scaled per tensor. This format instead treats a weight as rows (`shape[0]`, the output
+//! channels) of `fan_in = in·k·k` values and quantizes each row in groups of `group` values
+//! (the last group of a row may be shorter): symmetric, `q = round(w / s)` in `-8..=7` with
+//! `s = max|w| / 7` stored as f16, two values packed per byte (low nibble first).
+//! Depthwise rows (`fan_in` 9) therefore get one scale per channel.
+
+use half::f16;
+
+/// A 4-bit quantized weight tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Q4Tensor {
+    /// Logical shape; `shape[0]` rows of `product(shape[1..])` values.
+    pub shape: Vec<usize>,
+    /// Group size along each row.
+    pub group: usize,
+    /// Packed 4-bit values (offset by 8), row-major, two per byte, low nibble first.
+    pub packed: Vec<u8>,
+    /// One scale per group, row-major.
+    pub scales: Vec<f16>,
+}
+
+/// Why 4-bit data could not be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QuantError {
+    /// Sizes of packed data or scales do not match the shape.
+    #[error("4-bit tensor of shape {shape:?} (group {group}) expects {expected_packed} packed bytes and {expected_scales} scales, found {packed} and {scales}")]
+    SizeMismatch {
+        /// Shape.
+        shape: Vec<usize>,
+        /// Group size.
+        group: usize,
+        /// Expected packed length.
+        expected_packed: usize,
+        /// Expected scale count.
+        expected_scales: usize,
+        /// Found packed length.
+        packed: usize,
+        /// Found scale count.
+        scales: usize,
+    },
+    /// Group size 0 or shape empty.
+    #[error("invalid 4-bit layout: shape {0:?}, group {1}")]
+    BadLayout(Vec<usize>, usize),
+}
+
+fn layout(shape: &[usize], group: usize) -> Result<(usize, usize, usize), QuantError> {
+    if group == 0 || shape.is_empty() || shape.contains(&0) {
+        return Err(QuantError::BadLayout(shape.to_vec(), group));
+    }
+    let rows = shape[0];
+    let cols: usize = shape[1..].iter().product();
+    let groups_per_row = cols.div_ceil(group);
+    Ok((rows, cols, groups_per_row))
+}
+
+impl Q4Tensor {
+    /// Quantizes f32 values of the given shape.
+    ///
+    /// # Panics
+    /// If `values.len()` differs from the shape's element count or the layout is invalid.
+    pub fn quantize(values: &[f32], shape: &[usize], group: usize) -> Q4Tensor {
+        let (rows, cols, gpr) = layout(shape, group).expect("valid 4-bit layout");
+        assert_eq!(values.len(), rows * cols, "values do not match shape {shape:?}");
+        let mut scales = Vec::with_capacity(rows * gpr);
+        let mut q = Vec::with_capacity(values.len());
+        for row in values.chunks(cols) {
+            for g in row.chunks(group) {
+                let max = g.iter().fold(0f32, |m, v| m.max(v.abs()));
+                // Round the scale to f16 first so that quantization uses the stored scale.
+                let s = f16::from_f32(if max > 0.0 { max / 7.0 } else { 1.0 });
+                let sf = s.to_f32();
+                scales.push(s);
+                q.extend(g.iter().map(|v| ((v / sf).round().clamp(-8.0, 7.0) as i8 + 8) as u8));
+            }
+        }
+        let packed = q.chunks(2).map(|p| p[0] | (p.get(1).copied().unwrap_or(8) << 4)).collect();
+        Q4Tensor { shape: shape.to_vec(), group, packed, scales }
+    }
+
+    /// Checks that packed data and scales fit the shape (for data read from a file).
+    pub fn validate(&self) -> Result<(), QuantError> {
+        let (rows, cols, gpr) = layout(&self.shape, self.group)?;
+        let expected_packed = (rows * cols).div_ceil(2);
+        let expected_scales = rows * gpr;
+        if self.packed.len() != expected_packed || self.scales.len() != expected_scales {
+            return Err(QuantError::SizeMismatch {
+                shape: self.shape.clone(),
+                group: self.group,
+                expected_packed,
+                expected_scales,
+                packed: self.packed.len(),
+                scales: self.scales.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True for an empty tensor.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Dequantizes to f32 values in row-major order.
+    pub fn dequantize(&self) -> Result<Vec<f32>, QuantError> {
+        self.validate()?;
+        let (_, cols, gpr) = layout(&self.shape, self.group)?;
+        let n = self.len();
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let byte = self.packed[i / 2];
+            let nib = if i % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+            let (row, col) = (i / cols, i % cols);
+            let s = self.scales[row * gpr + col / self.group].to_f32();
+            out.push((nib as i32 - 8) as f32 * s);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn exact_grid_values_survive_and_odd_sizes_pack() {
+        // Values already on the grid of their group's scale come back exactly.
+        let v = [-7.0, 0.0, 3.0, 7.0, 1.0, -2.0, 0.5];
+        let q = Q4Tensor::quantize(&v, &[1, 7], 4);
+        assert_eq!(q.packed.len(), 4);
+        assert_eq!(q.scales.len(), 2);
+        let d = q.dequantize().unwrap();
+        assert_eq!(&d[..4], &v[..4]);
+        // Second group: scale 2/7, so 1.0 -> 3.5 -> rounds to 4 (ties away from zero) -> 8/7.
+        assert!((d[4] - 8.0 / 7.0).abs() < 1e-3);
+    }
+
+    #[test]
+    fn depthwise_rows_get_their_own_scale() {
+        // Two channels with very different ranges: per-row scales keep both accurate.
+        let mut v = vec![0.001f32; 9];
+        v.extend([100.0f32; 9]);
+        let d = Q4Tensor::quantize(&v, &[2, 1, 3, 3], 32).dequantize().unwrap();
+        assert!((d[0] - 0.001).abs() < 2e-4);
+        assert!((d[9] - 100.0).abs() < 0.1);
+    }
+
+    #[test]
+    fn corrupt_sizes_are_an_error_not_a_panic() {
+        let mut q = Q4Tensor::quantize(&[1.0; 64], &[4, 16], 8);
+        q.packed.pop();
+        assert!(matches!(q.dequantize(), Err(QuantError::SizeMismatch { .. })));
+        q.shape = vec![0];
+        assert!(matches!(q.validate(), Err(QuantError::BadLayout(..))));
+    }
+
+    proptest! {
+        #[test]
+        fn error_is_within_half_a_step(values in prop::collection::vec(-10f32..10.0, 1..200), group in 1usize..40) {
+            let n = values.len();
+            let q = Q4Tensor::quantize(&values, &[1, n], group);
+            let d = q.dequantize().unwrap();
+            for (i, (a, b)) in values.iter().zip(&d).enumerate() {
+                let s = q.scales[i / group].to_f32();
+                prop_assert!((a - b).abs() <= s * 0.5 + 1e-4, "{a} vs {b} (scale {s})");
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Train → export → verify → self-test → classify → evaluate, on the real cell fixtures and the
+//! real pretrained backbone, with a signing key made for the test. Then the ways a bundle must be
+//! refused: tampered weights, another key, truncation.
+
+use std::path::{Path, PathBuf};
+use trainer::eval::{EvalOptions, evaluate_classifier};
+use trainer::export::{ExportOptions, export};
+use trainer::train::{TrainSettings, train};
+use wbc_shared::bundle::{Bundle, BundleError, keys};
+use wbc_shared::classify::Classifier;
+use wbc_shared::compact::CompactConfig;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn backbone_pth() -> PathBuf {
+    let dir = std::env::var_os("WBC_WEIGHTS_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join(".cache/weights/unpacked"));
+    let p = dir.join("mobilenet_v2-b0353104.pth");
+    assert!(p.is_file(), "{} missing: run scripts/fetch-weights.sh (scripts/test.sh does it)", p.display());
+    p
+}
+
+/// A dataset folder: the seven fixture cells as both train and val, plus one corrupt file in train.
+fn dataset(dir: &Path) {
+    let cells = repo().join("shared/tests/fixtures/cells");
+    let csv = std::fs::read_to_string(cells.join("cells.csv")).unwrap();
+    for entry in std::fs::read_dir(&cells).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "jpg") {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(dir.join("val.csv"), &csv).unwrap();
+    std::fs::write(dir.join("broken.jpg"), b"\xff\xd8\xff not really a jpeg").unwrap();
+    let mut train = csv.clone();
+    train.push_str("broken.jpg,2,Lymphocyte,pbc,,,,,,,,,,,\n");
+    std::fs::write(dir.join("train.csv"), train).unwrap();
+}
+
+#[test]
+fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    dataset(&data);
+    let run = tmp.path().join("run");
+    let settings = TrainSettings { epochs: 2, batch: 4, views: 1, model: CompactConfig { tune_from: 17, ..CompactConfig::default() }, ..TrainSettings::default() };
+    let record = train(&data, &run, &backbone_pth(), settings).unwrap();
+    assert_eq!(record.rejected, 1, "the corrupt image is reported, not fatal");
+    assert!(std::fs::read_to_string(run.join("rejected.csv")).unwrap().contains("broken.jpg"));
+    assert_eq!(record.train_counts.iter().sum::<usize>(), 7);
+    let curves = std::fs::read_to_string(run.join("curves.csv")).unwrap();
+    assert_eq!(curves.lines().count(), 3, "header + one row per epoch:\n{curves}");
+    assert!(image::open(run.join("curves.png")).is_ok());
+
+    let key = keys::generate();
+    let bundle_path = tmp.path().join("model.bundle");
+    let manifest = export(&ExportOptions {
+        run: &run,
+        backbone_pth: &backbone_pth(),
+        key: &key,
+        out: &bundle_path,
+        val: Some(&data.join("val.csv")),
+        model_version: 7,
+    })
+    .unwrap();
+    assert_eq!(manifest.model_version, 7);
+    assert_eq!(manifest.metrics["evaluated"], 7);
+
+    let bundle = Bundle::open(&bundle_path, &[key.verifying_key()]).unwrap();
+    let device = burn::tensor::Device::flex();
+    let classifier = Classifier::from_bundle(&bundle, &device).unwrap();
+    assert_eq!(classifier.self_test(&bundle).unwrap(), 6, "one golden image per class");
+    let img = image::open(data.join("MYO_0024.jpg")).unwrap().to_rgb8();
+    let r = classifier.classify(&[img]).remove(0);
+    let total: f32 = r.probabilities.values().sum();
+    assert!((total - 1.0).abs() < 1e-4);
+    assert_eq!(r.model_version, 7);
+    assert!(!r.description.is_empty());
+
+    let report = evaluate_classifier(&classifier, &data.join("val.csv"), &EvalOptions { resamples: 50, minilm: None }).unwrap();
+    assert_eq!(report.evaluated, 7);
+    let cm = report.confusion_matrix.clone().unwrap();
+    assert_eq!(cm.iter().flatten().sum::<u64>(), 7);
+    assert_eq!(report.per_source.keys().cloned().collect::<Vec<_>>(), vec!["munich".to_string(), "pbc".to_string()]);
+    assert!(report.attribute_accuracy.is_some());
+    let json = serde_json::to_value(&report).unwrap();
+    for k in ["accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix", "attribute_accuracy"] {
+        assert!(!json[k].is_null(), "{k} missing from the JSON report");
+    }
+
+    // Refusals.
+    let bytes = std::fs::read(&bundle_path).unwrap();
+    let other = keys::generate();
+    assert!(matches!(Bundle::from_bytes(&bytes, &[other.verifying_key()]), Err(BundleError::UntrustedKey { .. })));
+    let mut tampered = bytes.clone();
+    let at = tampered.len() * 2 / 3;
+    tampered[at] ^= 0x55;
+    assert!(Bundle::from_bytes(&tampered, &[key.verifying_key()]).is_err());
+    assert!(Bundle::from_bytes(&bytes[..bytes.len() / 2], &[key.verifying_key()]).is_err());
+}

@@ -1,0 +1,212 @@
+//! `trainer eval`: the reference study's tables for a bundle on a CSV, as text, JSON and PNG.
+
+use crate::dataset::{Sample, load_images, read_samples};
+use anyhow::{Result, bail};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use wbc_shared::attributes::NUM_ATTRIBUTES;
+use wbc_shared::classes::{CellClass, NUM_CLASSES};
+use wbc_shared::classify::Classifier;
+use wbc_shared::describe::describe;
+use wbc_shared::embed::MiniLm;
+use wbc_shared::image::DecodeLimits;
+use wbc_shared::metrics::{BootstrapClass, ConfusionMatrix, MeanSd, Report, bootstrap, render_tables};
+
+/// Evaluation settings.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Bootstrap resamples for the Mean ± SD table.
+    pub resamples: usize,
+    /// Folder of all-MiniLM-L6-v2 for description similarity (skipped when `None`).
+    pub minilm: Option<PathBuf>,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions { resamples: 1000, minilm: None }
+    }
+}
+
+/// Per-class row of the JSON report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassRow {
+    /// Class name.
+    pub class: String,
+    /// Precision.
+    pub precision: f64,
+    /// Recall.
+    pub recall: f64,
+    /// F1.
+    pub f1: f64,
+    /// Support.
+    pub support: u64,
+}
+
+/// Everything `trainer eval` measures.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// Images evaluated.
+    pub evaluated: usize,
+    /// Images that could not be read, with reasons.
+    pub rejected: Vec<(String, String)>,
+    /// Accuracy (labelled sets).
+    pub accuracy: Option<f64>,
+    /// Macro F1.
+    pub macro_f1: Option<f64>,
+    /// Weighted F1.
+    pub weighted_f1: Option<f64>,
+    /// Per class.
+    pub per_class: Vec<ClassRow>,
+    /// Confusion matrix, rows true.
+    pub confusion_matrix: Option<Vec<Vec<u64>>>,
+    /// Full report with averages.
+    pub report: Option<Report>,
+    /// Mean ± SD over bootstrap resamples.
+    pub bootstrap: Vec<BootstrapClass>,
+    /// Attribute accuracy over cells with known attributes.
+    pub attribute_accuracy: Option<f64>,
+    /// Confusion matrix per source.
+    pub per_source: BTreeMap<String, Vec<Vec<u64>>>,
+    /// Fraction of cells predicted as each class (all sets, labelled or not).
+    pub predicted_distribution: BTreeMap<String, f64>,
+    /// Cosine similarity of generated and reference descriptions.
+    pub description_similarity: Option<MeanSd>,
+    #[serde(skip)]
+    text: String,
+}
+
+impl EvalReport {
+    /// The figures recorded in a bundle manifest.
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "split": "val",
+            "evaluated": self.evaluated,
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "weighted_f1": self.weighted_f1,
+            "per_class": self.per_class,
+            "attribute_accuracy": self.attribute_accuracy,
+            "confusion_matrix": self.confusion_matrix,
+        })
+    }
+
+    /// The printed tables.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+/// The reference description of a sample: its own text, or one rendered from its true label and
+/// attributes when it has attributes.
+fn reference_description(s: &Sample) -> Option<String> {
+    if let Some(d) = &s.description {
+        return Some(d.clone());
+    }
+    let label = s.label?;
+    (!s.attrs.is_empty()).then(|| describe(label, &s.attrs))
+}
+
+/// Evaluates a classifier on a CSV (or class-folder) set.
+pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptions) -> Result<EvalReport> {
+    let samples = read_samples(csv)?;
+    let (loaded, rejected) = load_images(samples, classifier.preprocess(), &DecodeLimits::default());
+    if loaded.is_empty() {
+        bail!("{}: no readable images", csv.display());
+    }
+    let (samples, images): (Vec<Sample>, Vec<_>) = loaded.into_iter().unzip();
+    let preds = classifier.predict(&images);
+    let predicted: Vec<usize> = preds.iter().map(|p| p.probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)).collect();
+    let mut dist = BTreeMap::new();
+    for c in CellClass::ALL {
+        let n = predicted.iter().filter(|&&p| p == c.index()).count();
+        dist.insert(c.name().to_string(), n as f64 / predicted.len() as f64);
+    }
+    let names: Vec<&str> = CellClass::ALL.iter().map(|c| c.name()).collect();
+    let labelled = samples.iter().all(|s| s.label.is_some());
+    let mut report = EvalReport {
+        evaluated: samples.len(),
+        rejected: rejected.iter().map(|r| (r.path.display().to_string(), r.reason.clone())).collect(),
+        accuracy: None,
+        macro_f1: None,
+        weighted_f1: None,
+        per_class: vec![],
+        confusion_matrix: None,
+        report: None,
+        bootstrap: vec![],
+        attribute_accuracy: None,
+        per_source: BTreeMap::new(),
+        predicted_distribution: dist,
+        description_similarity: None,
+        text: String::new(),
+    };
+    if labelled {
+        let truth: Vec<usize> = samples.iter().map(|s| s.label.expect("labelled").index()).collect();
+        let cm = ConfusionMatrix::from_labels(NUM_CLASSES, &truth, &predicted);
+        let r = cm.report();
+        let boot = bootstrap(NUM_CLASSES, &truth, &predicted, opts.resamples, 0);
+        report.text = render_tables(&names, &r, &boot, &cm);
+        report.accuracy = Some(r.accuracy);
+        report.macro_f1 = Some(r.macro_avg.f1);
+        report.weighted_f1 = Some(r.weighted_avg.f1);
+        report.per_class = names
+            .iter()
+            .zip(&r.per_class)
+            .map(|(n, m)| ClassRow { class: n.to_string(), precision: m.precision, recall: m.recall, f1: m.f1, support: m.support })
+            .collect();
+        report.confusion_matrix = Some(cm.counts.clone());
+        report.report = Some(r);
+        report.bootstrap = boot;
+        let mut by_source: BTreeMap<String, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
+        for (s, (&t, &p)) in samples.iter().zip(truth.iter().zip(&predicted)) {
+            let e = by_source.entry(s.source.clone()).or_default();
+            e.0.push(t);
+            e.1.push(p);
+        }
+        for (src, (t, p)) in by_source {
+            report.per_source.insert(src, ConfusionMatrix::from_labels(NUM_CLASSES, &t, &p).counts);
+        }
+    } else {
+        report.text = format!("Unlabelled set: {} cells\nPredicted distribution:\n", samples.len());
+        for (k, v) in &report.predicted_distribution {
+            report.text.push_str(&format!("  {k:<12} {:6.2} %\n", v * 100.0));
+        }
+    }
+    let (mut ok, mut n) = (0usize, 0usize);
+    for (s, p) in samples.iter().zip(&preds) {
+        for i in 0..NUM_ATTRIBUTES {
+            if let Some(t) = s.attrs.0[i] {
+                n += 1;
+                ok += usize::from(p.attributes.0[i] == Some(t));
+            }
+        }
+    }
+    if n > 0 {
+        let acc = ok as f64 / n as f64;
+        report.attribute_accuracy = Some(acc);
+        report.text.push_str(&format!("\nAttribute accuracy: {:.4} over {n} attribute labels\n", acc));
+    }
+    if let Some(dir) = &opts.minilm {
+        let embedder = MiniLm::load(dir, &burn::tensor::Device::flex())?;
+        let mut sims = Vec::new();
+        for (s, p) in samples.iter().zip(&preds) {
+            if let Some(reference) = reference_description(s) {
+                let generated = classifier.result(p).description;
+                sims.push(embedder.similarity(&generated, &reference)? as f64);
+            }
+        }
+        if !sims.is_empty() {
+            let mean = sims.iter().sum::<f64>() / sims.len() as f64;
+            let sd = (sims.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (sims.len().max(2) - 1) as f64).sqrt();
+            report.description_similarity = Some(MeanSd { mean, sd });
+            report.text.push_str(&format!("Description similarity (all-MiniLM-L6-v2 cosine): {mean:.4} ± {sd:.4} over {} cells\n", sims.len()));
+        }
+    }
+    if !rejected.is_empty() {
+        report.text.push_str(&format!("\n{} images could not be read:\n", rejected.len()));
+        for r in &rejected {
+            report.text.push_str(&format!("  {}: {}\n", r.path.display(), r.reason));
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,163 @@
+//! `trainer`: fine-tune, evaluate and export WBC model bundles.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use trainer::eval::{EvalOptions, evaluate_classifier};
+use trainer::export::{ExportOptions, export};
+use trainer::train::{TrainSettings, train};
+use wbc_shared::bundle::{Bundle, keys};
+use wbc_shared::classify::Classifier;
+
+/// Default location of the pretrained weights fetched by `scripts/fetch-weights.sh`.
+fn default_weights_dir() -> PathBuf {
+    std::env::var_os("WBC_WEIGHTS_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".cache/weights/unpacked"))
+}
+
+#[derive(Parser)]
+#[command(name = "trainer", version, about = "Fine-tune, evaluate and export WBC classifier bundles")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fine-tune the compact model (4-bit frozen MobileNetV2 + LoRA + class/attribute heads).
+    Train {
+        /// Folder with train.csv and val.csv (or train/ and val/ with one folder per class).
+        #[arg(long)]
+        data: PathBuf,
+        /// Run directory to write (checkpoint, curves, run.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// torchvision MobileNetV2 ImageNet checkpoint (default: $WBC_WEIGHTS_DIR/mobilenet_v2-b0353104.pth).
+        #[arg(long)]
+        backbone: Option<PathBuf>,
+        /// Epochs.
+        #[arg(long, default_value_t = 6)]
+        epochs: usize,
+        /// Batch size.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Peak learning rate.
+        #[arg(long, default_value_t = 2e-3)]
+        lr: f64,
+        /// Augmented views of each training image cached per run.
+        #[arg(long, default_value_t = 2)]
+        views: usize,
+        /// First backbone block (0-18) that gets LoRA adapters; earlier blocks are cached.
+        #[arg(long, default_value_t = 14)]
+        tune_from: usize,
+        /// LoRA rank.
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        /// Use at most N training images per class (0 = all), for quick runs.
+        #[arg(long, default_value_t = 0)]
+        max_per_class: usize,
+        /// Random seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Evaluate a bundle on a CSV: the reference study's tables, JSON and a confusion-matrix PNG.
+    Eval {
+        /// Bundle file.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// CSV with `path` (relative to the CSV) and optionally `label`, `source`, attributes.
+        #[arg(long)]
+        csv: PathBuf,
+        /// Write the JSON report here (the confusion matrix PNG goes beside it).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Trusted public key (PEM); may repeat. Default: the project's default-bundle key.
+        #[arg(long)]
+        trust: Vec<PathBuf>,
+        /// all-MiniLM-L6-v2 folder for description similarity (default: $WBC_WEIGHTS_DIR/all-MiniLM-L6-v2 if present).
+        #[arg(long)]
+        minilm: Option<PathBuf>,
+        /// Bootstrap resamples for the Mean ± SD table.
+        #[arg(long, default_value_t = 1000)]
+        resamples: usize,
+    },
+    /// Merge LoRA into the base, quantize, add self-test images and val figures, and sign.
+    Export {
+        /// Run directory from `trainer train`.
+        #[arg(long)]
+        run: PathBuf,
+        /// Private signing key (PKCS#8 PEM, from `trainer keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Bundle file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Labelled val CSV: figures for the manifest and the golden self-test images.
+        #[arg(long)]
+        val: PathBuf,
+        /// Backbone checkpoint used by the run.
+        #[arg(long)]
+        backbone: Option<PathBuf>,
+        /// Model version (must increase with every release).
+        #[arg(long)]
+        model_version: u64,
+    },
+    /// Create an ed25519 signing key pair (private key written with mode 0600).
+    Keygen {
+        /// Private key file to create (never overwritten); the public key goes to <file>.pub.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn trusted(paths: &[PathBuf]) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
+    if paths.is_empty() {
+        return Ok(vec![keys::parse_public(include_str!("../../appliance/keys/default.pub"))?]);
+    }
+    paths
+        .iter()
+        .map(|p| Ok(keys::parse_public(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)?))
+        .collect()
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).init();
+    match Cli::parse().cmd {
+        Cmd::Train { data, out, backbone, epochs, batch, lr, views, tune_from, rank, max_per_class, seed } => {
+            let mut s = TrainSettings { epochs, batch, lr, views, seed, max_per_class, ..Default::default() };
+            s.model.tune_from = tune_from;
+            s.model.lora_rank = rank;
+            s.model.lora_alpha = 2.0 * rank as f64;
+            let pth = backbone.unwrap_or_else(|| default_weights_dir().join("mobilenet_v2-b0353104.pth"));
+            let r = train(&data, &out, &pth, s)?;
+            println!("best val macro F1 {:.4} at epoch {} ({:.0} s on {})", r.best_val_macro_f1, r.best_epoch, r.seconds, r.hardware);
+        }
+        Cmd::Eval { bundle, csv, json, trust, minilm, resamples } => {
+            let b = Bundle::open(&bundle, &trusted(&trust)?).with_context(|| format!("opening {}", bundle.display()))?;
+            let classifier = Classifier::from_bundle(&b, &burn::tensor::Device::flex())?;
+            let minilm = minilm.or_else(|| Some(default_weights_dir().join("all-MiniLM-L6-v2")).filter(|p| p.join("model.safetensors").is_file()));
+            let report = evaluate_classifier(&classifier, &csv, &EvalOptions { resamples, minilm })?;
+            print!("{}", report.text());
+            if let Some(json) = json {
+                std::fs::write(&json, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", json.display()))?;
+                if let Some(cm) = &report.confusion_matrix {
+                    let names: Vec<&str> = wbc_shared::CellClass::ALL.iter().map(|c| c.name()).collect();
+                    trainer::plot::confusion(&names, cm, &json.with_extension("png"))?;
+                }
+            }
+        }
+        Cmd::Export { run, key, out, val, backbone, model_version } => {
+            let key = keys::read_private(&key)?;
+            let pth = backbone.unwrap_or_else(|| default_weights_dir().join("mobilenet_v2-b0353104.pth"));
+            let m = export(&ExportOptions { run: &run, backbone_pth: &pth, key: &key, out: &out, val: Some(&val), model_version })?;
+            println!("wrote {} (model version {}, val {})", out.display(), m.model_version, m.metrics);
+        }
+        Cmd::Keygen { out } => {
+            let k = keys::generate();
+            keys::write_private(&out, &k)?;
+            let pubp = PathBuf::from(format!("{}.pub", out.display()));
+            keys::write_public(&pubp, &k.verifying_key())?;
+            println!("private key {} (mode 0600), public key {} (id {})", out.display(), pubp.display(), wbc_shared::bundle::key_id(&k.verifying_key()));
+        }
+    }
+    Ok(())
+}

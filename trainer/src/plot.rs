@@ -1,0 +1,99 @@
+//! PNG charts: training curves and confusion matrices (plotters, bitmap backend, with an
+//! embedded DejaVu Sans Mono so that the charts render the same on every machine).
+
+use anyhow::{Context, Result, anyhow};
+use plotters::prelude::*;
+use std::path::Path;
+use std::sync::Once;
+
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
+static REGISTER: Once = Once::new();
+
+fn font() {
+    REGISTER.call_once(|| {
+        // The embedded font is valid, so registration cannot fail in practice; if it did, charts
+        // would fail to render text and report that error.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("drawing chart: {e:?}")
+}
+
+/// Draws `curves.csv` (columns epoch, train_loss, ..., val_macro_f1, ...) as a PNG.
+pub fn curves(csv_path: &Path, png: &Path) -> Result<()> {
+    font();
+    let mut rdr = csv::Reader::from_path(csv_path).with_context(|| format!("reading {}", csv_path.display()))?;
+    let headers: Vec<String> = rdr.headers()?.iter().map(String::from).collect();
+    let rows: Vec<Vec<f64>> = rdr
+        .records()
+        .map(|r| r.map(|r| r.iter().map(|v| v.parse().unwrap_or(f64::NAN)).collect()))
+        .collect::<Result<_, _>>()?;
+    let col = |name: &str| headers.iter().position(|h| h == name).ok_or_else(|| anyhow!("{} has no column {name}", csv_path.display()));
+    let (ep, loss, f1, acc) = (col("epoch")?, col("train_loss")?, col("val_macro_f1")?, col("val_attribute_accuracy")?);
+    let max_epoch = rows.iter().map(|r| r[ep]).fold(1.0, f64::max);
+    let max_loss = rows.iter().map(|r| r[loss]).fold(1.0, f64::max);
+    let root = BitMapBackend::new(png, (1000, 450)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let (left, right) = root.split_horizontally(500);
+    let mut c = ChartBuilder::on(&left)
+        .caption("training loss", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(1f64..max_epoch.max(2.0), 0f64..max_loss * 1.05)
+        .map_err(err)?;
+    c.configure_mesh().x_desc("epoch").y_desc("loss").draw().map_err(err)?;
+    c.draw_series(LineSeries::new(rows.iter().map(|r| (r[ep], r[loss])), &RED)).map_err(err)?;
+    let mut c = ChartBuilder::on(&right)
+        .caption("validation", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(1f64..max_epoch.max(2.0), 0f64..1.0)
+        .map_err(err)?;
+    c.configure_mesh().x_desc("epoch").draw().map_err(err)?;
+    c.draw_series(LineSeries::new(rows.iter().map(|r| (r[ep], r[f1])), &BLUE))
+        .map_err(err)?
+        .label("macro F1")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    c.draw_series(LineSeries::new(rows.iter().map(|r| (r[ep], r[acc])), &GREEN))
+        .map_err(err)?
+        .label("attribute accuracy")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
+    c.configure_series_labels().position(SeriesLabelPosition::LowerRight).background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+/// Draws a confusion matrix (rows true, columns predicted) with counts, shaded by row fraction.
+pub fn confusion(names: &[&str], counts: &[Vec<u64>], png: &Path) -> Result<()> {
+    font();
+    let n = names.len();
+    let cell = 70i32;
+    let (ox, oy) = (130i32, 60i32);
+    let size = (ox as u32 + cell as u32 * n as u32 + 20, oy as u32 + cell as u32 * n as u32 + 40);
+    let root = BitMapBackend::new(png, size).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let text = |s: &str, x: i32, y: i32, size: i32| Text::new(s.to_string(), (x, y), ("sans-serif", size).into_font());
+    root.draw(&text("predicted →", ox, 8, 16)).map_err(err)?;
+    for (j, name) in names.iter().enumerate() {
+        root.draw(&text(&name[..name.len().min(6)], ox + j as i32 * cell + 6, oy - 22, 14)).map_err(err)?;
+        root.draw(&text(name, 6, oy + j as i32 * cell + cell / 2 - 8, 14)).map_err(err)?;
+    }
+    for (i, row) in counts.iter().enumerate() {
+        let total: u64 = row.iter().sum::<u64>().max(1);
+        for (j, &v) in row.iter().enumerate() {
+            let frac = v as f64 / total as f64;
+            let shade = (255.0 * (1.0 - frac)) as u8;
+            let (x, y) = (ox + j as i32 * cell, oy + i as i32 * cell);
+            root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], RGBColor(shade, shade, 255).filled())).map_err(err)?;
+            root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], BLACK.stroke_width(1))).map_err(err)?;
+            root.draw(&text(&v.to_string(), x + 8, y + cell / 2 - 8, 16)).map_err(err)?;
+        }
+    }
+    root.draw(&text("rows: true class", 6, oy + n as i32 * cell + 10, 14)).map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
