@@ -21,7 +21,14 @@ pub fn trusted_keys(paths: &[PathBuf]) -> Result<Vec<VerifyingKey>> {
     if paths.is_empty() {
         return Ok(vec![keys::parse_public(DEFAULT_KEY)?]);
     }
-    paths.iter().map(|p| Ok(keys::parse_public(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)?)).collect()
+    paths
+        .iter()
+        .map(|p| {
+            Ok(keys::parse_public(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )?)
+        })
+        .collect()
 }
 
 /// Opens and verifies a bundle file, or the embedded default when `path` is `None`.
@@ -83,7 +90,12 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
             let mut files: Vec<PathBuf> = std::fs::read_dir(p)
                 .with_context(|| format!("reading folder {}", p.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.is_file() && f.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())))
+                .filter(|f| {
+                    f.is_file()
+                        && f.extension()
+                            .and_then(|e| e.to_str())
+                            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+                })
                 .collect();
             files.sort();
             out.extend(files);
@@ -103,11 +115,16 @@ pub fn classify_single_cells(classifier: &Classifier, paths: &[PathBuf]) -> Vec<
     paths
         .iter()
         .map(|p| {
-            let r = load_rgb(p, &DecodeLimits::default()).map_err(anyhow::Error::from).map(|img| {
-                let (w, h) = img.dimensions();
-                let result = classifier.classify(std::slice::from_ref(&img)).remove(0);
-                ImageJson { image: p.display().to_string(), cells: vec![CellJson::new(&result, [0, 0, w, h])] }
-            });
+            let r = load_rgb(p, &DecodeLimits::default())
+                .map_err(anyhow::Error::from)
+                .map(|img| {
+                    let (w, h) = img.dimensions();
+                    let result = classifier.classify(std::slice::from_ref(&img)).remove(0);
+                    ImageJson {
+                        image: p.display().to_string(),
+                        cells: vec![CellJson::new(&result, [0, 0, w, h])],
+                    }
+                });
             (p.clone(), r)
         })
         .collect()
@@ -117,8 +134,20 @@ pub fn classify_single_cells(classifier: &Classifier, paths: &[PathBuf]) -> Vec<
 pub fn render_text(img: &ImageJson) -> String {
     let mut s = String::new();
     for c in &img.cells {
-        s.push_str(&format!("{}: {} (confidence {:.3})\n", img.image, c.class, c.confidence));
-        let probs: Vec<String> = wbc_shared::CellClass::ALL.iter().map(|k| format!("{} {:.3}", k.abbreviation(), c.probabilities.get(k.name()).copied().unwrap_or(0.0))).collect();
+        s.push_str(&format!(
+            "{}: {} (confidence {:.3})\n",
+            img.image, c.class, c.confidence
+        ));
+        let probs: Vec<String> = wbc_shared::CellClass::ALL
+            .iter()
+            .map(|k| {
+                format!(
+                    "{} {:.3}",
+                    k.abbreviation(),
+                    c.probabilities.get(k.name()).copied().unwrap_or(0.0)
+                )
+            })
+            .collect();
         s.push_str(&format!("  probabilities: {}\n", probs.join("  ")));
         s.push_str(&format!("  description: {}\n", c.description));
     }

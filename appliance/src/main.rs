@@ -44,16 +44,29 @@ fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .init();
     match Cli::parse().cmd {
-        Cmd::Classify { single_cell, json, bundle, trust, min_confidence, inputs } => {
+        Cmd::Classify {
+            single_cell,
+            json,
+            bundle,
+            trust,
+            min_confidence,
+            inputs,
+        } => {
             if !single_cell {
-                bail!("finding cells in whole microscope fields is not available yet; pass --single-cell for images that each show one centred cell");
+                bail!(
+                    "finding cells in whole microscope fields is not available yet; pass --single-cell for images that each show one centred cell"
+                );
             }
             if !(0.0..=1.0).contains(&min_confidence) {
                 bail!("--min-confidence must be between 0 and 1, got {min_confidence}");
             }
             let bundle = open_bundle(bundle.as_deref(), &trusted_keys(&trust)?)?;
             let device = burn::tensor::Device::flex();
-            tracing::info!(backend = "flex (CPU)", model_version = bundle.manifest.model_version, "model loaded");
+            tracing::info!(
+                backend = "flex (CPU)",
+                model_version = bundle.manifest.model_version,
+                "model loaded"
+            );
             let classifier = Classifier::from_bundle(&bundle, &device)?.with_min_confidence(min_confidence);
             let paths = expand_inputs(&inputs)?;
             let mut failed = 0;

@@ -8,7 +8,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn appliance(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_appliance")).args(args).output().expect("run appliance")
+    Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(args)
+        .output()
+        .expect("run appliance")
 }
 
 #[test]
@@ -20,8 +23,14 @@ fn quick_start_classifies_every_fixture_cell_with_the_default_bundle() {
     assert_eq!(lines.len(), 7, "one JSON object per image");
     // The fixtures' true classes, from cells.csv.
     let csv = std::fs::read_to_string(fixtures().join("cells.csv")).unwrap();
-    let truth: std::collections::HashMap<String, String> =
-        csv.lines().skip(1).map(|l| { let f: Vec<&str> = l.split(',').collect(); (f[0].to_string(), f[2].to_string()) }).collect();
+    let truth: std::collections::HashMap<String, String> = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].to_string(), f[2].to_string())
+        })
+        .collect();
     let mut correct = 0;
     for v in &lines {
         let image = v["image"].as_str().unwrap();
@@ -44,12 +53,19 @@ fn quick_start_classifies_every_fixture_cell_with_the_default_bundle() {
         assert!(description.len() > 20, "{description}");
     }
     // These are real val cells the default model never trained on; it gets them right.
-    assert!(correct >= 6, "only {correct} of 7 fixture cells classified correctly:\n{stdout}");
+    assert!(
+        correct >= 6,
+        "only {correct} of 7 fixture cells classified correctly:\n{stdout}"
+    );
 }
 
 #[test]
 fn text_output_names_class_probabilities_and_description() {
-    let out = appliance(&["classify", "--single-cell", fixtures().join("MYO_0024.jpg").to_str().unwrap()]);
+    let out = appliance(&[
+        "classify",
+        "--single-cell",
+        fixtures().join("MYO_0024.jpg").to_str().unwrap(),
+    ]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("MYO_0024.jpg: "), "{text}");
@@ -63,10 +79,19 @@ fn a_corrupt_image_is_reported_and_the_others_still_classified() {
     let bad = dir.path().join("bad.png");
     std::fs::write(&bad, b"\x89PNG\r\n\x1a\n truncated").unwrap();
     let good = fixtures().join("LY_106354.jpg");
-    let out = appliance(&["classify", "--single-cell", "--json", bad.to_str().unwrap(), good.to_str().unwrap()]);
+    let out = appliance(&[
+        "classify",
+        "--single-cell",
+        "--json",
+        bad.to_str().unwrap(),
+        good.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("bad.png") && stderr.contains("cannot classify"), "{stderr}");
+    assert!(
+        stderr.contains("bad.png") && stderr.contains("cannot classify"),
+        "{stderr}"
+    );
     assert!(stderr.contains("1 of 2 images"), "{stderr}");
     assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 1);
 }
@@ -80,7 +105,13 @@ fn a_tampered_or_untrusted_bundle_is_refused_with_a_reason() {
     let p = dir.path().join("tampered.bundle");
     std::fs::write(&p, &bytes).unwrap();
     let img = fixtures().join("LY_106354.jpg");
-    let out = appliance(&["classify", "--single-cell", "--bundle", p.to_str().unwrap(), img.to_str().unwrap()]);
+    let out = appliance(&[
+        "classify",
+        "--single-cell",
+        "--bundle",
+        p.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("tampered") || stderr.contains("corrupt"), "{stderr}");
@@ -88,7 +119,13 @@ fn a_tampered_or_untrusted_bundle_is_refused_with_a_reason() {
     let other = dir.path().join("other.pub");
     let k = wbc_shared::bundle::keys::generate();
     wbc_shared::bundle::keys::write_public(&other, &k.verifying_key()).unwrap();
-    let out = appliance(&["classify", "--single-cell", "--trust", other.to_str().unwrap(), img.to_str().unwrap()]);
+    let out = appliance(&[
+        "classify",
+        "--single-cell",
+        "--trust",
+        other.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not trust"));
 }

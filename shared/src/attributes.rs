@@ -21,8 +21,16 @@ pub const NUM_ATTRIBUTES: usize = 11;
 
 /// The attributes in the order of the dataset columns.
 pub const ATTRIBUTES: [Attribute; NUM_ATTRIBUTES] = [
-    Attribute { key: "cell_size", label: "cell size", values: &["small", "big"] },
-    Attribute { key: "cell_shape", label: "cell shape", values: &["round", "irregular"] },
+    Attribute {
+        key: "cell_size",
+        label: "cell size",
+        values: &["small", "big"],
+    },
+    Attribute {
+        key: "cell_shape",
+        label: "cell shape",
+        values: &["round", "irregular"],
+    },
     Attribute {
         key: "nucleus_shape",
         label: "nucleus shape",
@@ -40,17 +48,41 @@ pub const ATTRIBUTES: [Attribute; NUM_ATTRIBUTES] = [
         label: "nuclear-cytoplasmic ratio",
         values: &["low", "high"],
     },
-    Attribute { key: "chromatin_density", label: "chromatin density", values: &["densely", "loosely"] },
-    Attribute { key: "cytoplasm_vacuole", label: "cytoplasm vacuoles", values: &["no", "yes"] },
-    Attribute { key: "cytoplasm_texture", label: "cytoplasm texture", values: &["clear", "frosted"] },
+    Attribute {
+        key: "chromatin_density",
+        label: "chromatin density",
+        values: &["densely", "loosely"],
+    },
+    Attribute {
+        key: "cytoplasm_vacuole",
+        label: "cytoplasm vacuoles",
+        values: &["no", "yes"],
+    },
+    Attribute {
+        key: "cytoplasm_texture",
+        label: "cytoplasm texture",
+        values: &["clear", "frosted"],
+    },
     Attribute {
         key: "cytoplasm_colour",
         label: "cytoplasm colour",
         values: &["light blue", "blue", "purple blue"],
     },
-    Attribute { key: "granule_type", label: "granule type", values: &["nil", "small", "round", "coarse"] },
-    Attribute { key: "granule_colour", label: "granule colour", values: &["nil", "pink", "red", "purple"] },
-    Attribute { key: "granularity", label: "granularity", values: &["no", "yes"] },
+    Attribute {
+        key: "granule_type",
+        label: "granule type",
+        values: &["nil", "small", "round", "coarse"],
+    },
+    Attribute {
+        key: "granule_colour",
+        label: "granule colour",
+        values: &["nil", "pink", "red", "purple"],
+    },
+    Attribute {
+        key: "granularity",
+        label: "granularity",
+        values: &["no", "yes"],
+    },
 ];
 
 /// Error for an attribute value that is not in the attribute's list.
@@ -69,11 +101,14 @@ impl Attribute {
     /// Index of `value` among the allowed values (case-insensitive, trimmed).
     pub fn value_index(&self, value: &str) -> Result<usize, UnknownAttributeValue> {
         let v = value.trim();
-        self.values.iter().position(|a| a.eq_ignore_ascii_case(v)).ok_or_else(|| UnknownAttributeValue {
-            key: self.key.to_string(),
-            value: value.to_string(),
-            allowed: self.values.join(", "),
-        })
+        self.values
+            .iter()
+            .position(|a| a.eq_ignore_ascii_case(v))
+            .ok_or_else(|| UnknownAttributeValue {
+                key: self.key.to_string(),
+                value: value.to_string(),
+                allowed: self.values.join(", "),
+            })
     }
 
     /// Number of values (the width of this attribute's head).
@@ -129,8 +164,17 @@ mod tests {
     #[test]
     fn parses_a_real_dataset_row_and_round_trips() {
         let row = [
-            "big", "round", "segmented-bilobed", "low", "densely", "no", "clear", "light blue", "round",
-            "red", "yes",
+            "big",
+            "round",
+            "segmented-bilobed",
+            "low",
+            "densely",
+            "no",
+            "clear",
+            "light blue",
+            "round",
+            "red",
+            "yes",
         ];
         let set = AttributeSet::from_strs(&row).unwrap();
         for (i, v) in row.iter().enumerate() {

@@ -91,7 +91,11 @@ pub struct ReadLimits {
 
 impl Default for ReadLimits {
     fn default() -> Self {
-        ReadLimits { max_total: 16 << 30, max_entry: 16 << 30, max_entries: 4096 }
+        ReadLimits {
+            max_total: 16 << 30,
+            max_entry: 16 << 30,
+            max_entries: 4096,
+        }
     }
 }
 
@@ -172,7 +176,10 @@ pub struct BundleBuilder {
 impl BundleBuilder {
     /// Starts from a manifest; its `parts` and `format_version` are filled in by [`Self::finish`].
     pub fn new(manifest: Manifest) -> Self {
-        BundleBuilder { manifest, parts: BTreeMap::new() }
+        BundleBuilder {
+            manifest,
+            parts: BTreeMap::new(),
+        }
     }
 
     /// Adds a part under a plain name (`[A-Za-z0-9._-/]`, no `..`).
@@ -191,7 +198,15 @@ impl BundleBuilder {
         self.manifest.parts = self
             .parts
             .iter()
-            .map(|(n, b)| (n.clone(), PartEntry { sha256: sha256_hex(b), size: b.len() as u64 }))
+            .map(|(n, b)| {
+                (
+                    n.clone(),
+                    PartEntry {
+                        sha256: sha256_hex(b),
+                        size: b.len() as u64,
+                    },
+                )
+            })
             .collect();
         let manifest_bytes =
             serde_json::to_vec_pretty(&self.manifest).map_err(|e| BundleError::BadManifest(e.to_string()))?;
@@ -224,7 +239,11 @@ fn check_name(name: &str) -> Result<(), BundleError> {
         && !name.starts_with('/')
         && name.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..")
         && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c));
-    if ok { Ok(()) } else { Err(BundleError::BadEntryName(name.to_string())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(BundleError::BadEntryName(name.to_string()))
+    }
 }
 
 /// A bundle read from disk whose signature and hashes have not been checked yet.
@@ -250,7 +269,10 @@ impl UnverifiedBundle {
     pub fn read_file(path: &Path, limits: &ReadLimits) -> Result<Self, BundleError> {
         let len = std::fs::metadata(path)?.len();
         if len > limits.max_total {
-            return Err(BundleError::TooLarge(format!("file is {len} bytes, limit {}", limits.max_total)));
+            return Err(BundleError::TooLarge(format!(
+                "file is {len} bytes, limit {}",
+                limits.max_total
+            )));
         }
         Self::read(std::fs::File::open(path)?, limits)
     }
@@ -265,7 +287,10 @@ impl UnverifiedBundle {
         let corrupt = |e: std::io::Error| BundleError::Corrupt(e.to_string());
         for (count, entry) in archive.entries().map_err(corrupt)?.enumerate() {
             if count >= limits.max_entries {
-                return Err(BundleError::TooLarge(format!("more than {} entries", limits.max_entries)));
+                return Err(BundleError::TooLarge(format!(
+                    "more than {} entries",
+                    limits.max_entries
+                )));
             }
             let mut entry = entry.map_err(corrupt)?;
             if !entry.header().entry_type().is_file() {
@@ -298,7 +323,11 @@ impl UnverifiedBundle {
             }
         }
         let manifest_bytes = manifest_bytes.ok_or(BundleError::MissingManifest)?;
-        Ok(UnverifiedBundle { manifest_bytes, signature, parts })
+        Ok(UnverifiedBundle {
+            manifest_bytes,
+            signature,
+            parts,
+        })
     }
 
     /// Parses the manifest without trusting it (for showing what a refused bundle claimed).
@@ -309,24 +338,33 @@ impl UnverifiedBundle {
     /// Verifies signature (by one of `trusted`), format version and every part's hash.
     pub fn verify(self, trusted: &[VerifyingKey]) -> Result<Bundle, BundleError> {
         let sig_bytes = self.signature.as_ref().ok_or(BundleError::Unsigned)?;
-        let sig: SignatureFile = serde_json::from_slice(sig_bytes)
-            .map_err(|e| BundleError::Corrupt(format!("manifest.sig: {e}")))?;
+        let sig: SignatureFile =
+            serde_json::from_slice(sig_bytes).map_err(|e| BundleError::Corrupt(format!("manifest.sig: {e}")))?;
         let key = trusted
             .iter()
             .find(|k| key_id(k) == sig.key_id)
-            .ok_or_else(|| BundleError::UntrustedKey { key_id: sig.key_id.clone() })?;
+            .ok_or_else(|| BundleError::UntrustedKey {
+                key_id: sig.key_id.clone(),
+            })?;
         let raw: [u8; 64] = hex::decode(&sig.signature)
             .ok()
             .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| BundleError::BadSignature { key_id: sig.key_id.clone() })?;
+            .ok_or_else(|| BundleError::BadSignature {
+                key_id: sig.key_id.clone(),
+            })?;
         key.verify(&self.manifest_bytes, &Signature::from_bytes(&raw))
-            .map_err(|_| BundleError::BadSignature { key_id: sig.key_id.clone() })?;
+            .map_err(|_| BundleError::BadSignature {
+                key_id: sig.key_id.clone(),
+            })?;
         // Signed: now the manifest may be parsed and trusted.
-        let version: serde_json::Value = serde_json::from_slice(&self.manifest_bytes)
-            .map_err(|e| BundleError::BadManifest(e.to_string()))?;
+        let version: serde_json::Value =
+            serde_json::from_slice(&self.manifest_bytes).map_err(|e| BundleError::BadManifest(e.to_string()))?;
         let found = version.get("format_version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
         if found != FORMAT_VERSION {
-            return Err(BundleError::UnsupportedFormat { found, supported: FORMAT_VERSION });
+            return Err(BundleError::UnsupportedFormat {
+                found,
+                supported: FORMAT_VERSION,
+            });
         }
         let manifest = self.claimed_manifest()?;
         for name in manifest.parts.keys() {
@@ -335,12 +373,19 @@ impl UnverifiedBundle {
             }
         }
         for (name, bytes) in &self.parts {
-            let entry = manifest.parts.get(name).ok_or_else(|| BundleError::UnlistedPart(name.clone()))?;
+            let entry = manifest
+                .parts
+                .get(name)
+                .ok_or_else(|| BundleError::UnlistedPart(name.clone()))?;
             if entry.size != bytes.len() as u64 || entry.sha256 != sha256_hex(bytes) {
                 return Err(BundleError::HashMismatch(name.clone()));
             }
         }
-        Ok(Bundle { manifest, signed_by: sig.key_id, parts: self.parts })
+        Ok(Bundle {
+            manifest,
+            signed_by: sig.key_id,
+            parts: self.parts,
+        })
     }
 }
 
@@ -357,7 +402,10 @@ impl Bundle {
 
     /// A verified part's bytes.
     pub fn part(&self, name: &str) -> Result<&[u8], BundleError> {
-        self.parts.get(name).map(Vec::as_slice).ok_or_else(|| BundleError::NoSuchPart(name.to_string()))
+        self.parts
+            .get(name)
+            .map(Vec::as_slice)
+            .ok_or_else(|| BundleError::NoSuchPart(name.to_string()))
     }
 
     /// Names of all parts.
@@ -369,7 +417,9 @@ impl Bundle {
 /// Signing keys: generation and PEM files (PKCS#8 for private keys, SPKI for public keys).
 pub mod keys {
     use super::BundleError;
-    use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, spki::der::pem::LineEnding};
+    use ed25519_dalek::pkcs8::{
+        DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, spki::der::pem::LineEnding,
+    };
     use ed25519_dalek::{SigningKey, VerifyingKey};
     use std::path::Path;
 
@@ -380,7 +430,9 @@ pub mod keys {
 
     /// Writes a private key as PKCS#8 PEM, readable by the owner only (0600 on Unix).
     pub fn write_private(path: &Path, key: &SigningKey) -> Result<(), BundleError> {
-        let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| BundleError::BadManifest(e.to_string()))?;
+        let pem = key
+            .to_pkcs8_pem(LineEnding::LF)
+            .map_err(|e| BundleError::BadManifest(e.to_string()))?;
         let mut opts = std::fs::OpenOptions::new();
         opts.write(true).create_new(true);
         #[cfg(unix)]
@@ -395,7 +447,9 @@ pub mod keys {
 
     /// Writes a public key as SPKI PEM.
     pub fn write_public(path: &Path, key: &VerifyingKey) -> Result<(), BundleError> {
-        let pem = key.to_public_key_pem(LineEnding::LF).map_err(|e| BundleError::BadManifest(e.to_string()))?;
+        let pem = key
+            .to_public_key_pem(LineEnding::LF)
+            .map_err(|e| BundleError::BadManifest(e.to_string()))?;
         std::fs::write(path, pem)?;
         Ok(())
     }
@@ -403,12 +457,14 @@ pub mod keys {
     /// Reads a PKCS#8 PEM private key.
     pub fn read_private(path: &Path) -> Result<SigningKey, BundleError> {
         let pem = std::fs::read_to_string(path)?;
-        SigningKey::from_pkcs8_pem(&pem).map_err(|e| BundleError::BadManifest(format!("{}: not an ed25519 private key: {e}", path.display())))
+        SigningKey::from_pkcs8_pem(&pem)
+            .map_err(|e| BundleError::BadManifest(format!("{}: not an ed25519 private key: {e}", path.display())))
     }
 
     /// Parses a SPKI PEM public key.
     pub fn parse_public(pem: &str) -> Result<VerifyingKey, BundleError> {
-        VerifyingKey::from_public_key_pem(pem).map_err(|e| BundleError::BadManifest(format!("not an ed25519 public key: {e}")))
+        VerifyingKey::from_public_key_pem(pem)
+            .map_err(|e| BundleError::BadManifest(format!("not an ed25519 public key: {e}")))
     }
 }
 
@@ -460,7 +516,10 @@ mod tests {
     #[test]
     fn wrong_key_is_untrusted() {
         let bytes = build(&key(1));
-        assert!(matches!(Bundle::from_bytes(&bytes, &[key(2).verifying_key()]), Err(BundleError::UntrustedKey { .. })));
+        assert!(matches!(
+            Bundle::from_bytes(&bytes, &[key(2).verifying_key()]),
+            Err(BundleError::UntrustedKey { .. })
+        ));
     }
 
     #[test]
@@ -471,7 +530,10 @@ mod tests {
         let pos = bytes.windows(16).position(|w| w.iter().all(|&b| b == 7)).unwrap();
         bytes[pos + 5] = 8;
         let err = Bundle::from_bytes(&bytes, &[k.verifying_key()]).unwrap_err();
-        assert!(matches!(err, BundleError::HashMismatch(ref p) if p == "weights.safetensors"), "{err}");
+        assert!(
+            matches!(err, BundleError::HashMismatch(ref p) if p == "weights.safetensors"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -493,7 +555,13 @@ mod tests {
         for cut in [10, 511, 512, 1500, bytes.len() / 2, bytes.len() - 1100] {
             let err = Bundle::from_bytes(&bytes[..cut], &[k.verifying_key()]).unwrap_err();
             assert!(
-                matches!(err, BundleError::Corrupt(_) | BundleError::MissingManifest | BundleError::Unsigned | BundleError::MissingPart(_)),
+                matches!(
+                    err,
+                    BundleError::Corrupt(_)
+                        | BundleError::MissingManifest
+                        | BundleError::Unsigned
+                        | BundleError::MissingPart(_)
+                ),
                 "cut {cut}: {err}"
             );
         }
@@ -508,7 +576,10 @@ mod tests {
         h.set_cksum();
         tar.append_data(&mut h, "manifest.json", &m[..]).unwrap();
         let bytes = tar.into_inner().unwrap();
-        assert!(matches!(Bundle::from_bytes(&bytes, &[key(1).verifying_key()]), Err(BundleError::Unsigned)));
+        assert!(matches!(
+            Bundle::from_bytes(&bytes, &[key(1).verifying_key()]),
+            Err(BundleError::Unsigned)
+        ));
     }
 
     #[test]
@@ -534,15 +605,25 @@ mod tests {
         h.set_cksum();
         archive_entries.append_data(&mut h, "extra.bin", &b"abc"[..]).unwrap();
         let bytes = archive_entries.into_inner().unwrap();
-        assert!(matches!(Bundle::from_bytes(&bytes, &[k.verifying_key()]), Err(BundleError::UnlistedPart(_))));
+        assert!(matches!(
+            Bundle::from_bytes(&bytes, &[k.verifying_key()]),
+            Err(BundleError::UnlistedPart(_))
+        ));
     }
 
     #[test]
     fn over_limit_bundle_is_refused_before_reading_it_whole() {
         let k = key(1);
         let bytes = build(&k);
-        let limits = ReadLimits { max_total: 100_000, max_entry: 500, max_entries: 10 };
-        assert!(matches!(UnverifiedBundle::read(&bytes[..], &limits), Err(BundleError::TooLarge(_))));
+        let limits = ReadLimits {
+            max_total: 100_000,
+            max_entry: 500,
+            max_entries: 10,
+        };
+        assert!(matches!(
+            UnverifiedBundle::read(&bytes[..], &limits),
+            Err(BundleError::TooLarge(_))
+        ));
     }
 
     #[test]

@@ -124,7 +124,9 @@ impl fmt::Display for CellClass {
 
 /// Error for a string that names no class.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("unknown cell class {0:?}: expected one of Basophil, Eosinophil, Lymphocyte, Monocyte, Neutrophil, Blast (or BASO, EO, LYM, MONO, SEG, BLAST, or 0-5)")]
+#[error(
+    "unknown cell class {0:?}: expected one of Basophil, Eosinophil, Lymphocyte, Monocyte, Neutrophil, Blast (or BASO, EO, LYM, MONO, SEG, BLAST, or 0-5)"
+)]
 pub struct UnknownClass(pub String);
 
 impl FromStr for CellClass {

@@ -29,10 +29,17 @@ impl Classifier {
     pub fn from_bundle(bundle: &Bundle, device: &Device) -> Result<Self, ModelError> {
         match bundle.manifest.family {
             Family::Compact => {}
-            other => return Err(ModelError::Config(format!("model family {other:?} is not supported by this build"))),
+            other => {
+                return Err(ModelError::Config(format!(
+                    "model family {other:?} is not supported by this build"
+                )));
+            }
         }
         if bundle.manifest.classes.len() != NUM_CLASSES {
-            return Err(ModelError::Config(format!("bundle lists {} classes, expected {NUM_CLASSES}", bundle.manifest.classes.len())));
+            return Err(ModelError::Config(format!(
+                "bundle lists {} classes, expected {NUM_CLASSES}",
+                bundle.manifest.classes.len()
+            )));
         }
         Ok(Classifier {
             model: CompactModel::from_bundle(bundle, device)?,
@@ -75,11 +82,26 @@ impl Classifier {
     /// Turns a prediction into a result: class (or Unidentified), probabilities, description
     /// grounded in the predicted attributes.
     pub fn result(&self, p: &Prediction) -> CellResult {
-        let best = p.probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
+        let best = p
+            .probs
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+            .unwrap_or(0);
         let class = crate::classes::CellClass::ALL[best];
-        let mut r = CellResult::from_probabilities(&p.probs, &p.attributes, describe(class, &p.attributes), self.min_confidence, self.model_version);
+        let mut r = CellResult::from_probabilities(
+            &p.probs,
+            &p.attributes,
+            describe(class, &p.attributes),
+            self.min_confidence,
+            self.model_version,
+        );
         if r.class.is_none() {
-            r.description = format!("Unidentified (confidence {:.2}); left for review. Closest: {}", r.confidence, r.description);
+            r.description = format!(
+                "Unidentified (confidence {:.2}); left for review. Closest: {}",
+                r.confidence, r.description
+            );
         }
         r
     }
@@ -129,22 +151,35 @@ impl Classifier {
     /// Returns the number of cases checked.
     pub fn self_test(&self, bundle: &Bundle) -> Result<usize, SelfTestError> {
         let bad = |e: String| SelfTestError::Malformed(e);
-        let spec: SelfTest = serde_json::from_slice(bundle.part(SELFTEST_PART).map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+        let spec: SelfTest = serde_json::from_slice(bundle.part(SELFTEST_PART).map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(e.to_string()))?;
         if spec.cases.is_empty() {
             return Err(bad("no cases".into()));
         }
         let mut images = Vec::new();
         for c in &spec.cases {
             let bytes = bundle.part(&c.image).map_err(|e| bad(e.to_string()))?;
-            images.push(crate::image::decode_rgb(bytes, &crate::image::DecodeLimits::default()).map_err(|e| bad(format!("{}: {e}", c.image)))?);
+            images.push(
+                crate::image::decode_rgb(bytes, &crate::image::DecodeLimits::default())
+                    .map_err(|e| bad(format!("{}: {e}", c.image)))?,
+            );
         }
         for (case, p) in spec.cases.iter().zip(self.predict(&images)) {
             if case.probabilities.len() != NUM_CLASSES {
                 return Err(bad(format!("{}: expected {NUM_CLASSES} probabilities", case.image)));
             }
-            let diff = case.probabilities.iter().zip(p.probs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let diff = case
+                .probabilities
+                .iter()
+                .zip(p.probs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             if diff.is_nan() || diff > spec.tolerance {
-                return Err(SelfTestError::Mismatch { image: case.image.clone(), diff, tolerance: spec.tolerance });
+                return Err(SelfTestError::Mismatch {
+                    image: case.image.clone(),
+                    diff,
+                    tolerance: spec.tolerance,
+                });
             }
         }
         Ok(spec.cases.len())

@@ -101,11 +101,19 @@ pub fn describe(class: CellClass, attrs: &AttributeSet) -> String {
     if let Some(n) = a("nucleus_shape") {
         let mut s = nucleus_phrase(n).to_string();
         if let Some(ch) = a("chromatin_density") {
-            s.push_str(if ch == "densely" { " with dense chromatin" } else { " with loose, open chromatin" });
+            s.push_str(if ch == "densely" {
+                " with dense chromatin"
+            } else {
+                " with loose, open chromatin"
+            });
         }
         clauses.push(s);
     } else if let Some(ch) = a("chromatin_density") {
-        clauses.push(if ch == "densely" { "dense chromatin".into() } else { "loose, open chromatin".into() });
+        clauses.push(if ch == "densely" {
+            "dense chromatin".into()
+        } else {
+            "loose, open chromatin".into()
+        });
     }
     if let Some(r) = a("nuclear_cytoplasmic_ratio") {
         clauses.push(format!("{r} nuclear-cytoplasmic ratio"));
@@ -177,8 +185,17 @@ mod tests {
     #[test]
     fn grounded_description_says_what_the_attributes_say() {
         let attrs = AttributeSet::from_strs(&[
-            "big", "round", "segmented-multilobed", "low", "densely", "no", "clear", "light blue", "small",
-            "pink", "yes",
+            "big",
+            "round",
+            "segmented-multilobed",
+            "low",
+            "densely",
+            "no",
+            "clear",
+            "light blue",
+            "small",
+            "pink",
+            "yes",
         ])
         .unwrap();
         let d = describe(CellClass::Neutrophil, &attrs);

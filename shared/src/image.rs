@@ -22,7 +22,11 @@ pub struct DecodeLimits {
 impl Default for DecodeLimits {
     fn default() -> Self {
         // A 12-megapixel microscope camera frame as PNG stays well under these.
-        DecodeLimits { max_bytes: 64 << 20, max_side: 8192, max_alloc: 512 << 20 }
+        DecodeLimits {
+            max_bytes: 64 << 20,
+            max_side: 8192,
+            max_alloc: 512 << 20,
+        }
     }
 }
 
@@ -64,7 +68,10 @@ pub enum ImageError {
 /// Decodes an encoded image (any format `image` knows: JPEG, PNG, BMP, TIFF, GIF, WebP) into RGB8.
 pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ImageError> {
     if bytes.len() as u64 > limits.max_bytes {
-        return Err(ImageError::TooLarge { size: bytes.len() as u64, limit: limits.max_bytes });
+        return Err(ImageError::TooLarge {
+            size: bytes.len() as u64,
+            limit: limits.max_bytes,
+        });
     }
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -79,17 +86,26 @@ pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Image
     reader.limits(l);
     let img: DynamicImage = reader.decode()?;
     if img.width() == 0 || img.height() == 0 {
-        return Err(ImageError::Empty { width: img.width(), height: img.height() });
+        return Err(ImageError::Empty {
+            width: img.width(),
+            height: img.height(),
+        });
     }
     Ok(img.into_rgb8())
 }
 
 /// Reads and decodes an image file, checking its size before reading it whole.
 pub fn load_rgb(path: &Path, limits: &DecodeLimits) -> Result<RgbImage, ImageError> {
-    let io = |source| ImageError::Io { path: path.display().to_string(), source };
+    let io = |source| ImageError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     let len = std::fs::metadata(path).map_err(io)?.len();
     if len > limits.max_bytes {
-        return Err(ImageError::TooLarge { size: len, limit: limits.max_bytes });
+        return Err(ImageError::TooLarge {
+            size: len,
+            limit: limits.max_bytes,
+        });
     }
     let bytes = std::fs::read(path).map_err(io)?;
     decode_rgb(&bytes, limits)
@@ -109,7 +125,11 @@ pub struct Preprocess {
 impl Preprocess {
     /// ImageNet statistics at 224 px, as torchvision's pretrained backbones expect.
     pub fn imagenet(input_size: u32) -> Self {
-        Preprocess { input_size, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] }
+        Preprocess {
+            input_size,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
     }
 
     /// Centre-crops to a square and resizes to the input size (Catmull-Rom, as close to
@@ -136,7 +156,11 @@ impl Preprocess {
     /// If the image is not `input_size` square: call [`Preprocess::to_square`] first.
     pub fn normalise_into(&self, img: &RgbImage, out: &mut Vec<f32>) {
         let s = self.input_size as usize;
-        assert_eq!((img.width() as usize, img.height() as usize), (s, s), "image must be {s}x{s}");
+        assert_eq!(
+            (img.width() as usize, img.height() as usize),
+            (s, s),
+            "image must be {s}x{s}"
+        );
         let plane = s * s;
         let start = out.len();
         out.resize(start + 3 * plane, 0.0);
@@ -163,14 +187,19 @@ mod tests {
     fn png_bytes(w: u32, h: u32) -> Vec<u8> {
         let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 128]));
         let mut buf = Vec::new();
-        img.write_to(&mut Cursor::new(&mut buf), image::ImageFormat::Png).unwrap();
+        img.write_to(&mut Cursor::new(&mut buf), image::ImageFormat::Png)
+            .unwrap();
         buf
     }
 
     #[test]
     fn decodes_png_and_normalises_channels_in_chw_order() {
         let img = decode_rgb(&png_bytes(4, 4), &DecodeLimits::default()).unwrap();
-        let p = Preprocess { input_size: 4, mean: [0.0, 0.0, 0.5], std: [1.0, 1.0, 0.5] };
+        let p = Preprocess {
+            input_size: 4,
+            mean: [0.0, 0.0, 0.5],
+            std: [1.0, 1.0, 0.5],
+        };
         let t = p.tensor_data(&img);
         assert_eq!(t.len(), 48);
         assert_eq!(t[1], 1.0 / 255.0); // R at (x=1, y=0)
@@ -182,10 +211,19 @@ mod tests {
     fn rejects_truncated_garbage_oversized_and_huge_dimension_images() {
         let limits = DecodeLimits::default();
         let good = png_bytes(32, 32);
-        assert!(matches!(decode_rgb(&good[..good.len() / 2], &limits), Err(ImageError::Decode(_))));
-        assert!(matches!(decode_rgb(b"definitely not an image", &limits), Err(ImageError::UnknownFormat)));
+        assert!(matches!(
+            decode_rgb(&good[..good.len() / 2], &limits),
+            Err(ImageError::Decode(_))
+        ));
+        assert!(matches!(
+            decode_rgb(b"definitely not an image", &limits),
+            Err(ImageError::UnknownFormat)
+        ));
         assert!(matches!(decode_rgb(&[], &limits), Err(ImageError::UnknownFormat)));
-        let small = DecodeLimits { max_bytes: 100, ..limits };
+        let small = DecodeLimits {
+            max_bytes: 100,
+            ..limits
+        };
         assert!(matches!(decode_rgb(&good, &small), Err(ImageError::TooLarge { .. })));
         let narrow = DecodeLimits { max_side: 16, ..limits };
         assert!(matches!(decode_rgb(&good, &narrow), Err(ImageError::Decode(_))));
@@ -193,7 +231,9 @@ mod tests {
 
     #[test]
     fn non_square_input_is_centre_cropped_then_resized() {
-        let img = RgbImage::from_fn(300, 200, |x, _| image::Rgb([if x < 50 || x >= 250 { 255 } else { 0 }, 0, 0]));
+        let img = RgbImage::from_fn(300, 200, |x, _| {
+            image::Rgb([if (50..250).contains(&x) { 0 } else { 255 }, 0, 0])
+        });
         let p = Preprocess::imagenet(100);
         let sq = p.to_square(&img);
         assert_eq!(sq.dimensions(), (100, 100));

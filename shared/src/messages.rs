@@ -53,7 +53,10 @@ impl CellResult {
         CellResult {
             schema_version: SCHEMA_VERSION,
             class,
-            probabilities: CellClass::ALL.iter().map(|c| (c.name().to_string(), probs[c.index()])).collect(),
+            probabilities: CellClass::ALL
+                .iter()
+                .map(|c| (c.name().to_string(), probs[c.index()]))
+                .collect(),
             confidence: conf,
             attributes: attributes.to_map(),
             description,
@@ -113,10 +116,23 @@ mod tests {
     #[test]
     fn unknown_schema_version_and_garbage_are_refused() {
         let p = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0];
-        let mut v = serde_json::to_value(CellResult::from_probabilities(&p, &AttributeSet::default(), String::new(), 0.0, 1)).unwrap();
+        let mut v = serde_json::to_value(CellResult::from_probabilities(
+            &p,
+            &AttributeSet::default(),
+            String::new(),
+            0.0,
+            1,
+        ))
+        .unwrap();
         v["schema_version"] = 99.into();
         let bytes = serde_json::to_vec(&v).unwrap();
-        assert_eq!(parse_versioned::<CellResult>(&bytes), Err(MessageError::UnsupportedVersion(99)));
-        assert!(matches!(parse_versioned::<CellResult>(b"{not json"), Err(MessageError::Invalid(_))));
+        assert_eq!(
+            parse_versioned::<CellResult>(&bytes),
+            Err(MessageError::UnsupportedVersion(99))
+        );
+        assert!(matches!(
+            parse_versioned::<CellResult>(b"{not json"),
+            Err(MessageError::Invalid(_))
+        ));
     }
 }

@@ -19,7 +19,9 @@ pub struct ConfusionMatrix {
 impl ConfusionMatrix {
     /// Empty matrix for `n` classes.
     pub fn new(n: usize) -> Self {
-        ConfusionMatrix { counts: vec![vec![0; n]; n] }
+        ConfusionMatrix {
+            counts: vec![vec![0; n]; n],
+        }
     }
 
     /// Builds from paired labels.
@@ -56,8 +58,17 @@ impl ConfusionMatrix {
             let predicted: u64 = (0..n).map(|r| self.counts[r][c]).sum();
             let precision = if predicted == 0 { 0.0 } else { tp / predicted as f64 };
             let recall = if support == 0 { 0.0 } else { tp / support as f64 };
-            let f1 = if precision + recall == 0.0 { 0.0 } else { 2.0 * precision * recall / (precision + recall) };
-            per_class.push(ClassMetrics { precision, recall, f1, support });
+            let f1 = if precision + recall == 0.0 {
+                0.0
+            } else {
+                2.0 * precision * recall / (precision + recall)
+            };
+            per_class.push(ClassMetrics {
+                precision,
+                recall,
+                f1,
+                support,
+            });
         }
         let correct: u64 = (0..n).map(|c| self.counts[c][c]).sum();
         let accuracy = if total == 0 { 0.0 } else { correct as f64 / total as f64 };
@@ -81,7 +92,13 @@ impl ConfusionMatrix {
             recall: avg(&|m| m.recall, true),
             f1: avg(&|m| m.f1, true),
         };
-        Report { accuracy, per_class, macro_avg, weighted_avg, total }
+        Report {
+            accuracy,
+            per_class,
+            macro_avg,
+            weighted_avg,
+            total,
+        }
     }
 }
 
@@ -140,7 +157,11 @@ impl MeanSd {
             return MeanSd { mean: 0.0, sd: 0.0 };
         }
         let mean = values.iter().sum::<f64>() / n;
-        let var = if values.len() < 2 { 0.0 } else { values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) };
+        let var = if values.len() < 2 {
+            0.0
+        } else {
+            values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+        };
         MeanSd { mean, sd: var.sqrt() }
     }
 }
@@ -204,21 +225,53 @@ pub fn render_tables(names: &[&str], report: &Report, boot: &[BootstrapClass], c
     let mut s = String::new();
     let w = names.iter().map(|n| n.len()).max().unwrap_or(5).max(12);
     let _ = writeln!(s, "Performance Report 1: per class");
-    let _ = writeln!(s, "{:<w$} {:>9} {:>9} {:>9} {:>9}", "class", "precision", "recall", "f1-score", "support");
+    let _ = writeln!(
+        s,
+        "{:<w$} {:>9} {:>9} {:>9} {:>9}",
+        "class", "precision", "recall", "f1-score", "support"
+    );
     for (name, m) in names.iter().zip(&report.per_class) {
-        let _ = writeln!(s, "{:<w$} {:>9.4} {:>9.4} {:>9.4} {:>9}", name, m.precision, m.recall, m.f1, m.support);
+        let _ = writeln!(
+            s,
+            "{:<w$} {:>9.4} {:>9.4} {:>9.4} {:>9}",
+            name, m.precision, m.recall, m.f1, m.support
+        );
     }
     let _ = writeln!(s, "\nPerformance Report 2: averages");
-    let _ = writeln!(s, "{:<w$} {:>9} {:>9} {:>9} {:>9}", "", "precision", "recall", "f1-score", "support");
-    let _ = writeln!(s, "{:<w$} {:>9} {:>9} {:>9.4} {:>9}", "accuracy", "", "", report.accuracy, report.total);
+    let _ = writeln!(
+        s,
+        "{:<w$} {:>9} {:>9} {:>9} {:>9}",
+        "", "precision", "recall", "f1-score", "support"
+    );
+    let _ = writeln!(
+        s,
+        "{:<w$} {:>9} {:>9} {:>9.4} {:>9}",
+        "accuracy", "", "", report.accuracy, report.total
+    );
     for (label, a) in [("macro avg", report.macro_avg), ("weighted avg", report.weighted_avg)] {
-        let _ = writeln!(s, "{:<w$} {:>9.4} {:>9.4} {:>9.4} {:>9}", label, a.precision, a.recall, a.f1, report.total);
+        let _ = writeln!(
+            s,
+            "{:<w$} {:>9.4} {:>9.4} {:>9.4} {:>9}",
+            label, a.precision, a.recall, a.f1, report.total
+        );
     }
     let _ = writeln!(s, "\nMean ± SD over bootstrap resamples");
-    let _ = writeln!(s, "{:<w$} {:>17} {:>17} {:>17} {:>9}", "class", "precision", "recall", "f1-score", "support");
+    let _ = writeln!(
+        s,
+        "{:<w$} {:>17} {:>17} {:>17} {:>9}",
+        "class", "precision", "recall", "f1-score", "support"
+    );
     for (name, b) in names.iter().zip(boot) {
         let f = |m: MeanSd| format!("{:.4} ± {:.4}", m.mean, m.sd);
-        let _ = writeln!(s, "{:<w$} {:>17} {:>17} {:>17} {:>9}", name, f(b.precision), f(b.recall), f(b.f1), b.support);
+        let _ = writeln!(
+            s,
+            "{:<w$} {:>17} {:>17} {:>17} {:>9}",
+            name,
+            f(b.precision),
+            f(b.recall),
+            f(b.f1),
+            b.support
+        );
     }
     let _ = writeln!(s, "\nConfusion matrix (rows: true, columns: predicted)");
     let _ = write!(s, "{:<w$}", "");
@@ -275,15 +328,19 @@ mod tests {
     #[test]
     fn bootstrap_is_reproducible_and_brackets_the_point_estimate() {
         let t: Vec<usize> = (0..300).map(|i| i % 3).collect();
-        let p: Vec<usize> = t.iter().enumerate().map(|(i, &c)| if i % 10 == 0 { (c + 1) % 3 } else { c }).collect();
+        let p: Vec<usize> = t
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| if i % 10 == 0 { (c + 1) % 3 } else { c })
+            .collect();
         let a = bootstrap(3, &t, &p, 200, 7);
         let b = bootstrap(3, &t, &p, 200, 7);
         assert_eq!(a, b);
         let point = ConfusionMatrix::from_labels(3, &t, &p).report();
-        for c in 0..3 {
-            assert!((a[c].f1.mean - point.per_class[c].f1).abs() < 0.02);
-            assert!(a[c].f1.sd > 0.0 && a[c].f1.sd < 0.05);
-            assert_eq!(a[c].support, 100);
+        for (boot, exact) in a.iter().zip(&point.per_class) {
+            assert!((boot.f1.mean - exact.f1).abs() < 0.02);
+            assert!(boot.f1.sd > 0.0 && boot.f1.sd < 0.05);
+            assert_eq!(boot.support, 100);
         }
         // A perfect classifier has zero spread.
         let perfect = bootstrap(3, &t, &t, 50, 1);
@@ -302,7 +359,12 @@ mod tests {
         let t = [0, 1, 1];
         let p = [0, 1, 0];
         let cm = ConfusionMatrix::from_labels(2, &t, &p);
-        let txt = render_tables(&["Basophil", "Eosinophil"], &cm.report(), &bootstrap(2, &t, &p, 10, 0), &cm);
+        let txt = render_tables(
+            &["Basophil", "Eosinophil"],
+            &cm.report(),
+            &bootstrap(2, &t, &p, 10, 0),
+            &cm,
+        );
         for needle in ["Basophil", "Eosinophil", "macro avg", "weighted avg", "accuracy", "±"] {
             assert!(txt.contains(needle), "missing {needle}");
         }

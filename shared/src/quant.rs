@@ -28,7 +28,9 @@ pub struct Q4Tensor {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum QuantError {
     /// Sizes of packed data or scales do not match the shape.
-    #[error("4-bit tensor of shape {shape:?} (group {group}) expects {expected_packed} packed bytes and {expected_scales} scales, found {packed} and {scales}")]
+    #[error(
+        "4-bit tensor of shape {shape:?} (group {group}) expects {expected_packed} packed bytes and {expected_scales} scales, found {packed} and {scales}"
+    )]
     SizeMismatch {
         /// Shape.
         shape: Vec<usize>,
@@ -74,7 +76,10 @@ fn best_scale(g: &[f32]) -> f16 {
         if sf <= 0.0 {
             continue;
         }
-        let err: f32 = g.iter().map(|v| (v - (v / sf).round().clamp(-8.0, 7.0) * sf).powi(2)).sum();
+        let err: f32 = g
+            .iter()
+            .map(|v| (v - (v / sf).round().clamp(-8.0, 7.0) * sf).powi(2))
+            .sum();
         if err < best.0 {
             best = (err, s);
         }
@@ -100,8 +105,16 @@ impl Q4Tensor {
                 q.extend(g.iter().map(|v| ((v / sf).round().clamp(-8.0, 7.0) as i8 + 8) as u8));
             }
         }
-        let packed = q.chunks(2).map(|p| p[0] | (p.get(1).copied().unwrap_or(8) << 4)).collect();
-        Q4Tensor { shape: shape.to_vec(), group, packed, scales }
+        let packed = q
+            .chunks(2)
+            .map(|p| p[0] | (p.get(1).copied().unwrap_or(8) << 4))
+            .collect();
+        Q4Tensor {
+            shape: shape.to_vec(),
+            group,
+            packed,
+            scales,
+        }
     }
 
     /// Checks that packed data and scales fit the shape (for data read from a file).
@@ -191,7 +204,9 @@ mod tests {
             return 0.0;
         }
         let s = f16::from_f32(max / 7.0).to_f32();
-        g.iter().map(|v| (v - (v / s).round().clamp(-8.0, 7.0) * s).powi(2)).sum()
+        g.iter()
+            .map(|v| (v - (v / s).round().clamp(-8.0, 7.0) * s).powi(2))
+            .sum()
     }
 
     proptest! {

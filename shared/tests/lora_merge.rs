@@ -18,8 +18,20 @@ fn random_backbone(seed: u64) -> Weights {
             let bound = (3.0 / fan_in as f32).sqrt();
             let n = u.c_out * fan_in;
             let values = (0..n).map(|_| rng.gen_range(-bound..bound)).collect();
-            w.insert(format!("{}.weight", u.conv), NamedTensor { shape: vec![u.c_out, u.c_in / u.groups, u.kernel, u.kernel], values });
-            w.insert(format!("{}.bias", u.conv), NamedTensor { shape: vec![u.c_out], values: (0..u.c_out).map(|_| rng.gen_range(-0.1..0.1)).collect() });
+            w.insert(
+                format!("{}.weight", u.conv),
+                NamedTensor {
+                    shape: vec![u.c_out, u.c_in / u.groups, u.kernel, u.kernel],
+                    values,
+                },
+            );
+            w.insert(
+                format!("{}.bias", u.conv),
+                NamedTensor {
+                    shape: vec![u.c_out],
+                    values: (0..u.c_out).map(|_| rng.gen_range(-0.1..0.1)).collect(),
+                },
+            );
         }
     }
     w
@@ -30,7 +42,11 @@ fn merged_weights_match_base_plus_adapters() {
     let device = Device::flex();
     let base = random_backbone(3);
     let backbone = Backbone::new(&base, &device).unwrap();
-    let cfg = CompactConfig { tune_from: 16, dropout: 0.0, ..CompactConfig::default() };
+    let cfg = CompactConfig {
+        tune_from: 16,
+        dropout: 0.0,
+        ..CompactConfig::default()
+    };
     let mut t = Trainable::new(&cfg, &backbone, &device);
     assert_eq!(t.adapters.len(), backbone.pointwise_from(16).len());
     assert_eq!(t.adapters.len(), 5); // blocks 16 and 17: expand + project each, and the last 1x1 conv

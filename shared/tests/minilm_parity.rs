@@ -12,10 +12,20 @@ use wbc_shared::embed::MiniLm;
 fn embeddings_and_similarities_match_sentence_transformers() {
     let reference = json("reference/minilm.json");
     let model = MiniLm::load(&weights_dir().join("all-MiniLM-L6-v2"), &Device::flex()).unwrap();
-    let sentences: Vec<&str> = reference["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    let sentences: Vec<&str> = reference["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
     let mut embs = Vec::new();
     for (i, s) in sentences.iter().enumerate() {
-        let ids: Vec<u32> = reference["token_ids"][i].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let ids: Vec<u32> = reference["token_ids"][i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(model.tokenize(s).unwrap(), ids, "token ids of {s:?}");
         let e = model.embed(s).unwrap();
         let want = floats(&reference["embeddings"][i]);
@@ -23,7 +33,11 @@ fn embeddings_and_similarities_match_sentence_transformers() {
         assert!(max < 1e-4, "sentence {i}: max abs diff {max}");
         let pooled = model.mean_pooled(s).unwrap();
         let want_pooled = floats(&reference["unnormalised_mean_pooled"][i]);
-        let maxp = pooled.iter().zip(&want_pooled).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let maxp = pooled
+            .iter()
+            .zip(&want_pooled)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(maxp < 5e-4, "sentence {i}: pooled max abs diff {maxp}");
         embs.push(e);
     }

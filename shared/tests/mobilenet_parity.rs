@@ -41,11 +41,24 @@ fn folded_float_backbone_matches_torchvision() {
     let (features, logits) = run(&weights);
     let want_f = floats(&reference["features"]);
     let want_l = floats(&reference["logits"]);
-    let max_f = features.iter().zip(&want_f).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    let max_l = logits.iter().zip(&want_l).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let max_f = features
+        .iter()
+        .zip(&want_f)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let max_l = logits
+        .iter()
+        .zip(&want_l)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(max_f < 2e-3, "feature max abs diff {max_f}");
     assert!(max_l < 2e-3, "logit max abs diff {max_l}");
-    let top5: Vec<usize> = reference["top5"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let top5: Vec<usize> = reference["top5"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
     assert_eq!(argmax(&logits), top5[0]);
 }
 

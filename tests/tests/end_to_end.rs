@@ -11,13 +11,22 @@ use wbc_shared::classify::Classifier;
 use wbc_shared::compact::CompactConfig;
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn backbone_pth() -> PathBuf {
-    let dir = std::env::var_os("WBC_WEIGHTS_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join(".cache/weights/unpacked"));
+    let dir = std::env::var_os("WBC_WEIGHTS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".cache/weights/unpacked"));
     let p = dir.join("mobilenet_v2-b0353104.pth");
-    assert!(p.is_file(), "{} missing: run scripts/fetch-weights.sh (scripts/test.sh does it)", p.display());
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/fetch-weights.sh (scripts/test.sh does it)",
+        p.display()
+    );
     p
 }
 
@@ -45,10 +54,23 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
     std::fs::create_dir(&data).unwrap();
     dataset(&data);
     let run = tmp.path().join("run");
-    let settings = TrainSettings { epochs: 2, batch: 4, views: 1, model: CompactConfig { tune_from: 17, ..CompactConfig::default() }, ..TrainSettings::default() };
+    let settings = TrainSettings {
+        epochs: 2,
+        batch: 4,
+        views: 1,
+        model: CompactConfig {
+            tune_from: 17,
+            ..CompactConfig::default()
+        },
+        ..TrainSettings::default()
+    };
     let record = train(&data, &run, &backbone_pth(), settings).unwrap();
     assert_eq!(record.rejected, 1, "the corrupt image is reported, not fatal");
-    assert!(std::fs::read_to_string(run.join("rejected.csv")).unwrap().contains("broken.jpg"));
+    assert!(
+        std::fs::read_to_string(run.join("rejected.csv"))
+            .unwrap()
+            .contains("broken.jpg")
+    );
     assert_eq!(record.train_counts.iter().sum::<usize>(), 7);
     let curves = std::fs::read_to_string(run.join("curves.csv")).unwrap();
     assert_eq!(curves.lines().count(), 3, "header + one row per epoch:\n{curves}");
@@ -79,21 +101,42 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
     assert_eq!(r.model_version, 7);
     assert!(!r.description.is_empty());
 
-    let report = evaluate_classifier(&classifier, &data.join("val.csv"), &EvalOptions { resamples: 50, minilm: None }).unwrap();
+    let report = evaluate_classifier(
+        &classifier,
+        &data.join("val.csv"),
+        &EvalOptions {
+            resamples: 50,
+            minilm: None,
+        },
+    )
+    .unwrap();
     assert_eq!(report.evaluated, 7);
     let cm = report.confusion_matrix.clone().unwrap();
     assert_eq!(cm.iter().flatten().sum::<u64>(), 7);
-    assert_eq!(report.per_source.keys().cloned().collect::<Vec<_>>(), vec!["munich".to_string(), "pbc".to_string()]);
+    assert_eq!(
+        report.per_source.keys().cloned().collect::<Vec<_>>(),
+        vec!["munich".to_string(), "pbc".to_string()]
+    );
     assert!(report.attribute_accuracy.is_some());
     let json = serde_json::to_value(&report).unwrap();
-    for k in ["accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix", "attribute_accuracy"] {
+    for k in [
+        "accuracy",
+        "macro_f1",
+        "weighted_f1",
+        "per_class",
+        "confusion_matrix",
+        "attribute_accuracy",
+    ] {
         assert!(!json[k].is_null(), "{k} missing from the JSON report");
     }
 
     // Refusals.
     let bytes = std::fs::read(&bundle_path).unwrap();
     let other = keys::generate();
-    assert!(matches!(Bundle::from_bytes(&bytes, &[other.verifying_key()]), Err(BundleError::UntrustedKey { .. })));
+    assert!(matches!(
+        Bundle::from_bytes(&bytes, &[other.verifying_key()]),
+        Err(BundleError::UntrustedKey { .. })
+    ));
     let mut tampered = bytes.clone();
     let at = tampered.len() * 2 / 3;
     tampered[at] ^= 0x55;

@@ -19,7 +19,12 @@ pub struct Augment {
 
 impl Default for Augment {
     fn default() -> Self {
-        Augment { brightness: 0.2, contrast: 0.2, saturation: 0.25, hue: 0.04 }
+        Augment {
+            brightness: 0.2,
+            contrast: 0.2,
+            saturation: 0.25,
+            hue: 0.04,
+        }
     }
 }
 
@@ -48,7 +53,11 @@ impl Augment {
 /// (in YIQ space) in one pass.
 pub fn jitter(img: &mut RgbImage, brightness: f32, contrast: f32, saturation: f32, hue_rad: f32) {
     let n = (img.width() * img.height()).max(1) as f32;
-    let mean_grey: f32 = img.pixels().map(|p| 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32).sum::<f32>() / n;
+    let mean_grey: f32 = img
+        .pixels()
+        .map(|p| 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32)
+        .sum::<f32>()
+        / n;
     let (cos, sin) = (hue_rad.cos(), hue_rad.sin());
     for p in img.pixels_mut() {
         let [r, g, b] = p.0.map(|v| v as f32 * brightness);

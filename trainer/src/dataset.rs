@@ -40,10 +40,14 @@ pub fn read_samples(path: &Path) -> Result<Vec<Sample>> {
         return read_folder(path);
     }
     let base = path.parent().unwrap_or(Path::new("."));
-    let mut rdr = csv::ReaderBuilder::new().flexible(false).from_path(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut rdr = csv::ReaderBuilder::new()
+        .flexible(false)
+        .from_path(path)
+        .with_context(|| format!("opening {}", path.display()))?;
     let headers: Vec<String> = rdr.headers()?.iter().map(|h| h.trim().to_string()).collect();
     let col = |name: &str| headers.iter().position(|h| h == name);
-    let path_col = col("path").with_context(|| format!("{}: no `path` column (columns: {})", path.display(), headers.join(",")))?;
+    let path_col = col("path")
+        .with_context(|| format!("{}: no `path` column (columns: {})", path.display(), headers.join(",")))?;
     let label_col = col("label");
     let desc_col = col("description");
     let source_col = col("source");
@@ -54,7 +58,10 @@ pub fn read_samples(path: &Path) -> Result<Vec<Sample>> {
         let rec = rec.with_context(|| format!("{}: line {line}", path.display()))?;
         let label = match label_col.map(|c| rec[c].trim()) {
             None | Some("") => None,
-            Some(l) => Some(l.parse::<CellClass>().with_context(|| format!("{}: line {line}", path.display()))?),
+            Some(l) => Some(
+                l.parse::<CellClass>()
+                    .with_context(|| format!("{}: line {line}", path.display()))?,
+            ),
         };
         let mut vals = [""; NUM_ATTRIBUTES];
         for (k, c) in attr_cols.iter().enumerate() {
@@ -67,7 +74,10 @@ pub fn read_samples(path: &Path) -> Result<Vec<Sample>> {
             path: base.join(rec[path_col].trim()),
             label,
             attrs,
-            source: source_col.map(|c| rec[c].trim().to_string()).filter(|s| !s.is_empty()).unwrap_or_else(|| "unknown".into()),
+            source: source_col
+                .map(|c| rec[c].trim().to_string())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "unknown".into()),
             description: desc_col.map(|c| rec[c].to_string()),
         });
     }
@@ -79,22 +89,38 @@ pub fn read_samples(path: &Path) -> Result<Vec<Sample>> {
 
 fn read_folder(dir: &Path) -> Result<Vec<Sample>> {
     let mut out = Vec::new();
-    let mut entries: Vec<_> = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.collect::<Result<_, _>>()?;
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         if !e.file_type()?.is_dir() {
             continue;
         }
         let name = e.file_name().to_string_lossy().into_owned();
-        let class: CellClass = name.parse().with_context(|| format!("folder {name:?} in {} does not name a class", dir.display()))?;
+        let class: CellClass = name
+            .parse()
+            .with_context(|| format!("folder {name:?} in {} does not name a class", dir.display()))?;
         let mut files: Vec<_> = std::fs::read_dir(e.path())?.collect::<Result<_, _>>()?;
         files.sort_by_key(|f| f.file_name());
-        for f in files.into_iter().filter(|f| f.file_type().map(|t| t.is_file()).unwrap_or(false)) {
-            out.push(Sample { path: f.path(), label: Some(class), attrs: AttributeSet::default(), source: "unknown".into(), description: None });
+        for f in files
+            .into_iter()
+            .filter(|f| f.file_type().map(|t| t.is_file()).unwrap_or(false))
+        {
+            out.push(Sample {
+                path: f.path(),
+                label: Some(class),
+                attrs: AttributeSet::default(),
+                source: "unknown".into(),
+                description: None,
+            });
         }
     }
     if out.is_empty() {
-        bail!("{}: no class folders with images (expected e.g. Neutrophil/*.jpg)", dir.display());
+        bail!(
+            "{}: no class folders with images (expected e.g. Neutrophil/*.jpg)",
+            dir.display()
+        );
     }
     Ok(out)
 }
@@ -109,12 +135,19 @@ pub fn read_split(data: &Path) -> Result<(Vec<Sample>, Vec<Sample>)> {
     if t.is_dir() && v.is_dir() {
         return Ok((read_samples(&t)?, read_samples(&v)?));
     }
-    bail!("{}: expected train.csv and val.csv, or train/ and val/ folders with one folder per class", data.display())
+    bail!(
+        "{}: expected train.csv and val.csv, or train/ and val/ folders with one folder per class",
+        data.display()
+    )
 }
 
 /// Decodes every sample's image at the model's input size, on all cores. Bad images are
 /// returned as [`Rejected`], not errors.
-pub fn load_images(samples: Vec<Sample>, pre: &Preprocess, limits: &DecodeLimits) -> (Vec<(Sample, RgbImage)>, Vec<Rejected>) {
+pub fn load_images(
+    samples: Vec<Sample>,
+    pre: &Preprocess,
+    limits: &DecodeLimits,
+) -> (Vec<(Sample, RgbImage)>, Vec<Rejected>) {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let chunk = samples.len().div_ceil(threads).max(1);
     let results: Vec<Result<(Sample, RgbImage), Rejected>> = std::thread::scope(|s| {
@@ -125,13 +158,19 @@ pub fn load_images(samples: Vec<Sample>, pre: &Preprocess, limits: &DecodeLimits
                     part.iter()
                         .map(|smp| match load_rgb(&smp.path, limits) {
                             Ok(img) => Ok((smp.clone(), pre.to_square(&img))),
-                            Err(e) => Err(Rejected { path: smp.path.clone(), reason: e.to_string() }),
+                            Err(e) => Err(Rejected {
+                                path: smp.path.clone(),
+                                reason: e.to_string(),
+                            }),
                         })
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().expect("decode thread")).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("decode thread"))
+            .collect()
     });
     let mut ok = Vec::new();
     let mut bad = Vec::new();
@@ -172,7 +211,11 @@ mod tests {
     fn reads_project_csv_reference_csv_and_class_folders() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        std::fs::write(d.join("a.csv"), "path,label,class_name,source,cell_size\nx/1.jpg,4,Neutrophil,pbc,big\nx/2.jpg,5,Blast,munich,\n").unwrap();
+        std::fs::write(
+            d.join("a.csv"),
+            "path,label,class_name,source,cell_size\nx/1.jpg,4,Neutrophil,pbc,big\nx/2.jpg,5,Blast,munich,\n",
+        )
+        .unwrap();
         let s = read_samples(&d.join("a.csv")).unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].label, Some(CellClass::Neutrophil));
@@ -180,7 +223,11 @@ mod tests {
         assert_eq!(s[1].source, "munich");
         assert_eq!(s[0].path, d.join("x/1.jpg"));
 
-        std::fs::write(d.join("ref.csv"), "path,description,label\np.png,\"A neutrophil, segmented.\",Neutrophil\n").unwrap();
+        std::fs::write(
+            d.join("ref.csv"),
+            "path,description,label\np.png,\"A neutrophil, segmented.\",Neutrophil\n",
+        )
+        .unwrap();
         let r = read_samples(&d.join("ref.csv")).unwrap();
         assert_eq!(r[0].label, Some(CellClass::Neutrophil));
         assert_eq!(r[0].description.as_deref(), Some("A neutrophil, segmented."));
@@ -199,13 +246,28 @@ mod tests {
     fn corrupt_and_missing_images_are_reported_and_the_rest_load() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        RgbImage::from_pixel(30, 20, image::Rgb([200, 10, 10])).save(d.join("ok.png")).unwrap();
+        RgbImage::from_pixel(30, 20, image::Rgb([200, 10, 10]))
+            .save(d.join("ok.png"))
+            .unwrap();
         std::fs::write(d.join("corrupt.jpg"), b"\xff\xd8\xff\xe0 truncated").unwrap();
-        let mk = |p: &str| Sample { path: d.join(p), label: Some(CellClass::Basophil), attrs: AttributeSet::default(), source: "t".into(), description: None };
-        let (ok, bad) = load_images(vec![mk("ok.png"), mk("corrupt.jpg"), mk("missing.png")], &Preprocess::imagenet(16), &DecodeLimits::default());
+        let mk = |p: &str| Sample {
+            path: d.join(p),
+            label: Some(CellClass::Basophil),
+            attrs: AttributeSet::default(),
+            source: "t".into(),
+            description: None,
+        };
+        let (ok, bad) = load_images(
+            vec![mk("ok.png"), mk("corrupt.jpg"), mk("missing.png")],
+            &Preprocess::imagenet(16),
+            &DecodeLimits::default(),
+        );
         assert_eq!(ok.len(), 1);
         assert_eq!(ok[0].1.dimensions(), (16, 16));
         assert_eq!(bad.len(), 2);
-        assert!(bad.iter().any(|r| r.path.ends_with("missing.png") && r.reason.contains("reading")));
+        assert!(
+            bad.iter()
+                .any(|r| r.path.ends_with("missing.png") && r.reason.contains("reading"))
+        );
     }
 }

@@ -24,7 +24,10 @@ pub struct EvalOptions {
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        EvalOptions { resamples: 1000, minilm: None }
+        EvalOptions {
+            resamples: 1000,
+            minilm: None,
+        }
     }
 }
 
@@ -116,7 +119,17 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
     }
     let (samples, images): (Vec<Sample>, Vec<_>) = loaded.into_iter().unzip();
     let preds = classifier.predict(&images);
-    let predicted: Vec<usize> = preds.iter().map(|p| p.probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)).collect();
+    let predicted: Vec<usize> = preds
+        .iter()
+        .map(|p| {
+            p.probs
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i)
+                .unwrap_or(0)
+        })
+        .collect();
     let mut dist = BTreeMap::new();
     for c in CellClass::ALL {
         let n = predicted.iter().filter(|&&p| p == c.index()).count();
@@ -126,7 +139,10 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
     let labelled = samples.iter().all(|s| s.label.is_some());
     let mut report = EvalReport {
         evaluated: samples.len(),
-        rejected: rejected.iter().map(|r| (r.path.display().to_string(), r.reason.clone())).collect(),
+        rejected: rejected
+            .iter()
+            .map(|r| (r.path.display().to_string(), r.reason.clone()))
+            .collect(),
         accuracy: None,
         macro_f1: None,
         weighted_f1: None,
@@ -152,7 +168,13 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
         report.per_class = names
             .iter()
             .zip(&r.per_class)
-            .map(|(n, m)| ClassRow { class: n.to_string(), precision: m.precision, recall: m.recall, f1: m.f1, support: m.support })
+            .map(|(n, m)| ClassRow {
+                class: n.to_string(),
+                precision: m.precision,
+                recall: m.recall,
+                f1: m.f1,
+                support: m.support,
+            })
             .collect();
         report.confusion_matrix = Some(cm.counts.clone());
         report.report = Some(r);
@@ -164,7 +186,9 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
             e.1.push(p);
         }
         for (src, (t, p)) in by_source {
-            report.per_source.insert(src, ConfusionMatrix::from_labels(NUM_CLASSES, &t, &p).counts);
+            report
+                .per_source
+                .insert(src, ConfusionMatrix::from_labels(NUM_CLASSES, &t, &p).counts);
         }
     } else {
         report.text = format!("Unlabelled set: {} cells\nPredicted distribution:\n", samples.len());
@@ -184,7 +208,9 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
     if n > 0 {
         let acc = ok as f64 / n as f64;
         report.attribute_accuracy = Some(acc);
-        report.text.push_str(&format!("\nAttribute accuracy: {:.4} over {n} attribute labels\n", acc));
+        report
+            .text
+            .push_str(&format!("\nAttribute accuracy: {:.4} over {n} attribute labels\n", acc));
     }
     if let Some(dir) = &opts.minilm {
         let embedder = MiniLm::load(dir, &burn::tensor::Device::flex())?;
@@ -199,11 +225,16 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
             let mean = sims.iter().sum::<f64>() / sims.len() as f64;
             let sd = (sims.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (sims.len().max(2) - 1) as f64).sqrt();
             report.description_similarity = Some(MeanSd { mean, sd });
-            report.text.push_str(&format!("Description similarity (all-MiniLM-L6-v2 cosine): {mean:.4} ± {sd:.4} over {} cells\n", sims.len()));
+            report.text.push_str(&format!(
+                "Description similarity (all-MiniLM-L6-v2 cosine): {mean:.4} ± {sd:.4} over {} cells\n",
+                sims.len()
+            ));
         }
     }
     if !rejected.is_empty() {
-        report.text.push_str(&format!("\n{} images could not be read:\n", rejected.len()));
+        report
+            .text
+            .push_str(&format!("\n{} images could not be read:\n", rejected.len()));
         for r in &rejected {
             report.text.push_str(&format!("  {}: {}\n", r.path.display(), r.reason));
         }

@@ -35,12 +35,20 @@ pub struct ExportOptions<'a> {
 /// Writes a signed bundle and returns its manifest.
 pub fn export(o: &ExportOptions) -> Result<Manifest> {
     let run = RunDir(o.run.to_path_buf());
-    let record: RunRecord = serde_json::from_slice(&std::fs::read(run.record()).with_context(|| format!("reading {}", run.record().display()))?)
-        .with_context(|| format!("parsing {}", run.record().display()))?;
+    let record: RunRecord = serde_json::from_slice(
+        &std::fs::read(run.record()).with_context(|| format!("reading {}", run.record().display()))?,
+    )
+    .with_context(|| format!("parsing {}", run.record().display()))?;
     let cfg = record.settings.model.clone();
-    let sha = wbc_shared::bundle::sha256_hex(&std::fs::read(o.backbone_pth).with_context(|| format!("reading {}", o.backbone_pth.display()))?);
+    let sha = wbc_shared::bundle::sha256_hex(
+        &std::fs::read(o.backbone_pth).with_context(|| format!("reading {}", o.backbone_pth.display()))?,
+    );
     if sha != record.backbone_sha256 {
-        bail!("{} is not the backbone this run was trained on (sha256 {sha}, run used {})", o.backbone_pth.display(), record.backbone_sha256);
+        bail!(
+            "{} is not the backbone this run was trained on (sha256 {sha}, run used {})",
+            o.backbone_pth.display(),
+            record.backbone_sha256
+        );
     }
     let device = Device::flex();
     let (_, base) = frozen_base(o.backbone_pth, cfg.q4_group)?;
@@ -78,14 +86,19 @@ pub fn export(o: &ExportOptions) -> Result<Manifest> {
     };
     // A provisional unsigned-key classifier for measuring and for the self-test outputs.
     let provisional_key = SigningKey::from_bytes(&[0u8; 32]);
-    let provisional = BundleBuilder::new(manifest.clone()).part(WEIGHTS_PART, weights_bytes.clone())?.finish(&provisional_key)?;
-    let classifier = Classifier::from_bundle(&Bundle::from_bytes(&provisional, &[provisional_key.verifying_key()])?, &device)?;
+    let provisional = BundleBuilder::new(manifest.clone())
+        .part(WEIGHTS_PART, weights_bytes.clone())?
+        .finish(&provisional_key)?;
+    let classifier = Classifier::from_bundle(
+        &Bundle::from_bytes(&provisional, &[provisional_key.verifying_key()])?,
+        &device,
+    )?;
     drop(model);
 
     let mut selftest_images: Vec<(String, Vec<u8>)> = Vec::new();
     if let Some(val) = o.val {
         let report = evaluate_classifier(&classifier, val, &EvalOptions::default())?;
-        manifest.metrics = serde_json::to_value(&report.summary())?;
+        manifest.metrics = report.summary();
         // One golden image per class, the first of each in the val list.
         let samples = crate::dataset::read_samples(val)?;
         let mut seen = [false; NUM_CLASSES];
@@ -94,7 +107,9 @@ pub fn export(o: &ExportOptions) -> Result<Manifest> {
             if seen[l.index()] {
                 continue;
             }
-            let Ok(img) = wbc_shared::image::load_rgb(&s.path, &DecodeLimits::default()) else { continue };
+            let Ok(img) = wbc_shared::image::load_rgb(&s.path, &DecodeLimits::default()) else {
+                continue;
+            };
             let img = pre.to_square(&img);
             let mut png = Vec::new();
             img.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)?;
@@ -105,15 +120,23 @@ pub fn export(o: &ExportOptions) -> Result<Manifest> {
     if selftest_images.is_empty() {
         bail!("export needs --val with readable labelled images: the bundle's self-test images come from it");
     }
-    let decoded: Vec<_> = selftest_images.iter().map(|(_, b)| wbc_shared::image::decode_rgb(b, &DecodeLimits::default())).collect::<Result<_, _>>()?;
+    let decoded: Vec<_> = selftest_images
+        .iter()
+        .map(|(_, b)| wbc_shared::image::decode_rgb(b, &DecodeLimits::default()))
+        .collect::<Result<_, _>>()?;
     let cases = selftest_images
         .iter()
         .zip(classifier.predict(&decoded))
-        .map(|((name, _), p)| SelfTestCase { image: name.clone(), probabilities: p.probs.to_vec() })
+        .map(|((name, _), p)| SelfTestCase {
+            image: name.clone(),
+            probabilities: p.probs.to_vec(),
+        })
         .collect();
     let selftest = SelfTest { tolerance: 2e-3, cases };
 
-    let mut builder = BundleBuilder::new(manifest.clone()).part(WEIGHTS_PART, weights_bytes)?.part(SELFTEST_PART, serde_json::to_vec_pretty(&selftest)?)?;
+    let mut builder = BundleBuilder::new(manifest.clone())
+        .part(WEIGHTS_PART, weights_bytes)?
+        .part(SELFTEST_PART, serde_json::to_vec_pretty(&selftest)?)?;
     for (name, bytes) in selftest_images {
         builder = builder.part(&name, bytes)?;
     }

@@ -11,11 +11,17 @@ use wbc_shared::classify::Classifier;
 
 /// Default location of the pretrained weights fetched by `scripts/fetch-weights.sh`.
 fn default_weights_dir() -> PathBuf {
-    std::env::var_os("WBC_WEIGHTS_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".cache/weights/unpacked"))
+    std::env::var_os("WBC_WEIGHTS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".cache/weights/unpacked"))
 }
 
 #[derive(Parser)]
-#[command(name = "trainer", version, about = "Fine-tune, evaluate and export WBC classifier bundles")]
+#[command(
+    name = "trainer",
+    version,
+    about = "Fine-tune, evaluate and export WBC classifier bundles"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -111,52 +117,118 @@ enum Cmd {
 
 fn trusted(paths: &[PathBuf]) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
     if paths.is_empty() {
-        return Ok(vec![keys::parse_public(include_str!("../../appliance/keys/default.pub"))?]);
+        return Ok(vec![keys::parse_public(include_str!(
+            "../../appliance/keys/default.pub"
+        ))?]);
     }
     paths
         .iter()
-        .map(|p| Ok(keys::parse_public(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)?))
+        .map(|p| {
+            Ok(keys::parse_public(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )?)
+        })
         .collect()
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
     match Cli::parse().cmd {
-        Cmd::Train { data, out, backbone, epochs, batch, lr, views, tune_from, rank, max_per_class, seed } => {
-            let mut s = TrainSettings { epochs, batch, lr, views, seed, max_per_class, ..Default::default() };
+        Cmd::Train {
+            data,
+            out,
+            backbone,
+            epochs,
+            batch,
+            lr,
+            views,
+            tune_from,
+            rank,
+            max_per_class,
+            seed,
+        } => {
+            let mut s = TrainSettings {
+                epochs,
+                batch,
+                lr,
+                views,
+                seed,
+                max_per_class,
+                ..Default::default()
+            };
             s.model.tune_from = tune_from;
             s.model.lora_rank = rank;
             s.model.lora_alpha = 2.0 * rank as f64;
             let pth = backbone.unwrap_or_else(|| default_weights_dir().join("mobilenet_v2-b0353104.pth"));
             let r = train(&data, &out, &pth, s)?;
-            println!("best val macro F1 {:.4} at epoch {} ({:.0} s on {})", r.best_val_macro_f1, r.best_epoch, r.seconds, r.hardware);
+            println!(
+                "best val macro F1 {:.4} at epoch {} ({:.0} s on {})",
+                r.best_val_macro_f1, r.best_epoch, r.seconds, r.hardware
+            );
         }
-        Cmd::Eval { bundle, csv, json, trust, minilm, resamples } => {
-            let b = Bundle::open(&bundle, &trusted(&trust)?).with_context(|| format!("opening {}", bundle.display()))?;
+        Cmd::Eval {
+            bundle,
+            csv,
+            json,
+            trust,
+            minilm,
+            resamples,
+        } => {
+            let b =
+                Bundle::open(&bundle, &trusted(&trust)?).with_context(|| format!("opening {}", bundle.display()))?;
             let classifier = Classifier::from_bundle(&b, &burn::tensor::Device::flex())?;
-            let minilm = minilm.or_else(|| Some(default_weights_dir().join("all-MiniLM-L6-v2")).filter(|p| p.join("model.safetensors").is_file()));
+            let minilm = minilm.or_else(|| {
+                Some(default_weights_dir().join("all-MiniLM-L6-v2")).filter(|p| p.join("model.safetensors").is_file())
+            });
             let report = evaluate_classifier(&classifier, &csv, &EvalOptions { resamples, minilm })?;
             print!("{}", report.text());
             if let Some(json) = json {
-                std::fs::write(&json, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", json.display()))?;
+                std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing {}", json.display()))?;
                 if let Some(cm) = &report.confusion_matrix {
                     let names: Vec<&str> = wbc_shared::CellClass::ALL.iter().map(|c| c.name()).collect();
                     trainer::plot::confusion(&names, cm, &json.with_extension("png"))?;
                 }
             }
         }
-        Cmd::Export { run, key, out, val, backbone, model_version } => {
+        Cmd::Export {
+            run,
+            key,
+            out,
+            val,
+            backbone,
+            model_version,
+        } => {
             let key = keys::read_private(&key)?;
             let pth = backbone.unwrap_or_else(|| default_weights_dir().join("mobilenet_v2-b0353104.pth"));
-            let m = export(&ExportOptions { run: &run, backbone_pth: &pth, key: &key, out: &out, val: Some(&val), model_version })?;
-            println!("wrote {} (model version {}, val {})", out.display(), m.model_version, m.metrics);
+            let m = export(&ExportOptions {
+                run: &run,
+                backbone_pth: &pth,
+                key: &key,
+                out: &out,
+                val: Some(&val),
+                model_version,
+            })?;
+            println!(
+                "wrote {} (model version {}, val {})",
+                out.display(),
+                m.model_version,
+                m.metrics
+            );
         }
         Cmd::Keygen { out } => {
             let k = keys::generate();
             keys::write_private(&out, &k)?;
             let pubp = PathBuf::from(format!("{}.pub", out.display()));
             keys::write_public(&pubp, &k.verifying_key())?;
-            println!("private key {} (mode 0600), public key {} (id {})", out.display(), pubp.display(), wbc_shared::bundle::key_id(&k.verifying_key()));
+            println!(
+                "private key {} (mode 0600), public key {} (id {})",
+                out.display(),
+                pubp.display(),
+                wbc_shared::bundle::key_id(&k.verifying_key())
+            );
         }
     }
     Ok(())

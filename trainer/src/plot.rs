@@ -30,8 +30,18 @@ pub fn curves(csv_path: &Path, png: &Path) -> Result<()> {
         .records()
         .map(|r| r.map(|r| r.iter().map(|v| v.parse().unwrap_or(f64::NAN)).collect()))
         .collect::<Result<_, _>>()?;
-    let col = |name: &str| headers.iter().position(|h| h == name).ok_or_else(|| anyhow!("{} has no column {name}", csv_path.display()));
-    let (ep, loss, f1, acc) = (col("epoch")?, col("train_loss")?, col("val_macro_f1")?, col("val_attribute_accuracy")?);
+    let col = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h == name)
+            .ok_or_else(|| anyhow!("{} has no column {name}", csv_path.display()))
+    };
+    let (ep, loss, f1, acc) = (
+        col("epoch")?,
+        col("train_loss")?,
+        col("val_macro_f1")?,
+        col("val_attribute_accuracy")?,
+    );
     let max_epoch = rows.iter().map(|r| r[ep]).fold(1.0, f64::max);
     let max_loss = rows.iter().map(|r| r[loss]).fold(1.0, f64::max);
     let root = BitMapBackend::new(png, (1000, 450)).into_drawing_area();
@@ -45,7 +55,8 @@ pub fn curves(csv_path: &Path, png: &Path) -> Result<()> {
         .build_cartesian_2d(1f64..max_epoch.max(2.0), 0f64..max_loss * 1.05)
         .map_err(err)?;
     c.configure_mesh().x_desc("epoch").y_desc("loss").draw().map_err(err)?;
-    c.draw_series(LineSeries::new(rows.iter().map(|r| (r[ep], r[loss])), &RED)).map_err(err)?;
+    c.draw_series(LineSeries::new(rows.iter().map(|r| (r[ep], r[loss])), &RED))
+        .map_err(err)?;
     let mut c = ChartBuilder::on(&right)
         .caption("validation", ("sans-serif", 20))
         .margin(12)
@@ -62,7 +73,12 @@ pub fn curves(csv_path: &Path, png: &Path) -> Result<()> {
         .map_err(err)?
         .label("attribute accuracy")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
-    c.configure_series_labels().position(SeriesLabelPosition::LowerRight).background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(err)?;
+    c.configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
     root.present().map_err(err)?;
     Ok(())
 }
@@ -73,14 +89,19 @@ pub fn confusion(names: &[&str], counts: &[Vec<u64>], png: &Path) -> Result<()> 
     let n = names.len();
     let cell = 70i32;
     let (ox, oy) = (130i32, 60i32);
-    let size = (ox as u32 + cell as u32 * n as u32 + 20, oy as u32 + cell as u32 * n as u32 + 40);
+    let size = (
+        ox as u32 + cell as u32 * n as u32 + 20,
+        oy as u32 + cell as u32 * n as u32 + 40,
+    );
     let root = BitMapBackend::new(png, size).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let text = |s: &str, x: i32, y: i32, size: i32| Text::new(s.to_string(), (x, y), ("sans-serif", size).into_font());
     root.draw(&text("predicted →", ox, 8, 16)).map_err(err)?;
     for (j, name) in names.iter().enumerate() {
-        root.draw(&text(&name[..name.len().min(6)], ox + j as i32 * cell + 6, oy - 22, 14)).map_err(err)?;
-        root.draw(&text(name, 6, oy + j as i32 * cell + cell / 2 - 8, 14)).map_err(err)?;
+        root.draw(&text(&name[..name.len().min(6)], ox + j as i32 * cell + 6, oy - 22, 14))
+            .map_err(err)?;
+        root.draw(&text(name, 6, oy + j as i32 * cell + cell / 2 - 8, 14))
+            .map_err(err)?;
     }
     for (i, row) in counts.iter().enumerate() {
         let total: u64 = row.iter().sum::<u64>().max(1);
@@ -88,12 +109,19 @@ pub fn confusion(names: &[&str], counts: &[Vec<u64>], png: &Path) -> Result<()> 
             let frac = v as f64 / total as f64;
             let shade = (255.0 * (1.0 - frac)) as u8;
             let (x, y) = (ox + j as i32 * cell, oy + i as i32 * cell);
-            root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], RGBColor(shade, shade, 255).filled())).map_err(err)?;
-            root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], BLACK.stroke_width(1))).map_err(err)?;
-            root.draw(&text(&v.to_string(), x + 8, y + cell / 2 - 8, 16)).map_err(err)?;
+            root.draw(&Rectangle::new(
+                [(x, y), (x + cell, y + cell)],
+                RGBColor(shade, shade, 255).filled(),
+            ))
+            .map_err(err)?;
+            root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], BLACK.stroke_width(1)))
+                .map_err(err)?;
+            root.draw(&text(&v.to_string(), x + 8, y + cell / 2 - 8, 16))
+                .map_err(err)?;
         }
     }
-    root.draw(&text("rows: true class", 6, oy + n as i32 * cell + 10, 14)).map_err(err)?;
+    root.draw(&text("rows: true class", 6, oy + n as i32 * cell + 10, 14))
+        .map_err(err)?;
     root.present().map_err(err)?;
     Ok(())
 }

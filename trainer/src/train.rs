@@ -118,20 +118,35 @@ pub fn hardware() -> String {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     format!("{cpu}, {cores} cores, CPU (burn flex)")
 }
 
 fn bar(len: u64, msg: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
-    pb.set_style(ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta_precise}").expect("template").progress_chars("=> "));
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta_precise}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
     pb.set_message(msg.to_string());
     pb
 }
 
 /// Activations entering block `tune_from` for a list of images, computed in batches.
-pub fn prefix_activations(backbone: &Backbone, pre: &Preprocess, images: &[RgbImage], tune_from: usize, device: &Device, pb: &ProgressBar) -> (Vec<f32>, [usize; 3]) {
+pub fn prefix_activations(
+    backbone: &Backbone,
+    pre: &Preprocess,
+    images: &[RgbImage],
+    tune_from: usize,
+    device: &Device,
+    pb: &ProgressBar,
+) -> (Vec<f32>, [usize; 3]) {
     let s = pre.input_size as usize;
     let mut out = Vec::new();
     let mut shape = [0; 3];
@@ -217,7 +232,15 @@ pub struct ValResult {
     pub attribute_accuracy: f64,
 }
 
-fn evaluate(model: &Trainable, backbone: &Backbone, cache: &[f32], shape: [usize; 3], samples: &[Sample], tune_from: usize, device: &Device) -> ValResult {
+fn evaluate(
+    model: &Trainable,
+    backbone: &Backbone,
+    cache: &[f32],
+    shape: [usize; 3],
+    samples: &[Sample],
+    tune_from: usize,
+    device: &Device,
+) -> ValResult {
     let per = shape.iter().product::<usize>();
     let mut predicted = Vec::new();
     let mut probs = Vec::new();
@@ -225,9 +248,18 @@ fn evaluate(model: &Trainable, backbone: &Backbone, cache: &[f32], shape: [usize
     let aw = attribute_logits_width();
     for (bi, chunk) in samples.chunks(128).enumerate() {
         let start = bi * 128;
-        let x = Tensor::<4>::from_data(TensorData::new(cache[start * per..(start + chunk.len()) * per].to_vec(), [chunk.len(), shape[0], shape[1], shape[2]]), device);
+        let x = Tensor::<4>::from_data(
+            TensorData::new(
+                cache[start * per..(start + chunk.len()) * per].to_vec(),
+                [chunk.len(), shape[0], shape[1], shape[2]],
+            ),
+            device,
+        );
         let (cl, al) = model.forward(backbone, x, tune_from);
-        let p = burn::tensor::activation::softmax(cl, 1).into_data().try_into_vec_as::<f32>().expect("f32");
+        let p = burn::tensor::activation::softmax(cl, 1)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .expect("f32");
         let a = al.into_data().try_into_vec_as::<f32>().expect("f32");
         for (j, s) in chunk.iter().enumerate() {
             let mut row = [0f32; NUM_CLASSES];
@@ -244,7 +276,15 @@ fn evaluate(model: &Trainable, backbone: &Backbone, cache: &[f32], shape: [usize
             }
         }
     }
-    ValResult { predicted, probs, attribute_accuracy: if attr_n == 0 { 0.0 } else { attr_ok as f64 / attr_n as f64 } }
+    ValResult {
+        predicted,
+        probs,
+        attribute_accuracy: if attr_n == 0 {
+            0.0
+        } else {
+            attr_ok as f64 / attr_n as f64
+        },
+    }
 }
 
 fn limit_per_class(samples: Vec<Sample>, max: usize, rng: &mut ChaCha8Rng) -> Vec<Sample> {
@@ -293,7 +333,11 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
     let limits = DecodeLimits::default();
 
     let (train_s, val_s) = read_split(data)?;
-    let train_s = limit_per_class(train_s.into_iter().filter(|s| s.label.is_some()).collect(), settings.max_per_class, &mut rng);
+    let train_s = limit_per_class(
+        train_s.into_iter().filter(|s| s.label.is_some()).collect(),
+        settings.max_per_class,
+        &mut rng,
+    );
     let val_s: Vec<Sample> = val_s.into_iter().filter(|s| s.label.is_some()).collect();
     tracing::info!(train = train_s.len(), val = val_s.len(), "decoding images");
     let (train_set, mut rejected) = load_images(train_s, &pre, &limits);
@@ -311,7 +355,9 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
 
     let device = Device::flex();
     let ad = device.clone().autodiff();
-    let backbone_sha256 = wbc_shared::bundle::sha256_hex(&std::fs::read(backbone_pth).with_context(|| format!("reading {}", backbone_pth.display()))?);
+    let backbone_sha256 = wbc_shared::bundle::sha256_hex(
+        &std::fs::read(backbone_pth).with_context(|| format!("reading {}", backbone_pth.display()))?,
+    );
     let (_, q) = frozen_base(backbone_pth, cfg.q4_group)?;
     let backbone = Backbone::new(&q, &device)?;
     let backbone_ad = Backbone::new(&q, &ad)?;
@@ -332,16 +378,30 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
 
     // Class-balanced loss weights: N / (K · n_c).
     let n = train_samples.len() as f32;
-    let cw: Vec<f32> = train_counts.iter().map(|&c| if c == 0 { 0.0 } else { n / (NUM_CLASSES as f32 * c as f32) }).collect();
+    let cw: Vec<f32> = train_counts
+        .iter()
+        .map(|&c| {
+            if c == 0 {
+                0.0
+            } else {
+                n / (NUM_CLASSES as f32 * c as f32)
+            }
+        })
+        .collect();
     let class_weights = Tensor::<1>::from_data(TensorData::new(cw, [NUM_CLASSES]), &ad);
 
     let mut model = Trainable::new(&cfg, &backbone_ad, &ad);
-    let mut optim = AdamWConfig::new().with_weight_decay(settings.weight_decay as f32).init();
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(settings.weight_decay as f32)
+        .init();
     let steps_per_epoch = train_samples.len().div_ceil(settings.batch);
     let total_steps = steps_per_epoch * settings.epochs;
     let warmup = steps_per_epoch / 2;
     let mut curves = std::fs::File::create(run.curves())?;
-    writeln!(curves, "epoch,train_loss,train_class_loss,val_accuracy,val_macro_f1,val_attribute_accuracy,lr,seconds")?;
+    writeln!(
+        curves,
+        "epoch,train_loss,train_class_loss,val_accuracy,val_macro_f1,val_attribute_accuracy,lr,seconds"
+    )?;
     let mut best = (0usize, -1.0f64);
     let mut step = 0usize;
     let mut order: Vec<usize> = (0..train_samples.len()).collect();
@@ -351,7 +411,12 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
         let (mut loss_sum, mut class_sum, mut batches) = (0f64, 0f64, 0usize);
         let mut lr = settings.lr;
         for idx in order.chunks(settings.batch) {
-            let mut b = Batch { x: Vec::with_capacity(idx.len() * per), labels: Vec::new(), attr_targets: Vec::new(), attr_mask: Vec::new() };
+            let mut b = Batch {
+                x: Vec::with_capacity(idx.len() * per),
+                labels: Vec::new(),
+                attr_targets: Vec::new(),
+                attr_mask: Vec::new(),
+            };
             for &i in idx {
                 let v = rand::Rng::gen_range(&mut rng, 0..settings.views);
                 b.x.extend_from_slice(&train_cache[v][i * per..(i + 1) * per]);
@@ -390,7 +455,15 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
         }
         pb.finish_and_clear();
         let valid = model.valid();
-        let v = evaluate(&valid, &backbone, &val_cache, shape, &val_samples, cfg.tune_from, &device);
+        let v = evaluate(
+            &valid,
+            &backbone,
+            &val_cache,
+            shape,
+            &val_samples,
+            cfg.tune_from,
+            &device,
+        );
         let truth: Vec<usize> = val_samples.iter().map(|s| s.label.expect("labelled").index()).collect();
         let report = ConfusionMatrix::from_labels(NUM_CLASSES, &truth, &v.predicted).report();
         let secs = started.elapsed().as_secs_f64();
@@ -406,14 +479,19 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
             secs
         )?;
         curves.flush()?;
-        let per_class: Vec<String> = CellClass::ALL.iter().map(|c| format!("{}={:.3}", c.abbreviation(), report.per_class[c.index()].f1)).collect();
+        let per_class: Vec<String> = CellClass::ALL
+            .iter()
+            .map(|c| format!("{}={:.3}", c.abbreviation(), report.per_class[c.index()].f1))
+            .collect();
         tracing::info!(epoch, loss = loss_sum / batches as f64, val_acc = report.accuracy, val_macro_f1 = report.macro_avg.f1, attr_acc = v.attribute_accuracy, per_class = %per_class.join(" "), "epoch done");
         if report.macro_avg.f1 > best.1 {
             best = (epoch, report.macro_avg.f1);
             let path = run.checkpoint();
             let _ = std::fs::remove_file(&path);
             let mut store = SafetensorsStore::from_file(path.clone());
-            valid.save_into(&mut store).map_err(|e| anyhow::anyhow!("saving checkpoint {}: {e:?}", path.display()))?;
+            valid
+                .save_into(&mut store)
+                .map_err(|e| anyhow::anyhow!("saving checkpoint {}: {e:?}", path.display()))?;
         }
     }
     plot::curves(&run.curves(), &run.0.join("curves.png"))?;
@@ -441,6 +519,8 @@ pub fn load_trainable(run: &RunDir, backbone: &Backbone, cfg: &CompactConfig, de
         bail!("{}: no checkpoint (did training finish an epoch?)", path.display());
     }
     let mut store = SafetensorsStore::from_file(path.clone());
-    model.load_from(&mut store).map_err(|e| anyhow::anyhow!("loading {}: {e:?}", path.display()))?;
+    model
+        .load_from(&mut store)
+        .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", path.display()))?;
     Ok(model)
 }

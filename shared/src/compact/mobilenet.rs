@@ -70,7 +70,15 @@ pub fn mobilenet_v2_spec() -> Vec<BlockSpec> {
         residual: false,
     }];
     // (expansion t, output channels c, repeats n, first stride s), as in the paper's Table 2.
-    let settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)];
+    let settings = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ];
     let mut c_in = 32;
     for (t, c, n, s) in settings {
         for r in 0..n {
@@ -87,12 +95,24 @@ pub fn mobilenet_v2_spec() -> Vec<BlockSpec> {
                 units.push(unit(p("1.0"), p("1.1"), hidden, hidden, 3, stride, hidden, true));
                 units.push(unit(p("2"), p("3"), hidden, c, 1, 1, 1, false));
             }
-            blocks.push(BlockSpec { units, residual: stride == 1 && c_in == c });
+            blocks.push(BlockSpec {
+                units,
+                residual: stride == 1 && c_in == c,
+            });
             c_in = c;
         }
     }
     blocks.push(BlockSpec {
-        units: vec![unit("features.18.0".into(), "features.18.1".into(), 320, 1280, 1, 1, 1, true)],
+        units: vec![unit(
+            "features.18.0".into(),
+            "features.18.1".into(),
+            320,
+            1280,
+            1,
+            1,
+            1,
+            true,
+        )],
         residual: false,
     });
     blocks
@@ -112,12 +132,16 @@ pub fn fold_torchvision(pth: &std::path::Path) -> Result<Weights, WeightError> {
         let t = reader.get(name).ok_or_else(|| WeightError::Missing(name.to_string()))?;
         let bytes = t.read().map_err(|e| WeightError::Format(format!("{name}: {e}")))?;
         let values: Vec<f32> = match t.dtype() {
-            burn::store::pytorch_reader::DType::F32 => {
-                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-            }
+            burn::store::pytorch_reader::DType::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
             other => return Err(WeightError::Format(format!("{name}: expected f32, found {other:?}"))),
         };
-        Ok(NamedTensor { shape: t.shape().to_vec(), values })
+        Ok(NamedTensor {
+            shape: t.shape().to_vec(),
+            values,
+        })
     };
     let mut out = Weights::default();
     for block in mobilenet_v2_spec() {
@@ -125,7 +149,11 @@ pub fn fold_torchvision(pth: &std::path::Path) -> Result<Weights, WeightError> {
             let w = get(&format!("{}.weight", u.conv))?;
             let expect = [u.c_out, u.c_in / u.groups, u.kernel, u.kernel];
             if w.shape != expect {
-                return Err(WeightError::Shape { name: format!("{}.weight", u.conv), expected: expect.to_vec(), found: w.shape });
+                return Err(WeightError::Shape {
+                    name: format!("{}.weight", u.conv),
+                    expected: expect.to_vec(),
+                    found: w.shape,
+                });
             }
             let gamma = get(&format!("{}.weight", u.bn))?.values;
             let beta = get(&format!("{}.bias", u.bn))?.values;
@@ -139,8 +167,20 @@ pub fn fold_torchvision(pth: &std::path::Path) -> Result<Weights, WeightError> {
                 wf[o * per_out..(o + 1) * per_out].iter_mut().for_each(|v| *v *= k);
                 bias[o] = beta[o] - mean[o] * k;
             }
-            out.insert(format!("{}.weight", u.conv), NamedTensor { shape: expect.to_vec(), values: wf });
-            out.insert(format!("{}.bias", u.conv), NamedTensor { shape: vec![u.c_out], values: bias });
+            out.insert(
+                format!("{}.weight", u.conv),
+                NamedTensor {
+                    shape: expect.to_vec(),
+                    values: wf,
+                },
+            );
+            out.insert(
+                format!("{}.bias", u.conv),
+                NamedTensor {
+                    shape: vec![u.c_out],
+                    values: bias,
+                },
+            );
         }
     }
     for name in ["classifier.1.weight", "classifier.1.bias"] {
@@ -185,7 +225,10 @@ impl Backbone {
         for b in mobilenet_v2_spec() {
             let mut units = Vec::new();
             for u in b.units {
-                let w = weights.get_shaped(&format!("{}.weight", u.conv), &[u.c_out, u.c_in / u.groups, u.kernel, u.kernel])?;
+                let w = weights.get_shaped(
+                    &format!("{}.weight", u.conv),
+                    &[u.c_out, u.c_in / u.groups, u.kernel, u.kernel],
+                )?;
                 let bias = weights.get_shaped(&format!("{}.bias", u.conv), &[u.c_out])?;
                 units.push(FrozenConv {
                     weight: Tensor::from_data(TensorData::new(w.values.clone(), w.shape.clone()), device),
@@ -223,7 +266,11 @@ impl Backbone {
     ) -> Tensor<4> {
         // Index of the next adapter: count pointwise units between adapters_from and `from`.
         let mut next = adapters.map(|(_, start)| {
-            self.blocks[start.min(from)..from].iter().flat_map(|(u, _)| u).filter(|c| c.spec.is_pointwise()).count()
+            self.blocks[start.min(from)..from]
+                .iter()
+                .flat_map(|(u, _)| u)
+                .filter(|c| c.spec.is_pointwise())
+                .count()
         });
         for (i, (units, residual)) in self.blocks.iter().enumerate().take(to).skip(from) {
             let input = x.clone();

@@ -42,7 +42,14 @@ pub struct CompactConfig {
 
 impl Default for CompactConfig {
     fn default() -> Self {
-        CompactConfig { backbone: "mobilenet_v2".into(), tune_from: 14, lora_rank: 16, lora_alpha: 32.0, q4_group: 32, dropout: 0.2 }
+        CompactConfig {
+            backbone: "mobilenet_v2".into(),
+            tune_from: 14,
+            lora_rank: 16,
+            lora_alpha: 32.0,
+            q4_group: 32,
+            dropout: 0.2,
+        }
     }
 }
 
@@ -98,7 +105,12 @@ impl Trainable {
 
     /// Merges the adapters into the folded backbone weights and adds the heads:
     /// the full set of weights of an exported model.
-    pub fn merged_weights(&self, base: &Weights, backbone: &Backbone, tune_from: usize) -> Result<Weights, WeightError> {
+    pub fn merged_weights(
+        &self,
+        base: &Weights,
+        backbone: &Backbone,
+        tune_from: usize,
+    ) -> Result<Weights, WeightError> {
         let mut out = Weights::default();
         for (name, t) in &base.0 {
             if !name.starts_with("classifier.") {
@@ -113,10 +125,22 @@ impl Trainable {
         }
         let lin = |l: &Linear, prefix: &str, out: &mut Weights| {
             let w = l.weight.val();
-            out.insert(format!("{prefix}.weight"), NamedTensor { shape: w.dims().to_vec(), values: to_vec(w.into_data()) });
+            out.insert(
+                format!("{prefix}.weight"),
+                NamedTensor {
+                    shape: w.dims().to_vec(),
+                    values: to_vec(w.into_data()),
+                },
+            );
             if let Some(b) = &l.bias {
                 let b = b.val();
-                out.insert(format!("{prefix}.bias"), NamedTensor { shape: b.dims().to_vec(), values: to_vec(b.into_data()) });
+                out.insert(
+                    format!("{prefix}.bias"),
+                    NamedTensor {
+                        shape: b.dims().to_vec(),
+                        values: to_vec(b.into_data()),
+                    },
+                );
             }
         };
         lin(&self.heads.class, "head.class", &mut out);
@@ -195,8 +219,8 @@ impl CompactModel {
         if bundle.manifest.family != Family::Compact {
             return Err(ModelError::Config(format!("family is {:?}", bundle.manifest.family)));
         }
-        let config: CompactConfig =
-            serde_json::from_value(bundle.manifest.model_config.clone()).map_err(|e| ModelError::Config(e.to_string()))?;
+        let config: CompactConfig = serde_json::from_value(bundle.manifest.model_config.clone())
+            .map_err(|e| ModelError::Config(e.to_string()))?;
         let w = Weights::from_safetensors(bundle.part(WEIGHTS_PART)?)?;
         Self::from_weights(config, &w, device)
     }
@@ -210,7 +234,10 @@ impl CompactModel {
     pub fn predict(&self, data: Vec<f32>, n: usize, side: usize) -> Vec<Prediction> {
         let x = Tensor::<4>::from_data(TensorData::new(data, [n, 3, side, side]), &self.device);
         let f = self.backbone.features(x);
-        let class = softmax(f.clone().matmul(self.class_w.clone()) + self.class_b.clone().unsqueeze(), 1);
+        let class = softmax(
+            f.clone().matmul(self.class_w.clone()) + self.class_b.clone().unsqueeze(),
+            1,
+        );
         let attrs = f.matmul(self.attr_w.clone()) + self.attr_b.clone().unsqueeze();
         let probs = to_vec(class.into_data());
         let attr_logits = to_vec(attrs.into_data());
@@ -220,7 +247,11 @@ impl CompactModel {
                 let mut p = [0f32; NUM_CLASSES];
                 p.copy_from_slice(&probs[i * NUM_CLASSES..(i + 1) * NUM_CLASSES]);
                 let (attributes, attribute_confidence) = decode_attributes(&attr_logits[i * aw..(i + 1) * aw]);
-                Prediction { probs: p, attributes, attribute_confidence }
+                Prediction {
+                    probs: p,
+                    attributes,
+                    attribute_confidence,
+                }
             })
             .collect()
     }
@@ -236,7 +267,11 @@ pub fn decode_attributes(logits: &[f32]) -> (AttributeSet, [f32; NUM_ATTRIBUTES]
         let l = &logits[off..off + a.arity()];
         let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let sum: f32 = l.iter().map(|v| (v - max).exp()).sum();
-        let (best, _) = l.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("arity > 0");
+        let (best, _) = l
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .expect("arity > 0");
         set[i] = Some(best as u8);
         conf[i] = 1.0 / sum; // exp(max - max) / sum
         off += a.arity();

@@ -7,7 +7,7 @@
 //! 3×3s) are F16: in 4 bits they cost the most accuracy for the least memory. Everything else
 //! (biases, heads) is F32.
 
-use crate::quant::{QuantError, Q4Tensor};
+use crate::quant::{Q4Tensor, QuantError};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::collections::{BTreeMap, HashMap};
 
@@ -68,7 +68,11 @@ impl Weights {
     pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<&NamedTensor, WeightError> {
         let t = self.get(name)?;
         if t.shape != shape {
-            return Err(WeightError::Shape { name: name.to_string(), expected: shape.to_vec(), found: t.shape.clone() });
+            return Err(WeightError::Shape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.shape.clone(),
+            });
         }
         Ok(t)
     }
@@ -82,7 +86,11 @@ impl Weights {
             if conv && (t.shape[2], t.shape[3]) != (1, 1) {
                 // Spatial kernels (the stem and the depthwise 3x3s, about 3% of the weights) are
                 // what 4 bits damages most: keep them in f16.
-                let bytes = t.values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+                let bytes = t
+                    .values
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect();
                 owned.push((name.clone(), Dtype::F16, t.shape.clone(), bytes));
             } else if conv {
                 let q = Q4Tensor::quantize(&t.values, &t.shape, group);
@@ -98,7 +106,12 @@ impl Weights {
         }
         let views: Vec<(String, TensorView<'_>)> = owned
             .iter()
-            .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b).map_err(|e| WeightError::Format(e.to_string()))?)))
+            .map(|(n, d, s, b)| {
+                Ok((
+                    n.clone(),
+                    TensorView::new(*d, s.clone(), b).map_err(|e| WeightError::Format(e.to_string()))?,
+                ))
+            })
             .collect::<Result<_, WeightError>>()?;
         safetensors::serialize(views, Some(meta)).map_err(|e| WeightError::Format(e.to_string()))
     }
@@ -114,20 +127,45 @@ impl Weights {
                 continue;
             }
             let values = match view.dtype() {
-                Dtype::F32 => view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-                Dtype::F16 => view.data().chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-                other => return Err(WeightError::Format(format!("tensor {name:?} is {other:?}, expected F32 or F16"))),
+                Dtype::F32 => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                Dtype::F16 => view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                other => {
+                    return Err(WeightError::Format(format!(
+                        "tensor {name:?} is {other:?}, expected F32 or F16"
+                    )));
+                }
             };
-            out.insert(name, NamedTensor { shape: view.shape().to_vec(), values });
+            out.insert(
+                name,
+                NamedTensor {
+                    shape: view.shape().to_vec(),
+                    values,
+                },
+            );
         }
         for (key, layout) in meta.iter().filter(|(k, _)| k.starts_with("q4:")) {
             let name = &key[3..];
             let bad = || WeightError::Format(format!("bad 4-bit layout {layout:?} for {name:?}"));
             let (shape_s, group_s) = layout.split_once(';').ok_or_else(bad)?;
-            let shape: Vec<usize> = shape_s.split(',').map(|d| d.parse().map_err(|_| bad())).collect::<Result<_, _>>()?;
+            let shape: Vec<usize> = shape_s
+                .split(',')
+                .map(|d| d.parse().map_err(|_| bad()))
+                .collect::<Result<_, _>>()?;
             let group: usize = group_s.parse().map_err(|_| bad())?;
-            let packed = st.tensor(&format!("{name}.q4")).map_err(|_| WeightError::Missing(format!("{name}.q4")))?;
-            let scales = st.tensor(&format!("{name}.q4scale")).map_err(|_| WeightError::Missing(format!("{name}.q4scale")))?;
+            let packed = st
+                .tensor(&format!("{name}.q4"))
+                .map_err(|_| WeightError::Missing(format!("{name}.q4")))?;
+            let scales = st
+                .tensor(&format!("{name}.q4scale"))
+                .map_err(|_| WeightError::Missing(format!("{name}.q4scale")))?;
             if packed.dtype() != Dtype::U8 || scales.dtype() != Dtype::F16 {
                 return Err(bad());
             }
@@ -135,9 +173,16 @@ impl Weights {
                 shape: shape.clone(),
                 group,
                 packed: packed.data().to_vec(),
-                scales: scales.data().chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])).collect(),
+                scales: scales
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]))
+                    .collect(),
             };
-            let values = q.dequantize().map_err(|source| WeightError::Quant { name: name.to_string(), source })?;
+            let values = q.dequantize().map_err(|source| WeightError::Quant {
+                name: name.to_string(),
+                source,
+            })?;
             out.insert(name.to_string(), NamedTensor { shape, values });
         }
         Ok(out)
@@ -151,10 +196,34 @@ mod tests {
     fn sample() -> Weights {
         let mut w = Weights::default();
         let conv: Vec<f32> = (0..2 * 3 * 3 * 3).map(|i| (i as f32 - 27.0) / 10.0).collect();
-        w.insert("a.weight".into(), NamedTensor { shape: vec![2, 27, 1, 1], values: conv.clone() });
-        w.insert("dw.weight".into(), NamedTensor { shape: vec![2, 1, 3, 3], values: conv[..18].to_vec() });
-        w.insert("a.bias".into(), NamedTensor { shape: vec![2], values: vec![0.5, -0.25] });
-        w.insert("head.weight".into(), NamedTensor { shape: vec![2, 2], values: vec![1.0, 2.0, 3.0, 4.0] });
+        w.insert(
+            "a.weight".into(),
+            NamedTensor {
+                shape: vec![2, 27, 1, 1],
+                values: conv.clone(),
+            },
+        );
+        w.insert(
+            "dw.weight".into(),
+            NamedTensor {
+                shape: vec![2, 1, 3, 3],
+                values: conv[..18].to_vec(),
+            },
+        );
+        w.insert(
+            "a.bias".into(),
+            NamedTensor {
+                shape: vec![2],
+                values: vec![0.5, -0.25],
+            },
+        );
+        w.insert(
+            "head.weight".into(),
+            NamedTensor {
+                shape: vec![2, 2],
+                values: vec![1.0, 2.0, 3.0, 4.0],
+            },
+        );
         w
     }
 
@@ -165,12 +234,21 @@ mod tests {
         let back = Weights::from_safetensors(&bytes).unwrap();
         assert_eq!(back.get("a.bias").unwrap(), w.get("a.bias").unwrap());
         assert_eq!(back.get("head.weight").unwrap(), w.get("head.weight").unwrap());
-        let (a, b) = (&w.get("a.weight").unwrap().values, &back.get("a.weight").unwrap().values);
+        let (a, b) = (
+            &w.get("a.weight").unwrap().values,
+            &back.get("a.weight").unwrap().values,
+        );
         // One group per row of 27 values with max |w| 2.7: step 2.7/7.
         assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 2.7 / 7.0 / 2.0 + 1e-3));
         assert_eq!(back.get("a.weight").unwrap().shape, vec![2, 27, 1, 1]);
-        let (d, db) = (&w.get("dw.weight").unwrap().values, &back.get("dw.weight").unwrap().values);
-        assert!(d.iter().zip(db).all(|(x, y)| (x - y).abs() <= 2e-3), "3x3 weights keep f16 precision");
+        let (d, db) = (
+            &w.get("dw.weight").unwrap().values,
+            &back.get("dw.weight").unwrap().values,
+        );
+        assert!(
+            d.iter().zip(db).all(|(x, y)| (x - y).abs() <= 2e-3),
+            "3x3 weights keep f16 precision"
+        );
     }
 
     #[test]
@@ -179,7 +257,10 @@ mod tests {
         assert!(Weights::from_safetensors(&bytes[..bytes.len() / 2]).is_err());
         assert!(Weights::from_safetensors(b"garbage").is_err());
         let back = Weights::from_safetensors(&bytes).unwrap();
-        assert!(matches!(back.get_shaped("a.bias", &[3]), Err(WeightError::Shape { .. })));
+        assert!(matches!(
+            back.get_shaped("a.bias", &[3]),
+            Err(WeightError::Shape { .. })
+        ));
         assert!(matches!(back.get("nope"), Err(WeightError::Missing(_))));
     }
 }

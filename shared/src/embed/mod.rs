@@ -48,7 +48,13 @@ pub struct BertConfig {
 
 impl Default for BertConfig {
     fn default() -> Self {
-        BertConfig { hidden: 384, layers: 6, heads: 12, eps: 1e-12, max_tokens: 256 }
+        BertConfig {
+            hidden: 384,
+            layers: 6,
+            heads: 12,
+            eps: 1e-12,
+            max_tokens: 256,
+        }
     }
 }
 
@@ -105,38 +111,62 @@ impl MiniLm {
     pub fn load(dir: &Path, device: &Device) -> Result<Self, EmbedError> {
         let io = |p: &Path| {
             let p = p.to_path_buf();
-            move |source| EmbedError::Io { path: p.display().to_string(), source }
+            move |source| EmbedError::Io {
+                path: p.display().to_string(),
+                source,
+            }
         };
         let wpath = dir.join("model.safetensors");
         let bytes = std::fs::read(&wpath).map_err(io(&wpath))?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| EmbedError::Weights(e.to_string()))?;
         let read = |name: &str| -> Result<(Vec<usize>, Vec<f32>), EmbedError> {
-            let v = st.tensor(name).map_err(|_| EmbedError::Weights(format!("tensor {name:?} missing")))?;
+            let v = st
+                .tensor(name)
+                .map_err(|_| EmbedError::Weights(format!("tensor {name:?} missing")))?;
             if v.dtype() != Dtype::F32 {
-                return Err(EmbedError::Weights(format!("tensor {name:?} is {:?}, expected F32", v.dtype())));
+                return Err(EmbedError::Weights(format!(
+                    "tensor {name:?} is {:?}, expected F32",
+                    v.dtype()
+                )));
             }
-            let vals = v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let vals = v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
             Ok((v.shape().to_vec(), vals))
         };
         let t1 = |name: &str| -> Result<Tensor<1>, EmbedError> {
             let (s, v) = read(name)?;
             if s.len() != 1 {
-                return Err(EmbedError::Weights(format!("tensor {name:?} has shape {s:?}, expected 1-D")));
+                return Err(EmbedError::Weights(format!(
+                    "tensor {name:?} has shape {s:?}, expected 1-D"
+                )));
             }
             Ok(Tensor::from_data(TensorData::new(v, s), device))
         };
         let t2 = |name: &str| -> Result<Tensor<2>, EmbedError> {
             let (s, v) = read(name)?;
             if s.len() != 2 {
-                return Err(EmbedError::Weights(format!("tensor {name:?} has shape {s:?}, expected 2-D")));
+                return Err(EmbedError::Weights(format!(
+                    "tensor {name:?} has shape {s:?}, expected 2-D"
+                )));
             }
             Ok(Tensor::from_data(TensorData::new(v, [s[0], s[1]]), device))
         };
         // HF stores Linear weights as [out, in]; keep them as [in, out] for x·W.
         let dense = |p: &str| -> Result<Dense, EmbedError> {
-            Ok(Dense { w: t2(&format!("{p}.weight"))?.transpose(), b: t1(&format!("{p}.bias"))? })
+            Ok(Dense {
+                w: t2(&format!("{p}.weight"))?.transpose(),
+                b: t1(&format!("{p}.bias"))?,
+            })
         };
-        let norm = |p: &str| -> Result<Norm, EmbedError> { Ok(Norm { g: t1(&format!("{p}.weight"))?, b: t1(&format!("{p}.bias"))? }) };
+        let norm = |p: &str| -> Result<Norm, EmbedError> {
+            Ok(Norm {
+                g: t1(&format!("{p}.weight"))?,
+                b: t1(&format!("{p}.bias"))?,
+            })
+        };
         let cfg = BertConfig::default();
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
@@ -153,9 +183,13 @@ impl MiniLm {
             });
         }
         let tpath = dir.join("tokenizer.json");
-        let mut tokenizer = tokenizers::Tokenizer::from_file(&tpath).map_err(|e| EmbedError::Tokenizer(format!("{}: {e}", tpath.display())))?;
+        let mut tokenizer = tokenizers::Tokenizer::from_file(&tpath)
+            .map_err(|e| EmbedError::Tokenizer(format!("{}: {e}", tpath.display())))?;
         tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams { max_length: cfg.max_tokens, ..Default::default() }))
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: cfg.max_tokens,
+                ..Default::default()
+            }))
             .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
         tokenizer.with_padding(None);
         Ok(MiniLm {
@@ -172,7 +206,10 @@ impl MiniLm {
 
     /// Token ids (with `[CLS]`/`[SEP]`, truncated to 256) as the model sees them.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, EmbedError> {
-        let enc = self.tokenizer.encode(text, true).map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -181,7 +218,10 @@ impl MiniLm {
         let ids = self.tokenize(text)?;
         let n = ids.len();
         let h = self.cfg.hidden;
-        let ids_t = Tensor::<1, Int>::from_data(TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [n]), &self.device);
+        let ids_t = Tensor::<1, Int>::from_data(
+            TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [n]),
+            &self.device,
+        );
         let x = self.word.clone().select(0, ids_t)
             + self.pos.clone().slice([0..n, 0..h])
             + self.token_type.clone().slice([0..1, 0..h]);

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 /// Repository root.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// Folder with the unpacked pretrained weights (`scripts/fetch-weights.sh`), from
@@ -25,7 +28,9 @@ pub fn weights_dir() -> PathBuf {
 
 /// A fixture path relative to `shared/tests/fixtures`.
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 /// Reads a JSON fixture.
@@ -35,5 +40,9 @@ pub fn json(rel: &str) -> serde_json::Value {
 
 /// A JSON array of numbers as f32.
 pub fn floats(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
 }
