@@ -136,3 +136,39 @@ fn field_mode_is_refused_until_cell_finding_exists() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--single-cell"));
 }
+
+#[test]
+fn blasts_are_described_by_class_not_by_attribute_heads_never_trained_on_blasts() {
+    // No training blast has WBCAtt attributes, so the default bundle lists only classes 0-4 as
+    // attribute-trained and must not quote its attribute heads for a blast.
+    let out = appliance(&[
+        "classify",
+        "--single-cell",
+        "--json",
+        fixtures().join("MYO_0024.jpg").to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cell = &v["cells"][0];
+    assert_eq!(cell["class"], "Blast");
+    assert_eq!(cell["attributes"], serde_json::json!({}));
+    assert!(
+        cell["description"].as_str().unwrap().starts_with("This is a blast"),
+        "{cell}"
+    );
+    // A neutrophil's description is grounded in its predicted attributes.
+    let out = appliance(&[
+        "classify",
+        "--single-cell",
+        "--json",
+        fixtures().join("NGS_0022.jpg").to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["cells"][0]["attributes"].as_object().unwrap().len(), 11);
+    assert!(
+        v["cells"][0]["description"]
+            .as_str()
+            .unwrap()
+            .contains("Consistent with a neutrophil")
+    );
+}

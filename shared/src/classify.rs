@@ -90,10 +90,16 @@ impl Classifier {
             .map(|(i, _)| i)
             .unwrap_or(0);
         let class = crate::classes::CellClass::ALL[best];
+        // Attributes are reported only for classes whose attributes the heads were trained on.
+        let attributes = if self.model.config.attribute_classes.contains(&best) {
+            p.attributes
+        } else {
+            crate::attributes::AttributeSet::default()
+        };
         let mut r = CellResult::from_probabilities(
             &p.probs,
-            &p.attributes,
-            describe(class, &p.attributes),
+            &attributes,
+            describe(class, &attributes),
             self.min_confidence,
             self.model_version,
         );

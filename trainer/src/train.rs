@@ -287,6 +287,18 @@ fn evaluate(
     }
 }
 
+/// Label ids of the classes with at least one attribute-labelled training sample.
+fn attribute_classes(samples: &[Sample]) -> Vec<usize> {
+    let mut v: Vec<usize> = samples
+        .iter()
+        .filter(|s| !s.attrs.is_empty())
+        .filter_map(|s| s.label.map(|l| l.index()))
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
 fn limit_per_class(samples: Vec<Sample>, max: usize, rng: &mut ChaCha8Rng) -> Vec<Sample> {
     if max == 0 {
         return samples;
@@ -324,9 +336,9 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
     let started = Instant::now();
     let run = RunDir(out.to_path_buf());
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let cfg = settings.model.clone();
-    if cfg.tune_from > 18 {
-        bail!("tune_from must be 0..=18, got {}", cfg.tune_from);
+    let mut settings = settings;
+    if settings.model.tune_from > 18 {
+        bail!("tune_from must be 0..=18, got {}", settings.model.tune_from);
     }
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
     let pre = Preprocess::imagenet(224);
@@ -350,6 +362,8 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
     let (train_samples, train_images): (Vec<Sample>, Vec<RgbImage>) = train_set.into_iter().unzip();
     let (val_samples, val_images): (Vec<Sample>, Vec<RgbImage>) = val_set.into_iter().unzip();
     let train_counts = class_counts(&train_samples);
+    settings.model.attribute_classes = attribute_classes(&train_samples);
+    let cfg = settings.model.clone();
     let val_counts = class_counts(&val_samples);
     tracing::info!(?train_counts, ?val_counts, rejected = rejected.len(), "data loaded");
 

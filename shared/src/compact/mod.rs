@@ -38,6 +38,15 @@ pub struct CompactConfig {
     pub q4_group: usize,
     /// Dropout before the heads during training.
     pub dropout: f64,
+    /// Classes (label ids) that had attribute labels in training. The attribute heads never saw
+    /// the others (in this project's data: blasts), so their descriptions fall back to the
+    /// class phrasing instead of quoting untrained heads.
+    #[serde(default = "all_classes")]
+    pub attribute_classes: Vec<usize>,
+}
+
+fn all_classes() -> Vec<usize> {
+    (0..NUM_CLASSES).collect()
 }
 
 impl Default for CompactConfig {
@@ -49,6 +58,7 @@ impl Default for CompactConfig {
             lora_alpha: 32.0,
             q4_group: 32,
             dropout: 0.2,
+            attribute_classes: all_classes(),
         }
     }
 }
