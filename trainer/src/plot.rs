@@ -107,17 +107,21 @@ pub fn confusion(names: &[&str], counts: &[Vec<u64>], png: &Path) -> Result<()> 
         let total: u64 = row.iter().sum::<u64>().max(1);
         for (j, &v) in row.iter().enumerate() {
             let frac = v as f64 / total as f64;
-            let shade = (255.0 * (1.0 - frac)) as u8;
+            // White to a mid blue, with white text on the darker half so that counts stay legible.
+            let mix = |full: f64| (255.0 - (255.0 - full) * frac) as u8;
+            let fill = RGBColor(mix(60.0), mix(100.0), mix(200.0));
             let (x, y) = (ox + j as i32 * cell, oy + i as i32 * cell);
-            root.draw(&Rectangle::new(
-                [(x, y), (x + cell, y + cell)],
-                RGBColor(shade, shade, 255).filled(),
-            ))
-            .map_err(err)?;
+            root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], fill.filled()))
+                .map_err(err)?;
             root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], BLACK.stroke_width(1)))
                 .map_err(err)?;
-            root.draw(&text(&v.to_string(), x + 8, y + cell / 2 - 8, 16))
-                .map_err(err)?;
+            let colour = if frac > 0.5 { WHITE } else { BLACK };
+            let label = Text::new(
+                v.to_string(),
+                (x + 8, y + cell / 2 - 8),
+                ("sans-serif", 16).into_font().color(&colour),
+            );
+            root.draw(&label).map_err(err)?;
         }
     }
     root.draw(&text("rows: true class", 6, oy + n as i32 * cell + 10, 14))
