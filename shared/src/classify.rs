@@ -41,12 +41,21 @@ impl Classifier {
                 bundle.manifest.classes.len()
             )));
         }
-        Ok(Classifier {
-            model: CompactModel::from_bundle(bundle, device)?,
-            pre: bundle.manifest.preprocess.clone(),
-            model_version: bundle.manifest.model_version,
+        Ok(Self::new(
+            CompactModel::from_bundle(bundle, device)?,
+            bundle.manifest.preprocess.clone(),
+            bundle.manifest.model_version,
+        ))
+    }
+
+    /// A classifier around a model that is already loaded (e.g. one being exported).
+    pub fn new(model: CompactModel, pre: Preprocess, model_version: u64) -> Self {
+        Classifier {
+            model,
+            pre,
+            model_version,
             min_confidence: 0.0,
-        })
+        }
     }
 
     /// Sets the review threshold.

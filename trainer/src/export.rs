@@ -84,16 +84,7 @@ pub fn export(o: &ExportOptions) -> Result<Manifest> {
         metrics: serde_json::Value::Null,
         parts: Default::default(),
     };
-    // A provisional unsigned-key classifier for measuring and for the self-test outputs.
-    let provisional_key = SigningKey::from_bytes(&[0u8; 32]);
-    let provisional = BundleBuilder::new(manifest.clone())
-        .part(WEIGHTS_PART, weights_bytes.clone())?
-        .finish(&provisional_key)?;
-    let classifier = Classifier::from_bundle(
-        &Bundle::from_bytes(&provisional, &[provisional_key.verifying_key()])?,
-        &device,
-    )?;
-    drop(model);
+    let classifier = Classifier::new(model, pre.clone(), o.model_version);
 
     let mut selftest_images: Vec<(String, Vec<u8>)> = Vec::new();
     if let Some(val) = o.val {
