@@ -14,7 +14,7 @@ VERSION="${MODEL_VERSION:-1}"
 
 scripts/fetch-weights.sh >/dev/null
 cargo build -p trainer
-TRAINER=target/debug/trainer
+TRAINER="${CARGO_TARGET_DIR:-target}/debug/trainer"
 if [ ! -f "$KEY" ]; then
   mkdir -p "$(dirname "$KEY")"
   "$TRAINER" keygen --out "$KEY"
