@@ -18,17 +18,7 @@ pub static DEFAULT_KEY: &str = include_str!("../keys/default.pub");
 
 /// Keys this appliance trusts: the given PEM files, or the default key.
 pub fn trusted_keys(paths: &[PathBuf]) -> Result<Vec<VerifyingKey>> {
-    if paths.is_empty() {
-        return Ok(vec![keys::parse_public(DEFAULT_KEY)?]);
-    }
-    paths
-        .iter()
-        .map(|p| {
-            Ok(keys::parse_public(
-                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-            )?)
-        })
-        .collect()
+    keys::trusted(paths, DEFAULT_KEY).context("loading trusted keys")
 }
 
 /// Opens and verifies a bundle file, or the embedded default when `path` is `None`.

@@ -461,6 +461,20 @@ pub mod keys {
             .map_err(|e| BundleError::BadManifest(format!("{}: not an ed25519 private key: {e}", path.display())))
     }
 
+    /// The keys in the given SPKI PEM files, or `default_pem` alone when no file is given.
+    pub fn trusted(paths: &[std::path::PathBuf], default_pem: &str) -> Result<Vec<VerifyingKey>, BundleError> {
+        if paths.is_empty() {
+            return Ok(vec![parse_public(default_pem)?]);
+        }
+        paths
+            .iter()
+            .map(|p| {
+                let pem = std::fs::read_to_string(p)?;
+                parse_public(&pem).map_err(|e| BundleError::BadManifest(format!("{}: {e}", p.display())))
+            })
+            .collect()
+    }
+
     /// Parses a SPKI PEM public key.
     pub fn parse_public(pem: &str) -> Result<VerifyingKey, BundleError> {
         VerifyingKey::from_public_key_pem(pem)

@@ -116,19 +116,7 @@ enum Cmd {
 }
 
 fn trusted(paths: &[PathBuf]) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
-    if paths.is_empty() {
-        return Ok(vec![keys::parse_public(include_str!(
-            "../../appliance/keys/default.pub"
-        ))?]);
-    }
-    paths
-        .iter()
-        .map(|p| {
-            Ok(keys::parse_public(
-                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-            )?)
-        })
-        .collect()
+    keys::trusted(paths, include_str!("../../appliance/keys/default.pub")).context("loading trusted keys")
 }
 
 fn main() -> Result<()> {
