@@ -212,7 +212,9 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
             .text
             .push_str(&format!("\nAttribute accuracy: {:.4} over {n} attribute labels\n", acc));
     }
-    if let Some(dir) = &opts.minilm {
+    // Load the 90 MB embedder only when some cell has a reference description to compare with.
+    let has_references = samples.iter().any(|s| reference_description(s).is_some());
+    if let Some(dir) = opts.minilm.as_ref().filter(|_| has_references) {
         let embedder = MiniLm::load(dir, &burn::tensor::Device::flex())?;
         let mut sims = Vec::new();
         for (s, p) in samples.iter().zip(&preds) {
