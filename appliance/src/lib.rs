@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use wbc_shared::bundle::{Bundle, keys};
 use wbc_shared::classify::Classifier;
 use wbc_shared::image::{DecodeLimits, load_rgb};
-use wbc_shared::messages::CellResult;
+use wbc_shared::messages::{CellResult, ReviewReason};
 
 /// The default model bundle, built by `trainer export` from `../shared/data/wbc/train.csv`.
 pub static DEFAULT_BUNDLE: &[u8] = include_bytes!("../models/default.bundle");
@@ -45,6 +45,12 @@ pub struct CellJson {
     pub description: String,
     /// Predicted morphology attributes.
     pub attributes: BTreeMap<String, String>,
+    /// Why the cell is Unidentified (`low_confidence`, `unfamiliar`, `no_cell`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub review_reason: Option<ReviewReason>,
+    /// How much the cell looks like the training cells (0..1), where the model measures it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub familiarity: Option<f32>,
 }
 
 /// One input image in the JSON output.
@@ -66,6 +72,8 @@ impl CellJson {
             confidence: r.confidence,
             description: r.description.clone(),
             attributes: r.attributes.clone(),
+            review_reason: r.review_reason.filter(|_| r.class.is_none()),
+            familiarity: r.familiarity,
         }
     }
 }

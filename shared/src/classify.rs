@@ -2,11 +2,12 @@
 //! the trainer's evaluation and by the appliance alike.
 
 use crate::bundle::{Bundle, Family};
+use crate::calibrate::{CALIBRATION_PART, Calibration, KnnBank, OOD_BANK_PART};
 use crate::classes::NUM_CLASSES;
 use crate::compact::{CompactModel, ModelError, Prediction};
 use crate::describe::describe;
 use crate::image::Preprocess;
-use crate::messages::CellResult;
+use crate::messages::{CellResult, ReviewReason};
 use burn::tensor::Device;
 use image::RgbImage;
 
@@ -18,6 +19,8 @@ const BATCH: usize = 32;
 pub struct Classifier {
     model: CompactModel,
     pre: Preprocess,
+    calibration: Calibration,
+    knn: Option<KnnBank>,
     /// Model version from the bundle manifest.
     pub model_version: u64,
     /// Below this top probability a cell is reported as Unidentified.
@@ -41,11 +44,46 @@ impl Classifier {
                 bundle.manifest.classes.len()
             )));
         }
-        Ok(Self::new(
+        let classifier = Self::new(
             CompactModel::from_bundle(bundle, device)?,
             bundle.manifest.preprocess.clone(),
             bundle.manifest.model_version,
-        ))
+        );
+        // Bundles made before calibration existed have neither part.
+        if !bundle.manifest.parts.contains_key(CALIBRATION_PART) {
+            return Ok(classifier);
+        }
+        let cal: Calibration = serde_json::from_slice(bundle.part(CALIBRATION_PART)?)
+            .map_err(|e| ModelError::Config(format!("{CALIBRATION_PART}: {e}")))?;
+        let knn = match &cal.ood {
+            Some(o) => {
+                let (features, labels) = KnnBank::from_safetensors(bundle.part(OOD_BANK_PART)?)
+                    .map_err(|e| ModelError::Config(e.to_string()))?;
+                Some(KnnBank::new(features, labels, o.k, device).map_err(|e| ModelError::Config(e.to_string()))?)
+            }
+            None => None,
+        };
+        classifier
+            .with_calibration(cal, knn)
+            .map_err(|e| ModelError::Config(e.to_string()))
+    }
+
+    /// Applies a temperature and, with `ood` in the calibration, a familiarity bank.
+    pub fn with_calibration(mut self, cal: Calibration, knn: Option<KnnBank>) -> Result<Self, String> {
+        if !(cal.temperature.is_finite() && cal.temperature > 0.0) {
+            return Err(format!("temperature {} is not a positive number", cal.temperature));
+        }
+        if cal.ood.is_some() != knn.is_some() {
+            return Err("a familiarity threshold needs its feature bank and vice versa".into());
+        }
+        self.calibration = cal;
+        self.knn = knn;
+        Ok(self)
+    }
+
+    /// Calibration in use.
+    pub fn calibration(&self) -> &Calibration {
+        &self.calibration
     }
 
     /// A classifier around a model that is already loaded (e.g. one being exported).
@@ -53,6 +91,8 @@ impl Classifier {
         Classifier {
             model,
             pre,
+            calibration: Calibration::default(),
+            knn: None,
             model_version,
             min_confidence: 0.0,
         }
@@ -75,10 +115,27 @@ impl Classifier {
         let mut out = Vec::with_capacity(images.len());
         for chunk in images.chunks(BATCH) {
             let mut buf = Vec::with_capacity(chunk.len() * 3 * s * s);
+            let mut found = Vec::with_capacity(chunk.len());
             for img in chunk {
-                self.pre.normalise_into(&self.pre.to_square(img), &mut buf);
+                let (view, cell) = self.pre.prepare(img, None);
+                self.pre.normalise_into(&view, &mut buf);
+                found.push(cell.map(|c| c.found));
             }
-            out.extend(self.model.predict(buf, chunk.len(), s));
+            let mut preds = self.model.predict(buf, chunk.len(), s);
+            let t = self.calibration.temperature;
+            let scores = self.knn.as_ref().map(|k| {
+                let f: Vec<f32> = preds.iter().flat_map(|p| p.features.iter().copied()).collect();
+                k.scores(&f)
+            });
+            for (i, p) in preds.iter_mut().enumerate() {
+                if t != 1.0 {
+                    p.probs = crate::compact::softmax_t(&p.logits, t);
+                }
+                p.ood_score = scores.as_ref().map(|s| s[i].score);
+                p.neighbour_class = scores.as_ref().map(|s| s[i].vote);
+                p.cell_found = found[i];
+            }
+            out.extend(preds);
         }
         out
     }
@@ -112,7 +169,36 @@ impl Classifier {
             self.min_confidence,
             self.model_version,
         );
-        if r.class.is_none() {
+        r.familiarity = p.ood_score.map(|s| 1.0 - s);
+        let unfamiliar = match (p.ood_score, &self.calibration.ood) {
+            (Some(s), Some(o)) => s > o.threshold,
+            _ => false,
+        };
+        let disagrees = match (p.neighbour_class, &self.calibration.ood) {
+            (Some(v), Some(o)) => o.require_agreement && v != best,
+            _ => false,
+        };
+        if p.cell_found == Some(false) {
+            r.class = None;
+            r.review_reason = Some(ReviewReason::NoCell);
+            r.description = "Unidentified: no stained white cell was found in the image; left for review.".into();
+        } else if unfamiliar {
+            r.class = None;
+            r.review_reason = Some(ReviewReason::Unfamiliar);
+            r.description = format!(
+                "Unidentified: this cell does not look like the cells the model was trained on; left for review. Closest: {}",
+                r.description
+            );
+        } else if disagrees {
+            r.class = None;
+            r.review_reason = Some(ReviewReason::NeighboursDisagree);
+            r.description = format!(
+                "Unidentified: the model says {} but the most similar training cells are {}; left for review.",
+                class.name(),
+                crate::classes::CellClass::ALL[p.neighbour_class.unwrap_or(best)].name()
+            );
+        } else if r.class.is_none() {
+            r.review_reason = Some(ReviewReason::LowConfidence);
             r.description = format!(
                 "Unidentified (confidence {:.2}); left for review. Closest: {}",
                 r.confidence, r.description

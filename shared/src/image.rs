@@ -3,6 +3,7 @@
 //! Every image comes from outside (camera, USB stick, upload) and is untrusted: the encoded size
 //! and the decoded dimensions are bounded before any pixel buffer is allocated.
 
+use crate::cellnorm::{CellNorm, NormalisedCell};
 use image::{DynamicImage, ImageReader, Limits, RgbImage, imageops::FilterType};
 use serde::{Deserialize, Serialize};
 use std::io::Cursor;
@@ -120,6 +121,10 @@ pub struct Preprocess {
     pub mean: [f32; 3],
     /// Per-channel standard deviation (RGB, on the 0..1 scale).
     pub std: [f32; 3],
+    /// Cell normalisation (find, centre, scale, stain-normalise the cell). Bundles made before
+    /// it existed have none and get a plain centre crop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell: Option<CellNorm>,
 }
 
 impl Preprocess {
@@ -129,6 +134,33 @@ impl Preprocess {
             input_size,
             mean: [0.485, 0.456, 0.406],
             std: [0.229, 0.224, 0.225],
+            cell: None,
+        }
+    }
+
+    /// ImageNet statistics with cell normalisation at `cell.output_size`.
+    pub fn with_cell(cell: CellNorm) -> Self {
+        Preprocess {
+            cell: Some(cell.clone()),
+            ..Self::imagenet(cell.output_size)
+        }
+    }
+
+    /// The model's view of a cell image: normalised when the preprocessing has a cell step
+    /// (`hint`: where the cell should be, input pixels; the centre when `None`), otherwise
+    /// centre-cropped and resized. Returns the measurements where normalisation ran.
+    pub fn prepare(&self, img: &RgbImage, hint: Option<[f32; 2]>) -> (RgbImage, Option<NormalisedCell>) {
+        match &self.cell {
+            Some(norm) => {
+                let mut n = norm.apply(img, hint);
+                let view = if n.image.width() == self.input_size {
+                    std::mem::take(&mut n.image)
+                } else {
+                    self.to_square(&n.image)
+                };
+                (view, Some(n))
+            }
+            None => (self.to_square(img), None),
         }
     }
 
@@ -172,10 +204,10 @@ impl Preprocess {
         }
     }
 
-    /// Square, resize and normalise: the model input for one cell image, CHW.
+    /// Prepare ([`Preprocess::prepare`]) and normalise: the model input for one cell image, CHW.
     pub fn tensor_data(&self, img: &RgbImage) -> Vec<f32> {
         let mut out = Vec::with_capacity(3 * (self.input_size as usize).pow(2));
-        self.normalise_into(&self.to_square(img), &mut out);
+        self.normalise_into(&self.prepare(img, None).0, &mut out);
         out
     }
 }
@@ -199,6 +231,7 @@ mod tests {
             input_size: 4,
             mean: [0.0, 0.0, 0.5],
             std: [1.0, 1.0, 0.5],
+            cell: None,
         };
         let t = p.tensor_data(&img);
         assert_eq!(t.len(), 48);

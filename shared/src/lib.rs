@@ -5,6 +5,8 @@
 
 pub mod attributes;
 pub mod bundle;
+pub mod calibrate;
+pub mod cellnorm;
 pub mod classes;
 pub mod classify;
 pub mod compact;
@@ -14,6 +16,7 @@ pub mod image;
 pub mod messages;
 pub mod metrics;
 pub mod quant;
+pub mod voc;
 
 pub use attributes::{ATTRIBUTES, AttributeSet};
 pub use classes::{CellClass, NUM_CLASSES};

@@ -32,6 +32,27 @@ pub struct CellResult {
     pub bbox: Option<[u32; 4]>,
     /// Version of the model that produced the result.
     pub model_version: u64,
+    /// Why the cell was left for review (set when `class` is `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review_reason: Option<ReviewReason>,
+    /// How much the cell looks like the training cells, 0..1 (cosine to the k-th nearest
+    /// training cell), where the model measures it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub familiarity: Option<f32>,
+}
+
+/// Why a cell is Unidentified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReviewReason {
+    /// The top probability is below the review threshold.
+    LowConfidence,
+    /// The cell does not look like the training data (out of distribution).
+    Unfamiliar,
+    /// The model's class differs from the class of the most similar training cells.
+    NeighboursDisagree,
+    /// No stained cell was found in the image.
+    NoCell,
 }
 
 impl CellResult {
@@ -62,6 +83,8 @@ impl CellResult {
             description,
             bbox: None,
             model_version,
+            review_reason: (conf < min_confidence).then_some(ReviewReason::LowConfidence),
+            familiarity: None,
         }
     }
 

@@ -274,12 +274,20 @@ pub fn render_tables(names: &[&str], report: &Report, boot: &[BootstrapClass], c
         );
     }
     let _ = writeln!(s, "\nConfusion matrix (rows: true, columns: predicted)");
+    s.push_str(&render_matrix(names, &cm.counts));
+    s
+}
+
+/// A confusion matrix as aligned text (rows true, columns predicted; names cut to 8 chars).
+pub fn render_matrix(names: &[&str], counts: &[Vec<u64>]) -> String {
+    let w = names.iter().map(|n| n.len()).max().unwrap_or(0).max(12);
+    let mut s = String::new();
     let _ = write!(s, "{:<w$}", "");
     for n in names {
         let _ = write!(s, " {:>8}", &n[..n.len().min(8)]);
     }
     let _ = writeln!(s);
-    for (name, row) in names.iter().zip(&cm.counts) {
+    for (name, row) in names.iter().zip(counts) {
         let _ = write!(s, "{:<w$}", name);
         for v in row {
             let _ = write!(s, " {:>8}", v);

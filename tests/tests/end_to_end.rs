@@ -45,6 +45,12 @@ fn dataset(dir: &Path) {
     let mut train = csv.clone();
     train.push_str("broken.jpg,2,Lymphocyte,pbc,,,,,,,,,,,\n");
     std::fs::write(dir.join("train.csv"), train).unwrap();
+    // An unlabelled "other site" list: no label column.
+    std::fs::write(
+        dir.join("unlabelled.csv"),
+        "path,source\nMYO_0024.jpg,elsewhere\nBA_120688.jpg,elsewhere\nLY_106354.jpg,elsewhere\n",
+    )
+    .unwrap();
 }
 
 #[test]
@@ -78,17 +84,30 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
 
     let key = keys::generate();
     let bundle_path = tmp.path().join("model.bundle");
+    let pth = backbone_pth();
     let manifest = export(&ExportOptions {
-        run: &run,
-        backbone_pth: &backbone_pth(),
-        key: &key,
-        out: &bundle_path,
         val: Some(&data.join("val.csv")),
-        model_version: 7,
+        train: Some(&data.join("train.csv")),
+        bank_per_class: 2,
+        knn_k: 1,
+        other_sites: vec![("unlabelled".into(), &data.join("unlabelled.csv"))],
+        ..ExportOptions::new(&run, &pth, &key, &bundle_path, 7)
     })
     .unwrap();
     assert_eq!(manifest.model_version, 7);
     assert_eq!(manifest.metrics["evaluated"], 7);
+    let t = manifest.metrics["calibration"]["temperature"].as_f64().unwrap();
+    assert!(t > 0.0 && t.is_finite(), "temperature {t}");
+    assert!(manifest.metrics["calibration"]["ood_threshold"].is_number());
+    let other = &manifest.metrics["other_sites"][0];
+    assert_eq!(other["set"], "unlabelled");
+    assert_eq!(other["evaluated"], 3);
+    let (blast, unid) = (
+        other["blast_fraction"].as_f64().unwrap(),
+        other["unidentified_fraction"].as_f64().unwrap(),
+    );
+    assert!((0.0..=1.0).contains(&blast) && (0.0..=1.0).contains(&unid));
+    assert!(manifest.preprocess.cell.is_some(), "trained with cell normalisation");
 
     let bundle = Bundle::open(&bundle_path, &[key.verifying_key()]).unwrap();
     let device = burn::tensor::Device::flex();
@@ -100,6 +119,15 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
     assert!((total - 1.0).abs() < 1e-4);
     assert_eq!(r.model_version, 7);
     assert!(!r.description.is_empty());
+    let ood = classifier.calibration().ood.clone().expect("familiarity model in the bundle");
+    assert_eq!(ood.bank_size, 12, "two training cells per class");
+    let fam = r.familiarity.expect("familiarity reported");
+    assert!((-1.0..=1.0).contains(&fam), "{fam}");
+    // A blank picture has no cell: it is left for review, not forced into a class.
+    let blank = image::RgbImage::from_pixel(200, 200, image::Rgb([235, 230, 228]));
+    let r = classifier.classify(&[blank]).remove(0);
+    assert_eq!(r.class, None);
+    assert_eq!(r.review_reason, Some(wbc_shared::messages::ReviewReason::NoCell));
 
     let report = evaluate_classifier(
         &classifier,

@@ -1,7 +1,11 @@
-//! Training augmentation: the geometric symmetries of a cell on a slide (flips, 90° turns) and
-//! colour jitter, because stains and lamps differ between sites.
+//! Training augmentation: the geometric symmetries of a cell on a slide (flips, 90° turns),
+//! colour jitter (stains and lamps differ between sites) and the ways cameras lose detail
+//! (defocus blur, resolution, JPEG, sensor noise). It is applied to the raw image, before the
+//! cell normalisation, so that the model learns from what the normalisation makes of a
+//! perturbed picture.
 
 use image::RgbImage;
+use image::imageops::FilterType;
 use rand::Rng;
 
 /// Augmentation strengths.
@@ -15,6 +19,14 @@ pub struct Augment {
     pub saturation: f32,
     /// Hue rotation range ±, in turns (1.0 = 360°).
     pub hue: f32,
+    /// Probability and largest σ (pixels) of a Gaussian defocus blur.
+    pub blur: (f64, f32),
+    /// Probability and smallest factor of a down-and-up resampling (lost resolution).
+    pub downscale: (f64, f32),
+    /// Probability and largest σ (0..255 scale) of Gaussian sensor noise.
+    pub noise: (f64, f32),
+    /// Probability and lowest quality of a JPEG round trip.
+    pub jpeg: (f64, u8),
 }
 
 impl Default for Augment {
@@ -24,11 +36,29 @@ impl Default for Augment {
             contrast: 0.2,
             saturation: 0.25,
             hue: 0.04,
+            blur: (0.0, 0.0),
+            downscale: (0.0, 1.0),
+            noise: (0.0, 0.0),
+            jpeg: (0.0, 100),
         }
     }
 }
 
 impl Augment {
+    /// Strong stain and optics augmentation, for cross-site robustness.
+    pub fn strong() -> Self {
+        Augment {
+            brightness: 0.25,
+            contrast: 0.3,
+            saturation: 0.4,
+            hue: 0.08,
+            blur: (0.5, 2.5),
+            downscale: (0.3, 0.4),
+            noise: (0.3, 8.0),
+            jpeg: (0.4, 30),
+        }
+    }
+
     /// A randomly flipped, turned and colour-jittered copy of `img`.
     pub fn apply(&self, img: &RgbImage, rng: &mut impl Rng) -> RgbImage {
         let mut out = match rng.gen_range(0..4) {
@@ -45,8 +75,52 @@ impl Augment {
         let s = 1.0 + rng.gen_range(-self.saturation..=self.saturation);
         let h = rng.gen_range(-self.hue..=self.hue) * std::f32::consts::TAU;
         jitter(&mut out, b, c, s, h);
+        if rng.gen_bool(self.downscale.0) {
+            let f = rng.gen_range(self.downscale.1..=1.0);
+            let (w, hgt) = out.dimensions();
+            let small = image::imageops::resize(
+                &out,
+                ((w as f32 * f) as u32).max(8),
+                ((hgt as f32 * f) as u32).max(8),
+                FilterType::Triangle,
+            );
+            out = image::imageops::resize(&small, w, hgt, FilterType::Triangle);
+        }
+        if rng.gen_bool(self.blur.0) {
+            out = image::imageops::blur(&out, rng.gen_range(0.3..=self.blur.1.max(0.31)));
+        }
+        if rng.gen_bool(self.noise.0) {
+            let sigma = rng.gen_range(0.0..=self.noise.1);
+            for p in out.pixels_mut() {
+                for c in 0..3 {
+                    // Box-Muller: one standard normal from two uniforms.
+                    let (u1, u2): (f32, f32) = (rng.gen_range(f32::EPSILON..1.0), rng.r#gen());
+                    let z = (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos();
+                    p[c] = (p[c] as f32 + sigma * z).round().clamp(0.0, 255.0) as u8;
+                }
+            }
+        }
+        if rng.gen_bool(self.jpeg.0) {
+            let q = rng.gen_range(self.jpeg.1.min(100)..=100);
+            out = jpeg_round_trip(&out, q);
+        }
         out
     }
+}
+
+/// Encodes and decodes an image as JPEG at a quality (1..=100).
+pub fn jpeg_round_trip(img: &RgbImage, quality: u8) -> RgbImage {
+    let mut buf = Vec::new();
+    let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, quality.clamp(1, 100));
+    if enc.encode_image(img).is_err() {
+        return img.clone();
+    }
+    image::load_from_memory_with_format(&buf, image::ImageFormat::Jpeg)
+        .map(|d| d.to_rgb8())
+        .unwrap_or_else(|_| img.clone())
+}
+
+impl Augment {
 }
 
 /// Applies brightness, contrast (around the image's mean grey), saturation and a hue rotation
@@ -102,5 +176,22 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let src = RgbImage::from_pixel(10, 10, image::Rgb([1, 2, 3]));
         assert_eq!(Augment::default().apply(&src, &mut rng).dimensions(), (10, 10));
+        for _ in 0..20 {
+            assert_eq!(Augment::strong().apply(&src, &mut rng).dimensions(), (10, 10));
+        }
+    }
+
+    #[test]
+    fn jpeg_round_trip_keeps_size_and_roughly_the_pixels() {
+        let img = RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, 128]));
+        let j = jpeg_round_trip(&img, 40);
+        assert_eq!(j.dimensions(), (32, 32));
+        let diff: f64 = img
+            .pixels()
+            .zip(j.pixels())
+            .map(|(a, b)| (a[0] as f64 - b[0] as f64).abs())
+            .sum::<f64>()
+            / 1024.0;
+        assert!(diff > 0.0 && diff < 20.0, "mean difference {diff}");
     }
 }

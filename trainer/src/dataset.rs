@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use wbc_shared::attributes::{ATTRIBUTES, AttributeSet, NUM_ATTRIBUTES};
 use wbc_shared::classes::CellClass;
-use wbc_shared::image::{DecodeLimits, Preprocess, load_rgb};
+use wbc_shared::image::{DecodeLimits, load_rgb};
 
 /// One labelled (or unlabelled) cell image.
 #[derive(Debug, Clone)]
@@ -141,13 +141,9 @@ pub fn read_split(data: &Path) -> Result<(Vec<Sample>, Vec<Sample>)> {
     )
 }
 
-/// Decodes every sample's image at the model's input size, on all cores. Bad images are
-/// returned as [`Rejected`], not errors.
-pub fn load_images(
-    samples: Vec<Sample>,
-    pre: &Preprocess,
-    limits: &DecodeLimits,
-) -> (Vec<(Sample, RgbImage)>, Vec<Rejected>) {
+/// Decodes every sample's image as it is (the model's preprocessing comes later), on all
+/// cores. Bad images are returned as [`Rejected`], not errors.
+pub fn load_images(samples: Vec<Sample>, limits: &DecodeLimits) -> (Vec<(Sample, RgbImage)>, Vec<Rejected>) {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let chunk = samples.len().div_ceil(threads).max(1);
     let results: Vec<Result<(Sample, RgbImage), Rejected>> = std::thread::scope(|s| {
@@ -157,7 +153,7 @@ pub fn load_images(
                 s.spawn(move || {
                     part.iter()
                         .map(|smp| match load_rgb(&smp.path, limits) {
-                            Ok(img) => Ok((smp.clone(), pre.to_square(&img))),
+                            Ok(img) => Ok((smp.clone(), img)),
                             Err(e) => Err(Rejected {
                                 path: smp.path.clone(),
                                 reason: e.to_string(),
@@ -181,6 +177,86 @@ pub fn load_images(
         }
     }
     (ok, bad)
+}
+
+/// Cuts every `WBC` box of a VOC field folder (`images/`, `annotations/`) into a square cell
+/// image (3 × the box's longer side, centred on the box, so that the cell normalisation sees
+/// the red cells around it as it would in the whole field; padded with the field's mean colour
+/// beyond its edges, since a mirror would duplicate a cell cut by the edge)
+/// and writes them with an unlabelled `cells.csv` (`path,source,field,box`).
+/// Returns the number of cells written. An unreadable field is reported and skipped.
+pub fn crop_fields(fields: &Path, out: &Path, source: &str) -> Result<usize> {
+    let ann = wbc_shared::voc::read_dir(&fields.join("annotations"))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut csv = String::from("path,source,field,x0,y0,x1,y1\n");
+    let mut n = 0;
+    for (_, v) in ann {
+        let img_path = fields.join("images").join(&v.filename);
+        let img = match load_rgb(&img_path, &DecodeLimits::default()) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(path = %img_path.display(), error = %e, "skipping field");
+                continue;
+            }
+        };
+        let n_px = (img.width() as f64 * img.height() as f64).max(1.0);
+        let mut sum = [0f64; 3];
+        for p in img.pixels() {
+            for c in 0..3 {
+                sum[c] += p[c] as f64;
+            }
+        }
+        let pad = image::Rgb(sum.map(|v| (v / n_px).round() as u8));
+        let stem = Path::new(&v.filename).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        for (k, o) in v.objects.iter().filter(|o| o.name == "WBC").enumerate() {
+            let [x0, y0, x1, y1] = o.bbox;
+            let side = 3.0 * (x1 - x0).max(y1 - y0);
+            let crop = wbc_shared::cellnorm::crop_square(
+                &img,
+                [(x0 + x1) / 2.0, (y0 + y1) / 2.0],
+                side,
+                side.round().max(1.0) as u32,
+                Some(pad),
+            );
+            let name = format!("{stem}_wbc{k}.png");
+            crop.save(out.join(&name)).with_context(|| format!("writing {name}"))?;
+            csv.push_str(&format!("{name},{source},{},{x0},{y0},{x1},{y1}\n", v.filename));
+            n += 1;
+        }
+    }
+    std::fs::write(out.join("cells.csv"), csv)?;
+    Ok(n)
+}
+
+/// Writes the normalised view of every image of a sample list, and `normalised.csv` with what
+/// was measured (found, cell diameter and nucleus extent in input pixels, cut by the edge).
+/// Returns (cells found, images read).
+pub fn write_normalised(list: &Path, out: &Path, norm: &wbc_shared::cellnorm::CellNorm) -> Result<(usize, usize)> {
+    let samples = read_samples(list)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let (loaded, rejected) = load_images(samples, &DecodeLimits::default());
+    for r in &rejected {
+        tracing::warn!(path = %r.path.display(), reason = %r.reason, "skipping image");
+    }
+    let mut csv = String::from("path,label,source,found,diameter_px,nucleus_px,touches_edge\n");
+    let mut found = 0;
+    for (i, (s, img)) in loaded.iter().enumerate() {
+        let n = norm.apply(img, None);
+        found += usize::from(n.found);
+        let name = format!("{i:05}.png");
+        n.image.save(out.join(&name))?;
+        csv.push_str(&format!(
+            "{name},{},{},{},{:.1},{:.1},{}\n",
+            s.label.map(|l| l.name()).unwrap_or(""),
+            s.source,
+            n.found,
+            n.diameter_px,
+            n.nucleus_px,
+            n.touches_edge
+        ));
+    }
+    std::fs::write(out.join("normalised.csv"), csv)?;
+    Ok((found, loaded.len()))
 }
 
 /// Count of samples per class label.
@@ -259,11 +335,10 @@ mod tests {
         };
         let (ok, bad) = load_images(
             vec![mk("ok.png"), mk("corrupt.jpg"), mk("missing.png")],
-            &Preprocess::imagenet(16),
             &DecodeLimits::default(),
         );
         assert_eq!(ok.len(), 1);
-        assert_eq!(ok[0].1.dimensions(), (16, 16));
+        assert_eq!(ok[0].1.dimensions(), (30, 20));
         assert_eq!(bad.len(), 2);
         assert!(
             bad.iter()

@@ -11,7 +11,9 @@ use wbc_shared::classify::Classifier;
 use wbc_shared::describe::describe;
 use wbc_shared::embed::MiniLm;
 use wbc_shared::image::DecodeLimits;
-use wbc_shared::metrics::{BootstrapClass, ConfusionMatrix, MeanSd, Report, bootstrap, render_tables};
+use wbc_shared::metrics::{BootstrapClass, ConfusionMatrix, MeanSd, Report, bootstrap, render_matrix, render_tables};
+
+const UNIDENTIFIED: &str = "Unidentified";
 
 /// Evaluation settings.
 #[derive(Debug, Clone)]
@@ -75,6 +77,20 @@ pub struct EvalReport {
     pub predicted_distribution: BTreeMap<String, f64>,
     /// Cosine similarity of generated and reference descriptions.
     pub description_similarity: Option<MeanSd>,
+    /// What the classifier reports once review rules apply (familiarity, confidence, no cell):
+    /// the fraction of cells reported as each class or as Unidentified.
+    pub called_distribution: BTreeMap<String, f64>,
+    /// Fraction of cells set aside as Unidentified, by reason.
+    pub unidentified_by_reason: BTreeMap<String, f64>,
+    /// Labelled sets: recall of each class counting Unidentified as a miss.
+    pub recall_with_review: BTreeMap<String, f64>,
+    /// Labelled sets: accuracy over the cells not set aside.
+    pub accuracy_accepted: Option<f64>,
+    /// Labelled sets: macro F1 of what is reported, Unidentified counting as a miss of the true
+    /// class (recall) but not as a wrong call of any class (precision).
+    pub macro_f1_with_review: Option<f64>,
+    /// Labelled sets: expected calibration error of the top probability (15 bins).
+    pub ece: Option<f64>,
     #[serde(skip)]
     text: String,
 }
@@ -91,6 +107,25 @@ impl EvalReport {
             "per_class": self.per_class,
             "attribute_accuracy": self.attribute_accuracy,
             "confusion_matrix": self.confusion_matrix,
+            "ece": self.ece,
+            "called_distribution": self.called_distribution,
+            "unidentified_by_reason": self.unidentified_by_reason,
+            "recall_with_review": self.recall_with_review,
+            "accuracy_accepted": self.accuracy_accepted,
+            "macro_f1_with_review": self.macro_f1_with_review,
+        })
+    }
+
+    /// The figures recorded in a bundle manifest for an unlabelled other-site set.
+    pub fn other_site_summary(&self, name: &str) -> serde_json::Value {
+        serde_json::json!({
+            "set": name,
+            "evaluated": self.evaluated,
+            "blast_fraction": self.called_distribution.get(CellClass::Blast.name()).copied().unwrap_or(0.0),
+            "unidentified_fraction": self.called_distribution.get(UNIDENTIFIED).copied().unwrap_or(0.0),
+            "called_distribution": self.called_distribution,
+            "unidentified_by_reason": self.unidentified_by_reason,
+            "argmax_distribution": self.predicted_distribution,
         })
     }
 
@@ -98,6 +133,23 @@ impl EvalReport {
     pub fn text(&self) -> &str {
         &self.text
     }
+}
+
+/// Macro F1 over the classes when some cells are not called (`None`): those count against
+/// their true class's recall only.
+pub fn macro_f1_with_review(truth: &[usize], called: &[Option<usize>]) -> f64 {
+    let mut f1s = Vec::new();
+    for c in 0..NUM_CLASSES {
+        let support = truth.iter().filter(|&&t| t == c).count();
+        if support == 0 {
+            continue;
+        }
+        let calls = called.iter().filter(|&&p| p == Some(c)).count();
+        let tp = truth.iter().zip(called).filter(|&(&t, &p)| t == c && p == Some(c)).count();
+        let (p, r) = (tp as f64 / calls.max(1) as f64, tp as f64 / support as f64);
+        f1s.push(if p + r > 0.0 { 2.0 * p * r / (p + r) } else { 0.0 });
+    }
+    f1s.iter().sum::<f64>() / f1s.len().max(1) as f64
 }
 
 /// The reference description of a sample: its own text, or one rendered from its true label and
@@ -113,7 +165,7 @@ fn reference_description(s: &Sample) -> Option<String> {
 /// Evaluates a classifier on a CSV (or class-folder) set.
 pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptions) -> Result<EvalReport> {
     let samples = read_samples(csv)?;
-    let (loaded, rejected) = load_images(samples, classifier.preprocess(), &DecodeLimits::default());
+    let (loaded, rejected) = load_images(samples, &DecodeLimits::default());
     if loaded.is_empty() {
         bail!("{}: no readable images", csv.display());
     }
@@ -135,6 +187,17 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
         let n = predicted.iter().filter(|&&p| p == c.index()).count();
         dist.insert(c.name().to_string(), n as f64 / predicted.len() as f64);
     }
+    let results: Vec<_> = preds.iter().map(|p| classifier.result(p)).collect();
+    let n_all = results.len() as f64;
+    let mut called = BTreeMap::new();
+    let mut reasons = BTreeMap::new();
+    for r in &results {
+        *called.entry(r.class_name().to_string()).or_insert(0.0) += 1.0 / n_all;
+        if let Some(why) = r.review_reason.filter(|_| r.class.is_none()) {
+            let key = serde_json::to_value(why)?.as_str().unwrap_or("other").to_string();
+            *reasons.entry(key).or_insert(0.0) += 1.0 / n_all;
+        }
+    }
     let names: Vec<&str> = CellClass::ALL.iter().map(|c| c.name()).collect();
     let labelled = samples.iter().all(|s| s.label.is_some());
     let mut report = EvalReport {
@@ -154,6 +217,12 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
         per_source: BTreeMap::new(),
         predicted_distribution: dist,
         description_similarity: None,
+        called_distribution: called,
+        unidentified_by_reason: reasons,
+        recall_with_review: BTreeMap::new(),
+        accuracy_accepted: None,
+        macro_f1_with_review: None,
+        ece: None,
         text: String::new(),
     };
     if labelled {
@@ -177,6 +246,26 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
             })
             .collect();
         report.confusion_matrix = Some(cm.counts.clone());
+        let probs: Vec<[f32; NUM_CLASSES]> = preds.iter().map(|p| p.probs).collect();
+        report.ece = Some(wbc_shared::calibrate::ece(&probs, &truth, 15));
+        let (mut ok, mut accepted) = (0usize, 0usize);
+        for c in CellClass::ALL {
+            let idx: Vec<usize> = (0..truth.len()).filter(|&i| truth[i] == c.index()).collect();
+            if idx.is_empty() {
+                continue;
+            }
+            let hit = idx.iter().filter(|&&i| results[i].class == Some(c)).count();
+            report.recall_with_review.insert(c.name().to_string(), hit as f64 / idx.len() as f64);
+        }
+        for (r, &t) in results.iter().zip(&truth) {
+            if let Some(c) = r.class {
+                accepted += 1;
+                ok += usize::from(c.index() == t);
+            }
+        }
+        report.accuracy_accepted = (accepted > 0).then(|| ok as f64 / accepted as f64);
+        let called: Vec<Option<usize>> = results.iter().map(|r| r.class.map(|c| c.index())).collect();
+        report.macro_f1_with_review = Some(macro_f1_with_review(&truth, &called));
         report.report = Some(r);
         report.bootstrap = boot;
         let mut by_source: BTreeMap<String, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
@@ -190,11 +279,34 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
                 .per_source
                 .insert(src, ConfusionMatrix::from_labels(NUM_CLASSES, &t, &p).counts);
         }
+        for (src, m) in &report.per_source {
+            report.text.push_str(&format!("\nConfusion matrix, source {src} (rows true, columns predicted):\n"));
+            report.text.push_str(&render_matrix(&names, m));
+        }
+        report.text.push_str(&format!(
+            "\nCalibration: ECE {:.4} (15 bins)\nWith review rules: macro F1 {:.4}, accuracy on accepted cells {:.4}; recall counting Unidentified as a miss: {}\n",
+            report.ece.unwrap_or(f64::NAN),
+            report.macro_f1_with_review.unwrap_or(f64::NAN),
+            report.accuracy_accepted.unwrap_or(f64::NAN),
+            report
+                .recall_with_review
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.4}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     } else {
-        report.text = format!("Unlabelled set: {} cells\nPredicted distribution:\n", samples.len());
+        report.text = format!("Unlabelled set: {} cells\nArgmax distribution:\n", samples.len());
         for (k, v) in &report.predicted_distribution {
             report.text.push_str(&format!("  {k:<12} {:6.2} %\n", v * 100.0));
         }
+    }
+    report.text.push_str("Reported (after review rules):\n");
+    for (k, v) in &report.called_distribution {
+        report.text.push_str(&format!("  {k:<12} {:6.2} %\n", v * 100.0));
+    }
+    for (k, v) in &report.unidentified_by_reason {
+        report.text.push_str(&format!("  Unidentified because {k}: {:6.2} %\n", v * 100.0));
     }
     let (mut ok, mut n) = (0usize, 0usize);
     for (s, p) in samples.iter().zip(&preds) {
@@ -242,4 +354,21 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unidentified_cells_cost_recall_not_precision() {
+        let truth = [0, 0, 1, 1];
+        assert!((macro_f1_with_review(&truth, &[Some(0), Some(0), Some(1), Some(1)]) - 1.0).abs() < 1e-12);
+        // One class-1 cell set aside: class 1 has precision 1, recall 0.5, F1 2/3.
+        let f = macro_f1_with_review(&truth, &[Some(0), Some(0), Some(1), None]);
+        assert!((f - (1.0 + 2.0 / 3.0) / 2.0).abs() < 1e-12, "{f}");
+        // A wrong call costs the called class's precision as well.
+        let f = macro_f1_with_review(&truth, &[Some(0), Some(1), Some(1), Some(1)]);
+        assert!(f < 0.9, "{f}");
+    }
 }

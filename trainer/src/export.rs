@@ -9,12 +9,15 @@ use ed25519_dalek::SigningKey;
 use std::io::Cursor;
 use std::path::Path;
 use wbc_shared::bundle::{Bundle, BundleBuilder, Family, Manifest};
+use wbc_shared::calibrate::{
+    CALIBRATION_PART, Calibration, KnnBank, OOD_BANK_PART, OodConfig, ece, fit_temperature, quantile,
+};
 use wbc_shared::classes::{CellClass, NUM_CLASSES};
 use wbc_shared::classify::{Classifier, SELFTEST_PART, SelfTest, SelfTestCase};
 use wbc_shared::compact::mobilenet::Backbone;
 use wbc_shared::compact::weights::Weights;
-use wbc_shared::compact::{CompactModel, WEIGHTS_PART};
-use wbc_shared::image::{DecodeLimits, Preprocess};
+use wbc_shared::compact::{CompactModel, WEIGHTS_PART, softmax_t};
+use wbc_shared::image::DecodeLimits;
 
 /// Export settings.
 pub struct ExportOptions<'a> {
@@ -30,6 +33,78 @@ pub struct ExportOptions<'a> {
     pub val: Option<&'a Path>,
     /// Model version to stamp.
     pub model_version: u64,
+    /// Training sample list: a stratified subset becomes the familiarity bank. Without it the
+    /// bundle has no out-of-distribution score.
+    pub train: Option<&'a Path>,
+    /// Training cells per class in the familiarity bank.
+    pub bank_per_class: usize,
+    /// Val quantile of the familiarity score above which cells are Unidentified.
+    pub ood_quantile: f64,
+    /// Neighbour whose similarity is the familiarity score (and neighbours that vote).
+    pub knn_k: usize,
+    /// Send cells whose class differs from their neighbours' vote to review.
+    pub require_agreement: bool,
+    /// Unlabelled other-site cell sets whose reported distribution (Blast and Unidentified
+    /// fractions) goes into the manifest: (name, sample list).
+    pub other_sites: Vec<(String, &'a Path)>,
+}
+
+impl<'a> ExportOptions<'a> {
+    /// Options with the project's defaults for the calibration settings.
+    pub fn new(run: &'a Path, backbone_pth: &'a Path, key: &'a SigningKey, out: &'a Path, model_version: u64) -> Self {
+        ExportOptions {
+            run,
+            backbone_pth,
+            key,
+            out,
+            val: None,
+            model_version,
+            train: None,
+            bank_per_class: 200,
+            ood_quantile: 0.99,
+            knn_k: 5,
+            require_agreement: true,
+            other_sites: Vec::new(),
+        }
+    }
+}
+
+/// Logits, features and labels of the labelled cells of a sample list, through a classifier
+/// (uncalibrated: the raw model).
+fn raw_outputs(
+    classifier: &Classifier,
+    list: &Path,
+    per_class: usize,
+) -> Result<(Vec<[f32; NUM_CLASSES]>, Vec<f32>, Vec<usize>)> {
+    let mut samples: Vec<_> = crate::dataset::read_samples(list)?
+        .into_iter()
+        .filter(|s| s.label.is_some())
+        .collect();
+    if per_class > 0 {
+        // Evenly spaced within each class (and so across its sources, which the lists keep
+        // together): deterministic and representative.
+        let mut keep = Vec::new();
+        for c in CellClass::ALL {
+            let of: Vec<_> = samples.iter().filter(|s| s.label == Some(c)).cloned().collect();
+            let step = (of.len() as f64 / per_class as f64).max(1.0);
+            let mut x = 0.0;
+            while (x as usize) < of.len() && keep.len() < (c.index() + 1) * per_class {
+                keep.push(of[x as usize].clone());
+                x += step;
+            }
+        }
+        samples = keep;
+    }
+    let (loaded, rejected) = crate::dataset::load_images(samples, &DecodeLimits::default());
+    for r in &rejected {
+        tracing::warn!(path = %r.path.display(), reason = %r.reason, "skipping image");
+    }
+    let (samples, images): (Vec<_>, Vec<_>) = loaded.into_iter().unzip();
+    let preds = classifier.predict(&images);
+    let labels = samples.iter().map(|s| s.label.expect("labelled").index()).collect();
+    let logits = preds.iter().map(|p| p.logits).collect();
+    let features = preds.into_iter().flat_map(|p| p.features).collect();
+    Ok((logits, features, labels))
 }
 
 /// Writes a signed bundle and returns its manifest.
@@ -58,7 +133,7 @@ pub fn export(o: &ExportOptions) -> Result<Manifest> {
     let weights_bytes = merged.to_safetensors(cfg.q4_group)?;
     // Everything below measures the model exactly as it will ship: from the quantized bytes.
     let model = CompactModel::from_weights(cfg.clone(), &Weights::from_safetensors(&weights_bytes)?, &device)?;
-    let pre = Preprocess::imagenet(224);
+    let pre = record.settings.preprocess();
 
     let mut manifest = Manifest {
         format_version: 0,
@@ -84,12 +159,65 @@ pub fn export(o: &ExportOptions) -> Result<Manifest> {
         metrics: serde_json::Value::Null,
         parts: Default::default(),
     };
-    let classifier = Classifier::new(model, pre.clone(), o.model_version);
+    let mut classifier = Classifier::new(model, pre.clone(), o.model_version);
+    let mut calibration_parts: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut calibration_metrics = serde_json::Map::new();
+    if let Some(val) = o.val {
+        tracing::info!("calibrating on val");
+        let (logits, features, labels) = raw_outputs(&classifier, val, 0)?;
+        if logits.is_empty() {
+            bail!("{}: no labelled val images to calibrate on", val.display());
+        }
+        let t = fit_temperature(&logits, &labels);
+        let probs = |t: f32| -> Vec<[f32; NUM_CLASSES]> { logits.iter().map(|l| softmax_t(l, t)).collect() };
+        let (before, after) = (ece(&probs(1.0), &labels, 15), ece(&probs(t), &labels, 15));
+        tracing::info!(temperature = t, ece_before = before, ece_after = after, "temperature fitted");
+        calibration_metrics.insert("temperature".into(), t.into());
+        calibration_metrics.insert("ece_uncalibrated".into(), before.into());
+        calibration_metrics.insert("ece_calibrated".into(), after.into());
+        let mut cal = Calibration {
+            temperature: t,
+            ood: None,
+        };
+        let mut knn = None;
+        if let Some(train) = o.train {
+            tracing::info!(per_class = o.bank_per_class, "building the familiarity bank from training cells");
+            let (_, bank, bank_labels) = raw_outputs(&classifier, train, o.bank_per_class)?;
+            let bank_labels: Vec<u8> = bank_labels.into_iter().map(|l| l as u8).collect();
+            let bank_bytes = KnnBank::to_safetensors(&bank, &bank_labels)?;
+            // Score val through the bank exactly as the appliance will: from the stored f16.
+            let (f, l) = KnnBank::from_safetensors(&bank_bytes)?;
+            let bank = KnnBank::new(f, l, o.knn_k, &device)?;
+            let scores: Vec<f32> = bank.scores(&features).iter().map(|s| s.score).collect();
+            let threshold = quantile(&scores, o.ood_quantile);
+            tracing::info!(threshold, quantile = o.ood_quantile, cells = bank.len(), "familiarity threshold");
+            calibration_metrics.insert("ood_threshold".into(), threshold.into());
+            cal.ood = Some(OodConfig {
+                k: o.knn_k,
+                threshold,
+                quantile: o.ood_quantile,
+                bank_size: bank.len(),
+                require_agreement: o.require_agreement,
+            });
+            knn = Some(bank);
+            calibration_parts.push((OOD_BANK_PART, bank_bytes));
+        }
+        calibration_parts.push((CALIBRATION_PART, serde_json::to_vec_pretty(&cal)?));
+        classifier = classifier.with_calibration(cal, knn).map_err(anyhow::Error::msg)?;
+    }
 
     let mut selftest_images: Vec<(String, Vec<u8>)> = Vec::new();
     if let Some(val) = o.val {
         let report = evaluate_classifier(&classifier, val, &EvalOptions::default())?;
         manifest.metrics = report.summary();
+        manifest.metrics["calibration"] = serde_json::Value::Object(calibration_metrics.clone());
+        let mut others = Vec::new();
+        for (name, list) in &o.other_sites {
+            let r = evaluate_classifier(&classifier, list, &EvalOptions::default())?;
+            tracing::info!(set = %name, "{}", r.text());
+            others.push(r.other_site_summary(name));
+        }
+        manifest.metrics["other_sites"] = serde_json::Value::Array(others);
         // One golden image per class, the first of each in the val list.
         let samples = crate::dataset::read_samples(val)?;
         let mut seen = [false; NUM_CLASSES];
@@ -101,7 +229,6 @@ pub fn export(o: &ExportOptions) -> Result<Manifest> {
             let Ok(img) = wbc_shared::image::load_rgb(&s.path, &DecodeLimits::default()) else {
                 continue;
             };
-            let img = pre.to_square(&img);
             let mut png = Vec::new();
             img.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)?;
             selftest_images.push((format!("selftest/{}.png", l.name().to_lowercase()), png));
@@ -128,6 +255,9 @@ pub fn export(o: &ExportOptions) -> Result<Manifest> {
     let mut builder = BundleBuilder::new(manifest.clone())
         .part(WEIGHTS_PART, weights_bytes)?
         .part(SELFTEST_PART, serde_json::to_vec_pretty(&selftest)?)?;
+    for (name, bytes) in calibration_parts {
+        builder = builder.part(name, bytes)?;
+    }
     for (name, bytes) in selftest_images {
         builder = builder.part(&name, bytes)?;
     }

@@ -64,6 +64,47 @@ enum Cmd {
         /// Random seed.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Train on plain centre crops instead of normalised cells (model version 1's recipe).
+        #[arg(long)]
+        no_cell_norm: bool,
+        /// Mild colour augmentation only (no blur, resolution loss, noise or JPEG).
+        #[arg(long)]
+        mild_augment: bool,
+        /// Fraction of the model input that the nucleus spans (cell normalisation).
+        #[arg(long)]
+        nucleus_fraction: Option<f32>,
+        /// Resolution normalisation: side of the low-resolution view (0 = full resolution).
+        #[arg(long)]
+        detail_side: Option<u32>,
+        /// Replace what lies outside the cell with a constant background.
+        #[arg(long)]
+        mask_background: bool,
+    },
+    /// Cut the annotated white cells out of smear fields (Pascal VOC boxes) into a folder of
+    /// cell images and an unlabelled `cells.csv` for `eval`.
+    CropFields {
+        /// Folder with `images/` and `annotations/` (VOC XML).
+        #[arg(long)]
+        fields: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Source name written to the CSV.
+        #[arg(long, default_value = "fields")]
+        source: String,
+    },
+    /// Write what the model sees: the normalised view of every image of a CSV, with the
+    /// measured cell and red-cell sizes in `normalised.csv`.
+    Normalise {
+        /// CSV (or class folder) of cell images.
+        #[arg(long)]
+        csv: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace what lies outside the cell with a constant background.
+        #[arg(long)]
+        mask_background: bool,
     },
     /// Evaluate a bundle on a CSV: the reference study's tables, JSON and a confusion-matrix PNG.
     Eval {
@@ -106,6 +147,23 @@ enum Cmd {
         /// Model version (must increase with every release).
         #[arg(long)]
         model_version: u64,
+        /// Training sample list: a stratified subset becomes the familiarity (out-of-distribution)
+        /// bank. Without it the bundle has no familiarity score.
+        #[arg(long)]
+        train: Option<PathBuf>,
+        /// Training cells per class in the familiarity bank.
+        #[arg(long, default_value_t = 200)]
+        bank_per_class: usize,
+        /// Val quantile of the familiarity score beyond which a cell is Unidentified.
+        #[arg(long, default_value_t = 0.99)]
+        ood_quantile: f64,
+        /// Do not send cells whose class differs from their nearest training cells' vote to review.
+        #[arg(long)]
+        no_agreement: bool,
+        /// Unlabelled other-site cells, NAME=CSV (may repeat): their Blast and Unidentified
+        /// fractions go into the manifest.
+        #[arg(long, value_parser = parse_named)]
+        other_site: Vec<(String, PathBuf)>,
     },
     /// Create an ed25519 signing key pair (private key written with mode 0600).
     Keygen {
@@ -113,6 +171,14 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+fn parse_named(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s.split_once('=').ok_or_else(|| format!("expected NAME=CSV, got {s:?}"))?;
+    if name.is_empty() || path.is_empty() {
+        return Err(format!("expected NAME=CSV, got {s:?}"));
+    }
+    Ok((name.to_string(), PathBuf::from(path)))
 }
 
 fn trusted(paths: &[PathBuf]) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
@@ -136,6 +202,11 @@ fn main() -> Result<()> {
             rank,
             max_per_class,
             seed,
+            no_cell_norm,
+            mild_augment,
+            nucleus_fraction,
+            detail_side,
+            mask_background,
         } => {
             let mut s = TrainSettings {
                 epochs,
@@ -144,8 +215,21 @@ fn main() -> Result<()> {
                 views,
                 seed,
                 max_per_class,
+                strong_augment: !mild_augment,
                 ..Default::default()
             };
+            if no_cell_norm {
+                s.cell = None;
+            }
+            if let Some(c) = s.cell.as_mut() {
+                c.mask_background = mask_background;
+                if let Some(f) = nucleus_fraction {
+                    c.nucleus_fraction = f;
+                }
+                if let Some(d) = detail_side {
+                    c.detail_side = d;
+                }
+            }
             s.model.tune_from = tune_from;
             s.model.lora_rank = rank;
             s.model.lora_alpha = 2.0 * rank as f64;
@@ -188,16 +272,22 @@ fn main() -> Result<()> {
             val,
             backbone,
             model_version,
+            train,
+            bank_per_class,
+            ood_quantile,
+            no_agreement,
+            other_site,
         } => {
             let key = keys::read_private(&key)?;
             let pth = backbone.unwrap_or_else(|| default_weights_dir().join("mobilenet_v2-b0353104.pth"));
             let m = export(&ExportOptions {
-                run: &run,
-                backbone_pth: &pth,
-                key: &key,
-                out: &out,
                 val: Some(&val),
-                model_version,
+                train: train.as_deref(),
+                bank_per_class,
+                ood_quantile,
+                require_agreement: !no_agreement,
+                other_sites: other_site.iter().map(|(n, p)| (n.clone(), p.as_path())).collect(),
+                ..ExportOptions::new(&run, &pth, &key, &out, model_version)
             })?;
             println!(
                 "wrote {} (model version {}, val {})",
@@ -205,6 +295,22 @@ fn main() -> Result<()> {
                 m.model_version,
                 m.metrics
             );
+        }
+        Cmd::CropFields { fields, out, source } => {
+            let n = trainer::dataset::crop_fields(&fields, &out, &source)?;
+            println!("{n} white cells written to {}", out.join("cells.csv").display());
+        }
+        Cmd::Normalise {
+            csv,
+            out,
+            mask_background,
+        } => {
+            let norm = wbc_shared::cellnorm::CellNorm {
+                mask_background,
+                ..Default::default()
+            };
+            let (found, total) = trainer::dataset::write_normalised(&csv, &out, &norm)?;
+            println!("{found} of {total} cells found; views in {}", out.display());
         }
         Cmd::Keygen { out } => {
             let k = keys::generate();

@@ -28,6 +28,7 @@ use wbc_shared::classes::{CellClass, NUM_CLASSES};
 use wbc_shared::compact::mobilenet::{Backbone, fold_torchvision};
 use wbc_shared::compact::weights::Weights;
 use wbc_shared::compact::{CompactConfig, Trainable, attribute_logits_width, decode_attributes};
+use wbc_shared::cellnorm::CellNorm;
 use wbc_shared::image::{DecodeLimits, Preprocess};
 use wbc_shared::metrics::ConfusionMatrix;
 
@@ -52,6 +53,51 @@ pub struct TrainSettings {
     pub seed: u64,
     /// Use at most this many training images per class (0 = all); for quick runs.
     pub max_per_class: usize,
+    /// Cell normalisation applied to every image (training, validation and, through the
+    /// bundle, the appliance); `None` for the plain centre crop of model version 1.
+    #[serde(default)]
+    pub cell: Option<CellNorm>,
+    /// Strong stain and optics augmentation ([`Augment::strong`]) instead of the mild default.
+    #[serde(default)]
+    pub strong_augment: bool,
+}
+
+impl TrainSettings {
+    /// The preprocessing these settings train with (and a bundle made from them records).
+    pub fn preprocess(&self) -> Preprocess {
+        match &self.cell {
+            Some(c) => Preprocess::with_cell(c.clone()),
+            None => Preprocess::imagenet(224),
+        }
+    }
+}
+
+/// Prepares images for the model on all cores, augmenting each first when `aug` is given.
+/// Deterministic for a given `seed`.
+pub fn prepare_all(pre: &Preprocess, images: &[RgbImage], aug: Option<&Augment>, seed: u64) -> Vec<RgbImage> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let chunk = images.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = images
+            .chunks(chunk)
+            .enumerate()
+            .map(|(k, part)| {
+                s.spawn(move || {
+                    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    part.iter()
+                        .map(|img| match aug {
+                            Some(a) => pre.prepare(&a.apply(img, &mut rng), None).0,
+                            None => pre.prepare(img, None).0,
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("prepare thread"))
+            .collect()
+    })
 }
 
 impl Default for TrainSettings {
@@ -66,6 +112,8 @@ impl Default for TrainSettings {
             attr_weight: 0.3,
             seed: 42,
             max_per_class: 0,
+            cell: Some(CellNorm::default()),
+            strong_augment: true,
         }
     }
 }
@@ -341,7 +389,7 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
         bail!("tune_from must be 0..=18, got {}", settings.model.tune_from);
     }
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
-    let pre = Preprocess::imagenet(224);
+    let pre = settings.preprocess();
     let limits = DecodeLimits::default();
 
     let (train_s, val_s) = read_split(data)?;
@@ -352,8 +400,8 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
     );
     let val_s: Vec<Sample> = val_s.into_iter().filter(|s| s.label.is_some()).collect();
     tracing::info!(train = train_s.len(), val = val_s.len(), "decoding images");
-    let (train_set, mut rejected) = load_images(train_s, &pre, &limits);
-    let (val_set, rej_val) = load_images(val_s, &pre, &limits);
+    let (train_set, mut rejected) = load_images(train_s, &limits);
+    let (val_set, rej_val) = load_images(val_s, &limits);
     rejected.extend(rej_val);
     report_rejected(&run, &rejected)?;
     if train_set.is_empty() || val_set.is_empty() {
@@ -379,11 +427,18 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
     // Cache the frozen prefix: one unaugmented pass for val, `views` augmented passes for train.
     let total = (val_images.len() + settings.views * train_images.len()) as u64;
     let pb = bar(total, "backbone");
-    let (val_cache, shape) = prefix_activations(&backbone, &pre, &val_images, cfg.tune_from, &device, &pb);
-    let aug = Augment::default();
+    let val_views = prepare_all(&pre, &val_images, None, 0);
+    drop(val_images);
+    let (val_cache, shape) = prefix_activations(&backbone, &pre, &val_views, cfg.tune_from, &device, &pb);
+    drop(val_views);
+    let aug = if settings.strong_augment {
+        Augment::strong()
+    } else {
+        Augment::default()
+    };
     let mut train_cache = Vec::with_capacity(settings.views);
     for _ in 0..settings.views {
-        let augmented: Vec<RgbImage> = train_images.iter().map(|img| aug.apply(img, &mut rng)).collect();
+        let augmented = prepare_all(&pre, &train_images, Some(&aug), rand::Rng::r#gen(&mut rng));
         train_cache.push(prefix_activations(&backbone, &pre, &augmented, cfg.tune_from, &device, &pb).0);
     }
     pb.finish_and_clear();

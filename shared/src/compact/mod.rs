@@ -12,7 +12,6 @@ use crate::bundle::{Bundle, BundleError, Family};
 use crate::classes::NUM_CLASSES;
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
-use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use lora::LoraPw;
 use mobilenet::{Backbone, FEATURES, pool};
@@ -166,8 +165,20 @@ fn to_vec(d: TensorData) -> Vec<f32> {
 /// One cell's prediction.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prediction {
-    /// Probability of each class, in class order.
+    /// Probability of each class, in class order (calibrated where the bundle has a
+    /// temperature).
     pub probs: [f32; NUM_CLASSES],
+    /// Raw class logits.
+    pub logits: [f32; NUM_CLASSES],
+    /// Pooled backbone features (the space the out-of-distribution score is measured in).
+    pub features: Vec<f32>,
+    /// How unlike the training cells this cell is (higher = less familiar), where the bundle
+    /// has an out-of-distribution model.
+    pub ood_score: Option<f32>,
+    /// Whether the cell normalisation found a stained cell (`None` without normalisation).
+    pub cell_found: Option<bool>,
+    /// Majority class of the most similar training cells, where the bundle has a bank.
+    pub neighbour_class: Option<usize>,
     /// Most probable value of each attribute.
     pub attributes: AttributeSet,
     /// Probability of the chosen value of each attribute.
@@ -244,27 +255,39 @@ impl CompactModel {
     pub fn predict(&self, data: Vec<f32>, n: usize, side: usize) -> Vec<Prediction> {
         let x = Tensor::<4>::from_data(TensorData::new(data, [n, 3, side, side]), &self.device);
         let f = self.backbone.features(x);
-        let class = softmax(
-            f.clone().matmul(self.class_w.clone()) + self.class_b.clone().unsqueeze(),
-            1,
-        );
-        let attrs = f.matmul(self.attr_w.clone()) + self.attr_b.clone().unsqueeze();
-        let probs = to_vec(class.into_data());
+        let logits = f.clone().matmul(self.class_w.clone()) + self.class_b.clone().unsqueeze();
+        let attrs = f.clone().matmul(self.attr_w.clone()) + self.attr_b.clone().unsqueeze();
+        let logits = to_vec(logits.into_data());
+        let features = to_vec(f.into_data());
         let attr_logits = to_vec(attrs.into_data());
         let aw = attribute_logits_width();
         (0..n)
             .map(|i| {
-                let mut p = [0f32; NUM_CLASSES];
-                p.copy_from_slice(&probs[i * NUM_CLASSES..(i + 1) * NUM_CLASSES]);
+                let mut l = [0f32; NUM_CLASSES];
+                l.copy_from_slice(&logits[i * NUM_CLASSES..(i + 1) * NUM_CLASSES]);
                 let (attributes, attribute_confidence) = decode_attributes(&attr_logits[i * aw..(i + 1) * aw]);
                 Prediction {
-                    probs: p,
+                    probs: softmax_t(&l, 1.0),
+                    logits: l,
+                    features: features[i * FEATURES..(i + 1) * FEATURES].to_vec(),
+                    ood_score: None,
+                    cell_found: None,
+                    neighbour_class: None,
                     attributes,
                     attribute_confidence,
                 }
             })
             .collect()
     }
+}
+
+/// Softmax of logits divided by a temperature.
+pub fn softmax_t(logits: &[f32; NUM_CLASSES], temperature: f32) -> [f32; NUM_CLASSES] {
+    let t = temperature.max(1e-3);
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = logits.iter().map(|&v| ((v - max) / t).exp()).collect();
+    let sum: f32 = e.iter().sum();
+    std::array::from_fn(|i| e[i] / sum)
 }
 
 /// Splits concatenated attribute logits into per-attribute argmax values and their softmax
