@@ -34,6 +34,11 @@ pub struct Calibration {
     /// Familiarity model, where the bundle has one.
     #[serde(default)]
     pub ood: Option<OodConfig>,
+    /// A Blast call needs at least this (calibrated) probability; below it the cell goes to
+    /// review. An urgent flag that fires on another site's normal cells teaches technicians to
+    /// ignore it, so blast calls must be as sure as the val blasts the model gets right.
+    #[serde(default)]
+    pub blast_min_confidence: f32,
 }
 
 impl Default for Calibration {
@@ -41,6 +46,7 @@ impl Default for Calibration {
         Calibration {
             temperature: 1.0,
             ood: None,
+            blast_min_confidence: 0.0,
         }
     }
 }
@@ -116,11 +122,7 @@ pub fn ece(probs: &[[f32; NUM_CLASSES]], labels: &[usize], bins: usize) -> f64 {
     let mut acc = vec![0f64; bins];
     let mut count = vec![0usize; bins];
     for (p, &y) in probs.iter().zip(labels) {
-        let (best, &c) = p
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .expect("classes");
+        let (best, &c) = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("classes");
         let b = ((c as f64 * bins as f64) as usize).min(bins - 1);
         conf[b] += c as f64;
         acc[b] += f64::from(u8::from(best == y));
@@ -168,7 +170,7 @@ fn l2_normalise(v: &mut [f32]) {
 impl KnnBank {
     /// A bank from `n × FEATURES` row-major features (normalised here) and their classes.
     pub fn new(mut features: Vec<f32>, labels: Vec<u8>, k: usize, device: &Device) -> Result<Self, BankError> {
-        if features.is_empty() || features.len() % FEATURES != 0 {
+        if features.is_empty() || !features.len().is_multiple_of(FEATURES) {
             return Err(BankError::Malformed(format!(
                 "{} values is not a whole number of {FEATURES}-feature rows",
                 features.len()
@@ -254,8 +256,10 @@ impl KnnBank {
             .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
             .collect();
         let bad = |e: safetensors::SafeTensorError| BankError::Malformed(e.to_string());
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F16, vec![n, FEATURES], &bytes).map_err(bad)?;
-        let lab = safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![labels.len()], labels).map_err(bad)?;
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F16, vec![n, FEATURES], &bytes).map_err(bad)?;
+        let lab =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![labels.len()], labels).map_err(bad)?;
         safetensors::serialize([("bank", view), ("labels", lab)], None).map_err(bad)
     }
 
@@ -330,15 +334,20 @@ mod tests {
         let s = knn.scores(&q);
         assert!(s[0].score < 0.05 && s[1].score > 0.9, "{s:?}");
         assert_eq!(s[0].vote, 1, "the neighbours are class 1");
-        let (back, back_labels) =
-            KnnBank::from_safetensors(&KnnBank::to_safetensors(&bank, &labels).unwrap()).unwrap();
+        let (back, back_labels) = KnnBank::from_safetensors(&KnnBank::to_safetensors(&bank, &labels).unwrap()).unwrap();
         assert_eq!(back.len(), bank.len());
         assert_eq!(back_labels, labels);
         assert!(back.iter().zip(&bank).all(|(a, b)| (a - b).abs() < 1e-3));
         assert!(KnnBank::new(vec![0.0; 10], vec![0], 1, &device).is_err());
         assert!(KnnBank::new(bank.clone(), labels.clone(), 21, &device).is_err());
-        assert!(KnnBank::new(bank.clone(), vec![0; 19], 1, &device).is_err(), "one label per cell");
-        assert!(KnnBank::new(bank, vec![9; 20], 1, &device).is_err(), "labels are classes");
+        assert!(
+            KnnBank::new(bank.clone(), vec![0; 19], 1, &device).is_err(),
+            "one label per cell"
+        );
+        assert!(
+            KnnBank::new(bank, vec![9; 20], 1, &device).is_err(),
+            "labels are classes"
+        );
         assert!(KnnBank::from_safetensors(b"garbage").is_err());
         assert_eq!(quantile(&[3.0, 1.0, 2.0], 1.0), 3.0);
         assert_eq!(quantile(&[3.0, 1.0, 2.0], 0.5), 2.0);

@@ -41,6 +41,14 @@ pub struct CellNorm {
     /// `0` keeps the full resolution.
     #[serde(default)]
     pub detail_side: u32,
+    /// Show the model luminance only (grey view), so that no site's hue can stand in for the
+    /// cell; shape, size, texture and darkness remain.
+    #[serde(default)]
+    pub grey: bool,
+    /// Equalise the grey view's histogram, so that no site's contrast or brightness curve can
+    /// stand in for the cell (with `grey` only).
+    #[serde(default)]
+    pub equalise: bool,
     /// Replace what lies outside the cell (beyond `mask_margin` × its radius) with a constant.
     pub mask_background: bool,
     /// Radius of the kept disc relative to the cell's measured radius (between 1.2 and 1.6 ×
@@ -58,6 +66,8 @@ impl Default for CellNorm {
             output_size: 224,
             nucleus_fraction: 0.4,
             detail_side: 112,
+            grey: true,
+            equalise: false,
             mask_background: false,
             mask_margin: 1.12,
             stain_mean: [64.0, 22.0, -16.0],
@@ -150,6 +160,21 @@ impl CellNorm {
             crop_square(img, centre, side, self.output_size, None)
         };
         reinhard(&mut out, self.stain_mean, self.stain_std);
+        if self.grey {
+            let ys: Vec<u8> = out
+                .pixels()
+                .map(|p| (0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32).round() as u8)
+                .collect();
+            let map = if self.equalise {
+                equalisation(&ys)
+            } else {
+                std::array::from_fn(|i| i as u8)
+            };
+            for (p, y) in out.pixels_mut().zip(ys) {
+                let v = map[y as usize];
+                *p = Rgb([v, v, v]);
+            }
+        }
         if self.mask_background && ok {
             let px = self.output_size as f32 / side;
             // Pale cytoplasm can leak into the plasma: never keep more than 1.6 × the nucleus.
@@ -174,7 +199,8 @@ fn otsu(values: &[f32]) -> f32 {
     let (lo, hi) = values
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
-    if !(hi > lo) {
+    // Also catches NaN and empty input (lo = +inf).
+    if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
         return lo;
     }
     const BINS: usize = 128;
@@ -328,7 +354,9 @@ fn segment(work: &RgbImage, hint: [f32; 2]) -> Option<Found> {
             holds_nucleus[cl[i] as usize] = true;
         }
     }
-    let cell: Vec<usize> = (0..w * h).filter(|&i| cl[i] != 0 && holds_nucleus[cl[i] as usize]).collect();
+    let cell: Vec<usize> = (0..w * h)
+        .filter(|&i| cl[i] != 0 && holds_nucleus[cl[i] as usize])
+        .collect();
     let n_cell = cell.len() as f32;
     // Centre on the nucleus: it segments reliably, whereas pale cytoplasm can leak into the
     // red cells next to it and drag a centroid away.
@@ -473,6 +501,21 @@ pub fn reinhard(img: &mut RgbImage, mean: [f32; 3], std: [f32; 3]) {
     }
 }
 
+/// Histogram-equalisation lookup table of grey values.
+fn equalisation(values: &[u8]) -> [u8; 256] {
+    let mut hist = [0usize; 256];
+    for &v in values {
+        hist[v as usize] += 1;
+    }
+    let n = values.len().max(1) as f32;
+    let mut cum = 0usize;
+    std::array::from_fn(|i| {
+        cum += hist[i];
+        // Centre of the value's rank range, so a flat image stays mid-grey.
+        (((cum as f32 - hist[i] as f32 / 2.0) / n) * 255.0).round() as u8
+    })
+}
+
 /// Keeps a centred disc of radius `r` (with a 3-pixel feather) and paints the rest `bg`.
 fn mask_disc(img: &mut RgbImage, r: f32, bg: Rgb<u8>) {
     let c = img.width() as f32 / 2.0;
@@ -527,7 +570,11 @@ mod tests {
         let img = smear(240, 200, 130.0, 90.0, 48.0, 24.0);
         let n = CellNorm::default().apply(&img, None);
         assert!(n.found);
-        assert!((n.centre[0] - 130.0).abs() < 3.0 && (n.centre[1] - 90.0).abs() < 3.0, "{:?}", n.centre);
+        assert!(
+            (n.centre[0] - 130.0).abs() < 3.0 && (n.centre[1] - 90.0).abs() < 3.0,
+            "{:?}",
+            n.centre
+        );
         assert!((n.diameter_px - 48.0).abs() < 5.0, "diameter {}", n.diameter_px);
         // The synthetic nucleus is 0.6 of the cell.
         assert!((n.nucleus_px - 0.6 * 48.0).abs() < 4.0, "nucleus {}", n.nucleus_px);
@@ -637,8 +684,6 @@ mod option_tests {
         }
         .apply(&img, None);
         let kept = CellNorm::default().apply(&img, None);
-        let corner = |n: &NormalisedCell| *n.image.get_pixel(2, 2);
-        assert_eq!(corner(&masked), corner(&masked.clone()));
         let bg = masked.image.get_pixel(0, 0);
         assert!(masked.image.get_pixel(223, 223) == bg && masked.image.get_pixel(0, 223) == bg);
         // With the surroundings kept the corners differ (red cells and plasma).
@@ -647,6 +692,26 @@ mod option_tests {
             .map(|&(x, y)| *kept.image.get_pixel(x, y))
             .collect();
         assert!(k.iter().any(|p| p != &k[0]), "{k:?}");
+    }
+
+    #[test]
+    fn equalised_grey_views_have_a_flat_histogram_whatever_the_exposure() {
+        let img = smear(240, 240, 120.0, 120.0, 50.0, 24.0);
+        let mut dim = img.clone();
+        for p in dim.pixels_mut() {
+            p.0 = p.0.map(|v| (v as f32 * 0.6) as u8);
+        }
+        let norm = CellNorm {
+            grey: true,
+            equalise: true,
+            ..Default::default()
+        };
+        let (a, b) = (norm.apply(&img, None), norm.apply(&dim, None));
+        let p = a.image.get_pixel(100, 60);
+        assert!(p[0] == p[1] && p[1] == p[2], "grey view");
+        let mean = |n: &NormalisedCell| n.image.pixels().map(|p| p[0] as f64).sum::<f64>() / (224.0 * 224.0);
+        assert!((mean(&a) - 127.5).abs() < 12.0 && (mean(&a) - mean(&b)).abs() < 6.0);
+        assert_eq!(equalisation(&[7; 10])[7], 128, "a flat image stays mid-grey");
     }
 
     #[test]

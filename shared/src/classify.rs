@@ -73,6 +73,12 @@ impl Classifier {
         if !(cal.temperature.is_finite() && cal.temperature > 0.0) {
             return Err(format!("temperature {} is not a positive number", cal.temperature));
         }
+        if !(0.0..=1.0).contains(&cal.blast_min_confidence) {
+            return Err(format!(
+                "blast threshold {} is not a probability",
+                cal.blast_min_confidence
+            ));
+        }
         if cal.ood.is_some() != knn.is_some() {
             return Err("a familiarity threshold needs its feature bank and vice versa".into());
         }
@@ -170,41 +176,59 @@ impl Classifier {
             self.model_version,
         );
         r.familiarity = p.ood_score.map(|s| 1.0 - s);
-        let unfamiliar = match (p.ood_score, &self.calibration.ood) {
-            (Some(s), Some(o)) => s > o.threshold,
-            _ => false,
-        };
-        let disagrees = match (p.neighbour_class, &self.calibration.ood) {
-            (Some(v), Some(o)) => o.require_agreement && v != best,
-            _ => false,
-        };
-        if p.cell_found == Some(false) {
-            r.class = None;
-            r.review_reason = Some(ReviewReason::NoCell);
-            r.description = "Unidentified: no stained white cell was found in the image; left for review.".into();
-        } else if unfamiliar {
-            r.class = None;
-            r.review_reason = Some(ReviewReason::Unfamiliar);
-            r.description = format!(
+        let reason = review_reason(p, best, &self.calibration, self.min_confidence);
+        r.description = match reason {
+            None => r.description,
+            Some(ReviewReason::NoCell) => {
+                "Unidentified: no stained white cell was found in the image; left for review.".into()
+            }
+            Some(ReviewReason::Unfamiliar) => format!(
                 "Unidentified: this cell does not look like the cells the model was trained on; left for review. Closest: {}",
                 r.description
-            );
-        } else if disagrees {
-            r.class = None;
-            r.review_reason = Some(ReviewReason::NeighboursDisagree);
-            r.description = format!(
+            ),
+            Some(ReviewReason::NeighboursDisagree) => format!(
                 "Unidentified: the model says {} but the most similar training cells are {}; left for review.",
                 class.name(),
                 crate::classes::CellClass::ALL[p.neighbour_class.unwrap_or(best)].name()
-            );
-        } else if r.class.is_none() {
-            r.review_reason = Some(ReviewReason::LowConfidence);
-            r.description = format!(
+            ),
+            Some(ReviewReason::LowConfidence) if class == crate::classes::CellClass::Blast => format!(
+                "Unidentified: possibly a blast (probability {:.2}, below the {:.2} a blast call needs); left for urgent review. {}",
+                r.confidence, self.calibration.blast_min_confidence, r.description
+            ),
+            Some(ReviewReason::LowConfidence) => format!(
                 "Unidentified (confidence {:.2}); left for review. Closest: {}",
                 r.confidence, r.description
-            );
+            ),
+        };
+        if reason.is_some() {
+            r.class = None;
         }
+        r.review_reason = reason;
         r
+    }
+}
+
+/// Why a prediction whose most probable class is `best` must go to review, if it must; the
+/// first rule that applies wins: no cell found, unfamiliar, neighbours disagree, a blast below
+/// the blast threshold, below the general review threshold.
+pub fn review_reason(p: &Prediction, best: usize, cal: &Calibration, min_confidence: f32) -> Option<ReviewReason> {
+    let confidence = p.probs[best];
+    let ood = cal.ood.as_ref();
+    if p.cell_found == Some(false) {
+        Some(ReviewReason::NoCell)
+    } else if ood.zip(p.ood_score).is_some_and(|(o, s)| s > o.threshold) {
+        Some(ReviewReason::Unfamiliar)
+    } else if ood
+        .zip(p.neighbour_class)
+        .is_some_and(|(o, v)| o.require_agreement && v != best)
+    {
+        Some(ReviewReason::NeighboursDisagree)
+    } else if (best == crate::classes::CellClass::Blast.index() && confidence < cal.blast_min_confidence)
+        || confidence < min_confidence
+    {
+        Some(ReviewReason::LowConfidence)
+    } else {
+        None
     }
 }
 
@@ -284,5 +308,72 @@ impl Classifier {
             }
         }
         Ok(spec.cases.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calibrate::OodConfig;
+
+    fn prediction(probs: [f32; NUM_CLASSES]) -> Prediction {
+        Prediction {
+            probs,
+            logits: [0.0; NUM_CLASSES],
+            features: vec![],
+            ood_score: Some(0.1),
+            cell_found: Some(true),
+            neighbour_class: Some(5),
+            attributes: Default::default(),
+            attribute_confidence: [0.0; crate::attributes::NUM_ATTRIBUTES],
+        }
+    }
+
+    #[test]
+    fn review_rules_apply_in_order() {
+        let cal = Calibration {
+            temperature: 1.0,
+            ood: Some(OodConfig {
+                k: 5,
+                threshold: 0.2,
+                quantile: 0.99,
+                bank_size: 10,
+                require_agreement: true,
+            }),
+            blast_min_confidence: 0.9,
+        };
+        let blast = |p: f32| {
+            let mut probs = [(1.0 - p) / 5.0; NUM_CLASSES];
+            probs[5] = p;
+            prediction(probs)
+        };
+        assert_eq!(
+            review_reason(&blast(0.95), 5, &cal, 0.5),
+            None,
+            "a sure, familiar blast"
+        );
+        assert_eq!(
+            review_reason(&blast(0.85), 5, &cal, 0.5),
+            Some(ReviewReason::LowConfidence),
+            "blast calls need 0.9"
+        );
+        let mut p = blast(0.95);
+        p.neighbour_class = Some(2);
+        assert_eq!(review_reason(&p, 5, &cal, 0.5), Some(ReviewReason::NeighboursDisagree));
+        p.ood_score = Some(0.3);
+        assert_eq!(review_reason(&p, 5, &cal, 0.5), Some(ReviewReason::Unfamiliar));
+        p.cell_found = Some(false);
+        assert_eq!(review_reason(&p, 5, &cal, 0.5), Some(ReviewReason::NoCell));
+        // The blast threshold does not apply to other classes; the general one does.
+        let mut lym = prediction([0.0, 0.0, 0.85, 0.05, 0.05, 0.05]);
+        lym.neighbour_class = Some(2);
+        assert_eq!(review_reason(&lym, 2, &cal, 0.5), None);
+        assert_eq!(review_reason(&lym, 2, &cal, 0.9), Some(ReviewReason::LowConfidence));
+        // Without a familiarity model only the thresholds apply.
+        let plain = Calibration::default();
+        let mut q = blast(0.6);
+        q.ood_score = None;
+        q.neighbour_class = None;
+        assert_eq!(review_reason(&q, 5, &plain, 0.5), None);
     }
 }

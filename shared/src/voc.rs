@@ -139,7 +139,11 @@ mod tests {
         assert!(parse("<annotation></annotation>", p).is_err());
         let inverted = xml.replace("<xmax>110</xmax>", "<xmax>5</xmax>");
         let v = parse(&inverted, p).unwrap();
-        assert_eq!((v.objects.len(), v.skipped), (1, 1), "the empty box is dropped and counted");
+        assert_eq!(
+            (v.objects.len(), v.skipped),
+            (1, 1),
+            "the empty box is dropped and counted"
+        );
         let nan = xml.replace("<ymin>20</ymin>", "<ymin>NaN</ymin>");
         assert!(parse(&nan, p).is_err());
     }

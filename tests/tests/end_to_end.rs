@@ -119,7 +119,11 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
     assert!((total - 1.0).abs() < 1e-4);
     assert_eq!(r.model_version, 7);
     assert!(!r.description.is_empty());
-    let ood = classifier.calibration().ood.clone().expect("familiarity model in the bundle");
+    let ood = classifier
+        .calibration()
+        .ood
+        .clone()
+        .expect("familiarity model in the bundle");
     assert_eq!(ood.bank_size, 12, "two training cells per class");
     let fam = r.familiarity.expect("familiarity reported");
     assert!((-1.0..=1.0).contains(&fam), "{fam}");
@@ -157,6 +161,28 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
     ] {
         assert!(!json[k].is_null(), "{k} missing from the JSON report");
     }
+
+    // Other-site smear fields: the annotated white cells are cut out and evaluated unlabelled.
+    let crops = tmp.path().join("crops");
+    let n = trainer::dataset::crop_fields(&repo().join("tests/fixtures/fields"), &crops, "bccd").unwrap();
+    assert_eq!(n, 2, "one WBC box in each fixture field");
+    let csv = std::fs::read_to_string(crops.join("cells.csv")).unwrap();
+    assert!(csv.starts_with("path,source,field,") && !csv.contains("label"), "{csv}");
+    let r = evaluate_classifier(
+        &classifier,
+        &crops.join("cells.csv"),
+        &EvalOptions {
+            resamples: 10,
+            minilm: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(r.evaluated, 2);
+    assert!(r.accuracy.is_none() && r.confusion_matrix.is_none());
+    let total: f64 = r.called_distribution.values().sum();
+    assert!((total - 1.0).abs() < 1e-9, "{:?}", r.called_distribution);
+    let summary = r.other_site_summary("bccd");
+    assert!(summary["blast_fraction"].is_number() && summary["unidentified_fraction"].is_number());
 
     // Refusals.
     let bytes = std::fs::read(&bundle_path).unwrap();

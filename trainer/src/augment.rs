@@ -120,8 +120,7 @@ pub fn jpeg_round_trip(img: &RgbImage, quality: u8) -> RgbImage {
         .unwrap_or_else(|_| img.clone())
 }
 
-impl Augment {
-}
+impl Augment {}
 
 /// Applies brightness, contrast (around the image's mean grey), saturation and a hue rotation
 /// (in YIQ space) in one pass.

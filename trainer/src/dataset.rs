@@ -207,7 +207,10 @@ pub fn crop_fields(fields: &Path, out: &Path, source: &str) -> Result<usize> {
             }
         }
         let pad = image::Rgb(sum.map(|v| (v / n_px).round() as u8));
-        let stem = Path::new(&v.filename).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        let stem = Path::new(&v.filename)
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
         for (k, o) in v.objects.iter().filter(|o| o.name == "WBC").enumerate() {
             let [x0, y0, x1, y1] = o.bbox;
             let side = 3.0 * (x1 - x0).max(y1 - y0);

@@ -145,7 +145,11 @@ pub fn macro_f1_with_review(truth: &[usize], called: &[Option<usize>]) -> f64 {
             continue;
         }
         let calls = called.iter().filter(|&&p| p == Some(c)).count();
-        let tp = truth.iter().zip(called).filter(|&(&t, &p)| t == c && p == Some(c)).count();
+        let tp = truth
+            .iter()
+            .zip(called)
+            .filter(|&(&t, &p)| t == c && p == Some(c))
+            .count();
         let (p, r) = (tp as f64 / calls.max(1) as f64, tp as f64 / support as f64);
         f1s.push(if p + r > 0.0 { 2.0 * p * r / (p + r) } else { 0.0 });
     }
@@ -255,7 +259,9 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
                 continue;
             }
             let hit = idx.iter().filter(|&&i| results[i].class == Some(c)).count();
-            report.recall_with_review.insert(c.name().to_string(), hit as f64 / idx.len() as f64);
+            report
+                .recall_with_review
+                .insert(c.name().to_string(), hit as f64 / idx.len() as f64);
         }
         for (r, &t) in results.iter().zip(&truth) {
             if let Some(c) = r.class {
@@ -280,7 +286,9 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
                 .insert(src, ConfusionMatrix::from_labels(NUM_CLASSES, &t, &p).counts);
         }
         for (src, m) in &report.per_source {
-            report.text.push_str(&format!("\nConfusion matrix, source {src} (rows true, columns predicted):\n"));
+            report.text.push_str(&format!(
+                "\nConfusion matrix, source {src} (rows true, columns predicted):\n"
+            ));
             report.text.push_str(&render_matrix(&names, m));
         }
         report.text.push_str(&format!(
@@ -306,7 +314,9 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
         report.text.push_str(&format!("  {k:<12} {:6.2} %\n", v * 100.0));
     }
     for (k, v) in &report.unidentified_by_reason {
-        report.text.push_str(&format!("  Unidentified because {k}: {:6.2} %\n", v * 100.0));
+        report
+            .text
+            .push_str(&format!("  Unidentified because {k}: {:6.2} %\n", v * 100.0));
     }
     let (mut ok, mut n) = (0usize, 0usize);
     for (s, p) in samples.iter().zip(&preds) {

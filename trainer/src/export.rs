@@ -44,6 +44,9 @@ pub struct ExportOptions<'a> {
     pub knn_k: usize,
     /// Send cells whose class differs from their neighbours' vote to review.
     pub require_agreement: bool,
+    /// Share of the correctly called val blasts whose probability a Blast call must reach
+    /// (1 = no blast threshold).
+    pub blast_keep: f64,
     /// Unlabelled other-site cell sets whose reported distribution (Blast and Unidentified
     /// fractions) goes into the manifest: (name, sample list).
     pub other_sites: Vec<(String, &'a Path)>,
@@ -64,18 +67,31 @@ impl<'a> ExportOptions<'a> {
             ood_quantile: 0.99,
             knn_k: 5,
             require_agreement: true,
+            blast_keep: 0.98,
             other_sites: Vec::new(),
         }
     }
 }
 
+fn argmax(p: &[f32; NUM_CLASSES]) -> usize {
+    p.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap_or(0)
+}
+
+/// What the raw model gives for a set of labelled cells.
+struct RawOutputs {
+    logits: Vec<[f32; NUM_CLASSES]>,
+    /// `n × FEATURES`, row-major.
+    features: Vec<f32>,
+    labels: Vec<usize>,
+}
+
 /// Logits, features and labels of the labelled cells of a sample list, through a classifier
-/// (uncalibrated: the raw model).
-fn raw_outputs(
-    classifier: &Classifier,
-    list: &Path,
-    per_class: usize,
-) -> Result<(Vec<[f32; NUM_CLASSES]>, Vec<f32>, Vec<usize>)> {
+/// (uncalibrated: the raw model); at most `per_class` cells per class when it is not 0.
+fn raw_outputs(classifier: &Classifier, list: &Path, per_class: usize) -> Result<RawOutputs> {
     let mut samples: Vec<_> = crate::dataset::read_samples(list)?
         .into_iter()
         .filter(|s| s.label.is_some())
@@ -104,7 +120,11 @@ fn raw_outputs(
     let labels = samples.iter().map(|s| s.label.expect("labelled").index()).collect();
     let logits = preds.iter().map(|p| p.logits).collect();
     let features = preds.into_iter().flat_map(|p| p.features).collect();
-    Ok((logits, features, labels))
+    Ok(RawOutputs {
+        logits,
+        features,
+        labels,
+    })
 }
 
 /// Writes a signed bundle and returns its manifest.
@@ -164,33 +184,69 @@ pub fn export(o: &ExportOptions) -> Result<Manifest> {
     let mut calibration_metrics = serde_json::Map::new();
     if let Some(val) = o.val {
         tracing::info!("calibrating on val");
-        let (logits, features, labels) = raw_outputs(&classifier, val, 0)?;
+        let RawOutputs {
+            logits,
+            features,
+            labels,
+        } = raw_outputs(&classifier, val, 0)?;
         if logits.is_empty() {
             bail!("{}: no labelled val images to calibrate on", val.display());
         }
         let t = fit_temperature(&logits, &labels);
         let probs = |t: f32| -> Vec<[f32; NUM_CLASSES]> { logits.iter().map(|l| softmax_t(l, t)).collect() };
         let (before, after) = (ece(&probs(1.0), &labels, 15), ece(&probs(t), &labels, 15));
-        tracing::info!(temperature = t, ece_before = before, ece_after = after, "temperature fitted");
+        tracing::info!(
+            temperature = t,
+            ece_before = before,
+            ece_after = after,
+            "temperature fitted"
+        );
         calibration_metrics.insert("temperature".into(), t.into());
         calibration_metrics.insert("ece_uncalibrated".into(), before.into());
         calibration_metrics.insert("ece_calibrated".into(), after.into());
+        // Blast calls: as sure as the val blasts the model gets right, bar the least sure
+        // `blast_keep` share of them.
+        let mut blast_p: Vec<f32> = logits
+            .iter()
+            .zip(&labels)
+            .map(|(l, &y)| (softmax_t(l, t), y))
+            .filter(|(p, y)| *y == CellClass::Blast.index() && argmax(p) == *y)
+            .map(|(p, _)| p[CellClass::Blast.index()])
+            .collect();
+        blast_p.sort_by(f32::total_cmp);
+        let blast_min_confidence = if blast_p.is_empty() {
+            0.0
+        } else {
+            quantile(&blast_p, 1.0 - o.blast_keep)
+        };
+        tracing::info!(blast_min_confidence, "blast call threshold");
+        calibration_metrics.insert("blast_min_confidence".into(), blast_min_confidence.into());
         let mut cal = Calibration {
             temperature: t,
             ood: None,
+            blast_min_confidence,
         };
         let mut knn = None;
         if let Some(train) = o.train {
-            tracing::info!(per_class = o.bank_per_class, "building the familiarity bank from training cells");
-            let (_, bank, bank_labels) = raw_outputs(&classifier, train, o.bank_per_class)?;
-            let bank_labels: Vec<u8> = bank_labels.into_iter().map(|l| l as u8).collect();
+            tracing::info!(
+                per_class = o.bank_per_class,
+                "building the familiarity bank from training cells"
+            );
+            let train_out = raw_outputs(&classifier, train, o.bank_per_class)?;
+            let bank = train_out.features;
+            let bank_labels: Vec<u8> = train_out.labels.into_iter().map(|l| l as u8).collect();
             let bank_bytes = KnnBank::to_safetensors(&bank, &bank_labels)?;
             // Score val through the bank exactly as the appliance will: from the stored f16.
             let (f, l) = KnnBank::from_safetensors(&bank_bytes)?;
             let bank = KnnBank::new(f, l, o.knn_k, &device)?;
             let scores: Vec<f32> = bank.scores(&features).iter().map(|s| s.score).collect();
             let threshold = quantile(&scores, o.ood_quantile);
-            tracing::info!(threshold, quantile = o.ood_quantile, cells = bank.len(), "familiarity threshold");
+            tracing::info!(
+                threshold,
+                quantile = o.ood_quantile,
+                cells = bank.len(),
+                "familiarity threshold"
+            );
             calibration_metrics.insert("ood_threshold".into(), threshold.into());
             cal.ood = Some(OodConfig {
                 k: o.knn_k,

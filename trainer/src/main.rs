@@ -79,6 +79,12 @@ enum Cmd {
         /// Replace what lies outside the cell with a constant background.
         #[arg(long)]
         mask_background: bool,
+        /// Show the model the stain-normalised colour view instead of the grey one.
+        #[arg(long)]
+        colour: bool,
+        /// Equalise the grey view's histogram.
+        #[arg(long)]
+        equalise: bool,
     },
     /// Cut the annotated white cells out of smear fields (Pascal VOC boxes) into a folder of
     /// cell images and an unlabelled `cells.csv` for `eval`.
@@ -157,6 +163,10 @@ enum Cmd {
         /// Val quantile of the familiarity score beyond which a cell is Unidentified.
         #[arg(long, default_value_t = 0.99)]
         ood_quantile: f64,
+        /// Share of the correctly called val blasts whose probability a Blast call must reach
+        /// (1 = no blast threshold).
+        #[arg(long, default_value_t = 0.98)]
+        blast_keep: f64,
         /// Do not send cells whose class differs from their nearest training cells' vote to review.
         #[arg(long)]
         no_agreement: bool,
@@ -174,7 +184,9 @@ enum Cmd {
 }
 
 fn parse_named(s: &str) -> Result<(String, PathBuf), String> {
-    let (name, path) = s.split_once('=').ok_or_else(|| format!("expected NAME=CSV, got {s:?}"))?;
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=CSV, got {s:?}"))?;
     if name.is_empty() || path.is_empty() {
         return Err(format!("expected NAME=CSV, got {s:?}"));
     }
@@ -207,6 +219,8 @@ fn main() -> Result<()> {
             nucleus_fraction,
             detail_side,
             mask_background,
+            colour,
+            equalise,
         } => {
             let mut s = TrainSettings {
                 epochs,
@@ -223,6 +237,8 @@ fn main() -> Result<()> {
             }
             if let Some(c) = s.cell.as_mut() {
                 c.mask_background = mask_background;
+                c.grey = !colour || equalise;
+                c.equalise = equalise;
                 if let Some(f) = nucleus_fraction {
                     c.nucleus_fraction = f;
                 }
@@ -276,6 +292,7 @@ fn main() -> Result<()> {
             bank_per_class,
             ood_quantile,
             no_agreement,
+            blast_keep,
             other_site,
         } => {
             let key = keys::read_private(&key)?;
@@ -286,6 +303,7 @@ fn main() -> Result<()> {
                 bank_per_class,
                 ood_quantile,
                 require_agreement: !no_agreement,
+                blast_keep,
                 other_sites: other_site.iter().map(|(n, p)| (n.clone(), p.as_path())).collect(),
                 ..ExportOptions::new(&run, &pth, &key, &out, model_version)
             })?;

@@ -24,11 +24,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use wbc_shared::attributes::{ATTRIBUTES, NUM_ATTRIBUTES};
+use wbc_shared::cellnorm::CellNorm;
 use wbc_shared::classes::{CellClass, NUM_CLASSES};
 use wbc_shared::compact::mobilenet::{Backbone, fold_torchvision};
 use wbc_shared::compact::weights::Weights;
 use wbc_shared::compact::{CompactConfig, Trainable, attribute_logits_width, decode_attributes};
-use wbc_shared::cellnorm::CellNorm;
 use wbc_shared::image::{DecodeLimits, Preprocess};
 use wbc_shared::metrics::ConfusionMatrix;
 
