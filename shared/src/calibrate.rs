@@ -240,7 +240,8 @@ impl KnnBank {
                     .find(|&c| votes[c] == most)
                     .expect("k >= 1");
                 KnnOut {
-                    score: 1.0 - row[idx[self.k - 1]],
+                    // Rounding can push a cosine a hair past 1.
+                    score: 1.0 - row[idx[self.k - 1]].clamp(-1.0, 1.0),
                     vote,
                 }
             })

@@ -602,7 +602,11 @@ mod tests {
     #[test]
     fn the_hint_picks_the_cell_and_an_off_centre_cell_is_centred() {
         let img = smear(300, 200, 220.0, 100.0, 50.0, 22.0);
-        let n = CellNorm::default().apply(&img, Some([210.0, 110.0]));
+        let colour = CellNorm {
+            grey: false,
+            ..Default::default()
+        };
+        let n = colour.apply(&img, Some([210.0, 110.0]));
         assert!((n.centre[0] - 220.0).abs() < 4.0, "{:?}", n.centre);
         // The output's centre is the violet nucleus.
         let p = n.image.get_pixel(112, 112);
@@ -719,11 +723,13 @@ mod option_tests {
         let img = smear(240, 240, 120.0, 120.0, 50.0, 24.0);
         let full = CellNorm {
             detail_side: 0,
+            grey: false,
             ..Default::default()
         }
         .apply(&img, None);
         let low = CellNorm {
             detail_side: 56,
+            grey: false,
             ..Default::default()
         }
         .apply(&img, None);
