@@ -144,30 +144,17 @@ pub fn read_split(data: &Path) -> Result<(Vec<Sample>, Vec<Sample>)> {
 /// Decodes every sample's image as it is (the model's preprocessing comes later), on all
 /// cores. Bad images are returned as [`Rejected`], not errors.
 pub fn load_images(samples: Vec<Sample>, limits: &DecodeLimits) -> (Vec<(Sample, RgbImage)>, Vec<Rejected>) {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let chunk = samples.len().div_ceil(threads).max(1);
-    let results: Vec<Result<(Sample, RgbImage), Rejected>> = std::thread::scope(|s| {
-        let handles: Vec<_> = samples
-            .chunks(chunk)
-            .map(|part| {
-                s.spawn(move || {
-                    part.iter()
-                        .map(|smp| match load_rgb(&smp.path, limits) {
-                            Ok(img) => Ok((smp.clone(), img)),
-                            Err(e) => Err(Rejected {
-                                path: smp.path.clone(),
-                                reason: e.to_string(),
-                            }),
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("decode thread"))
-            .collect()
-    });
+    use rayon::prelude::*;
+    let results: Vec<Result<(Sample, RgbImage), Rejected>> = samples
+        .into_par_iter()
+        .map(|smp| match load_rgb(&smp.path, limits) {
+            Ok(img) => Ok((smp, img)),
+            Err(e) => Err(Rejected {
+                reason: e.to_string(),
+                path: smp.path,
+            }),
+        })
+        .collect();
     let mut ok = Vec::new();
     let mut bad = Vec::new();
     for r in results {

@@ -75,29 +75,19 @@ impl TrainSettings {
 /// Prepares images for the model on all cores, augmenting each first when `aug` is given.
 /// Deterministic for a given `seed`.
 pub fn prepare_all(pre: &Preprocess, images: &[RgbImage], aug: Option<&Augment>, seed: u64) -> Vec<RgbImage> {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let chunk = images.len().div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = images
-            .chunks(chunk)
-            .enumerate()
-            .map(|(k, part)| {
-                s.spawn(move || {
-                    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                    part.iter()
-                        .map(|img| match aug {
-                            Some(a) => pre.prepare(&a.apply(img, &mut rng), None).0,
-                            None => pre.prepare(img, None).0,
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("prepare thread"))
-            .collect()
-    })
+    use rayon::prelude::*;
+    images
+        .par_iter()
+        .enumerate()
+        .map(|(i, img)| match aug {
+            Some(a) => {
+                // One generator per image: the same views whatever the number of threads.
+                let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                pre.prepare(&a.apply(img, &mut rng), None).0
+            }
+            None => pre.prepare(img, None).0,
+        })
+        .collect()
 }
 
 impl Default for TrainSettings {
