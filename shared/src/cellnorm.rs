@@ -398,11 +398,15 @@ pub fn crop_square(img: &RgbImage, centre: [f32; 2], side: f32, out: u32, pad: O
         let m = i.rem_euclid(2 * n);
         if m < n { m } else { 2 * n - 1 - m }
     };
+    // Never build more than (8 · out)² pixels, however large the requested square: a huge
+    // image of one stained blob must not exhaust memory. Larger squares are sampled.
+    let r = s.min(8 * out.max(1) as i64);
+    let step = s as f64 / r as f64;
     let sq = if w == 0 || h == 0 {
-        RgbImage::from_pixel(s as u32, s as u32, pad.unwrap_or(Rgb([255, 255, 255])))
+        RgbImage::from_pixel(r as u32, r as u32, pad.unwrap_or(Rgb([255, 255, 255])))
     } else {
-        RgbImage::from_fn(s as u32, s as u32, |x, y| {
-            let (sx, sy) = (x0 + x as i64, y0 + y as i64);
+        RgbImage::from_fn(r as u32, r as u32, |x, y| {
+            let (sx, sy) = (x0 + (x as f64 * step) as i64, y0 + (y as f64 * step) as i64);
             let inside = (0..w).contains(&sx) && (0..h).contains(&sy);
             match pad {
                 Some(p) if !inside => p,
@@ -410,10 +414,10 @@ pub fn crop_square(img: &RgbImage, centre: [f32; 2], side: f32, out: u32, pad: O
             }
         })
     };
-    if s as u32 == out {
+    if r as u32 == out {
         sq
     } else {
-        let filter = if s as u32 > out {
+        let filter = if r as u32 > out {
             FilterType::Triangle
         } else {
             FilterType::CatmullRom
@@ -669,8 +673,13 @@ mod crop_tests {
         let mirrored = crop_square(&img, [0.0, 5.0], 10.0, 10, None);
         assert_eq!(mirrored.get_pixel(4, 5), &Rgb([0, 0, 0]), "column -1 mirrors column 0");
         assert_eq!(mirrored.get_pixel(0, 5), &Rgb([80, 0, 0]), "column -5 mirrors column 4");
-        // Far outside, and a huge side, still work.
+        // Far outside, and a huge side, still work (and stay small in memory).
         assert_eq!(crop_square(&img, [500.0, -300.0], 40.0, 8, None).dimensions(), (8, 8));
+        assert_eq!(crop_square(&img, [5.0, 5.0], 1.0e6, 8, None).dimensions(), (8, 8));
+        // A huge image that is one stained blob normalises without building a huge square.
+        let blob = RgbImage::from_pixel(3000, 3000, Rgb([90, 50, 150]));
+        let n = CellNorm::default().apply(&blob, None);
+        assert_eq!(n.image.dimensions(), (224, 224));
     }
 }
 
