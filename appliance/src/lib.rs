@@ -3,11 +3,13 @@
 
 use anyhow::{Context, Result, bail};
 use ed25519_dalek::VerifyingKey;
+use image::RgbImage;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use wbc_shared::bundle::{Bundle, keys};
 use wbc_shared::classify::Classifier;
+use wbc_shared::finder::{FinderConfig, cell_crop, find_cells, mean_colour};
 use wbc_shared::image::{DecodeLimits, load_rgb};
 use wbc_shared::messages::{CellResult, ReviewReason};
 
@@ -45,7 +47,8 @@ pub struct CellJson {
     pub description: String,
     /// Predicted morphology attributes.
     pub attributes: BTreeMap<String, String>,
-    /// Why the cell is Unidentified (`low_confidence`, `unfamiliar`, `no_cell`).
+    /// Why the cell is Unidentified (`low_confidence`, `unfamiliar`, `neighbours_disagree`,
+    /// `no_cell`, `edge_cut`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub review_reason: Option<ReviewReason>,
     /// How much the cell looks like the training cells (0..1), where the model measures it.
@@ -76,6 +79,78 @@ impl CellJson {
             familiarity: r.familiarity,
         }
     }
+}
+
+impl CellJson {
+    /// A cell cut by the field's edge: reported, not classified.
+    pub fn edge_cut(bbox: [u32; 4]) -> Self {
+        CellJson {
+            bbox,
+            class: "Unidentified".into(),
+            probabilities: BTreeMap::new(),
+            confidence: 0.0,
+            description: "Cut by the edge of the field: not classified; move the stage to see it whole.".into(),
+            attributes: BTreeMap::new(),
+            review_reason: Some(ReviewReason::EdgeCut),
+            familiarity: None,
+        }
+    }
+}
+
+/// Rounds a box to whole pixels within a `w × h` image.
+fn pixel_box(b: [f32; 4], w: u32, h: u32) -> [u32; 4] {
+    let c = |v: f32, max: u32| (v.round().max(0.0) as u32).min(max);
+    [c(b[0], w), c(b[1], h), c(b[2], w), c(b[3], h)]
+}
+
+/// Finds every white cell of a field whose pixels are `microns_per_pixel` µm, and classifies
+/// those not cut by its edge (the classifier is told the same pixel size). Cells in reading
+/// order.
+pub fn classify_field(
+    classifier: &Classifier,
+    field: &RgbImage,
+    microns_per_pixel: f32,
+    finder: &FinderConfig,
+) -> Vec<CellJson> {
+    let found = find_cells(field, microns_per_pixel, finder);
+    let pad = mean_colour(field);
+    let whole: Vec<_> = found.iter().filter(|c| !c.edge_cut).collect();
+    let crops: Vec<RgbImage> = whole.iter().map(|c| cell_crop(field, c.bbox, pad)).collect();
+    let preds = classifier.predict_at(&crops, &vec![Some(microns_per_pixel); crops.len()]);
+    let mut results = preds.iter().map(|p| classifier.result(p));
+    let (w, h) = field.dimensions();
+    found
+        .iter()
+        .map(|c| {
+            let b = pixel_box(c.bbox, w, h);
+            if c.edge_cut {
+                CellJson::edge_cut(b)
+            } else {
+                CellJson::new(&results.next().expect("one result per whole cell"), b)
+            }
+        })
+        .collect()
+}
+
+/// Classifies each image as a microscope field: every white cell found in it.
+pub fn classify_fields(
+    classifier: &Classifier,
+    paths: &[PathBuf],
+    microns_per_pixel: f32,
+    finder: &FinderConfig,
+) -> Vec<(PathBuf, Result<ImageJson>)> {
+    paths
+        .iter()
+        .map(|p| {
+            let r = load_rgb(p, &DecodeLimits::default())
+                .map_err(anyhow::Error::from)
+                .map(|img| ImageJson {
+                    image: p.display().to_string(),
+                    cells: classify_field(classifier, &img, microns_per_pixel, finder),
+                });
+            (p.clone(), r)
+        })
+        .collect()
 }
 
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif"];
@@ -128,14 +203,108 @@ pub fn classify_single_cells(classifier: &Classifier, paths: &[PathBuf]) -> Vec<
         .collect()
 }
 
+/// How well the finder finds the annotated white cells of a folder of VOC fields.
+#[derive(Debug, Serialize)]
+pub struct FinderReport {
+    /// Fields evaluated.
+    pub fields: usize,
+    /// Fields that could not be read (reported and skipped).
+    pub unreadable: usize,
+    /// Annotated white cells.
+    pub annotated: usize,
+    /// Cells found (edge-cut ones included: they are reported too).
+    pub found: usize,
+    /// Found cells cut by the field's edge.
+    pub edge_cut: usize,
+    /// Matches at the IoU threshold.
+    pub matches: wbc_shared::finder::BoxMatch,
+    /// IoU threshold.
+    pub min_iou: f32,
+    /// Recall of annotated white cells.
+    pub recall: f64,
+    /// Precision of found cells.
+    pub precision: f64,
+    /// Pixel size used (µm).
+    pub microns_per_pixel: f32,
+    /// Where it came from: `given` or `red_cells` (the annotated red cells' median size).
+    pub pixel_size_from: String,
+}
+
+/// Runs the finder over a folder with `images/` and `annotations/` (Pascal VOC, `WBC` boxes)
+/// and matches what it finds to the annotated white cells at IoU `min_iou`. The pixel size is
+/// `microns_per_pixel`, or what the annotated red cells give (one value for the whole folder,
+/// as a camera's calibration would be).
+pub fn evaluate_finder(
+    fields: &Path,
+    microns_per_pixel: Option<f32>,
+    finder: &FinderConfig,
+    min_iou: f32,
+) -> Result<FinderReport> {
+    let ann = wbc_shared::voc::read_dir(&fields.join("annotations"))?;
+    let images: Vec<_> = ann.iter().map(|(_, v)| v.clone()).collect();
+    let (um, from) = match microns_per_pixel {
+        Some(u) => (u, "given"),
+        None => (
+            wbc_shared::voc::red_cell_microns_per_pixel(&images)
+                .context("no pixel size given and too few annotated red cells to measure one")?,
+            "red_cells",
+        ),
+    };
+    let mut r = FinderReport {
+        fields: 0,
+        unreadable: 0,
+        annotated: 0,
+        found: 0,
+        edge_cut: 0,
+        matches: Default::default(),
+        min_iou,
+        recall: 0.0,
+        precision: 0.0,
+        microns_per_pixel: um,
+        pixel_size_from: from.into(),
+    };
+    for v in images {
+        let path = fields.join("images").join(&v.filename);
+        let img = match load_rgb(&path, &DecodeLimits::default()) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "skipping field");
+                r.unreadable += 1;
+                continue;
+            }
+        };
+        let truth: Vec<[f32; 4]> = v.objects.iter().filter(|o| o.name == "WBC").map(|o| o.bbox).collect();
+        let found = find_cells(&img, um, finder);
+        let boxes: Vec<[f32; 4]> = found.iter().map(|c| c.bbox).collect();
+        r.fields += 1;
+        r.annotated += truth.len();
+        r.found += found.len();
+        r.edge_cut += found.iter().filter(|c| c.edge_cut).count();
+        r.matches.add(wbc_shared::finder::match_boxes(&boxes, &truth, min_iou));
+    }
+    if r.fields == 0 {
+        bail!("{}: no readable fields", fields.display());
+    }
+    r.recall = r.matches.recall();
+    r.precision = r.matches.precision();
+    Ok(r)
+}
+
 /// Human-readable report of one image.
 pub fn render_text(img: &ImageJson) -> String {
     let mut s = String::new();
+    if img.cells.is_empty() {
+        s.push_str(&format!("{}: no white cells found\n", img.image));
+    }
     for c in &img.cells {
         s.push_str(&format!(
-            "{}: {} (confidence {:.3})\n",
-            img.image, c.class, c.confidence
+            "{}: {} (confidence {:.3}) at {:?}\n",
+            img.image, c.class, c.confidence, c.bbox
         ));
+        if c.probabilities.is_empty() {
+            s.push_str(&format!("  {}\n", c.description));
+            continue;
+        }
         let probs: Vec<String> = wbc_shared::CellClass::ALL
             .iter()
             .map(|k| {

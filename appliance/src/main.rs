@@ -1,10 +1,13 @@
 //! `appliance`: the clinic box's command line.
 
 use anyhow::{Result, bail};
-use appliance::{classify_single_cells, expand_inputs, open_bundle, render_text, trusted_keys};
+use appliance::{
+    classify_fields, classify_single_cells, evaluate_finder, expand_inputs, open_bundle, render_text, trusted_keys,
+};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use wbc_shared::classify::Classifier;
+use wbc_shared::finder::FinderConfig;
 
 #[derive(Parser)]
 #[command(name = "appliance", version, about = "White-blood-cell differential appliance")]
@@ -15,9 +18,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Classify and describe cell images with the active model (default: the embedded bundle).
+    /// Find, classify and describe the white cells of microscope fields (or, with
+    /// `--single-cell`, of single-cell images) with the active model (default: the embedded
+    /// bundle).
     Classify {
-        /// Treat each image as one centred cell (as the reference study's demo did).
+        /// Treat each image as one centred cell (as the reference study's demo did) instead of
+        /// a field in which to find the white cells.
         #[arg(long)]
         single_cell: bool,
         /// One JSON object per input image per line.
@@ -32,10 +38,41 @@ enum Cmd {
         /// Below this confidence a cell is reported as Unidentified, for review.
         #[arg(long, default_value_t = 0.5)]
         min_confidence: f32,
+        /// Pixel size of the images in micrometres (the camera's calibration at this
+        /// objective). Default: the pixel size of the model's reference images, recorded in
+        /// the bundle.
+        #[arg(long)]
+        microns_per_pixel: Option<f32>,
         /// Images or folders of images.
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
     },
+    /// Measure the cell finder on annotated fields (Pascal VOC `WBC` boxes): recall and
+    /// precision at an IoU threshold.
+    EvalFinder {
+        /// Folder with `images/` and `annotations/`.
+        #[arg(long)]
+        fields: PathBuf,
+        /// Pixel size of the fields (µm). Default: from the annotated red cells (7.5 µm).
+        #[arg(long)]
+        microns_per_pixel: Option<f32>,
+        /// IoU at which a found box matches an annotated one.
+        #[arg(long, default_value_t = 0.5)]
+        min_iou: f32,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Refuses a pixel size that cannot be one.
+fn check_pixel_size(um: Option<f32>) -> Result<()> {
+    match um {
+        Some(um) if !(um.is_finite() && um > 0.0 && um < 100.0) => {
+            bail!("--microns-per-pixel must be a positive number of micrometres, got {um}")
+        }
+        _ => Ok(()),
+    }
 }
 
 fn main() -> Result<()> {
@@ -50,16 +87,13 @@ fn main() -> Result<()> {
             bundle,
             trust,
             min_confidence,
+            microns_per_pixel,
             inputs,
         } => {
-            if !single_cell {
-                bail!(
-                    "finding cells in whole microscope fields is not available yet; pass --single-cell for images that each show one centred cell"
-                );
-            }
             if !(0.0..=1.0).contains(&min_confidence) {
                 bail!("--min-confidence must be between 0 and 1, got {min_confidence}");
             }
+            check_pixel_size(microns_per_pixel)?;
             let bundle = open_bundle(bundle.as_deref(), &trusted_keys(&trust)?)?;
             let device = burn::tensor::Device::flex();
             tracing::info!(
@@ -67,10 +101,35 @@ fn main() -> Result<()> {
                 model_version = bundle.manifest.model_version,
                 "model loaded"
             );
-            let classifier = Classifier::from_bundle(&bundle, &device)?.with_min_confidence(min_confidence);
+            let classifier = Classifier::from_bundle(&bundle, &device)?
+                .with_min_confidence(min_confidence)
+                .with_microns_per_pixel(microns_per_pixel);
             let paths = expand_inputs(&inputs)?;
+            let results = if single_cell {
+                classify_single_cells(&classifier, &paths)
+            } else {
+                let um = match microns_per_pixel {
+                    Some(um) => um,
+                    None => {
+                        let um = bundle
+                            .manifest
+                            .preprocess
+                            .cell
+                            .as_ref()
+                            .map(|c| c.default_microns_per_pixel)
+                            .filter(|u| *u > 0.0)
+                            .unwrap_or(0.143);
+                        tracing::warn!(
+                            microns_per_pixel = um,
+                            "no pixel size given for these fields (--microns-per-pixel): assuming the model's reference"
+                        );
+                        um
+                    }
+                };
+                classify_fields(&classifier, &paths, um, &FinderConfig::default())
+            };
             let mut failed = 0;
-            for (path, r) in classify_single_cells(&classifier, &paths) {
+            for (path, r) in results {
                 match r {
                     Ok(img) if json => println!("{}", serde_json::to_string(&img)?),
                     Ok(img) => print!("{}", render_text(&img)),
@@ -82,6 +141,40 @@ fn main() -> Result<()> {
             }
             if failed > 0 {
                 bail!("{failed} of {} images could not be classified", paths.len());
+            }
+        }
+        Cmd::EvalFinder {
+            fields,
+            microns_per_pixel,
+            min_iou,
+            json,
+        } => {
+            check_pixel_size(microns_per_pixel)?;
+            if !(0.0..=1.0).contains(&min_iou) {
+                bail!("--min-iou must be between 0 and 1, got {min_iou}");
+            }
+            let r = evaluate_finder(&fields, microns_per_pixel, &FinderConfig::default(), min_iou)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{} fields ({} unreadable), {} annotated white cells, {} found ({} cut by the edge)\n\
+                     at IoU {}: recall {:.3}, precision {:.3} ({} true positives, {} false positives, {} missed)\n\
+                     pixel size {:.4} µm ({})",
+                    r.fields,
+                    r.unreadable,
+                    r.annotated,
+                    r.found,
+                    r.edge_cut,
+                    r.min_iou,
+                    r.recall,
+                    r.precision,
+                    r.matches.true_positives,
+                    r.matches.false_positives,
+                    r.matches.false_negatives,
+                    r.microns_per_pixel,
+                    r.pixel_size_from
+                );
             }
         }
     }

@@ -130,11 +130,78 @@ fn a_tampered_or_untrusted_bundle_is_refused_with_a_reason() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not trust"));
 }
 
+fn fields() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fields")
+}
+
+/// The annotated white-cell boxes of a fixture field.
+fn annotated_wbcs(field: &str) -> Vec<[f32; 4]> {
+    let xml = std::fs::read_to_string(fields().join("annotations").join(format!("{field}.xml"))).unwrap();
+    let v = wbc_shared::voc::parse(&xml, std::path::Path::new(field)).unwrap();
+    v.objects.iter().filter(|o| o.name == "WBC").map(|o| o.bbox).collect()
+}
+
 #[test]
-fn field_mode_is_refused_until_cell_finding_exists() {
-    let out = appliance(&["classify", fixtures().join("LY_106354.jpg").to_str().unwrap()]);
+fn field_mode_finds_and_classifies_each_white_cell_with_its_box() {
+    let out = appliance(&[
+        "classify",
+        "--json",
+        "--microns-per-pixel=0.072",
+        fields().join("images").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    for v in &lines {
+        let image = PathBuf::from(v["image"].as_str().unwrap());
+        let field = image.file_stem().unwrap().to_str().unwrap();
+        let truth = annotated_wbcs(field);
+        let cells = v["cells"].as_array().unwrap();
+        assert_eq!(cells.len(), truth.len(), "{field}: {stdout}");
+        for (c, t) in cells.iter().zip(&truth) {
+            let b: Vec<f32> = c["box"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            let iou = wbc_shared::finder::iou([b[0], b[1], b[2], b[3]], *t);
+            assert!(iou >= 0.5, "{field}: found {b:?}, annotated {t:?} (IoU {iou})");
+            assert!(b[2] <= 640.0 && b[3] <= 480.0, "box within the field");
+            let probs = c["probabilities"].as_object().unwrap();
+            assert!(c["description"].as_str().unwrap().len() > 20);
+            // The white cell of field 338 runs off its bottom edge (annotated as truncated):
+            // reported, not classified.
+            if field == "BloodImage_00338" {
+                assert_eq!(c["review_reason"], "edge_cut", "{c}");
+                assert_eq!(c["class"], "Unidentified");
+                assert!(probs.is_empty());
+            } else {
+                assert_eq!(probs.len(), 6, "{c}");
+                assert_ne!(c["review_reason"], "edge_cut");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_finder_is_measured_on_annotated_fields() {
+    let out = appliance(&["eval-finder", "--json", "--fields", fields().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["fields"], 2);
+    assert_eq!(r["annotated"], 2);
+    assert_eq!(r["recall"], 1.0, "{r}");
+    assert_eq!(r["precision"], 1.0, "{r}");
+    assert_eq!(r["pixel_size_from"], "red_cells");
+    let um = r["microns_per_pixel"].as_f64().unwrap();
+    assert!((0.06..0.09).contains(&um), "{um}");
+    // A folder without annotations is a clear error.
+    let empty = tempfile::tempdir().unwrap();
+    let out = appliance(&["eval-finder", "--fields", empty.path().to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--single-cell"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("annotations"));
 }
 
 #[test]
@@ -171,4 +238,28 @@ fn blasts_are_described_by_class_not_by_attribute_heads_never_trained_on_blasts(
             .unwrap()
             .contains("Consistent with a neutrophil")
     );
+}
+
+#[test]
+fn a_nonsensical_pixel_size_is_refused() {
+    let cell = fixtures().join("MYO_0024.jpg");
+    for bad in ["0", "-0.1", "NaN", "inf", "1000"] {
+        let out = appliance(&[
+            "classify",
+            "--single-cell",
+            &format!("--microns-per-pixel={bad}"),
+            cell.to_str().unwrap(),
+        ]);
+        assert!(!out.status.success(), "{bad} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--microns-per-pixel"), "{bad}: {err}");
+    }
+    // A plausible one is used.
+    let out = appliance(&[
+        "classify",
+        "--single-cell",
+        "--microns-per-pixel=0.12",
+        cell.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -6,18 +6,22 @@
 //!    them from red cells (pink, `B < G`) and plasma on every stain seen so far. An Otsu
 //!    threshold finds the nucleus; a lower threshold grown from it finds the cytoplasm.
 //! 2. Measure the cell: its centre, its diameter and its nucleus' extent.
-//! 3. Crop a square around the cell so that its nucleus spans [`CellNorm::nucleus_fraction`]
-//!    of the side, whatever the source's magnification and framing, and resize to the model
-//!    input. The nucleus is the scale because it segments reliably on every stain, whereas
-//!    pale cytoplasm can be lost against plasma; the cytoplasm around it keeps its natural
-//!    proportion (the nuclear-cytoplasmic ratio is itself a feature of the cell).
+//! 3. Crop a square around the cell and resize it to the model input. Two scales:
+//!    - physical ([`CellNorm::view_microns`] > 0): the square covers a fixed width of smear in
+//!      micrometres, given the image's pixel size (the camera's calibration, a source's known
+//!      scale, or the red cells of a field as a ruler). A blast then looks twice the size of a
+//!      small lymphocyte, as it is, whatever the magnification;
+//!    - relative (otherwise): the nucleus spans [`CellNorm::nucleus_fraction`] of the side.
+//!      The nucleus is the scale because it segments reliably on every stain, whereas pale
+//!      cytoplasm can be lost against plasma.
 //! 4. Normalise the stain (Reinhard: match the crop's mean and spread in a Lab-like space to
 //!    a fixed reference) and, optionally, replace everything outside the cell by a constant
 //!    background so that the surroundings of a source cannot stand in for the cell.
 //!
-//! Size: with the background kept, the red cells around the cell (about 7.5 µm across in every
-//! smear) stay in the view at a scale set by the nucleus, so the model sees how large the
-//! cell is relative to them — a blast next to a lymphocyte — whatever the magnification.
+//! Size: the physical scale keeps it outright. With the relative scale and the background
+//! kept, the red cells around the cell (about 7.5 µm across in every smear) stay in the view
+//! at a scale set by the nucleus, so the model can still see how large the cell is relative
+//! to them — but only where red cells are in view.
 //!
 //! When no cell is found (no stained region), the image is centre-cropped and stain-normalised
 //! and the result says so: the caller decides whether to trust it.
@@ -33,8 +37,16 @@ use serde::{Deserialize, Serialize};
 pub struct CellNorm {
     /// Side of the square output, in pixels.
     pub output_size: u32,
-    /// Fraction of the output side that the nucleus' extent spans.
+    /// Fraction of the output side that the nucleus' extent spans (relative scale).
     pub nucleus_fraction: f32,
+    /// Physical scale: the view covers this many micrometres of smear, so that the cell's size
+    /// is kept. `0` selects the relative scale (`nucleus_fraction`).
+    #[serde(default)]
+    pub view_microns: f32,
+    /// Pixel size (µm) assumed for images whose pixel size is not given, with the physical
+    /// scale: that of the reference source's images.
+    #[serde(default)]
+    pub default_microns_per_pixel: f32,
     /// Resolution normalisation: the view is first made at this side and then enlarged to
     /// `output_size`, so that every source shows the cell with the same amount of detail (a
     /// sharp scanner's fine texture is not a cue that a blurry camera can never give).
@@ -65,6 +77,8 @@ impl Default for CellNorm {
         CellNorm {
             output_size: 224,
             nucleus_fraction: 0.4,
+            view_microns: 0.0,
+            default_microns_per_pixel: 0.0,
             detail_side: 112,
             grey: true,
             equalise: false,
@@ -119,9 +133,32 @@ struct Found {
 }
 
 impl CellNorm {
+    /// Whether the view keeps the cell's physical size.
+    pub fn physical(&self) -> bool {
+        self.view_microns > 0.0
+    }
+
+    /// Side of the crop in input pixels, for a nucleus of `nucleus` input pixels in an image
+    /// whose pixels are `microns_per_pixel` µm (the default when `None` or not a positive
+    /// number).
+    fn crop_side(&self, nucleus: f32, microns_per_pixel: Option<f32>) -> f32 {
+        if !self.physical() {
+            return (nucleus / self.nucleus_fraction).max(8.0);
+        }
+        let um = microns_per_pixel
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .unwrap_or(self.default_microns_per_pixel);
+        if um > 0.0 {
+            (self.view_microns / um).max(8.0)
+        } else {
+            (nucleus / self.nucleus_fraction).max(8.0)
+        }
+    }
+
     /// Normalises one cell image. `hint` is where the cell should be (input pixels); the image
-    /// centre when `None`.
-    pub fn apply(&self, img: &RgbImage, hint: Option<[f32; 2]>) -> NormalisedCell {
+    /// centre when `None`. `microns_per_pixel` is the image's pixel size, used by the physical
+    /// scale.
+    pub fn apply(&self, img: &RgbImage, hint: Option<[f32; 2]>, microns_per_pixel: Option<f32>) -> NormalisedCell {
         let (w, h) = img.dimensions();
         let scale = (WORK_SIDE as f32 / w.max(h).max(1) as f32).min(1.0);
         let (ww, wh) = (
@@ -151,7 +188,7 @@ impl CellNorm {
                 ([w as f32 / 2.0, h as f32 / 2.0], n, n, false, false)
             }
         };
-        let side = (nucleus / self.nucleus_fraction).max(8.0);
+        let side = self.crop_side(nucleus, microns_per_pixel);
         let mut out = if self.detail_side > 0 && self.detail_side < self.output_size {
             let low = crop_square(img, centre, side, self.detail_side, None);
             let s = self.output_size;
@@ -195,7 +232,7 @@ impl CellNorm {
 }
 
 /// Otsu threshold of values.
-fn otsu(values: &[f32]) -> f32 {
+pub(crate) fn otsu(values: &[f32]) -> f32 {
     let (lo, hi) = values
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
@@ -229,14 +266,15 @@ fn otsu(values: &[f32]) -> f32 {
     best_t
 }
 
-fn percentile(values: &[f32], q: f32) -> f32 {
+/// The `q` quantile of values (nearest rank); `values` must not be empty.
+pub(crate) fn percentile(values: &[f32], q: f32) -> f32 {
     let mut v = values.to_vec();
     v.sort_by(f32::total_cmp);
     v[((v.len() - 1) as f32 * q).round() as usize]
 }
 
 /// 8-connected components of a mask: label per pixel (0 = background) and their count.
-fn components(mask: &[bool], w: usize, h: usize) -> (Vec<u32>, u32) {
+pub(crate) fn components(mask: &[bool], w: usize, h: usize) -> (Vec<u32>, u32) {
     let mut label = vec![0u32; mask.len()];
     let mut next = 0;
     let mut stack = Vec::new();
@@ -267,8 +305,14 @@ fn components(mask: &[bool], w: usize, h: usize) -> (Vec<u32>, u32) {
     (label, next)
 }
 
+/// Binary erosion by a square of radius `r` (outside the image counts as set).
+pub(crate) fn erode(mask: &[bool], w: usize, h: usize, r: usize) -> Vec<bool> {
+    let inverse: Vec<bool> = mask.iter().map(|m| !m).collect();
+    dilate(&inverse, w, h, r).into_iter().map(|m| !m).collect()
+}
+
 /// Binary dilation by a square of radius `r`.
-fn dilate(mask: &[bool], w: usize, h: usize, r: usize) -> Vec<bool> {
+pub(crate) fn dilate(mask: &[bool], w: usize, h: usize, r: usize) -> Vec<bool> {
     let mut rows = vec![false; mask.len()];
     for y in 0..h {
         for x in 0..w {
@@ -535,7 +579,7 @@ fn mask_disc(img: &mut RgbImage, r: f32, bg: Rgb<u8>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A synthetic smear: pink plasma, red cells of diameter `rbc` on a grid, one violet
@@ -572,7 +616,7 @@ mod tests {
     #[test]
     fn finds_the_cell_and_measures_it() {
         let img = smear(240, 200, 130.0, 90.0, 48.0, 24.0);
-        let n = CellNorm::default().apply(&img, None);
+        let n = CellNorm::default().apply(&img, None, None);
         assert!(n.found);
         assert!(
             (n.centre[0] - 130.0).abs() < 3.0 && (n.centre[1] - 90.0).abs() < 3.0,
@@ -589,8 +633,8 @@ mod tests {
     #[test]
     fn the_same_cell_at_two_magnifications_gives_the_same_view() {
         let norm = CellNorm::default();
-        let small = norm.apply(&smear(200, 200, 100.0, 100.0, 40.0, 20.0), None);
-        let large = norm.apply(&smear(400, 400, 200.0, 200.0, 80.0, 40.0), None);
+        let small = norm.apply(&smear(200, 200, 100.0, 100.0, 40.0, 20.0), None, None);
+        let large = norm.apply(&smear(400, 400, 200.0, 200.0, 80.0, 40.0), None, None);
         assert!((2.0 * small.diameter_px - large.diameter_px).abs() < 6.0);
         // Compare the two views pixel by pixel: mean absolute difference small.
         let diff: f64 = small
@@ -603,6 +647,56 @@ mod tests {
         assert!(diff < 12.0, "views differ by {diff} per channel");
     }
 
+    /// A colour view at the physical scale: 30 µm of smear.
+    fn physical() -> CellNorm {
+        CellNorm {
+            view_microns: 30.0,
+            default_microns_per_pixel: 0.25,
+            grey: false,
+            ..Default::default()
+        }
+    }
+
+    /// Nucleus extent measured in a view, in view pixels.
+    fn nucleus_in_view(view: &RgbImage) -> f32 {
+        let colour = CellNorm {
+            grey: false,
+            ..Default::default()
+        };
+        let n = colour.apply(view, None, None);
+        assert!(n.found);
+        n.nucleus_px
+    }
+
+    #[test]
+    fn the_physical_scale_keeps_the_cells_size() {
+        let norm = physical();
+        // A 16 µm and an 8 µm cell at 0.2 µm per pixel.
+        let big = norm.apply(&smear(300, 300, 150.0, 150.0, 80.0, 37.0), None, Some(0.2));
+        let small = norm.apply(&smear(300, 300, 150.0, 150.0, 40.0, 37.0), None, Some(0.2));
+        let (b, s) = (nucleus_in_view(&big.image), nucleus_in_view(&small.image));
+        assert!((b / s - 2.0).abs() < 0.25, "nuclei of {b} and {s} view pixels");
+        // 0.6 × 16 µm nucleus in a 30 µm view of 224 px.
+        let expected = 0.6 * 16.0 / 30.0 * 224.0;
+        assert!((b - expected).abs() < 0.1 * expected, "{b} vs {expected}");
+    }
+
+    #[test]
+    fn the_physical_scale_gives_one_view_at_any_magnification_given_the_pixel_size() {
+        let norm = physical();
+        let coarse = norm.apply(&smear(200, 200, 100.0, 100.0, 60.0, 28.0), None, Some(0.2));
+        let fine = norm.apply(&smear(400, 400, 200.0, 200.0, 120.0, 56.0), None, Some(0.1));
+        let (c, f) = (nucleus_in_view(&coarse.image), nucleus_in_view(&fine.image));
+        assert!((c - f).abs() < 0.08 * f, "nuclei of {c} and {f} view pixels");
+        // Without the pixel size, the default applies; a nonsensical one is ignored too.
+        let default = norm.apply(&smear(200, 200, 100.0, 100.0, 48.0, 30.0), None, None);
+        let nan = norm.apply(&smear(200, 200, 100.0, 100.0, 48.0, 30.0), None, Some(f32::NAN));
+        assert_eq!(default.image, nan.image);
+        let expected = 0.6 * 48.0 * 0.25 / 30.0 * 224.0;
+        let d = nucleus_in_view(&default.image);
+        assert!((d - expected).abs() < 0.1 * expected, "{d} vs {expected}");
+    }
+
     #[test]
     fn the_hint_picks_the_cell_and_an_off_centre_cell_is_centred() {
         let img = smear(300, 200, 220.0, 100.0, 50.0, 22.0);
@@ -610,7 +704,7 @@ mod tests {
             grey: false,
             ..Default::default()
         };
-        let n = colour.apply(&img, Some([210.0, 110.0]));
+        let n = colour.apply(&img, Some([210.0, 110.0]), None);
         assert!((n.centre[0] - 220.0).abs() < 4.0, "{:?}", n.centre);
         // The output's centre is the violet nucleus.
         let p = n.image.get_pixel(112, 112);
@@ -620,21 +714,21 @@ mod tests {
     #[test]
     fn blank_or_red_only_images_are_reported_as_not_found() {
         let blank = RgbImage::from_pixel(100, 80, Rgb([240, 240, 240]));
-        let n = CellNorm::default().apply(&blank, None);
+        let n = CellNorm::default().apply(&blank, None, None);
         assert!(!n.found);
         assert_eq!(n.image.dimensions(), (224, 224));
         let mut red = smear(120, 120, -100.0, -100.0, 10.0, 20.0);
-        let n = CellNorm::default().apply(&red, None);
+        let n = CellNorm::default().apply(&red, None, None);
         assert!(!n.found, "red cells alone are no white cell");
         // Tiny and degenerate inputs do not panic.
         red = RgbImage::new(1, 1);
-        assert!(!CellNorm::default().apply(&red, None).found);
+        assert!(!CellNorm::default().apply(&red, None, None).found);
     }
 
     #[test]
     fn a_cell_cut_by_the_edge_is_flagged() {
         let img = smear(200, 200, 10.0, 100.0, 60.0, 20.0);
-        let n = CellNorm::default().apply(&img, Some([10.0, 100.0]));
+        let n = CellNorm::default().apply(&img, Some([10.0, 100.0]), None);
         assert!(n.found && n.touches_edge);
     }
 
@@ -678,7 +772,7 @@ mod crop_tests {
         assert_eq!(crop_square(&img, [5.0, 5.0], 1.0e6, 8, None).dimensions(), (8, 8));
         // A huge image that is one stained blob normalises without building a huge square.
         let blob = RgbImage::from_pixel(3000, 3000, Rgb([90, 50, 150]));
-        let n = CellNorm::default().apply(&blob, None);
+        let n = CellNorm::default().apply(&blob, None, None);
         assert_eq!(n.image.dimensions(), (224, 224));
     }
 }
@@ -695,8 +789,8 @@ mod option_tests {
             mask_background: true,
             ..Default::default()
         }
-        .apply(&img, None);
-        let kept = CellNorm::default().apply(&img, None);
+        .apply(&img, None, None);
+        let kept = CellNorm::default().apply(&img, None, None);
         let bg = masked.image.get_pixel(0, 0);
         assert!(masked.image.get_pixel(223, 223) == bg && masked.image.get_pixel(0, 223) == bg);
         // With the surroundings kept the corners differ (red cells and plasma).
@@ -719,7 +813,7 @@ mod option_tests {
             equalise: true,
             ..Default::default()
         };
-        let (a, b) = (norm.apply(&img, None), norm.apply(&dim, None));
+        let (a, b) = (norm.apply(&img, None, None), norm.apply(&dim, None, None));
         let p = a.image.get_pixel(100, 60);
         assert!(p[0] == p[1] && p[1] == p[2], "grey view");
         let mean = |n: &NormalisedCell| n.image.pixels().map(|p| p[0] as f64).sum::<f64>() / (224.0 * 224.0);
@@ -735,13 +829,13 @@ mod option_tests {
             grey: false,
             ..Default::default()
         }
-        .apply(&img, None);
+        .apply(&img, None, None);
         let low = CellNorm {
             detail_side: 56,
             grey: false,
             ..Default::default()
         }
-        .apply(&img, None);
+        .apply(&img, None, None);
         assert_eq!(low.image.dimensions(), full.image.dimensions());
         // Edges get softer: the summed absolute horizontal gradient drops.
         let grad = |i: &RgbImage| -> f64 {

@@ -25,6 +25,9 @@ pub struct Classifier {
     pub model_version: u64,
     /// Below this top probability a cell is reported as Unidentified.
     pub min_confidence: f32,
+    /// Pixel size of the images this classifier is given (the camera's calibration), for
+    /// models that see cells at a physical scale; the bundle's default when `None`.
+    pub microns_per_pixel: Option<f32>,
 }
 
 impl Classifier {
@@ -101,6 +104,7 @@ impl Classifier {
             knn: None,
             model_version,
             min_confidence: 0.0,
+            microns_per_pixel: None,
         }
     }
 
@@ -110,20 +114,33 @@ impl Classifier {
         self
     }
 
+    /// Sets the pixel size of the images to come (µm per pixel).
+    pub fn with_microns_per_pixel(mut self, um: Option<f32>) -> Self {
+        self.microns_per_pixel = um;
+        self
+    }
+
     /// Preprocessing of this model.
     pub fn preprocess(&self) -> &Preprocess {
         &self.pre
     }
 
-    /// Raw predictions for cell images (any size: centre-cropped and resized).
+    /// Raw predictions for cell images (any size), at the classifier's pixel size.
     pub fn predict(&self, images: &[RgbImage]) -> Vec<Prediction> {
+        self.predict_at(images, &vec![self.microns_per_pixel; images.len()])
+    }
+
+    /// Raw predictions for cell images, each with its own pixel size (µm; the bundle's
+    /// default where `None`). `scales` has one entry per image.
+    pub fn predict_at(&self, images: &[RgbImage], scales: &[Option<f32>]) -> Vec<Prediction> {
+        assert_eq!(images.len(), scales.len(), "one pixel size per image");
         let s = self.pre.input_size as usize;
         let mut out = Vec::with_capacity(images.len());
-        for chunk in images.chunks(BATCH) {
+        for (chunk, um) in images.chunks(BATCH).zip(scales.chunks(BATCH)) {
             let mut buf = Vec::with_capacity(chunk.len() * 3 * s * s);
             let mut found = Vec::with_capacity(chunk.len());
-            for img in chunk {
-                let (view, cell) = self.pre.prepare(img, None);
+            for (img, um) in chunk.iter().zip(um) {
+                let (view, cell) = self.pre.prepare(img, None, *um);
                 self.pre.normalise_into(&view, &mut buf);
                 found.push(cell.map(|c| c.found));
             }
@@ -179,6 +196,9 @@ impl Classifier {
         let reason = review_reason(p, best, &self.calibration, self.min_confidence);
         r.description = match reason {
             None => r.description,
+            Some(ReviewReason::EdgeCut) => {
+                "Unidentified: the cell is cut by the edge of the field; left for review.".into()
+            }
             Some(ReviewReason::NoCell) => {
                 "Unidentified: no stained white cell was found in the image; left for review.".into()
             }

@@ -147,12 +147,18 @@ impl Preprocess {
     }
 
     /// The model's view of a cell image: normalised when the preprocessing has a cell step
-    /// (`hint`: where the cell should be, input pixels; the centre when `None`), otherwise
+    /// (`hint`: where the cell should be, input pixels; the centre when `None`;
+    /// `microns_per_pixel`: the image's pixel size, for a physical scale), otherwise
     /// centre-cropped and resized. Returns the measurements where normalisation ran.
-    pub fn prepare(&self, img: &RgbImage, hint: Option<[f32; 2]>) -> (RgbImage, Option<NormalisedCell>) {
+    pub fn prepare(
+        &self,
+        img: &RgbImage,
+        hint: Option<[f32; 2]>,
+        microns_per_pixel: Option<f32>,
+    ) -> (RgbImage, Option<NormalisedCell>) {
         match &self.cell {
             Some(norm) => {
-                let mut n = norm.apply(img, hint);
+                let mut n = norm.apply(img, hint, microns_per_pixel);
                 let view = if n.image.width() == self.input_size {
                     std::mem::take(&mut n.image)
                 } else {
@@ -207,7 +213,7 @@ impl Preprocess {
     /// Prepare ([`Preprocess::prepare`]) and normalise: the model input for one cell image, CHW.
     pub fn tensor_data(&self, img: &RgbImage) -> Vec<f32> {
         let mut out = Vec::with_capacity(3 * (self.input_size as usize).pow(2));
-        self.normalise_into(&self.prepare(img, None).0, &mut out);
+        self.normalise_into(&self.prepare(img, None, None).0, &mut out);
         out
     }
 }

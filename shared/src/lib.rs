@@ -12,6 +12,7 @@ pub mod classify;
 pub mod compact;
 pub mod describe;
 pub mod embed;
+pub mod finder;
 pub mod image;
 pub mod messages;
 pub mod metrics;

@@ -53,6 +53,8 @@ pub enum ReviewReason {
     NeighboursDisagree,
     /// No stained cell was found in the image.
     NoCell,
+    /// The cell is cut by the field's edge: not classified.
+    EdgeCut,
 }
 
 impl CellResult {

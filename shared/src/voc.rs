@@ -45,6 +45,36 @@ pub enum VocError {
     },
 }
 
+/// Diameter of a red cell, in micrometres: every smear's own ruler.
+pub const RED_CELL_MICRONS: f32 = 7.5;
+
+/// Pixel size (µm) that the annotated red cells of some images give: [`RED_CELL_MICRONS`]
+/// over the median diameter (√(w·h)) of the `RBC` boxes that lie wholly inside their image.
+/// `None` with fewer than 3 such boxes.
+pub fn red_cell_microns_per_pixel(images: &[VocImage]) -> Option<f32> {
+    let mut d: Vec<f32> = images
+        .iter()
+        .flat_map(|v| {
+            v.objects.iter().filter(move |o| {
+                let [x0, y0, x1, y1] = o.bbox;
+                let inside = x0 > 1.0 && y0 > 1.0;
+                o.name == "RBC"
+                    && match v.size {
+                        Some((w, h)) => inside && x1 < w as f32 - 1.0 && y1 < h as f32 - 1.0,
+                        None => inside,
+                    }
+            })
+        })
+        .map(|o| ((o.bbox[2] - o.bbox[0]) * (o.bbox[3] - o.bbox[1])).sqrt())
+        .filter(|d| d.is_finite() && *d > 0.0)
+        .collect();
+    if d.len() < 3 {
+        return None;
+    }
+    d.sort_by(f32::total_cmp);
+    Some(RED_CELL_MICRONS / d[d.len() / 2])
+}
+
 /// Parses one VOC XML document; `path` names it in errors.
 pub fn parse(xml: &str, path: &Path) -> Result<VocImage, VocError> {
     let bad = |reason: String| VocError::Invalid {
@@ -146,5 +176,37 @@ mod tests {
         );
         let nan = xml.replace("<ymin>20</ymin>", "<ymin>NaN</ymin>");
         assert!(parse(&nan, p).is_err());
+    }
+
+    #[test]
+    fn red_cells_give_the_pixel_size_and_cut_ones_are_ignored() {
+        let rbc = |x0: f32, y0: f32, d: f32| VocBox {
+            name: "RBC".into(),
+            bbox: [x0, y0, x0 + d, y0 + d],
+        };
+        let field = VocImage {
+            filename: "f.jpg".into(),
+            size: Some((640, 480)),
+            objects: vec![
+                rbc(10.0, 10.0, 100.0),
+                rbc(200.0, 10.0, 110.0),
+                rbc(300.0, 300.0, 90.0),
+                rbc(0.0, 200.0, 30.0),   // cut by the left edge
+                rbc(600.0, 100.0, 40.0), // cut by the right edge
+                VocBox {
+                    name: "WBC".into(),
+                    bbox: [400.0, 300.0, 420.0, 320.0],
+                },
+            ],
+            skipped: 0,
+        };
+        let um = red_cell_microns_per_pixel(std::slice::from_ref(&field)).unwrap();
+        assert!((um - 7.5 / 100.0).abs() < 1e-6, "{um}");
+        let few = VocImage {
+            objects: field.objects[..2].to_vec(),
+            ..field.clone()
+        };
+        assert_eq!(red_cell_microns_per_pixel(&[few]), None);
+        assert_eq!(red_cell_microns_per_pixel(&[]), None);
     }
 }

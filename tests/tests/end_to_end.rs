@@ -171,6 +171,11 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
     assert_eq!(n, 2, "one WBC box in each fixture field");
     let csv = std::fs::read_to_string(crops.join("cells.csv")).unwrap();
     assert!(csv.starts_with("path,source,field,") && !csv.contains("label"), "{csv}");
+    // The pixel size comes from each field's red cells (about 104 px = 7.5 µm in BCCD).
+    for row in csv.lines().skip(1) {
+        let um: f32 = row.rsplit(',').next().unwrap().parse().unwrap();
+        assert!((0.06..0.09).contains(&um), "{row}");
+    }
     let r = evaluate_classifier(
         &classifier,
         &crops.join("cells.csv"),

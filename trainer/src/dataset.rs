@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use wbc_shared::attributes::{ATTRIBUTES, AttributeSet, NUM_ATTRIBUTES};
 use wbc_shared::classes::CellClass;
 use wbc_shared::image::{DecodeLimits, load_rgb};
+use wbc_shared::voc::red_cell_microns_per_pixel;
 
 /// One labelled (or unlabelled) cell image.
 #[derive(Debug, Clone)]
@@ -23,6 +24,23 @@ pub struct Sample {
     pub source: String,
     /// Reference description, when given.
     pub description: Option<String>,
+    /// Pixel size in micrometres: the `microns_per_pixel` column, else the known scale of the
+    /// source ([`source_microns_per_pixel`]), else unknown.
+    pub microns_per_pixel: Option<f32>,
+}
+
+/// Pixel size (µm) of the 224 px images of the sources in `../shared/data/wbc`, estimated by
+/// measurement: the median segmented neutrophil diameter (84 px in `pbc`, 103 px in `munich`)
+/// taken as 12 µm, the size BCCD's red-cell ruler gives its white cells (median cell 167 px
+/// against red cells of 104 px = 7.5 µm).
+pub const SOURCE_MICRONS_PER_PIXEL: [(&str, f32); 2] = [("pbc", 0.143), ("munich", 0.117)];
+
+/// Known pixel size of a source's images.
+pub fn source_microns_per_pixel(source: &str) -> Option<f32> {
+    SOURCE_MICRONS_PER_PIXEL
+        .iter()
+        .find(|(s, _)| *s == source)
+        .map(|(_, v)| *v)
 }
 
 /// An image that could not be used, and why.
@@ -51,6 +69,7 @@ pub fn read_samples(path: &Path) -> Result<Vec<Sample>> {
     let label_col = col("label");
     let desc_col = col("description");
     let source_col = col("source");
+    let scale_col = col("microns_per_pixel");
     let attr_cols: Vec<Option<usize>> = ATTRIBUTES.iter().map(|a| col(a.key)).collect();
     let mut out = Vec::new();
     for (i, rec) in rdr.records().enumerate() {
@@ -70,15 +89,31 @@ pub fn read_samples(path: &Path) -> Result<Vec<Sample>> {
             }
         }
         let attrs = AttributeSet::from_strs(&vals).with_context(|| format!("{}: line {line}", path.display()))?;
+        let source = source_col
+            .map(|c| rec[c].trim().to_string())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "unknown".into());
+        let microns_per_pixel = match scale_col.map(|c| rec[c].trim()) {
+            None | Some("") => source_microns_per_pixel(&source),
+            Some(v) => Some(
+                v.parse::<f32>()
+                    .ok()
+                    .filter(|v| v.is_finite() && *v > 0.0)
+                    .with_context(|| {
+                        format!(
+                            "{}: line {line}: microns_per_pixel {v:?} is not a positive number",
+                            path.display()
+                        )
+                    })?,
+            ),
+        };
         out.push(Sample {
             path: base.join(rec[path_col].trim()),
             label,
             attrs,
-            source: source_col
-                .map(|c| rec[c].trim().to_string())
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "unknown".into()),
+            source,
             description: desc_col.map(|c| rec[c].to_string()),
+            microns_per_pixel,
         });
     }
     if out.is_empty() {
@@ -113,6 +148,7 @@ fn read_folder(dir: &Path) -> Result<Vec<Sample>> {
                 attrs: AttributeSet::default(),
                 source: "unknown".into(),
                 description: None,
+                microns_per_pixel: None,
             });
         }
     }
@@ -170,14 +206,21 @@ pub fn load_images(samples: Vec<Sample>, limits: &DecodeLimits) -> (Vec<(Sample,
 /// image (3 × the box's longer side, centred on the box, so that the cell normalisation sees
 /// the red cells around it as it would in the whole field; padded with the field's mean colour
 /// beyond its edges, since a mirror would duplicate a cell cut by the edge)
-/// and writes them with an unlabelled `cells.csv` (`path,source,field,box`).
+/// and writes them with an unlabelled `cells.csv` (`path,source,field,box,microns_per_pixel`;
+/// the pixel size from the field's red-cell boxes, or all fields' where it has too few).
 /// Returns the number of cells written. An unreadable field is reported and skipped.
 pub fn crop_fields(fields: &Path, out: &Path, source: &str) -> Result<usize> {
     let ann = wbc_shared::voc::read_dir(&fields.join("annotations"))?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let mut csv = String::from("path,source,field,x0,y0,x1,y1\n");
+    // The red cells make the ruler: a field's own where it has enough whole ones, else the
+    // median over all fields.
+    let images: Vec<_> = ann.iter().map(|(_, v)| v.clone()).collect();
+    let overall = red_cell_microns_per_pixel(&images);
+    let mut csv = String::from("path,source,field,x0,y0,x1,y1,microns_per_pixel\n");
     let mut n = 0;
     for (_, v) in ann {
+        let um = red_cell_microns_per_pixel(std::slice::from_ref(&v)).or(overall);
+        let um = um.map(|u| format!("{u:.4}")).unwrap_or_default();
         let img_path = fields.join("images").join(&v.filename);
         let img = match load_rgb(&img_path, &DecodeLimits::default()) {
             Ok(i) => i,
@@ -186,31 +229,17 @@ pub fn crop_fields(fields: &Path, out: &Path, source: &str) -> Result<usize> {
                 continue;
             }
         };
-        let n_px = (img.width() as f64 * img.height() as f64).max(1.0);
-        let mut sum = [0f64; 3];
-        for p in img.pixels() {
-            for c in 0..3 {
-                sum[c] += p[c] as f64;
-            }
-        }
-        let pad = image::Rgb(sum.map(|v| (v / n_px).round() as u8));
+        let pad = wbc_shared::finder::mean_colour(&img);
         let stem = Path::new(&v.filename)
             .file_stem()
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default();
         for (k, o) in v.objects.iter().filter(|o| o.name == "WBC").enumerate() {
             let [x0, y0, x1, y1] = o.bbox;
-            let side = 3.0 * (x1 - x0).max(y1 - y0);
-            let crop = wbc_shared::cellnorm::crop_square(
-                &img,
-                [(x0 + x1) / 2.0, (y0 + y1) / 2.0],
-                side,
-                side.round().max(1.0) as u32,
-                Some(pad),
-            );
+            let crop = wbc_shared::finder::cell_crop(&img, o.bbox, pad);
             let name = format!("{stem}_wbc{k}.png");
             crop.save(out.join(&name)).with_context(|| format!("writing {name}"))?;
-            csv.push_str(&format!("{name},{source},{},{x0},{y0},{x1},{y1}\n", v.filename));
+            csv.push_str(&format!("{name},{source},{},{x0},{y0},{x1},{y1},{um}\n", v.filename));
             n += 1;
         }
     }
@@ -219,7 +248,8 @@ pub fn crop_fields(fields: &Path, out: &Path, source: &str) -> Result<usize> {
 }
 
 /// Writes the normalised view of every image of a sample list, and `normalised.csv` with what
-/// was measured (found, cell diameter and nucleus extent in input pixels, cut by the edge).
+/// was measured (found, cell diameter and nucleus extent in input pixels, cut by the edge, cell
+/// diameter in µm where the pixel size is known).
 /// Returns (cells found, images read).
 pub fn write_normalised(list: &Path, out: &Path, norm: &wbc_shared::cellnorm::CellNorm) -> Result<(usize, usize)> {
     let samples = read_samples(list)?;
@@ -228,15 +258,19 @@ pub fn write_normalised(list: &Path, out: &Path, norm: &wbc_shared::cellnorm::Ce
     for r in &rejected {
         tracing::warn!(path = %r.path.display(), reason = %r.reason, "skipping image");
     }
-    let mut csv = String::from("path,label,source,found,diameter_px,nucleus_px,touches_edge\n");
+    let mut csv = String::from("path,label,source,found,diameter_px,nucleus_px,touches_edge,diameter_um\n");
     let mut found = 0;
     for (i, (s, img)) in loaded.iter().enumerate() {
-        let n = norm.apply(img, None);
+        let n = norm.apply(img, None, s.microns_per_pixel);
         found += usize::from(n.found);
         let name = format!("{i:05}.png");
         n.image.save(out.join(&name))?;
+        let um = s
+            .microns_per_pixel
+            .map(|u| format!("{:.1}", n.diameter_px * u))
+            .unwrap_or_default();
         csv.push_str(&format!(
-            "{name},{},{},{},{:.1},{:.1},{}\n",
+            "{name},{},{},{},{:.1},{:.1},{},{um}\n",
             s.label.map(|l| l.name()).unwrap_or(""),
             s.source,
             n.found,
@@ -288,6 +322,25 @@ mod tests {
         assert_eq!(s[0].attrs.get("cell_size"), Some("big"));
         assert_eq!(s[1].source, "munich");
         assert_eq!(s[0].path, d.join("x/1.jpg"));
+        // Known sources carry their pixel size.
+        assert_eq!(s[0].microns_per_pixel, source_microns_per_pixel("pbc"));
+        assert_eq!(s[1].microns_per_pixel, source_microns_per_pixel("munich"));
+
+        // A pixel size column wins over the source's; empty falls back; nonsense is refused.
+        std::fs::write(
+            d.join("um.csv"),
+            "path,source,microns_per_pixel\na.png,pbc,0.08\nb.png,elsewhere,\nc.png,pbc,\n",
+        )
+        .unwrap();
+        let u = read_samples(&d.join("um.csv")).unwrap();
+        assert_eq!(u[0].microns_per_pixel, Some(0.08));
+        assert_eq!(u[1].microns_per_pixel, None);
+        assert_eq!(u[2].microns_per_pixel, source_microns_per_pixel("pbc"));
+        for bad in ["-1", "0", "inf", "NaN", "wide"] {
+            std::fs::write(d.join("bad-um.csv"), format!("path,microns_per_pixel\na.png,{bad}\n")).unwrap();
+            let err = format!("{:#}", read_samples(&d.join("bad-um.csv")).unwrap_err());
+            assert!(err.contains("line 2") && err.contains("microns_per_pixel"), "{err}");
+        }
 
         std::fs::write(
             d.join("ref.csv"),
@@ -322,6 +375,7 @@ mod tests {
             attrs: AttributeSet::default(),
             source: "t".into(),
             description: None,
+            microns_per_pixel: None,
         };
         let (ok, bad) = load_images(
             vec![mk("ok.png"), mk("corrupt.jpg"), mk("missing.png")],

@@ -174,7 +174,8 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
         bail!("{}: no readable images", csv.display());
     }
     let (samples, images): (Vec<Sample>, Vec<_>) = loaded.into_iter().unzip();
-    let preds = classifier.predict(&images);
+    let scales: Vec<_> = samples.iter().map(|s| s.microns_per_pixel).collect();
+    let preds = classifier.predict_at(&images, &scales);
     let predicted: Vec<usize> = preds
         .iter()
         .map(|p| {

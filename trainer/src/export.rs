@@ -116,7 +116,8 @@ fn raw_outputs(classifier: &Classifier, list: &Path, per_class: usize) -> Result
         tracing::warn!(path = %r.path.display(), reason = %r.reason, "skipping image");
     }
     let (samples, images): (Vec<_>, Vec<_>) = loaded.into_iter().unzip();
-    let preds = classifier.predict(&images);
+    let scales: Vec<_> = samples.iter().map(|s| s.microns_per_pixel).collect();
+    let preds = classifier.predict_at(&images, &scales);
     let labels = samples.iter().map(|s| s.label.expect("labelled").index()).collect();
     let logits = preds.iter().map(|p| p.logits).collect();
     let features = preds.into_iter().flat_map(|p| p.features).collect();

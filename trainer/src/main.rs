@@ -70,7 +70,12 @@ enum Cmd {
         /// Mild colour augmentation only (no blur, resolution loss, noise or JPEG).
         #[arg(long)]
         mild_augment: bool,
-        /// Fraction of the model input that the nucleus spans (cell normalisation).
+        /// Micrometres of smear in the model's view: the physical scale, which keeps the cell's
+        /// size (e.g. 24; needs each image's pixel size). Default 0: the relative scale, set by
+        /// the nucleus.
+        #[arg(long, default_value_t = 0.0)]
+        view_microns: f32,
+        /// Fraction of the model input that the nucleus spans (relative scale).
         #[arg(long)]
         nucleus_fraction: Option<f32>,
         /// Resolution normalisation: side of the low-resolution view (0 = full resolution).
@@ -100,7 +105,7 @@ enum Cmd {
         source: String,
     },
     /// Write what the model sees: the normalised view of every image of a CSV, with the
-    /// measured cell and red-cell sizes in `normalised.csv`.
+    /// measured cell sizes in `normalised.csv`.
     Normalise {
         /// CSV (or class folder) of cell images.
         #[arg(long)]
@@ -111,6 +116,9 @@ enum Cmd {
         /// Replace what lies outside the cell with a constant background.
         #[arg(long)]
         mask_background: bool,
+        /// Micrometres of smear in view (0 = relative scale, the default).
+        #[arg(long, default_value_t = 0.0)]
+        view_microns: f32,
     },
     /// Evaluate a bundle on a CSV: the reference study's tables, JSON and a confusion-matrix PNG.
     Eval {
@@ -216,6 +224,7 @@ fn main() -> Result<()> {
             seed,
             no_cell_norm,
             mild_augment,
+            view_microns,
             nucleus_fraction,
             detail_side,
             mask_background,
@@ -236,6 +245,7 @@ fn main() -> Result<()> {
                 s.cell = None;
             }
             if let Some(c) = s.cell.as_mut() {
+                c.view_microns = view_microns;
                 c.mask_background = mask_background;
                 c.grey = !colour || equalise;
                 c.equalise = equalise;
@@ -322,10 +332,11 @@ fn main() -> Result<()> {
             csv,
             out,
             mask_background,
+            view_microns,
         } => {
             let norm = wbc_shared::cellnorm::CellNorm {
                 mask_background,
-                ..Default::default()
+                ..trainer::train::physical_cell_norm(view_microns)
             };
             let (found, total) = trainer::dataset::write_normalised(&csv, &out, &norm)?;
             println!("{found} of {total} cells found; views in {}", out.display());

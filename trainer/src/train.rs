@@ -72,20 +72,45 @@ impl TrainSettings {
     }
 }
 
-/// Prepares images for the model on all cores, augmenting each first when `aug` is given.
-/// Deterministic for a given `seed`.
-pub fn prepare_all(pre: &Preprocess, images: &[RgbImage], aug: Option<&Augment>, seed: u64) -> Vec<RgbImage> {
+/// Cell normalisation at the physical scale, `view_microns` of smear in view (the relative
+/// scale when 0); images of unknown pixel size are taken to be like `pbc`'s. Not the default:
+/// measured at 24 µm, it made another hospital's large, well-spread granulocytes look like
+/// blasts (`BENCHMARKS.md`, E6).
+pub fn physical_cell_norm(view_microns: f32) -> CellNorm {
+    CellNorm {
+        view_microns,
+        default_microns_per_pixel: crate::dataset::source_microns_per_pixel("pbc").unwrap_or(0.0),
+        ..CellNorm::default()
+    }
+}
+
+/// Uncertainty of a pixel size: augmented views scale it by up to this factor either way, so
+/// that the model does not rely on a size more exact than a camera's calibration.
+const SCALE_JITTER: f32 = 1.1;
+
+/// Prepares images (with their pixel sizes, µm) for the model on all cores, augmenting each
+/// first when `aug` is given. Deterministic for a given `seed`.
+pub fn prepare_all(
+    pre: &Preprocess,
+    images: &[RgbImage],
+    scales: &[Option<f32>],
+    aug: Option<&Augment>,
+    seed: u64,
+) -> Vec<RgbImage> {
     use rayon::prelude::*;
+    assert_eq!(images.len(), scales.len(), "one pixel size per image");
     images
         .par_iter()
+        .zip(scales)
         .enumerate()
-        .map(|(i, img)| match aug {
+        .map(|(i, (img, um))| match aug {
             Some(a) => {
                 // One generator per image: the same views whatever the number of threads.
                 let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                pre.prepare(&a.apply(img, &mut rng), None).0
+                let um = um.map(|u| u * rand::Rng::gen_range(&mut rng, 1.0 / SCALE_JITTER..=SCALE_JITTER));
+                pre.prepare(&a.apply(img, &mut rng), None, um).0
             }
-            None => pre.prepare(img, None).0,
+            None => pre.prepare(img, None, *um).0,
         })
         .collect()
 }
@@ -417,7 +442,9 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
     // Cache the frozen prefix: one unaugmented pass for val, `views` augmented passes for train.
     let total = (val_images.len() + settings.views * train_images.len()) as u64;
     let pb = bar(total, "backbone");
-    let val_views = prepare_all(&pre, &val_images, None, 0);
+    let scales = |s: &[Sample]| s.iter().map(|s| s.microns_per_pixel).collect::<Vec<_>>();
+    let (train_scales, val_scales) = (scales(&train_samples), scales(&val_samples));
+    let val_views = prepare_all(&pre, &val_images, &val_scales, None, 0);
     drop(val_images);
     let (val_cache, shape) = prefix_activations(&backbone, &pre, &val_views, cfg.tune_from, &device, &pb);
     drop(val_views);
@@ -428,7 +455,13 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
     };
     let mut train_cache = Vec::with_capacity(settings.views);
     for _ in 0..settings.views {
-        let augmented = prepare_all(&pre, &train_images, Some(&aug), rand::Rng::r#gen(&mut rng));
+        let augmented = prepare_all(
+            &pre,
+            &train_images,
+            &train_scales,
+            Some(&aug),
+            rand::Rng::r#gen(&mut rng),
+        );
         train_cache.push(prefix_activations(&backbone, &pre, &augmented, cfg.tune_from, &device, &pb).0);
     }
     pb.finish_and_clear();
