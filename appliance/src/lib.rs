@@ -1,5 +1,12 @@
-//! The appliance: runs the active model bundle on cell images and reports each cell's class,
-//! probabilities and description.
+//! The appliance: runs the active model bundle on microscope fields and cell images, reports
+//! each cell's class, probabilities and description, and keeps the slide's differential.
+
+pub mod app;
+pub mod config;
+pub mod daemon;
+pub mod inbox;
+pub mod store;
+pub mod web;
 
 use anyhow::{Context, Result, bail};
 use ed25519_dalek::VerifyingKey;
@@ -81,19 +88,19 @@ impl CellJson {
     }
 }
 
-impl CellJson {
-    /// A cell cut by the field's edge: reported, not classified.
-    pub fn edge_cut(bbox: [u32; 4]) -> Self {
-        CellJson {
-            bbox,
-            class: "Unidentified".into(),
-            probabilities: BTreeMap::new(),
-            confidence: 0.0,
-            description: "Cut by the edge of the field: not classified; move the stage to see it whole.".into(),
-            attributes: BTreeMap::new(),
-            review_reason: Some(ReviewReason::EdgeCut),
-            familiarity: None,
-        }
+/// A cell cut by the field's edge: reported, not classified.
+pub fn edge_cut_result(bbox: [u32; 4], model_version: u64) -> CellResult {
+    CellResult {
+        schema_version: wbc_shared::messages::SCHEMA_VERSION,
+        class: None,
+        probabilities: BTreeMap::new(),
+        confidence: 0.0,
+        attributes: BTreeMap::new(),
+        description: "Cut by the edge of the field: not classified; move the stage to see it whole.".into(),
+        bbox: Some(bbox),
+        model_version,
+        review_reason: Some(ReviewReason::EdgeCut),
+        familiarity: None,
     }
 }
 
@@ -105,13 +112,13 @@ fn pixel_box(b: [f32; 4], w: u32, h: u32) -> [u32; 4] {
 
 /// Finds every white cell of a field whose pixels are `microns_per_pixel` µm, and classifies
 /// those not cut by its edge (the classifier is told the same pixel size). Cells in reading
-/// order.
+/// order, each with its box.
 pub fn classify_field(
     classifier: &Classifier,
     field: &RgbImage,
     microns_per_pixel: f32,
     finder: &FinderConfig,
-) -> Vec<CellJson> {
+) -> Vec<CellResult> {
     let found = find_cells(field, microns_per_pixel, finder);
     let pad = mean_colour(field);
     let whole: Vec<_> = found.iter().filter(|c| !c.edge_cut).collect();
@@ -124,9 +131,11 @@ pub fn classify_field(
         .map(|c| {
             let b = pixel_box(c.bbox, w, h);
             if c.edge_cut {
-                CellJson::edge_cut(b)
+                edge_cut_result(b, classifier.model_version)
             } else {
-                CellJson::new(&results.next().expect("one result per whole cell"), b)
+                let mut r = results.next().expect("one result per whole cell");
+                r.bbox = Some(b);
+                r
             }
         })
         .collect()
@@ -146,7 +155,10 @@ pub fn classify_fields(
                 .map_err(anyhow::Error::from)
                 .map(|img| ImageJson {
                     image: p.display().to_string(),
-                    cells: classify_field(classifier, &img, microns_per_pixel, finder),
+                    cells: classify_field(classifier, &img, microns_per_pixel, finder)
+                        .iter()
+                        .map(|r| CellJson::new(r, r.bbox.unwrap_or_default()))
+                        .collect(),
                 });
             (p.clone(), r)
         })

@@ -47,6 +47,16 @@ enum Cmd {
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
     },
+    /// The daemon: watches the inbox, serves the web UI, counts slides. With no configuration
+    /// it runs on the embedded defaults (embedded model, `./appliance-data`, its `inbox/`, the
+    /// web UI on 127.0.0.1:8080).
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Hash a password (read from standard input) for a `[[web.users]]` entry.
+    HashPassword,
     /// Measure the cell finder on annotated fields (Pascal VOC `WBC` boxes): recall and
     /// precision at an IoU threshold.
     EvalFinder {
@@ -142,6 +152,22 @@ fn main() -> Result<()> {
             if failed > 0 {
                 bail!("{failed} of {} images could not be classified", paths.len());
             }
+        }
+        Cmd::Run { config } => {
+            let config = match config {
+                Some(p) => appliance::config::Config::load(&p)?,
+                None => appliance::config::Config::default(),
+            };
+            appliance::daemon::run(config)?;
+        }
+        Cmd::HashPassword => {
+            let mut pw = String::new();
+            std::io::stdin().read_line(&mut pw)?;
+            let pw = pw.trim_end_matches(['\r', '\n']);
+            if pw.is_empty() {
+                bail!("no password on standard input");
+            }
+            println!("{}", appliance::config::hash_password(pw)?);
         }
         Cmd::EvalFinder {
             fields,

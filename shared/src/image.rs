@@ -56,6 +56,10 @@ pub enum ImageError {
     /// Decoding failed (corrupt, truncated, over the limits).
     #[error("cannot decode image: {0}")]
     Decode(#[from] image::ImageError),
+    /// The file ends before the image does (a JPEG without its end marker): a copy that was
+    /// cut short, whose missing part a decoder would fill with grey.
+    #[error("image is truncated: the file ends before the image does")]
+    Truncated,
     /// The image has no pixels.
     #[error("image is empty ({width}x{height})")]
     Empty {
@@ -64,6 +68,13 @@ pub enum ImageError {
         /// Height.
         height: u32,
     },
+}
+
+/// Whether a JPEG file has its end-of-image marker (`FF D9`), allowing the few bytes of padding
+/// some cameras append.
+fn jpeg_has_end(bytes: &[u8]) -> bool {
+    let tail = &bytes[bytes.len().saturating_sub(64)..];
+    tail.windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 /// Decodes an encoded image (any format `image` knows: JPEG, PNG, BMP, TIFF, GIF, WebP) into RGB8.
@@ -77,8 +88,10 @@ pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Image
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|_| ImageError::UnknownFormat)?;
-    if reader.format().is_none() {
-        return Err(ImageError::UnknownFormat);
+    match reader.format() {
+        None => return Err(ImageError::UnknownFormat),
+        Some(image::ImageFormat::Jpeg) if !jpeg_has_end(bytes) => return Err(ImageError::Truncated),
+        Some(_) => {}
     }
     let mut l = Limits::default();
     l.max_image_width = Some(limits.max_side);
@@ -266,6 +279,26 @@ mod tests {
         assert!(matches!(decode_rgb(&good, &small), Err(ImageError::TooLarge { .. })));
         let narrow = DecodeLimits { max_side: 16, ..limits };
         assert!(matches!(decode_rgb(&good, &narrow), Err(ImageError::Decode(_))));
+    }
+
+    #[test]
+    fn a_jpeg_cut_short_is_refused_rather_than_filled_with_grey() {
+        let img = RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 90]));
+        let mut jpg = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut jpg), image::ImageFormat::Jpeg)
+            .unwrap();
+        let limits = DecodeLimits::default();
+        assert_eq!(decode_rgb(&jpg, &limits).unwrap().dimensions(), (64, 48));
+        // Padding after the end marker is fine.
+        let mut padded = jpg.clone();
+        padded.extend_from_slice(&[0; 16]);
+        assert!(decode_rgb(&padded, &limits).is_ok());
+        for cut in [jpg.len() - 2, jpg.len() * 2 / 3] {
+            assert!(
+                matches!(decode_rgb(&jpg[..cut], &limits), Err(ImageError::Truncated)),
+                "cut at {cut}"
+            );
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod image;
 pub mod messages;
 pub mod metrics;
 pub mod quant;
+pub mod slide;
 pub mod voc;
 
 pub use attributes::{ATTRIBUTES, AttributeSet};

@@ -96,6 +96,57 @@ impl CellResult {
     }
 }
 
+/// A technician's review of one cell: the class they confirm or assign (`None`: not a white
+/// cell, or cannot tell), stored next to the model's answer, never over it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Review {
+    /// The technician's class.
+    pub class: Option<CellClass>,
+    /// Who reviewed (login name).
+    pub by: String,
+    /// When, seconds since the Unix epoch.
+    pub at: u64,
+}
+
+/// One cell of a field: the model's answer and, once reviewed, the technician's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CellRecord {
+    /// What the model said (with the cell's box).
+    pub result: CellResult,
+    /// The technician's review, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review: Option<Review>,
+}
+
+/// One captured image (a microscope field, or a single-cell image) and its cells.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FieldRecord {
+    /// Schema version ([`SCHEMA_VERSION`]).
+    pub schema_version: u32,
+    /// Stable id: derived from the image's content, so the same image is one field.
+    pub id: String,
+    /// Slide the field belongs to.
+    pub slide_id: String,
+    /// When it was received, seconds since the Unix epoch.
+    pub received_at: u64,
+    /// Where it came from (`upload`, `inbox`, `camera`).
+    pub source: String,
+    /// Its file name where it had one.
+    pub name: String,
+    /// SHA-256 of the original image bytes (hex).
+    pub image_sha256: String,
+    /// Image width in pixels.
+    pub width: u32,
+    /// Image height in pixels.
+    pub height: u32,
+    /// Taken as one centred cell rather than a field.
+    pub single_cell: bool,
+    /// Pixel size used, µm.
+    pub microns_per_pixel: f32,
+    /// Cells found, in reading order.
+    pub cells: Vec<CellRecord>,
+}
+
 /// Parses a wire message, refusing unknown schema versions.
 pub fn parse_versioned<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, MessageError> {
     #[derive(Deserialize)]

@@ -1,0 +1,211 @@
+//! The appliance's daily work, whatever the capture source: take an image, find and classify
+//! its white cells, store the field with its original image, and keep the current slide's
+//! differential and flags; record the technician's reviews.
+
+use crate::classify_field;
+use crate::store::{SlideState, Store};
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+use std::sync::{Arc, Mutex};
+use wbc_shared::classes::CellClass;
+use wbc_shared::classify::Classifier;
+use wbc_shared::finder::FinderConfig;
+use wbc_shared::image::{DecodeLimits, decode_rgb};
+use wbc_shared::messages::{CellRecord, CellResult, FieldRecord, Review, SCHEMA_VERSION};
+use wbc_shared::slide::{SlideReport, SlideSettings, report};
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What the appliance runs with.
+pub struct AppSettings {
+    /// Pixel size of the camera's fields, µm.
+    pub microns_per_pixel: f32,
+    /// How cells are found.
+    pub finder: FinderConfig,
+    /// How slides are counted and flagged.
+    pub slide: SlideSettings,
+    /// Decoding limits for every incoming image.
+    pub limits: DecodeLimits,
+    /// Backend in use, in words (shown in the UI).
+    pub backend: String,
+}
+
+/// The appliance: a classifier, a store and the current slide.
+pub struct App {
+    classifier: Classifier,
+    store: Arc<dyn Store>,
+    /// Settings.
+    pub settings: AppSettings,
+    current: Mutex<SlideState>,
+    /// Serialises ingestion, so that two copies of one image never race into two fields.
+    ingest_lock: Mutex<()>,
+}
+
+/// What became of an incoming image.
+#[derive(Debug)]
+pub enum Ingested {
+    /// A new field, stored.
+    New(FieldRecord),
+    /// The same image was taken before: its field.
+    Duplicate(FieldRecord),
+}
+
+impl Ingested {
+    /// The field either way.
+    pub fn field(&self) -> &FieldRecord {
+        match self {
+            Ingested::New(f) | Ingested::Duplicate(f) => f,
+        }
+    }
+}
+
+/// A field id from the image's content: the same image is the same field, across restarts.
+pub fn field_id(bytes: &[u8]) -> (String, String) {
+    let sha = hex::encode(Sha256::digest(bytes));
+    (sha[..20].to_string(), sha)
+}
+
+fn new_slide_id() -> String {
+    format!("slide-{}-{:08x}", now(), rand::random::<u32>())
+}
+
+impl App {
+    /// Opens the appliance on a store: continues the last unfinished slide, or starts one.
+    pub fn new(classifier: Classifier, store: Arc<dyn Store>, settings: AppSettings) -> Result<Self> {
+        settings.slide.validate().map_err(anyhow::Error::msg)?;
+        let current = match store.slides()?.into_iter().rev().find(|s| s.finished_at.is_none()) {
+            Some(s) => s,
+            None => {
+                let s = SlideState {
+                    id: new_slide_id(),
+                    started_at: now(),
+                    finished_at: None,
+                };
+                store.put_slide(&s)?;
+                s
+            }
+        };
+        Ok(App {
+            classifier,
+            store,
+            settings,
+            current: Mutex::new(current),
+            ingest_lock: Mutex::new(()),
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// The model's version.
+    pub fn model_version(&self) -> u64 {
+        self.classifier.model_version
+    }
+
+    /// The current slide.
+    pub fn current_slide(&self) -> SlideState {
+        self.current.lock().expect("slide lock").clone()
+    }
+
+    /// Takes one image: decodes it within the limits (a corrupt, truncated, empty, enormous or
+    /// non-image file is refused with the reason and changes nothing), finds and classifies
+    /// its cells (or, with `single_cell`, classifies it as one cell), and stores the field and
+    /// the original in the current slide. The same image twice is one field.
+    pub fn ingest(&self, bytes: &[u8], name: &str, source: &str, single_cell: bool) -> Result<Ingested> {
+        let img = decode_rgb(bytes, &self.settings.limits).with_context(|| format!("{name}: not a usable image"))?;
+        let (id, sha) = field_id(bytes);
+        let _g = self.ingest_lock.lock().expect("ingest lock");
+        if let Some(f) = self.store.field(&id)? {
+            return Ok(Ingested::Duplicate(f));
+        }
+        let um = self.settings.microns_per_pixel;
+        let (w, h) = img.dimensions();
+        let cells: Vec<CellResult> = if single_cell {
+            // A single-cell image is a crop of unknown scale: the model's reference applies.
+            let mut r = self.classifier.classify(std::slice::from_ref(&img));
+            r[0].bbox = Some([0, 0, w, h]);
+            r
+        } else {
+            classify_field(&self.classifier, &img, um, &self.settings.finder)
+        };
+        let field = FieldRecord {
+            schema_version: SCHEMA_VERSION,
+            id: id.clone(),
+            slide_id: self.current_slide().id,
+            received_at: now(),
+            source: source.into(),
+            name: name.chars().take(200).collect(),
+            image_sha256: sha,
+            width: w,
+            height: h,
+            single_cell,
+            microns_per_pixel: um,
+            cells: cells
+                .into_iter()
+                .map(|result| CellRecord { result, review: None })
+                .collect(),
+        };
+        // The image first: a field record never points at an image that was never written.
+        self.store.put_image(&id, bytes)?;
+        self.store.put_field(&field)?;
+        tracing::info!(field = %id, source, cells = field.cells.len(), "field stored");
+        Ok(Ingested::New(field))
+    }
+
+    /// The current slide's differential and flags.
+    pub fn report(&self) -> Result<SlideReport> {
+        let s = self.current_slide();
+        self.report_of(&s)
+    }
+
+    /// A slide's differential and flags.
+    pub fn report_of(&self, s: &SlideState) -> Result<SlideReport> {
+        let fields = self.store.fields_of_slide(&s.id)?;
+        Ok(report(&s.id, &fields, &self.settings.slide, s.finished_at.is_some()))
+    }
+
+    /// Closes the current slide (its report keeps its flags) and starts a new one. Returns the
+    /// closed slide's final report.
+    pub fn finish_slide(&self) -> Result<SlideReport> {
+        let mut cur = self.current.lock().expect("slide lock");
+        let mut done = cur.clone();
+        done.finished_at = Some(now());
+        self.store.put_slide(&done)?;
+        let next = SlideState {
+            id: new_slide_id(),
+            started_at: now(),
+            finished_at: None,
+        };
+        self.store.put_slide(&next)?;
+        *cur = next;
+        drop(cur);
+        self.report_of(&done)
+    }
+
+    /// Records a technician's review of one cell, next to the model's answer.
+    pub fn review(&self, field_id: &str, cell: usize, class: Option<CellClass>, by: &str) -> Result<FieldRecord> {
+        let _g = self.ingest_lock.lock().expect("ingest lock");
+        let mut f = self
+            .store
+            .field(field_id)?
+            .with_context(|| format!("no field {field_id}"))?;
+        let Some(c) = f.cells.get_mut(cell) else {
+            bail!("field {field_id} has no cell {cell}");
+        };
+        c.review = Some(Review {
+            class,
+            by: by.into(),
+            at: now(),
+        });
+        self.store.put_field(&f)?;
+        Ok(f)
+    }
+}

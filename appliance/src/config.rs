@@ -1,0 +1,244 @@
+//! The daemon's configuration (TOML). Every field has a default, so `appliance run` with no
+//! file runs on the embedded model, a local data folder, an inbox folder inside it and the web
+//! UI on localhost.
+
+use anyhow::{Context, Result, bail};
+use argon2::Argon2;
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use wbc_shared::slide::SlideSettings;
+
+/// A web UI account.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// Login name.
+    pub name: String,
+    /// Argon2 PHC string (`appliance hash-password` makes one); never the password itself.
+    pub password_hash: String,
+}
+
+/// The web UI.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// Accounts. With none, the daemon creates `admin` with a random password on first start,
+    /// prints the password once and keeps only its hash (in `<data_dir>/web-users.toml`).
+    pub users: Vec<User>,
+    /// Largest upload accepted, bytes.
+    pub max_upload_bytes: usize,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            listen: "127.0.0.1:8080".into(),
+            users: Vec::new(),
+            max_upload_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where results, original images and slides are kept.
+    pub data_dir: PathBuf,
+    /// Folder watched for images copied in (USB stick, network share); default
+    /// `<data_dir>/inbox`.
+    pub inbox: Option<PathBuf>,
+    /// How often the inbox is looked at, milliseconds.
+    pub inbox_poll_ms: u64,
+    /// Model bundle; default the embedded one.
+    pub bundle: Option<PathBuf>,
+    /// Trusted public keys (PEM); default the default bundle's key.
+    pub trust: Vec<PathBuf>,
+    /// Pixel size of the camera's fields, µm (its calibration at the objective in use).
+    pub microns_per_pixel: f32,
+    /// Below this confidence a cell is Unidentified, for review.
+    pub min_confidence: f32,
+    /// Original images kept up to this many bytes (oldest removed first; results stay).
+    pub max_image_bytes: u64,
+    /// Slide counting and flags.
+    pub slide: SlideSettings,
+    /// Web UI.
+    pub web: WebConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("appliance-data"),
+            inbox: None,
+            inbox_poll_ms: 1000,
+            bundle: None,
+            trust: Vec::new(),
+            microns_per_pixel: 0.1,
+            min_confidence: 0.5,
+            max_image_bytes: 4 << 30,
+            slide: SlideSettings::default(),
+            web: WebConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; every missing field takes its default, unknown fields are refused.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let c: Config =
+            toml::from_str(&text).with_context(|| format!("{} is not a valid configuration", path.display()))?;
+        c.validate().with_context(|| format!("{}", path.display()))?;
+        Ok(c)
+    }
+
+    /// Refuses values the daemon cannot run with.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.microns_per_pixel.is_finite() && self.microns_per_pixel > 0.0 && self.microns_per_pixel < 100.0) {
+            bail!("microns_per_pixel must be a positive number of micrometres");
+        }
+        if !(0.0..=1.0).contains(&self.min_confidence) {
+            bail!("min_confidence must be between 0 and 1");
+        }
+        if self.inbox_poll_ms == 0 {
+            bail!("inbox_poll_ms must be at least 1");
+        }
+        self.slide.validate().map_err(anyhow::Error::msg)?;
+        for u in &self.web.users {
+            if u.name.is_empty() {
+                bail!("a web user has an empty name");
+            }
+            PasswordHash::new(&u.password_hash)
+                .map_err(|e| anyhow::anyhow!("web user {}: password_hash is not a PHC string: {e}", u.name))?;
+        }
+        Ok(())
+    }
+
+    /// The inbox folder.
+    pub fn inbox_dir(&self) -> PathBuf {
+        self.inbox.clone().unwrap_or_else(|| self.data_dir.join("inbox"))
+    }
+}
+
+/// Hashes a password for the configuration (Argon2id, random salt).
+pub fn hash_password(password: &str) -> Result<String> {
+    let salt = SaltString::generate(&mut OsRng);
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|e| anyhow::anyhow!("hashing: {e}"))?
+        .to_string())
+}
+
+/// Whether `password` is the user's.
+pub fn verify_password(user: &User, password: &str) -> bool {
+    PasswordHash::new(&user.password_hash)
+        .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+        .unwrap_or(false)
+}
+
+/// The accounts to use: the configured ones, else those kept in `<data_dir>/web-users.toml`,
+/// else a new `admin` with a random password, which is returned once (to be shown to whoever
+/// started the daemon) and stored only as a hash.
+pub fn users_or_first_run(config: &Config) -> Result<(Vec<User>, Option<String>)> {
+    if !config.web.users.is_empty() {
+        return Ok((config.web.users.clone(), None));
+    }
+    #[derive(Serialize, Deserialize)]
+    struct Kept {
+        users: Vec<User>,
+    }
+    let path = config.data_dir.join("web-users.toml");
+    if path.exists() {
+        let text = std::fs::read_to_string(&path)?;
+        let k: Kept = toml::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+        return Ok((k.users, None));
+    }
+    let password: String = {
+        use rand::Rng;
+        let mut rng = rand::rngs::OsRng;
+        (0..16)
+            .map(|_| {
+                const CHARS: &[u8] = b"abcdefghjkmnpqrstuvwxyzABCDEFGHJKMNPQRSTUVWXYZ23456789";
+                CHARS[rng.gen_range(0..CHARS.len())] as char
+            })
+            .collect()
+    };
+    let users = vec![User {
+        name: "admin".into(),
+        password_hash: hash_password(&password)?,
+    }];
+    std::fs::create_dir_all(&config.data_dir)?;
+    std::fs::write(&path, toml::to_string(&Kept { users: users.clone() })?)?;
+    Ok((users, Some(password)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_is_the_default_and_unknown_or_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "").unwrap();
+        assert_eq!(Config::load(&p).unwrap(), Config::default());
+        std::fs::write(
+            &p,
+            "data_dir = \"d\"\n[slide]\ntarget = 200\nmin_cells = 150\n[slide.reference_ranges]\nBlast = [0.0, 0.0]\n",
+        )
+        .unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.slide.target, 200);
+        assert_eq!(c.inbox_dir(), PathBuf::from("d/inbox"));
+        for bad in [
+            "colour = 1",
+            "microns_per_pixel = -1.0",
+            "min_confidence = 2.0",
+            "[slide]\ntarget = 0\nmin_cells = 1\nreference_ranges = {}",
+            "[[web.users]]\nname = \"a\"\npassword_hash = \"plain\"",
+            "data_dir = [",
+        ] {
+            std::fs::write(&p, bad).unwrap();
+            assert!(Config::load(&p).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_hashed_and_verified() {
+        let h = hash_password("s3cret").unwrap();
+        assert!(!h.contains("s3cret"));
+        let u = User {
+            name: "t".into(),
+            password_hash: h,
+        };
+        assert!(verify_password(&u, "s3cret"));
+        assert!(!verify_password(&u, "S3cret"));
+        let broken = User {
+            name: "t".into(),
+            password_hash: "nonsense".into(),
+        };
+        assert!(!verify_password(&broken, ""));
+    }
+
+    #[test]
+    fn first_run_makes_one_admin_and_keeps_only_the_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        let (users, pw) = users_or_first_run(&c).unwrap();
+        let pw = pw.expect("a new password is shown once");
+        assert!(verify_password(&users[0], &pw));
+        let kept = std::fs::read_to_string(dir.path().join("web-users.toml")).unwrap();
+        assert!(!kept.contains(&pw));
+        let (again, none) = users_or_first_run(&c).unwrap();
+        assert_eq!(again, users);
+        assert!(none.is_none(), "shown only the first time");
+    }
+}

@@ -1,0 +1,539 @@
+//! The local web UI, for the clinic's small screen: log in, upload a field or a cell image and
+//! see its cells (boxes, classes, probabilities, descriptions), the current slide's
+//! differential and flags, a review page to confirm or reclassify cells, and the model in use.
+//! Nothing is served without a login except `/health`.
+
+use crate::app::{App, Ingested};
+use crate::config::{User, verify_password};
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Form, Multipart, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use wbc_shared::classes::CellClass;
+use wbc_shared::messages::FieldRecord;
+
+const COOKIE: &str = "wbc_session";
+
+/// The web UI's state.
+pub struct Web {
+    app: Arc<App>,
+    users: Vec<User>,
+    sessions: Mutex<HashMap<String, String>>,
+    max_upload_bytes: usize,
+}
+
+impl Web {
+    /// A web UI over an appliance, with its accounts.
+    pub fn new(app: Arc<App>, users: Vec<User>, max_upload_bytes: usize) -> Arc<Self> {
+        Arc::new(Web {
+            app,
+            users,
+            sessions: Mutex::new(HashMap::new()),
+            max_upload_bytes,
+        })
+    }
+
+    fn user_of(&self, headers: &HeaderMap) -> Option<String> {
+        let token = token_of(headers)?;
+        self.sessions.lock().expect("sessions").get(&token).cloned()
+    }
+}
+
+/// The session token a request carries.
+fn token_of(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+/// The logged-in user of a request.
+#[derive(Clone)]
+struct LoggedIn(String);
+
+/// The router: `/health` and `/login` open, everything else behind the login.
+pub fn router(web: Arc<Web>) -> Router {
+    let private = Router::new()
+        .route("/", get(index))
+        .route("/upload", post(upload))
+        .route("/field/{id}", get(field_page))
+        .route("/field/{id}/image", get(field_image))
+        .route("/field/{id}/cell/{n}/review", post(review))
+        .route("/review", get(review_page))
+        .route("/slide/finish", post(finish_slide))
+        .route("/logout", post(logout))
+        .route("/api/slide", get(api_slide))
+        .route("/api/field/{id}", get(api_field))
+        .layer(middleware::from_fn_with_state(web.clone(), require_login));
+    Router::new()
+        .route("/health", get(health))
+        .route("/login", get(login_page).post(login))
+        .merge(private)
+        .layer(DefaultBodyLimit::max(web.max_upload_bytes))
+        .with_state(web)
+}
+
+async fn require_login(State(w): State<Arc<Web>>, mut req: Request, next: Next) -> Response {
+    match w.user_of(req.headers()) {
+        Some(u) => {
+            req.extensions_mut().insert(LoggedIn(u));
+            next.run(req).await
+        }
+        None if req.uri().path().starts_with("/api/") => (StatusCode::UNAUTHORIZED, "log in first").into_response(),
+        None => Redirect::to("/login").into_response(),
+    }
+}
+
+/// Escapes text for HTML.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn page(title: &str, user: Option<&str>, body: &str) -> Html<String> {
+    let nav = match user {
+        Some(u) => format!(
+            "<nav><a href=\"/\">Slide</a> <a href=\"/review\">Review</a> <span class=\"who\">{}</span> \
+             <form method=\"post\" action=\"/logout\" class=\"inline\"><button>Log out</button></form></nav>",
+            esc(u)
+        ),
+        None => String::new(),
+    };
+    Html(format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{t} — WBC differential</title><style>{CSS}</style></head>\
+         <body><header><h1>{t}</h1>{nav}</header><main>{body}</main></body></html>",
+        t = esc(title)
+    ))
+}
+
+const CSS: &str = "body{font-family:sans-serif;margin:0;font-size:16px}header{background:#234;color:#fff;padding:.4em .8em}\
+header h1{font-size:1.2em;margin:.2em 0}nav a{color:#fff;margin-right:1em}.who{margin-right:.5em}\
+main{padding:.8em;max-width:60em}table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ccc;padding:.3em;text-align:left;vertical-align:top}\
+.urgent{background:#c00;color:#fff;padding:.5em;font-weight:bold}.flag{background:#fd0;padding:.4em;margin:.2em 0}\
+.error{background:#fdd;padding:.5em}.inline{display:inline}svg{max-width:100%;height:auto}button{font-size:1em}\
+.probs{font-size:.85em;color:#444}";
+
+fn error_page(status: StatusCode, user: Option<&str>, message: &str) -> Response {
+    (
+        status,
+        page(
+            "Not done",
+            user,
+            &format!(
+                "<p class=\"error\" id=\"error\">{}</p><p><a href=\"/\">Back</a></p>",
+                esc(message)
+            ),
+        ),
+    )
+        .into_response()
+}
+
+async fn health(State(w): State<Arc<Web>>) -> Response {
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "model_version": w.app.model_version(),
+        "backend": w.app.settings.backend,
+    }))
+    .into_response()
+}
+
+async fn login_page() -> Html<String> {
+    login_form("")
+}
+
+fn login_form(message: &str) -> Html<String> {
+    let msg = if message.is_empty() {
+        String::new()
+    } else {
+        format!("<p class=\"error\" id=\"error\">{}</p>", esc(message))
+    };
+    page(
+        "Log in",
+        None,
+        &format!(
+            "{msg}<form method=\"post\" action=\"/login\"><p><label>User <input name=\"user\" id=\"user\" autocomplete=\"username\"></label></p>\
+             <p><label>Password <input type=\"password\" name=\"password\" id=\"password\" autocomplete=\"current-password\"></label></p>\
+             <p><button id=\"login\">Log in</button></p></form>"
+        ),
+    )
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    user: String,
+    password: String,
+}
+
+async fn login(State(w): State<Arc<Web>>, Form(f): Form<LoginForm>) -> Response {
+    let users = w.users.clone();
+    let name = f.user.clone();
+    let ok = tokio::task::spawn_blocking(move || {
+        users
+            .iter()
+            .any(|u| u.name == f.user && verify_password(u, &f.password))
+    })
+    .await
+    .unwrap_or(false);
+    if !ok {
+        tracing::warn!(user = %name, "failed login");
+        return (StatusCode::UNAUTHORIZED, login_form("Wrong user or password.")).into_response();
+    }
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    w.sessions.lock().expect("sessions").insert(token.clone(), name);
+    let mut r = Redirect::to("/").into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/")) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn logout(State(w): State<Arc<Web>>, headers: HeaderMap) -> Response {
+    if let Some(t) = token_of(&headers) {
+        w.sessions.lock().expect("sessions").remove(&t);
+    }
+    Redirect::to("/login").into_response()
+}
+
+fn differential_html(w: &Web) -> String {
+    let r = match w.app.report() {
+        Ok(r) => r,
+        Err(e) => return format!("<p class=\"error\">{}</p>", esc(&format!("{e:#}"))),
+    };
+    let mut s = String::new();
+    for f in &r.flags {
+        let class = if f.urgent() { "urgent" } else { "flag" };
+        let _ = write!(s, "<p class=\"{class}\">{}</p>", esc(&f.message()));
+    }
+    let _ = write!(
+        s,
+        "<p id=\"progress\">{} of {} cells classified{}; {} Unidentified (for review), {} cut by the field's edge, in {} fields.</p>",
+        r.classified,
+        w.app.settings.slide.target,
+        if r.complete { " — target reached" } else { "" },
+        r.unidentified,
+        r.edge_cut,
+        r.fields
+    );
+    s.push_str("<table id=\"differential\"><tr><th>Class</th><th>Count</th><th>%</th></tr>");
+    for c in CellClass::ALL {
+        let cc = &r.per_class[c.name()];
+        let _ = write!(
+            s,
+            "<tr><td>{}</td><td>{}</td><td>{:.1}</td></tr>",
+            c.name(),
+            cc.count,
+            cc.percent
+        );
+    }
+    s.push_str("</table>");
+    s
+}
+
+async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>) -> Response {
+    let slide = w.app.current_slide();
+    let mut body = format!(
+        "<p id=\"model\">Model version {} on {}.</p><h2>Slide {}</h2>{}",
+        w.app.model_version(),
+        esc(&w.app.settings.backend),
+        esc(&slide.id),
+        differential_html(&w)
+    );
+    body.push_str(
+        "<h2>Add an image</h2><form method=\"post\" action=\"/upload\" enctype=\"multipart/form-data\">\
+         <p><input type=\"file\" name=\"image\" id=\"image\" accept=\"image/*\"></p>\
+         <p><label><input type=\"checkbox\" name=\"single_cell\" id=\"single_cell\"> one centred cell (not a field)</label></p>\
+         <p><button id=\"upload\">Classify</button></p></form>\
+         <form method=\"post\" action=\"/slide/finish\"><p><button id=\"finish\">Finish this slide and start the next</button></p></form>",
+    );
+    if let Ok(fields) = w.app.store().fields_of_slide(&slide.id) {
+        body.push_str("<h2>Fields of this slide</h2><ul>");
+        for f in fields.iter().rev().take(50) {
+            let _ = write!(
+                body,
+                "<li><a href=\"/field/{id}\">{name}</a> — {n} cells</li>",
+                id = esc(&f.id),
+                name = esc(&f.name),
+                n = f.cells.len()
+            );
+        }
+        body.push_str("</ul>");
+    }
+    page("WBC differential", Some(&user), &body).into_response()
+}
+
+async fn upload(
+    State(w): State<Arc<Web>>,
+    axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>,
+    mut multipart: Multipart,
+) -> Response {
+    let (mut bytes, mut name, mut single) = (None, String::from("upload"), false);
+    loop {
+        match multipart.next_field().await {
+            Ok(Some(f)) => match f.name() {
+                Some("image") => {
+                    if let Some(n) = f.file_name() {
+                        name = n.to_string();
+                    }
+                    match f.bytes().await {
+                        Ok(b) => bytes = Some(b),
+                        Err(e) => {
+                            return error_page(e.status(), Some(&user), &format!("upload failed: {}", e.body_text()));
+                        }
+                    }
+                }
+                Some("single_cell") => single = true,
+                _ => {}
+            },
+            Ok(None) => break,
+            Err(e) => return error_page(e.status(), Some(&user), &format!("upload failed: {}", e.body_text())),
+        }
+    }
+    let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            Some(&user),
+            "No image was chosen, or the file is empty.",
+        );
+    };
+    let app = w.app.clone();
+    let shown = name.clone();
+    let r = tokio::task::spawn_blocking(move || app.ingest(&bytes, &name, "upload", single)).await;
+    match r {
+        Ok(Ok(Ingested::New(f) | Ingested::Duplicate(f))) => Redirect::to(&format!("/field/{}", f.id)).into_response(),
+        Ok(Err(e)) => error_page(
+            StatusCode::BAD_REQUEST,
+            Some(&user),
+            &format!("{shown} was not classified: {e:#}"),
+        ),
+        Err(e) => error_page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Some(&user),
+            &format!("internal error: {e}"),
+        ),
+    }
+}
+
+fn load_field(w: &Web, id: &str) -> Result<FieldRecord, StatusCode> {
+    match w.app.store().field(id) {
+        Ok(Some(f)) => Ok(f),
+        Ok(None) | Err(_) => Err(StatusCode::NOT_FOUND),
+    }
+}
+
+fn class_options(selected: Option<CellClass>) -> String {
+    let mut s = String::new();
+    for c in CellClass::ALL {
+        let sel = if selected == Some(c) { " selected" } else { "" };
+        let _ = write!(s, "<option value=\"{}\"{sel}>{}</option>", c.name(), c.name());
+    }
+    let _ = write!(
+        s,
+        "<option value=\"none\"{}>Not a white cell / cannot tell</option>",
+        if selected.is_none() { " selected" } else { "" }
+    );
+    s
+}
+
+async fn field_page(
+    State(w): State<Arc<Web>>,
+    axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>,
+    Path(id): Path<String>,
+) -> Response {
+    let f = match load_field(&w, &id) {
+        Ok(f) => f,
+        Err(s) => return error_page(s, Some(&user), "No such field."),
+    };
+    let mut body = format!(
+        "<p>{} — {}×{} px, {} ({}), received from {}.</p>",
+        esc(&f.name),
+        f.width,
+        f.height,
+        if f.single_cell { "one cell" } else { "field" },
+        if f.single_cell {
+            String::new()
+        } else {
+            format!("{} µm per pixel", f.microns_per_pixel)
+        },
+        esc(&f.source)
+    );
+    let _ = write!(
+        body,
+        "<svg id=\"boxes\" viewBox=\"0 0 {w} {h}\" width=\"{w}\" height=\"{h}\"><image href=\"/field/{id}/image\" width=\"{w}\" height=\"{h}\"/>",
+        w = f.width,
+        h = f.height,
+        id = esc(&f.id)
+    );
+    for (i, c) in f.cells.iter().enumerate() {
+        if let Some([x0, y0, x1, y1]) = c.result.bbox {
+            let colour = match c.result.class {
+                Some(CellClass::Blast) => "#e00",
+                Some(_) => "#0a0",
+                None => "#f80",
+            };
+            let _ = write!(
+                body,
+                "<rect x=\"{x0}\" y=\"{y0}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"3\"/>\
+                 <text x=\"{}\" y=\"{}\" fill=\"{colour}\" font-size=\"20\">{} {}</text>",
+                x1.saturating_sub(x0),
+                y1.saturating_sub(y0),
+                x0 + 4,
+                y0 + 20,
+                i + 1,
+                esc(c.result.class_name())
+            );
+        }
+    }
+    body.push_str("</svg>");
+    if f.cells.is_empty() {
+        body.push_str("<p id=\"nocells\">No white cells found in this image.</p>");
+    }
+    body.push_str("<table id=\"cells\"><tr><th>#</th><th>Class</th><th>Details</th><th>Review</th></tr>");
+    for (i, c) in f.cells.iter().enumerate() {
+        let r = &c.result;
+        let probs: Vec<String> = CellClass::ALL
+            .iter()
+            .filter_map(|k| {
+                r.probabilities
+                    .get(k.name())
+                    .map(|p| format!("{} {:.3}", k.abbreviation(), p))
+            })
+            .collect();
+        let reviewed = match &c.review {
+            Some(rv) => format!(
+                "<p>Reviewed by {}: <b>{}</b></p>",
+                esc(&rv.by),
+                rv.class.map(|c| c.name()).unwrap_or("not a white cell / cannot tell")
+            ),
+            None => String::new(),
+        };
+        let _ = write!(
+            body,
+            "<tr class=\"cell\" id=\"cell-{n}\"><td>{n}</td><td class=\"class\"><b>{class}</b><br>confidence {conf:.3}</td>\
+             <td><span class=\"probs\">{probs}</span><p class=\"description\">{desc}</p></td>\
+             <td>{reviewed}<form method=\"post\" action=\"/field/{id}/cell/{i}/review\"><select name=\"class\">{opts}</select> \
+             <button>Save</button></form></td></tr>",
+            n = i + 1,
+            class = esc(r.class_name()),
+            conf = r.confidence,
+            probs = esc(&probs.join("  ")),
+            desc = esc(&r.description),
+            id = esc(&f.id),
+            opts = class_options(c.review.as_ref().map(|v| v.class).unwrap_or(r.class)),
+        );
+    }
+    body.push_str("</table><p><a href=\"/\">Back to the slide</a></p>");
+    page("Field", Some(&user), &body).into_response()
+}
+
+async fn field_image(State(w): State<Arc<Web>>, Path(id): Path<String>) -> Response {
+    match w.app.store().image(&id) {
+        Ok(Some(bytes)) => {
+            let mime = image::guess_format(&bytes)
+                .map(|f| f.to_mime_type())
+                .unwrap_or("application/octet-stream");
+            ([(header::CONTENT_TYPE, mime)], bytes).into_response()
+        }
+        _ => (StatusCode::NOT_FOUND, "original image not kept").into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct ReviewForm {
+    class: String,
+}
+
+async fn review(
+    State(w): State<Arc<Web>>,
+    axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>,
+    Path((id, n)): Path<(String, usize)>,
+    Form(f): Form<ReviewForm>,
+) -> Response {
+    let class = if f.class == "none" {
+        None
+    } else {
+        match f.class.parse::<CellClass>() {
+            Ok(c) => Some(c),
+            Err(_) => return error_page(StatusCode::BAD_REQUEST, Some(&user), "Unknown class."),
+        }
+    };
+    match w.app.review(&id, n, class, &user) {
+        Ok(_) => Redirect::to(&format!("/field/{id}#cell-{}", n + 1)).into_response(),
+        Err(e) => error_page(StatusCode::BAD_REQUEST, Some(&user), &format!("{e:#}")),
+    }
+}
+
+async fn review_page(
+    State(w): State<Arc<Web>>,
+    axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>,
+) -> Response {
+    let slide = w.app.current_slide();
+    let fields = w.app.store().fields_of_slide(&slide.id).unwrap_or_default();
+    let mut body = String::from(
+        "<p>Cells the model left for review or called Blast, not yet reviewed. Open one to confirm or reclassify it.</p><ul id=\"to-review\">",
+    );
+    let mut n = 0;
+    for f in &fields {
+        for (i, c) in f.cells.iter().enumerate() {
+            let needs = c.result.class.is_none() || c.result.class == Some(CellClass::Blast);
+            if needs && c.review.is_none() {
+                n += 1;
+                let _ = write!(
+                    body,
+                    "<li><a href=\"/field/{id}#cell-{k}\">{name}, cell {k}</a>: {class} — {desc}</li>",
+                    id = esc(&f.id),
+                    k = i + 1,
+                    name = esc(&f.name),
+                    class = esc(c.result.class_name()),
+                    desc = esc(&c.result.description)
+                );
+            }
+        }
+    }
+    body.push_str("</ul>");
+    if n == 0 {
+        body.push_str("<p>Nothing waits for review.</p>");
+    }
+    page("Review", Some(&user), &body).into_response()
+}
+
+async fn finish_slide(
+    State(w): State<Arc<Web>>,
+    axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>,
+) -> Response {
+    match w.app.finish_slide() {
+        Ok(r) => {
+            tracing::info!(slide = %r.slide_id, by = %user, classified = r.classified, flags = r.flags.len(), "slide finished");
+            Redirect::to("/").into_response()
+        }
+        Err(e) => error_page(StatusCode::INTERNAL_SERVER_ERROR, Some(&user), &format!("{e:#}")),
+    }
+}
+
+async fn api_slide(State(w): State<Arc<Web>>) -> Response {
+    match w.app.report() {
+        Ok(r) => axum::Json(r).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response(),
+    }
+}
+
+async fn api_field(State(w): State<Arc<Web>>, Path(id): Path<String>) -> Response {
+    match load_field(&w, &id) {
+        Ok(f) => axum::Json(f).into_response(),
+        Err(s) => (s, "no such field").into_response(),
+    }
+}

@@ -1,0 +1,430 @@
+//! `appliance run` as a clinic uses it: the web UI (with a login), uploads good and bad, the
+//! inbox across restarts, and a real browser (headless Chromium through chromedriver).
+
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const USER: &str = "tech";
+const PASSWORD: &str = "correct horse";
+
+fn fixture_field(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/fields/images")
+        .join(name)
+}
+
+/// A running daemon on a free port, killed on drop.
+struct Daemon {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a configuration for `data` (one user, inbox polled every 100 ms, any free port).
+fn config(data: &Path) -> PathBuf {
+    let hash = appliance::config::hash_password(PASSWORD).unwrap();
+    let path = data.join("appliance.toml");
+    std::fs::create_dir_all(data).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = {data:?}\nmicrons_per_pixel = 0.072\ninbox_poll_ms = 100\n\
+             [web]\nlisten = \"127.0.0.1:0\"\nmax_upload_bytes = 1048576\n[[web.users]]\nname = \"{USER}\"\npassword_hash = \"{hash}\"\n",
+            data = data.join("data")
+        ),
+    )
+    .unwrap();
+    path
+}
+
+impl Daemon {
+    fn start(config: &Path) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_appliance"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the daemon");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let base = loop {
+            let line = lines.next().expect("the daemon stopped before listening").unwrap();
+            if let Some(addr) = line.strip_prefix("web UI on ") {
+                break addr.trim().to_string();
+            }
+        };
+        // Keep draining its log so that it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Daemon { child, base }
+    }
+
+    fn agent(&self) -> ureq::Agent {
+        ureq::AgentBuilder::new().redirects(0).build()
+    }
+
+    /// Logs in; returns the session cookie.
+    fn login(&self) -> String {
+        let r = self
+            .agent()
+            .post(&format!("{}/login", self.base))
+            .send_form(&[("user", USER), ("password", PASSWORD)])
+            .unwrap();
+        assert_eq!(r.status(), 303);
+        r.header("set-cookie").unwrap().split(';').next().unwrap().to_string()
+    }
+
+    /// Uploads bytes as a multipart form; returns (status, body, location).
+    fn upload(&self, cookie: &str, name: &str, bytes: &[u8]) -> (u16, String, Option<String>) {
+        let boundary = "----wbc-test-boundary";
+        let mut body = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+        )
+        .into_bytes();
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let r = self
+            .agent()
+            .post(&format!("{}/upload", self.base))
+            .set("Cookie", cookie)
+            .set("Content-Type", &format!("multipart/form-data; boundary={boundary}"))
+            .send_bytes(&body);
+        let r = match r {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("upload of {name}: {e}"),
+        };
+        let location = r.header("location").map(String::from);
+        (r.status(), r.into_string().unwrap(), location)
+    }
+
+    fn slide(&self, cookie: &str) -> Value {
+        self.agent()
+            .get(&format!("{}/api/slide", self.base))
+            .set("Cookie", cookie)
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    }
+}
+
+/// CRC-32 (IEEE), as PNG chunks carry it.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+/// Waits for a condition, failing after a generous deadline.
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ok() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn nothing_but_health_is_served_without_a_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&config(dir.path()));
+    let health: Value = ureq::get(&format!("{}/health", d.base))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["model_version"], 2);
+    assert!(health["backend"].as_str().unwrap().contains("CPU"));
+    let r = d.agent().get(&format!("{}/", d.base)).call().unwrap();
+    assert_eq!((r.status(), r.header("location")), (303, Some("/login")));
+    for path in ["/api/slide", "/api/field/abc"] {
+        match d.agent().get(&format!("{}{path}", d.base)).call() {
+            Err(ureq::Error::Status(401, _)) => {}
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+    match d
+        .agent()
+        .post(&format!("{}/login", d.base))
+        .send_form(&[("user", USER), ("password", "wrong")])
+    {
+        Err(ureq::Error::Status(401, r)) => assert!(r.header("set-cookie").is_none()),
+        other => panic!("wrong password: {other:?}"),
+    }
+    // A forged cookie is no session.
+    match d
+        .agent()
+        .get(&format!("{}/api/slide", d.base))
+        .set("Cookie", "wbc_session=forged")
+        .call()
+    {
+        Err(ureq::Error::Status(401, _)) => {}
+        other => panic!("forged cookie: {other:?}"),
+    }
+}
+
+#[test]
+fn bad_uploads_are_refused_with_a_reason_and_nothing_stored_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&config(dir.path()));
+    let cookie = d.login();
+    let good = std::fs::read(fixture_field("BloodImage_00000.jpg")).unwrap();
+    let (status, _, location) = d.upload(&cookie, "field.jpg", &good);
+    assert_eq!(status, 303);
+    let field_url = location.unwrap();
+    assert!(field_url.starts_with("/field/"));
+    let before = d.slide(&cookie);
+    assert_eq!(before["fields"], 1);
+
+    // A PNG header claiming 100000 × 100000 pixels: a decompression bomb.
+    let mut bomb = Vec::new();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut bomb),
+        &[0u8; 3],
+        1,
+        1,
+        image::ExtendedColorType::Rgb8,
+    )
+    .unwrap();
+    bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    // A valid header: the chunk's CRC over its type and data.
+    let crc = crc32(&bomb[12..29]);
+    bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("empty.jpg", Vec::new()),
+        ("notes.txt", b"this is not an image".to_vec()),
+        ("truncated.jpg", good[..good.len() / 3].to_vec()),
+        ("corrupt.jpg", {
+            let mut c = good.clone();
+            for b in c.iter_mut().skip(600).step_by(7) {
+                *b = 0xFF;
+            }
+            c
+        }),
+        ("bomb.png", bomb),
+    ];
+    for (name, bytes) in &bad {
+        let (status, body, _) = d.upload(&cookie, name, bytes);
+        assert_eq!(status, 400, "{name}: {body}");
+        assert!(body.contains("id=\"error\""), "{name}: {body}");
+        assert!(
+            body.contains(name) || body.contains("empty"),
+            "{name}: the message names the file or the problem: {body}"
+        );
+    }
+    // Too large for the upload limit (1 MiB in this configuration) altogether.
+    let (status, _, _) = d.upload(&cookie, "huge.jpg", &vec![0u8; 2 << 20]);
+    assert_eq!(status, 413);
+    // Still alive, and the first field is intact.
+    assert_eq!(d.slide(&cookie), before);
+    let page = d
+        .agent()
+        .get(&format!("{}{field_url}", d.base))
+        .set("Cookie", &cookie)
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(page.contains("<rect"), "{page}");
+    // The same image again is the same field.
+    let (_, _, again) = d.upload(&cookie, "copy.jpg", &good);
+    assert_eq!(again.as_deref(), Some(field_url.as_str()));
+    assert_eq!(d.slide(&cookie)["fields"], 1);
+}
+
+#[test]
+fn the_inbox_takes_each_image_once_even_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let inbox = dir.path().join("data/inbox");
+    let d = Daemon::start(&cfg);
+    let cookie = d.login();
+    std::fs::copy(fixture_field("BloodImage_00000.jpg"), inbox.join("a.jpg")).unwrap();
+    std::fs::write(inbox.join("broken.jpg"), b"\xff\xd8\xff\xe0 not really").unwrap();
+    std::fs::write(inbox.join("b.jpg.part"), b"still copying").unwrap();
+    wait_for("the inbox image to be stored", || d.slide(&cookie)["fields"] == 1);
+    wait_for("the inbox to empty", || !inbox.join("a.jpg").exists());
+    wait_for("the broken file to be set aside", || {
+        inbox.join("rejected/broken.jpg").exists()
+    });
+    let reason = std::fs::read_to_string(inbox.join("rejected/broken.jpg.reason.txt")).unwrap();
+    assert!(reason.contains("broken.jpg"), "{reason}");
+    assert!(inbox.join("b.jpg.part").exists(), "a partial copy is left alone");
+    drop(d);
+
+    // The stick is plugged in again with the same image: one field, not two.
+    std::fs::copy(fixture_field("BloodImage_00000.jpg"), inbox.join("a again.jpg")).unwrap();
+    std::fs::copy(fixture_field("BloodImage_00338.jpg"), inbox.join("c.jpg")).unwrap();
+    let d = Daemon::start(&cfg);
+    let cookie = d.login();
+    wait_for("the new image to be stored", || d.slide(&cookie)["fields"] == 2);
+    wait_for("the duplicate to be removed", || !inbox.join("a again.jpg").exists());
+    assert_eq!(d.slide(&cookie)["fields"], 2);
+}
+
+/// A minimal WebDriver session (W3C protocol over HTTP).
+struct Browser {
+    driver: Child,
+    url: String,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = ureq::delete(&self.url).call();
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver not found: install Debian's `chromium` and `chromium-driver` (.ci/run does)");
+        let base = format!("http://127.0.0.1:{port}");
+        wait_for("chromedriver", || ureq::get(&format!("{base}/status")).call().is_ok());
+        let s: Value = ureq::post(&format!("{base}/session"))
+            .send_json(json!({"capabilities": {"alwaysMatch": {
+                "goog:chromeOptions": {"args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1024,900"]}
+            }}}))
+            .expect("start headless Chromium")
+            .into_json()
+            .unwrap();
+        let id = s["value"]["sessionId"].as_str().unwrap();
+        Browser {
+            driver,
+            url: format!("{base}/session/{id}"),
+        }
+    }
+
+    fn post(&self, path: &str, body: Value) -> Value {
+        match ureq::post(&format!("{}{path}", self.url)).send_json(body) {
+            Ok(r) => r.into_json::<Value>().unwrap()["value"].clone(),
+            Err(ureq::Error::Status(code, r)) => panic!("{path}: {code}: {}", r.into_string().unwrap_or_default()),
+            Err(e) => panic!("{path}: {e}"),
+        }
+    }
+
+    fn go(&self, url: &str) {
+        self.post("/url", json!({ "url": url }));
+    }
+
+    fn find(&self, css: &str) -> String {
+        let v = self.post("/element", json!({"using": "css selector", "value": css}));
+        v.as_object()
+            .and_then(|o| o.values().next())
+            .and_then(|v| v.as_str())
+            .unwrap_or_else(|| panic!("no element {css}"))
+            .to_string()
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let e = self.find(css);
+        self.post(&format!("/element/{e}/value"), json!({ "text": text }));
+    }
+
+    fn click(&self, css: &str) {
+        let e = self.find(css);
+        self.post(&format!("/element/{e}/click"), json!({}));
+    }
+
+    fn source(&self) -> String {
+        let v: Value = ureq::get(&format!("{}/source", self.url))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        v["value"].as_str().unwrap().to_string()
+    }
+
+    fn wait_for_text(&self, text: &str) -> String {
+        let mut src = String::new();
+        wait_for(text, || {
+            src = self.source();
+            src.contains(text)
+        });
+        src
+    }
+}
+
+#[test]
+fn a_technician_logs_in_uploads_a_field_and_reviews_a_cell_in_a_real_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&config(dir.path()));
+    let b = Browser::start();
+    b.go(&d.base);
+    b.wait_for_text("id=\"password\"");
+    b.type_into("#user", USER);
+    b.type_into("#password", "wrong");
+    b.click("#login");
+    b.wait_for_text("Wrong user or password");
+    b.type_into("#user", USER);
+    b.type_into("#password", PASSWORD);
+    b.click("#login");
+    let home = b.wait_for_text("id=\"differential\"");
+    assert!(home.contains("Model version 2"), "the model in use is shown");
+    assert!(home.contains("CPU (burn flex)"), "the backend is shown");
+    let path = fixture_field("BloodImage_00000.jpg").canonicalize().unwrap();
+    b.type_into("#image", path.to_str().unwrap());
+    b.click("#upload");
+    let field = b.wait_for_text("id=\"cells\"");
+    assert_eq!(field.matches("<rect").count(), 1, "one white cell boxed: {field}");
+    assert!(field.contains("id=\"cell-1\""));
+    assert!(field.contains("class=\"description\""));
+    assert!(field.contains("BASO "), "probabilities are listed");
+    // The technician says it is an eosinophil.
+    let select = b.find("#cell-1 select");
+    let option = b.post(
+        &format!("/element/{select}/element"),
+        json!({"using": "css selector", "value": "option[value=Eosinophil]"}),
+    );
+    let option = option
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    b.post(&format!("/element/{option}/click"), json!({}));
+    b.click("#cell-1 button");
+    b.wait_for_text("Reviewed by tech");
+    b.go(&d.base);
+    let home = b.wait_for_text("id=\"differential\"");
+    assert!(
+        home.contains("<td>Eosinophil</td><td>1</td>"),
+        "the review counts in the differential: {home}"
+    );
+    assert!(home.contains("1 of 100 cells classified"), "{home}");
+    // A file that is no image: a clear message in the page.
+    let junk = dir.path().join("notes.txt");
+    std::fs::write(&junk, "not an image").unwrap();
+    b.type_into("#image", junk.to_str().unwrap());
+    b.click("#upload");
+    let err = b.wait_for_text("id=\"error\"");
+    assert!(err.contains("notes.txt was not classified"), "{err}");
+}
