@@ -43,6 +43,7 @@ pub struct App {
     /// Settings.
     pub settings: AppSettings,
     current: Mutex<SlideState>,
+    camera: Mutex<Option<Box<dyn crate::capture::FrameSource>>>,
     /// Serialises ingestion, so that two copies of one image never race into two fields.
     ingest_lock: Mutex<()>,
 }
@@ -96,8 +97,32 @@ impl App {
             store,
             settings,
             current: Mutex::new(current),
+            camera: Mutex::new(None),
             ingest_lock: Mutex::new(()),
         })
+    }
+
+    /// Attaches a camera.
+    pub fn with_camera(self, camera: Box<dyn crate::capture::FrameSource>) -> Self {
+        *self.camera.lock().expect("camera lock") = Some(camera);
+        self
+    }
+
+    /// The camera, in words, if one is attached.
+    pub fn camera(&self) -> Option<String> {
+        self.camera.lock().expect("camera lock").as_ref().map(|c| c.describe())
+    }
+
+    /// Grabs one frame from the camera and processes it as a field.
+    pub fn capture(&self) -> Result<Ingested> {
+        let frame = {
+            let mut cam = self.camera.lock().expect("camera lock");
+            let Some(cam) = cam.as_mut() else {
+                bail!("no camera is attached");
+            };
+            cam.grab()?.context("the camera gave no frame (end of the recording)")?
+        };
+        self.ingest(&frame.bytes, &frame.name, "camera", false)
     }
 
     /// The store.

@@ -68,6 +68,8 @@ pub struct Config {
     pub slide: SlideSettings,
     /// Web UI.
     pub web: WebConfig,
+    /// The microscope camera, if one is attached (`[camera.v4l2]` or `[camera.replay]`).
+    pub camera: Option<crate::capture::CameraConfig>,
 }
 
 impl Default for Config {
@@ -83,6 +85,7 @@ impl Default for Config {
             max_image_bytes: 4 << 30,
             slide: SlideSettings::default(),
             web: WebConfig::default(),
+            camera: None,
         }
     }
 }

@@ -24,7 +24,7 @@ pub fn run(config: Config) -> Result<()> {
     tracing::info!(%backend, model_version = bundle.manifest.model_version, "model loaded");
     let classifier = Classifier::from_bundle(&bundle, &device)?.with_min_confidence(config.min_confidence);
     let store = Arc::new(DirStore::open(&config.data_dir.join("store"), config.max_image_bytes)?);
-    let app = Arc::new(App::new(
+    let mut app = App::new(
         classifier,
         store,
         AppSettings {
@@ -34,7 +34,13 @@ pub fn run(config: Config) -> Result<()> {
             limits: DecodeLimits::default(),
             backend,
         },
-    )?);
+    )?;
+    if let Some(c) = &config.camera {
+        let cam = crate::capture::open(c)?;
+        tracing::info!(camera = %cam.describe(), "camera attached");
+        app = app.with_camera(cam);
+    }
+    let app = Arc::new(app);
     let (users, first_password) = users_or_first_run(&config)?;
     if let Some(pw) = first_password {
         eprintln!(

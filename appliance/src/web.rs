@@ -66,6 +66,7 @@ pub fn router(web: Arc<Web>) -> Router {
     let private = Router::new()
         .route("/", get(index))
         .route("/upload", post(upload))
+        .route("/capture", post(capture))
         .route("/field/{id}", get(field_page))
         .route("/field/{id}/image", get(field_image))
         .route("/field/{id}/cell/{n}/review", post(review))
@@ -253,12 +254,20 @@ async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum:
         esc(&slide.id),
         differential_html(&w)
     );
-    body.push_str(
+    let camera = match w.app.camera() {
+        Some(c) => format!(
+            "<form method=\"post\" action=\"/capture\"><p><button id=\"capture\">Capture this field</button> from {}</p></form>",
+            esc(&c)
+        ),
+        None => String::new(),
+    };
+    let _ = write!(
+        body,
         "<h2>Add an image</h2><form method=\"post\" action=\"/upload\" enctype=\"multipart/form-data\">\
          <p><input type=\"file\" name=\"image\" id=\"image\" accept=\"image/*\"></p>\
          <p><label><input type=\"checkbox\" name=\"single_cell\" id=\"single_cell\"> one centred cell (not a field)</label></p>\
          <p><button id=\"upload\">Classify</button></p></form>\
-         <form method=\"post\" action=\"/slide/finish\"><p><button id=\"finish\">Finish this slide and start the next</button></p></form>",
+         {camera}<form method=\"post\" action=\"/slide/finish\"><p><button id=\"finish\">Finish this slide and start the next</button></p></form>"
     );
     if let Ok(fields) = w.app.store().fields_of_slide(&slide.id) {
         body.push_str("<h2>Fields of this slide</h2><ul>");
@@ -320,6 +329,19 @@ async fn upload(
             Some(&user),
             &format!("{shown} was not classified: {e:#}"),
         ),
+        Err(e) => error_page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Some(&user),
+            &format!("internal error: {e}"),
+        ),
+    }
+}
+
+async fn capture(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>) -> Response {
+    let app = w.app.clone();
+    match tokio::task::spawn_blocking(move || app.capture()).await {
+        Ok(Ok(Ingested::New(f) | Ingested::Duplicate(f))) => Redirect::to(&format!("/field/{}", f.id)).into_response(),
+        Ok(Err(e)) => error_page(StatusCode::BAD_REQUEST, Some(&user), &format!("capture failed: {e:#}")),
         Err(e) => error_page(
             StatusCode::INTERNAL_SERVER_ERROR,
             Some(&user),

@@ -248,6 +248,60 @@ fn bad_uploads_are_refused_with_a_reason_and_nothing_stored_is_lost() {
 }
 
 #[test]
+fn a_camera_capture_becomes_a_field_of_the_slide() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    // A recorded camera: two frames, then the end of the recording.
+    let frames = dir.path().join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    std::fs::copy(fixture_field("BloodImage_00000.jpg"), frames.join("0001.jpg")).unwrap();
+    std::fs::write(frames.join("0002.jpg"), b"a frame the camera garbled").unwrap();
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!("[camera.replay]\nfolder = {frames:?}\n"));
+    std::fs::write(&cfg, text).unwrap();
+    let d = Daemon::start(&cfg);
+    let cookie = d.login();
+    let home = d
+        .agent()
+        .get(&format!("{}/", d.base))
+        .set("Cookie", &cookie)
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        home.contains("id=\"capture\"") && home.contains("recorded frames"),
+        "{home}"
+    );
+    let capture = || match d
+        .agent()
+        .post(&format!("{}/capture", d.base))
+        .set("Cookie", &cookie)
+        .call()
+    {
+        Ok(r) => (r.status(), r.header("location").map(String::from)),
+        Err(ureq::Error::Status(code, _)) => (code, None),
+        Err(e) => panic!("{e}"),
+    };
+    let (status, location) = capture();
+    assert_eq!(status, 303);
+    let field: Value = d
+        .agent()
+        .get(&format!("{}/api{}", d.base, location.unwrap()))
+        .set("Cookie", &cookie)
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(field["source"], "camera");
+    assert_eq!(field["cells"].as_array().unwrap().len(), 1);
+    // A garbled frame and the end of the recording are errors, not crashes.
+    assert_eq!(capture().0, 400);
+    assert_eq!(capture().0, 400);
+    assert_eq!(d.slide(&cookie)["fields"], 1);
+}
+
+#[test]
 fn the_inbox_takes_each_image_once_even_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
