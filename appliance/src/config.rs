@@ -68,6 +68,8 @@ pub struct Config {
     pub slide: SlideSettings,
     /// Web UI.
     pub web: WebConfig,
+    /// Compute backend: `auto` (a GPU adapter if there is one), `cpu` or `gpu`.
+    pub backend: crate::backend::BackendChoice,
     /// The microscope camera, if one is attached (`[camera.v4l2]` or `[camera.replay]`).
     pub camera: Option<crate::capture::CameraConfig>,
 }
@@ -85,6 +87,7 @@ impl Default for Config {
             max_image_bytes: 4 << 30,
             slide: SlideSettings::default(),
             web: WebConfig::default(),
+            backend: Default::default(),
             camera: None,
         }
     }

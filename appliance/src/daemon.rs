@@ -18,11 +18,10 @@ use wbc_shared::image::DecodeLimits;
 pub fn run(config: Config) -> Result<()> {
     config.validate()?;
     let bundle = open_bundle(config.bundle.as_deref(), &trusted_keys(&config.trust)?)?;
-    // The CPU backend; the wgpu backend is not part of this build yet.
-    let device = burn::tensor::Device::flex();
-    let backend = "CPU (burn flex)".to_string();
-    tracing::info!(%backend, model_version = bundle.manifest.model_version, "model loaded");
+    let crate::backend::Backend { device, name: backend } = crate::backend::select(config.backend)?;
+    eprintln!("compute backend: {backend}");
     let classifier = Classifier::from_bundle(&bundle, &device)?.with_min_confidence(config.min_confidence);
+    tracing::info!(%backend, model_version = bundle.manifest.model_version, "model loaded");
     let store = Arc::new(DirStore::open(&config.data_dir.join("store"), config.max_image_bytes)?);
     let mut app = App::new(
         classifier,

@@ -2,6 +2,7 @@
 //! each cell's class, probabilities and description, and keeps the slide's differential.
 
 pub mod app;
+pub mod backend;
 pub mod capture;
 pub mod config;
 pub mod daemon;

@@ -43,6 +43,9 @@ enum Cmd {
         /// the bundle.
         #[arg(long)]
         microns_per_pixel: Option<f32>,
+        /// Compute backend.
+        #[arg(long, value_enum, default_value_t = appliance::backend::BackendChoice::Auto)]
+        backend: appliance::backend::BackendChoice,
         /// Images or folders of images.
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
@@ -98,6 +101,7 @@ fn main() -> Result<()> {
             trust,
             min_confidence,
             microns_per_pixel,
+            backend,
             inputs,
         } => {
             if !(0.0..=1.0).contains(&min_confidence) {
@@ -105,12 +109,8 @@ fn main() -> Result<()> {
             }
             check_pixel_size(microns_per_pixel)?;
             let bundle = open_bundle(bundle.as_deref(), &trusted_keys(&trust)?)?;
-            let device = burn::tensor::Device::flex();
-            tracing::info!(
-                backend = "flex (CPU)",
-                model_version = bundle.manifest.model_version,
-                "model loaded"
-            );
+            let appliance::backend::Backend { device, name } = appliance::backend::select(backend)?;
+            tracing::info!(backend = %name, model_version = bundle.manifest.model_version, "model loaded");
             let classifier = Classifier::from_bundle(&bundle, &device)?
                 .with_min_confidence(min_confidence)
                 .with_microns_per_pixel(microns_per_pixel);
