@@ -161,15 +161,8 @@ impl CellNorm {
     pub fn apply(&self, img: &RgbImage, hint: Option<[f32; 2]>, microns_per_pixel: Option<f32>) -> NormalisedCell {
         let (w, h) = img.dimensions();
         let scale = (WORK_SIDE as f32 / w.max(h).max(1) as f32).min(1.0);
-        let (ww, wh) = (
-            ((w as f32 * scale).round() as u32).max(1),
-            ((h as f32 * scale).round() as u32).max(1),
-        );
-        let work = if scale < 1.0 {
-            image::imageops::resize(img, ww, wh, FilterType::Triangle)
-        } else {
-            img.clone()
-        };
+        let work = working_copy(img, scale);
+        let (ww, wh) = work.dimensions();
         let hint_w = hint
             .map(|[x, y]| [x * scale, y * scale])
             .unwrap_or([ww as f32 / 2.0, wh as f32 / 2.0]);
@@ -229,6 +222,19 @@ impl CellNorm {
             touches_edge: touches,
         }
     }
+}
+
+/// A copy of `img` reduced by `scale` (≤ 1; at least 1 × 1 pixel), for segmentation.
+pub(crate) fn working_copy(img: &RgbImage, scale: f32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    if scale >= 1.0 {
+        return img.clone();
+    }
+    let (ww, wh) = (
+        ((w as f32 * scale).round() as u32).max(1),
+        ((h as f32 * scale).round() as u32).max(1),
+    );
+    image::imageops::resize(img, ww, wh, FilterType::Triangle)
 }
 
 /// Otsu threshold of values.

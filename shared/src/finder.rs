@@ -12,8 +12,7 @@
 //! Each found cell is then cut out by [`cell_crop`] — the same cut that `trainer crop-fields`
 //! makes from annotated boxes — and classified through the cell normalisation.
 
-use crate::cellnorm::{components, crop_square, dilate, erode, otsu, percentile};
-use image::imageops::FilterType;
+use crate::cellnorm::{components, crop_square, dilate, erode, otsu, percentile, working_copy};
 use image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 
@@ -66,17 +65,9 @@ pub fn find_cells(field: &RgbImage, microns_per_pixel: f32, cfg: &FinderConfig) 
         return Vec::new();
     }
     let scale = (microns_per_pixel / cfg.work_um).min(1.0);
-    let (w, h) = (
-        ((w0 as f32 * scale).round() as u32).max(1),
-        ((h0 as f32 * scale).round() as u32).max(1),
-    );
-    let work = if scale < 1.0 {
-        image::imageops::resize(field, w, h, FilterType::Triangle)
-    } else {
-        field.clone()
-    };
+    let work = working_copy(field, scale);
     let um = microns_per_pixel / scale;
-    let (w, h) = (w as usize, h as usize);
+    let (w, h) = (work.width() as usize, work.height() as usize);
     let stain: Vec<f32> = work.pixels().map(|p| p[2] as f32 - p[1] as f32).collect();
     let bg = percentile(&stain, 0.3);
     // Nothing stained well clear of the plasma: a blank or red-cell-only field.
