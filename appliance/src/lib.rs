@@ -90,22 +90,6 @@ impl CellJson {
     }
 }
 
-/// A cell cut by the field's edge: reported, not classified.
-pub fn edge_cut_result(bbox: [u32; 4], model_version: u64) -> CellResult {
-    CellResult {
-        schema_version: wbc_shared::messages::SCHEMA_VERSION,
-        class: None,
-        probabilities: BTreeMap::new(),
-        confidence: 0.0,
-        attributes: BTreeMap::new(),
-        description: "Cut by the edge of the field: not classified; move the stage to see it whole.".into(),
-        bbox: Some(bbox),
-        model_version,
-        review_reason: Some(ReviewReason::EdgeCut),
-        familiarity: None,
-    }
-}
-
 /// Rounds a box to whole pixels within a `w × h` image.
 fn pixel_box(b: [f32; 4], w: u32, h: u32) -> [u32; 4] {
     let c = |v: f32, max: u32| (v.round().max(0.0) as u32).min(max);
@@ -133,7 +117,7 @@ pub fn classify_field(
         .map(|c| {
             let b = pixel_box(c.bbox, w, h);
             if c.edge_cut {
-                edge_cut_result(b, classifier.model_version)
+                CellResult::edge_cut(b, classifier.model_version)
             } else {
                 let mut r = results.next().expect("one result per whole cell");
                 r.bbox = Some(b);

@@ -196,9 +196,7 @@ impl Classifier {
         let reason = review_reason(p, best, &self.calibration, self.min_confidence);
         r.description = match reason {
             None => r.description,
-            Some(ReviewReason::EdgeCut) => {
-                "Unidentified: the cell is cut by the edge of the field; left for review.".into()
-            }
+            Some(ReviewReason::EdgeCut) => crate::messages::EDGE_CUT_DESCRIPTION.into(),
             Some(ReviewReason::NoCell) => {
                 "Unidentified: no stained white cell was found in the image; left for review.".into()
             }

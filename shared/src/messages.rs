@@ -41,6 +41,10 @@ pub struct CellResult {
     pub familiarity: Option<f32>,
 }
 
+/// What an edge-cut cell's description says.
+pub const EDGE_CUT_DESCRIPTION: &str =
+    "Unidentified: cut by the edge of the field, so not classified; move the stage to see it whole.";
+
 /// Why a cell is Unidentified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -58,6 +62,22 @@ pub enum ReviewReason {
 }
 
 impl CellResult {
+    /// A cell cut by the edge of a field: reported, not classified.
+    pub fn edge_cut(bbox: [u32; 4], model_version: u64) -> Self {
+        CellResult {
+            schema_version: SCHEMA_VERSION,
+            class: None,
+            probabilities: BTreeMap::new(),
+            confidence: 0.0,
+            attributes: BTreeMap::new(),
+            description: EDGE_CUT_DESCRIPTION.into(),
+            bbox: Some(bbox),
+            model_version,
+            review_reason: Some(ReviewReason::EdgeCut),
+            familiarity: None,
+        }
+    }
+
     /// Builds a result from class probabilities in class order, applying a review threshold:
     /// below `min_confidence` the class is `None` (Unidentified).
     pub fn from_probabilities(

@@ -107,8 +107,16 @@ pub fn prepare_all(
             Some(a) => {
                 // One generator per image: the same views whatever the number of threads.
                 let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                let um = um.map(|u| u * rand::Rng::gen_range(&mut rng, 1.0 / SCALE_JITTER..=SCALE_JITTER));
-                pre.prepare(&a.apply(img, &mut rng), None, um).0
+                let view = a.apply(img, &mut rng);
+                // Only a physical scale uses the pixel size; the relative scale draws nothing
+                // more, so its augmented views stay what they were.
+                let um = match &pre.cell {
+                    Some(c) if c.physical() => {
+                        um.map(|u| u * rand::Rng::gen_range(&mut rng, 1.0 / SCALE_JITTER..=SCALE_JITTER))
+                    }
+                    _ => *um,
+                };
+                pre.prepare(&view, None, um).0
             }
             None => pre.prepare(img, None, *um).0,
         })
