@@ -12,7 +12,9 @@ use wbc_shared::classify::Classifier;
 use wbc_shared::finder::FinderConfig;
 use wbc_shared::image::{DecodeLimits, decode_rgb};
 use wbc_shared::messages::{CellRecord, CellResult, FieldRecord, Review, SCHEMA_VERSION};
+use wbc_shared::slide::Flag;
 use wbc_shared::slide::{SlideReport, SlideSettings, report};
+use wbc_shared::uplink::{Body, SlideMessage};
 
 /// Seconds since the Unix epoch.
 pub fn now() -> u64 {
@@ -39,13 +41,30 @@ pub struct AppSettings {
 /// The appliance: a classifier, a store and the current slide.
 pub struct App {
     classifier: Classifier,
-    store: Arc<dyn Store>,
+    store: Arc<Store>,
     /// Settings.
     pub settings: AppSettings,
     current: Mutex<SlideState>,
     camera: Mutex<Option<Box<dyn crate::capture::FrameSource>>>,
     /// Serialises ingestion, so that two copies of one image never race into two fields.
     ingest_lock: Mutex<()>,
+    /// The kinds of flag last sent to central for the current slide.
+    sent_flags: Mutex<Vec<String>>,
+}
+
+/// What identifies a flag for deciding whether central must hear of it again: a new kind of
+/// flag (or a class newly out of range) is news, a changed count is not.
+fn flag_keys(flags: &[Flag]) -> Vec<String> {
+    let mut k: Vec<String> = flags
+        .iter()
+        .map(|f| match f {
+            Flag::Blast { .. } => "blast".to_string(),
+            Flag::OutOfRange { class, .. } => format!("range:{}", class.name()),
+            Flag::TooFewCells { .. } => "too_few".to_string(),
+        })
+        .collect();
+    k.sort();
+    k
 }
 
 /// What became of an incoming image.
@@ -78,7 +97,7 @@ fn new_slide_id() -> String {
 
 impl App {
     /// Opens the appliance on a store: continues the last unfinished slide, or starts one.
-    pub fn new(classifier: Classifier, store: Arc<dyn Store>, settings: AppSettings) -> Result<Self> {
+    pub fn new(classifier: Classifier, store: Arc<Store>, settings: AppSettings) -> Result<Self> {
         settings.slide.validate().map_err(anyhow::Error::msg)?;
         let current = match store.slides()?.into_iter().rev().find(|s| s.finished_at.is_none()) {
             Some(s) => s,
@@ -88,7 +107,7 @@ impl App {
                     started_at: now(),
                     finished_at: None,
                 };
-                store.put_slide(&s)?;
+                store.put_slide(&s, &[])?;
                 s
             }
         };
@@ -99,6 +118,7 @@ impl App {
             current: Mutex::new(current),
             camera: Mutex::new(None),
             ingest_lock: Mutex::new(()),
+            sent_flags: Mutex::new(Vec::new()),
         })
     }
 
@@ -126,8 +146,13 @@ impl App {
     }
 
     /// The store.
-    pub fn store(&self) -> &dyn Store {
+    pub fn store(&self) -> &Store {
         self.store.as_ref()
+    }
+
+    /// The store, shared (for the uplink).
+    pub fn store_arc(&self) -> Arc<Store> {
+        self.store.clone()
     }
 
     /// The model's version.
@@ -143,7 +168,8 @@ impl App {
     /// Takes one image: decodes it within the limits (a corrupt, truncated, empty, enormous or
     /// non-image file is refused with the reason and changes nothing), finds and classifies
     /// its cells (or, with `single_cell`, classifies it as one cell), and stores the field and
-    /// the original in the current slide. The same image twice is one field.
+    /// the original in the current slide. The same image twice is one field. It returns once
+    /// the field is on disk and queued for central; a nearly full disk refuses new fields.
     pub fn ingest(&self, bytes: &[u8], name: &str, source: &str, single_cell: bool) -> Result<Ingested> {
         let img = decode_rgb(bytes, &self.settings.limits).with_context(|| format!("{name}: not a usable image"))?;
         let (id, sha) = field_id(bytes);
@@ -151,6 +177,7 @@ impl App {
         if let Some(f) = self.store.field(&id)? {
             return Ok(Ingested::Duplicate(f));
         }
+        self.store.check_space()?;
         let um = self.settings.microns_per_pixel;
         let (w, h) = img.dimensions();
         let cells: Vec<CellResult> = if single_cell {
@@ -178,11 +205,27 @@ impl App {
                 .map(|result| CellRecord { result, review: None })
                 .collect(),
         };
-        // The image first: a field record never points at an image that was never written.
-        self.store.put_image(&id, bytes)?;
-        self.store.put_field(&field)?;
+        if !self.store.add_field(&field, Some(bytes))? {
+            let f = self.store.field(&id)?.context("field vanished")?;
+            return Ok(Ingested::Duplicate(f));
+        }
         tracing::info!(field = %id, source, cells = field.cells.len(), "field stored");
+        self.send_new_flags()?;
         Ok(Ingested::New(field))
+    }
+
+    /// Queues the current slide's report for central when a new kind of flag appeared (a
+    /// blast above all: central hears of it with the field that showed it).
+    fn send_new_flags(&self) -> Result<()> {
+        let s = self.current_slide();
+        let r = self.report_of(&s)?;
+        let keys = flag_keys(&r.flags);
+        let mut sent = self.sent_flags.lock().expect("flags lock");
+        if keys.iter().any(|k| !sent.contains(k)) {
+            self.store.put_slide(&s, &[slide_message(&s, r)])?;
+            *sent = keys;
+        }
+        Ok(())
     }
 
     /// The current slide's differential and flags.
@@ -203,34 +246,38 @@ impl App {
         let mut cur = self.current.lock().expect("slide lock");
         let mut done = cur.clone();
         done.finished_at = Some(now());
-        self.store.put_slide(&done)?;
+        let final_report = self.report_of(&done)?;
+        self.store
+            .put_slide(&done, &[slide_message(&done, final_report.clone())])?;
         let next = SlideState {
             id: new_slide_id(),
             started_at: now(),
             finished_at: None,
         };
-        self.store.put_slide(&next)?;
+        self.store.put_slide(&next, &[])?;
         *cur = next;
-        drop(cur);
-        self.report_of(&done)
+        self.sent_flags.lock().expect("flags lock").clear();
+        Ok(final_report)
     }
 
     /// Records a technician's review of one cell, next to the model's answer.
     pub fn review(&self, field_id: &str, cell: usize, class: Option<CellClass>, by: &str) -> Result<FieldRecord> {
-        let _g = self.ingest_lock.lock().expect("ingest lock");
-        let mut f = self
-            .store
-            .field(field_id)?
-            .with_context(|| format!("no field {field_id}"))?;
-        let Some(c) = f.cells.get_mut(cell) else {
-            bail!("field {field_id} has no cell {cell}");
-        };
-        c.review = Some(Review {
-            class,
-            by: by.into(),
-            at: now(),
-        });
-        self.store.put_field(&f)?;
-        Ok(f)
+        self.store.put_review(
+            field_id,
+            cell,
+            &Review {
+                class,
+                by: by.into(),
+                at: now(),
+            },
+        )
     }
+}
+
+fn slide_message(s: &SlideState, report: SlideReport) -> Body {
+    Body::Slide(SlideMessage {
+        started_at: s.started_at,
+        finished_at: s.finished_at,
+        report,
+    })
 }

@@ -62,8 +62,14 @@ pub struct Config {
     pub microns_per_pixel: f32,
     /// Below this confidence a cell is Unidentified, for review.
     pub min_confidence: f32,
-    /// Original images kept up to this many bytes (oldest removed first; results stay).
-    pub max_image_bytes: u64,
+    /// Clinic id (letters, digits, `-`, `_`): the first level of this device's MQTT topics.
+    pub clinic: String,
+    /// Device id, unique within the clinic.
+    pub device: String,
+    /// Retention of images and delivered results, and the free space kept (`[store]`).
+    pub store: crate::store::Retention,
+    /// The uplink to central (`[uplink]`); without it results wait in the outbox.
+    pub uplink: Option<crate::uplink::UplinkConfig>,
     /// Slide counting and flags.
     pub slide: SlideSettings,
     /// Web UI.
@@ -84,7 +90,10 @@ impl Default for Config {
             trust: Vec::new(),
             microns_per_pixel: 0.1,
             min_confidence: 0.5,
-            max_image_bytes: 4 << 30,
+            clinic: "unassigned".into(),
+            device: "appliance".into(),
+            store: Default::default(),
+            uplink: None,
             slide: SlideSettings::default(),
             web: WebConfig::default(),
             backend: Default::default(),
@@ -115,6 +124,14 @@ impl Config {
             bail!("inbox_poll_ms must be at least 1");
         }
         self.slide.validate().map_err(anyhow::Error::msg)?;
+        for (key, id) in [("clinic", &self.clinic), ("device", &self.device)] {
+            if !wbc_shared::uplink::valid_id(id) {
+                bail!("{key} must be 1 to 64 letters, digits, `-` or `_` (it is a topic level), not {id:?}");
+            }
+        }
+        if let Some(u) = &self.uplink {
+            u.validate()?;
+        }
         for u in &self.web.users {
             if u.name.is_empty() {
                 bail!("a web user has an empty name");
@@ -208,6 +225,11 @@ mod tests {
             "[slide]\ntarget = 0\nmin_cells = 1\nreference_ranges = {}",
             "[[web.users]]\nname = \"a\"\npassword_hash = \"plain\"",
             "data_dir = [",
+            "clinic = \"a/b\"",
+            "device = \"\"",
+            "[store]\nmax_image = 1",
+            "[uplink]\ninflight = 0",
+            "[uplink.broker]\nhost = \"\"",
         ] {
             std::fs::write(&p, bad).unwrap();
             assert!(Config::load(&p).is_err(), "{bad}");

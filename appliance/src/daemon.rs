@@ -3,7 +3,7 @@
 use crate::app::{App, AppSettings};
 use crate::config::{Config, users_or_first_run};
 use crate::inbox::Inbox;
-use crate::store::DirStore;
+use crate::store::{Identity, Store};
 use crate::{open_bundle, trusted_keys};
 use anyhow::{Context, Result};
 use std::sync::Arc;
@@ -22,7 +22,16 @@ pub fn run(config: Config) -> Result<()> {
     eprintln!("compute backend: {backend}");
     let classifier = Classifier::from_bundle(&bundle, &device)?.with_min_confidence(config.min_confidence);
     tracing::info!(%backend, model_version = bundle.manifest.model_version, "model loaded");
-    let store = Arc::new(DirStore::open(&config.data_dir.join("store"), config.max_image_bytes)?);
+    let store = Arc::new(Store::open(
+        &config.data_dir.join("store"),
+        Identity {
+            clinic: config.clinic.clone(),
+            device: config.device.clone(),
+        },
+        config.store.clone(),
+    )?);
+    store.note_active_model(bundle.manifest.model_version, &backend)?;
+    let model_version = bundle.manifest.model_version;
     let mut app = App::new(
         classifier,
         store,
@@ -63,11 +72,44 @@ pub fn run(config: Config) -> Result<()> {
             }
         })
     };
-    let web = crate::web::Web::new(app, users, config.web.max_upload_bytes);
+    let pruner = {
+        let (store, stop) = (app.store_arc(), stop.clone());
+        std::thread::spawn(move || {
+            let mut last = None::<std::time::Instant>;
+            while !stop.load(Ordering::Relaxed) {
+                if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
+                    if let Err(e) = store.prune(crate::app::now()) {
+                        tracing::error!(error = %format!("{e:#}"), "retention pass failed");
+                    }
+                    last = Some(std::time::Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let (stop_uplink, stop_rx) = tokio::sync::watch::channel(false);
+    let uplink = match &config.uplink {
+        Some(u) => {
+            let up = crate::uplink::Uplink::new(app.store_arc(), u.clone(), model_version);
+            let state = up.state();
+            eprintln!("uplink to {}:{}", u.broker.host, u.broker.port());
+            Some((rt.spawn(up.run(stop_rx)), state))
+        }
+        None => {
+            tracing::info!("no [uplink] configured: results wait in the outbox");
+            None
+        }
+    };
+    let web = crate::web::Web::new(
+        app,
+        users,
+        config.web.max_upload_bytes,
+        uplink.as_ref().map(|u| u.1.clone()),
+    );
     let served = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&config.web.listen)
             .await
@@ -80,7 +122,12 @@ pub fn run(config: Config) -> Result<()> {
             .context("web UI")
     });
     stop.store(true, Ordering::Relaxed);
+    let _ = stop_uplink.send(true);
+    if let Some((task, _)) = uplink {
+        let _ = rt.block_on(task);
+    }
     let _ = watcher.join();
+    let _ = pruner.join();
     served
 }
 

@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod inbox;
 pub mod store;
+pub mod uplink;
 pub mod web;
 
 use anyhow::{Context, Result, bail};

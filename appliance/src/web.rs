@@ -26,17 +26,37 @@ pub struct Web {
     users: Vec<User>,
     sessions: Mutex<HashMap<String, String>>,
     max_upload_bytes: usize,
+    uplink: Option<Arc<crate::uplink::UplinkState>>,
 }
 
 impl Web {
-    /// A web UI over an appliance, with its accounts.
-    pub fn new(app: Arc<App>, users: Vec<User>, max_upload_bytes: usize) -> Arc<Self> {
+    /// A web UI over an appliance, with its accounts and, where configured, its uplink.
+    pub fn new(
+        app: Arc<App>,
+        users: Vec<User>,
+        max_upload_bytes: usize,
+        uplink: Option<Arc<crate::uplink::UplinkState>>,
+    ) -> Arc<Self> {
         Arc::new(Web {
             app,
             users,
             sessions: Mutex::new(HashMap::new()),
             max_upload_bytes,
+            uplink,
         })
+    }
+
+    /// The uplink in words: connected or not, messages waiting.
+    fn uplink_text(&self) -> String {
+        let backlog = self.app.store().backlog();
+        match &self.uplink {
+            None => format!("No uplink configured; {backlog} messages wait in the outbox."),
+            Some(u) if u.connected() => format!("Connected to central; {backlog} messages waiting."),
+            Some(u) => format!(
+                "Not connected to central ({}); {backlog} messages wait and will be sent.",
+                u.last_error().unwrap_or_else(|| "connecting".into())
+            ),
+        }
     }
 
     fn user_of(&self, headers: &HeaderMap) -> Option<String> {
@@ -149,6 +169,11 @@ async fn health(State(w): State<Arc<Web>>) -> Response {
         "status": "ok",
         "model_version": w.app.model_version(),
         "backend": w.app.settings.backend,
+        "uplink": {
+            "configured": w.uplink.is_some(),
+            "connected": w.uplink.as_ref().is_some_and(|u| u.connected()),
+            "backlog": w.app.store().backlog(),
+        },
     }))
     .into_response()
 }
@@ -248,9 +273,10 @@ fn differential_html(w: &Web) -> String {
 async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>) -> Response {
     let slide = w.app.current_slide();
     let mut body = format!(
-        "<p id=\"model\">Model version {} on {}.</p><h2>Slide {}</h2>{}",
+        "<p id=\"model\">Model version {} on {}.</p><p id=\"uplink\">{}</p><h2>Slide {}</h2>{}",
         w.app.model_version(),
         esc(&w.app.settings.backend),
+        esc(&w.uplink_text()),
         esc(&slide.id),
         differential_html(&w)
     );

@@ -16,8 +16,11 @@ pub mod finder;
 pub mod image;
 pub mod messages;
 pub mod metrics;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 pub mod quant;
 pub mod slide;
+pub mod uplink;
 pub mod voc;
 
 pub use attributes::{ATTRIBUTES, AttributeSet};

@@ -1,1 +1,241 @@
-//! Cross-crate integration tests live in `tests/tests/`.
+//! Cross-crate integration tests live in `tests/tests/`; this library holds what they share:
+//! a real Mosquitto broker with TLS, passwords and per-clinic ACLs, started on a free loopback
+//! port, and synthetic results for the store and uplink tests.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use wbc_shared::messages::{CellRecord, CellResult, FieldRecord, SCHEMA_VERSION};
+use wbc_shared::mqtt::BrokerConfig;
+
+/// The mosquitto binary: on `PATH` or where Debian puts it.
+fn mosquitto() -> Result<PathBuf> {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/usr/local/sbin"])
+    {
+        let p = Path::new(dir).join("mosquitto");
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("mosquitto is not installed (Debian: apt-get install mosquitto); the MQTT tests need a real broker")
+}
+
+/// A device account on the broker.
+#[derive(Debug, Clone)]
+pub struct Account {
+    /// User name.
+    pub user: String,
+    /// Password.
+    pub password: String,
+    /// ACL lines that follow `user <name>`.
+    pub acl: Vec<String>,
+}
+
+impl Account {
+    /// A device that may write only under its own clinic and device topics.
+    pub fn device(clinic: &str, device: &str) -> Self {
+        Account {
+            user: format!("{clinic}-{device}"),
+            password: format!("pw-{clinic}-{device}"),
+            acl: vec![format!("topic write wbc/{clinic}/{device}/#")],
+        }
+    }
+
+    /// Central: reads every clinic.
+    pub fn central() -> Self {
+        Account {
+            user: "central".into(),
+            password: "pw-central".into(),
+            acl: vec!["topic read wbc/#".into()],
+        }
+    }
+}
+
+/// A Mosquitto broker in a temporary folder, listening with TLS on a loopback port. Killed when
+/// dropped.
+pub struct Broker {
+    dir: tempfile::TempDir,
+    /// The port.
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn write_certs(dir: &Path) -> Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "wbc test CA");
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate()?;
+    let mut server = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    server.distinguished_name.push(DnType::CommonName, "localhost");
+    let cert = server.signed_by(&key, &issuer)?;
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
+    std::fs::write(dir.join("server.pem"), cert.pem())?;
+    std::fs::write(dir.join("server.key"), key.serialize_pem())?;
+    Ok(())
+}
+
+impl Broker {
+    /// Starts a broker with these accounts.
+    pub fn start(accounts: &[Account]) -> Result<Self> {
+        let bin = mosquitto()?;
+        let dir = tempfile::tempdir()?;
+        let d = dir.path();
+        write_certs(d)?;
+        let mut acl = String::new();
+        let passwd = d.join("passwd");
+        std::fs::write(&passwd, "")?;
+        for a in accounts {
+            let st = Command::new(bin.with_file_name("mosquitto_passwd"))
+                .arg("-b")
+                .arg(&passwd)
+                .arg(&a.user)
+                .arg(&a.password)
+                .status();
+            let st = match st {
+                Ok(s) => s,
+                // Debian puts mosquitto_passwd in /usr/bin.
+                Err(_) => Command::new("mosquitto_passwd")
+                    .arg("-b")
+                    .arg(&passwd)
+                    .arg(&a.user)
+                    .arg(&a.password)
+                    .status()
+                    .context("running mosquitto_passwd")?,
+            };
+            if !st.success() {
+                bail!("mosquitto_passwd failed for {}", a.user);
+            }
+            acl.push_str(&format!("user {}\n{}\n\n", a.user, a.acl.join("\n")));
+        }
+        std::fs::write(d.join("acl"), acl)?;
+        let port = free_port()?;
+        std::fs::write(
+            d.join("mosquitto.conf"),
+            format!(
+                "per_listener_settings false\nallow_anonymous false\npassword_file {p}/passwd\nacl_file {p}/acl\n\
+                 persistence true\npersistence_location {p}/\nautosave_interval 1\nmax_queued_messages 0\n\
+                 user root\nlog_dest file {p}/mosquitto.log\n\
+                 listener {port} 127.0.0.1\ncafile {p}/ca.pem\ncertfile {p}/server.pem\nkeyfile {p}/server.key\n",
+                p = d.display()
+            ),
+        )?;
+        let mut b = Broker { dir, port, child: None };
+        b.resume()?;
+        Ok(b)
+    }
+
+    /// (Re)starts the broker process on the same port, with its saved state.
+    pub fn resume(&mut self) -> Result<()> {
+        let child = Command::new(mosquitto()?)
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting mosquitto")?;
+        self.child = Some(child);
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if t.elapsed() > Duration::from_secs(15) {
+                bail!("mosquitto did not start listening: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Stops the broker as an administrator would (SIGTERM: it saves its state and exits).
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            Command::new("kill").arg("-TERM").arg(c.id().to_string()).status()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// The CA that signed the broker's certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// Connection settings for an account (its password written to a file).
+    pub fn config_for(&self, a: &Account) -> Result<BrokerConfig> {
+        let pw = self.dir.path().join(format!("{}.password", a.user));
+        std::fs::write(&pw, format!("{}\n", a.password))?;
+        Ok(BrokerConfig {
+            host: "localhost".into(),
+            port: Some(self.port),
+            ca_file: Some(self.ca()),
+            username: Some(a.user.clone()),
+            password_file: Some(pw),
+            ..Default::default()
+        })
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A synthetic field number `k`: id `f<k>`, in slide `slide-<k / per_slide>`, with `1 + k % 3`
+/// cells of classes that depend on `k` — so that a test can check any field's content from its
+/// number alone.
+pub fn synthetic_field(k: u64, per_slide: u64) -> FieldRecord {
+    let cells = (0..1 + k % 3)
+        .map(|i| {
+            let mut p = [0.01f32; 6];
+            p[((k + i) % 5) as usize] = 0.95;
+            CellRecord {
+                result: CellResult::from_probabilities(
+                    &p,
+                    &Default::default(),
+                    format!("cell {i} of field {k}"),
+                    0.5,
+                    1,
+                ),
+                review: None,
+            }
+        })
+        .collect();
+    FieldRecord {
+        schema_version: SCHEMA_VERSION,
+        id: format!("f{k}"),
+        slide_id: synthetic_slide(k, per_slide),
+        received_at: 1_700_000_000 + k,
+        source: "test".into(),
+        name: format!("field-{k}.jpg"),
+        image_sha256: format!("{k:064x}"),
+        width: 640,
+        height: 480,
+        single_cell: false,
+        microns_per_pixel: 0.07,
+        cells,
+    }
+}
+
+/// The slide of synthetic field `k`.
+pub fn synthetic_slide(k: u64, per_slide: u64) -> String {
+    format!("slide-{}", k / per_slide)
+}

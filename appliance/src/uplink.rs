@@ -1,0 +1,245 @@
+//! The uplink to central: one task owns the MQTT connection and drains the store's outbox.
+//!
+//! Every result is in the outbox (on disk) before anything is sent. The task publishes the
+//! outbox in order with QoS 1, at most `inflight` messages unacknowledged at a time, and
+//! removes a message only when the broker's PUBACK for it arrives. A lost connection ends the
+//! session: the next one (after a back-off) starts again from the oldest message still in the
+//! outbox, so a message whose PUBACK was lost is sent again — with the same id, which central
+//! keeps once. The device's status is published retained (`online`, with the backlog) and the
+//! broker publishes `offline`, the connection's last will, when the device disappears.
+
+use crate::store::Store;
+use anyhow::{Context, Result, bail};
+use rumqttc::{AsyncClient, Event, LastWill, Outgoing, Packet, QoS};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use wbc_shared::mqtt::{Backoff, BrokerConfig, drive};
+use wbc_shared::uplink::{DeviceState, Kind, Status, UPLINK_SCHEMA_VERSION, topic};
+
+/// The uplink's settings (`[uplink]`; without it nothing is sent, results wait in the
+/// outbox).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkConfig {
+    /// The broker (`[uplink.broker]`).
+    pub broker: BrokerConfig,
+    /// Messages sent and not yet acknowledged, at most.
+    pub inflight: u16,
+    /// How often the status (with the backlog) is republished, seconds.
+    pub status_every_s: u64,
+    /// Longest wait between connection attempts, seconds.
+    pub max_backoff_s: u64,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        UplinkConfig {
+            broker: BrokerConfig::default(),
+            inflight: 32,
+            status_every_s: 60,
+            max_backoff_s: 60,
+        }
+    }
+}
+
+impl UplinkConfig {
+    /// Refuses settings the uplink cannot run with.
+    pub fn validate(&self) -> Result<()> {
+        self.broker.validate().context("[uplink.broker]")?;
+        if !(1..=1000).contains(&self.inflight) {
+            bail!("uplink.inflight must be between 1 and 1000");
+        }
+        if self.status_every_s == 0 || self.max_backoff_s == 0 {
+            bail!("uplink.status_every_s and uplink.max_backoff_s must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// What the uplink is doing, for the UI and `/health`.
+#[derive(Debug, Default)]
+pub struct UplinkState {
+    connected: AtomicBool,
+    delivered: AtomicU64,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl UplinkState {
+    /// Connected to the broker now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Messages the broker acknowledged since the start.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Why the last connection ended, if it failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().expect("uplink state").clone()
+    }
+}
+
+/// The uplink task.
+pub struct Uplink {
+    store: Arc<Store>,
+    config: UplinkConfig,
+    model_version: u64,
+    state: Arc<UplinkState>,
+}
+
+impl Uplink {
+    /// An uplink draining `store`.
+    pub fn new(store: Arc<Store>, config: UplinkConfig, model_version: u64) -> Self {
+        Uplink {
+            store,
+            config,
+            model_version,
+            state: Arc::default(),
+        }
+    }
+
+    /// Its state, to show.
+    pub fn state(&self) -> Arc<UplinkState> {
+        self.state.clone()
+    }
+
+    fn status(&self, state: DeviceState) -> Vec<u8> {
+        let id = self.store.identity();
+        serde_json::to_vec(&Status {
+            schema_version: UPLINK_SCHEMA_VERSION,
+            clinic: id.clinic.clone(),
+            device: id.device.clone(),
+            state,
+            at: crate::app::now(),
+            backlog: Some(self.store.backlog() as u64),
+            model_version: Some(self.model_version),
+        })
+        .expect("serialising to memory")
+    }
+
+    fn status_topic(&self) -> String {
+        let id = self.store.identity();
+        topic(&id.clinic, &id.device, Kind::Status)
+    }
+
+    /// Runs until `stop` turns true: connects, drains, reconnects with back-off.
+    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(Duration::from_secs(self.config.max_backoff_s));
+        loop {
+            let r = self.session(&mut stop, &mut backoff).await;
+            self.state.connected.store(false, Ordering::Relaxed);
+            match r {
+                Ok(()) => return,
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    tracing::warn!(error = %msg, backlog = self.store.backlog(), "uplink disconnected; will retry");
+                    *self.state.last_error.lock().expect("uplink state") = Some(msg);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// One connection, from connect to its end. `Ok` only when asked to stop.
+    async fn session(&self, stop: &mut tokio::sync::watch::Receiver<bool>, backoff: &mut Backoff) -> Result<()> {
+        let id = self.store.identity().clone();
+        let mut opts = self
+            .config
+            .broker
+            .options(&format!("wbc-{}-{}", id.clinic, id.device))?;
+        let window = usize::from(self.config.inflight);
+        opts.set_clean_session(true);
+        opts.set_inflight(self.config.inflight);
+        opts.set_last_will(LastWill::new(
+            self.status_topic(),
+            self.status(DeviceState::Offline),
+            QoS::AtLeastOnce,
+            true,
+        ));
+        let (client, events) = AsyncClient::new(opts, window * 2 + 8);
+        let mut events = drive(events);
+        // Outbox sequence numbers (None: a status) in the order they were handed to the client,
+        // waiting for their packet id; then by packet id, waiting for their PUBACK.
+        let mut unsent: VecDeque<Option<u64>> = VecDeque::new();
+        let mut inflight: HashMap<u16, Option<u64>> = HashMap::new();
+        let mut cursor = 0u64;
+        let mut connected = false;
+        let mut status_tick = tokio::time::interval(Duration::from_secs(self.config.status_every_s));
+        loop {
+            if connected {
+                let room = window.saturating_sub(unsent.len() + inflight.len());
+                if room > 0 {
+                    for o in self.store.outbox_from(cursor, room)? {
+                        client
+                            .publish(o.topic, QoS::AtLeastOnce, false, o.payload)
+                            .await
+                            .context("queueing a message for the broker")?;
+                        unsent.push_back(Some(o.seq));
+                        cursor = o.seq + 1;
+                    }
+                }
+            }
+            tokio::select! {
+                ev = events.recv() => match ev.context("connection task ended")?.context("connection to the broker")? {
+                    Event::Incoming(Packet::ConnAck(_)) => {
+                        connected = true;
+                        backoff.reset();
+                        self.state.connected.store(true, Ordering::Relaxed);
+                        tracing::info!(backlog = self.store.backlog(), "uplink connected");
+                        client.publish(self.status_topic(), QoS::AtLeastOnce, true, self.status(DeviceState::Online)).await?;
+                        unsent.push_back(None);
+                    }
+                    Event::Outgoing(Outgoing::Publish(pkid)) => {
+                        let seq = unsent.pop_front().context("a publish the uplink did not make")?;
+                        inflight.insert(pkid, seq);
+                    }
+                    Event::Incoming(Packet::PubAck(ack)) => {
+                        match inflight.remove(&ack.pkid) {
+                            Some(Some(seq)) => {
+                                self.store.acknowledged(seq)?;
+                                self.state.delivered.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Some(None) => {}
+                            None => tracing::warn!(pkid = ack.pkid, "acknowledgement of nothing sent: ignored"),
+                        }
+                    }
+                    Event::Incoming(Packet::Publish(p)) => {
+                        tracing::warn!(topic = %p.topic.chars().take(200).collect::<String>(), "unexpected incoming message dropped");
+                    }
+                    _ => {}
+                },
+                _ = self.store.queued() => {}
+                _ = status_tick.tick() => {
+                    if connected {
+                        client.publish(self.status_topic(), QoS::AtLeastOnce, true, self.status(DeviceState::Online)).await?;
+                        unsent.push_back(None);
+                    }
+                }
+                _ = stop.changed() => {
+                    if connected {
+                        // A clean goodbye: the broker does not publish the will then, so say it.
+                        let _ = client.try_publish(self.status_topic(), QoS::AtLeastOnce, true, self.status(DeviceState::Offline));
+                        let _ = client.try_disconnect();
+                        let deadline = tokio::time::sleep(Duration::from_secs(2));
+                        tokio::pin!(deadline);
+                        loop {
+                            tokio::select! {
+                                ev = events.recv() => if !matches!(ev, Some(Ok(_))) { break },
+                                _ = &mut deadline => break,
+                            }
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Receives every clinic's messages from the broker.
+//!
+//! Central keeps a persistent MQTT session (clean session off, a fixed client id), so the
+//! broker holds QoS 1 messages while central is down, and acknowledges each message only
+//! after it is committed to the database: a crash before the commit means the broker sends it
+//! again. Anything malformed or unexpected is recorded as rejected, logged, acknowledged (so it
+//! is not sent again forever) and otherwise ignored.
+
+use crate::db::{Applied, Db};
+use anyhow::{Context, Result};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use wbc_shared::mqtt::{Backoff, BrokerConfig, drive};
+use wbc_shared::uplink::{ALL_DEVICES, Envelope, Kind, Status, parse_topic};
+
+/// Counters, for the API and the logs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connected to the broker now.
+    pub connected: AtomicBool,
+    /// Messages stored (first time seen).
+    pub stored: AtomicU64,
+    /// Messages seen again and ignored.
+    pub duplicates: AtomicU64,
+    /// Messages refused.
+    pub rejected: AtomicU64,
+    /// Status updates.
+    pub statuses: AtomicU64,
+}
+
+/// Handles one received message; never fails on bad input (only on a database error).
+pub fn handle(db: &Db, stats: &Stats, topic: &str, payload: &[u8]) -> Result<()> {
+    let reject = |reason: String| -> Result<()> {
+        tracing::warn!(topic = %topic.chars().take(200).collect::<String>(), %reason, "message rejected");
+        stats.rejected.fetch_add(1, Ordering::Relaxed);
+        db.note_rejected(topic, &reason)
+    };
+    let kind = match parse_topic(topic) {
+        Ok((_, _, k)) => k,
+        Err(e) => return reject(e.to_string()),
+    };
+    if kind == Kind::Status {
+        // An empty retained payload clears a status; nothing to store.
+        if payload.is_empty() {
+            return Ok(());
+        }
+        return match Status::decode(topic, payload) {
+            Ok(s) => {
+                db.set_status(&s)?;
+                stats.statuses.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => reject(e.to_string()),
+        };
+    }
+    match Envelope::decode(topic, payload) {
+        Ok(e) => {
+            match db.apply(&e)? {
+                Applied::New => stats.stored.fetch_add(1, Ordering::Relaxed),
+                Applied::Duplicate => stats.duplicates.fetch_add(1, Ordering::Relaxed),
+            };
+            Ok(())
+        }
+        Err(e) => reject(e.to_string()),
+    }
+}
+
+/// Central's connection to the broker.
+pub struct Ingest {
+    /// The database.
+    pub db: Arc<Db>,
+    /// The broker.
+    pub broker: BrokerConfig,
+    /// MQTT client id: fixed, so that the broker keeps central's session.
+    pub client_id: String,
+    /// Counters.
+    pub stats: Arc<Stats>,
+}
+
+impl Ingest {
+    /// Runs until `stop` turns true, reconnecting with back-off.
+    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(Duration::from_secs(30));
+        loop {
+            let r = self.session(&mut stop, &mut backoff).await;
+            self.stats.connected.store(false, Ordering::Relaxed);
+            match r {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "broker connection lost; will retry"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    async fn session(&self, stop: &mut tokio::sync::watch::Receiver<bool>, backoff: &mut Backoff) -> Result<()> {
+        let mut opts = self.broker.options(&self.client_id)?;
+        opts.set_clean_session(false);
+        opts.set_manual_acks(true);
+        // Room for an acknowledgement of every message the broker may push at once.
+        let (client, events) = AsyncClient::new(opts, 10_000);
+        let mut events = drive(events);
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev.context("connection task ended")?.context("connection to the broker")? {
+                    Event::Incoming(Packet::ConnAck(ack)) => {
+                        backoff.reset();
+                        self.stats.connected.store(true, Ordering::Relaxed);
+                        tracing::info!(session_present = ack.session_present, "connected to the broker");
+                        client.subscribe(ALL_DEVICES, QoS::AtLeastOnce).await?;
+                    }
+                    Event::Incoming(Packet::Publish(p)) => {
+                        let db = self.db.clone();
+                        let stats = self.stats.clone();
+                        let topic = p.topic.clone();
+                        let payload = p.payload.clone();
+                        tokio::task::spawn_blocking(move || handle(&db, &stats, &topic, &payload))
+                            .await
+                            .context("message handler")??;
+                        client.ack(&p).await?;
+                    }
+                    _ => {}
+                },
+                _ = stop.changed() => {
+                    let _ = client.try_disconnect();
+                    return Ok(());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Appliance → Mosquitto (TLS, passwords, per-clinic ACL) → central, with outages: the broker
+//! down for a while and back, the appliance killed mid-stream and restarted, central
+//! restarted. Central must end up with every acknowledged result exactly once, in its slide.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use wbc_integration_tests::{Account, Broker, synthetic_field, synthetic_slide};
+use wbc_shared::uplink::{Body, Envelope};
+
+const PER_SLIDE: u64 = 25;
+
+/// The appliance stand-in, with its acknowledgements as they come.
+struct Sim {
+    child: Child,
+    acked: Arc<Mutex<Vec<u64>>>,
+    drained: Arc<Mutex<bool>>,
+}
+
+impl Sim {
+    fn spawn(store: &Path, uplink: &Path, count: u64, pace_ms: u64) -> Sim {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_appliance-sim"))
+            .arg("--store")
+            .arg(store)
+            .arg("--uplink")
+            .arg(uplink)
+            .args(["--count", &count.to_string(), "--per-slide", &PER_SLIDE.to_string()])
+            .args(["--pace-ms", &pace_ms.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (acked, drained) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(false)));
+        let stdout = child.stdout.take().unwrap();
+        let (a, d) = (acked.clone(), drained.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(k) = line.strip_prefix("ACK ") {
+                    a.lock().unwrap().push(k.parse().unwrap());
+                } else if line == "DRAINED" {
+                    *d.lock().unwrap() = true;
+                }
+            }
+        });
+        Sim { child, acked, drained }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn central_config(dir: &Path, broker: &Broker) -> central::Config {
+    central::Config {
+        db: dir.join("central.sqlite"),
+        listen: "127.0.0.1:0".into(),
+        client_id: "wbc-central-test".into(),
+        broker: broker.config_for(&Account::central()).unwrap(),
+    }
+}
+
+fn uplink_file(dir: &Path, broker: &Broker, clinic: &str, device: &str) -> std::path::PathBuf {
+    let config = appliance::uplink::UplinkConfig {
+        broker: broker.config_for(&Account::device(clinic, device)).unwrap(),
+        inflight: 16,
+        status_every_s: 1,
+        max_backoff_s: 1,
+    };
+    let p = dir.join("uplink.toml");
+    std::fs::write(&p, toml::to_string(&config).unwrap()).unwrap();
+    p
+}
+
+#[test]
+fn results_reach_central_exactly_once_through_broker_appliance_and_central_outages() {
+    let _ = tracing_subscriber::fmt().with_env_filter("warn").try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(&[Account::device("clinic-a", "dev1"), Account::central()]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cfg = central_config(dir.path(), &broker);
+    let mut central = rt.block_on(central::start(&cfg)).unwrap();
+    let uplink = uplink_file(dir.path(), &broker, "clinic-a", "dev1");
+    let store = dir.path().join("store");
+    const N: u64 = 500;
+    let sim = Sim::spawn(&store, &uplink, N, 3);
+
+    // (a) The broker goes down for a while, and comes back.
+    wait_until("100 results", Duration::from_secs(60), || sim.acked() >= 100);
+    broker.stop().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    broker.resume().unwrap();
+
+    // (b) The appliance is killed mid-stream and restarted on its store.
+    wait_until("250 results", Duration::from_secs(60), || sim.acked() >= 250);
+    sim.kill();
+    let sim2 = Sim::spawn(&store, &uplink, N, 3);
+
+    // (c) Central restarts.
+    wait_until("400 results", Duration::from_secs(60), || sim2.acked() >= 400);
+    rt.block_on(central.stop());
+    std::thread::sleep(Duration::from_millis(1000));
+    central = rt.block_on(central::start(&cfg)).unwrap();
+
+    wait_until("the outbox to drain", Duration::from_secs(120), || {
+        *sim2.drained.lock().unwrap()
+    });
+    let expected: BTreeMap<String, u64> = (0..N).fold(BTreeMap::new(), |mut m, k| {
+        *m.entry(synthetic_slide(k, PER_SLIDE)).or_default() += synthetic_field(k, PER_SLIDE).cells.len() as u64;
+        m
+    });
+    let total: u64 = expected.values().sum();
+    let held = || central.db.cell_counts().unwrap().values().sum::<u64>();
+    let t = Instant::now();
+    while held() < total && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if held() < total {
+        let counts = central.db.cell_counts().unwrap();
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|(s, n)| counts.get(&("clinic-a".into(), "dev1".into(), (*s).clone())) != Some(n))
+            .collect();
+        panic!(
+            "central holds {} of {total} cells; stats {:?}; short slides {missing:?}\nbroker log:\n{}",
+            held(),
+            central.stats,
+            broker.log()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Exactly once, each in its slide, each intact.
+    let counts = central.db.cell_counts().unwrap();
+    for (slide, n) in &expected {
+        assert_eq!(
+            counts.get(&("clinic-a".into(), "dev1".into(), slide.clone())),
+            Some(n),
+            "{slide}"
+        );
+    }
+    assert_eq!(counts.len(), expected.len(), "no cells in slides that do not exist");
+    for k in (0..N).step_by(37) {
+        let want = synthetic_field(k, PER_SLIDE);
+        let fields = central.db.slide_fields("clinic-a", "dev1", &want.slide_id).unwrap();
+        let got = fields.iter().find(|f| f.id == want.id).expect("field at central");
+        assert_eq!(got, &want, "field {k} arrived intact");
+    }
+    assert_eq!(central.db.message_count().unwrap(), total, "each message stored once");
+
+    // The API shows it.
+    let base = format!("http://{}", central.addr);
+    let slides: serde_json::Value = http_get(&format!("{base}/api/slides?clinic=clinic-a"));
+    assert_eq!(slides.as_array().unwrap().len(), expected.len());
+    let devices: serde_json::Value = http_get(&format!("{base}/api/devices"));
+    assert_eq!(devices[0]["device"], "dev1");
+    sim2.kill();
+    rt.block_on(central.stop());
+}
+
+/// A minimal HTTP GET over a TCP stream (no client library needed for two JSON calls).
+fn http_get(url: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    write!(s, "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let text = String::from_utf8(resp).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    serde_json::from_str(body).unwrap()
+}
+
+/// Publishes QoS 1 messages as a device and waits for the broker's acknowledgements; an error
+/// if the broker closes the connection instead.
+fn publish_as(broker: &Broker, account: &Account, msgs: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let opts = broker
+            .config_for(account)
+            .unwrap()
+            .options(&format!("test-{}", account.user))
+            .unwrap();
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 64);
+        let n = msgs.len();
+        for (t, p) in msgs {
+            client.publish(t, rumqttc::QoS::AtLeastOnce, false, p).await.unwrap();
+        }
+        let mut acks = 0;
+        while acks < n {
+            match tokio::time::timeout(Duration::from_secs(20), events.poll()).await {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acks += 1,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(format!("publishing as {}: {e}", account.user)),
+                Err(_) => return Err("no acknowledgement".into()),
+            }
+        }
+        let _ = client.disconnect().await;
+        Ok(())
+    })
+}
+
+#[test]
+fn a_device_cannot_write_into_another_clinics_topics_and_garbage_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Account::device("clinic-a", "dev1");
+    let broker = Broker::start(&[a.clone(), Account::device("clinic-b", "dev2"), Account::central()]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let central = rt
+        .block_on(central::start(&central_config(dir.path(), &broker)))
+        .unwrap();
+    wait_until("central to connect", Duration::from_secs(20), || {
+        central.stats.connected.load(std::sync::atomic::Ordering::Relaxed)
+    });
+    let cells = Body::cells_of(&synthetic_field(0, PER_SLIDE));
+    let forged = Envelope::new("clinic-b", "dev2", 1, 1, cells[0].clone());
+    let own = Envelope::new("clinic-a", "dev1", 1, 1, cells[0].clone());
+    let json = |e: &Envelope| serde_json::to_vec(e).unwrap();
+    // Into another clinic's topic: the broker's ACL drops it (Mosquitto 2.0 also closes the
+    // connection; either way nothing reaches central).
+    let _ = publish_as(&broker, &a, vec![(forged.topic(), json(&forged))]);
+    publish_as(
+        &broker,
+        &a,
+        vec![
+            // Own topic, but not a message: central rejects it and carries on.
+            (own.topic(), b"{\"schema_version\":1,\"garbage\":true}".to_vec()),
+            (own.topic(), vec![0xff; 100]),
+            // Own topic, claiming to be another clinic: central rejects it.
+            (own.topic(), json(&forged)),
+            (own.topic(), json(&own)),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", broker.log()));
+    wait_until("the valid message", Duration::from_secs(20), || {
+        central.db.message_count().unwrap() == 1
+    });
+    wait_until("the rejections", Duration::from_secs(20), || {
+        central.db.rejected_count().unwrap() == 3
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(central.db.message_count().unwrap(), 1);
+    let devices = central.db.devices().unwrap();
+    assert!(devices.iter().all(|d| d.clinic == "clinic-a"), "{devices:?}");
+    rt.block_on(central.stop());
+}
