@@ -16,6 +16,11 @@ use wbc_shared::image::DecodeLimits;
 /// Runs until SIGINT or SIGTERM. Prints the web UI's address (and, on first start, the
 /// generated password) on standard error.
 pub fn run(config: Config) -> Result<()> {
+    run_until(config, shutdown_signal())
+}
+
+/// Runs until `shutdown` resolves (for embedding and tests; [`run`] waits for a signal).
+pub fn run_until(config: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     config.validate()?;
     let bundle = open_bundle(config.bundle.as_deref(), &trusted_keys(&config.trust)?)?;
     let crate::backend::Backend { device, name: backend } = crate::backend::select(config.backend)?;
@@ -117,7 +122,7 @@ pub fn run(config: Config) -> Result<()> {
         eprintln!("web UI on http://{}", listener.local_addr()?);
         eprintln!("inbox {}", config.inbox_dir().display());
         axum::serve(listener, crate::web::router(web))
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(shutdown)
             .await
             .context("web UI")
     });

@@ -20,7 +20,11 @@
 //! by a flush: when a write returns, the result is on disk, and a crash at any moment leaves
 //! either all of the change or none of it. A result goes into the outbox in the same
 //! transaction as the field, so nothing is stored that the uplink will not eventually send.
-//! Sequence numbers come from sled's persistent id generator: increasing, never reused.
+//! Sequence numbers come from sled's persistent id generator: increasing, never reused. A
+//! message's wire sequence number puts a random 24-bit store epoch (drawn when the store is
+//! created) above the 40-bit counter, so that a wiped or replaced store does not reuse the
+//! message ids central has already seen. A message that cannot be read back (damaged, or
+//! written by a newer build) is moved to the `outbox_quarantine` tree, never deleted.
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -29,7 +33,7 @@ use sled::{Transactional, Tree};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use wbc_shared::messages::{FieldRecord, Review};
-use wbc_shared::uplink::{Body, Envelope, ModelMessage, ReviewMessage, valid_id};
+use wbc_shared::uplink::{Body, Envelope, MAX_PAYLOAD_BYTES, ModelMessage, ReviewMessage, valid_id};
 
 /// Format version of every stored value.
 const VALUE_VERSION: u8 = 1;
@@ -118,7 +122,13 @@ pub struct Store {
     images: Tree,
     image_meta: Tree,
     outbox: Tree,
+    quarantine: Tree,
     meta: Tree,
+    /// Random epoch of this store, above the counter in wire sequence numbers.
+    epoch: u64,
+    /// Messages in the outbox (sled counts a tree by walking it). Signed: an acknowledgement
+    /// can be counted a moment before the write that queued the message is.
+    queued: std::sync::atomic::AtomicI64,
     /// Serialises read-modify-write of reviews and slides (sled transactions would retry; a
     /// lock keeps it simple).
     lock: std::sync::Mutex<()>,
@@ -193,6 +203,17 @@ impl Store {
             )
         })?;
         let t = |n: &str| db.open_tree(n).with_context(|| format!("opening tree {n}"));
+        let meta = t("meta")?;
+        let epoch = match meta.get(b"epoch")? {
+            Some(v) => read_u64(&v)?,
+            None => {
+                let e = rand::random::<u64>() & 0xff_ffff;
+                meta.insert(b"epoch", &be(e))?;
+                db.flush()?;
+                e
+            }
+        };
+        let outbox_len = t("outbox")?.len();
         Ok(Store {
             fields: t("fields")?,
             field_ids: t("field_ids")?,
@@ -203,7 +224,10 @@ impl Store {
             images: t("images")?,
             image_meta: t("image_meta")?,
             outbox: t("outbox")?,
-            meta: t("meta")?,
+            quarantine: t("outbox_quarantine")?,
+            queued: std::sync::atomic::AtomicI64::new(outbox_len as i64),
+            meta,
+            epoch,
             dir: dir.to_path_buf(),
             identity,
             retention,
@@ -228,10 +252,25 @@ impl Store {
     fn queue(&self, outbox: &TransactionalTree, field_seq: Option<u64>, bodies: &[Body]) -> TxResult<()> {
         for body in bodies {
             let seq = outbox.generate_id()?;
-            let env = Envelope::new(&self.identity.clinic, &self.identity.device, seq, now(), body.clone());
+            let wire_seq = (self.epoch << 40) | (seq & ((1 << 40) - 1));
+            let env = Envelope::new(
+                &self.identity.clinic,
+                &self.identity.device,
+                wire_seq,
+                now(),
+                body.clone(),
+            );
             let mut v = vec![VALUE_VERSION];
             v.extend_from_slice(&field_seq.unwrap_or(u64::MAX).to_be_bytes());
             serde_json::to_writer(&mut v, &env).expect("serialising to memory");
+            // A message the broker and central would refuse must not block the queue behind it.
+            if v.len() - 9 > MAX_PAYLOAD_BYTES {
+                return abort(anyhow::anyhow!(
+                    "a {} message of {} bytes is over the uplink limit of {MAX_PAYLOAD_BYTES}",
+                    body.kind().as_str(),
+                    v.len() - 9
+                ));
+            }
             outbox.insert(&be(seq), v)?;
         }
         Ok(())
@@ -300,6 +339,7 @@ impl Store {
         self.flush()?;
         drop(_g);
         if added {
+            self.count_queued(bodies.len());
             self.notify.notify_one();
             if image.is_some() {
                 self.enforce_image_quota()?;
@@ -388,6 +428,7 @@ impl Store {
             })
             .map_err(tx_error)?;
         self.flush()?;
+        self.count_queued(1);
         self.notify.notify_one();
         drop(_g);
         self.load_field(seq)?.context("field vanished")
@@ -426,6 +467,7 @@ impl Store {
             .map_err(tx_error)?;
         self.flush()?;
         if !outbox.is_empty() {
+            self.count_queued(outbox.len());
             self.notify.notify_one();
         }
         Ok(())
@@ -439,6 +481,7 @@ impl Store {
             model_version: version,
             detail: detail.into(),
         });
+        let _g = self.lock.lock().expect("store lock");
         let queued = (&self.meta, &self.outbox)
             .transaction(|(meta, ob)| {
                 if meta.get(b"active_model")?.as_deref() == Some(&be(version)[..]) {
@@ -451,6 +494,7 @@ impl Store {
             .map_err(tx_error)?;
         self.flush()?;
         if queued {
+            self.count_queued(1);
             self.notify.notify_one();
         }
         Ok(queued)
@@ -475,16 +519,23 @@ impl Store {
         for r in self.outbox.range(be(from)..).take(limit) {
             let (k, v) = r?;
             let seq = read_u64(&k)?;
-            if v.first() != Some(&VALUE_VERSION) || v.len() < 9 {
-                tracing::error!(seq, "outbox message in an unknown format: dropped");
-                self.outbox.remove(k)?;
-                continue;
-            }
-            let env: Envelope = match serde_json::from_slice(&v[9..]) {
+            let env = if v.first() != Some(&VALUE_VERSION) || v.len() < 9 {
+                Err("a format this build does not know".to_string())
+            } else {
+                serde_json::from_slice::<Envelope>(&v[9..]).map_err(|e| e.to_string())
+            };
+            let env = match env {
                 Ok(e) => e,
-                Err(e) => {
-                    tracing::error!(seq, error = %e, "damaged outbox message: dropped");
-                    self.outbox.remove(k)?;
+                Err(why) => {
+                    tracing::error!(seq, %why, "outbox message cannot be sent: kept aside in outbox_quarantine");
+                    (&self.outbox, &self.quarantine)
+                        .transaction(|(o, q)| {
+                            o.remove(&k)?;
+                            q.insert(&k, &v)?;
+                            Ok(())
+                        })
+                        .map_err(tx_error)?;
+                    self.queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     continue;
                 }
             };
@@ -500,13 +551,24 @@ impl Store {
     /// The broker has the message: it leaves the outbox. (Not flushed at once: losing the
     /// removal in a crash only means sending the message again, which central ignores.)
     pub fn acknowledged(&self, seq: u64) -> Result<()> {
-        self.outbox.remove(be(seq))?;
+        if self.outbox.remove(be(seq))?.is_some() {
+            self.queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
+    }
+
+    fn count_queued(&self, n: usize) {
+        self.queued.fetch_add(n as i64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Messages waiting for the broker.
     pub fn backlog(&self) -> usize {
-        self.outbox.len()
+        self.queued.load(std::sync::atomic::Ordering::Relaxed).max(0) as usize
+    }
+
+    /// Messages set aside because they could not be read back (kept for a maintainer).
+    pub fn quarantined(&self) -> usize {
+        self.quarantine.len()
     }
 
     /// Resolves when something is queued.
@@ -731,7 +793,12 @@ mod tests {
         assert!(out.windows(2).all(|w| w[0].seq < w[1].seq));
         assert_eq!(out[3].topic, "wbc/clinic-a/dev1/review");
         let env = Envelope::decode(&out[0].topic, &out[0].payload).unwrap();
-        assert_eq!(env.id, format!("clinic-a:dev1:{}", out[0].seq));
+        assert_eq!(env.id, format!("clinic-a:dev1:{}", env.seq));
+        assert_eq!(
+            env.seq & ((1 << 40) - 1),
+            out[0].seq,
+            "the store's epoch above its counter"
+        );
     }
 
     #[test]
@@ -760,6 +827,37 @@ mod tests {
         assert!(s.note_active_model(3, "cpu").unwrap());
         let topics: Vec<_> = s.outbox_from(0, 10).unwrap().into_iter().map(|o| o.topic).collect();
         assert_eq!(topics, ["wbc/clinic-a/dev1/model", "wbc/clinic-a/dev1/model"]);
+    }
+
+    #[test]
+    fn an_unreadable_outbox_message_is_set_aside_not_lost_and_oversized_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), Retention::default());
+        s.put_slide(&slide("s", 1), &[]).unwrap();
+        s.add_field(&field("a", "s", 1, 2), None).unwrap();
+        let first = s.outbox_from(0, 1).unwrap()[0].seq;
+        s.outbox.insert(be(first), &b"\x09future format"[..]).unwrap();
+        let out = s.outbox_from(0, 10).unwrap();
+        assert_eq!(out.len(), 1, "the readable one is still sent");
+        assert_eq!((s.backlog(), s.quarantined()), (1, 1));
+        let mut huge = field("b", "s", 1, 1);
+        huge.cells[0].result.description = "x".repeat(MAX_PAYLOAD_BYTES);
+        let e = s.add_field(&huge, None).unwrap_err().to_string();
+        assert!(e.contains("over the uplink limit"), "{e}");
+        assert_eq!(s.field("b").unwrap(), None, "nothing of it stored");
+    }
+
+    #[test]
+    fn a_new_store_does_not_reuse_the_message_ids_of_an_old_one() {
+        let ids = |dir: &Path| {
+            let s = open(dir, Retention::default());
+            s.put_slide(&slide("s", 1), &[]).unwrap();
+            s.add_field(&field("a", "s", 1, 1), None).unwrap();
+            let o = &s.outbox_from(0, 1).unwrap()[0];
+            Envelope::decode(&o.topic, &o.payload).unwrap().id
+        };
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        assert_ne!(ids(d1.path()), ids(d2.path()));
     }
 
     #[test]

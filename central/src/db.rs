@@ -252,7 +252,9 @@ impl Db {
         Ok(Applied::New)
     }
 
-    /// Records a device's status (the newest wins).
+    /// Records a device's status. The last one to arrive wins: the broker delivers a device's
+    /// messages in order and publishes its last will after them (the will's `at` is when the
+    /// connection began, so times cannot be compared).
     pub fn set_status(&self, s: &Status) -> Result<()> {
         let mut conn = self.conn.lock().expect("db lock");
         let tx = conn.transaction()?;
@@ -264,7 +266,7 @@ impl Db {
         tx.execute(
             "UPDATE devices SET state = ?3, at = ?4, backlog = COALESCE(?5, backlog),
                     model_version = COALESCE(?6, model_version)
-             WHERE clinic = ?1 AND device = ?2 AND at <= ?4",
+             WHERE clinic = ?1 AND device = ?2",
             params![
                 s.clinic,
                 s.device,
@@ -342,11 +344,22 @@ impl Db {
         let mut rows = st.query(params![clinic, device, slide_id])?;
         while let Some(r) = rows.next()? {
             let field_id: String = r.get(0)?;
-            let info: FieldInfo = serde_json::from_str(&r.get::<_, String>(2)?)?;
-            let mut cell: CellRecord = serde_json::from_str(&r.get::<_, String>(3)?)?;
-            if let Some(rj) = r.get::<_, Option<String>>(4)? {
-                cell.review = Some(serde_json::from_str::<Review>(&rj)?);
-            }
+            let parsed = (|| -> Result<(FieldInfo, CellRecord)> {
+                let info: FieldInfo = serde_json::from_str(&r.get::<_, String>(2)?)?;
+                let mut cell: CellRecord = serde_json::from_str(&r.get::<_, String>(3)?)?;
+                if let Some(rj) = r.get::<_, Option<String>>(4)? {
+                    cell.review = Some(serde_json::from_str::<Review>(&rj)?);
+                }
+                Ok((info, cell))
+            })();
+            // One damaged row must not hide the slide.
+            let (info, cell) = match parsed {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), field = %field_id, "skipping a damaged cell row");
+                    continue;
+                }
+            };
             match fields.last_mut() {
                 Some((f, cells)) if f.id == field_id => cells.push(cell),
                 _ => fields.push((info, vec![cell])),
@@ -556,13 +569,14 @@ mod tests {
             model_version: None,
         };
         db.set_status(&status(DeviceState::Online, 100)).unwrap();
-        db.set_status(&status(DeviceState::Offline, 50)).unwrap();
         let d = &db.devices().unwrap()[0];
         assert_eq!(
             (d.state.as_str(), d.backlog, d.model_version),
-            ("online", Some(7), Some(4)),
-            "older status ignored"
+            ("online", Some(7), Some(4))
         );
+        // The last will carries the connection's start time, older than the last online status.
+        db.set_status(&status(DeviceState::Offline, 50)).unwrap();
+        assert_eq!(db.devices().unwrap()[0].state, "offline", "the last to arrive wins");
         db.note_rejected("wbc/x", "bad").unwrap();
         assert_eq!(db.rejected_count().unwrap(), 1);
     }

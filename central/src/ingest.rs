@@ -8,7 +8,8 @@
 
 use crate::db::{Applied, Db};
 use anyhow::{Context, Result};
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -101,10 +102,20 @@ impl Ingest {
         let mut opts = self.broker.options(&self.client_id)?;
         opts.set_clean_session(false);
         opts.set_manual_acks(true);
-        // Room for an acknowledgement of every message the broker may push at once.
-        let (client, events) = AsyncClient::new(opts, 10_000);
+        let (client, events) = AsyncClient::new(opts, 1024);
         let mut events = drive(events);
+        // Acknowledgements not yet handed to the event loop. A broker with a backlog for central
+        // may push thousands of messages without waiting, faster than the event loop takes
+        // requests; waiting for room here would stop this loop from taking events, and the event
+        // loop from taking acknowledgements. So acknowledgements queue here instead.
+        let mut acks: VecDeque<Publish> = VecDeque::new();
         loop {
+            while let Some(p) = acks.front() {
+                if client.try_ack(p).is_err() {
+                    break;
+                }
+                acks.pop_front();
+            }
             tokio::select! {
                 ev = events.recv() => match ev.context("connection task ended")?.context("connection to the broker")? {
                     Event::Incoming(Packet::ConnAck(ack)) => {
@@ -121,10 +132,12 @@ impl Ingest {
                         tokio::task::spawn_blocking(move || handle(&db, &stats, &topic, &payload))
                             .await
                             .context("message handler")??;
-                        client.ack(&p).await?;
+                        // Only now, committed, may the broker forget it.
+                        acks.push_back(p);
                     }
                     _ => {}
                 },
+                _ = tokio::time::sleep(std::time::Duration::from_millis(5)), if !acks.is_empty() => {}
                 _ = stop.changed() => {
                     let _ = client.try_disconnect();
                     return Ok(());

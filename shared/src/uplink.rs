@@ -318,6 +318,25 @@ impl Envelope {
         }
     }
 
+    /// Refuses numbers that JSON cannot carry back (an infinite probability would be stored as
+    /// `null` and break every later reading of the slide).
+    fn check_numbers(&self) -> Result<(), UplinkError> {
+        let bad = |what: &str| Err(UplinkError::Invalid(format!("{what} is not a finite number")));
+        if let Body::Cell(c) = &self.body {
+            let r = &c.cell.result;
+            if !r.confidence.is_finite() || !r.probabilities.values().all(|p| p.is_finite()) {
+                return bad("a probability");
+            }
+            if r.familiarity.is_some_and(|f| !f.is_finite()) {
+                return bad("familiarity");
+            }
+            if !c.field.microns_per_pixel.is_finite() {
+                return bad("microns_per_pixel");
+            }
+        }
+        Ok(())
+    }
+
     /// Its topic.
     pub fn topic(&self) -> String {
         topic(&self.clinic, &self.device, self.body.kind())
@@ -343,6 +362,7 @@ impl Envelope {
         if e.id != message_id(&e.clinic, &e.device, e.seq) {
             return Err(UplinkError::Mismatch(format!("id {:?} is not {}", e.id, e.seq)));
         }
+        e.check_numbers()?;
         Ok(e)
     }
 }
@@ -478,6 +498,15 @@ mod tests {
             Envelope::decode(t, b"{\"schema_version\":2}"),
             Err(UplinkError::UnsupportedVersion(2))
         );
+        let e = Envelope::new("c", "d", 1, 1, Body::cells_of(&field())[0].clone());
+        let json = serde_json::to_string(&e)
+            .unwrap()
+            .replace("\"confidence\":1.0", "\"confidence\":1e39");
+        assert!(json.contains("1e39"));
+        assert!(matches!(
+            Envelope::decode(t, json.as_bytes()),
+            Err(UplinkError::Invalid(_))
+        ));
         let huge = vec![b' '; MAX_PAYLOAD_BYTES + 1];
         assert_eq!(
             Envelope::decode(t, &huge),

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 use wbc_integration_tests::{Account, Broker, synthetic_field, synthetic_slide};
 
 fn main() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .try_init();
     let want: u64 = std::env::var("BACKLOG_RESULTS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -125,7 +125,7 @@ impl Broker {
             d.join("mosquitto.conf"),
             format!(
                 "per_listener_settings false\nallow_anonymous false\npassword_file {p}/passwd\nacl_file {p}/acl\n\
-                 persistence true\npersistence_location {p}/\nautosave_interval 1\nmax_queued_messages 0\n\
+                 persistence true\npersistence_location {p}/\nautosave_interval 1\nmax_queued_messages 0\nmax_packet_size 263168\n\
                  user root\nlog_dest file {p}/mosquitto.log\n\
                  listener {port} 127.0.0.1\ncafile {p}/ca.pem\ncertfile {p}/server.pem\nkeyfile {p}/server.key\n",
                 p = d.display()

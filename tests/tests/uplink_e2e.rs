@@ -77,8 +77,11 @@ fn central_config(dir: &Path, broker: &Broker) -> central::Config {
 }
 
 fn uplink_file(dir: &Path, broker: &Broker, clinic: &str, device: &str) -> std::path::PathBuf {
+    let mut broker_config = broker.config_for(&Account::device(clinic, device)).unwrap();
+    // A dead device is noticed after 1.5 keep-alive intervals.
+    broker_config.keep_alive_s = 5;
     let config = appliance::uplink::UplinkConfig {
-        broker: broker.config_for(&Account::device(clinic, device)).unwrap(),
+        broker: broker_config,
         inflight: 16,
         status_every_s: 1,
         max_backoff_s: 1,
@@ -170,7 +173,11 @@ fn results_reach_central_exactly_once_through_broker_appliance_and_central_outag
     assert_eq!(slides.as_array().unwrap().len(), expected.len());
     let devices: serde_json::Value = http_get(&format!("{base}/api/devices"));
     assert_eq!(devices[0]["device"], "dev1");
+    // Power cut: the broker publishes the device's last will, and central shows it offline.
     sim2.kill();
+    wait_until("the device to show offline", Duration::from_secs(30), || {
+        central.db.devices().unwrap()[0].state == "offline"
+    });
     rt.block_on(central.stop());
 }
 
@@ -260,5 +267,112 @@ fn a_device_cannot_write_into_another_clinics_topics_and_garbage_is_rejected() {
     assert_eq!(central.db.message_count().unwrap(), 1);
     let devices = central.db.devices().unwrap();
     assert!(devices.iter().all(|d| d.clinic == "clinic-a"), "{devices:?}");
+    rt.block_on(central.stop());
+}
+
+#[test]
+fn the_daemon_sends_what_it_classifies_to_central() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Account::device("clinic-a", "scope-1");
+    let broker = Broker::start(&[device.clone(), Account::central()]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let central = rt
+        .block_on(central::start(&central_config(dir.path(), &broker)))
+        .unwrap();
+    let config = appliance::config::Config {
+        data_dir: dir.path().join("appliance"),
+        clinic: "clinic-a".into(),
+        device: "scope-1".into(),
+        microns_per_pixel: 0.072,
+        inbox_poll_ms: 50,
+        uplink: Some(appliance::uplink::UplinkConfig {
+            broker: broker.config_for(&device).unwrap(),
+            status_every_s: 1,
+            ..Default::default()
+        }),
+        web: appliance::config::WebConfig {
+            listen: "127.0.0.1:0".into(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let inbox = config.inbox_dir();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = std::thread::spawn(move || {
+        appliance::daemon::run_until(config, async {
+            let _ = stopped.await;
+        })
+    });
+    wait_until("the inbox", Duration::from_secs(60), || inbox.is_dir());
+    let field = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/fields/images/BloodImage_00000.jpg");
+    std::fs::copy(&field, inbox.join("field.jpg.part")).unwrap();
+    std::fs::rename(inbox.join("field.jpg.part"), inbox.join("field.jpg")).unwrap();
+
+    // The field's white cell reaches central, and the device shows as online with its model.
+    wait_until("the cell at central", Duration::from_secs(60), || {
+        central
+            .db
+            .cell_counts()
+            .unwrap()
+            .keys()
+            .any(|(c, d, _)| c == "clinic-a" && d == "scope-1")
+    });
+    wait_until("the device's status", Duration::from_secs(20), || {
+        central
+            .db
+            .devices()
+            .unwrap()
+            .iter()
+            .any(|d| d.device == "scope-1" && d.state == "online" && d.model_version.is_some())
+    });
+    let slides = central.db.slides(Some("clinic-a")).unwrap();
+    assert_eq!(slides.len(), 1);
+    assert_eq!(slides[0].report.fields, 1);
+    assert!(slides[0].report.classified + slides[0].report.unidentified >= 1);
+    stop.send(()).unwrap();
+    daemon.join().unwrap().unwrap();
+    // A clean stop says so: the device goes offline at central.
+    wait_until("the offline status", Duration::from_secs(20), || {
+        central
+            .db
+            .devices()
+            .unwrap()
+            .iter()
+            .any(|d| d.device == "scope-1" && d.state == "offline")
+    });
+    rt.block_on(central.stop());
+}
+
+#[test]
+fn central_catches_up_on_a_backlog_queued_while_it_was_down() {
+    // The broker pushes a queued backlog to central without waiting for acknowledgements:
+    // more messages than central's request queue holds must not stall it.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&[Account::device("clinic-a", "dev1"), Account::central()]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cfg = central_config(dir.path(), &broker);
+    // Central subscribes once (its session persists), then goes away.
+    let central = rt.block_on(central::start(&cfg)).unwrap();
+    wait_until("central to connect", Duration::from_secs(20), || {
+        central.stats.connected.load(std::sync::atomic::Ordering::Relaxed)
+    });
+    rt.block_on(central.stop());
+    const N: u64 = 1500;
+    let sim = Sim::spawn(
+        &dir.path().join("store"),
+        &uplink_file(dir.path(), &broker, "clinic-a", "dev1"),
+        N,
+        0,
+    );
+    wait_until("the outbox to drain into the broker", Duration::from_secs(120), || {
+        *sim.drained.lock().unwrap()
+    });
+    let total: u64 = (0..N).map(|k| synthetic_field(k, PER_SLIDE).cells.len() as u64).sum();
+    assert!(total > 2 * 1024, "more than central's request queue");
+    let central = rt.block_on(central::start(&cfg)).unwrap();
+    wait_until("central to hold the backlog", Duration::from_secs(120), || {
+        central.db.message_count().unwrap() == total
+    });
+    sim.kill();
     rt.block_on(central.stop());
 }
