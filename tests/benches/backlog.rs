@@ -4,11 +4,10 @@
 //! result. `cargo bench -p wbc-integration-tests --bench backlog` (several minutes; set
 //! `BACKLOG_RESULTS` for another size).
 
-use appliance::store::{Identity, Retention, SlideState, Store};
+use appliance::store::SlideState;
 use appliance::uplink::{Uplink, UplinkConfig};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wbc_integration_tests::{Account, Broker, synthetic_field, synthetic_slide};
+use wbc_integration_tests::{Account, Broker, open_store, synthetic_field, synthetic_slide};
 
 fn main() {
     let _ = tracing_subscriber::fmt()
@@ -19,20 +18,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
     let dir = tempfile::tempdir().unwrap();
-    let s = Arc::new(
-        Store::open(
-            &dir.path().join("store"),
-            Identity {
-                clinic: "clinic-a".into(),
-                device: "dev1".into(),
-            },
-            Retention {
-                min_free_bytes: 0,
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
+    let s = open_store(&dir.path().join("store"), "clinic-a", "dev1").unwrap();
     // Fill the outbox while offline.
     let t = Instant::now();
     let (mut k, mut results) = (0u64, 0u64);

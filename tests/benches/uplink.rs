@@ -2,29 +2,18 @@
 //! to a local Mosquitto broker (TLS, QoS 1, 32 in flight), and central's ingest rate into
 //! SQLite (one transaction and a full sync per message).
 
-use appliance::store::{Identity, Retention, SlideState, Store};
+use appliance::store::{SlideState, Store};
 use appliance::uplink::{Uplink, UplinkConfig};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wbc_integration_tests::{Account, Broker, synthetic_field};
+use wbc_integration_tests::{Account, Broker, open_store, synthetic_field};
 use wbc_shared::uplink::{Body, Envelope};
 
 const ONE_SLIDE: u64 = u64::MAX;
 
 fn store(dir: &std::path::Path) -> Arc<Store> {
-    let s = Store::open(
-        dir,
-        Identity {
-            clinic: "clinic-a".into(),
-            device: "dev1".into(),
-        },
-        Retention {
-            min_free_bytes: 0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let s = open_store(dir, "clinic-a", "dev1").unwrap();
     s.put_slide(
         &SlideState {
             id: "slide-0".into(),
@@ -34,7 +23,7 @@ fn store(dir: &std::path::Path) -> Arc<Store> {
         &[],
     )
     .unwrap();
-    Arc::new(s)
+    s
 }
 
 fn store_writes(c: &mut Criterion) {

@@ -235,6 +235,21 @@ pub fn synthetic_field(k: u64, per_slide: u64) -> FieldRecord {
     }
 }
 
+/// Opens (creating) an appliance store for a test or benchmark: no free-space floor.
+pub fn open_store(dir: &Path, clinic: &str, device: &str) -> Result<std::sync::Arc<appliance::store::Store>> {
+    Ok(std::sync::Arc::new(appliance::store::Store::open(
+        dir,
+        appliance::store::Identity {
+            clinic: clinic.into(),
+            device: device.into(),
+        },
+        appliance::store::Retention {
+            min_free_bytes: 0,
+            ..Default::default()
+        },
+    )?))
+}
+
 /// The slide of synthetic field `k`.
 pub fn synthetic_slide(k: u64, per_slide: u64) -> String {
     format!("slide-{}", k / per_slide)

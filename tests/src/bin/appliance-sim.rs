@@ -8,13 +8,12 @@
 //! acknowledged again without being written twice.
 
 use anyhow::{Context, Result};
-use appliance::store::{Identity, Retention, SlideState, Store};
+use appliance::store::SlideState;
 use appliance::uplink::{Uplink, UplinkConfig};
 use clap::Parser;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
-use wbc_integration_tests::{synthetic_field, synthetic_slide};
+use wbc_integration_tests::{open_store, synthetic_field, synthetic_slide};
 
 #[derive(Parser)]
 struct Args {
@@ -36,17 +35,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let store = Arc::new(Store::open(
-        &a.store,
-        Identity {
-            clinic: a.clinic.clone(),
-            device: a.device.clone(),
-        },
-        Retention {
-            min_free_bytes: 0,
-            ..Default::default()
-        },
-    )?);
+    let store = open_store(&a.store, &a.clinic, &a.device)?;
     let rt = tokio::runtime::Runtime::new()?;
     let (_stop, rx) = tokio::sync::watch::channel(false);
     if let Some(p) = &a.uplink {
