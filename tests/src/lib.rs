@@ -55,12 +55,15 @@ impl Account {
     }
 }
 
-/// A Mosquitto broker in a temporary folder, listening with TLS on a loopback port. Killed when
-/// dropped.
+/// A Mosquitto broker in a temporary folder, listening with TLS on two loopback ports: one
+/// where devices log in with a password, one where they present a client certificate (its
+/// common name is their user name). Killed when dropped.
 pub struct Broker {
     dir: tempfile::TempDir,
-    /// The port.
+    /// The port for password logins.
     pub port: u16,
+    /// The port for client-certificate logins.
+    pub cert_port: u16,
     child: Option<Child>,
 }
 
@@ -68,7 +71,9 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn write_certs(dir: &Path) -> Result<()> {
+/// Writes the CA, the broker's certificate, and a client certificate for each account (its
+/// common name is the account's user name).
+fn write_certs(dir: &Path, accounts: &[Account]) -> Result<()> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
@@ -83,6 +88,14 @@ fn write_certs(dir: &Path) -> Result<()> {
     std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
     std::fs::write(dir.join("server.pem"), cert.pem())?;
     std::fs::write(dir.join("server.key"), key.serialize_pem())?;
+    for a in accounts {
+        let key = KeyPair::generate()?;
+        let mut client = CertificateParams::new(Vec::<String>::new())?;
+        client.distinguished_name.push(DnType::CommonName, a.user.as_str());
+        let cert = client.signed_by(&key, &issuer)?;
+        std::fs::write(dir.join(format!("{}.pem", a.user)), cert.pem())?;
+        std::fs::write(dir.join(format!("{}.key", a.user)), key.serialize_pem())?;
+    }
     Ok(())
 }
 
@@ -92,7 +105,7 @@ impl Broker {
         let bin = mosquitto()?;
         let dir = tempfile::tempdir()?;
         let d = dir.path();
-        write_certs(d)?;
+        write_certs(d, accounts)?;
         let mut acl = String::new();
         let passwd = d.join("passwd");
         std::fs::write(&passwd, "")?;
@@ -120,18 +133,25 @@ impl Broker {
             acl.push_str(&format!("user {}\n{}\n\n", a.user, a.acl.join("\n")));
         }
         std::fs::write(d.join("acl"), acl)?;
-        let port = free_port()?;
+        let (port, cert_port) = (free_port()?, free_port()?);
         std::fs::write(
             d.join("mosquitto.conf"),
             format!(
                 "per_listener_settings false\nallow_anonymous false\npassword_file {p}/passwd\nacl_file {p}/acl\n\
                  persistence true\npersistence_location {p}/\nautosave_interval 1\nmax_queued_messages 0\nmax_packet_size 263168\n\
                  user root\nlog_dest file {p}/mosquitto.log\n\
-                 listener {port} 127.0.0.1\ncafile {p}/ca.pem\ncertfile {p}/server.pem\nkeyfile {p}/server.key\n",
+                 listener {port} 127.0.0.1\ncafile {p}/ca.pem\ncertfile {p}/server.pem\nkeyfile {p}/server.key\n\
+                 listener {cert_port} 127.0.0.1\ncafile {p}/ca.pem\ncertfile {p}/server.pem\nkeyfile {p}/server.key\n\
+                 require_certificate true\nuse_identity_as_username true\n",
                 p = d.display()
             ),
         )?;
-        let mut b = Broker { dir, port, child: None };
+        let mut b = Broker {
+            dir,
+            port,
+            cert_port,
+            child: None,
+        };
         b.resume()?;
         Ok(b)
     }
@@ -147,7 +167,9 @@ impl Broker {
             .context("starting mosquitto")?;
         self.child = Some(child);
         let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", self.cert_port)).is_err()
+        {
             if t.elapsed() > Duration::from_secs(15) {
                 bail!("mosquitto did not start listening: {}", self.log());
             }
@@ -187,6 +209,20 @@ impl Broker {
             password_file: Some(pw),
             ..Default::default()
         })
+    }
+}
+
+impl Broker {
+    /// Connection settings for an account that logs in with its client certificate.
+    pub fn cert_config_for(&self, a: &Account) -> BrokerConfig {
+        BrokerConfig {
+            host: "localhost".into(),
+            port: Some(self.cert_port),
+            ca_file: Some(self.ca()),
+            client_cert: Some(self.dir.path().join(format!("{}.pem", a.user))),
+            client_key: Some(self.dir.path().join(format!("{}.key", a.user))),
+            ..Default::default()
+        }
     }
 }
 

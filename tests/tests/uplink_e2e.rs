@@ -199,13 +199,19 @@ fn http_get(url: &str) -> serde_json::Value {
 /// Publishes QoS 1 messages as a device and waits for the broker's acknowledgements; an error
 /// if the broker closes the connection instead.
 fn publish_as(broker: &Broker, account: &Account, msgs: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+    publish_with(&broker.config_for(account).unwrap(), account, msgs)
+}
+
+fn publish_with(
+    config: &wbc_shared::mqtt::BrokerConfig,
+    account: &Account,
+    msgs: Vec<(String, Vec<u8>)>,
+) -> Result<(), String> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let opts = broker
-            .config_for(account)
-            .unwrap()
+        let opts = config
             .options(&format!("test-{}", account.user))
-            .unwrap();
+            .map_err(|e| e.to_string())?;
         let (client, mut events) = rumqttc::AsyncClient::new(opts, 64);
         let n = msgs.len();
         for (t, p) in msgs {
@@ -374,5 +380,41 @@ fn central_catches_up_on_a_backlog_queued_while_it_was_down() {
         central.db.message_count().unwrap() == total
     });
     sim.kill();
+    rt.block_on(central.stop());
+}
+
+#[test]
+fn a_device_may_log_in_with_a_client_certificate_instead_of_a_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Account::device("clinic-a", "dev1");
+    let broker = Broker::start(&[a.clone(), Account::central()]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let central = rt
+        .block_on(central::start(&central_config(dir.path(), &broker)))
+        .unwrap();
+    wait_until("central to connect", Duration::from_secs(20), || {
+        central.stats.connected.load(std::sync::atomic::Ordering::Relaxed)
+    });
+    let own = Envelope::new(
+        "clinic-a",
+        "dev1",
+        1,
+        1,
+        Body::cells_of(&synthetic_field(0, PER_SLIDE))[0].clone(),
+    );
+    // Without a certificate the certificate port refuses the device.
+    let mut no_cert = broker.cert_config_for(&a);
+    no_cert.client_cert = None;
+    no_cert.client_key = None;
+    assert!(publish_with(&no_cert, &a, vec![(own.topic(), serde_json::to_vec(&own).unwrap())]).is_err());
+    publish_with(
+        &broker.cert_config_for(&a),
+        &a,
+        vec![(own.topic(), serde_json::to_vec(&own).unwrap())],
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", broker.log()));
+    wait_until("the message at central", Duration::from_secs(20), || {
+        central.db.message_count().unwrap() == 1
+    });
     rt.block_on(central.stop());
 }
