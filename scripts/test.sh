@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/fetch-weights.sh >/dev/null
 export WBC_WEIGHTS_DIR="${WBC_WEIGHTS_DIR:-$PWD/.cache/weights/unpacked}"
-cargo test --workspace --locked "$@"
+# central's PostgreSQL support is tested too (its tests start a throwaway server).
+cargo test --workspace --locked --features central/postgres "$@"

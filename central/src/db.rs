@@ -1,12 +1,13 @@
-//! Central's store: embedded SQLite (one file, nothing to install).
+//! Central's store: embedded SQLite (one file, nothing to install) or, for a lab that
+//! outgrows one machine, PostgreSQL (`db = "postgres://…"`, feature `postgres`).
 //!
 //! Each message is applied in one transaction together with its id in `messages`, so a
 //! message seen twice (the uplink resends what it is not sure was received) changes nothing
 //! the second time, and a crash leaves a message either wholly applied or not at all. The
 //! broker's acknowledgement to central is sent only after the commit.
 
+use crate::sql::Conn;
 use anyhow::{Context, Result};
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,34 +19,34 @@ use wbc_shared::uplink::{Body, DeviceState, Envelope, FieldInfo, Status};
 /// Schema version of the database.
 const DB_VERSION: i64 = 1;
 
+// Written in the SQL both SQLite and PostgreSQL accept (BIGINT is an integer in SQLite).
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (
-    id TEXT PRIMARY KEY, clinic TEXT NOT NULL, device TEXT NOT NULL, seq INTEGER NOT NULL,
-    kind TEXT NOT NULL, sent_at INTEGER NOT NULL, received_at INTEGER NOT NULL);
+    id TEXT PRIMARY KEY, clinic TEXT NOT NULL, device TEXT NOT NULL, seq BIGINT NOT NULL,
+    kind TEXT NOT NULL, sent_at BIGINT NOT NULL, received_at BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS cells (
-    clinic TEXT NOT NULL, device TEXT NOT NULL, field_id TEXT NOT NULL, idx INTEGER NOT NULL,
-    slide_id TEXT NOT NULL, received_at INTEGER NOT NULL, class TEXT NOT NULL,
+    clinic TEXT NOT NULL, device TEXT NOT NULL, field_id TEXT NOT NULL, idx BIGINT NOT NULL,
+    slide_id TEXT NOT NULL, received_at BIGINT NOT NULL, class TEXT NOT NULL,
     field_json TEXT NOT NULL, cell_json TEXT NOT NULL, message_id TEXT NOT NULL,
     PRIMARY KEY (clinic, device, field_id, idx));
 CREATE INDEX IF NOT EXISTS cells_slide ON cells (clinic, device, slide_id);
 CREATE TABLE IF NOT EXISTS reviews (
-    clinic TEXT NOT NULL, device TEXT NOT NULL, field_id TEXT NOT NULL, idx INTEGER NOT NULL,
-    review_json TEXT NOT NULL, at INTEGER NOT NULL,
+    clinic TEXT NOT NULL, device TEXT NOT NULL, field_id TEXT NOT NULL, idx BIGINT NOT NULL,
+    review_json TEXT NOT NULL, at BIGINT NOT NULL,
     PRIMARY KEY (clinic, device, field_id, idx));
 CREATE TABLE IF NOT EXISTS slides (
     clinic TEXT NOT NULL, device TEXT NOT NULL, slide_id TEXT NOT NULL,
-    started_at INTEGER NOT NULL, finished_at INTEGER, report_json TEXT NOT NULL,
+    started_at BIGINT NOT NULL, finished_at BIGINT, report_json TEXT NOT NULL,
     PRIMARY KEY (clinic, device, slide_id));
 CREATE TABLE IF NOT EXISTS devices (
-    clinic TEXT NOT NULL, device TEXT NOT NULL, state TEXT NOT NULL, at INTEGER NOT NULL,
-    backlog INTEGER, model_version INTEGER, last_seen INTEGER NOT NULL,
+    clinic TEXT NOT NULL, device TEXT NOT NULL, state TEXT NOT NULL, at BIGINT NOT NULL,
+    backlog BIGINT, model_version BIGINT, last_seen BIGINT NOT NULL,
     PRIMARY KEY (clinic, device));
 CREATE TABLE IF NOT EXISTS model_events (
     message_id TEXT PRIMARY KEY, clinic TEXT NOT NULL, device TEXT NOT NULL, event TEXT NOT NULL,
-    model_version INTEGER NOT NULL, detail TEXT NOT NULL, at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS rejected (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL);
+    model_version BIGINT NOT NULL, detail TEXT NOT NULL, at BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS rejected (topic TEXT NOT NULL, reason TEXT NOT NULL, at BIGINT NOT NULL);
 ";
 
 /// Seconds since the Unix epoch.
@@ -112,39 +113,49 @@ pub struct DayCount {
 
 /// Central's database.
 pub struct Db {
-    conn: Mutex<Connection>,
+    conn: Mutex<Conn>,
+}
+
+fn unix_day(day: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(day * 86_400)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::macros::format_description!("[year]-[month]-[day]"))
+                .ok()
+        })
+        .unwrap_or_else(|| day.to_string())
 }
 
 impl Db {
-    /// Opens (creating) the database at `path` (`:memory:` for a throwaway one).
-    pub fn open(path: &Path) -> Result<Self> {
-        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        // FULL: a committed message survives a power cut (it has been acknowledged by then).
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.execute_batch(SCHEMA).context("creating the schema")?;
-        let v: Option<i64> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'db_version'", [], |r| r.get(0))
-            .optional()?;
-        match v {
+    /// Opens (creating) the database: an SQLite file (`:memory:` for a throwaway one) or, in a
+    /// build with the `postgres` feature, a `postgres://` URL.
+    pub fn open(db: &Path) -> Result<Self> {
+        let name = db.to_string_lossy();
+        let mut conn = Conn::open(&name)?;
+        conn.batch(SCHEMA).context("creating the schema")?;
+        let v = conn.query("SELECT value FROM meta WHERE key = 'db_version'", &[])?;
+        match v.first() {
             None => {
-                conn.execute("INSERT INTO meta (key, value) VALUES ('db_version', ?1)", [DB_VERSION])?;
+                conn.exec(
+                    "INSERT INTO meta (key, value) VALUES ('db_version', $1)",
+                    &[DB_VERSION.into()],
+                )?;
             }
-            Some(DB_VERSION) => {}
-            Some(v) => anyhow::bail!(
-                "{} is database version {v}; this build knows {DB_VERSION}",
-                path.display()
+            Some(r) if r[0].int()? == DB_VERSION => {}
+            Some(r) => anyhow::bail!(
+                "{} is database version {}; this build knows {DB_VERSION}",
+                display(&name),
+                r[0].int()?
             ),
         }
         Ok(Db { conn: Mutex::new(conn) })
     }
 
-    fn touch_device(tx: &rusqlite::Transaction<'_>, clinic: &str, device: &str) -> rusqlite::Result<()> {
-        tx.execute(
-            "INSERT INTO devices (clinic, device, state, at, last_seen) VALUES (?1, ?2, 'unknown', 0, ?3)
+    fn touch_device(c: &mut Conn, clinic: &str, device: &str) -> Result<()> {
+        c.exec(
+            "INSERT INTO devices (clinic, device, state, at, last_seen) VALUES ($1, $2, 'unknown', 0, $3)
              ON CONFLICT (clinic, device) DO UPDATE SET last_seen = excluded.last_seen",
-            params![clinic, device, now() as i64],
+            &[clinic.into(), device.into(), now().into()],
         )?;
         Ok(())
     }
@@ -152,104 +163,104 @@ impl Db {
     /// Applies a validated message once.
     pub fn apply(&self, e: &Envelope) -> Result<Applied> {
         let mut conn = self.conn.lock().expect("db lock");
-        let tx = conn.transaction()?;
-        let fresh = tx.execute(
-            "INSERT OR IGNORE INTO messages (id, clinic, device, seq, kind, sent_at, received_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                e.id,
-                e.clinic,
-                e.device,
-                e.seq as i64,
-                e.body.kind().as_str(),
-                e.at as i64,
-                now() as i64
-            ],
-        )?;
-        if fresh == 0 {
-            return Ok(Applied::Duplicate);
-        }
-        Self::touch_device(&tx, &e.clinic, &e.device)?;
-        match &e.body {
-            Body::Cell(c) => {
-                tx.execute(
-                    "INSERT INTO cells (clinic, device, field_id, idx, slide_id, received_at, class, field_json,
-                                        cell_json, message_id)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-                     ON CONFLICT (clinic, device, field_id, idx) DO UPDATE SET
-                       slide_id = excluded.slide_id, class = excluded.class, field_json = excluded.field_json,
-                       cell_json = excluded.cell_json, message_id = excluded.message_id",
-                    params![
-                        e.clinic,
-                        e.device,
-                        c.field.id,
-                        c.index,
-                        c.field.slide_id,
-                        c.field.received_at as i64,
-                        c.cell.result.class_name(),
-                        serde_json::to_string(&c.field)?,
-                        serde_json::to_string(&c.cell)?,
-                        e.id
-                    ],
-                )?;
+        conn.transaction(|c| {
+            let fresh = c.exec(
+                "INSERT INTO messages (id, clinic, device, seq, kind, sent_at, received_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+                &[
+                    (&e.id).into(),
+                    (&e.clinic).into(),
+                    (&e.device).into(),
+                    e.seq.into(),
+                    e.body.kind().as_str().into(),
+                    e.at.into(),
+                    now().into(),
+                ],
+            )?;
+            if fresh == 0 {
+                return Ok(Applied::Duplicate);
             }
-            Body::Review(r) => {
-                tx.execute(
-                    "INSERT INTO reviews (clinic, device, field_id, idx, review_json, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (clinic, device, field_id, idx) DO UPDATE SET
-                       review_json = excluded.review_json, at = excluded.at WHERE excluded.at >= reviews.at",
-                    params![
-                        e.clinic,
-                        e.device,
-                        r.field_id,
-                        r.index,
-                        serde_json::to_string(&r.review)?,
-                        r.review.at as i64
-                    ],
-                )?;
-            }
-            Body::Slide(s) => {
-                tx.execute(
-                    "INSERT INTO slides (clinic, device, slide_id, started_at, finished_at, report_json)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (clinic, device, slide_id) DO UPDATE SET
-                       started_at = excluded.started_at,
-                       finished_at = COALESCE(excluded.finished_at, slides.finished_at),
-                       report_json = excluded.report_json",
-                    params![
-                        e.clinic,
-                        e.device,
-                        s.report.slide_id,
-                        s.started_at as i64,
-                        s.finished_at.map(|t| t as i64),
-                        serde_json::to_string(&s.report)?
-                    ],
-                )?;
-            }
-            Body::Model(m) => {
-                tx.execute(
-                    "INSERT OR IGNORE INTO model_events (message_id, clinic, device, event, model_version, detail, at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
-                        e.id,
-                        e.clinic,
-                        e.device,
-                        m.event,
-                        m.model_version as i64,
-                        m.detail,
-                        e.at as i64
-                    ],
-                )?;
-                if m.event == "active" {
-                    tx.execute(
-                        "UPDATE devices SET model_version = ?3 WHERE clinic = ?1 AND device = ?2",
-                        params![e.clinic, e.device, m.model_version as i64],
+            Self::touch_device(c, &e.clinic, &e.device)?;
+            match &e.body {
+                Body::Cell(m) => {
+                    c.exec(
+                        "INSERT INTO cells (clinic, device, field_id, idx, slide_id, received_at, class, field_json,
+                                            cell_json, message_id)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                         ON CONFLICT (clinic, device, field_id, idx) DO UPDATE SET
+                           slide_id = excluded.slide_id, class = excluded.class, field_json = excluded.field_json,
+                           cell_json = excluded.cell_json, message_id = excluded.message_id",
+                        &[
+                            (&e.clinic).into(),
+                            (&e.device).into(),
+                            (&m.field.id).into(),
+                            m.index.into(),
+                            (&m.field.slide_id).into(),
+                            m.field.received_at.into(),
+                            m.cell.result.class_name().into(),
+                            serde_json::to_string(&m.field)?.into(),
+                            serde_json::to_string(&m.cell)?.into(),
+                            (&e.id).into(),
+                        ],
                     )?;
                 }
+                Body::Review(r) => {
+                    c.exec(
+                        "INSERT INTO reviews (clinic, device, field_id, idx, review_json, at) VALUES ($1, $2, $3, $4, $5, $6)
+                         ON CONFLICT (clinic, device, field_id, idx) DO UPDATE SET
+                           review_json = excluded.review_json, at = excluded.at WHERE excluded.at >= reviews.at",
+                        &[
+                            (&e.clinic).into(),
+                            (&e.device).into(),
+                            (&r.field_id).into(),
+                            r.index.into(),
+                            serde_json::to_string(&r.review)?.into(),
+                            r.review.at.into(),
+                        ],
+                    )?;
+                }
+                Body::Slide(m) => {
+                    c.exec(
+                        "INSERT INTO slides (clinic, device, slide_id, started_at, finished_at, report_json)
+                         VALUES ($1, $2, $3, $4, $5, $6)
+                         ON CONFLICT (clinic, device, slide_id) DO UPDATE SET
+                           started_at = excluded.started_at,
+                           finished_at = COALESCE(excluded.finished_at, slides.finished_at),
+                           report_json = excluded.report_json",
+                        &[
+                            (&e.clinic).into(),
+                            (&e.device).into(),
+                            (&m.report.slide_id).into(),
+                            m.started_at.into(),
+                            m.finished_at.into(),
+                            serde_json::to_string(&m.report)?.into(),
+                        ],
+                    )?;
+                }
+                Body::Model(m) => {
+                    c.exec(
+                        "INSERT INTO model_events (message_id, clinic, device, event, model_version, detail, at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (message_id) DO NOTHING",
+                        &[
+                            (&e.id).into(),
+                            (&e.clinic).into(),
+                            (&e.device).into(),
+                            (&m.event).into(),
+                            m.model_version.into(),
+                            (&m.detail).into(),
+                            e.at.into(),
+                        ],
+                    )?;
+                    if m.event == "active" {
+                        c.exec(
+                            "UPDATE devices SET model_version = $1 WHERE clinic = $2 AND device = $3",
+                            &[m.model_version.into(), (&e.clinic).into(), (&e.device).into()],
+                        )?;
+                    }
+                }
             }
-        }
-        tx.commit()?;
-        Ok(Applied::New)
+            Ok(Applied::New)
+        })
     }
 
     /// Records a device's status. The last one to arrive wins: the broker delivers a device's
@@ -257,72 +268,77 @@ impl Db {
     /// connection began, so times cannot be compared).
     pub fn set_status(&self, s: &Status) -> Result<()> {
         let mut conn = self.conn.lock().expect("db lock");
-        let tx = conn.transaction()?;
-        Self::touch_device(&tx, &s.clinic, &s.device)?;
-        let state = match s.state {
-            DeviceState::Online => "online",
-            DeviceState::Offline => "offline",
-        };
-        tx.execute(
-            "UPDATE devices SET state = ?3, at = ?4, backlog = COALESCE(?5, backlog),
-                    model_version = COALESCE(?6, model_version)
-             WHERE clinic = ?1 AND device = ?2",
-            params![
-                s.clinic,
-                s.device,
-                state,
-                s.at as i64,
-                s.backlog.map(|b| b as i64),
-                s.model_version.map(|v| v as i64)
-            ],
-        )?;
-        tx.commit()?;
-        Ok(())
+        conn.transaction(|c| {
+            Self::touch_device(c, &s.clinic, &s.device)?;
+            let state = match s.state {
+                DeviceState::Online => "online",
+                DeviceState::Offline => "offline",
+            };
+            c.exec(
+                "UPDATE devices SET state = $1, at = $2, backlog = COALESCE($3, backlog),
+                        model_version = COALESCE($4, model_version)
+                 WHERE clinic = $5 AND device = $6",
+                &[
+                    state.into(),
+                    s.at.into(),
+                    s.backlog.into(),
+                    s.model_version.into(),
+                    (&s.clinic).into(),
+                    (&s.device).into(),
+                ],
+            )?;
+            Ok(())
+        })
     }
 
     /// Keeps a refused message's topic and reason (for the lab to see what devices send wrong).
     pub fn note_rejected(&self, topic: &str, reason: &str) -> Result<()> {
-        let conn = self.conn.lock().expect("db lock");
-        conn.execute(
-            "INSERT INTO rejected (topic, reason, at) VALUES (?1, ?2, ?3)",
-            params![
-                topic.chars().take(300).collect::<String>(),
-                reason.chars().take(500).collect::<String>(),
-                now() as i64
+        let mut conn = self.conn.lock().expect("db lock");
+        conn.exec(
+            "INSERT INTO rejected (topic, reason, at) VALUES ($1, $2, $3)",
+            &[
+                topic.chars().take(300).collect::<String>().into(),
+                reason.chars().take(500).collect::<String>().into(),
+                now().into(),
             ],
         )?;
         Ok(())
     }
 
+    fn count(&self, sql: &str) -> Result<u64> {
+        let mut conn = self.conn.lock().expect("db lock");
+        Ok(conn.query(sql, &[])?[0][0].int()? as u64)
+    }
+
     /// Messages refused so far.
     pub fn rejected_count(&self) -> Result<u64> {
-        let conn = self.conn.lock().expect("db lock");
-        Ok(conn.query_row("SELECT COUNT(*) FROM rejected", [], |r| r.get::<_, i64>(0))? as u64)
+        self.count("SELECT COUNT(*) FROM rejected")
     }
 
     /// Distinct messages stored.
     pub fn message_count(&self) -> Result<u64> {
-        let conn = self.conn.lock().expect("db lock");
-        Ok(conn.query_row("SELECT COUNT(*) FROM messages", [], |r| r.get::<_, i64>(0))? as u64)
+        self.count("SELECT COUNT(*) FROM messages")
     }
 
     /// Every device, by clinic.
     pub fn devices(&self) -> Result<Vec<DeviceRow>> {
-        let conn = self.conn.lock().expect("db lock");
-        let mut st = conn.prepare(
+        let mut conn = self.conn.lock().expect("db lock");
+        conn.query(
             "SELECT clinic, device, state, backlog, model_version, last_seen FROM devices ORDER BY clinic, device",
-        )?;
-        let rows = st.query_map([], |r| {
+            &[],
+        )?
+        .into_iter()
+        .map(|r| {
             Ok(DeviceRow {
-                clinic: r.get(0)?,
-                device: r.get(1)?,
-                state: r.get(2)?,
-                backlog: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
-                model_version: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
-                last_seen: r.get::<_, i64>(5)? as u64,
+                clinic: r[0].text()?,
+                device: r[1].text()?,
+                state: r[2].text()?,
+                backlog: r[3].opt_int()?.map(|v| v as u64),
+                model_version: r[4].opt_int()?.map(|v| v as u64),
+                last_seen: r[5].int()? as u64,
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .collect()
     }
 
     /// The cells central holds for one slide, as the fields they came in (reviews applied).
@@ -332,22 +348,21 @@ impl Db {
         device: &str,
         slide_id: &str,
     ) -> Result<Vec<wbc_shared::messages::FieldRecord>> {
-        let conn = self.conn.lock().expect("db lock");
-        let mut st = conn.prepare(
+        let rows = self.conn.lock().expect("db lock").query(
             "SELECT c.field_id, c.idx, c.field_json, c.cell_json, r.review_json FROM cells c
              LEFT JOIN reviews r ON r.clinic = c.clinic AND r.device = c.device AND r.field_id = c.field_id
                                  AND r.idx = c.idx
-             WHERE c.clinic = ?1 AND c.device = ?2 AND c.slide_id = ?3
+             WHERE c.clinic = $1 AND c.device = $2 AND c.slide_id = $3
              ORDER BY c.received_at, c.field_id, c.idx",
+            &[clinic.into(), device.into(), slide_id.into()],
         )?;
         let mut fields: Vec<(FieldInfo, Vec<CellRecord>)> = Vec::new();
-        let mut rows = st.query(params![clinic, device, slide_id])?;
-        while let Some(r) = rows.next()? {
-            let field_id: String = r.get(0)?;
+        for r in rows {
+            let field_id = r[0].text()?;
             let parsed = (|| -> Result<(FieldInfo, CellRecord)> {
-                let info: FieldInfo = serde_json::from_str(&r.get::<_, String>(2)?)?;
-                let mut cell: CellRecord = serde_json::from_str(&r.get::<_, String>(3)?)?;
-                if let Some(rj) = r.get::<_, Option<String>>(4)? {
+                let info: FieldInfo = serde_json::from_str(&r[2].text()?)?;
+                let mut cell: CellRecord = serde_json::from_str(&r[3].text()?)?;
+                if let Some(rj) = r[4].opt_text()? {
                     cell.review = Some(serde_json::from_str::<Review>(&rj)?);
                 }
                 Ok((info, cell))
@@ -370,32 +385,28 @@ impl Db {
 
     /// The slides of a clinic (every clinic with `None`), blasts first, then newest first.
     pub fn slides(&self, clinic: Option<&str>) -> Result<Vec<SlideRow>> {
-        let keys: Vec<(String, String, String, i64, Option<i64>)> = {
-            let conn = self.conn.lock().expect("db lock");
-            let mut st = conn.prepare(
-                "SELECT k.clinic, k.device, k.slide_id,
-                        COALESCE(s.started_at, (SELECT MIN(received_at) FROM cells c WHERE c.clinic = k.clinic
-                                 AND c.device = k.device AND c.slide_id = k.slide_id), 0),
-                        s.finished_at
-                 FROM (SELECT clinic, device, slide_id FROM cells UNION SELECT clinic, device, slide_id FROM slides) k
-                 LEFT JOIN slides s ON s.clinic = k.clinic AND s.device = k.device AND s.slide_id = k.slide_id
-                 WHERE ?1 IS NULL OR k.clinic = ?1",
-            )?;
-            let rows = st.query_map(params![clinic], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })?;
-            rows.collect::<Result<_, _>>()?
-        };
+        let keys = self.conn.lock().expect("db lock").query(
+            "SELECT k.clinic, k.device, k.slide_id,
+                    COALESCE(s.started_at, (SELECT MIN(received_at) FROM cells c WHERE c.clinic = k.clinic
+                             AND c.device = k.device AND c.slide_id = k.slide_id), 0),
+                    s.finished_at
+             FROM (SELECT clinic, device, slide_id FROM cells UNION SELECT clinic, device, slide_id FROM slides) k
+             LEFT JOIN slides s ON s.clinic = k.clinic AND s.device = k.device AND s.slide_id = k.slide_id
+             WHERE CAST($1 AS TEXT) IS NULL OR k.clinic = $1",
+            &[clinic.into()],
+        )?;
         let settings = SlideSettings::default();
         let mut out = Vec::with_capacity(keys.len());
-        for (c, d, s, started, finished) in keys {
+        for r in keys {
+            let (c, d, s) = (r[0].text()?, r[1].text()?, r[2].text()?);
+            let finished = r[4].opt_int()?;
             let fields = self.slide_fields(&c, &d, &s)?;
             let report = report(&s, &fields, &settings, finished.is_some());
             out.push(SlideRow {
                 blast: report.flags.iter().any(|f| f.urgent()),
                 clinic: c,
                 device: d,
-                started_at: started as u64,
+                started_at: r[3].int()? as u64,
                 finished_at: finished.map(|t| t as u64),
                 report,
             });
@@ -404,40 +415,56 @@ impl Db {
         Ok(out)
     }
 
-    /// Cells per day and class over the last `days` days.
+    /// Cells per day (UTC) and class over the last `days` days.
     pub fn results_over_time(&self, clinic: Option<&str>, days: u32) -> Result<Vec<DayCount>> {
-        let conn = self.conn.lock().expect("db lock");
-        let since = now().saturating_sub(u64::from(days) * 86_400) as i64;
-        let mut st = conn.prepare(
-            "SELECT date(received_at, 'unixepoch') AS day, class, COUNT(*) FROM cells
-             WHERE received_at >= ?1 AND (?2 IS NULL OR clinic = ?2)
-             GROUP BY day, class ORDER BY day, class",
-        )?;
-        let rows = st.query_map(params![since, clinic], |r| {
-            Ok(DayCount {
-                day: r.get(0)?,
-                class: r.get(1)?,
-                count: r.get::<_, i64>(2)? as u64,
+        let since = now().saturating_sub(u64::from(days) * 86_400);
+        self.conn
+            .lock()
+            .expect("db lock")
+            .query(
+                "SELECT received_at / 86400 AS day, class, COUNT(*) FROM cells
+                 WHERE received_at >= $1 AND (CAST($2 AS TEXT) IS NULL OR clinic = $2)
+                 GROUP BY day, class ORDER BY day, class",
+                &[since.into(), clinic.into()],
+            )?
+            .into_iter()
+            .map(|r| {
+                Ok(DayCount {
+                    day: unix_day(r[0].int()?),
+                    class: r[1].text()?,
+                    count: r[2].int()? as u64,
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .collect()
     }
 
     /// Cells held per (clinic, device, slide), for checks.
     pub fn cell_counts(&self) -> Result<BTreeMap<(String, String, String), u64>> {
-        let conn = self.conn.lock().expect("db lock");
-        let mut st =
-            conn.prepare("SELECT clinic, device, slide_id, COUNT(*) FROM cells GROUP BY clinic, device, slide_id")?;
-        let rows = st.query_map([], |r| {
-            Ok(((r.get(0)?, r.get(1)?, r.get(2)?), r.get::<_, i64>(3)? as u64))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.conn
+            .lock()
+            .expect("db lock")
+            .query(
+                "SELECT clinic, device, slide_id, COUNT(*) FROM cells GROUP BY clinic, device, slide_id",
+                &[],
+            )?
+            .into_iter()
+            .map(|r| Ok(((r[0].text()?, r[1].text()?, r[2].text()?), r[3].int()? as u64)))
+            .collect()
+    }
+}
+
+/// A database name for messages: a URL without its password.
+fn display(db: &str) -> String {
+    match (db.find("://"), db.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &db[..s], &db[at + 1..]),
+        _ => db.to_string(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sql::databases;
     use wbc_shared::classes::CellClass;
     use wbc_shared::messages::{CellResult, FieldRecord, SCHEMA_VERSION};
     use wbc_shared::uplink::{ModelMessage, ReviewMessage, SlideMessage, UPLINK_SCHEMA_VERSION};
@@ -479,9 +506,13 @@ mod tests {
 
     #[test]
     fn each_message_counts_once_and_slides_are_rebuilt_from_cells() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.sqlite");
-        let db = Db::open(&path).unwrap();
+        for (_guard, path) in databases() {
+            counts_once(&path);
+        }
+    }
+
+    fn counts_once(path: &Path) {
+        let db = Db::open(path).unwrap();
         let neut = CellClass::Neutrophil.index();
         let blast = CellClass::Blast.index();
         let msgs = envelopes("a", 1, Body::cells_of(&field("f1", "s1", &[neut, neut, blast])));
@@ -513,7 +544,7 @@ mod tests {
             db.apply(&m).unwrap();
         }
         drop(db);
-        let db = Db::open(&path).unwrap();
+        let db = Db::open(path).unwrap();
         assert_eq!(db.message_count().unwrap(), 5);
         let slides = db.slides(None).unwrap();
         assert_eq!(slides.len(), 2);
@@ -535,7 +566,13 @@ mod tests {
 
     #[test]
     fn slide_reports_model_events_and_status_update_the_device() {
-        let db = Db::open(Path::new(":memory:")).unwrap();
+        for (_guard, path) in databases() {
+            slides_and_status(&path);
+        }
+    }
+
+    fn slides_and_status(path: &Path) {
+        let db = Db::open(path).unwrap();
         let s = |finished: Option<u64>| {
             Body::Slide(SlideMessage {
                 started_at: 5,
@@ -583,14 +620,14 @@ mod tests {
 
     #[test]
     fn a_database_from_a_newer_build_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.sqlite");
-        drop(Db::open(&path).unwrap());
-        let c = Connection::open(&path).unwrap();
-        c.execute("UPDATE meta SET value = 99 WHERE key = 'db_version'", [])
-            .unwrap();
-        drop(c);
-        let e = Db::open(&path).err().unwrap().to_string();
-        assert!(e.contains("version 99"), "{e}");
+        for (_guard, path) in databases() {
+            drop(Db::open(&path).unwrap());
+            let mut c = Conn::open(&path.to_string_lossy()).unwrap();
+            c.exec("UPDATE meta SET value = 99 WHERE key = 'db_version'", &[])
+                .unwrap();
+            drop(c);
+            let e = Db::open(&path).err().unwrap().to_string();
+            assert!(e.contains("version 99") && !e.contains("secret"), "{e}");
+        }
     }
 }

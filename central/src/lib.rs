@@ -4,6 +4,7 @@
 
 pub mod db;
 pub mod ingest;
+pub mod sql;
 pub mod web;
 
 use anyhow::{Context, Result};
@@ -16,7 +17,8 @@ use wbc_shared::mqtt::BrokerConfig;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// The SQLite database file.
+    /// The SQLite database file, or a `postgres://user@host/db` URL (build with
+    /// `--features postgres`).
     pub db: PathBuf,
     /// Address of the HTTP API and dashboard.
     pub listen: String,
@@ -69,12 +71,17 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        // The database may be closed only off the async workers (a PostgreSQL client blocks).
+        let db = self.db;
+        let _ = tokio::task::spawn_blocking(move || drop(db)).await;
     }
 }
 
 /// Starts central on the current tokio runtime.
 pub async fn start(config: &Config) -> Result<Running> {
-    let db = Arc::new(db::Db::open(&config.db)?);
+    // Opening may block (a file, or a PostgreSQL connection with its own runtime).
+    let path = config.db.clone();
+    let db = Arc::new(tokio::task::spawn_blocking(move || db::Db::open(&path)).await??);
     let stats = Arc::new(ingest::Stats::default());
     let (stop, rx) = tokio::sync::watch::channel(false);
     let listener = tokio::net::TcpListener::bind(&config.listen)
@@ -112,4 +119,74 @@ pub async fn start(config: &Config) -> Result<Running> {
         stop,
         tasks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use wbc_shared::messages::{CellRecord, CellResult, FieldRecord, SCHEMA_VERSION};
+    use wbc_shared::uplink::{Body, Envelope};
+
+    fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        let (head, body) = r.split_once("\r\n\r\n").unwrap();
+        (head.to_string(), body.to_string())
+    }
+
+    #[test]
+    fn the_api_and_dashboard_serve_what_the_database_holds_on_every_database() {
+        for (_guard, db) in sql::databases() {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let config = Config {
+                db,
+                listen: "127.0.0.1:0".into(),
+                // No broker: ingest keeps retrying while the API serves.
+                broker: BrokerConfig {
+                    host: "127.0.0.1".into(),
+                    port: Some(1),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let running = rt.block_on(start(&config)).unwrap();
+            let mut p = [0.0f32; 6];
+            p[wbc_shared::CellClass::Blast.index()] = 1.0;
+            let field = FieldRecord {
+                schema_version: SCHEMA_VERSION,
+                id: "f1".into(),
+                slide_id: "s1".into(),
+                received_at: db::now(),
+                source: "camera".into(),
+                name: "<script>.jpg".into(),
+                image_sha256: String::new(),
+                width: 1,
+                height: 1,
+                single_cell: false,
+                microns_per_pixel: 0.1,
+                cells: vec![CellRecord {
+                    result: CellResult::from_probabilities(&p, &Default::default(), "d".into(), 0.5, 1),
+                    review: None,
+                }],
+            };
+            for b in Body::cells_of(&field) {
+                running.db.apply(&Envelope::new("clinic-a", "dev1", 1, 1, b)).unwrap();
+            }
+            let (head, body) = get(running.addr, "/api/slides?clinic=clinic-a");
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v[0]["blast"], true);
+            let (_, days) = get(running.addr, "/api/results?days=2");
+            assert!(days.contains("\"Blast\""), "{days}");
+            let (head, html) = get(running.addr, "/");
+            assert!(head.starts_with("HTTP/1.1 200"));
+            assert!(html.contains("class=\"blast\"") && html.contains("URGENT"), "{html}");
+            let (_, health) = get(running.addr, "/health");
+            assert!(health.contains("\"broker_connected\":false"));
+            rt.block_on(running.stop());
+        }
+    }
 }

@@ -46,11 +46,26 @@ fn internal(e: anyhow::Error) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, "internal error (see central's log)").into_response()
 }
 
-fn json<T: serde::Serialize>(r: anyhow::Result<T>) -> Response {
-    match r {
+/// Runs a database call off the async workers (PostgreSQL's client blocks on its own
+/// runtime, and SQLite blocks on the disk) and answers with its JSON.
+async fn json<T: serde::Serialize + Send + 'static>(
+    w: &Arc<Web>,
+    f: impl FnOnce(&Web) -> anyhow::Result<T> + Send + 'static,
+) -> Response {
+    match blocking(w, f).await {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => internal(e),
     }
+}
+
+async fn blocking<T: Send + 'static>(
+    w: &Arc<Web>,
+    f: impl FnOnce(&Web) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let w = w.clone();
+    tokio::task::spawn_blocking(move || f(&w))
+        .await
+        .map_err(|e| anyhow::anyhow!("database task: {e}"))?
 }
 
 #[derive(Deserialize)]
@@ -68,28 +83,32 @@ async fn health(State(w): State<Arc<Web>>) -> Response {
 }
 
 async fn devices(State(w): State<Arc<Web>>) -> Response {
-    json(w.db.devices())
+    json(&w, |w| w.db.devices()).await
 }
 
 async fn slides(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Response {
-    json(w.db.slides(f.clinic.as_deref()))
+    json(&w, move |w| w.db.slides(f.clinic.as_deref())).await
 }
 
 async fn results(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Response {
-    json(w.db.results_over_time(f.clinic.as_deref(), f.days.unwrap_or(30).min(3650)))
+    json(&w, move |w| {
+        w.db.results_over_time(f.clinic.as_deref(), f.days.unwrap_or(30).min(3650))
+    })
+    .await
 }
 
 async fn stats(State(w): State<Arc<Web>>) -> Response {
-    let s = &w.stats;
-    json(w.db.message_count().and_then(|m| {
+    json(&w, |w| {
+        let s = &w.stats;
         Ok(serde_json::json!({
-            "messages": m,
+            "messages": w.db.message_count()?,
             "stored_since_start": s.stored.load(Ordering::Relaxed),
             "duplicates_since_start": s.duplicates.load(Ordering::Relaxed),
             "rejected_since_start": s.rejected.load(Ordering::Relaxed),
             "rejected_total": w.db.rejected_count()?,
         }))
-    }))
+    })
+    .await
 }
 
 fn esc(s: &str) -> String {
@@ -112,9 +131,10 @@ fn when(t: u64) -> String {
 }
 
 async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Response {
-    let (devices, slides) = match (w.db.devices(), w.db.slides(f.clinic.as_deref())) {
-        (Ok(d), Ok(s)) => (d, s),
-        (Err(e), _) | (_, Err(e)) => return internal(e),
+    let (devices, slides) = match blocking(&w, move |w| Ok((w.db.devices()?, w.db.slides(f.clinic.as_deref())?))).await
+    {
+        Ok(v) => v,
+        Err(e) => return internal(e),
     };
     let mut b = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>WBC central</title><style>\
