@@ -116,13 +116,7 @@ async fn require_login(State(w): State<Arc<Web>>, mut req: Request, next: Next) 
 }
 
 /// Escapes text for HTML.
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}
+use wbc_shared::html_escape as esc;
 
 fn page(title: &str, user: Option<&str>, body: &str) -> Html<String> {
     let nav = match user {

@@ -111,12 +111,7 @@ async fn stats(State(w): State<Arc<Web>>) -> Response {
     .await
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
+use wbc_shared::html_escape as esc;
 
 fn when(t: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp(t as i64)

@@ -24,5 +24,26 @@ pub mod uplink;
 pub mod voc;
 
 pub use attributes::{ATTRIBUTES, AttributeSet};
+
+/// Escapes text for HTML element content and quoted attribute values (the appliance's and
+/// central's pages).
+pub fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
 pub use classes::{CellClass, NUM_CLASSES};
 pub use messages::CellResult;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn html_escape_neutralises_markup_and_quotes() {
+        assert_eq!(
+            super::html_escape(r#"<img src="x" onerror='a&b'>"#),
+            "&lt;img src=&quot;x&quot; onerror=&#39;a&amp;b&#39;&gt;"
+        );
+    }
+}

@@ -76,6 +76,16 @@ fn central_config(dir: &Path, broker: &Broker) -> central::Config {
     }
 }
 
+/// Starts central on a new runtime and waits until it is connected to the broker.
+fn start_central(dir: &Path, broker: &Broker) -> (tokio::runtime::Runtime, central::Running) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let central = rt.block_on(central::start(&central_config(dir, broker))).unwrap();
+    wait_until("central to connect", Duration::from_secs(20), || {
+        central.stats.connected.load(std::sync::atomic::Ordering::Relaxed)
+    });
+    (rt, central)
+}
+
 fn uplink_file(dir: &Path, broker: &Broker, clinic: &str, device: &str) -> std::path::PathBuf {
     let mut broker_config = broker.config_for(&Account::device(clinic, device)).unwrap();
     // A dead device is noticed after 1.5 keep-alive intervals.
@@ -236,13 +246,7 @@ fn a_device_cannot_write_into_another_clinics_topics_and_garbage_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let a = Account::device("clinic-a", "dev1");
     let broker = Broker::start(&[a.clone(), Account::device("clinic-b", "dev2"), Account::central()]).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let central = rt
-        .block_on(central::start(&central_config(dir.path(), &broker)))
-        .unwrap();
-    wait_until("central to connect", Duration::from_secs(20), || {
-        central.stats.connected.load(std::sync::atomic::Ordering::Relaxed)
-    });
+    let (rt, central) = start_central(dir.path(), &broker);
     let cells = Body::cells_of(&synthetic_field(0, PER_SLIDE));
     let forged = Envelope::new("clinic-b", "dev2", 1, 1, cells[0].clone());
     let own = Envelope::new("clinic-a", "dev1", 1, 1, cells[0].clone());
@@ -281,10 +285,7 @@ fn the_daemon_sends_what_it_classifies_to_central() {
     let dir = tempfile::tempdir().unwrap();
     let device = Account::device("clinic-a", "scope-1");
     let broker = Broker::start(&[device.clone(), Account::central()]).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let central = rt
-        .block_on(central::start(&central_config(dir.path(), &broker)))
-        .unwrap();
+    let (rt, central) = start_central(dir.path(), &broker);
     let config = appliance::config::Config {
         data_dir: dir.path().join("appliance"),
         clinic: "clinic-a".into(),
@@ -388,13 +389,7 @@ fn a_device_may_log_in_with_a_client_certificate_instead_of_a_password() {
     let dir = tempfile::tempdir().unwrap();
     let a = Account::device("clinic-a", "dev1");
     let broker = Broker::start(&[a.clone(), Account::central()]).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let central = rt
-        .block_on(central::start(&central_config(dir.path(), &broker)))
-        .unwrap();
-    wait_until("central to connect", Duration::from_secs(20), || {
-        central.stats.connected.load(std::sync::atomic::Ordering::Relaxed)
-    });
+    let (rt, central) = start_central(dir.path(), &broker);
     let own = Envelope::new(
         "clinic-a",
         "dev1",
