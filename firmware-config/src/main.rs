@@ -1,6 +1,90 @@
-//! `firmware-config`: device configuration and provisioning (typed TOML configuration,
-//! validation, JSON schema, provisioning of a new device). Only the crate exists so far.
+//! `firmware-config`: checks an appliance configuration and provisions new devices.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("firmware-config has no commands yet: configuration and provisioning are still to be built")
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "firmware-config",
+    about = "Appliance configuration and provisioning",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Checks an appliance configuration file (TOML); says what is wrong, with the key.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Provisions a new device: configuration, MQTT password (0600), the broker's password and
+    /// ACL lines, the systemd unit and the USB-update udev rule.
+    Provision {
+        /// Clinic id.
+        #[arg(long)]
+        clinic: String,
+        /// Device id, unique within the clinic.
+        #[arg(long)]
+        device: String,
+        /// Folder to write into (must not hold a provisioned device).
+        #[arg(long)]
+        out: PathBuf,
+        /// The lab's MQTT broker.
+        #[arg(long, default_value = "mqtt.lab.example")]
+        broker_host: String,
+        /// Its TLS port.
+        #[arg(long, default_value_t = 8883)]
+        broker_port: u16,
+        /// Where the files go on the device.
+        #[arg(long, default_value = "/etc/wbc")]
+        install_dir: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Check { file } => {
+            let c = firmware_config::check(&file)?;
+            println!(
+                "{}: valid (clinic {}, device {}, uplink {})",
+                file.display(),
+                c.clinic,
+                c.device,
+                if c.uplink.is_some() { "configured" } else { "none" }
+            );
+        }
+        Command::Provision {
+            clinic,
+            device,
+            out,
+            broker_host,
+            broker_port,
+            install_dir,
+        } => {
+            firmware_config::provision(
+                &firmware_config::Provision {
+                    clinic,
+                    device,
+                    broker_host,
+                    broker_port,
+                    install_dir,
+                },
+                &out,
+            )?;
+            println!(
+                "provisioned into {}: {}",
+                out.display(),
+                firmware_config::FILES.join(", ")
+            );
+            println!(
+                "the MQTT password is in mqtt.password only (mode 0600); append mosquitto.passwd and mosquitto.acl on the broker"
+            );
+        }
+    }
+    Ok(())
 }

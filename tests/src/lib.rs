@@ -102,13 +102,19 @@ fn write_certs(dir: &Path, accounts: &[Account]) -> Result<()> {
 impl Broker {
     /// Starts a broker with these accounts.
     pub fn start(accounts: &[Account]) -> Result<Self> {
+        Self::start_with(accounts, "", "")
+    }
+
+    /// Starts a broker with these accounts plus raw password-file and ACL lines (as
+    /// `firmware-config provision` writes them).
+    pub fn start_with(accounts: &[Account], passwd_lines: &str, acl_lines: &str) -> Result<Self> {
         let bin = mosquitto()?;
         let dir = tempfile::tempdir()?;
         let d = dir.path();
         write_certs(d, accounts)?;
-        let mut acl = String::new();
+        let mut acl = format!("{acl_lines}\n");
         let passwd = d.join("passwd");
-        std::fs::write(&passwd, "")?;
+        std::fs::write(&passwd, passwd_lines)?;
         for a in accounts {
             let st = Command::new(bin.with_file_name("mosquitto_passwd"))
                 .arg("-b")

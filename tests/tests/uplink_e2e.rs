@@ -413,3 +413,51 @@ fn a_device_may_log_in_with_a_client_certificate_instead_of_a_password() {
     });
     rt.block_on(central.stop());
 }
+
+#[test]
+fn a_provisioned_device_logs_in_with_its_generated_credentials_and_only_under_its_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("provisioned");
+    firmware_config::provision(
+        &firmware_config::Provision {
+            clinic: "clinic-07".into(),
+            device: "scope-1".into(),
+            broker_host: "localhost".into(),
+            broker_port: 8883,
+            install_dir: "/etc/wbc".into(),
+        },
+        &out,
+    )
+    .unwrap();
+    let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap();
+    let broker = Broker::start_with(&[Account::central()], &read("mosquitto.passwd"), &read("mosquitto.acl")).unwrap();
+    let (rt, central) = start_central(dir.path(), &broker);
+    // The provisioned configuration, pointed at this test's broker and files.
+    let config = firmware_config::check(&out.join("appliance.toml")).unwrap();
+    let mut b = config.uplink.unwrap().broker;
+    b.port = Some(broker.port);
+    b.ca_file = Some(broker.ca());
+    b.password_file = Some(out.join("mqtt.password"));
+    let me = Account {
+        user: b.username.clone().unwrap(),
+        password: String::new(),
+        acl: vec![],
+    };
+    let cell = Body::cells_of(&synthetic_field(0, PER_SLIDE))[0].clone();
+    let own = Envelope::new("clinic-07", "scope-1", 1, 1, cell.clone());
+    let other = Envelope::new("clinic-08", "scope-1", 1, 1, cell);
+    let _ = publish_with(&b, &me, vec![(other.topic(), serde_json::to_vec(&other).unwrap())]);
+    publish_with(&b, &me, vec![(own.topic(), serde_json::to_vec(&own).unwrap())])
+        .unwrap_or_else(|e| panic!("{e}\n{}", broker.log()));
+    wait_until("the message at central", Duration::from_secs(20), || {
+        central.db.message_count().unwrap() == 1
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(central.db.devices().unwrap().iter().all(|d| d.clinic == "clinic-07"));
+    // A wrong password is refused.
+    let wrong = dir.path().join("wrong.password");
+    std::fs::write(&wrong, "nope\n").unwrap();
+    b.password_file = Some(wrong);
+    assert!(publish_with(&b, &me, vec![(own.topic(), b"{}".to_vec())]).is_err());
+    rt.block_on(central.stop());
+}

@@ -1,0 +1,222 @@
+//! Device configuration and provisioning.
+//!
+//! The appliance's configuration is `appliance::config::Config` (typed, TOML, unknown keys
+//! refused, every key with a default); this crate checks a file against it and provisions a
+//! new device: its configuration, its MQTT password (a file readable by the appliance only),
+//! the matching lines for the lab's Mosquitto password file and ACL, the systemd unit and the
+//! udev rule that mounts USB sticks for updates.
+#![deny(missing_docs)]
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use std::path::{Path, PathBuf};
+
+/// Checks an appliance configuration file: the error names the file, the key and what is
+/// allowed.
+pub fn check(path: &Path) -> Result<appliance::config::Config> {
+    appliance::config::Config::load(path)
+}
+
+/// What `provision` needs to know.
+#[derive(Debug, Clone)]
+pub struct Provision {
+    /// Clinic id.
+    pub clinic: String,
+    /// Device id.
+    pub device: String,
+    /// The lab's broker host.
+    pub broker_host: String,
+    /// Its TLS port.
+    pub broker_port: u16,
+    /// Where the device will find its files once installed (`/etc/wbc`).
+    pub install_dir: PathBuf,
+}
+
+/// A Mosquitto password-file line (`user:$7$…`, PBKDF2-SHA512 with 101 iterations and a random
+/// 12-byte salt — what `mosquitto_passwd` writes).
+pub fn mosquitto_password_line(user: &str, password: &str) -> String {
+    let salt: [u8; 12] = rand::random();
+    let mut hash = [0u8; 64];
+    pbkdf2::pbkdf2::<hmac::Hmac<sha2::Sha512>>(password.as_bytes(), &salt, 101, &mut hash);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    format!("{user}:$7$101${}${}", b64.encode(salt), b64.encode(hash))
+}
+
+fn random_password() -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"abcdefghjkmnpqrstuvwxyzABCDEFGHJKMNPQRSTUVWXYZ23456789";
+    let mut rng = rand::rngs::OsRng;
+    (0..24).map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char).collect()
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// The files `provision` writes, by name.
+pub const FILES: [&str; 6] = [
+    "appliance.toml",
+    "mqtt.password",
+    "mosquitto.passwd",
+    "mosquitto.acl",
+    "wbc-appliance.service",
+    "99-wbc-usb-update.rules",
+];
+
+/// Provisions a device into `out` (which must not hold a provisioned device already). The
+/// MQTT password is written once, to `mqtt.password` (mode 0600), and never printed.
+pub fn provision(p: &Provision, out: &Path) -> Result<()> {
+    for (key, id) in [("clinic", &p.clinic), ("device", &p.device)] {
+        if !wbc_shared::uplink::valid_id(id) {
+            bail!("--{key} must be 1 to 64 letters, digits, `-` or `_`, not {id:?}");
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    if out.join("appliance.toml").exists() {
+        bail!(
+            "{} already holds a provisioned device; choose another folder",
+            out.display()
+        );
+    }
+    let user = format!("{}-{}", p.clinic, p.device);
+    let password = random_password();
+    let dir = &p.install_dir;
+    let config = appliance::config::Config {
+        data_dir: "/var/lib/wbc".into(),
+        clinic: p.clinic.clone(),
+        device: p.device.clone(),
+        uplink: Some(appliance::uplink::UplinkConfig {
+            broker: wbc_shared::mqtt::BrokerConfig {
+                host: p.broker_host.clone(),
+                port: Some(p.broker_port),
+                ca_file: Some(dir.join("lab-ca.pem")),
+                username: Some(user.clone()),
+                password_file: Some(dir.join("mqtt.password")),
+                ..Default::default()
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    config.validate()?;
+    let toml = format!(
+        "# Appliance {user}: written by `firmware-config provision`. Copy to {}/appliance.toml with\n\
+         # mqtt.password (mode 0600) and the lab's CA as lab-ca.pem.\n{}",
+        dir.display(),
+        toml::to_string(&config)?
+    );
+    std::fs::write(out.join("appliance.toml"), toml)?;
+    write_private(&out.join("mqtt.password"), &format!("{password}\n"))?;
+    std::fs::write(
+        out.join("mosquitto.passwd"),
+        format!("{}\n", mosquitto_password_line(&user, &password)),
+    )?;
+    std::fs::write(
+        out.join("mosquitto.acl"),
+        format!(
+            "# Append to the lab broker's ACL file: {user} may write only under its own topics.\n\
+             user {user}\ntopic write wbc/{c}/{d}/#\n",
+            c = p.clinic,
+            d = p.device
+        ),
+    )?;
+    std::fs::write(
+        out.join("wbc-appliance.service"),
+        format!(
+            "[Unit]\nDescription=WBC differential appliance ({user})\nAfter=network-online.target\n\
+             Wants=network-online.target\n\n[Service]\nExecStart=/usr/local/bin/appliance run --config {cfg}\n\
+             Restart=always\nRestartSec=5\nUser=wbc\nGroup=wbc\nStateDirectory=wbc\n\n[Install]\n\
+             WantedBy=multi-user.target\n",
+            cfg = dir.join("appliance.toml").display()
+        ),
+    )?;
+    std::fs::write(
+        out.join("99-wbc-usb-update.rules"),
+        "# Mount a USB stick labelled WBC-UPDATE read-only at /media/wbc-update for model updates.\n\
+         ACTION==\"add\", SUBSYSTEM==\"block\", ENV{ID_FS_LABEL}==\"WBC-UPDATE\", \
+         RUN{program}+=\"/usr/bin/systemd-mount --no-block --automount=no --options=ro,nosuid,nodev,noexec \
+         $devnode /media/wbc-update\"\n",
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(clinic: &str) -> Provision {
+        Provision {
+            clinic: clinic.into(),
+            device: "scope-1".into(),
+            broker_host: "mqtt.lab.example".into(),
+            broker_port: 8883,
+            install_dir: "/etc/wbc".into(),
+        }
+    }
+
+    #[test]
+    fn a_provisioned_device_has_a_valid_configuration_and_a_private_password() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        provision(&p("clinic-07"), dir.path()).unwrap();
+        for f in FILES {
+            assert!(dir.path().join(f).is_file(), "{f}");
+        }
+        let c = check(&dir.path().join("appliance.toml")).unwrap();
+        assert_eq!((c.clinic.as_str(), c.device.as_str()), ("clinic-07", "scope-1"));
+        let broker = c.uplink.unwrap().broker;
+        assert_eq!(broker.username.as_deref(), Some("clinic-07-scope-1"));
+        let pw_file = dir.path().join("mqtt.password");
+        let mode = std::fs::metadata(&pw_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let pw = std::fs::read_to_string(&pw_file).unwrap();
+        for f in [
+            "appliance.toml",
+            "mosquitto.passwd",
+            "mosquitto.acl",
+            "wbc-appliance.service",
+        ] {
+            assert!(
+                !std::fs::read_to_string(dir.path().join(f)).unwrap().contains(pw.trim()),
+                "{f}"
+            );
+        }
+        let acl = std::fs::read_to_string(dir.path().join("mosquitto.acl")).unwrap();
+        assert!(acl.contains("user clinic-07-scope-1\ntopic write wbc/clinic-07/scope-1/#"));
+        assert!(
+            provision(&p("clinic-07"), dir.path()).is_err(),
+            "never over a provisioned device"
+        );
+        assert!(provision(&p("clinic/07"), tempfile::tempdir().unwrap().path()).is_err());
+    }
+
+    #[test]
+    fn a_configuration_error_names_the_file_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.toml");
+        std::fs::write(&f, "clinic = \"x\"\n[uplink]\ninflite = 3\n").unwrap();
+        let e = format!("{:#}", check(&f).unwrap_err());
+        assert!(e.contains("a.toml") && e.contains("inflite"), "{e}");
+    }
+
+    #[test]
+    fn password_lines_are_in_mosquittos_pbkdf2_format() {
+        let line = mosquitto_password_line("u", "pw");
+        let parts: Vec<&str> = line.split('$').collect();
+        assert_eq!(parts[0], "u:");
+        assert_eq!((parts[1], parts[2]), ("7", "101"));
+        let b64 = base64::engine::general_purpose::STANDARD;
+        assert_eq!(b64.decode(parts[3]).unwrap().len(), 12);
+        assert_eq!(b64.decode(parts[4]).unwrap().len(), 64);
+        assert_ne!(line, mosquitto_password_line("u", "pw"), "salted");
+    }
+}
