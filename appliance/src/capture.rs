@@ -28,7 +28,7 @@ pub trait FrameSource: Send {
 }
 
 /// Which camera the daemon uses.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum CameraConfig {
     /// A V4L2 device (`/dev/video0`), MJPEG at the given size (needs the `camera` feature).

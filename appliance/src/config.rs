@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use wbc_shared::slide::SlideSettings;
 
 /// A web UI account.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     /// Login name.
@@ -21,7 +21,7 @@ pub struct User {
 }
 
 /// The web UI.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebConfig {
     /// Address to listen on.
@@ -44,7 +44,7 @@ impl Default for WebConfig {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where results, original images and slides are kept.
@@ -148,6 +148,12 @@ impl Config {
     }
 }
 
+/// The configuration's JSON schema (every key, its type, its documentation; unknown keys not
+/// allowed), for editors, `firmware-config schema` and the web UI (`/api/config-schema`).
+pub fn schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Config)).expect("a schema is JSON")
+}
+
 /// Hashes a password for the configuration (Argon2id, random salt).
 pub fn hash_password(password: &str) -> Result<String> {
     let salt = SaltString::generate(&mut OsRng);
@@ -233,6 +239,23 @@ mod tests {
         ] {
             std::fs::write(&p, bad).unwrap();
             assert!(Config::load(&p).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_schema_documents_every_key_and_allows_no_others() {
+        let s = schema();
+        assert_eq!(s["additionalProperties"], false);
+        let props = s["properties"].as_object().unwrap();
+        for key in [
+            "data_dir", "clinic", "device", "store", "uplink", "slide", "web", "backend", "camera",
+        ] {
+            assert!(props.contains_key(key), "{key}");
+        }
+        assert!(props["clinic"]["description"].as_str().unwrap().contains("Clinic id"));
+        let text = s.to_string();
+        for nested in ["UplinkConfig", "BrokerConfig", "Retention", "SlideSettings"] {
+            assert!(text.contains(nested), "{nested}");
         }
     }
 

@@ -51,7 +51,7 @@ pub struct SlideState {
 }
 
 /// How long things are kept and how much room is left free.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Retention {
     /// Original images are kept up to this many bytes in all (oldest removed first; the

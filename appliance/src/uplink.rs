@@ -21,7 +21,7 @@ use wbc_shared::uplink::{DeviceState, Kind, Status, UPLINK_SCHEMA_VERSION, topic
 
 /// The uplink's settings (`[uplink]`; without it nothing is sent, results wait in the
 /// outbox).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct UplinkConfig {
     /// The broker (`[uplink.broker]`).

@@ -91,6 +91,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/field/{id}/image", get(field_image))
         .route("/field/{id}/cell/{n}/review", post(review))
         .route("/review", get(review_page))
+        .route("/api/config-schema", get(config_schema))
         .route("/slide/finish", post(finish_slide))
         .route("/logout", post(logout))
         .route("/api/slide", get(api_slide))
@@ -156,6 +157,10 @@ fn error_page(status: StatusCode, user: Option<&str>, message: &str) -> Response
         ),
     )
         .into_response()
+}
+
+async fn config_schema() -> Response {
+    axum::Json(crate::config::schema()).into_response()
 }
 
 async fn health(State(w): State<Arc<Web>>) -> Response {

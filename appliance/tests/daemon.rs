@@ -158,7 +158,7 @@ fn nothing_but_health_is_served_without_a_login() {
     assert!(health["backend"].as_str().unwrap().contains("CPU"));
     let r = d.agent().get(&format!("{}/", d.base)).call().unwrap();
     assert_eq!((r.status(), r.header("location")), (303, Some("/login")));
-    for path in ["/api/slide", "/api/field/abc"] {
+    for path in ["/api/slide", "/api/field/abc", "/api/config-schema"] {
         match d.agent().get(&format!("{}{path}", d.base)).call() {
             Err(ureq::Error::Status(401, _)) => {}
             other => panic!("{path}: {other:?}"),
@@ -189,6 +189,16 @@ fn bad_uploads_are_refused_with_a_reason_and_nothing_stored_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(&config(dir.path()));
     let cookie = d.login();
+    // The configuration schema is served to a logged-in user (for the settings page).
+    let schema: Value = d
+        .agent()
+        .get(&format!("{}/api/config-schema", d.base))
+        .set("Cookie", &cookie)
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(schema["additionalProperties"], false);
     let good = std::fs::read(fixture_field("BloodImage_00000.jpg")).unwrap();
     let (status, _, location) = d.upload(&cookie, "field.jpg", &good);
     assert_eq!(status, 303);

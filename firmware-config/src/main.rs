@@ -22,6 +22,8 @@ enum Command {
         /// The file.
         file: PathBuf,
     },
+    /// Prints the configuration's JSON schema.
+    Schema,
     /// Provisions a new device: configuration, MQTT password (0600), the broker's password and
     /// ACL lines, the systemd unit and the USB-update udev rule.
     Provision {
@@ -58,6 +60,7 @@ fn main() -> Result<()> {
                 if c.uplink.is_some() { "configured" } else { "none" }
             );
         }
+        Command::Schema => println!("{}", serde_json::to_string_pretty(&appliance::config::schema())?),
         Command::Provision {
             clinic,
             device,

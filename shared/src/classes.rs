@@ -9,7 +9,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// One of the six cell classes the models distinguish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum CellClass {
     /// Basophil (BASO): coarse dark-purple granules that often hide the nucleus.
     Basophil,

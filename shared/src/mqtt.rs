@@ -12,7 +12,7 @@ use std::time::Duration;
 pub const PASSWORD_ENV: &str = "WBC_MQTT_PASSWORD";
 
 /// A broker and how to log in to it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
     /// Host name or address of the broker.
