@@ -46,16 +46,21 @@ impl Web {
         })
     }
 
-    /// The uplink in words: connected or not, messages waiting.
+    /// The uplink in words: connected or not, messages waiting, messages set aside.
     fn uplink_text(&self) -> String {
-        let backlog = self.app.store().backlog();
-        match &self.uplink {
+        let store = self.app.store();
+        let backlog = store.backlog();
+        let state = match &self.uplink {
             None => format!("No uplink configured; {backlog} messages wait in the outbox."),
             Some(u) if u.connected() => format!("Connected to central; {backlog} messages waiting."),
             Some(u) => format!(
                 "Not connected to central ({}); {backlog} messages wait and will be sent.",
                 u.last_error().unwrap_or_else(|| "connecting".into())
             ),
+        };
+        match store.quarantined() {
+            0 => state,
+            n => format!("{state} {n} stored messages could not be read back and are set aside: call maintenance."),
         }
     }
 
@@ -172,6 +177,7 @@ async fn health(State(w): State<Arc<Web>>) -> Response {
             "configured": w.uplink.is_some(),
             "connected": w.uplink.as_ref().is_some_and(|u| u.connected()),
             "backlog": w.app.store().backlog(),
+            "quarantined": w.app.store().quarantined(),
         },
     }))
     .into_response()
