@@ -52,17 +52,9 @@ pub struct App {
     sent_flags: Mutex<Vec<String>>,
 }
 
-/// What identifies a flag for deciding whether central must hear of it again: a new kind of
-/// flag (or a class newly out of range) is news, a changed count is not.
+/// The flags' keys ([`Flag::key`]), sorted: what central has heard of.
 fn flag_keys(flags: &[Flag]) -> Vec<String> {
-    let mut k: Vec<String> = flags
-        .iter()
-        .map(|f| match f {
-            Flag::Blast { .. } => "blast".to_string(),
-            Flag::OutOfRange { class, .. } => format!("range:{}", class.name()),
-            Flag::TooFewCells { .. } => "too_few".to_string(),
-        })
-        .collect();
+    let mut k: Vec<String> = flags.iter().map(Flag::key).collect();
     k.sort();
     k
 }

@@ -102,6 +102,16 @@ impl Flag {
         matches!(self, Flag::Blast { .. })
     }
 
+    /// What identifies the flag regardless of its counts: `blast`, `range:<class>`,
+    /// `too_few`. A new key is news for central; a changed count is not.
+    pub fn key(&self) -> String {
+        match self {
+            Flag::Blast { .. } => "blast".into(),
+            Flag::OutOfRange { class, .. } => format!("range:{}", class.name()),
+            Flag::TooFewCells { .. } => "too_few".into(),
+        }
+    }
+
     /// One line for a technician.
     pub fn message(&self) -> String {
         match self {
@@ -236,6 +246,30 @@ pub fn report(slide_id: &str, fields: &[FieldRecord], settings: &SlideSettings, 
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn flag_keys_ignore_counts_and_tell_classes_apart() {
+        assert_eq!(Flag::Blast { count: 1 }.key(), Flag::Blast { count: 9 }.key());
+        let range = |class, percent| Flag::OutOfRange {
+            class,
+            percent,
+            low: 0.0,
+            high: 1.0,
+        };
+        assert_eq!(
+            range(CellClass::Monocyte, 5.0).key(),
+            range(CellClass::Monocyte, 7.0).key()
+        );
+        assert_ne!(
+            range(CellClass::Monocyte, 5.0).key(),
+            range(CellClass::Basophil, 5.0).key()
+        );
+        assert_ne!(
+            Flag::Blast { count: 1 }.key(),
+            Flag::TooFewCells { counted: 1, minimum: 2 }.key()
+        );
+    }
+
     use super::*;
     use crate::attributes::AttributeSet;
     use crate::messages::{CellRecord, CellResult, Review};
