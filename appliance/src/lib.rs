@@ -7,6 +7,7 @@ pub mod capture;
 pub mod config;
 pub mod daemon;
 pub mod inbox;
+pub mod models;
 pub mod store;
 pub mod uplink;
 pub mod web;

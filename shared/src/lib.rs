@@ -19,6 +19,7 @@ pub mod metrics;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod quant;
+pub mod signed;
 pub mod slide;
 pub mod uplink;
 pub mod voc;

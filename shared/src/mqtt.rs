@@ -95,42 +95,11 @@ impl BrokerConfig {
     }
 
     fn tls(&self, ca: &Path) -> Result<TlsConfiguration, BrokerError> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let mut roots = rustls::RootCertStore::empty();
-        let pem = read(ca, "CA certificate")?;
-        let mut n = 0;
-        for c in CertificateDer::pem_slice_iter(&pem) {
-            let c = c.map_err(|e| BrokerError(format!("{}: {e}", ca.display())))?;
-            roots
-                .add(c)
-                .map_err(|e| BrokerError(format!("{}: {e}", ca.display())))?;
-            n += 1;
-        }
-        if n == 0 {
-            return Err(BrokerError(format!("{} holds no certificate", ca.display())));
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| BrokerError(e.to_string()))?
-            .with_root_certificates(roots);
-        let config = match (&self.client_cert, &self.client_key) {
-            (Some(cert), Some(key)) => {
-                let pem = read(cert, "client certificate")?;
-                let chain = CertificateDer::pem_slice_iter(&pem)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| BrokerError(format!("{}: {e}", cert.display())))?;
-                let key_pem = read(key, "client key")?;
-                let key = PrivateKeyDer::from_pem_slice(&key_pem)
-                    .map_err(|e| BrokerError(format!("{}: {e}", key.display())))?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| BrokerError(format!("client certificate: {e}")))?
-            }
-            _ => builder.with_no_client_auth(),
+        let client = match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            _ => None,
         };
-        Ok(TlsConfiguration::Rustls(Arc::new(config)))
+        Ok(TlsConfiguration::Rustls(client_tls(Some(ca), client)?))
     }
 
     /// Connection options for `client_id`: TLS when a CA is configured, credentials, keep
@@ -149,6 +118,51 @@ impl BrokerConfig {
         }
         Ok(o)
     }
+}
+
+/// A TLS client configuration (rustls, ring provider) that trusts the certificates in `ca`
+/// (PEM), or the public web roots without one, and presents `client` (certificate chain and key,
+/// PEM files) when given. Used for the broker and for HTTPS downloads of model updates.
+pub fn client_tls(ca: Option<&Path>, client: Option<(&Path, &Path)>) -> Result<Arc<rustls::ClientConfig>, BrokerError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(ca) => {
+            let pem = read(ca, "CA certificate")?;
+            for c in CertificateDer::pem_slice_iter(&pem) {
+                let c = c.map_err(|e| BrokerError(format!("{}: {e}", ca.display())))?;
+                roots
+                    .add(c)
+                    .map_err(|e| BrokerError(format!("{}: {e}", ca.display())))?;
+            }
+            if roots.is_empty() {
+                return Err(BrokerError(format!("{} holds no certificate", ca.display())));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| BrokerError(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key)) => {
+            let pem = read(cert, "client certificate")?;
+            let chain = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| BrokerError(format!("{}: {e}", cert.display())))?;
+            let key_pem = read(key, "client key")?;
+            let key_der =
+                PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| BrokerError(format!("{}: {e}", key.display())))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| BrokerError(format!("client certificate: {e}")))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
 }
 
 /// Polls an MQTT event loop on its own task and hands its events over a channel, so that the
