@@ -6,7 +6,7 @@ use crate::classify_field;
 use crate::store::{SlideState, Store};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use wbc_shared::classes::CellClass;
 use wbc_shared::classify::Classifier;
 use wbc_shared::finder::FinderConfig;
@@ -38,9 +38,13 @@ pub struct AppSettings {
     pub backend: String,
 }
 
+/// The models on disk, which decide which classifier runs.
+pub type ModelStore = crate::models::Models<Arc<Classifier>>;
+
 /// The appliance: a classifier, a store and the current slide.
 pub struct App {
-    classifier: Classifier,
+    classifier: RwLock<Arc<Classifier>>,
+    models: Option<Arc<ModelStore>>,
     store: Arc<Store>,
     /// Settings.
     pub settings: AppSettings,
@@ -89,7 +93,7 @@ fn new_slide_id() -> String {
 
 impl App {
     /// Opens the appliance on a store: continues the last unfinished slide, or starts one.
-    pub fn new(classifier: Classifier, store: Arc<Store>, settings: AppSettings) -> Result<Self> {
+    pub fn new(classifier: Arc<Classifier>, store: Arc<Store>, settings: AppSettings) -> Result<Self> {
         settings.slide.validate().map_err(anyhow::Error::msg)?;
         let current = match store.slides()?.into_iter().rev().find(|s| s.finished_at.is_none()) {
             Some(s) => s,
@@ -104,7 +108,8 @@ impl App {
             }
         };
         Ok(App {
-            classifier,
+            classifier: RwLock::new(classifier),
+            models: None,
             store,
             settings,
             current: Mutex::new(current),
@@ -112,6 +117,30 @@ impl App {
             ingest_lock: Mutex::new(()),
             sent_flags: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Attaches the model store: fields processed count towards a new model's probation, and
+    /// a model that keeps failing is replaced by its fallback.
+    pub fn with_models(mut self, models: Arc<ModelStore>) -> Self {
+        self.models = Some(models);
+        self
+    }
+
+    /// The model store, if attached.
+    pub fn models(&self) -> Option<&Arc<ModelStore>> {
+        self.models.as_ref()
+    }
+
+    /// The classifier in use.
+    pub fn classifier(&self) -> Arc<Classifier> {
+        self.classifier.read().expect("classifier lock").clone()
+    }
+
+    /// Switches to another classifier (an update or a rollback); fields being processed finish
+    /// on the one they started with.
+    pub fn set_classifier(&self, c: Arc<Classifier>) {
+        tracing::info!(model_version = c.model_version, "model switched");
+        *self.classifier.write().expect("classifier lock") = c;
     }
 
     /// Attaches a camera.
@@ -149,7 +178,7 @@ impl App {
 
     /// The model's version.
     pub fn model_version(&self) -> u64 {
-        self.classifier.model_version
+        self.classifier().model_version
     }
 
     /// The current slide.
@@ -172,13 +201,34 @@ impl App {
         self.store.check_space()?;
         let um = self.settings.microns_per_pixel;
         let (w, h) = img.dimensions();
-        let cells: Vec<CellResult> = if single_cell {
-            // A single-cell image is a crop of unknown scale: the model's reference applies.
-            let mut r = self.classifier.classify(std::slice::from_ref(&img));
-            r[0].bbox = Some([0, 0, w, h]);
-            r
-        } else {
-            classify_field(&self.classifier, &img, um, &self.settings.finder)
+        let classifier = self.classifier();
+        // A model that panics fails this field only; during a new model's probation it counts
+        // towards returning to the fallback.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if single_cell {
+                // A single-cell image is a crop of unknown scale: the model's reference applies.
+                let mut r = classifier.classify(std::slice::from_ref(&img));
+                r[0].bbox = Some([0, 0, w, h]);
+                r
+            } else {
+                classify_field(&classifier, &img, um, &self.settings.finder)
+            }
+        }));
+        let cells: Vec<CellResult> = match run {
+            Ok(c) => {
+                self.probation(true, "");
+                c
+            }
+            Err(p) => {
+                let what = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a panic".into());
+                let detail = format!("model version {} failed on {name}: {what}", classifier.model_version);
+                self.probation(false, &detail);
+                bail!("{detail}; nothing was stored");
+            }
         };
         let field = FieldRecord {
             schema_version: SCHEMA_VERSION,
@@ -204,6 +254,14 @@ impl App {
         tracing::info!(field = %id, source, cells = field.cells.len(), "field stored");
         self.send_new_flags()?;
         Ok(Ingested::New(field))
+    }
+
+    fn probation(&self, ok: bool, detail: &str) {
+        if let Some(m) = &self.models
+            && let Some(fallback) = m.field_done(ok, detail)
+        {
+            self.set_classifier(fallback);
+        }
     }
 
     /// Queues the current slide's report for central when a new kind of flag appeared (a

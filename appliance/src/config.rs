@@ -70,6 +70,8 @@ pub struct Config {
     pub store: crate::store::Retention,
     /// The uplink to central (`[uplink]`); without it results wait in the outbox.
     pub uplink: Option<crate::uplink::UplinkConfig>,
+    /// Model updates by USB stick and network, probation and limits (`[update]`).
+    pub update: crate::update::UpdateConfig,
     /// Slide counting and flags.
     pub slide: SlideSettings,
     /// Web UI.
@@ -94,6 +96,7 @@ impl Default for Config {
             device: "appliance".into(),
             store: Default::default(),
             uplink: None,
+            update: Default::default(),
             slide: SlideSettings::default(),
             web: WebConfig::default(),
             backend: Default::default(),
@@ -132,6 +135,7 @@ impl Config {
         if let Some(u) = &self.uplink {
             u.validate()?;
         }
+        self.update.validate()?;
         for u in &self.web.users {
             if u.name.is_empty() {
                 bail!("a web user has an empty name");
@@ -236,6 +240,9 @@ mod tests {
             "[store]\nmax_image = 1",
             "[uplink]\ninflight = 0",
             "[uplink.broker]\nhost = \"\"",
+            "[update]\npoll_s = 0",
+            "[update]\nprobation_fields = 0",
+            "[update]\nusb = \"/media\"",
         ] {
             std::fs::write(&p, bad).unwrap();
             assert!(Config::load(&p).is_err(), "{bad}");
@@ -254,7 +261,7 @@ mod tests {
         }
         assert!(props["clinic"]["description"].as_str().unwrap().contains("Clinic id"));
         let text = s.to_string();
-        for nested in ["UplinkConfig", "BrokerConfig", "Retention", "SlideSettings"] {
+        for nested in ["UplinkConfig", "BrokerConfig", "Retention", "SlideSettings", "UpdateConfig"] {
             assert!(text.contains(nested), "{nested}");
         }
     }

@@ -4,12 +4,11 @@ use crate::app::{App, AppSettings};
 use crate::config::{Config, users_or_first_run};
 use crate::inbox::Inbox;
 use crate::store::{Identity, Store};
-use crate::{open_bundle, trusted_keys};
+use crate::open_models;
 use anyhow::{Context, Result};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use wbc_shared::classify::Classifier;
 use wbc_shared::finder::FinderConfig;
 use wbc_shared::image::DecodeLimits;
 
@@ -22,11 +21,8 @@ pub fn run(config: Config) -> Result<()> {
 /// Runs until `shutdown` resolves (for embedding and tests; [`run`] waits for a signal).
 pub fn run_until(config: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     config.validate()?;
-    let bundle = open_bundle(config.bundle.as_deref(), &trusted_keys(&config.trust)?)?;
     let crate::backend::Backend { device, name: backend } = crate::backend::select(config.backend)?;
     eprintln!("compute backend: {backend}");
-    let classifier = Classifier::from_bundle(&bundle, &device)?.with_min_confidence(config.min_confidence);
-    tracing::info!(%backend, model_version = bundle.manifest.model_version, "model loaded");
     let store = Arc::new(Store::open(
         &config.data_dir.join("store"),
         Identity {
@@ -35,8 +31,10 @@ pub fn run_until(config: Config, shutdown: impl std::future::Future<Output = ()>
         },
         config.store.clone(),
     )?);
-    store.note_active_model(bundle.manifest.model_version, &backend)?;
-    let model_version = bundle.manifest.model_version;
+    let (models, classifier) = open_models(&config, store.clone(), device)?;
+    let model_version = classifier.model_version;
+    tracing::info!(%backend, model_version, "model loaded");
+    store.note_active_model(model_version, &backend)?;
     let mut app = App::new(
         classifier,
         store,
@@ -47,7 +45,8 @@ pub fn run_until(config: Config, shutdown: impl std::future::Future<Output = ()>
             limits: DecodeLimits::default(),
             backend,
         },
-    )?;
+    )?
+    .with_models(models.clone());
     if let Some(c) = &config.camera {
         let cam = crate::capture::open(c)?;
         tracing::info!(camera = %cam.describe(), "camera attached");
@@ -96,10 +95,25 @@ pub fn run_until(config: Config, shutdown: impl std::future::Future<Output = ()>
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let (announce_tx, announce_rx) = std::sync::mpsc::sync_channel(4);
+    let updater = {
+        let up = crate::update::Updater::new(
+            app.clone(),
+            config.update.clone(),
+            config.uplink.as_ref().and_then(|u| u.broker.ca_file.as_deref()),
+            &config.data_dir.join("downloads"),
+            announce_rx,
+        )?;
+        if let Some(d) = &config.update.usb_dir {
+            eprintln!("USB updates from {}", d.display());
+        }
+        let stop = stop.clone();
+        std::thread::spawn(move || up.run(stop))
+    };
     let (stop_uplink, stop_rx) = tokio::sync::watch::channel(false);
     let uplink = match &config.uplink {
         Some(u) => {
-            let up = crate::uplink::Uplink::new(app.store_arc(), u.clone(), model_version);
+            let up = crate::uplink::Uplink::new(app.store_arc(), u.clone(), model_version).with_announcements(announce_tx);
             let state = up.state();
             eprintln!("uplink to {}:{}", u.broker.host, u.broker.port());
             Some((rt.spawn(up.run(stop_rx)), state))
@@ -133,6 +147,8 @@ pub fn run_until(config: Config, shutdown: impl std::future::Future<Output = ()>
     }
     let _ = watcher.join();
     let _ = pruner.join();
+    let _ = updater.join();
+    models.close()?;
     served
 }
 

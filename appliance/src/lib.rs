@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod inbox;
 pub mod models;
 pub mod store;
+pub mod update;
 pub mod uplink;
 pub mod web;
 
@@ -40,6 +41,52 @@ pub fn open_bundle(path: Option<&Path>, trusted: &[VerifyingKey]) -> Result<Bund
         Some(p) => Bundle::open(p, trusted).with_context(|| format!("model bundle {}", p.display())),
         None => Bundle::from_bytes(DEFAULT_BUNDLE, trusted).context("embedded default model bundle"),
     }
+}
+
+/// Opens the model store in `<data_dir>/models`: the factory model is the configured bundle
+/// (else the embedded one), verified with the configured keys; every model is self-tested when
+/// loaded; model events go to the store's model log and outbox. Returns the store and the
+/// classifier to run.
+pub fn open_models(
+    config: &config::Config,
+    store: std::sync::Arc<store::Store>,
+    device: burn::tensor::Device,
+) -> Result<(std::sync::Arc<app::ModelStore>, std::sync::Arc<Classifier>)> {
+    let factory = models::Factory {
+        bytes: match &config.bundle {
+            Some(p) => std::fs::read(p)
+                .with_context(|| format!("reading the model bundle {}", p.display()))?
+                .into(),
+            None => DEFAULT_BUNDLE.into(),
+        },
+        name: config
+            .bundle
+            .as_ref()
+            .map_or("the embedded default".into(), |p| p.display().to_string()),
+        trusted: trusted_keys(&config.trust)?,
+    };
+    let min_confidence = config.min_confidence;
+    let loader: models::Loader<std::sync::Arc<Classifier>> = Box::new(move |b| {
+        let c = Classifier::from_bundle(b, &device)?.with_min_confidence(min_confidence);
+        let cases = c.self_test(b)?;
+        tracing::info!(model_version = c.model_version, cases, "model passes its self-test");
+        Ok(std::sync::Arc::new(c))
+    });
+    let report: models::Reporter = Box::new(move |m| {
+        tracing::info!(event = %m.event, model_version = m.model_version, detail = %m.detail, "model event");
+        if let Err(e) = store.model_event(m) {
+            tracing::error!(error = %format!("{e:#}"), "could not record a model event");
+        }
+    });
+    let (models, classifier) = models::Models::open(
+        &config.data_dir.join("models"),
+        factory,
+        config.update.policy(),
+        (&config.clinic, &config.device),
+        loader,
+        report,
+    )?;
+    Ok((std::sync::Arc::new(models), classifier))
 }
 
 /// One cell in the JSON output.

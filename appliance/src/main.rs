@@ -58,6 +58,28 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Where the models stand: the active model (verified and self-tested again, as at every
+    /// start), its fallback, the trusted keys and the latest model events.
+    Models {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply update files while the daemon is stopped (it applies those in its USB folder by
+    /// itself): signed key lists (`*.keys.json`), bundles (`*.bundle`) and signed rollback
+    /// instructions (`*.rollback.json`). Each is verified and a bundle self-tested before it
+    /// becomes active; what happened is recorded and sent to central.
+    Update {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Update files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Hash a password (read from standard input) for a `[[web.users]]` entry.
     HashPassword,
     /// Measure the cell finder on annotated fields (Pascal VOC `WBC` boxes): recall and
@@ -76,6 +98,30 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<appliance::config::Config> {
+    match path {
+        Some(p) => appliance::config::Config::load(p),
+        None => Ok(appliance::config::Config::default()),
+    }
+}
+
+/// The store and the model store, for commands run while the daemon is stopped.
+fn open_offline(
+    config: &appliance::config::Config,
+) -> Result<(std::sync::Arc<appliance::store::Store>, std::sync::Arc<appliance::app::ModelStore>)> {
+    let store = std::sync::Arc::new(appliance::store::Store::open(
+        &config.data_dir.join("store"),
+        appliance::store::Identity {
+            clinic: config.clinic.clone(),
+            device: config.device.clone(),
+        },
+        config.store.clone(),
+    )?);
+    let device = appliance::backend::select(config.backend)?.device;
+    let (models, _) = appliance::open_models(config, store.clone(), device)?;
+    Ok((store, models))
 }
 
 /// Refuses a pixel size that cannot be one.
@@ -154,11 +200,45 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Run { config } => {
-            let config = match config {
-                Some(p) => appliance::config::Config::load(&p)?,
-                None => appliance::config::Config::default(),
-            };
-            appliance::daemon::run(config)?;
+            appliance::daemon::run(load_config(config.as_deref())?)?;
+        }
+        Cmd::Models { config, json } => {
+            let config = load_config(config.as_deref())?;
+            let (store, models) = open_offline(&config)?;
+            let status = models.status();
+            let log = store.model_log(10)?;
+            models.close()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"status": status, "log": log}))?);
+            } else {
+                println!("{}", appliance::models::describe(&status));
+                for e in log {
+                    println!("  {} {} v{}: {}", e.at, e.message.event, e.message.model_version, e.message.detail);
+                }
+            }
+        }
+        Cmd::Update { config, files } => {
+            let config = load_config(config.as_deref())?;
+            let (_store, models) = open_offline(&config)?;
+            let outcomes = appliance::update::apply_files(&models, &files, |p| p.display().to_string());
+            let mut refused = 0;
+            for (p, o) in &outcomes {
+                match o {
+                    appliance::models::Outcome::Active(c) => {
+                        println!("{}: active, model version {}", p.display(), c.model_version)
+                    }
+                    appliance::models::Outcome::Skipped(why) => println!("{}: {why}", p.display()),
+                    appliance::models::Outcome::Rejected(why) => {
+                        refused += 1;
+                        println!("{}: REFUSED: {why}", p.display())
+                    }
+                }
+            }
+            println!("{}", appliance::models::describe(&models.status()));
+            models.close()?;
+            if refused > 0 {
+                bail!("{refused} of {} update files were refused; the model in use is a verified one", files.len());
+            }
         }
         Cmd::HashPassword => {
             let mut pw = String::new();

@@ -492,9 +492,10 @@ impl<T> Models<T> {
     }
 
     /// Offers a bundle file: verified, staged, self-tested and made active, or refused with
-    /// the reason. `rollback` may allow an older version. Every step is reported.
-    pub fn install(&self, path: &Path, source: &str, rollback: Option<&SignedDoc>) -> Outcome<T> {
-        match self.try_install(path, source, rollback) {
+    /// the reason. A signed rollback instruction among `rollbacks` that names this bundle may
+    /// allow an older version. Every step is reported.
+    pub fn install(&self, path: &Path, source: &str, rollbacks: &[SignedDoc]) -> Outcome<T> {
+        match self.try_install(path, source, rollbacks) {
             Ok(o) => o,
             Err(r) => {
                 let reason = format!("{source}: {}", r.reason);
@@ -510,7 +511,7 @@ impl<T> Models<T> {
         }
     }
 
-    fn try_install(&self, path: &Path, source: &str, rollback: Option<&SignedDoc>) -> Result<Outcome<T>, Refusal> {
+    fn try_install(&self, path: &Path, source: &str, rollbacks: &[SignedDoc]) -> Result<Outcome<T>, Refusal> {
         let transient = |e: String| Refusal {
             reason: e,
             version: 0,
@@ -527,7 +528,10 @@ impl<T> Models<T> {
         }
         let bytes = std::fs::read(path).map_err(|e| transient(format!("cannot read {}: {e}", path.display())))?;
         let sha = sha256_hex(&bytes);
-        if let Some(o) = self.seen(&sha) {
+        // A bundle refused as too old is looked at again when a rollback instruction comes.
+        if let Some(o) = self.seen(&sha)
+            && (rollbacks.is_empty() || !o.starts_with("rejected"))
+        {
             return Ok(Outcome::Skipped(o));
         }
         let (trusted, active) = {
@@ -549,7 +553,7 @@ impl<T> Models<T> {
             ));
         }
         let instructed = if v <= active.model_version {
-            let Some(doc) = rollback else {
+            if rollbacks.is_empty() {
                 return Err(refuse(
                     v,
                     format!(
@@ -557,8 +561,8 @@ impl<T> Models<T> {
                         active.model_version
                     ),
                 ));
-            };
-            Some(self.check_rollback(doc, &trusted, active.model_version, v, &sha)?)
+            }
+            Some(self.check_rollback(rollbacks, &trusted, active.model_version, v, &sha)?)
         } else {
             None
         };
@@ -633,31 +637,43 @@ impl<T> Models<T> {
         Ok(Outcome::Active(current))
     }
 
+    /// The first of `docs` that verifies and allows leaving `active` for version `v` (`sha`).
     fn check_rollback(
         &self,
-        doc: &SignedDoc,
+        docs: &[SignedDoc],
         trusted: &[VerifyingKey],
         active: u64,
         v: u64,
         sha: &str,
     ) -> Result<Rollback, Refusal> {
-        let r: Rollback = doc
-            .verify(trusted)
-            .map_err(|e| refuse(v, format!("rollback instruction refused: {e}")))?;
-        let why = if !r.addressed_to(&self.clinic, &self.device) {
-            "is addressed to another device"
-        } else if r.from_version != active {
-            "is for leaving another version"
-        } else if r.to_version != v || r.to_sha256 != sha {
-            "names another bundle"
-        } else {
-            return Ok(r);
-        };
+        let mut why = Vec::new();
+        for doc in docs {
+            let r: Rollback = match doc.verify(trusted) {
+                Ok(r) => r,
+                Err(e) => {
+                    why.push(format!("rollback instruction refused: {e}"));
+                    continue;
+                }
+            };
+            let problem = if !r.addressed_to(&self.clinic, &self.device) {
+                "is addressed to another device"
+            } else if r.from_version != active {
+                "is for leaving another version"
+            } else if r.to_version != v || r.to_sha256 != sha {
+                "names another bundle"
+            } else {
+                return Ok(r);
+            };
+            why.push(format!(
+                "the rollback instruction from {} to {} {problem}",
+                r.from_version, r.to_version
+            ));
+        }
         Err(refuse(
             v,
             format!(
-                "the rollback instruction (from {} to {}) {why}; the active version is {active}",
-                r.from_version, r.to_version
+                "version {v} is not newer than the active version {active}, and no rollback instruction allows it ({})",
+                why.join("; ")
             ),
         ))
     }
@@ -743,6 +759,18 @@ impl<T> Models<T> {
     pub fn apply_keys(&self, doc: &SignedDoc, source: &str) -> Outcome<()> {
         let mut st = self.state.lock().expect("models lock");
         let v = st.pointer.active.model_version;
+        // Skipping needs no trust: a list that claims no newer sequence changes nothing (the
+        // one that brought the keys in force is often still on the stick, signed by a key no
+        // longer trusted).
+        let claimed = serde_json::from_str::<serde_json::Value>(&doc.payload)
+            .ok()
+            .and_then(|p| p.get("sequence").and_then(|s| s.as_u64()));
+        if let Some(seq) = claimed.filter(|&s| s <= st.key_sequence) {
+            return Outcome::Skipped(format!(
+                "key list {seq} is not newer than the one in force ({})",
+                st.key_sequence
+            ));
+        }
         let list = match doc.verify::<KeyList>(&st.trusted).and_then(|l| l.public_keys().map(|k| (l, k))) {
             Ok(l) => l,
             Err(e) => {
@@ -824,6 +852,35 @@ impl<T> Models<T> {
     }
 }
 
+/// The status in words.
+pub fn describe(s: &Status) -> String {
+    let slot = |s: &Slot| match &s.file {
+        Some(f) => format!("version {} ({f})", s.model_version),
+        None => format!("version {} (factory model)", s.model_version),
+    };
+    let mut out = format!("active model: {}", slot(&s.active));
+    if let Some(p) = &s.probation {
+        out += &format!(
+            ", on probation ({} of {} fields, {} failures, {} crashed starts)",
+            p.fields_ok, s.probation_fields, p.failures, p.crashed_starts
+        );
+    }
+    out += &match &s.previous {
+        Some(p) => format!("\nfallback: {}", slot(p)),
+        None => "\nfallback: none".into(),
+    };
+    out += &format!(
+        "\ntrusted keys: {} (key list {})",
+        s.key_ids.join(", "),
+        if s.key_sequence == 0 {
+            "as provisioned".to_string()
+        } else {
+            s.key_sequence.to_string()
+        }
+    );
+    out
+}
+
 fn fresh(active: Slot) -> Pointer {
     Pointer {
         active,
@@ -838,5 +895,402 @@ fn msg(event: &str, model_version: u64, detail: String) -> ModelMessage {
         event: event.into(),
         model_version,
         detail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use wbc_shared::bundle::BundleBuilder;
+    use wbc_shared::classify::{Classifier, SELFTEST_PART, SelfTest};
+
+    type Events = Arc<Mutex<Vec<ModelMessage>>>;
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn default_bundle() -> Bundle {
+        Bundle::from_bytes(crate::DEFAULT_BUNDLE, &crate::trusted_keys(&[]).unwrap()).unwrap()
+    }
+
+    /// The default bundle signed again by `k` as `version`, after `tweak`.
+    fn bundle(version: u64, k: &SigningKey, tweak: impl FnOnce(BundleBuilder) -> BundleBuilder) -> Vec<u8> {
+        let mut b = BundleBuilder::from_bundle(&default_bundle());
+        b.manifest_mut().model_version = version;
+        tweak(b).finish(k).unwrap()
+    }
+
+    fn factory_version() -> u64 {
+        default_bundle().manifest.model_version
+    }
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        events: Events,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Fixture {
+                dir: tempfile::tempdir().unwrap(),
+                events: Arc::default(),
+            }
+        }
+
+        fn open_with(&self, trusted: Vec<VerifyingKey>, policy: ModelPolicy) -> Result<(Models<Arc<Classifier>>, Arc<Classifier>)> {
+            let device = crate::backend::select(crate::backend::BackendChoice::Cpu).unwrap().device;
+            let loader: Loader<Arc<Classifier>> = Box::new(move |b| {
+                let c = Classifier::from_bundle(b, &device)?;
+                c.self_test(b)?;
+                Ok(Arc::new(c))
+            });
+            let events = self.events.clone();
+            let mut trusted_all = crate::trusted_keys(&[]).unwrap();
+            trusted_all.extend(trusted);
+            Models::open(
+                &self.dir.path().join("models"),
+                Factory {
+                    bytes: crate::DEFAULT_BUNDLE.into(),
+                    name: "embedded".into(),
+                    trusted: trusted_all,
+                },
+                policy,
+                ("clinic-1", "scope-1"),
+                loader,
+                Box::new(move |m| events.lock().unwrap().push(m.clone())),
+            )
+        }
+
+        /// Trusts the factory key and key(1).
+        fn open(&self) -> (Models<Arc<Classifier>>, Arc<Classifier>) {
+            self.open_with(vec![key(1).verifying_key()], ModelPolicy::default()).unwrap()
+        }
+
+        fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+            let p = self.dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        }
+
+        fn last_event(&self) -> ModelMessage {
+            self.events.lock().unwrap().last().cloned().expect("an event")
+        }
+
+        fn slots(&self) -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(self.dir.path().join("models"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("slot-") || n.ends_with(".tmp"))
+                .collect();
+            v.sort();
+            v
+        }
+    }
+
+    fn active<T>(o: Outcome<T>) -> T {
+        match o {
+            Outcome::Active(t) => t,
+            Outcome::Skipped(s) => panic!("skipped: {s}"),
+            Outcome::Rejected(r) => panic!("rejected: {r}"),
+        }
+    }
+
+    fn rejected<T>(o: Outcome<T>) -> String {
+        match o {
+            Outcome::Rejected(r) => r,
+            Outcome::Active(_) => panic!("became active"),
+            Outcome::Skipped(s) => panic!("skipped: {s}"),
+        }
+    }
+
+    #[test]
+    fn a_newer_signed_bundle_becomes_active_with_the_old_one_as_fallback() {
+        let f = Fixture::new();
+        let v0 = factory_version();
+        let (m, c) = f.open();
+        assert_eq!(c.model_version, v0);
+        assert_eq!(m.status().active.file, None);
+        let p = f.file("new.bundle", &bundle(v0 + 1, &key(1), |b| b));
+        let c = active(m.install(&p, "test", &[]));
+        assert_eq!(c.model_version, v0 + 1);
+        let s = m.status();
+        assert_eq!(s.active.model_version, v0 + 1);
+        assert_eq!(s.previous.as_ref().unwrap().model_version, v0);
+        assert_eq!(s.probation, Some(Probation::default()));
+        let events: Vec<String> = f.events.lock().unwrap().iter().map(|e| e.event.clone()).collect();
+        assert_eq!(events, ["verified", "active"]);
+        assert_eq!(f.slots().len(), 1);
+        // The same file again: nothing to do.
+        assert!(matches!(m.install(&p, "test", &[]), Outcome::Skipped(_)));
+        m.close().unwrap();
+        drop(m);
+        // A clean restart keeps it (verified and self-tested again), not counted as a crash.
+        let (m, c) = f.open();
+        assert_eq!(c.model_version, v0 + 1);
+        assert_eq!(m.status().probation.unwrap().crashed_starts, 0);
+    }
+
+    #[test]
+    fn wrong_damaged_old_or_failing_bundles_are_refused_and_change_nothing() {
+        let f = Fixture::new();
+        let v0 = factory_version();
+        let (m, _) = f.open();
+        let good = bundle(v0 + 1, &key(1), |b| b);
+        let flip = |needle: &[u8], at: usize| {
+            let mut b = good.clone();
+            let pos = b.windows(needle.len()).position(|w| w == needle).unwrap();
+            b[pos + at] ^= 1;
+            b
+        };
+        let weights_at = good.len() / 2;
+        let mut tampered_weights = good.clone();
+        tampered_weights[weights_at] ^= 0x40;
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("tampered-manifest", flip(b"\"model_version\"", 3), "signature does not verify"),
+            ("tampered-weights", tampered_weights, "does not match its sha256"),
+            ("wrong-key", bundle(v0 + 1, &key(9), |b| b), "does not trust"),
+            ("truncated", good[..good.len() / 3].to_vec(), "corrupt or truncated"),
+            ("empty", Vec::new(), ""),
+            ("older", bundle(v0, &key(1), |b| b), "not newer than the active version"),
+            (
+                "needs-newer-appliance",
+                bundle(v0 + 1, &key(1), |mut b| {
+                    b.manifest_mut().min_appliance_version = "99.0.0".into();
+                    b
+                }),
+                "needs appliance 99.0.0",
+            ),
+            (
+                "fails-self-test",
+                bundle(v0 + 2, &key(1), |b| {
+                    let spec: SelfTest =
+                        serde_json::from_slice(default_bundle().part(SELFTEST_PART).unwrap()).unwrap();
+                    let wrong = SelfTest {
+                        tolerance: spec.tolerance,
+                        cases: spec
+                            .cases
+                            .into_iter()
+                            .map(|mut c| {
+                                c.probabilities.reverse();
+                                c
+                            })
+                            .collect(),
+                    };
+                    b.replace_part(SELFTEST_PART, serde_json::to_vec(&wrong).unwrap()).unwrap()
+                }),
+                "fails its self-test",
+            ),
+        ];
+        for (name, bytes, why) in cases {
+            let p = f.file(&format!("{name}.bundle"), &bytes);
+            let r = rejected(m.install(&p, name, &[]));
+            assert!(r.contains(why), "{name}: {r}");
+            assert_eq!(f.last_event().event, "rejected", "{name}");
+            assert!(f.last_event().detail.contains(why), "{name}");
+            let s = m.status();
+            assert_eq!(s.active.model_version, v0, "{name}: the factory model stays");
+            assert_eq!(s.active.file, None, "{name}");
+            assert!(f.slots().is_empty(), "{name}: nothing staged is left: {:?}", f.slots());
+            // Offered again, it is not looked at again.
+            assert!(matches!(m.install(&p, name, &[]), Outcome::Skipped(_) | Outcome::Rejected(_)), "{name}");
+        }
+        // The good one still goes in after all that.
+        let p = f.file("good.bundle", &good);
+        assert_eq!(active(m.install(&p, "good", &[])).model_version, v0 + 1);
+    }
+
+    #[test]
+    fn probation_confirms_a_good_model_and_restores_the_fallback_after_failures() {
+        let f = Fixture::new();
+        let v0 = factory_version();
+        let policy = ModelPolicy {
+            probation_fields: 3,
+            max_failures: 2,
+            ..Default::default()
+        };
+        let (m, _) = f.open_with(vec![key(1).verifying_key()], policy.clone()).unwrap();
+        active(m.install(&f.file("a.bundle", &bundle(v0 + 1, &key(1), |b| b)), "t", &[]));
+        for _ in 0..3 {
+            assert!(m.field_done(true, "").is_none());
+        }
+        assert_eq!(m.status().probation, None);
+        assert_eq!(f.last_event().event, "confirmed");
+        // Outside probation, failures change nothing.
+        assert!(m.field_done(false, "x").is_none());
+        active(m.install(&f.file("b.bundle", &bundle(v0 + 2, &key(1), |b| b)), "t", &[]));
+        assert!(m.field_done(false, "boom").is_none());
+        let back = m.field_done(false, "boom").expect("the fallback after two failures");
+        assert_eq!(back.model_version, v0 + 1);
+        let e = f.last_event();
+        assert_eq!((e.event.as_str(), e.model_version), ("rolled_back", v0 + 1));
+        assert!(e.detail.contains("failed the pipeline 2 times"), "{}", e.detail);
+        let s = m.status();
+        assert_eq!((s.active.model_version, s.previous.clone()), (v0 + 1, None));
+        assert_eq!(f.slots().len(), 1, "the failed model's slot is removed");
+        // The failed bundle is not taken again.
+        assert!(matches!(
+            m.install(&f.file("b.bundle", &bundle(v0 + 2, &key(1), |b| b)), "t", &[]),
+            Outcome::Skipped(s) if s.starts_with("rolled back")
+        ));
+    }
+
+    #[test]
+    fn repeated_crashes_on_a_new_model_return_to_the_fallback() {
+        let f = Fixture::new();
+        let v0 = factory_version();
+        let policy = ModelPolicy {
+            max_failures: 2,
+            ..Default::default()
+        };
+        let open = || f.open_with(vec![key(1).verifying_key()], policy.clone()).unwrap();
+        let (m, _) = open();
+        active(m.install(&f.file("a.bundle", &bundle(v0 + 1, &key(1), |b| b)), "t", &[]));
+        drop(m); // no clean stop: a crash
+        let (m, c) = open();
+        assert_eq!(c.model_version, v0 + 1, "one crash is tolerated");
+        drop(m);
+        let (m, c) = open();
+        assert_eq!(c.model_version, v0, "the second crash restores the factory model");
+        assert_eq!(f.last_event().event, "rolled_back");
+        assert!(f.last_event().detail.contains("without a clean shutdown 2 times"));
+        m.close().unwrap();
+    }
+
+    #[test]
+    fn a_damaged_pointer_or_slot_falls_back_to_a_verified_model() {
+        let f = Fixture::new();
+        let v0 = factory_version();
+        let (m, _) = f.open();
+        active(m.install(&f.file("a.bundle", &bundle(v0 + 1, &key(1), |b| b)), "t", &[]));
+        for _ in 0..20 {
+            m.field_done(true, "");
+        }
+        active(m.install(&f.file("b.bundle", &bundle(v0 + 2, &key(1), |b| b)), "t", &[]));
+        m.close().unwrap();
+        let slot = m.status().active.file.unwrap();
+        drop(m);
+        // Bit rot in the active slot: the fallback (v0 + 1) is used, and said so.
+        let p = f.dir.path().join("models").join(&slot);
+        let mut b = std::fs::read(&p).unwrap();
+        let n = b.len() / 2;
+        b[n] ^= 1;
+        std::fs::write(&p, b).unwrap();
+        let (m, c) = f.open();
+        assert_eq!(c.model_version, v0 + 1);
+        assert!(f.last_event().detail.contains("damaged"), "{}", f.last_event().detail);
+        m.close().unwrap();
+        drop(m);
+        // A damaged pointer: the factory model.
+        std::fs::write(f.dir.path().join("models/current.json"), b"{garbage").unwrap();
+        let (_m, c) = f.open();
+        assert_eq!(c.model_version, v0);
+        assert!(f.events.lock().unwrap().iter().any(|e| e.detail.contains("current.json is damaged")));
+    }
+
+    #[test]
+    fn an_older_version_needs_a_signed_rollback_instruction_for_the_active_one() {
+        let f = Fixture::new();
+        let v0 = factory_version();
+        let (m, _) = f.open();
+        let older = bundle(v0 + 1, &key(1), |b| b);
+        active(m.install(&f.file("new.bundle", &bundle(v0 + 2, &key(1), |b| b)), "t", &[]));
+        let older_path = f.file("older.bundle", &older);
+        let r = |from: u64, sha: &str, device: Option<&str>| Rollback {
+            from_version: from,
+            to_version: v0 + 1,
+            to_sha256: sha.to_string(),
+            clinic: Some("clinic-1".into()),
+            device: device.map(str::to_string),
+            reason: "v2 miscounts".into(),
+            created_at: "2026-11-28T00:00:00Z".into(),
+        };
+        let sha = sha256_hex(&older);
+        for (doc, why) in [
+            (SignedDoc::sign(&r(v0 + 2, &sha, None), &key(9)), "does not trust"),
+            (SignedDoc::sign(&r(v0 + 3, &sha, None), &key(1)), "another version"),
+            (SignedDoc::sign(&r(v0 + 2, &"0".repeat(64), None), &key(1)), "another bundle"),
+            (SignedDoc::sign(&r(v0 + 2, &sha, Some("scope-2")), &key(1)), "another device"),
+        ] {
+            let e = rejected(m.install(&older_path, "t", &[doc]));
+            assert!(e.contains(why), "{e}");
+            assert_eq!(m.status().active.model_version, v0 + 2);
+        }
+        let c = active(m.install(&older_path, "t", &[SignedDoc::sign(&r(v0 + 2, &sha, Some("scope-1")), &key(1))]));
+        assert_eq!(c.model_version, v0 + 1);
+        assert_eq!(f.last_event().event, "rolled_back");
+        let s = m.status();
+        assert_eq!((s.active.model_version, s.previous, s.probation), (v0 + 1, None, None));
+    }
+
+    #[test]
+    fn a_rollback_instruction_can_return_to_the_model_kept_on_the_device() {
+        let f = Fixture::new();
+        let v0 = factory_version();
+        let (m, _) = f.open();
+        active(m.install(&f.file("new.bundle", &bundle(v0 + 1, &key(1), |b| b)), "t", &[]));
+        let factory_sha = sha256_hex(crate::DEFAULT_BUNDLE);
+        let doc = SignedDoc::sign(
+            &Rollback {
+                from_version: v0 + 1,
+                to_version: v0,
+                to_sha256: factory_sha,
+                clinic: None,
+                device: None,
+                reason: "recall".into(),
+                created_at: String::new(),
+            },
+            &key(1),
+        );
+        let c = active(m.rollback_installed(&doc, "t"));
+        assert_eq!(c.model_version, v0);
+        assert_eq!(m.status().active.file, None);
+        // Replayed later, it no longer applies.
+        assert!(matches!(m.rollback_installed(&doc, "t"), Outcome::Skipped(_)));
+    }
+
+    #[test]
+    fn a_signed_key_list_rotates_and_revokes_keys() {
+        use ed25519_dalek::pkcs8::{EncodePublicKey, spki::der::pem::LineEnding};
+        let f = Fixture::new();
+        let v0 = factory_version();
+        let (m, _) = f.open();
+        let pem = |k: &SigningKey| k.verifying_key().to_public_key_pem(LineEnding::LF).unwrap();
+        let list = |seq: u64, keys: Vec<String>| KeyList {
+            sequence: seq,
+            keys,
+            created_at: String::new(),
+        };
+        // Signed by a key the device does not trust: refused.
+        let forged = SignedDoc::sign(&list(1, vec![pem(&key(9))]), &key(9));
+        assert!(matches!(m.apply_keys(&forged, "t"), Outcome::Rejected(_)));
+        // key(1) hands over to key(2).
+        let doc = SignedDoc::sign(&list(1, vec![pem(&key(2))]), &key(1));
+        assert!(matches!(m.apply_keys(&doc, "t"), Outcome::Active(())));
+        assert_eq!(f.last_event().event, "keys_updated");
+        assert!(matches!(m.apply_keys(&doc, "t"), Outcome::Skipped(_)), "replay");
+        let by_old = rejected(m.install(&f.file("old-key.bundle", &bundle(v0 + 1, &key(1), |b| b)), "t", &[]));
+        assert!(by_old.contains("does not trust"), "{by_old}");
+        assert_eq!(
+            active(m.install(&f.file("new-key.bundle", &bundle(v0 + 1, &key(2), |b| b)), "t", &[])).model_version,
+            v0 + 1
+        );
+        m.close().unwrap();
+        drop(m);
+        // The list survives a restart; an older list is not taken.
+        let (m, _) = f.open();
+        assert_eq!(m.status().key_sequence, 1);
+        let stale = SignedDoc::sign(&list(1, vec![pem(&key(1))]), &key(2));
+        assert!(matches!(m.apply_keys(&stale, "t"), Outcome::Skipped(_)));
+    }
+
+    #[test]
+    fn one_process_at_a_time() {
+        let f = Fixture::new();
+        let (_m, _) = f.open();
+        let e = f.open_with(vec![], ModelPolicy::default()).err().unwrap();
+        assert!(format!("{e:#}").contains("in use by another appliance process"), "{e:#}");
     }
 }

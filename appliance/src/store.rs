@@ -107,6 +107,18 @@ pub struct Outgoing {
     pub payload: Vec<u8>,
 }
 
+/// One event of the model log (updates, rollbacks, the model in use), newest first in the UI.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelLogEntry {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// The event, as sent to central.
+    pub message: ModelMessage,
+}
+
+/// Model log entries kept.
+const MODEL_LOG_KEEP: usize = 500;
+
 /// The appliance's store.
 pub struct Store {
     db: sled::Db,
@@ -123,6 +135,7 @@ pub struct Store {
     image_meta: Tree,
     outbox: Tree,
     quarantine: Tree,
+    model_log: Tree,
     meta: Tree,
     /// Random epoch of this store, above the counter in wire sequence numbers.
     epoch: u64,
@@ -225,6 +238,7 @@ impl Store {
             image_meta: t("image_meta")?,
             outbox: t("outbox")?,
             quarantine: t("outbox_quarantine")?,
+            model_log: t("model_log")?,
             queued: std::sync::atomic::AtomicI64::new(outbox_len as i64),
             meta,
             epoch,
@@ -476,18 +490,38 @@ impl Store {
     /// Tells central which model is active, once per model: queues a `model` message when
     /// `version` differs from the last one noted. Returns whether it did.
     pub fn note_active_model(&self, version: u64, detail: &str) -> Result<bool> {
-        let body = Body::Model(ModelMessage {
+        let m = ModelMessage {
             event: "active".into(),
             model_version: version,
             detail: detail.into(),
+        };
+        self.log_model(&m, true)
+    }
+
+    /// Records a model event (the update path: downloaded, verified, rejected, active, rolled
+    /// back, ...) in the model log and queues it for central, in one transaction. `active` and
+    /// `rolled_back` also record the model now in use.
+    pub fn model_event(&self, m: &ModelMessage) -> Result<()> {
+        self.log_model(m, false).map(|_| ())
+    }
+
+    fn log_model(&self, m: &ModelMessage, only_if_changed: bool) -> Result<bool> {
+        let body = Body::Model(m.clone());
+        let entry = encode(&ModelLogEntry {
+            at: now(),
+            message: m.clone(),
         });
+        let switches = matches!(m.event.as_str(), "active" | "rolled_back");
         let _g = self.lock.lock().expect("store lock");
-        let queued = (&self.meta, &self.outbox)
-            .transaction(|(meta, ob)| {
-                if meta.get(b"active_model")?.as_deref() == Some(&be(version)[..]) {
-                    return Ok(false);
+        let queued = (&self.meta, &self.outbox, &self.model_log)
+            .transaction(|(meta, ob, log)| {
+                if switches {
+                    if only_if_changed && meta.get(b"active_model")?.as_deref() == Some(&be(m.model_version)[..]) {
+                        return Ok(false);
+                    }
+                    meta.insert(&b"active_model"[..], &be(m.model_version))?;
                 }
-                meta.insert(&b"active_model"[..], &be(version))?;
+                log.insert(&be(log.generate_id()?), entry.clone())?;
                 self.queue(ob, None, std::slice::from_ref(&body))?;
                 Ok(true)
             })
@@ -496,8 +530,28 @@ impl Store {
         if queued {
             self.count_queued(1);
             self.notify.notify_one();
+            while self.model_log.len() > MODEL_LOG_KEEP {
+                if let Some((k, _)) = self.model_log.first()? {
+                    self.model_log.remove(k)?;
+                }
+            }
         }
         Ok(queued)
+    }
+
+    /// The model log, newest first, at most `limit` entries.
+    pub fn model_log(&self, limit: usize) -> Result<Vec<ModelLogEntry>> {
+        self.model_log
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|r| decode(&r?.1, "model log"))
+            .collect()
+    }
+
+    /// The model version last recorded as in use.
+    pub fn active_model(&self) -> Option<u64> {
+        self.meta.get(b"active_model").ok().flatten().and_then(|v| read_u64(&v).ok())
     }
 
     /// All slides, oldest first.

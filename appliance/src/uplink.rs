@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use wbc_shared::mqtt::{Backoff, BrokerConfig, drive};
+use wbc_shared::signed::{Announcement, announcement_topics};
 use wbc_shared::uplink::{DeviceState, Kind, Status, UPLINK_SCHEMA_VERSION, topic};
 
 /// The uplink's settings (`[uplink]`; without it nothing is sent, results wait in the
@@ -90,6 +91,7 @@ pub struct Uplink {
     config: UplinkConfig,
     model_version: u64,
     state: Arc<UplinkState>,
+    announcements: Option<std::sync::mpsc::SyncSender<Announcement>>,
 }
 
 impl Uplink {
@@ -100,7 +102,15 @@ impl Uplink {
             config,
             model_version,
             state: Arc::default(),
+            announcements: None,
         }
+    }
+
+    /// Subscribes to central's update announcements for this device and hands them to `tx`
+    /// (the updater).
+    pub fn with_announcements(mut self, tx: std::sync::mpsc::SyncSender<Announcement>) -> Self {
+        self.announcements = Some(tx);
+        self
     }
 
     /// Its state, to show.
@@ -117,7 +127,7 @@ impl Uplink {
             state,
             at: crate::app::now(),
             backlog: Some(self.store.backlog() as u64),
-            model_version: Some(self.model_version),
+            model_version: Some(self.store.active_model().unwrap_or(self.model_version)),
         })
         .expect("serialising to memory")
     }
@@ -125,6 +135,31 @@ impl Uplink {
     fn status_topic(&self) -> String {
         let id = self.store.identity();
         topic(&id.clinic, &id.device, Kind::Status)
+    }
+
+    /// A message from the broker: an update announcement goes to the updater; anything else
+    /// is dropped (with a warning).
+    fn incoming(&self, id: &crate::store::Identity, topic: &str, payload: &[u8]) {
+        let shown: String = topic.chars().take(200).collect();
+        let tx = match &self.announcements {
+            Some(tx) if announcement_topics(&id.clinic, &id.device).iter().any(|t| t == topic) => tx,
+            _ => {
+                tracing::warn!(topic = %shown, "unexpected incoming message dropped");
+                return;
+            }
+        };
+        if payload.is_empty() {
+            return; // a withdrawn (cleared) announcement
+        }
+        match Announcement::parse(payload) {
+            Ok(a) => {
+                tracing::info!(topic = %shown, model_version = a.model_version, "update announced");
+                if tx.try_send(a).is_err() {
+                    tracing::warn!("the updater is busy: announcement dropped (it is retained and comes again)");
+                }
+            }
+            Err(e) => tracing::warn!(topic = %shown, error = %e, "unusable update announcement ignored"),
+        }
     }
 
     /// Runs until `stop` turns true: connects, drains, reconnects with back-off.
@@ -196,6 +231,11 @@ impl Uplink {
                         tracing::info!(backlog = self.store.backlog(), "uplink connected");
                         client.publish(self.status_topic(), QoS::AtLeastOnce, true, self.status(DeviceState::Online)).await?;
                         unsent.push_back(None);
+                        if self.announcements.is_some() {
+                            for t in announcement_topics(&id.clinic, &id.device) {
+                                client.subscribe(t, QoS::AtLeastOnce).await?;
+                            }
+                        }
                     }
                     Event::Outgoing(Outgoing::Publish(pkid)) => {
                         let seq = unsent.pop_front().context("a publish the uplink did not make")?;
@@ -211,9 +251,7 @@ impl Uplink {
                             None => tracing::warn!(pkid = ack.pkid, "acknowledgement of nothing sent: ignored"),
                         }
                     }
-                    Event::Incoming(Packet::Publish(p)) => {
-                        tracing::warn!(topic = %p.topic.chars().take(200).collect::<String>(), "unexpected incoming message dropped");
-                    }
+                    Event::Incoming(Packet::Publish(p)) => self.incoming(&id, &p.topic, &p.payload),
                     _ => {}
                 },
                 _ = self.store.queued() => {}

@@ -182,6 +182,26 @@ impl BundleBuilder {
         }
     }
 
+    /// Starts from a verified bundle's manifest and parts, to sign them again (with a new key
+    /// when keys are rotated) after any change to the manifest ([`Self::manifest_mut`]).
+    pub fn from_bundle(bundle: &Bundle) -> Self {
+        BundleBuilder {
+            manifest: bundle.manifest.clone(),
+            parts: bundle.parts.clone(),
+        }
+    }
+
+    /// The manifest to be signed.
+    pub fn manifest_mut(&mut self) -> &mut Manifest {
+        &mut self.manifest
+    }
+
+    /// Replaces a part's bytes, or adds it.
+    pub fn replace_part(mut self, name: &str, bytes: Vec<u8>) -> Result<Self, BundleError> {
+        self.parts.remove(name);
+        self.part(name, bytes)
+    }
+
     /// Adds a part under a plain name (`[A-Za-z0-9._-/]`, no `..`).
     pub fn part(mut self, name: &str, bytes: Vec<u8>) -> Result<Self, BundleError> {
         check_name(name)?;
@@ -525,6 +545,19 @@ mod tests {
         assert_eq!(b.part("weights.safetensors").unwrap(), &[7; 1000][..]);
         assert_eq!(b.part_names().count(), 2);
         assert!(matches!(b.part("nope"), Err(BundleError::NoSuchPart(_))));
+    }
+
+    #[test]
+    fn a_verified_bundle_can_be_signed_again_with_another_key() {
+        let (k1, k2) = (key(1), key(2));
+        let b = Bundle::from_bytes(&build(&k1), &[k1.verifying_key()]).unwrap();
+        let mut again = BundleBuilder::from_bundle(&b);
+        again.manifest_mut().model_version = 4;
+        let bytes = again.finish(&k2).unwrap();
+        let b2 = Bundle::from_bytes(&bytes, &[k2.verifying_key()]).unwrap();
+        assert_eq!(b2.manifest.model_version, 4);
+        assert_eq!(b2.part("weights.safetensors").unwrap(), b.part("weights.safetensors").unwrap());
+        assert!(Bundle::from_bytes(&bytes, &[k1.verifying_key()]).is_err());
     }
 
     #[test]
