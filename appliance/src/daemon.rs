@@ -21,8 +21,8 @@ pub fn run(config: Config) -> Result<()> {
 /// Runs until `shutdown` resolves (for embedding and tests; [`run`] waits for a signal).
 pub fn run_until(config: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     config.validate()?;
-    let crate::backend::Backend { device, name: backend } = crate::backend::select(config.backend)?;
-    eprintln!("compute backend: {backend}");
+    let backend = crate::backend::select(config.backend)?;
+    eprintln!("compute backend: {}", backend.name);
     let store = Arc::new(Store::open(
         &config.data_dir.join("store"),
         Identity {
@@ -31,10 +31,10 @@ pub fn run_until(config: Config, shutdown: impl std::future::Future<Output = ()>
         },
         config.store.clone(),
     )?);
-    let (models, classifier) = open_models(&config, store.clone(), device)?;
+    let backend_name = backend.name.clone();
+    let (models, classifier) = open_models(&config, store.clone(), backend)?;
     let model_version = classifier.model_version;
-    tracing::info!(%backend, model_version, "model loaded");
-    store.note_active_model(model_version, &backend)?;
+    tracing::info!(backend = %backend_name, model_version, "model loaded");
     let mut app = App::new(
         classifier,
         store,
@@ -43,7 +43,7 @@ pub fn run_until(config: Config, shutdown: impl std::future::Future<Output = ()>
             finder: FinderConfig::default(),
             slide: config.slide.clone(),
             limits: DecodeLimits::default(),
-            backend,
+            backend: backend_name,
         },
     )?
     .with_models(models.clone());

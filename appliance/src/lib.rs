@@ -45,12 +45,13 @@ pub fn open_bundle(path: Option<&Path>, trusted: &[VerifyingKey]) -> Result<Bund
 
 /// Opens the model store in `<data_dir>/models`: the factory model is the configured bundle
 /// (else the embedded one), verified with the configured keys; every model is self-tested when
-/// loaded; model events go to the store's model log and outbox. Returns the store and the
-/// classifier to run.
+/// loaded; model events go to the store's model log and outbox, and the model in use is
+/// reported (once per version, with `backend`) — also when a crash came between an update's
+/// switch and its report. Returns the store and the classifier to run.
 pub fn open_models(
     config: &config::Config,
     store: std::sync::Arc<store::Store>,
-    device: burn::tensor::Device,
+    backend::Backend { device, name: backend }: backend::Backend,
 ) -> Result<(std::sync::Arc<app::ModelStore>, std::sync::Arc<Classifier>)> {
     let factory = models::Factory {
         bytes: match &config.bundle {
@@ -72,9 +73,10 @@ pub fn open_models(
         tracing::info!(model_version = c.model_version, cases, "model passes its self-test");
         Ok(std::sync::Arc::new(c))
     });
+    let log = store.clone();
     let report: models::Reporter = Box::new(move |m| {
         tracing::info!(event = %m.event, model_version = m.model_version, detail = %m.detail, "model event");
-        if let Err(e) = store.model_event(m) {
+        if let Err(e) = log.model_event(m) {
             tracing::error!(error = %format!("{e:#}"), "could not record a model event");
         }
     });
@@ -86,6 +88,7 @@ pub fn open_models(
         loader,
         report,
     )?;
+    store.note_active_model(classifier.model_version, &backend)?;
     Ok((std::sync::Arc::new(models), classifier))
 }
 

@@ -119,8 +119,8 @@ fn open_offline(
         },
         config.store.clone(),
     )?);
-    let device = appliance::backend::select(config.backend)?.device;
-    let (models, _) = appliance::open_models(config, store.clone(), device)?;
+    let backend = appliance::backend::select(config.backend)?;
+    let (models, _) = appliance::open_models(config, store.clone(), backend)?;
     Ok((store, models))
 }
 
