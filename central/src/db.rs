@@ -83,6 +83,24 @@ pub struct DeviceRow {
     pub last_seen: u64,
 }
 
+/// A model event a device reported (an update downloaded, verified, refused, active, rolled
+/// back, ...).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelEventRow {
+    /// Clinic id.
+    pub clinic: String,
+    /// Device id.
+    pub device: String,
+    /// What happened.
+    pub event: String,
+    /// Model version concerned.
+    pub model_version: u64,
+    /// Details (the reason of a refusal or rollback).
+    pub detail: String,
+    /// When, on the device, seconds since the Unix epoch.
+    pub at: u64,
+}
+
 /// A slide as central knows it: its differential computed from the cells received.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SlideRow {
@@ -336,6 +354,28 @@ impl Db {
                 backlog: r[3].opt_int()?.map(|v| v as u64),
                 model_version: r[4].opt_int()?.map(|v| v as u64),
                 last_seen: r[5].int()? as u64,
+            })
+        })
+        .collect()
+    }
+
+    /// Model events, newest first, at most `limit`, of one clinic or all.
+    pub fn model_events(&self, clinic: Option<&str>, limit: u32) -> Result<Vec<ModelEventRow>> {
+        let mut conn = self.conn.lock().expect("db lock");
+        conn.query(
+            "SELECT clinic, device, event, model_version, detail, at FROM model_events
+             WHERE ($1 = '' OR clinic = $1) ORDER BY at DESC, message_id DESC LIMIT $2",
+            &[clinic.unwrap_or("").into(), i64::from(limit).into()],
+        )?
+        .into_iter()
+        .map(|r| {
+            Ok(ModelEventRow {
+                clinic: r[0].text()?,
+                device: r[1].text()?,
+                event: r[2].text()?,
+                model_version: r[3].int()? as u64,
+                detail: r[4].text()?,
+                at: r[5].int()? as u64,
             })
         })
         .collect()

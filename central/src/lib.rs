@@ -2,6 +2,7 @@
 //! deduplicates them, stores them in SQLite, and serves a JSON API and a dashboard.
 #![deny(missing_docs)]
 
+pub mod announce;
 pub mod db;
 pub mod ingest;
 pub mod sql;

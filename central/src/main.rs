@@ -24,6 +24,53 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Announces a model bundle to the devices of a clinic (or one device), retained on the
+    /// broker: they download it from `--url`, verify it and install it. Serve the file over
+    /// HTTPS first.
+    Announce {
+        /// Configuration file (TOML), for the broker.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The bundle file (as served at --url).
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Its `https://` address.
+        #[arg(long)]
+        url: String,
+        /// Clinic id.
+        #[arg(long)]
+        clinic: String,
+        /// Device id (default: every device of the clinic).
+        #[arg(long)]
+        device: Option<String>,
+        /// A signed key list to send with it (`trainer sign-keys`), when the bundle is signed
+        /// by a new key.
+        #[arg(long)]
+        keys: Option<PathBuf>,
+        /// A signed rollback instruction (`trainer sign-rollback`), when the bundle is older
+        /// than the devices' model.
+        #[arg(long)]
+        rollback: Option<PathBuf>,
+    },
+    /// Withdraws the announcement on a clinic's (or device's) topic.
+    Withdraw {
+        /// Configuration file (TOML), for the broker.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Clinic id.
+        #[arg(long)]
+        clinic: String,
+        /// Device id.
+        #[arg(long)]
+        device: Option<String>,
+    },
+}
+
+fn load(config: Option<PathBuf>) -> Result<central::Config> {
+    match config {
+        Some(p) => central::Config::load(&p),
+        None => Ok(central::Config::default()),
+    }
 }
 
 fn main() -> Result<()> {
@@ -33,11 +80,46 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Announce {
+            config,
+            bundle,
+            url,
+            clinic,
+            device,
+            keys,
+            rollback,
+        } => {
+            let config = load(config)?;
+            let topic = central::announce::topic(&clinic, device.as_deref())?;
+            let a = central::announce::announcement(&bundle, &url, keys.as_deref(), rollback.as_deref())?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(central::announce::publish_retained(
+                &config.broker,
+                &format!("{}-announce", config.client_id),
+                &topic,
+                serde_json::to_vec(&a)?,
+            ))?;
+            println!(
+                "announced model version {} ({} bytes, sha256 {}) on {topic}",
+                a.model_version, a.size, a.sha256
+            );
+            Ok(())
+        }
+        Command::Withdraw { config, clinic, device } => {
+            let config = load(config)?;
+            let topic = central::announce::topic(&clinic, device.as_deref())?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(central::announce::publish_retained(
+                &config.broker,
+                &format!("{}-announce", config.client_id),
+                &topic,
+                Vec::new(),
+            ))?;
+            println!("withdrawn: {topic}");
+            Ok(())
+        }
         Command::Serve { config } => {
-            let config = match config {
-                Some(p) => central::Config::load(&p)?,
-                None => central::Config::default(),
-            };
+            let config = load(config)?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
                 let running = central::start(&config).await?;

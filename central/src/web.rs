@@ -38,6 +38,7 @@ pub fn router(w: Arc<Web>) -> Router {
         .route("/api/slides", get(slides))
         .route("/api/results", get(results))
         .route("/api/stats", get(stats))
+        .route("/api/model-events", get(model_events))
         .with_state(w)
 }
 
@@ -86,6 +87,10 @@ async fn devices(State(w): State<Arc<Web>>) -> Response {
     json(&w, |w| w.db.devices()).await
 }
 
+async fn model_events(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Response {
+    json(&w, move |w| w.db.model_events(f.clinic.as_deref(), 500)).await
+}
+
 async fn slides(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Response {
     json(&w, move |w| w.db.slides(f.clinic.as_deref())).await
 }
@@ -126,8 +131,11 @@ fn when(t: u64) -> String {
 }
 
 async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Response {
-    let (devices, slides) = match blocking(&w, move |w| Ok((w.db.devices()?, w.db.slides(f.clinic.as_deref())?))).await
-    {
+    let fetched = blocking(&w, move |w| {
+        let c = f.clinic.as_deref();
+        Ok((w.db.devices()?, w.db.slides(c)?, w.db.model_events(c, 20)?))
+    });
+    let (devices, slides, events) = match fetched.await {
         Ok(v) => v,
         Err(e) => return internal(e),
     };
@@ -179,6 +187,20 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
             flags = flags.join("<br>")
         );
     }
-    b.push_str("</table><p>JSON: <a href=\"/api/devices\">devices</a>, <a href=\"/api/slides\">slides</a>, <a href=\"/api/results\">results over time</a>, <a href=\"/api/stats\">ingest</a>.</p></body></html>");
+    b.push_str("</table><h2>Model updates (latest)</h2><table id=\"model-events\"><tr><th>clinic</th><th>device</th><th>when</th><th>event</th><th>version</th><th>detail</th></tr>");
+    for e in &events {
+        let _ = write!(
+            b,
+            "<tr class=\"{cls}\"><td>{c}</td><td>{d}</td><td>{t}</td><td>{ev}</td><td>{v}</td><td>{detail}</td></tr>",
+            cls = if matches!(e.event.as_str(), "rejected" | "rolled_back") { "blast" } else { "" },
+            c = esc(&e.clinic),
+            d = esc(&e.device),
+            t = when(e.at),
+            ev = esc(&e.event),
+            v = e.model_version,
+            detail = esc(&e.detail)
+        );
+    }
+    b.push_str("</table><p>JSON: <a href=\"/api/devices\">devices</a>, <a href=\"/api/slides\">slides</a>, <a href=\"/api/results\">results over time</a>, <a href=\"/api/model-events\">model events</a>, <a href=\"/api/stats\">ingest</a>.</p></body></html>");
     Html(b).into_response()
 }

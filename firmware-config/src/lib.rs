@@ -123,8 +123,9 @@ pub fn provision(p: &Provision, out: &Path) -> Result<()> {
     std::fs::write(
         out.join("mosquitto.acl"),
         format!(
-            "# Append to the lab broker's ACL file: {user} may write only under its own topics.\n\
-             user {user}\ntopic write wbc/{c}/{d}/#\n",
+            "# Append to the lab broker's ACL file: {user} may write only under its own topics and\n\
+             # hears its clinic's and its own update announcements.\n\
+             user {user}\ntopic write wbc/{c}/{d}/#\ntopic read wbc-update/{c}\ntopic read wbc-update/{c}/{d}\n",
             c = p.clinic,
             d = p.device
         ),

@@ -41,7 +41,11 @@ impl Account {
         Account {
             user: format!("{clinic}-{device}"),
             password: format!("pw-{clinic}-{device}"),
-            acl: vec![format!("topic write wbc/{clinic}/{device}/#")],
+            acl: vec![
+                format!("topic write wbc/{clinic}/{device}/#"),
+                format!("topic read wbc-update/{clinic}"),
+                format!("topic read wbc-update/{clinic}/{device}"),
+            ],
         }
     }
 
@@ -50,7 +54,7 @@ impl Account {
         Account {
             user: "central".into(),
             password: "pw-central".into(),
-            acl: vec!["topic read wbc/#".into()],
+            acl: vec!["topic read wbc/#".into(), "topic write wbc-update/#".into()],
         }
     }
 }
@@ -219,6 +223,12 @@ impl Broker {
 }
 
 impl Broker {
+    /// The broker's certificate and key (for `localhost`, signed by [`Broker::ca`]): the lab's
+    /// download server uses them too.
+    pub fn server_identity(&self) -> (PathBuf, PathBuf) {
+        (self.dir.path().join("server.pem"), self.dir.path().join("server.key"))
+    }
+
     /// Connection settings for an account that logs in with its client certificate.
     pub fn cert_config_for(&self, a: &Account) -> BrokerConfig {
         BrokerConfig {
@@ -295,4 +305,135 @@ pub fn open_store(dir: &Path, clinic: &str, device: &str) -> Result<std::sync::A
 /// The slide of synthetic field `k`.
 pub fn synthetic_slide(k: u64, per_slide: u64) -> String {
     format!("slide-{}", k / per_slide)
+}
+
+/// The lab's download server: HTTPS on a loopback port, serving files from memory with HTTP
+/// range requests, and able to cut its first transfer short (a lost connection). It records
+/// the `Range` header of every request.
+pub struct FileServer {
+    /// The port.
+    pub port: u16,
+    ranges: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FileServer {
+    /// Serves `files` (name to bytes) with the certificate and key (PEM files); the first
+    /// response stops after `cut_first_after` bytes of body when set.
+    pub fn start(
+        identity: (&Path, &Path),
+        files: std::collections::HashMap<String, Vec<u8>>,
+        cut_first_after: Option<usize>,
+    ) -> Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let chain = CertificateDer::pem_file_iter(identity.0)?.collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(identity.1)?;
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(chain, key)?,
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let ranges: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, st) = (ranges.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut cut = cut_first_after;
+            for sock in listener.incoming() {
+                if st.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(sock) = sock else { continue };
+                let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                    continue;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, sock);
+                let _ = serve_one(&mut tls, &files, &r, cut.take());
+            }
+        });
+        Ok(FileServer { port, ranges, stop })
+    }
+
+    /// The address of a file.
+    pub fn url(&self, name: &str) -> String {
+        format!("https://localhost:{}/{name}", self.port)
+    }
+
+    /// The `Range` header of each request so far.
+    pub fn ranges(&self) -> Vec<Option<String>> {
+        self.ranges.lock().expect("ranges").clone()
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn serve_one(
+    tls: &mut rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream>,
+    files: &std::collections::HashMap<String, Vec<u8>>,
+    ranges: &std::sync::Mutex<Vec<Option<String>>>,
+    cut: Option<usize>,
+) -> Result<()> {
+    use std::io::{BufRead, Write};
+    let mut reader = std::io::BufReader::new(&mut *tls);
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    let mut range = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("range")
+        {
+            range = Some(v.trim().to_string());
+        }
+    }
+    drop(reader);
+    ranges.lock().expect("ranges").push(range.clone());
+    let path = request.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/');
+    let Some(body) = files.get(path) else {
+        write!(tls, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+        tls.flush()?;
+        return Ok(());
+    };
+    let start = range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|&n| n < body.len());
+    let (status, from) = match start {
+        Some(n) => ("206 Partial Content", n),
+        None => ("200 OK", 0),
+    };
+    let mut head = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len() - from
+    );
+    if start.is_some() {
+        head += &format!("Content-Range: bytes {from}-{}/{}\r\n", body.len() - 1, body.len());
+    }
+    tls.write_all(format!("{head}\r\n").as_bytes())?;
+    let end = cut.map_or(body.len(), |c| (from + c).min(body.len()));
+    tls.write_all(&body[from..end])?;
+    tls.flush()?;
+    if cut.is_some() {
+        // The connection drops: no TLS close, no more bytes.
+        tls.sock.shutdown(std::net::Shutdown::Both)?;
+    } else {
+        tls.conn.send_close_notify();
+        tls.flush()?;
+    }
+    Ok(())
 }
