@@ -44,7 +44,9 @@ pub fn open_bundle(path: Option<&Path>, trusted: &[VerifyingKey]) -> Result<Bund
 }
 
 /// Opens the model store in `<data_dir>/models`: the factory model is the configured bundle
-/// (else the embedded one), verified with the configured keys; every model is self-tested when
+/// (else the embedded one), verified with the configured keys or the release key; updates are
+/// verified with the configured keys (the release key when none is configured) until a signed
+/// key list replaces them; every model is self-tested when
 /// loaded; model events go to the store's model log and outbox, and the model in use is
 /// reported (once per version, with `backend`) — also when a crash came between an update's
 /// switch and its report. Returns the store and the classifier to run.
@@ -64,7 +66,13 @@ pub fn open_models(
             .bundle
             .as_ref()
             .map_or("the embedded default".into(), |p| p.display().to_string()),
-        trusted: trusted_keys(&config.trust)?,
+        // The embedded model is part of the firmware: its release key always verifies it.
+        trusted: {
+            let mut k = trusted_keys(&config.trust)?;
+            k.extend(trusted_keys(&[])?);
+            k
+        },
+        update_keys: trusted_keys(&config.trust)?,
     };
     let min_confidence = config.min_confidence;
     let loader: models::Loader<std::sync::Arc<Classifier>> = Box::new(move |b| {

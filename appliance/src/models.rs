@@ -103,9 +103,11 @@ pub struct Factory {
     pub bytes: Arc<[u8]>,
     /// Where they came from, in words.
     pub name: String,
-    /// The provisioned trusted keys (configuration), which verify the factory bundle and, until
-    /// a key list is applied, updates.
+    /// Keys that verify the factory bundle.
     pub trusted: Vec<VerifyingKey>,
+    /// The provisioned update keys (configuration), trusted for updates until a signed key
+    /// list replaces them.
+    pub update_keys: Vec<VerifyingKey>,
 }
 
 /// Builds the runnable model from a verified bundle and runs its golden self-test.
@@ -286,10 +288,10 @@ impl<T> Models<T> {
                         pointer.active.model_version,
                         format!("trust.json is damaged ({e}); trusting the provisioned keys"),
                     ));
-                    (factory.trusted.clone(), 0)
+                    (factory.update_keys.clone(), 0)
                 })
             }
-            Err(_) => (factory.trusted.clone(), 0),
+            Err(_) => (factory.update_keys.clone(), 0),
         };
         let seen = std::fs::read(dir.join("seen.json"))
             .ok()
@@ -954,7 +956,8 @@ mod tests {
                 Factory {
                     bytes: crate::DEFAULT_BUNDLE.into(),
                     name: "embedded".into(),
-                    trusted: trusted_all,
+                    trusted: trusted_all.clone(),
+                    update_keys: trusted_all,
                 },
                 policy,
                 ("clinic-1", "scope-1"),

@@ -30,7 +30,13 @@ pub struct Provision {
     pub broker_port: u16,
     /// Where the device will find its files once installed (`/etc/wbc`).
     pub install_dir: PathBuf,
+    /// The lab's update signing keys (public, PEM): the device trusts them for updates (until
+    /// a signed key list replaces them). None: the release key alone.
+    pub update_keys: Vec<PathBuf>,
 }
+
+/// Where the udev rule mounts a USB update stick, and the appliance looks for updates.
+pub const USB_MOUNT: &str = "/media/wbc-update";
 
 /// A Mosquitto password-file line (`user:$7$…`, PBKDF2-SHA512 with 101 iterations and a random
 /// 12-byte salt — what `mosquitto_passwd` writes).
@@ -88,12 +94,25 @@ pub fn provision(p: &Provision, out: &Path) -> Result<()> {
         );
     }
     let user = format!("{}-{}", p.clinic, p.device);
-    let password = random_password();
     let dir = &p.install_dir;
+    // The update keys, checked, under their key ids.
+    let mut keys = Vec::new();
+    for k in &p.update_keys {
+        let pem = std::fs::read_to_string(k).with_context(|| format!("reading the update key {}", k.display()))?;
+        let key = wbc_shared::bundle::keys::parse_public(&pem)
+            .with_context(|| format!("{} is not an ed25519 public key (PEM)", k.display()))?;
+        keys.push((format!("update-keys/{}.pub", wbc_shared::bundle::key_id(&key)), pem));
+    }
+    let password = random_password();
     let config = appliance::config::Config {
         data_dir: "/var/lib/wbc".into(),
         clinic: p.clinic.clone(),
         device: p.device.clone(),
+        trust: keys.iter().map(|(name, _)| dir.join(name)).collect(),
+        update: appliance::update::UpdateConfig {
+            usb_dir: Some(USB_MOUNT.into()),
+            ..Default::default()
+        },
         uplink: Some(appliance::uplink::UplinkConfig {
             broker: wbc_shared::mqtt::BrokerConfig {
                 host: p.broker_host.clone(),
@@ -115,6 +134,12 @@ pub fn provision(p: &Provision, out: &Path) -> Result<()> {
         toml::to_string(&config)?
     );
     std::fs::write(out.join("appliance.toml"), toml)?;
+    if !keys.is_empty() {
+        std::fs::create_dir_all(out.join("update-keys"))?;
+    }
+    for (name, pem) in &keys {
+        std::fs::write(out.join(name), pem)?;
+    }
     write_private(&out.join("mqtt.password"), &format!("{password}\n"))?;
     std::fs::write(
         out.join("mosquitto.passwd"),
@@ -145,7 +170,9 @@ pub fn provision(p: &Provision, out: &Path) -> Result<()> {
         "# Mount a USB stick labelled WBC-UPDATE read-only at /media/wbc-update for model updates.\n\
          ACTION==\"add\", SUBSYSTEM==\"block\", ENV{ID_FS_LABEL}==\"WBC-UPDATE\", \
          RUN{program}+=\"/usr/bin/systemd-mount --no-block --automount=no --options=ro,nosuid,nodev,noexec \
-         $devnode /media/wbc-update\"\n",
+         $devnode /media/wbc-update\"\n\
+         ACTION==\"remove\", SUBSYSTEM==\"block\", ENV{ID_FS_LABEL}==\"WBC-UPDATE\", \
+         RUN{program}+=\"/usr/bin/systemd-umount /media/wbc-update\"\n",
     )?;
     Ok(())
 }
@@ -161,6 +188,7 @@ mod tests {
             broker_host: "mqtt.lab.example".into(),
             broker_port: 8883,
             install_dir: "/etc/wbc".into(),
+            update_keys: Vec::new(),
         }
     }
 
@@ -192,12 +220,43 @@ mod tests {
             );
         }
         let acl = std::fs::read_to_string(dir.path().join("mosquitto.acl")).unwrap();
-        assert!(acl.contains("user clinic-07-scope-1\ntopic write wbc/clinic-07/scope-1/#"));
+        assert!(acl.contains(
+            "user clinic-07-scope-1\ntopic write wbc/clinic-07/scope-1/#\ntopic read wbc-update/clinic-07\n\
+             topic read wbc-update/clinic-07/scope-1\n"
+        ));
         assert!(
             provision(&p("clinic-07"), dir.path()).is_err(),
             "never over a provisioned device"
         );
         assert!(provision(&p("clinic/07"), tempfile::tempdir().unwrap().path()).is_err());
+    }
+
+    #[test]
+    fn the_labs_update_keys_are_trusted_and_the_usb_folder_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = wbc_shared::bundle::keys::generate();
+        let pubk = dir.path().join("lab.pub");
+        wbc_shared::bundle::keys::write_public(&pubk, &k.verifying_key()).unwrap();
+        let out = dir.path().join("out");
+        let mut prov = p("clinic-07");
+        prov.update_keys = vec![pubk];
+        provision(&prov, &out).unwrap();
+        let id = wbc_shared::bundle::key_id(&k.verifying_key());
+        let c = check(&out.join("appliance.toml")).unwrap();
+        assert_eq!(c.trust, vec![PathBuf::from(format!("/etc/wbc/update-keys/{id}.pub"))]);
+        assert_eq!(c.update.usb_dir.as_deref(), Some(Path::new(USB_MOUNT)));
+        let copied = std::fs::read_to_string(out.join(format!("update-keys/{id}.pub"))).unwrap();
+        assert_eq!(wbc_shared::bundle::keys::parse_public(&copied).unwrap(), k.verifying_key());
+        let rule = std::fs::read_to_string(out.join("99-wbc-usb-update.rules")).unwrap();
+        assert!(rule.contains(USB_MOUNT) && rule.contains("ro,nosuid,nodev,noexec"));
+        // Not a key: refused, nothing written.
+        let bad = dir.path().join("bad.pub");
+        std::fs::write(&bad, "hello").unwrap();
+        let mut prov = p("clinic-07");
+        prov.update_keys = vec![bad];
+        let e = provision(&prov, &dir.path().join("out2")).unwrap_err();
+        assert!(format!("{e:#}").contains("bad.pub"), "{e:#}");
+        assert!(!dir.path().join("out2/appliance.toml").exists());
     }
 
     #[test]

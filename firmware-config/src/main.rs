@@ -24,8 +24,8 @@ enum Command {
     },
     /// Prints the configuration's JSON schema.
     Schema,
-    /// Provisions a new device: configuration, MQTT password (0600), the broker's password and
-    /// ACL lines, the systemd unit and the USB-update udev rule.
+    /// Provisions a new device: configuration, MQTT password (0600), the trusted update keys,
+    /// the broker's password and ACL lines, the systemd unit and the USB-update udev rule.
     Provision {
         /// Clinic id.
         #[arg(long)]
@@ -45,6 +45,10 @@ enum Command {
         /// Where the files go on the device.
         #[arg(long, default_value = "/etc/wbc")]
         install_dir: PathBuf,
+        /// The lab's update signing key (public, PEM, from `trainer keygen`); may repeat.
+        /// Without one the device trusts only the release key for updates.
+        #[arg(long)]
+        update_key: Vec<PathBuf>,
     },
 }
 
@@ -68,7 +72,9 @@ fn main() -> Result<()> {
             broker_host,
             broker_port,
             install_dir,
+            update_key,
         } => {
+            let no_keys = update_key.is_empty();
             firmware_config::provision(
                 &firmware_config::Provision {
                     clinic,
@@ -76,6 +82,7 @@ fn main() -> Result<()> {
                     broker_host,
                     broker_port,
                     install_dir,
+                    update_keys: update_key,
                 },
                 &out,
             )?;
@@ -87,6 +94,9 @@ fn main() -> Result<()> {
             println!(
                 "the MQTT password is in mqtt.password only (mode 0600); append mosquitto.passwd and mosquitto.acl on the broker"
             );
+            if no_keys {
+                println!("no --update-key given: the device trusts only the release key for model updates");
+            }
         }
     }
     Ok(())

@@ -425,6 +425,7 @@ fn a_provisioned_device_logs_in_with_its_generated_credentials_and_only_under_it
             broker_host: "localhost".into(),
             broker_port: 8883,
             install_dir: "/etc/wbc".into(),
+            update_keys: Vec::new(),
         },
         &out,
     )

@@ -183,6 +183,64 @@ enum Cmd {
         #[arg(long, value_parser = parse_named)]
         other_site: Vec<(String, PathBuf)>,
     },
+    /// Sign a trusted key list (key rotation or revocation) with a key the devices trust now.
+    /// The devices then trust exactly the listed keys. Put the file on a USB stick or send it
+    /// with `central announce --keys`.
+    SignKeys {
+        /// Signing key (private, PEM) the devices trust now.
+        #[arg(long)]
+        key: PathBuf,
+        /// Higher than every list issued before.
+        #[arg(long)]
+        sequence: u64,
+        /// Output file, ending in `.keys.json`.
+        #[arg(long)]
+        out: PathBuf,
+        /// Public keys (PEM) to trust from now on.
+        #[arg(required = true)]
+        public_keys: Vec<PathBuf>,
+    },
+    /// Sign an instruction to go back from `--from-version` to the older bundle `--to` (the
+    /// devices refuse older bundles without one). It applies only while `--from-version` is
+    /// active.
+    SignRollback {
+        /// Signing key (private, PEM).
+        #[arg(long)]
+        key: PathBuf,
+        /// The bundle file to return to.
+        #[arg(long)]
+        to: PathBuf,
+        /// The version being left.
+        #[arg(long)]
+        from_version: u64,
+        /// Only for this clinic.
+        #[arg(long)]
+        clinic: Option<String>,
+        /// Only for this device of the clinic.
+        #[arg(long, requires = "clinic")]
+        device: Option<String>,
+        /// Why (shown on the devices and at central).
+        #[arg(long)]
+        reason: String,
+        /// Output file, ending in `.rollback.json`.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a verified bundle again with another key (when keys are rotated).
+    Resign {
+        /// The bundle.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Public key (PEM) that verifies it now; may repeat. Default: the release key.
+        #[arg(long)]
+        trust: Vec<PathBuf>,
+        /// The new signing key (private, PEM).
+        #[arg(long)]
+        key: PathBuf,
+        /// Output bundle file (never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Create an ed25519 signing key pair (private key written with mode 0600).
     Keygen {
         /// Private key file to create (never overwritten); the public key goes to <file>.pub.
@@ -340,6 +398,40 @@ fn main() -> Result<()> {
             };
             let (found, total) = trainer::dataset::write_normalised(&csv, &out, &norm)?;
             println!("{found} of {total} cells found; views in {}", out.display());
+        }
+        Cmd::SignKeys {
+            key,
+            sequence,
+            out,
+            public_keys,
+        } => {
+            let doc = trainer::sign::key_list(&keys::read_private(&key)?, sequence, &public_keys)?;
+            trainer::sign::write_doc(&doc, &out, ".keys.json")?;
+            println!("key list {sequence} ({} keys) signed by {}: {}", public_keys.len(), doc.key_id, out.display());
+        }
+        Cmd::SignRollback {
+            key,
+            to,
+            from_version,
+            clinic,
+            device,
+            reason,
+            out,
+        } => {
+            let audience = trainer::sign::Audience { clinic, device };
+            let doc = trainer::sign::rollback(&keys::read_private(&key)?, &to, from_version, audience, &reason)?;
+            trainer::sign::write_doc(&doc, &out, ".rollback.json")?;
+            println!("rollback from version {from_version} to {} signed by {}: {}", to.display(), doc.key_id, out.display());
+        }
+        Cmd::Resign { bundle, trust, key, out } => {
+            let bytes = trainer::sign::resign(&bundle, &trusted(&trust)?, &keys::read_private(&key)?)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            std::io::Write::write_all(&mut f, &bytes)?;
+            println!("{} signed again: {}", bundle.display(), out.display());
         }
         Cmd::Keygen { out } => {
             let k = keys::generate();
