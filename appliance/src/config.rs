@@ -261,7 +261,13 @@ mod tests {
         }
         assert!(props["clinic"]["description"].as_str().unwrap().contains("Clinic id"));
         let text = s.to_string();
-        for nested in ["UplinkConfig", "BrokerConfig", "Retention", "SlideSettings", "UpdateConfig"] {
+        for nested in [
+            "UplinkConfig",
+            "BrokerConfig",
+            "Retention",
+            "SlideSettings",
+            "UpdateConfig",
+        ] {
             assert!(text.contains(nested), "{nested}");
         }
     }

@@ -3,8 +3,8 @@
 use crate::app::{App, AppSettings};
 use crate::config::{Config, users_or_first_run};
 use crate::inbox::Inbox;
-use crate::store::{Identity, Store};
 use crate::open_models;
+use crate::store::{Identity, Store};
 use anyhow::{Context, Result};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -113,7 +113,8 @@ pub fn run_until(config: Config, shutdown: impl std::future::Future<Output = ()>
     let (stop_uplink, stop_rx) = tokio::sync::watch::channel(false);
     let uplink = match &config.uplink {
         Some(u) => {
-            let up = crate::uplink::Uplink::new(app.store_arc(), u.clone(), model_version).with_announcements(announce_tx);
+            let up =
+                crate::uplink::Uplink::new(app.store_arc(), u.clone(), model_version).with_announcements(announce_tx);
             let state = up.state();
             eprintln!("uplink to {}:{}", u.broker.host, u.broker.port());
             Some((rt.spawn(up.run(stop_rx)), state))

@@ -43,6 +43,16 @@ pub fn open_bundle(path: Option<&Path>, trusted: &[VerifyingKey]) -> Result<Bund
     }
 }
 
+/// The embedded default bundle signed again by `key` as model `version`: a real, runnable
+/// update for update drills and tests of the update path.
+pub fn default_bundle_as(version: u64, key: &ed25519_dalek::SigningKey) -> Vec<u8> {
+    let factory = Bundle::from_bytes(DEFAULT_BUNDLE, &trusted_keys(&[]).expect("the release key parses"))
+        .expect("the embedded bundle verifies");
+    let mut b = wbc_shared::bundle::BundleBuilder::from_bundle(&factory);
+    b.manifest_mut().model_version = version;
+    b.finish(key).expect("signing in memory")
+}
+
 /// Opens the model store in `<data_dir>/models`: the factory model is the configured bundle
 /// (else the embedded one), verified with the configured keys or the release key; updates are
 /// verified with the configured keys (the release key when none is configured) until a signed

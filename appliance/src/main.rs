@@ -110,7 +110,10 @@ fn load_config(path: Option<&std::path::Path>) -> Result<appliance::config::Conf
 /// The store and the model store, for commands run while the daemon is stopped.
 fn open_offline(
     config: &appliance::config::Config,
-) -> Result<(std::sync::Arc<appliance::store::Store>, std::sync::Arc<appliance::app::ModelStore>)> {
+) -> Result<(
+    std::sync::Arc<appliance::store::Store>,
+    std::sync::Arc<appliance::app::ModelStore>,
+)> {
     let store = std::sync::Arc::new(appliance::store::Store::open(
         &config.data_dir.join("store"),
         appliance::store::Identity {
@@ -209,11 +212,17 @@ fn main() -> Result<()> {
             let log = store.model_log(10)?;
             models.close()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"status": status, "log": log}))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({"status": status, "log": log}))?
+                );
             } else {
                 println!("{}", appliance::models::describe(&status));
                 for e in log {
-                    println!("  {} {} v{}: {}", e.at, e.message.event, e.message.model_version, e.message.detail);
+                    println!(
+                        "  {} {} v{}: {}",
+                        e.at, e.message.event, e.message.model_version, e.message.detail
+                    );
                 }
             }
         }
@@ -237,7 +246,10 @@ fn main() -> Result<()> {
             println!("{}", appliance::models::describe(&models.status()));
             models.close()?;
             if refused > 0 {
-                bail!("{refused} of {} update files were refused; the model in use is a verified one", files.len());
+                bail!(
+                    "{refused} of {} update files were refused; the model in use is a verified one",
+                    files.len()
+                );
             }
         }
         Cmd::HashPassword => {

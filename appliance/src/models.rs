@@ -167,7 +167,6 @@ fn file_sha256(path: &Path) -> Result<String> {
     }
 }
 
-
 struct State {
     pointer: Pointer,
     trusted: Vec<VerifyingKey>,
@@ -274,14 +273,16 @@ impl<T> Models<T> {
         };
         let (trusted, key_sequence) = match std::fs::read(dir.join("trust.json")) {
             Ok(b) => {
-                let parsed = serde_json::from_slice::<Trust>(&b).map_err(|e| e.to_string()).and_then(|t| {
-                    let list = KeyList {
-                        sequence: t.sequence,
-                        keys: t.keys,
-                        created_at: String::new(),
-                    };
-                    list.public_keys().map(|k| (k, t.sequence)).map_err(|e| e.to_string())
-                });
+                let parsed = serde_json::from_slice::<Trust>(&b)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| {
+                        let list = KeyList {
+                            sequence: t.sequence,
+                            keys: t.keys,
+                            created_at: String::new(),
+                        };
+                        list.public_keys().map(|k| (k, t.sequence)).map_err(|e| e.to_string())
+                    });
                 parsed.unwrap_or_else(|e| {
                     notes.push(msg(
                         "rejected",
@@ -327,7 +328,10 @@ impl<T> Models<T> {
         let was_running = st.pointer.running;
         if let (true, Some(p)) = (was_running, st.pointer.probation.as_mut()) {
             p.crashed_starts += 1;
-            tracing::warn!(crashed_starts = p.crashed_starts, "the last run on the new model ended without a clean stop");
+            tracing::warn!(
+                crashed_starts = p.crashed_starts,
+                "the last run on the new model ended without a clean stop"
+            );
         }
         let crashes = st.pointer.probation.as_ref().map_or(0, |p| p.crashed_starts);
         let current = if crashes >= self.policy.max_failures {
@@ -525,7 +529,10 @@ impl<T> Models<T> {
         if len > self.policy.max_bundle_bytes {
             return Err(refuse(
                 0,
-                format!("the file is {len} bytes, over the limit of {}", self.policy.max_bundle_bytes),
+                format!(
+                    "the file is {len} bytes, over the limit of {}",
+                    self.policy.max_bundle_bytes
+                ),
             ));
         }
         let bytes = std::fs::read(path).map_err(|e| transient(format!("cannot read {}: {e}", path.display())))?;
@@ -542,7 +549,9 @@ impl<T> Models<T> {
         };
         let unverified = UnverifiedBundle::read(&bytes[..], &self.limits()).map_err(|e| refuse(0, e.to_string()))?;
         let claimed = unverified.claimed_manifest().map(|m| m.model_version).unwrap_or(0);
-        let bundle = unverified.verify(&trusted).map_err(|e| refuse(claimed, e.to_string()))?;
+        let bundle = unverified
+            .verify(&trusted)
+            .map_err(|e| refuse(claimed, e.to_string()))?;
         let m = &bundle.manifest;
         let v = m.model_version;
         let needs = semver::Version::parse(&m.min_appliance_version)
@@ -571,7 +580,11 @@ impl<T> Models<T> {
         (self.report)(&msg(
             "verified",
             v,
-            format!("{source}: signed by key {}, {} parts intact", bundle.signed_by, m.parts.len()),
+            format!(
+                "{source}: signed by key {}, {} parts intact",
+                bundle.signed_by,
+                m.parts.len()
+            ),
         ));
         step("verified");
         let name = format!("slot-v{v}-{}.bundle", &sha[..12]);
@@ -621,7 +634,10 @@ impl<T> Models<T> {
                 (self.report)(&msg(
                     "rolled_back",
                     v,
-                    format!("{source}: left version {} on the lab's instruction: {}", left.model_version, r.reason),
+                    format!(
+                        "{source}: left version {} on the lab's instruction: {}",
+                        left.model_version, r.reason
+                    ),
                 ));
             }
             None => {
@@ -744,7 +760,10 @@ impl<T> Models<T> {
                 (self.report)(&msg(
                     "rolled_back",
                     target.model_version,
-                    format!("{source}: left version {} on the lab's instruction: {}", left.model_version, r.reason),
+                    format!(
+                        "{source}: left version {} on the lab's instruction: {}",
+                        left.model_version, r.reason
+                    ),
                 ));
                 Outcome::Active(t)
             }
@@ -773,7 +792,10 @@ impl<T> Models<T> {
                 st.key_sequence
             ));
         }
-        let list = match doc.verify::<KeyList>(&st.trusted).and_then(|l| l.public_keys().map(|k| (l, k))) {
+        let list = match doc
+            .verify::<KeyList>(&st.trusted)
+            .and_then(|l| l.public_keys().map(|k| (l, k)))
+        {
             Ok(l) => l,
             Err(e) => {
                 let reason = format!("{source}: key list refused: {e}");
@@ -830,7 +852,10 @@ impl<T> Models<T> {
         } else {
             p.failures += 1;
             if p.failures >= self.policy.max_failures {
-                let reason = format!("it failed the pipeline {} times after the switch ({detail})", p.failures);
+                let reason = format!(
+                    "it failed the pipeline {} times after the switch ({detail})",
+                    p.failures
+                );
                 return match self.fall_back(&mut st, &reason) {
                     Ok(t) => Some(t),
                     Err(e) => {
@@ -919,9 +944,8 @@ mod tests {
 
     /// The default bundle signed again by `k` as `version`, after `tweak`.
     fn bundle(version: u64, k: &SigningKey, tweak: impl FnOnce(BundleBuilder) -> BundleBuilder) -> Vec<u8> {
-        let mut b = BundleBuilder::from_bundle(&default_bundle());
-        b.manifest_mut().model_version = version;
-        tweak(b).finish(k).unwrap()
+        let b = Bundle::from_bytes(&crate::default_bundle_as(version, k), &[k.verifying_key()]).unwrap();
+        tweak(BundleBuilder::from_bundle(&b)).finish(k).unwrap()
     }
 
     fn factory_version() -> u64 {
@@ -941,8 +965,14 @@ mod tests {
             }
         }
 
-        fn open_with(&self, trusted: Vec<VerifyingKey>, policy: ModelPolicy) -> Result<(Models<Arc<Classifier>>, Arc<Classifier>)> {
-            let device = crate::backend::select(crate::backend::BackendChoice::Cpu).unwrap().device;
+        fn open_with(
+            &self,
+            trusted: Vec<VerifyingKey>,
+            policy: ModelPolicy,
+        ) -> Result<(Models<Arc<Classifier>>, Arc<Classifier>)> {
+            let device = crate::backend::select(crate::backend::BackendChoice::Cpu)
+                .unwrap()
+                .device;
             let loader: Loader<Arc<Classifier>> = Box::new(move |b| {
                 let c = Classifier::from_bundle(b, &device)?;
                 c.self_test(b)?;
@@ -968,7 +998,8 @@ mod tests {
 
         /// Trusts the factory key and key(1).
         fn open(&self) -> (Models<Arc<Classifier>>, Arc<Classifier>) {
-            self.open_with(vec![key(1).verifying_key()], ModelPolicy::default()).unwrap()
+            self.open_with(vec![key(1).verifying_key()], ModelPolicy::default())
+                .unwrap()
         }
 
         fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
@@ -1052,7 +1083,11 @@ mod tests {
         let mut tampered_weights = good.clone();
         tampered_weights[weights_at] ^= 0x40;
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-            ("tampered-manifest", flip(b"\"model_version\"", 3), "signature does not verify"),
+            (
+                "tampered-manifest",
+                flip(b"\"model_version\"", 3),
+                "signature does not verify",
+            ),
             ("tampered-weights", tampered_weights, "does not match its sha256"),
             ("wrong-key", bundle(v0 + 1, &key(9), |b| b), "does not trust"),
             ("truncated", good[..good.len() / 3].to_vec(), "corrupt or truncated"),
@@ -1069,8 +1104,7 @@ mod tests {
             (
                 "fails-self-test",
                 bundle(v0 + 2, &key(1), |b| {
-                    let spec: SelfTest =
-                        serde_json::from_slice(default_bundle().part(SELFTEST_PART).unwrap()).unwrap();
+                    let spec: SelfTest = serde_json::from_slice(default_bundle().part(SELFTEST_PART).unwrap()).unwrap();
                     let wrong = SelfTest {
                         tolerance: spec.tolerance,
                         cases: spec
@@ -1082,7 +1116,8 @@ mod tests {
                             })
                             .collect(),
                     };
-                    b.replace_part(SELFTEST_PART, serde_json::to_vec(&wrong).unwrap()).unwrap()
+                    b.replace_part(SELFTEST_PART, serde_json::to_vec(&wrong).unwrap())
+                        .unwrap()
                 }),
                 "fails its self-test",
             ),
@@ -1098,7 +1133,10 @@ mod tests {
             assert_eq!(s.active.file, None, "{name}");
             assert!(f.slots().is_empty(), "{name}: nothing staged is left: {:?}", f.slots());
             // Offered again, it is not looked at again.
-            assert!(matches!(m.install(&p, name, &[]), Outcome::Skipped(_) | Outcome::Rejected(_)), "{name}");
+            assert!(
+                matches!(m.install(&p, name, &[]), Outcome::Skipped(_) | Outcome::Rejected(_)),
+                "{name}"
+            );
         }
         // The good one still goes in after all that.
         let p = f.file("good.bundle", &good);
@@ -1190,7 +1228,13 @@ mod tests {
         std::fs::write(f.dir.path().join("models/current.json"), b"{garbage").unwrap();
         let (_m, c) = f.open();
         assert_eq!(c.model_version, v0);
-        assert!(f.events.lock().unwrap().iter().any(|e| e.detail.contains("current.json is damaged")));
+        assert!(
+            f.events
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|e| e.detail.contains("current.json is damaged"))
+        );
     }
 
     #[test]
@@ -1214,14 +1258,24 @@ mod tests {
         for (doc, why) in [
             (SignedDoc::sign(&r(v0 + 2, &sha, None), &key(9)), "does not trust"),
             (SignedDoc::sign(&r(v0 + 3, &sha, None), &key(1)), "another version"),
-            (SignedDoc::sign(&r(v0 + 2, &"0".repeat(64), None), &key(1)), "another bundle"),
-            (SignedDoc::sign(&r(v0 + 2, &sha, Some("scope-2")), &key(1)), "another device"),
+            (
+                SignedDoc::sign(&r(v0 + 2, &"0".repeat(64), None), &key(1)),
+                "another bundle",
+            ),
+            (
+                SignedDoc::sign(&r(v0 + 2, &sha, Some("scope-2")), &key(1)),
+                "another device",
+            ),
         ] {
             let e = rejected(m.install(&older_path, "t", &[doc]));
             assert!(e.contains(why), "{e}");
             assert_eq!(m.status().active.model_version, v0 + 2);
         }
-        let c = active(m.install(&older_path, "t", &[SignedDoc::sign(&r(v0 + 2, &sha, Some("scope-1")), &key(1))]));
+        let c = active(m.install(
+            &older_path,
+            "t",
+            &[SignedDoc::sign(&r(v0 + 2, &sha, Some("scope-1")), &key(1))],
+        ));
         assert_eq!(c.model_version, v0 + 1);
         assert_eq!(f.last_event().event, "rolled_back");
         let s = m.status();
@@ -1294,6 +1348,9 @@ mod tests {
         let f = Fixture::new();
         let (_m, _) = f.open();
         let e = f.open_with(vec![], ModelPolicy::default()).err().unwrap();
-        assert!(format!("{e:#}").contains("in use by another appliance process"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("in use by another appliance process"),
+            "{e:#}"
+        );
     }
 }

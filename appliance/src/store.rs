@@ -551,7 +551,11 @@ impl Store {
 
     /// The model version last recorded as in use.
     pub fn active_model(&self) -> Option<u64> {
-        self.meta.get(b"active_model").ok().flatten().and_then(|v| read_u64(&v).ok())
+        self.meta
+            .get(b"active_model")
+            .ok()
+            .flatten()
+            .and_then(|v| read_u64(&v).ok())
     }
 
     /// All slides, oldest first.

@@ -150,7 +150,10 @@ impl Downloader {
         let resp = match req.call() {
             Ok(r) => r,
             Err(ureq::Error::Status(code, _)) if (400..500).contains(&code) && code != 408 && code != 429 => {
-                return Err(DownloadError::Refused(format!("the server answered {code} for {}", a.url)));
+                return Err(DownloadError::Refused(format!(
+                    "the server answered {code} for {}",
+                    a.url
+                )));
             }
             Err(e) => return Err(t(anyhow::Error::new(e).context(format!("requesting {}", a.url)))),
         };

@@ -97,6 +97,8 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/field/{id}/cell/{n}/review", post(review))
         .route("/review", get(review_page))
         .route("/api/config-schema", get(config_schema))
+        .route("/models", get(models_page))
+        .route("/api/models", get(api_models))
         .route("/slide/finish", post(finish_slide))
         .route("/logout", post(logout))
         .route("/api/slide", get(api_slide))
@@ -278,9 +280,17 @@ fn differential_html(w: &Web) -> String {
 async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>) -> Response {
     let slide = w.app.current_slide();
     let mut body = format!(
-        "<p id=\"model\">Model version {} on {}.</p><p id=\"uplink\">{}</p><h2>Slide {}</h2>{}",
+        "<p id=\"model\">Model version {} on {}{} (<a href=\"/models\">models and updates</a>).</p><p id=\"uplink\">{}</p><h2>Slide {}</h2>{}",
         w.app.model_version(),
         esc(&w.app.settings.backend),
+        match w.app.models().map(|m| m.status()) {
+            Some(crate::models::Status {
+                probation: Some(p),
+                probation_fields,
+                ..
+            }) => format!(", new: on probation, {} of {probation_fields} fields", p.fields_ok),
+            _ => String::new(),
+        },
         esc(&w.uplink_text()),
         esc(&slide.id),
         differential_html(&w)
@@ -314,6 +324,54 @@ async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum:
         body.push_str("</ul>");
     }
     page("WBC differential", Some(&user), &body).into_response()
+}
+
+/// The models page: the active model, its fallback, the trusted keys and the model log (every
+/// update found, verified, refused, activated or rolled back, with the reason).
+async fn models_page(
+    State(w): State<Arc<Web>>,
+    axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>,
+) -> Response {
+    let mut body = String::from("<h2>Models</h2>");
+    if let Some(m) = w.app.models() {
+        let _ = write!(
+            body,
+            "<pre id=\"model-status\">{}</pre>",
+            esc(&crate::models::describe(&m.status()))
+        );
+    }
+    body.push_str(
+        "<h2>Model log</h2><table id=\"model-log\"><tr><th>when (UTC)</th><th>event</th><th>version</th><th>detail</th></tr>",
+    );
+    for e in w.app.store().model_log(100).unwrap_or_default() {
+        let _ = write!(
+            body,
+            "<tr class=\"{cls}\"><td>{t}</td><td>{ev}</td><td>{v}</td><td>{d}</td></tr>",
+            cls = esc(&e.message.event),
+            t = time::OffsetDateTime::from_unix_timestamp(e.at as i64)
+                .ok()
+                .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+                .unwrap_or_default(),
+            ev = esc(&e.message.event),
+            v = e.message.model_version,
+            d = esc(&e.message.detail)
+        );
+    }
+    body.push_str(
+        "</table><p>Updates come from central over the network, or from a USB stick labelled \
+         WBC-UPDATE holding <code>*.bundle</code>, <code>*.keys.json</code> or \
+         <code>*.rollback.json</code> files. Nothing becomes active before its signature, its \
+         contents and its self-test have been checked.</p>",
+    );
+    page("Models", Some(&user), &body).into_response()
+}
+
+async fn api_models(State(w): State<Arc<Web>>) -> Response {
+    axum::Json(serde_json::json!({
+        "status": w.app.models().map(|m| m.status()),
+        "log": w.app.store().model_log(100).unwrap_or_default(),
+    }))
+    .into_response()
 }
 
 async fn upload(

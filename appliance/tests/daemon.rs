@@ -145,6 +145,100 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
 }
 
 #[test]
+fn bundles_on_a_usb_stick_are_refused_or_installed_and_the_models_page_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let usb = dir.path().join("usb");
+    std::fs::create_dir(&usb).unwrap();
+    let lab = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let lab_pub = dir.path().join("lab.pub");
+    wbc_shared::bundle::keys::write_public(&lab_pub, &lab.verifying_key()).unwrap();
+    let release_pub = dir.path().join("release.pub");
+    std::fs::write(&release_pub, appliance::DEFAULT_KEY).unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("trust = [{release_pub:?}, {lab_pub:?}]\n{text}[update]\nusb_dir = {usb:?}\npoll_s = 1\n"),
+    )
+    .unwrap();
+    let d = Daemon::start(&cfg);
+    let cookie = d.login();
+    let models = || -> Value {
+        d.agent()
+            .get(&format!("{}/api/models", d.base))
+            .set("Cookie", &cookie)
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    };
+    let v0 = models()["status"]["active"]["model_version"].as_u64().unwrap();
+    let forger = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    std::fs::write(
+        usb.join("a-forged.bundle"),
+        appliance::default_bundle_as(v0 + 2, &forger),
+    )
+    .unwrap();
+    std::fs::write(usb.join("b-good.bundle"), appliance::default_bundle_as(v0 + 1, &lab)).unwrap();
+    wait_for("the USB bundle to become active", || {
+        models()["status"]["active"]["model_version"] == v0 + 1
+    });
+    let health: Value = d
+        .agent()
+        .get(&format!("{}/health", d.base))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(health["model_version"], v0 + 1);
+    let page = d
+        .agent()
+        .get(&format!("{}/models", d.base))
+        .set("Cookie", &cookie)
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        page.contains("USB (a-forged.bundle): bundle is signed by key"),
+        "{page}"
+    );
+    assert!(page.contains("which this device does not trust"), "{page}");
+    assert!(page.contains("USB (b-good.bundle): version"), "{page}");
+    assert!(page.contains("fallback: version"), "{page}");
+    let index = d
+        .agent()
+        .get(&format!("{}/", d.base))
+        .set("Cookie", &cookie)
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(index.contains("on probation, 0 of 20 fields"), "{index}");
+    // A field is now classified by the new model.
+    let (status, _, location) = d.upload(
+        &cookie,
+        "field.jpg",
+        &std::fs::read(fixture_field("BloodImage_00000.jpg")).unwrap(),
+    );
+    assert_eq!(status, 303);
+    let id = location.unwrap().trim_start_matches("/field/").to_string();
+    let field: Value = d
+        .agent()
+        .get(&format!("{}/api/field/{id}", d.base))
+        .set("Cookie", &cookie)
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let cells = field["cells"].as_array().unwrap();
+    assert!(!cells.is_empty());
+    for c in cells {
+        assert_eq!(c["result"]["model_version"], v0 + 1, "{c}");
+    }
+}
+
+#[test]
 fn nothing_but_health_is_served_without_a_login() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(&config(dir.path()));

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use wbc_shared::bundle::{Bundle, BundleBuilder, keys};
+use wbc_shared::bundle::{Bundle, keys};
 
 fn appliance() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_appliance"));
@@ -30,10 +30,12 @@ fn setup() -> Setup {
     keys::write_public(&dir.path().join("lab.pub"), &lab.verifying_key()).unwrap();
     std::fs::write(dir.path().join("default.pub"), appliance::DEFAULT_KEY).unwrap();
     let factory = Bundle::from_bytes(appliance::DEFAULT_BUNDLE, &appliance::trusted_keys(&[]).unwrap()).unwrap();
-    let mut b = BundleBuilder::from_bundle(&factory);
-    b.manifest_mut().model_version = factory.manifest.model_version + 1;
     let bundle = dir.path().join("v-next.bundle");
-    std::fs::write(&bundle, b.finish(&lab).unwrap()).unwrap();
+    std::fs::write(
+        &bundle,
+        appliance::default_bundle_as(factory.manifest.model_version + 1, &lab),
+    )
+    .unwrap();
     let config = dir.path().join("appliance.toml");
     std::fs::write(
         &config,
@@ -100,10 +102,13 @@ fn update(s: &Setup) -> std::process::Output {
 }
 
 fn leftovers(models: &Path, status: &Value) -> Vec<String> {
-    let named: Vec<&str> = [&status["status"]["active"]["file"], &status["status"]["previous"]["file"]]
-        .into_iter()
-        .filter_map(|v| v.as_str())
-        .collect();
+    let named: Vec<&str> = [
+        &status["status"]["active"]["file"],
+        &status["status"]["previous"]["file"],
+    ]
+    .into_iter()
+    .filter_map(|v| v.as_str())
+    .collect();
     std::fs::read_dir(models)
         .unwrap()
         .flatten()
@@ -133,7 +138,10 @@ fn a_kill_at_any_step_of_an_update_leaves_a_verified_model_and_the_update_can_be
         // The next start verifies and self-tests whatever the pointer names.
         let st = status(&s);
         let expect = s.factory_version + u64::from(switched);
-        assert_eq!(st["status"]["active"]["model_version"], expect, "killed at {step}: {st}");
+        assert_eq!(
+            st["status"]["active"]["model_version"], expect,
+            "killed at {step}: {st}"
+        );
         assert!(
             leftovers(&s.dir.path().join("data/models"), &st).is_empty(),
             "killed at {step}: an interrupted update's files are removed"
@@ -186,6 +194,10 @@ fn a_new_model_that_keeps_crashing_the_appliance_is_replaced_by_the_fallback() {
     );
     // The crashing bundle is not taken again.
     let out = update(&s);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("rolled back"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("rolled back"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_eq!(status(&s)["status"]["active"]["model_version"], s.factory_version);
 }

@@ -64,7 +64,12 @@ pub async fn publish_retained(broker: &BrokerConfig, client_id: &str, topic: &st
     let mut events = drive(events);
     let wait = async {
         loop {
-            match events.recv().await.context("connection ended")?.context("connecting to the broker")? {
+            match events
+                .recv()
+                .await
+                .context("connection ended")?
+                .context("connecting to the broker")?
+            {
                 Event::Incoming(Packet::ConnAck(_)) => {
                     client.publish(topic, QoS::AtLeastOnce, true, payload.clone()).await?;
                 }

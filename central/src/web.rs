@@ -192,7 +192,11 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
         let _ = write!(
             b,
             "<tr class=\"{cls}\"><td>{c}</td><td>{d}</td><td>{t}</td><td>{ev}</td><td>{v}</td><td>{detail}</td></tr>",
-            cls = if matches!(e.event.as_str(), "rejected" | "rolled_back") { "blast" } else { "" },
+            cls = if matches!(e.event.as_str(), "rejected" | "rolled_back") {
+                "blast"
+            } else {
+                ""
+            },
             c = esc(&e.clinic),
             d = esc(&e.device),
             t = when(e.at),

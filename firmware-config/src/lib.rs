@@ -246,7 +246,10 @@ mod tests {
         assert_eq!(c.trust, vec![PathBuf::from(format!("/etc/wbc/update-keys/{id}.pub"))]);
         assert_eq!(c.update.usb_dir.as_deref(), Some(Path::new(USB_MOUNT)));
         let copied = std::fs::read_to_string(out.join(format!("update-keys/{id}.pub"))).unwrap();
-        assert_eq!(wbc_shared::bundle::keys::parse_public(&copied).unwrap(), k.verifying_key());
+        assert_eq!(
+            wbc_shared::bundle::keys::parse_public(&copied).unwrap(),
+            k.verifying_key()
+        );
         let rule = std::fs::read_to_string(out.join("99-wbc-usb-update.rules")).unwrap();
         assert!(rule.contains(USB_MOUNT) && rule.contains("ro,nosuid,nodev,noexec"));
         // Not a key: refused, nothing written.

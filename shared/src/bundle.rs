@@ -556,7 +556,10 @@ mod tests {
         let bytes = again.finish(&k2).unwrap();
         let b2 = Bundle::from_bytes(&bytes, &[k2.verifying_key()]).unwrap();
         assert_eq!(b2.manifest.model_version, 4);
-        assert_eq!(b2.part("weights.safetensors").unwrap(), b.part("weights.safetensors").unwrap());
+        assert_eq!(
+            b2.part("weights.safetensors").unwrap(),
+            b.part("weights.safetensors").unwrap()
+        );
         assert!(Bundle::from_bytes(&bytes, &[k1.verifying_key()]).is_err());
     }
 

@@ -283,7 +283,10 @@ mod tests {
             created_at: "2026-11-28T00:00:00Z".into(),
         };
         assert_eq!(l.public_keys().unwrap(), vec![key(3).verifying_key()]);
-        let empty = KeyList { keys: vec![], ..l.clone() };
+        let empty = KeyList {
+            keys: vec![],
+            ..l.clone()
+        };
         assert!(empty.public_keys().is_err());
         let junk = KeyList {
             keys: vec!["junk".into()],
@@ -313,7 +316,10 @@ mod tests {
                 sha256: "xyz".into(),
                 ..good.clone()
             },
-            Announcement { size: 0, ..good.clone() },
+            Announcement {
+                size: 0,
+                ..good.clone()
+            },
         ] {
             assert!(Announcement::parse(&serde_json::to_vec(&bad).unwrap()).is_err());
         }

@@ -202,8 +202,9 @@ pub struct SlideMessage {
 /// A model event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelMessage {
-    /// What happened: `active` at start; updates add `downloaded`, `verified`, `rejected`,
-    /// `rolled_back`.
+    /// What happened: `active` (at start, and when an update switches); updates add
+    /// `downloaded`, `verified`, `rejected`, `confirmed` (probation passed), `rolled_back`,
+    /// `keys_updated`.
     pub event: String,
     /// The model version concerned.
     pub model_version: u64,

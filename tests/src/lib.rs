@@ -403,7 +403,10 @@ fn serve_one(
     ranges.lock().expect("ranges").push(range.clone());
     let path = request.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/');
     let Some(body) = files.get(path) else {
-        write!(tls, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+        write!(
+            tls,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
         tls.flush()?;
         return Ok(());
     };

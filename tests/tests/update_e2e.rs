@@ -9,17 +9,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use wbc_integration_tests::{Account, Broker, FileServer};
-use wbc_shared::bundle::{Bundle, BundleBuilder, keys};
+use wbc_shared::bundle::{Bundle, keys};
 
 const CLINIC: &str = "clinic-1";
 const DEVICE: &str = "scope-1";
-
-fn resign(version: u64, key: &SigningKey) -> Vec<u8> {
-    let factory = Bundle::from_bytes(appliance::DEFAULT_BUNDLE, &appliance::trusted_keys(&[]).unwrap()).unwrap();
-    let mut b = BundleBuilder::from_bundle(&factory);
-    b.manifest_mut().model_version = version;
-    b.finish(key).unwrap()
-}
 
 fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
     let t = Instant::now();
@@ -52,14 +45,17 @@ fn updates_by_network_and_usb_are_verified_activated_or_refused_and_central_hear
         .unwrap()
         .manifest
         .model_version;
-    let good = resign(v0 + 1, &lab);
-    let forged = resign(v0 + 2, &forger);
+    let good = appliance::default_bundle_as(v0 + 1, &lab);
+    let forged = appliance::default_bundle_as(v0 + 2, &forger);
     let good_path = write(dir.path(), "good.bundle", &good);
     let forged_path = write(dir.path(), "forged.bundle", &forged);
     let (cert, key) = broker.server_identity();
     let server = FileServer::start(
         (&cert, &key),
-        HashMap::from([("good.bundle".to_string(), good.clone()), ("forged.bundle".to_string(), forged)]),
+        HashMap::from([
+            ("good.bundle".to_string(), good.clone()),
+            ("forged.bundle".to_string(), forged),
+        ]),
         Some(good.len() / 3),
     )
     .unwrap();
@@ -138,9 +134,17 @@ fn updates_by_network_and_usb_are_verified_activated_or_refused_and_central_hear
     announce(&central::announce::topic(CLINIC, None).unwrap(), &a);
     let active = wait_for("the new model active at central", 180, event("active", v0 + 1));
     assert!(active.detail.contains("network"), "{}", active.detail);
-    assert!(active.detail.contains(&format!("version {v0} kept as the fallback")), "{}", active.detail);
+    assert!(
+        active.detail.contains(&format!("version {v0} kept as the fallback")),
+        "{}",
+        active.detail
+    );
     let downloaded = event("downloaded", v0 + 1)().expect("a downloaded event");
-    assert!(downloaded.detail.contains(&good.len().to_string()), "{}", downloaded.detail);
+    assert!(
+        downloaded.detail.contains(&good.len().to_string()),
+        "{}",
+        downloaded.detail
+    );
     assert!(event("verified", v0 + 1)().is_some());
     let ranges = server.ranges();
     assert_eq!(ranges[0], None, "the first request asks for the whole file");
@@ -164,7 +168,7 @@ fn updates_by_network_and_usb_are_verified_activated_or_refused_and_central_hear
     assert!(refused.detail.contains("does not trust"), "{}", refused.detail);
 
     // 3. A USB stick: a damaged copy is refused, a good newer bundle becomes active.
-    let usb_good = resign(v0 + 3, &lab);
+    let usb_good = appliance::default_bundle_as(v0 + 3, &lab);
     write(&usb, "damaged.bundle", &usb_good[..usb_good.len() / 2]);
     let refused = wait_for("the damaged USB bundle's refusal", 60, || {
         db.model_events(Some(CLINIC), 500)
@@ -183,7 +187,10 @@ fn updates_by_network_and_usb_are_verified_activated_or_refused_and_central_hear
     // The events central lists are the appliance's own log, in the same words.
     let store = wbc_integration_tests::open_store(&dir.path().join("appliance/store"), CLINIC, DEVICE).unwrap();
     let log = store.model_log(100).unwrap();
-    assert!(log.iter().any(|e| e.message.event == "rejected" && e.message.detail.contains("does not trust")));
+    assert!(
+        log.iter()
+            .any(|e| e.message.event == "rejected" && e.message.detail.contains("does not trust"))
+    );
     assert_eq!(log[0].message.event, "active");
     assert_eq!(log[0].message.model_version, v0 + 3);
 }

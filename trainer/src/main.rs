@@ -407,7 +407,12 @@ fn main() -> Result<()> {
         } => {
             let doc = trainer::sign::key_list(&keys::read_private(&key)?, sequence, &public_keys)?;
             trainer::sign::write_doc(&doc, &out, ".keys.json")?;
-            println!("key list {sequence} ({} keys) signed by {}: {}", public_keys.len(), doc.key_id, out.display());
+            println!(
+                "key list {sequence} ({} keys) signed by {}: {}",
+                public_keys.len(),
+                doc.key_id,
+                out.display()
+            );
         }
         Cmd::SignRollback {
             key,
@@ -421,9 +426,19 @@ fn main() -> Result<()> {
             let audience = trainer::sign::Audience { clinic, device };
             let doc = trainer::sign::rollback(&keys::read_private(&key)?, &to, from_version, audience, &reason)?;
             trainer::sign::write_doc(&doc, &out, ".rollback.json")?;
-            println!("rollback from version {from_version} to {} signed by {}: {}", to.display(), doc.key_id, out.display());
+            println!(
+                "rollback from version {from_version} to {} signed by {}: {}",
+                to.display(),
+                doc.key_id,
+                out.display()
+            );
         }
-        Cmd::Resign { bundle, trust, key, out } => {
+        Cmd::Resign {
+            bundle,
+            trust,
+            key,
+            out,
+        } => {
             let bytes = trainer::sign::resign(&bundle, &trusted(&trust)?, &keys::read_private(&key)?)?;
             let mut f = std::fs::OpenOptions::new()
                 .write(true)

@@ -17,7 +17,10 @@ fn now() -> Result<String> {
 /// looks for), never over an existing file.
 pub fn write_doc(doc: &SignedDoc, out: &Path, suffix: &str) -> Result<()> {
     if !out.to_string_lossy().ends_with(suffix) {
-        bail!("{}: the file name must end with {suffix} (the appliance looks for those)", out.display());
+        bail!(
+            "{}: the file name must end with {suffix} (the appliance looks for those)",
+            out.display()
+        );
     }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -126,12 +129,25 @@ mod tests {
             "min_appliance_version": "0.1.0", "created_at": "", "training": {}, "metrics": {}, "parts": {}
         }))
         .unwrap();
-        let bytes = BundleBuilder::new(manifest).part("w", vec![5; 64]).unwrap().finish(&old).unwrap();
+        let bytes = BundleBuilder::new(manifest)
+            .part("w", vec![5; 64])
+            .unwrap()
+            .finish(&old)
+            .unwrap();
         let v4 = dir.path().join("v4.bundle");
         std::fs::write(&v4, &bytes).unwrap();
         let again = resign(&v4, &[old.verifying_key()], &new).unwrap();
-        assert_eq!(Bundle::from_bytes(&again, &[new.verifying_key()]).unwrap().manifest.model_version, 4);
-        assert!(resign(&v4, &[new.verifying_key()], &new).is_err(), "only a verified bundle is signed again");
+        assert_eq!(
+            Bundle::from_bytes(&again, &[new.verifying_key()])
+                .unwrap()
+                .manifest
+                .model_version,
+            4
+        );
+        assert!(
+            resign(&v4, &[new.verifying_key()], &new).is_err(),
+            "only a verified bundle is signed again"
+        );
 
         let doc = rollback(&new, &v4, 5, Audience::default(), "v5 miscounts").unwrap();
         let r: Rollback = doc.verify(&[new.verifying_key()]).unwrap();
