@@ -112,6 +112,17 @@ impl Daemon {
         Ok((r.status(), r.into_string().unwrap(), location))
     }
 
+    /// A page's HTML, logged in.
+    fn page(&self, cookie: &str, path: &str) -> String {
+        self.agent()
+            .get(&format!("{}{path}", self.base))
+            .set("Cookie", cookie)
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    }
+
     fn slide(&self, cookie: &str) -> Value {
         self.agent()
             .get(&format!("{}/api/slide", self.base))
@@ -191,14 +202,7 @@ fn bundles_on_a_usb_stick_are_refused_or_installed_and_the_models_page_says_why(
         .into_json()
         .unwrap();
     assert_eq!(health["model_version"], v0 + 1);
-    let page = d
-        .agent()
-        .get(&format!("{}/models", d.base))
-        .set("Cookie", &cookie)
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let page = d.page(&cookie, "/models");
     assert!(
         page.contains("USB (a-forged.bundle): bundle is signed by key"),
         "{page}"
@@ -206,14 +210,7 @@ fn bundles_on_a_usb_stick_are_refused_or_installed_and_the_models_page_says_why(
     assert!(page.contains("which this device does not trust"), "{page}");
     assert!(page.contains("USB (b-good.bundle): version"), "{page}");
     assert!(page.contains("fallback: version"), "{page}");
-    let index = d
-        .agent()
-        .get(&format!("{}/", d.base))
-        .set("Cookie", &cookie)
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let index = d.page(&cookie, "/");
     assert!(index.contains("on probation, 0 of 20 fields"), "{index}");
     // A field is now classified by the new model.
     let (status, _, location) = d.upload(
@@ -346,14 +343,7 @@ fn bad_uploads_are_refused_with_a_reason_and_nothing_stored_is_lost() {
     }
     // Still alive, and the first field is intact.
     assert_eq!(d.slide(&cookie), before);
-    let page = d
-        .agent()
-        .get(&format!("{}{field_url}", d.base))
-        .set("Cookie", &cookie)
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let page = d.page(&cookie, &field_url);
     assert!(page.contains("<rect"), "{page}");
     // The same image again is the same field.
     let (_, _, again) = d.upload(&cookie, "copy.jpg", &good);
@@ -375,14 +365,7 @@ fn a_camera_capture_becomes_a_field_of_the_slide() {
     std::fs::write(&cfg, text).unwrap();
     let d = Daemon::start(&cfg);
     let cookie = d.login();
-    let home = d
-        .agent()
-        .get(&format!("{}/", d.base))
-        .set("Cookie", &cookie)
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let home = d.page(&cookie, "/");
     assert!(
         home.contains("id=\"capture\"") && home.contains("recorded frames"),
         "{home}"

@@ -167,6 +167,30 @@ pub fn key_id(key: &VerifyingKey) -> String {
     hex::encode(&Sha256::digest(key.as_bytes())[..8])
 }
 
+/// Checks a hex ed25519 `signature` of `message` by the key `key_id`, which must be one of
+/// `trusted`.
+pub(crate) fn check_signature(
+    trusted: &[VerifyingKey],
+    key_id_claimed: &str,
+    signature: &str,
+    message: &[u8],
+) -> Result<(), BundleError> {
+    let key = trusted
+        .iter()
+        .find(|k| key_id(k) == key_id_claimed)
+        .ok_or_else(|| BundleError::UntrustedKey {
+            key_id: key_id_claimed.to_string(),
+        })?;
+    let bad = || BundleError::BadSignature {
+        key_id: key_id_claimed.to_string(),
+    };
+    let raw: [u8; 64] = hex::decode(signature)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(bad)?;
+    key.verify(message, &Signature::from_bytes(&raw)).map_err(|_| bad())
+}
+
 /// Builds and signs a bundle.
 pub struct BundleBuilder {
     manifest: Manifest,
@@ -360,22 +384,7 @@ impl UnverifiedBundle {
         let sig_bytes = self.signature.as_ref().ok_or(BundleError::Unsigned)?;
         let sig: SignatureFile =
             serde_json::from_slice(sig_bytes).map_err(|e| BundleError::Corrupt(format!("manifest.sig: {e}")))?;
-        let key = trusted
-            .iter()
-            .find(|k| key_id(k) == sig.key_id)
-            .ok_or_else(|| BundleError::UntrustedKey {
-                key_id: sig.key_id.clone(),
-            })?;
-        let raw: [u8; 64] = hex::decode(&sig.signature)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| BundleError::BadSignature {
-                key_id: sig.key_id.clone(),
-            })?;
-        key.verify(&self.manifest_bytes, &Signature::from_bytes(&raw))
-            .map_err(|_| BundleError::BadSignature {
-                key_id: sig.key_id.clone(),
-            })?;
+        check_signature(trusted, &sig.key_id, &sig.signature, &self.manifest_bytes)?;
         // Signed: now the manifest may be parsed and trusted.
         let version: serde_json::Value =
             serde_json::from_slice(&self.manifest_bytes).map_err(|e| BundleError::BadManifest(e.to_string()))?;

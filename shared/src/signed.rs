@@ -6,8 +6,8 @@
 //! ed25519 signature covers the exact bytes of `payload`, and the payload names its own `type`,
 //! so a key list can never be taken for a rollback or the other way round.
 
-use crate::bundle::{BundleError, key_id, keys};
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use crate::bundle::{BundleError, check_signature, key_id, keys};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -68,21 +68,7 @@ impl SignedDoc {
 
     /// Checks the signature against `trusted` and returns the document, which must be a `T`.
     pub fn verify<T: Payload>(&self, trusted: &[VerifyingKey]) -> Result<T, BundleError> {
-        let key = trusted
-            .iter()
-            .find(|k| key_id(k) == self.key_id)
-            .ok_or_else(|| BundleError::UntrustedKey {
-                key_id: self.key_id.clone(),
-            })?;
-        let bad = || BundleError::BadSignature {
-            key_id: self.key_id.clone(),
-        };
-        let raw: [u8; 64] = hex::decode(&self.signature)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(bad)?;
-        key.verify(self.payload.as_bytes(), &Signature::from_bytes(&raw))
-            .map_err(|_| bad())?;
+        check_signature(trusted, &self.key_id, &self.signature, self.payload.as_bytes())?;
         let tagged: Tagged<T> = serde_json::from_str(&self.payload)
             .map_err(|e| BundleError::BadManifest(format!("signed {} document: {e}", T::TYPE)))?;
         if tagged.kind != T::TYPE {
