@@ -1125,7 +1125,17 @@ mod tests {
                         }
                         Op::Reopen => {
                             drop(s);
-                            s = open(dir.path(), Retention::default());
+                            // sled's background flusher may hold the file lock a moment longer.
+                            let t = std::time::Instant::now();
+                            s = loop {
+                                match Store::open(dir.path(), identity(), Retention::default()) {
+                                    Ok(s) => break s,
+                                    Err(_) if t.elapsed() < std::time::Duration::from_secs(10) => {
+                                        std::thread::sleep(std::time::Duration::from_millis(20));
+                                    }
+                                    Err(e) => panic!("reopening: {e:#}"),
+                                }
+                            };
                         }
                     }
                     for (id, f) in &m.fields {
