@@ -16,6 +16,7 @@ pub mod finder;
 pub mod image;
 pub mod messages;
 pub mod metrics;
+pub mod mllama;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod quant;

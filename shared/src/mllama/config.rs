@@ -302,7 +302,11 @@ impl MllamaConfig {
         if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
             return Err(invalid("vision_config: image_size must divide by patch_size"));
         }
-        if let Some(i) = v.intermediate_layers_indices.iter().find(|&&i| i >= v.num_hidden_layers) {
+        if let Some(i) = v
+            .intermediate_layers_indices
+            .iter()
+            .find(|&&i| i >= v.num_hidden_layers)
+        {
             return Err(invalid(format!(
                 "vision_config: intermediate layer {i} is beyond num_hidden_layers {}",
                 v.num_hidden_layers
@@ -313,8 +317,14 @@ impl MllamaConfig {
                 "vision_config: vision_output_dim must be hidden_size × (1 + intermediate layers)",
             ));
         }
-        if v.max_num_tiles == 0 || v.supported_aspect_ratios.iter().any(|[r, c]| r * c > v.max_num_tiles || r * c == 0) {
-            return Err(invalid("vision_config: an aspect ratio has more tiles than max_num_tiles"));
+        if v.max_num_tiles == 0
+            || v.supported_aspect_ratios
+                .iter()
+                .any(|[r, c]| r * c > v.max_num_tiles || r * c == 0)
+        {
+            return Err(invalid(
+                "vision_config: an aspect ratio has more tiles than max_num_tiles",
+            ));
         }
         if v.hidden_act != "gelu" || t.hidden_act != "silu" {
             return Err(invalid("only gelu (vision) and silu (text) activations are supported"));
@@ -475,7 +485,15 @@ mod tests {
         let missing = base("").replace(r#""num_hidden_layers": 4,"#, "");
         let e = MllamaConfig::from_json(&missing).unwrap_err().to_string();
         assert!(e.contains("num_hidden_layers"), "{e}");
-        let bad = base("").replace(r#""cross_attention_layers": [1, 3]"#, r#""cross_attention_layers": [9]"#);
-        assert!(MllamaConfig::from_json(&bad).unwrap_err().to_string().contains("cross-attention layer 9"));
+        let bad = base("").replace(
+            r#""cross_attention_layers": [1, 3]"#,
+            r#""cross_attention_layers": [9]"#,
+        );
+        assert!(
+            MllamaConfig::from_json(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("cross-attention layer 9")
+        );
     }
 }

@@ -1,0 +1,745 @@
+//! `MllamaForConditionalGeneration` in burn, following transformers' `modeling_mllama.py`
+//! operation for operation (module names as in the published checkpoints).
+//!
+//! Vision: patch embedding (a convolution with stride = kernel, computed as a matmul over
+//! flattened patches), gated pre-tile aspect-ratio embedding, class token, gated positional
+//! embedding with tile embedding, patches padded to a multiple of 8 with the aspect-ratio
+//! attention mask, the local transformer (whose listed intermediate layers are kept), the
+//! post-tile embedding and the gated global transformer; output `[B, images, tiles, patches,
+//! hidden × (1 + intermediate layers)]`. Text: self-attention layers (GQA, RoPE with Llama 3
+//! scaling, causal) and cross-attention layers (q/k RMS norms, tanh gates, rows that see no
+//! image zeroed after the MLP), RMS norm, LM head.
+
+use super::checkpoint::{Checkpoint, CheckpointError};
+use super::config::{MllamaConfig, Rope};
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear, RmsNorm};
+use burn::tensor::activation::{gelu, silu, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+/// The additive mask value transformers uses (`torch.finfo(float32).min`).
+const MASKED: f32 = f32::MIN;
+
+/// Scaled dot-product attention with an additive mask (broadcast over heads).
+fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Option<Tensor<4>>) -> Tensor<4> {
+    let hd = q.dims()[3];
+    let scores = q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5);
+    let scores = match mask {
+        Some(m) => {
+            let s = scores.dims();
+            scores + m.expand(s)
+        }
+        None => scores,
+    };
+    softmax(scores, 3).matmul(v)
+}
+
+/// Repeats key/value heads for grouped-query attention.
+fn repeat_kv(x: Tensor<4>, n: usize) -> Tensor<4> {
+    if n == 1 {
+        return x;
+    }
+    let [b, kv, s, hd] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kv, n, s, hd])
+        .reshape([b, kv * n, s, hd])
+}
+
+/// `[b, s, heads·hd]` → `[b, heads, s, hd]`.
+fn split_heads(x: Tensor<3>, heads: usize) -> Tensor<4> {
+    let [b, s, d] = x.dims();
+    x.reshape([b, s, heads, d / heads]).swap_dims(1, 2)
+}
+
+/// `[b, heads, s, hd]` → `[b, s, heads·hd]`.
+fn merge_heads(x: Tensor<4>) -> Tensor<3> {
+    let [b, h, s, hd] = x.dims();
+    x.swap_dims(1, 2).reshape([b, s, h * hd])
+}
+
+fn tanh_gate(g: &Param<Tensor<1>>) -> Tensor<3> {
+    g.val().tanh().reshape([1, 1, 1])
+}
+
+/// Vision self-attention (no bias, all heads).
+#[derive(Module, Debug)]
+pub struct VisionAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+}
+
+impl VisionAttention {
+    fn forward(&self, x: Tensor<3>, mask: Tensor<4>) -> Tensor<3> {
+        let q = split_heads(self.q_proj.forward(x.clone()), self.heads);
+        let k = split_heads(self.k_proj.forward(x.clone()), self.heads);
+        let v = split_heads(self.v_proj.forward(x), self.heads);
+        self.o_proj.forward(merge_heads(attention(q, k, v, Some(mask))))
+    }
+}
+
+/// Vision MLP (GELU).
+#[derive(Module, Debug)]
+pub struct VisionMlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// One vision encoder layer; the global ones are gated.
+#[derive(Module, Debug)]
+pub struct VisionLayer {
+    self_attn: VisionAttention,
+    mlp: VisionMlp,
+    input_layernorm: LayerNorm,
+    post_attention_layernorm: LayerNorm,
+    gate_attn: Option<Param<Tensor<1>>>,
+    gate_ffn: Option<Param<Tensor<1>>>,
+}
+
+impl VisionLayer {
+    fn forward(&self, x: Tensor<3>, mask: Tensor<4>) -> Tensor<3> {
+        let mut a = self.self_attn.forward(self.input_layernorm.forward(x.clone()), mask);
+        if let Some(g) = &self.gate_attn {
+            a = a * tanh_gate(g);
+        }
+        let x = x + a;
+        let mut m = self.mlp.fc2.forward(gelu(
+            self.mlp.fc1.forward(self.post_attention_layernorm.forward(x.clone())),
+        ));
+        if let Some(g) = &self.gate_ffn {
+            m = m * tanh_gate(g);
+        }
+        x + m
+    }
+}
+
+/// Aspect-ratio (tile) embedding added to every patch of a tile, gated.
+#[derive(Module, Debug)]
+pub struct AspectRatioEmbedding {
+    embedding: Embedding,
+    gate: Param<Tensor<1>>,
+}
+
+/// Positional embedding, gated against the tile positional embedding.
+#[derive(Module, Debug)]
+pub struct GatedPositionEmbedding {
+    embedding: Param<Tensor<2>>,
+    gate: Param<Tensor<1>>,
+    tile_embedding: Embedding,
+}
+
+/// The vision encoder.
+#[derive(Module, Debug)]
+pub struct VisionModel {
+    /// `[channels·patch·patch, hidden]`.
+    patch_embedding: Param<Tensor<2>>,
+    class_embedding: Param<Tensor<1>>,
+    gated_positional_embedding: GatedPositionEmbedding,
+    pre_tile_positional_embedding: AspectRatioEmbedding,
+    post_tile_positional_embedding: AspectRatioEmbedding,
+    layernorm_pre: LayerNorm,
+    layernorm_post: LayerNorm,
+    transformer: Vec<VisionLayer>,
+    global_transformer: Vec<VisionLayer>,
+    patch_size: usize,
+    intermediate_layers: Vec<usize>,
+}
+
+impl VisionModel {
+    /// `pixel_values [B, I, T, C, H, W]`, `aspect_ratio_ids [B, I]`, `aspect_ratio_mask
+    /// [B, I, T]` (1 for real tiles) → `[B, I, T, patches, vision_output_dim]`.
+    pub fn forward(&self, pixels: Tensor<6>, ratio_ids: Tensor<2, Int>, ratio_mask: Tensor<3>) -> Tensor<5> {
+        let [b, imgs, tiles, c, h, w] = pixels.dims();
+        let ps = self.patch_size;
+        let (gh, gw) = (h / ps, w / ps);
+        let bi = b * imgs;
+        let d = self.class_embedding.dims()[0];
+        let ids = ratio_ids.reshape([bi, 1]);
+        // Patches: a stride = kernel convolution is a matmul over flattened patches.
+        let x = pixels
+            .reshape([bi * tiles, c, gh, ps, gw, ps])
+            .permute([0, 2, 4, 1, 3, 5])
+            .reshape([bi * tiles, gh * gw, c * ps * ps])
+            .matmul(self.patch_embedding.val().unsqueeze::<3>());
+        let np = gh * gw;
+        let x = x.reshape([bi, tiles, np, d]);
+        let x = x + self.tile_embed(&self.pre_tile_positional_embedding, ids.clone(), tiles, d);
+        let cls = self.class_embedding.val().reshape([1, 1, d]).expand([bi * tiles, 1, d]);
+        let x = Tensor::cat(vec![cls, x.reshape([bi * tiles, np, d])], 1);
+        let p = np + 1;
+        let x = x.reshape([bi, tiles, p, d]);
+        // Gated positional embedding.
+        let gp = &self.gated_positional_embedding;
+        let g = gp.gate.val().tanh().reshape([1, 1, 1, 1]);
+        let x = x
+            + (g.clone().neg() + 1.0) * gp.embedding.val().reshape([1, 1, p, d])
+            + g * gp.tile_embedding.forward(ids.clone()).reshape([bi, tiles, p, d]);
+        let x = self.layernorm_pre.forward(x);
+        // Pad the patches to a multiple of 8.
+        let pad = (8 - p % 8) % 8;
+        let pp = p + pad;
+        let x = if pad > 0 {
+            let device = x.device();
+            Tensor::cat(vec![x, Tensor::zeros([bi, tiles, pad, d], &device)], 2)
+        } else {
+            x
+        };
+        let mask = aspect_ratio_mask(ratio_mask.reshape([bi, tiles]), p, pp);
+        let mut x = x.reshape([bi, tiles * pp, d]);
+        let mut kept = Vec::with_capacity(self.intermediate_layers.len());
+        for (i, layer) in self.transformer.iter().enumerate() {
+            x = layer.forward(x, mask.clone());
+            if self.intermediate_layers.contains(&i) {
+                kept.push((i, x.clone()));
+            }
+        }
+        let x = self.layernorm_post.forward(x).reshape([bi, tiles, pp, d]);
+        let x = x + self.tile_embed(&self.post_tile_positional_embedding, ids, tiles, d);
+        let mut x = x.reshape([bi, tiles * pp, d]);
+        for layer in &self.global_transformer {
+            x = layer.forward(x, mask.clone());
+        }
+        let x = x.reshape([bi, tiles, pp, d]).slice([0..bi, 0..tiles, 0..p, 0..d]);
+        // Intermediate layers in the configured order, stacked on a last axis (as
+        // `torch.stack(..., dim=-1)`), then flattened with it.
+        let inter: Vec<Tensor<4>> = self
+            .intermediate_layers
+            .iter()
+            .map(|i| {
+                kept.iter()
+                    .find(|(j, _)| j == i)
+                    .expect("every intermediate layer kept")
+                    .1
+                    .clone()
+                    .unsqueeze_dim::<4>(3)
+            })
+            .collect();
+        let k = inter.len();
+        let out = if k > 0 {
+            let inter = Tensor::cat(inter, 3)
+                .reshape([bi, tiles, pp, d * k])
+                .slice([0..bi, 0..tiles, 0..p, 0..d * k]);
+            Tensor::cat(vec![x, inter], 3)
+        } else {
+            x
+        };
+        let od = d * (1 + k);
+        out.reshape([b, imgs, tiles, p, od])
+    }
+
+    fn tile_embed(&self, e: &AspectRatioEmbedding, ids: Tensor<2, Int>, tiles: usize, d: usize) -> Tensor<4> {
+        let [bi, _] = ids.dims();
+        e.embedding.forward(ids).reshape([bi, tiles, 1, d]) * e.gate.val().tanh().reshape([1, 1, 1, 1])
+    }
+}
+
+/// transformers' `_prepare_aspect_ratio_attention_mask`: `[bi, T]` tile mask → additive
+/// `[bi, 1, T·pp, T·pp]`, masking the pairs where both positions are padding or in a padded
+/// tile. As in transformers, when no patch is padding (`pp == p`) every position counts as
+/// padding (its `[:, :, -0:]` slice selects everything).
+fn aspect_ratio_mask(tile_mask: Tensor<2>, p: usize, pp: usize) -> Tensor<4> {
+    let [bi, tiles] = tile_mask.dims();
+    let device = tile_mask.device();
+    let valid: Vec<f32> = (0..pp).map(|i| if i < p && pp != p { 1.0 } else { 0.0 }).collect();
+    let valid = Tensor::<1>::from_data(TensorData::new(valid, [pp]), &device).reshape([1, 1, pp]);
+    let m = tile_mask.reshape([bi, tiles, 1]).expand([bi, tiles, pp]) * valid;
+    let m = (m.neg() + 1.0).reshape([bi, tiles * pp, 1]);
+    (m.clone().matmul(m.swap_dims(1, 2)) * MASKED).unsqueeze_dim(1)
+}
+
+/// Text self-attention with RoPE and GQA.
+#[derive(Module, Debug)]
+pub struct SelfAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+}
+
+/// Text cross-attention to the projected vision states.
+#[derive(Module, Debug)]
+pub struct CrossAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    heads: usize,
+    kv_heads: usize,
+}
+
+/// Text MLP (SiLU-gated).
+#[derive(Module, Debug)]
+pub struct TextMlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl TextMlp {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+/// A decoder layer: self-attention, or gated cross-attention.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    self_attn: Option<SelfAttention>,
+    cross_attn: Option<CrossAttention>,
+    mlp: TextMlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+    cross_attn_attn_gate: Option<Param<Tensor<1>>>,
+    cross_attn_mlp_gate: Option<Param<Tensor<1>>>,
+}
+
+/// Rotates pairs `(x1, x2)` → `(-x2, x1)` over the two halves of the last axis.
+fn rotate_half(x: Tensor<4>) -> Tensor<4> {
+    let [b, h, s, hd] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..hd / 2]);
+    let x2 = x.slice([0..b, 0..h, 0..s, hd / 2..hd]);
+    Tensor::cat(vec![x2.neg(), x1], 3)
+}
+
+fn apply_rope(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+    let s = x.dims();
+    x.clone() * cos.expand(s) + rotate_half(x) * sin.expand(s)
+}
+
+/// What the cross-attention layers see: the projected vision states and the masks.
+#[derive(Clone, Debug)]
+pub struct CrossContext {
+    /// `[B, L, hidden]`.
+    pub states: Tensor<3>,
+    /// Additive mask `[B, 1, S, L]`.
+    pub mask: Tensor<4>,
+    /// `[B, S, 1]`: 0 for text rows that see no image.
+    pub rows: Tensor<3>,
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: (&Tensor<4>, &Tensor<4>),
+        causal: &Tensor<4>,
+        cross: Option<&CrossContext>,
+    ) -> Tensor<3> {
+        let h = self.input_layernorm.forward(x.clone());
+        if let Some(a) = &self.self_attn {
+            let q = apply_rope(
+                split_heads(a.q_proj.forward(h.clone()), a.heads),
+                rope.0.clone(),
+                rope.1.clone(),
+            );
+            let k = apply_rope(
+                split_heads(a.k_proj.forward(h.clone()), a.kv_heads),
+                rope.0.clone(),
+                rope.1.clone(),
+            );
+            let v = split_heads(a.v_proj.forward(h), a.kv_heads);
+            let n = a.heads / a.kv_heads;
+            let o = a.o_proj.forward(merge_heads(attention(
+                q,
+                repeat_kv(k, n),
+                repeat_kv(v, n),
+                Some(causal.clone()),
+            )));
+            let x = x + o;
+            return x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x));
+        }
+        let a = self.cross_attn.as_ref().expect("a layer is self- or cross-attention");
+        let c = cross.expect("cross-attention layers run only with vision states");
+        let q = a.q_norm.forward(split_heads(a.q_proj.forward(h), a.heads));
+        let k = a
+            .k_norm
+            .forward(split_heads(a.k_proj.forward(c.states.clone()), a.kv_heads));
+        let v = split_heads(a.v_proj.forward(c.states.clone()), a.kv_heads);
+        let n = a.heads / a.kv_heads;
+        let o = a.o_proj.forward(merge_heads(attention(
+            q,
+            repeat_kv(k, n),
+            repeat_kv(v, n),
+            Some(c.mask.clone()),
+        )));
+        let attn_gate = tanh_gate(self.cross_attn_attn_gate.as_ref().expect("cross layers are gated"));
+        let x = x + attn_gate * o;
+        let m = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
+        let m = m * c.rows.clone().expand(x.dims());
+        let mlp_gate = tanh_gate(self.cross_attn_mlp_gate.as_ref().expect("cross layers are gated"));
+        x + mlp_gate * m
+    }
+}
+
+/// The text decoder.
+#[derive(Module, Debug)]
+pub struct TextModel {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+}
+
+/// Llama 3.2 Vision.
+#[derive(Module, Debug)]
+pub struct Mllama {
+    /// The vision encoder.
+    pub vision_model: VisionModel,
+    multi_modal_projector: Linear,
+    language_model: TextModel,
+    lm_head: Linear,
+    #[module(skip)]
+    inv_freq: Vec<f32>,
+    patches_per_tile: usize,
+}
+
+/// The rotary inverse frequencies, as transformers computes them (f32), with Llama 3 scaling.
+pub fn inv_freq(rope: &Rope, head_dim: usize) -> Vec<f32> {
+    let base: Vec<f32> = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1.0 / (rope.theta as f32).powf(i as f32 / head_dim as f32))
+        .collect();
+    let Some(s) = rope.llama3 else {
+        return base;
+    };
+    let old = s.original_max_position_embeddings as f32;
+    let (factor, low, high) = (s.factor as f32, s.low_freq_factor as f32, s.high_freq_factor as f32);
+    let low_wavelen = old / low;
+    let high_wavelen = old / high;
+    base.into_iter()
+        .map(|f| {
+            let wavelen = 2.0 * std::f32::consts::PI / f;
+            let scaled = if wavelen > low_wavelen { f / factor } else { f };
+            let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+            if medium {
+                let smooth = (old / wavelen - low) / (high - low);
+                (1.0 - smooth) * scaled / factor + smooth * scaled
+            } else {
+                scaled
+            }
+        })
+        .collect()
+}
+
+/// The model's inputs for one forward pass.
+pub struct Inputs {
+    /// `[B, S]`.
+    pub input_ids: Tensor<2, Int>,
+    /// `[B, I, T, C, H, W]`, or none (text only).
+    pub pixel_values: Option<Tensor<6>>,
+    /// `[B, I]`.
+    pub aspect_ratio_ids: Option<Tensor<2, Int>>,
+    /// `[B, I, T]`, 1 for real tiles.
+    pub aspect_ratio_mask: Option<Tensor<3>>,
+    /// `[B, S, I, T]`, 1 where a token may see a tile.
+    pub cross_attention_mask: Option<Tensor<4>>,
+}
+
+impl Mllama {
+    /// Builds the model from a checkpoint; every tensor must be there with the shape the
+    /// configuration implies, and no other.
+    pub fn load(cfg: &MllamaConfig, ck: &Checkpoint, device: &Device) -> Result<Self, CheckpointError> {
+        let l = Loader { ck, device };
+        let (v, t) = (&cfg.vision, &cfg.text);
+        let vd = v.hidden_size;
+        let vision_layer = |p: &str, gated: bool| -> Result<VisionLayer, CheckpointError> {
+            let gate = |n: &str| -> Result<Option<Param<Tensor<1>>>, CheckpointError> {
+                if gated {
+                    Ok(Some(l.param1(&format!("{p}.{n}"), 1)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            Ok(VisionLayer {
+                self_attn: VisionAttention {
+                    q_proj: l.linear(&format!("{p}.self_attn.q_proj"), vd, vd, false)?,
+                    k_proj: l.linear(&format!("{p}.self_attn.k_proj"), vd, vd, false)?,
+                    v_proj: l.linear(&format!("{p}.self_attn.v_proj"), vd, vd, false)?,
+                    o_proj: l.linear(&format!("{p}.self_attn.o_proj"), vd, vd, false)?,
+                    heads: v.attention_heads,
+                },
+                mlp: VisionMlp {
+                    fc1: l.linear(&format!("{p}.mlp.fc1"), vd, v.intermediate_size, true)?,
+                    fc2: l.linear(&format!("{p}.mlp.fc2"), v.intermediate_size, vd, true)?,
+                },
+                input_layernorm: l.layer_norm(&format!("{p}.input_layernorm"), vd, v.norm_eps)?,
+                post_attention_layernorm: l.layer_norm(&format!("{p}.post_attention_layernorm"), vd, v.norm_eps)?,
+                gate_attn: gate("gate_attn")?,
+                gate_ffn: gate("gate_ffn")?,
+            })
+        };
+        let p = cfg.patches_per_tile();
+        let tiles = v.max_num_tiles;
+        let ratios = v.supported_aspect_ratios.len() + 1;
+        let ps = v.patch_size;
+        let pv = "vision_model";
+        let patch = l.values(&format!("{pv}.patch_embedding.weight"), &[vd, v.num_channels, ps, ps])?;
+        let patch = transpose(&patch, vd, v.num_channels * ps * ps);
+        let aspect = |n: &str| -> Result<AspectRatioEmbedding, CheckpointError> {
+            Ok(AspectRatioEmbedding {
+                embedding: l.embedding(&format!("{pv}.{n}.embedding.weight"), ratios, tiles * vd)?,
+                gate: l.param1(&format!("{pv}.{n}.gate"), 1)?,
+            })
+        };
+        let vision_model = VisionModel {
+            patch_embedding: Param::from_tensor(l.tensor2(patch, [v.num_channels * ps * ps, vd])),
+            class_embedding: l.param1(&format!("{pv}.class_embedding"), vd)?,
+            gated_positional_embedding: GatedPositionEmbedding {
+                embedding: Param::from_tensor(l.load2(&format!("{pv}.gated_positional_embedding.embedding"), [p, vd])?),
+                gate: l.param1(&format!("{pv}.gated_positional_embedding.gate"), 1)?,
+                tile_embedding: l.embedding(
+                    &format!("{pv}.gated_positional_embedding.tile_embedding.weight"),
+                    ratios,
+                    tiles * p * vd,
+                )?,
+            },
+            pre_tile_positional_embedding: aspect("pre_tile_positional_embedding")?,
+            post_tile_positional_embedding: aspect("post_tile_positional_embedding")?,
+            // transformers builds these two with LayerNorm's default epsilon, not norm_eps.
+            layernorm_pre: l.layer_norm(&format!("{pv}.layernorm_pre"), vd, 1e-5)?,
+            layernorm_post: l.layer_norm(&format!("{pv}.layernorm_post"), vd, 1e-5)?,
+            transformer: (0..v.num_hidden_layers)
+                .map(|i| vision_layer(&format!("{pv}.transformer.layers.{i}"), false))
+                .collect::<Result<_, _>>()?,
+            global_transformer: (0..v.num_global_layers)
+                .map(|i| vision_layer(&format!("{pv}.global_transformer.layers.{i}"), true))
+                .collect::<Result<_, _>>()?,
+            patch_size: ps,
+            intermediate_layers: v.intermediate_layers_indices.clone(),
+        };
+        let h = t.hidden_size;
+        let kv = t.num_key_value_heads * t.head_dim();
+        let pt = "language_model.model";
+        let rms = |n: &str, d: usize| -> Result<RmsNorm, CheckpointError> {
+            Ok(RmsNorm {
+                gamma: l.param1(n, d)?,
+                epsilon: t.rms_norm_eps,
+            })
+        };
+        let mut layers = Vec::with_capacity(t.num_hidden_layers);
+        for i in 0..t.num_hidden_layers {
+            let pl = format!("{pt}.layers.{i}");
+            let cross = t.cross_attention_layers.contains(&i);
+            let proj = |kind: &str, n: &str, o: usize| l.linear(&format!("{pl}.{kind}.{n}"), h, o, false);
+            let out = |kind: &str| l.linear(&format!("{pl}.{kind}.o_proj"), h, h, false);
+            layers.push(DecoderLayer {
+                self_attn: if cross {
+                    None
+                } else {
+                    Some(SelfAttention {
+                        q_proj: proj("self_attn", "q_proj", h)?,
+                        k_proj: proj("self_attn", "k_proj", kv)?,
+                        v_proj: proj("self_attn", "v_proj", kv)?,
+                        o_proj: out("self_attn")?,
+                        heads: t.num_attention_heads,
+                        kv_heads: t.num_key_value_heads,
+                    })
+                },
+                cross_attn: if cross {
+                    Some(CrossAttention {
+                        q_proj: proj("cross_attn", "q_proj", h)?,
+                        k_proj: proj("cross_attn", "k_proj", kv)?,
+                        v_proj: proj("cross_attn", "v_proj", kv)?,
+                        o_proj: out("cross_attn")?,
+                        q_norm: rms(&format!("{pl}.cross_attn.q_norm.weight"), t.head_dim())?,
+                        k_norm: rms(&format!("{pl}.cross_attn.k_norm.weight"), t.head_dim())?,
+                        heads: t.num_attention_heads,
+                        kv_heads: t.num_key_value_heads,
+                    })
+                } else {
+                    None
+                },
+                mlp: TextMlp {
+                    gate_proj: l.linear(&format!("{pl}.mlp.gate_proj"), h, t.intermediate_size, false)?,
+                    up_proj: l.linear(&format!("{pl}.mlp.up_proj"), h, t.intermediate_size, false)?,
+                    down_proj: l.linear(&format!("{pl}.mlp.down_proj"), t.intermediate_size, h, false)?,
+                },
+                input_layernorm: rms(&format!("{pl}.input_layernorm.weight"), h)?,
+                post_attention_layernorm: rms(&format!("{pl}.post_attention_layernorm.weight"), h)?,
+                cross_attn_attn_gate: if cross {
+                    Some(l.param1(&format!("{pl}.cross_attn_attn_gate"), 1)?)
+                } else {
+                    None
+                },
+                cross_attn_mlp_gate: if cross {
+                    Some(l.param1(&format!("{pl}.cross_attn_mlp_gate"), 1)?)
+                } else {
+                    None
+                },
+            });
+        }
+        let embed_tokens = l.embedding(&format!("{pt}.embed_tokens.weight"), t.vocab_size + 8, h)?;
+        let lm_head = if t.tie_word_embeddings {
+            let w = embed_tokens.weight.val().slice([0..t.vocab_size, 0..h]).transpose();
+            Linear {
+                weight: Param::from_tensor(w),
+                bias: None,
+            }
+        } else {
+            l.linear("language_model.lm_head", h, t.vocab_size, false)?
+        };
+        let model = Mllama {
+            vision_model,
+            multi_modal_projector: l.linear("multi_modal_projector", v.vision_output_dim, h, true)?,
+            language_model: TextModel {
+                embed_tokens,
+                layers,
+                norm: rms(&format!("{pt}.norm.weight"), h)?,
+            },
+            lm_head,
+            inv_freq: inv_freq(&t.rope, t.head_dim()),
+            patches_per_tile: p,
+        };
+        ck.check_all_used()?;
+        Ok(model)
+    }
+
+    /// The projected vision states `[B, I·T·P, hidden]` of the images.
+    pub fn cross_states(&self, pixels: Tensor<6>, ratio_ids: Tensor<2, Int>, ratio_mask: Tensor<3>) -> Tensor<3> {
+        let [b, ..] = pixels.dims();
+        let v = self.vision_model.forward(pixels, ratio_ids, ratio_mask);
+        let [_, i, t, p, od] = v.dims();
+        let projected = self.multi_modal_projector.forward(v.reshape([b, i * t * p, od]));
+        projected
+    }
+
+    /// The cross-attention context from projected states and the `[B, S, I, T]` token/tile mask
+    /// (transformers' `_prepare_cross_attention_mask`).
+    pub fn cross_context(&self, states: Tensor<3>, token_tiles: Tensor<4>) -> CrossContext {
+        let [b, s, i, t] = token_tiles.dims();
+        let p = self.patches_per_tile;
+        let m = token_tiles
+            .reshape([b, s, i * t, 1])
+            .expand([b, s, i * t, p])
+            .reshape([b, s, i * t * p]);
+        let rows = m.clone().max_dim(2);
+        let mask = (m.neg() + 1.0) * MASKED * rows.clone().expand([b, s, i * t * p]);
+        CrossContext {
+            states,
+            mask: mask.unsqueeze_dim(1),
+            rows,
+        }
+    }
+
+    /// Logits `[B, S, vocab]` for a whole sequence (no cache), positions from 0.
+    pub fn forward(&self, inputs: Inputs) -> Tensor<3> {
+        let cross = match (inputs.pixel_values, inputs.aspect_ratio_ids, inputs.aspect_ratio_mask) {
+            (Some(px), Some(ids), Some(mask)) => {
+                let states = self.cross_states(px, ids, mask);
+                let tiles = inputs
+                    .cross_attention_mask
+                    .expect("a cross-attention mask comes with the images");
+                Some(self.cross_context(states, tiles))
+            }
+            _ => None,
+        };
+        self.decode(inputs.input_ids, 0, cross.as_ref())
+    }
+
+    /// Runs the decoder over `ids` at positions `start..`, attending causally among them.
+    fn decode(&self, ids: Tensor<2, Int>, start: usize, cross: Option<&CrossContext>) -> Tensor<3> {
+        let [_, s] = ids.dims();
+        let device = ids.device();
+        let (cos, sin) = self.rope_tables(start, s, &device);
+        let causal = causal_mask(s, &device);
+        let mut x = self.language_model.embed_tokens.forward(ids);
+        for layer in &self.language_model.layers {
+            if layer.cross_attn.is_some() && cross.is_none() {
+                continue;
+            }
+            x = layer.forward(x, (&cos, &sin), &causal, cross);
+        }
+        self.lm_head.forward(self.language_model.norm.forward(x))
+    }
+
+    fn rope_tables(&self, start: usize, len: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+        let half = self.inv_freq.len();
+        let hd = half * 2;
+        let mut cos = Vec::with_capacity(len * hd);
+        let mut sin = Vec::with_capacity(len * hd);
+        for pos in start..start + len {
+            let freqs: Vec<f32> = self.inv_freq.iter().map(|f| pos as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(freqs.iter().map(|f| f.cos()));
+                sin.extend(freqs.iter().map(|f| f.sin()));
+            }
+        }
+        let t = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [len, hd]), device).reshape([1, 1, len, hd]);
+        (t(cos), t(sin))
+    }
+}
+
+fn causal_mask(s: usize, device: &Device) -> Tensor<4> {
+    let v: Vec<f32> = (0..s * s).map(|k| if k % s > k / s { MASKED } else { 0.0 }).collect();
+    Tensor::<2>::from_data(TensorData::new(v, [s, s]), device).reshape([1, 1, s, s])
+}
+
+/// `[rows, cols]` row-major → `[cols, rows]`.
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = v[r * cols + c];
+        }
+    }
+    out
+}
+
+struct Loader<'a> {
+    ck: &'a Checkpoint,
+    device: &'a Device,
+}
+
+impl Loader<'_> {
+    fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        self.ck.tensor(name, shape)
+    }
+
+    fn tensor2(&self, v: Vec<f32>, shape: [usize; 2]) -> Tensor<2> {
+        Tensor::from_data(TensorData::new(v, shape), self.device)
+    }
+
+    fn load2(&self, name: &str, shape: [usize; 2]) -> Result<Tensor<2>, CheckpointError> {
+        Ok(self.tensor2(self.values(name, &shape)?, shape))
+    }
+
+    fn param1(&self, name: &str, d: usize) -> Result<Param<Tensor<1>>, CheckpointError> {
+        let v = self.values(name, &[d])?;
+        Ok(Param::from_tensor(Tensor::from_data(
+            TensorData::new(v, [d]),
+            self.device,
+        )))
+    }
+
+    /// A linear layer from `{prefix}.weight` (`[out, in]`, kept as `[in, out]`) and bias.
+    fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear, CheckpointError> {
+        let w = self.values(&format!("{prefix}.weight"), &[d_out, d_in])?;
+        Ok(Linear {
+            weight: Param::from_tensor(self.tensor2(transpose(&w, d_out, d_in), [d_in, d_out])),
+            bias: if bias {
+                Some(self.param1(&format!("{prefix}.bias"), d_out)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn layer_norm(&self, prefix: &str, d: usize, eps: f64) -> Result<LayerNorm, CheckpointError> {
+        let mut n = LayerNormConfig::new(d).with_epsilon(eps).init(self.device);
+        n.gamma = self.param1(&format!("{prefix}.weight"), d)?;
+        n.beta = Some(self.param1(&format!("{prefix}.bias"), d)?);
+        Ok(n)
+    }
+
+    fn embedding(&self, name: &str, n: usize, d: usize) -> Result<Embedding, CheckpointError> {
+        Ok(Embedding {
+            weight: Param::from_tensor(self.load2(name, [n, d])?),
+        })
+    }
+}

@@ -1,0 +1,59 @@
+//! The burn mllama against transformers (5.24, torch 2.15, f32 on CPU) on the committed
+//! random-weight checkpoints (`scripts/reference/gen_mllama.py`): the vision encoder's output and
+//! the logits of a batch with a 1-tile and a 4-tile image, text rows that see no image, GQA and
+//! Llama 3 rope scaling, a sharded bf16 checkpoint. Tolerance: the largest difference at most
+//! 1e-4 of the reference's largest magnitude.
+
+use burn::tensor::Device;
+use std::path::PathBuf;
+use wbc_shared::mllama::{Checkpoint, CheckpointError, Mllama, MllamaConfig, check_parity};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/mllama")
+        .join(name)
+}
+
+fn check(name: &str) {
+    let dir = fixture(name);
+    let p = check_parity(&dir, &dir.join("io.safetensors"), &Device::flex()).unwrap();
+    eprintln!("{name}: {p:?}");
+    let v = p.vision.expect("the fixture has the vision output");
+    assert!(v.relative <= TOLERANCE, "{name}: vision encoder {v:?}");
+    assert!(p.logits.relative <= TOLERANCE, "{name}: logits {:?}", p.logits);
+}
+
+#[test]
+fn gqa_with_llama3_rope_and_two_cross_attention_layers_matches_transformers() {
+    check("gqa-llama3");
+}
+
+#[test]
+fn a_sharded_bf16_checkpoint_without_gqa_matches_transformers() {
+    check("mha-bf16-sharded");
+}
+
+#[test]
+fn a_checkpoint_that_does_not_fit_its_configuration_is_refused_naming_the_tensor() {
+    let dir = fixture("gqa-llama3");
+    let mut cfg = MllamaConfig::load(&dir).unwrap();
+    let device = Device::flex();
+    // One MLP width more than the checkpoint has.
+    cfg.text.intermediate_size += 1;
+    let e = Mllama::load(&cfg, &Checkpoint::open(&dir).unwrap(), &device).unwrap_err();
+    assert!(
+        matches!(&e, CheckpointError::Shape { name, .. } if name.contains("mlp")),
+        "{e}"
+    );
+    // One cross-attention layer fewer: its tensors are left over, or a self-attention tensor
+    // is missing.
+    let mut cfg = MllamaConfig::load(&dir).unwrap();
+    cfg.text.cross_attention_layers = vec![1];
+    let e = Mllama::load(&cfg, &Checkpoint::open(&dir).unwrap(), &device).unwrap_err();
+    assert!(
+        matches!(e, CheckpointError::Missing(ref n) if n.contains("layers.3.self_attn")),
+        "{e}"
+    );
+}
