@@ -241,6 +241,19 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Check a Hugging Face mllama checkpoint against transformers' outputs: loads `--model`
+    /// (config.json and safetensors, sharded or not), runs the forward pass on the inputs in
+    /// `--io` (input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
+    /// cross_attention_mask) and compares with its `logits` (and `vision_output` if present).
+    /// Exits 0 only when the relative error is at most 1e-4.
+    CheckHf {
+        /// Checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Reference inputs and outputs (safetensors).
+        #[arg(long)]
+        io: PathBuf,
+    },
     /// Create an ed25519 signing key pair (private key written with mode 0600).
     Keygen {
         /// Private key file to create (never overwritten); the public key goes to <file>.pub.
@@ -447,6 +460,27 @@ fn main() -> Result<()> {
                 .with_context(|| format!("creating {}", out.display()))?;
             std::io::Write::write_all(&mut f, &bytes)?;
             println!("{} signed again: {}", bundle.display(), out.display());
+        }
+        Cmd::CheckHf { model, io } => {
+            let p = wbc_shared::mllama::check_parity(&model, &io, &burn::tensor::Device::flex())?;
+            let show = |what: &str, d: &wbc_shared::mllama::Difference| {
+                println!("{what}: max abs error {:.3e}, relative {:.3e}", d.max_abs, d.relative)
+            };
+            println!("{} parameters", p.parameters);
+            if let Some(v) = &p.vision {
+                show("vision encoder", v);
+            }
+            show("logits", &p.logits);
+            let worst = p
+                .vision
+                .iter()
+                .chain([&p.logits])
+                .map(|d| d.relative)
+                .fold(0f32, f32::max);
+            if worst.is_nan() || worst > 1e-4 {
+                anyhow::bail!("relative error {worst:.3e} is over 1e-4");
+            }
+            println!("parity: ok (relative error at most 1e-4)");
         }
         Cmd::Keygen { out } => {
             let k = keys::generate();
