@@ -21,6 +21,14 @@ Outputs, per configuration, in shared/tests/fixtures/mllama/<name>/:
       aspect_ratio_mask [B,1,T] (i64), cross_attention_mask [B,S,1,T] (i64), vision_output
       [B,1,T,P,vision_output_dim] (the vision model's last_hidden_state), logits [B,S,V],
       generated_ids [1,8] (i64, greedy continuation of row 0)
+
+And the image processor (MllamaImageProcessor, the published preprocessing: bilinear antialiased
+resize onto the best tile canvas, zero padding, CLIP mean/std, up to 4 tiles; tiles of 28 px here
+to keep the fixture small) on real images — the lossless copy of a WBC image from
+../shared/data (shared/tests/fixtures/reference/EO_100884.png) and two crops of it, one wide and
+one small enough to be upscaled — in shared/tests/fixtures/mllama/processor/: the crops as PNG and
+io.safetensors with <name>.pixel_values [1,1,4,3,28,28], <name>.aspect_ratio_ids [1,1],
+<name>.aspect_ratio_mask [1,1,4].
 """
 
 import os
@@ -163,8 +171,44 @@ def inputs(cfg):
     )
 
 
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def processor_reference():
+    from PIL import Image
+    from transformers import MllamaImageProcessor
+
+    d = OUT / "processor"
+    d.mkdir(exist_ok=True)
+    for f in d.iterdir():
+        f.unlink()
+    proc = MllamaImageProcessor(
+        size={"height": 28, "width": 28}, max_image_tiles=4, image_mean=CLIP_MEAN, image_std=CLIP_STD
+    )
+    cell = Image.open(ROOT / "shared" / "tests" / "fixtures" / "reference" / "EO_100884.png").convert("RGB")
+    images = {
+        "cell": None,  # the committed PNG itself
+        "wide": cell.crop((20, 130, 340, 230)),
+        "small": cell.crop((150, 150, 180, 195)),
+    }
+    out = {}
+    for name, img in images.items():
+        if img is None:
+            img = cell
+        else:
+            img.save(d / f"{name}.png")
+        x = proc(images=[[img]], return_tensors="pt")
+        out[f"{name}.pixel_values"] = x["pixel_values"].float().contiguous()
+        out[f"{name}.aspect_ratio_ids"] = x["aspect_ratio_ids"].contiguous()
+        out[f"{name}.aspect_ratio_mask"] = x["aspect_ratio_mask"].contiguous()
+        print(f"processor {name}: {img.size} -> ids {x['aspect_ratio_ids'].tolist()}")
+    save_file(out, str(d / "io.safetensors"))
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
+    processor_reference()
     for name, spec in CONFIGS.items():
         d = OUT / name
         d.mkdir(exist_ok=True)

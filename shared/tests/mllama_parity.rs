@@ -6,7 +6,7 @@
 
 use burn::tensor::Device;
 use std::path::PathBuf;
-use wbc_shared::mllama::{Checkpoint, CheckpointError, Mllama, MllamaConfig, check_parity};
+use wbc_shared::mllama::{Checkpoint, CheckpointError, ImageProcessor, Mllama, MllamaConfig, Reference, check_parity};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -56,4 +56,49 @@ fn a_checkpoint_that_does_not_fit_its_configuration_is_refused_naming_the_tensor
         matches!(e, CheckpointError::Missing(ref n) if n.contains("layers.3.self_attn")),
         "{e}"
     );
+}
+
+#[test]
+fn the_image_processor_matches_transformers_on_real_images() {
+    // transformers' MllamaImageProcessor with 28-px tiles, 4 tiles, CLIP mean/std.
+    let p = ImageProcessor {
+        tile: 28,
+        ..ImageProcessor::llama_3_2_vision()
+    };
+    let dir = fixture("processor");
+    let r = Reference::open(&dir.join("io.safetensors")).unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (name, path) in [
+        ("cell", root.join("reference/EO_100884.png")),
+        ("wide", dir.join("wide.png")),
+        ("small", dir.join("small.png")),
+    ] {
+        let img = image::open(&path).unwrap().to_rgb8();
+        let got = p.process(&img);
+        let ids = r.ints(&format!("{name}.aspect_ratio_ids")).unwrap().values;
+        assert_eq!(ids, vec![got.aspect_ratio_id as i64], "{name}: aspect ratio id");
+        let mask = r.ints(&format!("{name}.aspect_ratio_mask")).unwrap().values;
+        let mask: Vec<f32> = mask.into_iter().map(|v| v as f32).collect();
+        assert_eq!(mask, got.aspect_ratio_mask, "{name}: aspect ratio mask");
+        let want = r.floats(&format!("{name}.pixel_values")).unwrap();
+        assert_eq!(want.shape, vec![1, 1, 4, 3, 28, 28]);
+        let diffs: Vec<f32> = want
+            .values
+            .iter()
+            .zip(&got.pixel_values)
+            .map(|(a, b)| (a - b).abs())
+            .collect();
+        let max = diffs.iter().fold(0f32, |a, b| a.max(*b));
+        let off = diffs.iter().filter(|d| **d > 1e-5).count();
+        eprintln!(
+            "{name}: layout {:?}, max difference {max:.2e}, {off} of {} values off",
+            got.layout,
+            diffs.len()
+        );
+        // The same fixed-point resize as torch's: equal up to the float normalisation.
+        assert!(
+            max <= 1e-5 && off == 0,
+            "{name}: max difference {max}, {off} values differ"
+        );
+    }
 }

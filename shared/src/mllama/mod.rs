@@ -5,10 +5,12 @@
 pub mod checkpoint;
 pub mod config;
 pub mod model;
+pub mod processor;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
 pub use config::{ConfigError, MllamaConfig};
 pub use model::{Inputs, Mllama};
+pub use processor::{ImageProcessor, Processed};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
