@@ -5,8 +5,12 @@
 //! 1e-4 of the reference's largest magnitude.
 
 use burn::tensor::Device;
+use burn::tensor::{Int, Tensor, TensorData};
 use std::path::PathBuf;
-use wbc_shared::mllama::{Checkpoint, CheckpointError, ImageProcessor, Mllama, MllamaConfig, Reference, check_parity};
+use wbc_shared::mllama::{
+    Checkpoint, CheckpointError, ImageProcessor, Mllama, MllamaConfig, Reference, Sampling, check_parity, generate,
+    reference_inputs,
+};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -101,4 +105,55 @@ fn the_image_processor_matches_transformers_on_real_images() {
             "{name}: max difference {max}, {off} values differ"
         );
     }
+}
+
+fn load(name: &str) -> (Mllama, Reference, Device) {
+    let dir = fixture(name);
+    let device = Device::flex();
+    let cfg = MllamaConfig::load(&dir).unwrap();
+    let model = Mllama::load(&cfg, &Checkpoint::open(&dir).unwrap(), &device).unwrap();
+    (model, Reference::open(&dir.join("io.safetensors")).unwrap(), device)
+}
+
+#[test]
+fn greedy_generation_with_the_kv_cache_gives_transformers_tokens() {
+    for name in ["gqa-llama3", "mha-bf16-sharded"] {
+        let (model, r, device) = load(name);
+        let inputs = reference_inputs(&r, &device).unwrap().rows(0..1);
+        let want: Vec<u32> = r
+            .ints("generated_ids")
+            .unwrap()
+            .values
+            .iter()
+            .map(|&v| v as u32)
+            .collect();
+        assert_eq!(want.len(), 8);
+        let got = generate(&model, inputs, 8, &[], Sampling::Greedy);
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+#[test]
+fn cached_steps_give_the_logits_of_the_whole_sequence() {
+    let (model, r, device) = load("gqa-llama3");
+    let inputs = reference_inputs(&r, &device).unwrap();
+    let [b, s] = inputs.input_ids.dims();
+    let whole = model
+        .forward(inputs.rows(0..b))
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    // The prompt's first 5 tokens at once, then one token at a time.
+    let (first, mut cache) = model.prefill(inputs.prefix(5), s);
+    let mut got = vec![first];
+    let ids = r.ints("input_ids").unwrap().values;
+    for k in 5..s {
+        let col: Vec<i64> = (0..b).map(|row| ids[row * s + k]).collect();
+        let step = Tensor::<2, Int>::from_data(TensorData::new(col, [b, 1]), &device);
+        got.push(model.step(step, &mut cache));
+    }
+    assert_eq!(cache.len(), s);
+    let got = Tensor::cat(got, 1).into_data().try_to_vec::<f32>().unwrap();
+    let d = wbc_shared::mllama::Difference::of(&got, &whole);
+    assert!(d.relative <= 1e-5, "{d:?}");
 }

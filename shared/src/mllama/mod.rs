@@ -4,12 +4,14 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod generate;
 pub mod model;
 pub mod processor;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
 pub use config::{ConfigError, MllamaConfig};
-pub use model::{Inputs, Mllama};
+pub use generate::{Sampling, generate};
+pub use model::{Cache, Inputs, Mllama};
 pub use processor::{ImageProcessor, Processed};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -147,6 +149,54 @@ pub struct Parity {
     pub parameters: u64,
 }
 
+/// The model inputs stored in a reference file: `input_ids`, and, when it has images,
+/// `pixel_values`, `aspect_ratio_ids`, `aspect_ratio_mask` and `cross_attention_mask`, shaped as
+/// transformers takes them (masks may be integers or floats).
+pub fn reference_inputs(r: &Reference, device: &Device) -> Result<Inputs, ParityError> {
+    let ids = r.ints("input_ids")?;
+    let [b, s] = dims::<2>("input_ids", &ids.shape)?;
+    let input_ids = Tensor::<2, Int>::from_data(TensorData::new(ids.values, [b, s]), device);
+    let float = |name: &str| -> Result<(Vec<usize>, Vec<f32>), ParityError> {
+        if let Ok(f) = r.floats(name) {
+            return Ok((f.shape, f.values));
+        }
+        let i = r.ints(name)?;
+        Ok((i.shape, i.values.into_iter().map(|v| v as f32).collect()))
+    };
+    if !r.has("pixel_values") {
+        return Ok(Inputs {
+            input_ids,
+            pixel_values: None,
+            aspect_ratio_ids: None,
+            aspect_ratio_mask: None,
+            cross_attention_mask: None,
+        });
+    }
+    let (ps, pv) = float("pixel_values")?;
+    let ids = r.ints("aspect_ratio_ids")?;
+    let (ms, mv) = float("aspect_ratio_mask")?;
+    let (cs, cv) = float("cross_attention_mask")?;
+    Ok(Inputs {
+        input_ids,
+        pixel_values: Some(Tensor::from_data(
+            TensorData::new(pv, dims::<6>("pixel_values", &ps)?),
+            device,
+        )),
+        aspect_ratio_ids: Some(Tensor::from_data(
+            TensorData::new(ids.values, dims::<2>("aspect_ratio_ids", &ids.shape)?),
+            device,
+        )),
+        aspect_ratio_mask: Some(Tensor::from_data(
+            TensorData::new(mv, dims::<3>("aspect_ratio_mask", &ms)?),
+            device,
+        )),
+        cross_attention_mask: Some(Tensor::from_data(
+            TensorData::new(cv, dims::<4>("cross_attention_mask", &cs)?),
+            device,
+        )),
+    })
+}
+
 /// Loads the checkpoint in `model_dir`, runs the forward pass on the inputs in the reference
 /// file `io` (`input_ids`, `pixel_values`, `aspect_ratio_ids`, `aspect_ratio_mask`,
 /// `cross_attention_mask`, shaped as transformers takes them) and compares with its `logits`
@@ -157,43 +207,13 @@ pub fn check_parity(model_dir: &Path, io: &Path, device: &Device) -> Result<Pari
     let model = Mllama::load(&cfg, &ck, device)?;
     drop(ck);
     let r = Reference::open(io)?;
-    let ids = r.ints("input_ids")?;
-    let [b, s] = dims::<2>("input_ids", &ids.shape)?;
-    let input_ids = Tensor::<2, Int>::from_data(TensorData::new(ids.values, [b, s]), device);
-    let float = |name: &str| -> Result<(Vec<usize>, Vec<f32>), ParityError> {
-        // Masks and ids may be stored as integers.
-        if let Ok(f) = r.floats(name) {
-            return Ok((f.shape, f.values));
-        }
-        let i = r.ints(name)?;
-        Ok((i.shape, i.values.into_iter().map(|v| v as f32).collect()))
-    };
-    let (pixel_values, ratio_ids, ratio_mask, cross_mask) = if r.has("pixel_values") {
-        let (ps, pv) = float("pixel_values")?;
-        let ids = r.ints("aspect_ratio_ids")?;
-        let (ms, mv) = float("aspect_ratio_mask")?;
-        let (cs, cv) = float("cross_attention_mask")?;
-        (
-            Some(Tensor::<6>::from_data(
-                TensorData::new(pv, dims::<6>("pixel_values", &ps)?),
-                device,
-            )),
-            Some(Tensor::<2, Int>::from_data(
-                TensorData::new(ids.values, dims::<2>("aspect_ratio_ids", &ids.shape)?),
-                device,
-            )),
-            Some(Tensor::<3>::from_data(
-                TensorData::new(mv, dims::<3>("aspect_ratio_mask", &ms)?),
-                device,
-            )),
-            Some(Tensor::<4>::from_data(
-                TensorData::new(cv, dims::<4>("cross_attention_mask", &cs)?),
-                device,
-            )),
-        )
-    } else {
-        (None, None, None, None)
-    };
+    let Inputs {
+        input_ids,
+        pixel_values,
+        aspect_ratio_ids: ratio_ids,
+        aspect_ratio_mask: ratio_mask,
+        cross_attention_mask: cross_mask,
+    } = reference_inputs(&r, device)?;
     let vision = match (&pixel_values, &ratio_ids, &ratio_mask, r.has("vision_output")) {
         (Some(px), Some(ids), Some(mask), true) => {
             let want = r.floats("vision_output")?;

@@ -324,13 +324,48 @@ pub struct CrossContext {
     pub rows: Tensor<3>,
 }
 
+/// One layer's cached keys and values: for self-attention preallocated `[B, kv, max, hd]` and
+/// filled as tokens come; for cross-attention the projected image keys and values, computed
+/// once.
+#[derive(Clone, Debug, Default)]
+struct LayerCache {
+    kv: Option<(Tensor<4>, Tensor<4>)>,
+}
+
+/// The state of a generation: the layers' caches, how many positions are filled, and what the
+/// next tokens may see of the images.
+#[derive(Clone, Debug)]
+pub struct Cache {
+    layers: Vec<LayerCache>,
+    len: usize,
+    max: usize,
+    /// Cross-attention context of the next tokens (the prompt's last row, repeated, as
+    /// transformers extends its mask while generating).
+    cross: Option<CrossContext>,
+}
+
+impl Cache {
+    /// Positions filled.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 impl DecoderLayer {
+    /// The layer over `x` (tokens at positions `start..`), with the cache when generating.
     fn forward(
         &self,
         x: Tensor<3>,
+        start: usize,
         rope: (&Tensor<4>, &Tensor<4>),
         causal: &Tensor<4>,
         cross: Option<&CrossContext>,
+        cache: Option<(&mut LayerCache, usize)>,
     ) -> Tensor<3> {
         let h = self.input_layernorm.forward(x.clone());
         if let Some(a) = &self.self_attn {
@@ -345,6 +380,24 @@ impl DecoderLayer {
                 rope.1.clone(),
             );
             let v = split_heads(a.v_proj.forward(h), a.kv_heads);
+            let (k, v) = match cache {
+                Some((c, max)) => {
+                    let [b, kv, s, hd] = k.dims();
+                    let (ck, cv) = c.kv.take().unwrap_or_else(|| {
+                        let device = k.device();
+                        (
+                            Tensor::zeros([b, kv, max, hd], &device),
+                            Tensor::zeros([b, kv, max, hd], &device),
+                        )
+                    });
+                    let at = [0..b, 0..kv, start..start + s, 0..hd];
+                    let (ck, cv) = (ck.slice_assign(at.clone(), k), cv.slice_assign(at, v));
+                    c.kv = Some((ck.clone(), cv.clone()));
+                    let upto = [0..b, 0..kv, 0..start + s, 0..hd];
+                    (ck.slice(upto.clone()), cv.slice(upto))
+                }
+                None => (k, v),
+            };
             let n = a.heads / a.kv_heads;
             let o = a.o_proj.forward(merge_heads(attention(
                 q,
@@ -358,10 +411,17 @@ impl DecoderLayer {
         let a = self.cross_attn.as_ref().expect("a layer is self- or cross-attention");
         let c = cross.expect("cross-attention layers run only with vision states");
         let q = a.q_norm.forward(split_heads(a.q_proj.forward(h), a.heads));
-        let k = a
-            .k_norm
-            .forward(split_heads(a.k_proj.forward(c.states.clone()), a.kv_heads));
-        let v = split_heads(a.v_proj.forward(c.states.clone()), a.kv_heads);
+        let project = || {
+            (
+                a.k_norm
+                    .forward(split_heads(a.k_proj.forward(c.states.clone()), a.kv_heads)),
+                split_heads(a.v_proj.forward(c.states.clone()), a.kv_heads),
+            )
+        };
+        let (k, v) = match cache {
+            Some((lc, _)) => lc.kv.get_or_insert_with(project).clone(),
+            None => project(),
+        };
         let n = a.heads / a.kv_heads;
         let o = a.o_proj.forward(merge_heads(attention(
             q,
@@ -439,6 +499,45 @@ pub struct Inputs {
     pub aspect_ratio_mask: Option<Tensor<3>>,
     /// `[B, S, I, T]`, 1 where a token may see a tile.
     pub cross_attention_mask: Option<Tensor<4>>,
+}
+
+impl Inputs {
+    /// The inputs of batch rows `rows` only.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Inputs {
+        let [_, s] = self.input_ids.dims();
+        Inputs {
+            input_ids: self.input_ids.clone().slice([rows.clone(), 0..s]),
+            pixel_values: self.pixel_values.as_ref().map(|p| {
+                let [_, i, t, c, h, w] = p.dims();
+                p.clone().slice([rows.clone(), 0..i, 0..t, 0..c, 0..h, 0..w])
+            }),
+            aspect_ratio_ids: self.aspect_ratio_ids.as_ref().map(|a| {
+                let [_, i] = a.dims();
+                a.clone().slice([rows.clone(), 0..i])
+            }),
+            aspect_ratio_mask: self.aspect_ratio_mask.as_ref().map(|a| {
+                let [_, i, t] = a.dims();
+                a.clone().slice([rows.clone(), 0..i, 0..t])
+            }),
+            cross_attention_mask: self.cross_attention_mask.as_ref().map(|m| {
+                let [_, s, i, t] = m.dims();
+                m.clone().slice([rows.clone(), 0..s, 0..i, 0..t])
+            }),
+        }
+    }
+
+    /// The first `n` tokens (and their rows of the cross-attention mask).
+    pub fn prefix(&self, n: usize) -> Inputs {
+        let [b, _] = self.input_ids.dims();
+        Inputs {
+            input_ids: self.input_ids.clone().slice([0..b, 0..n]),
+            cross_attention_mask: self.cross_attention_mask.as_ref().map(|m| {
+                let [_, _, i, t] = m.dims();
+                m.clone().slice([0..b, 0..n, 0..i, 0..t])
+            }),
+            ..self.rows(0..b)
+        }
+    }
 }
 
 impl Mllama {
@@ -629,31 +728,84 @@ impl Mllama {
 
     /// Logits `[B, S, vocab]` for a whole sequence (no cache), positions from 0.
     pub fn forward(&self, inputs: Inputs) -> Tensor<3> {
-        let cross = match (inputs.pixel_values, inputs.aspect_ratio_ids, inputs.aspect_ratio_mask) {
+        let (ids, cross, _) = self.prepare(inputs);
+        self.decode(ids, 0, cross.as_ref(), None)
+    }
+
+    fn prepare(&self, inputs: Inputs) -> (Tensor<2, Int>, Option<CrossContext>, Option<Tensor<4>>) {
+        match (inputs.pixel_values, inputs.aspect_ratio_ids, inputs.aspect_ratio_mask) {
             (Some(px), Some(ids), Some(mask)) => {
                 let states = self.cross_states(px, ids, mask);
                 let tiles = inputs
                     .cross_attention_mask
                     .expect("a cross-attention mask comes with the images");
-                Some(self.cross_context(states, tiles))
+                let [b, s, i, t] = tiles.dims();
+                let last = tiles.clone().slice([0..b, s - 1..s, 0..i, 0..t]);
+                (inputs.input_ids, Some(self.cross_context(states, tiles)), Some(last))
             }
-            _ => None,
-        };
-        self.decode(inputs.input_ids, 0, cross.as_ref())
+            _ => (inputs.input_ids, None, None),
+        }
     }
 
-    /// Runs the decoder over `ids` at positions `start..`, attending causally among them.
-    fn decode(&self, ids: Tensor<2, Int>, start: usize, cross: Option<&CrossContext>) -> Tensor<3> {
+    /// Runs the prompt and returns its logits `[B, S, vocab]` and the cache for up to
+    /// `max_len` positions (prompt and generated tokens).
+    pub fn prefill(&self, inputs: Inputs, max_len: usize) -> (Tensor<3>, Cache) {
+        let (ids, cross, last_tiles) = self.prepare(inputs);
+        let [_, s] = ids.dims();
+        assert!(
+            s <= max_len,
+            "the prompt ({s} tokens) is longer than the cache ({max_len})"
+        );
+        let mut cache = Cache {
+            layers: vec![LayerCache::default(); self.language_model.layers.len()],
+            len: 0,
+            max: max_len,
+            cross: None,
+        };
+        let logits = self.decode(ids, 0, cross.as_ref(), Some(&mut cache));
+        cache.cross = match (cross, last_tiles) {
+            (Some(c), Some(t)) => Some(self.cross_context(c.states, t)),
+            _ => None,
+        };
+        (logits, cache)
+    }
+
+    /// One or more new tokens `[B, n]` after what the cache holds; their logits `[B, n, vocab]`.
+    pub fn step(&self, ids: Tensor<2, Int>, cache: &mut Cache) -> Tensor<3> {
+        let [_, n] = ids.dims();
+        assert!(
+            cache.len + n <= cache.max,
+            "the cache is full ({} positions)",
+            cache.max
+        );
+        let cross = cache.cross.clone();
+        let start = cache.len;
+        self.decode(ids, start, cross.as_ref(), Some(cache))
+    }
+
+    /// Runs the decoder over `ids` at positions `start..`, attending causally to them and to
+    /// the cached positions before.
+    fn decode(
+        &self,
+        ids: Tensor<2, Int>,
+        start: usize,
+        cross: Option<&CrossContext>,
+        mut cache: Option<&mut Cache>,
+    ) -> Tensor<3> {
         let [_, s] = ids.dims();
         let device = ids.device();
         let (cos, sin) = self.rope_tables(start, s, &device);
-        let causal = causal_mask(s, &device);
+        let causal = causal_mask(start, s, &device);
         let mut x = self.language_model.embed_tokens.forward(ids);
-        for layer in &self.language_model.layers {
+        for (i, layer) in self.language_model.layers.iter().enumerate() {
             if layer.cross_attn.is_some() && cross.is_none() {
                 continue;
             }
-            x = layer.forward(x, (&cos, &sin), &causal, cross);
+            let lc = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.max));
+            x = layer.forward(x, start, (&cos, &sin), &causal, cross, lc);
+        }
+        if let Some(c) = cache {
+            c.len = start + s;
         }
         self.lm_head.forward(self.language_model.norm.forward(x))
     }
@@ -675,9 +827,14 @@ impl Mllama {
     }
 }
 
-fn causal_mask(s: usize, device: &Device) -> Tensor<4> {
-    let v: Vec<f32> = (0..s * s).map(|k| if k % s > k / s { MASKED } else { 0.0 }).collect();
-    Tensor::<2>::from_data(TensorData::new(v, [s, s]), device).reshape([1, 1, s, s])
+/// Additive mask `[1, 1, s, start + s]`: new token `i` (position `start + i`) sees positions up
+/// to its own.
+fn causal_mask(start: usize, s: usize, device: &Device) -> Tensor<4> {
+    let total = start + s;
+    let v: Vec<f32> = (0..s * total)
+        .map(|k| if k % total > start + k / total { MASKED } else { 0.0 })
+        .collect();
+    Tensor::<2>::from_data(TensorData::new(v, [s, total]), device).reshape([1, 1, s, total])
 }
 
 /// `[rows, cols]` row-major → `[cols, rows]`.

@@ -1,0 +1,124 @@
+//! Text generation: the prompt once (prefill, filling the preallocated cache and computing the
+//! images' cross-attention keys and values once), then one token at a time; greedy, or
+//! temperature and top-p sampling with a seeded generator; stops at a stop token or the limit.
+
+use super::model::{Inputs, Mllama};
+use burn::tensor::{Int, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    /// The most likely token.
+    Greedy,
+    /// Sampled from the tokens that make up `top_p` of the probability at `temperature`.
+    TopP {
+        /// Temperature (> 0).
+        temperature: f32,
+        /// Nucleus mass, in (0, 1].
+        top_p: f32,
+        /// Seed of the generator.
+        seed: u64,
+    },
+}
+
+/// The index of the largest value (the first of equals, as `argmax` does).
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Samples from the nucleus of `logits / temperature`.
+fn sample_top_p(logits: &[f32], temperature: f32, top_p: f32, rng: &mut impl Rng) -> usize {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
+    let mut p: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i, f64::from((l - max) / temperature).exp()))
+        .collect();
+    let total: f64 = p.iter().map(|x| x.1).sum();
+    p.iter_mut().for_each(|x| x.1 /= total);
+    p.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut kept = 0;
+    let mut mass = 0.0;
+    for (_, q) in &p {
+        kept += 1;
+        mass += q;
+        if mass >= f64::from(top_p) {
+            break;
+        }
+    }
+    let mut r = rng.r#gen::<f64>() * mass;
+    for (i, q) in &p[..kept] {
+        if r < *q {
+            return *i;
+        }
+        r -= q;
+    }
+    p[kept - 1].0
+}
+
+/// Generates up to `max_new` tokens after the prompt of `inputs` (one sequence); stops after a
+/// token of `stop` (which is returned). Returns the new tokens.
+pub fn generate(model: &Mllama, inputs: Inputs, max_new: usize, stop: &[u32], sampling: Sampling) -> Vec<u32> {
+    let [b, s] = inputs.input_ids.dims();
+    assert_eq!(b, 1, "generate takes one sequence");
+    let device = inputs.input_ids.device();
+    let (logits, mut cache) = model.prefill(inputs, s + max_new);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(match sampling {
+        Sampling::TopP { seed, .. } => seed,
+        Sampling::Greedy => 0,
+    });
+    let last = |l: Tensor<3>| -> Vec<f32> {
+        let [_, n, v] = l.dims();
+        l.slice([0..1, n - 1..n, 0..v])
+            .into_data()
+            .try_to_vec::<f32>()
+            .expect("f32 logits")
+    };
+    let mut next = last(logits);
+    let mut out = Vec::with_capacity(max_new);
+    for _ in 0..max_new {
+        let token = match sampling {
+            Sampling::Greedy => argmax(&next),
+            Sampling::TopP { temperature, top_p, .. } => sample_top_p(&next, temperature, top_p, &mut rng),
+        } as u32;
+        out.push(token);
+        if stop.contains(&token) || out.len() == max_new {
+            break;
+        }
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![i64::from(token)], [1, 1]), &device);
+        next = last(model.step(ids, &mut cache));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_p_keeps_the_nucleus_and_is_reproducible() {
+        let logits = [0.0, 5.0, 4.9, -3.0];
+        let mut a = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        // A tiny nucleus is the most likely token alone.
+        for _ in 0..20 {
+            assert_eq!(sample_top_p(&logits, 1.0, 1e-6, &mut a), 1);
+        }
+        // The two likely tokens share almost all the mass; the others never come.
+        let picks: Vec<usize> = (0..200).map(|_| sample_top_p(&logits, 1.0, 0.9, &mut a)).collect();
+        assert!(picks.iter().all(|&p| p == 1 || p == 2));
+        assert!(picks.contains(&1) && picks.contains(&2));
+        let mut b1 = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let mut b2 = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let x: Vec<usize> = (0..50).map(|_| sample_top_p(&logits, 2.0, 1.0, &mut b1)).collect();
+        let y: Vec<usize> = (0..50).map(|_| sample_top_p(&logits, 2.0, 1.0, &mut b2)).collect();
+        assert_eq!(x, y);
+        assert_eq!(argmax(&[1.0, 3.0, 3.0]), 1);
+    }
+}
