@@ -20,7 +20,9 @@ Outputs, per configuration, in shared/tests/fixtures/mllama/<name>/:
   io.safetensors: input_ids [B,S] (i64), pixel_values [B,1,T,3,H,W], aspect_ratio_ids [B,1] (i64),
       aspect_ratio_mask [B,1,T] (i64), cross_attention_mask [B,S,1,T] (i64), vision_output
       [B,1,T,P,vision_output_dim] (the vision model's last_hidden_state), logits [B,S,V],
-      generated_ids [1,8] (i64, greedy continuation of row 0)
+      generated_ids [1,8] (i64, greedy continuation of row 0),
+      candidates [K, 3] (i64, -1 padded) and candidate_logprobs [K]: the log-likelihood of each
+      candidate continuation of row 0 (how classes are scored)
 
 And the image processor (MllamaImageProcessor, the published preprocessing: bilinear antialiased
 resize onto the best tile canvas, zero padding, CLIP mean/std, up to 4 tiles; tiles of 28 px here
@@ -175,6 +177,118 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+# The Llama 3.2 Vision Instruct chat format for conversations with images (the published template
+# adds a system block with dates only when no image is present): every message is
+# <|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>, images as <|image|>.
+CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' %}{{- '<|image|>' }}"
+    "{%- elif content['type'] == 'text' %}{{- content['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+SPECIAL_TOKENS = {
+    "<|begin_of_text|>": 128000,
+    "<|end_of_text|>": 128001,
+    "<|start_header_id|>": 128006,
+    "<|end_header_id|>": 128007,
+    "<|eot_id|>": 128009,
+    "<|python_tag|>": 128010,
+    "<|image|>": 128256,
+}
+
+
+def chat_reference():
+    """A small byte-level BPE tokenizer.json that carries Llama 3's real special tokens and ids,
+    the chat template's token ids, and the cross-attention masks built from image tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    d = OUT / "chat"
+    d.mkdir(exist_ok=True)
+    corpus = [
+        "Eosinophil: a white cell with a bilobed nucleus and large orange-red granules.",
+        "Neutrophil: segmented nucleus, fine pink granules.",
+        "Lymphocyte Monocyte Basophil Blast",
+        "What type of white blood cell is this? Describe it.",
+    ]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    spec = json.loads(tok.to_str())
+    for k, v in SPECIAL_TOKENS.items():
+        spec["model"]["vocab"][k] = v
+    spec["added_tokens"] = [
+        dict(id=v, content=k, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+        for k, v in SPECIAL_TOKENS.items()
+    ]
+    (d / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_file=str(d / "tokenizer.json"), bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
+    )
+    question = "What type of white blood cell is this? Describe it."
+    cases = [
+        dict(
+            name="question",
+            messages=[dict(role="user", content=[dict(type="image"), dict(type="text", text=question)])],
+            add_generation_prompt=True,
+            num_tiles=[4],
+        ),
+        dict(
+            name="answer",
+            messages=[
+                dict(role="user", content=[dict(type="image"), dict(type="text", text=question)]),
+                dict(role="assistant", content="Eosinophil: a white cell with a bilobed nucleus."),
+            ],
+            add_generation_prompt=False,
+            num_tiles=[1],
+        ),
+        dict(
+            name="two-images",
+            messages=[
+                dict(
+                    role="user",
+                    content=[
+                        dict(type="image"),
+                        dict(type="image"),
+                        dict(type="text", text="Compare. "),
+                        dict(type="image"),
+                        dict(type="text", text="Blast?"),
+                    ],
+                )
+            ],
+            add_generation_prompt=True,
+            num_tiles=[2, 1, 3],
+        ),
+    ]
+    for c in cases:
+        text = fast.apply_chat_template(
+            c["messages"], chat_template=CHAT_TEMPLATE, add_generation_prompt=c["add_generation_prompt"], tokenize=False
+        )
+        ids = fast(text, add_special_tokens=False)["input_ids"]
+        sparse = get_cross_attention_token_mask(ids, SPECIAL_TOKENS["<|image|>"])
+        dense = convert_sparse_cross_attention_mask_to_dense([sparse], [c["num_tiles"]], 4, len(ids))
+        c["text"] = text
+        c["ids"] = ids
+        c["cross_attention_mask"] = dense[0].tolist()
+    (d / "cases.json").write_text(json.dumps(dict(template=CHAT_TEMPLATE, cases=cases)) + "\n")
+    print(f"chat: {[len(c['ids']) for c in cases]} tokens")
+
+
 def processor_reference():
     from PIL import Image
     from transformers import MllamaImageProcessor
@@ -209,6 +323,7 @@ def processor_reference():
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     processor_reference()
+    chat_reference()
     for name, spec in CONFIGS.items():
         d = OUT / name
         d.mkdir(exist_ok=True)
@@ -225,6 +340,18 @@ def main():
             logits = model(**x).logits.float()
             row0 = {k: v[:1] for k, v in x.items()}
             gen = model.generate(**row0, max_new_tokens=8, do_sample=False, eos_token_id=None)
+            # Class scoring: the log-likelihood of each candidate continuation of row 0; the
+            # cross-attention mask is extended with the prompt's last row, as generate does.
+            candidates = [[5, 6], [7], [8, 9, 10], [5]]
+            logprobs = []
+            for cand in candidates:
+                ids = torch.cat([row0["input_ids"], torch.tensor([cand])], dim=1)
+                xm = row0["cross_attention_mask"]
+                xm = torch.cat([xm, xm[:, -1:].repeat(1, len(cand), 1, 1)], dim=1)
+                out = model(**{**row0, "input_ids": ids, "cross_attention_mask": xm}).logits.float()
+                lp = torch.log_softmax(out[0], dim=-1)
+                n = row0["input_ids"].shape[1]
+                logprobs.append(sum(lp[n - 1 + k, t].item() for k, t in enumerate(cand)))
         generated = gen[:, x["input_ids"].shape[1] :]
         save_kw = dict(safe_serialization=True)
         if spec["shard"]:
@@ -242,6 +369,8 @@ def main():
         io["vision_output"] = vision.float().contiguous()
         io["logits"] = logits.contiguous()
         io["generated_ids"] = generated.contiguous()
+        io["candidates"] = torch.tensor([c + [-1] * (3 - len(c)) for c in candidates])
+        io["candidate_logprobs"] = torch.tensor(logprobs, dtype=torch.float32)
         save_file(io, str(d / "io.safetensors"))
         files = sorted(p.name for p in d.iterdir())
         size = sum(p.stat().st_size for p in d.iterdir())

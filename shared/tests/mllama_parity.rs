@@ -7,9 +7,10 @@
 use burn::tensor::Device;
 use burn::tensor::{Int, Tensor, TensorData};
 use std::path::PathBuf;
+use wbc_shared::mllama::chat::{ChatTokenizer, Message, Part, cross_attention_mask};
 use wbc_shared::mllama::{
     Checkpoint, CheckpointError, ImageProcessor, Mllama, MllamaConfig, Reference, Sampling, check_parity, generate,
-    reference_inputs,
+    probabilities, reference_inputs, score,
 };
 
 const TOLERANCE: f32 = 1e-4;
@@ -156,4 +157,74 @@ fn cached_steps_give_the_logits_of_the_whole_sequence() {
     let got = Tensor::cat(got, 1).into_data().try_to_vec::<f32>().unwrap();
     let d = wbc_shared::mllama::Difference::of(&got, &whole);
     assert!(d.relative <= 1e-5, "{d:?}");
+}
+
+#[test]
+fn candidates_are_scored_by_their_log_likelihood_as_transformers_computes_it() {
+    for name in ["gqa-llama3", "mha-bf16-sharded"] {
+        let (model, r, device) = load(name);
+        let inputs = reference_inputs(&r, &device).unwrap().rows(0..1);
+        let c = r.ints("candidates").unwrap();
+        let width = c.shape[1];
+        let candidates: Vec<Vec<u32>> = c
+            .values
+            .chunks(width)
+            .map(|row| row.iter().filter(|&&t| t >= 0).map(|&t| t as u32).collect())
+            .collect();
+        let want = r.floats("candidate_logprobs").unwrap().values;
+        let got = score(&model, inputs, &candidates);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{name}: {got:?} vs {want:?}");
+        }
+        let p = probabilities(&got);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        // A longer continuation that begins with another is less likely than it.
+        assert!(got[0] < got[3], "{got:?}");
+    }
+}
+
+#[test]
+fn the_chat_format_and_cross_attention_masks_match_transformers() {
+    let dir = fixture("chat");
+    let tok = ChatTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    assert_eq!((tok.image_token, tok.eot_token), (128_256, 128_009));
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    for case in cases["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let messages: Vec<Message> = case["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| Message {
+                role: m["role"].as_str().unwrap().into(),
+                content: match &m["content"] {
+                    serde_json::Value::String(t) => vec![Part::Text(t.clone())],
+                    parts => parts
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|p| match p["type"].as_str().unwrap() {
+                            "image" => Part::Image,
+                            _ => Part::Text(p["text"].as_str().unwrap().into()),
+                        })
+                        .collect(),
+                },
+            })
+            .collect();
+        let add = case["add_generation_prompt"].as_bool().unwrap();
+        assert_eq!(
+            ChatTokenizer::render(&messages, add),
+            case["text"].as_str().unwrap(),
+            "{name}"
+        );
+        let ids = tok.encode_chat(&messages, add).unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        assert_eq!(ids, want, "{name}");
+        let tiles: Vec<usize> = serde_json::from_value(case["num_tiles"].clone()).unwrap();
+        let mask = cross_attention_mask(&ids, tok.image_token, &tiles, 4);
+        let want: Vec<Vec<Vec<f32>>> = serde_json::from_value(case["cross_attention_mask"].clone()).unwrap();
+        let want: Vec<f32> = want.into_iter().flatten().flatten().collect();
+        assert_eq!(mask, want, "{name}");
+    }
 }

@@ -98,6 +98,62 @@ pub fn generate(model: &Mllama, inputs: Inputs, max_new: usize, stop: &[u32], sa
     out
 }
 
+/// `log_softmax` of one row.
+fn log_softmax(v: &[f32]) -> Vec<f32> {
+    let max = v.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
+    let lse = v.iter().map(|x| f64::from(x - max).exp()).sum::<f64>().ln() as f32 + max;
+    v.iter().map(|x| x - lse).collect()
+}
+
+/// The log-likelihood of each candidate continuation (token ids, not empty) of the prompt of
+/// `inputs` (one sequence): the prompt runs once, each candidate from a copy of its cache.
+/// Classes are scored this way, by the likelihood of their names after the question.
+pub fn score(model: &Mllama, inputs: Inputs, candidates: &[Vec<u32>]) -> Vec<f32> {
+    let [b, s] = inputs.input_ids.dims();
+    assert_eq!(b, 1, "score takes one sequence");
+    assert!(candidates.iter().all(|c| !c.is_empty()), "empty candidate");
+    let device = inputs.input_ids.device();
+    let longest = candidates.iter().map(Vec::len).max().unwrap_or(0);
+    let (logits, cache) = model.prefill(inputs, s + longest);
+    let [_, _, v] = logits.dims();
+    let first = log_softmax(
+        &logits
+            .slice([0..1, s - 1..s, 0..v])
+            .into_data()
+            .try_to_vec::<f32>()
+            .expect("f32 logits"),
+    );
+    candidates
+        .iter()
+        .map(|c| {
+            let mut total = first[c[0] as usize];
+            if c.len() > 1 {
+                let mut cache = cache.clone();
+                let ids: Vec<i64> = c[..c.len() - 1].iter().map(|&t| i64::from(t)).collect();
+                let n = ids.len();
+                let out = model
+                    .step(
+                        Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device),
+                        &mut cache,
+                    )
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .expect("f32 logits");
+                for (k, t) in c[1..].iter().enumerate() {
+                    total += log_softmax(&out[k * v..(k + 1) * v])[*t as usize];
+                }
+            }
+            total
+        })
+        .collect()
+}
+
+/// Probabilities from log-likelihoods (a softmax over the candidates).
+pub fn probabilities(scores: &[f32]) -> Vec<f32> {
+    let lp = log_softmax(scores);
+    lp.iter().map(|x| x.exp()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

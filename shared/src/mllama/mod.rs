@@ -2,6 +2,7 @@
 //! Hugging Face checkpoints, the forward pass, and the parity check against transformers'
 //! reference outputs (`trainer check-hf`, the parity tests).
 
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod generate;
@@ -10,7 +11,7 @@ pub mod processor;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
 pub use config::{ConfigError, MllamaConfig};
-pub use generate::{Sampling, generate};
+pub use generate::{Sampling, generate, probabilities, score};
 pub use model::{Cache, Inputs, Mllama};
 pub use processor::{ImageProcessor, Processed};
 
