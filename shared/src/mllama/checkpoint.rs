@@ -144,9 +144,9 @@ impl Checkpoint {
             .ok_or_else(|| CheckpointError::Missing(name.to_string()))?
             .clone();
         let mut loaded = self.loaded.borrow_mut();
-        if !loaded.contains_key(&file) {
+        if let std::collections::hash_map::Entry::Vacant(e) = loaded.entry(file) {
             let p = self.dir.join(&self.files[file]);
-            loaded.insert(file, std::fs::read(&p).map_err(io(&p))?);
+            e.insert(std::fs::read(&p).map_err(io(&p))?);
         }
         let bytes = &loaded[&file];
         let st = SafeTensors::deserialize(bytes)

@@ -476,7 +476,8 @@ pub fn inv_freq(rope: &Rope, head_dim: usize) -> Vec<f32> {
         .map(|f| {
             let wavelen = 2.0 * std::f32::consts::PI / f;
             let scaled = if wavelen > low_wavelen { f / factor } else { f };
-            let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+            // transformers: `~(wavelen < high) & ~(wavelen > low)`.
+            let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
             if medium {
                 let smooth = (old / wavelen - low) / (high - low);
                 (1.0 - smooth) * scaled / factor + smooth * scaled
@@ -704,8 +705,7 @@ impl Mllama {
         let [b, ..] = pixels.dims();
         let v = self.vision_model.forward(pixels, ratio_ids, ratio_mask);
         let [_, i, t, p, od] = v.dims();
-        let projected = self.multi_modal_projector.forward(v.reshape([b, i * t * p, od]));
-        projected
+        self.multi_modal_projector.forward(v.reshape([b, i * t * p, od]))
     }
 
     /// The cross-attention context from projected states and the `[B, S, I, T]` token/tile mask
