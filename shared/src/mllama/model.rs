@@ -61,13 +61,84 @@ fn tanh_gate(g: &Param<Tensor<1>>) -> Tensor<3> {
     g.val().tanh().reshape([1, 1, 1])
 }
 
+/// A LoRA adapter: `(α/r)·(x·A)·B`, A `[in, r]` random, B `[r, out]` zero at start, so an
+/// adapted model starts exactly at its base. The dense weight is never formed while training.
+#[derive(Module, Debug)]
+pub struct LoraAdapter {
+    /// `[in, r]`.
+    pub a: Param<Tensor<2>>,
+    /// `[r, out]`.
+    pub b: Param<Tensor<2>>,
+    /// `α / r`.
+    pub scale: f64,
+    /// Dropout on the adapter's input while training.
+    pub dropout: f64,
+}
+
+/// A projection of the transformer: a frozen linear layer with an optional LoRA adapter.
+#[derive(Module, Debug)]
+pub struct Proj {
+    /// The base layer (`[in, out]`).
+    pub base: Linear,
+    /// The adapter, if any.
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Proj {
+    fn new(base: Linear) -> Self {
+        Proj { base, lora: None }
+    }
+
+    /// `x·W (+ bias) + (α/r)·(x·A)·B`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        match &self.lora {
+            None => self.base.forward(x),
+            Some(l) => {
+                let mut xa = x.clone();
+                if l.dropout > 0.0 && l.a.val().is_require_grad() {
+                    let keep = 1.0 - l.dropout;
+                    let mask =
+                        Tensor::<D>::random(xa.dims(), burn::tensor::Distribution::Bernoulli(keep), &xa.device());
+                    xa = xa * mask / keep;
+                }
+                let delta = xa.matmul(l.a.val().unsqueeze()).matmul(l.b.val().unsqueeze()) * l.scale;
+                self.base.forward(x) + delta
+            }
+        }
+    }
+
+    fn adapt(&mut self, rank: usize, alpha: f64, dropout: f64, device: &Device) {
+        let [d_in, d_out] = self.base.weight.dims();
+        let std = (1.0 / d_in as f64).sqrt();
+        self.lora = Some(LoraAdapter {
+            a: Param::from_tensor(Tensor::random(
+                [d_in, rank],
+                burn::tensor::Distribution::Normal(0.0, std),
+                device,
+            )),
+            b: Param::from_tensor(Tensor::zeros([rank, d_out], device)),
+            scale: alpha / rank as f64,
+            dropout,
+        });
+    }
+
+    /// Folds the adapter into the base weight (in f32) and drops it.
+    fn merge(&mut self) {
+        if let Some(l) = self.lora.take() {
+            let delta = l.a.val().matmul(l.b.val()) * l.scale;
+            let w = self.base.weight.val() + delta;
+            self.base.weight = Param::from_tensor(w);
+        }
+    }
+}
+
 /// Vision self-attention (no bias, all heads).
 #[derive(Module, Debug)]
 pub struct VisionAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     heads: usize,
 }
 
@@ -83,8 +154,8 @@ impl VisionAttention {
 /// Vision MLP (GELU).
 #[derive(Module, Debug)]
 pub struct VisionMlp {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Proj,
+    fc2: Proj,
 }
 
 /// One vision encoder layer; the global ones are gated.
@@ -252,10 +323,10 @@ fn aspect_ratio_mask(tile_mask: Tensor<2>, p: usize, pp: usize) -> Tensor<4> {
 /// Text self-attention with RoPE and GQA.
 #[derive(Module, Debug)]
 pub struct SelfAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     heads: usize,
     kv_heads: usize,
 }
@@ -263,10 +334,10 @@ pub struct SelfAttention {
 /// Text cross-attention to the projected vision states.
 #[derive(Module, Debug)]
 pub struct CrossAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     heads: usize,
@@ -276,9 +347,9 @@ pub struct CrossAttention {
 /// Text MLP (SiLU-gated).
 #[derive(Module, Debug)]
 pub struct TextMlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 impl TextMlp {
@@ -459,6 +530,44 @@ pub struct Mllama {
     patches_per_tile: usize,
 }
 
+/// Which projections get LoRA adapters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LoraTargets {
+    /// q, k, v, o of the text self-attention layers.
+    pub text_attention: bool,
+    /// gate, up, down of every text MLP.
+    pub text_mlp: bool,
+    /// q, k, v, o of the cross-attention layers.
+    pub cross_attention: bool,
+    /// Attention and MLP of the vision encoder.
+    pub vision: bool,
+}
+
+impl Default for LoraTargets {
+    /// The text model's attention and MLP, as in the reference study's QLoRA.
+    fn default() -> Self {
+        LoraTargets {
+            text_attention: true,
+            text_mlp: true,
+            cross_attention: false,
+            vision: false,
+        }
+    }
+}
+
+/// LoRA settings.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    /// Rank.
+    pub rank: usize,
+    /// Alpha (the adapter is scaled by alpha / rank).
+    pub alpha: f64,
+    /// Dropout on the adapters' input while training.
+    pub dropout: f64,
+    /// Where adapters go.
+    pub targets: LoraTargets,
+}
+
 /// The rotary inverse frequencies, as transformers computes them (f32), with Llama 3 scaling.
 pub fn inv_freq(rope: &Rope, head_dim: usize) -> Vec<f32> {
     let base: Vec<f32> = (0..head_dim)
@@ -545,7 +654,18 @@ impl Mllama {
     /// Builds the model from a checkpoint; every tensor must be there with the shape the
     /// configuration implies, and no other.
     pub fn load(cfg: &MllamaConfig, ck: &Checkpoint, device: &Device) -> Result<Self, CheckpointError> {
-        let l = Loader { ck, device };
+        let model = Self::build(cfg, ck, device)?;
+        ck.check_all_used()?;
+        Ok(model)
+    }
+
+    /// A randomly initialised model (seeded), for tests and benchmarks.
+    pub fn random(cfg: &MllamaConfig, seed: u64, device: &Device) -> Self {
+        Self::build(cfg, &RandomInit::new(seed), device).expect("random tensors have the asked shapes")
+    }
+
+    fn build(cfg: &MllamaConfig, src: &dyn Source, device: &Device) -> Result<Self, CheckpointError> {
+        let l = Loader { src, device };
         let (v, t) = (&cfg.vision, &cfg.text);
         let vd = v.hidden_size;
         let vision_layer = |p: &str, gated: bool| -> Result<VisionLayer, CheckpointError> {
@@ -558,15 +678,15 @@ impl Mllama {
             };
             Ok(VisionLayer {
                 self_attn: VisionAttention {
-                    q_proj: l.linear(&format!("{p}.self_attn.q_proj"), vd, vd, false)?,
-                    k_proj: l.linear(&format!("{p}.self_attn.k_proj"), vd, vd, false)?,
-                    v_proj: l.linear(&format!("{p}.self_attn.v_proj"), vd, vd, false)?,
-                    o_proj: l.linear(&format!("{p}.self_attn.o_proj"), vd, vd, false)?,
+                    q_proj: l.proj(&format!("{p}.self_attn.q_proj"), vd, vd, false)?,
+                    k_proj: l.proj(&format!("{p}.self_attn.k_proj"), vd, vd, false)?,
+                    v_proj: l.proj(&format!("{p}.self_attn.v_proj"), vd, vd, false)?,
+                    o_proj: l.proj(&format!("{p}.self_attn.o_proj"), vd, vd, false)?,
                     heads: v.attention_heads,
                 },
                 mlp: VisionMlp {
-                    fc1: l.linear(&format!("{p}.mlp.fc1"), vd, v.intermediate_size, true)?,
-                    fc2: l.linear(&format!("{p}.mlp.fc2"), v.intermediate_size, vd, true)?,
+                    fc1: l.proj(&format!("{p}.mlp.fc1"), vd, v.intermediate_size, true)?,
+                    fc2: l.proj(&format!("{p}.mlp.fc2"), v.intermediate_size, vd, true)?,
                 },
                 input_layernorm: l.layer_norm(&format!("{p}.input_layernorm"), vd, v.norm_eps)?,
                 post_attention_layernorm: l.layer_norm(&format!("{p}.post_attention_layernorm"), vd, v.norm_eps)?,
@@ -626,8 +746,8 @@ impl Mllama {
         for i in 0..t.num_hidden_layers {
             let pl = format!("{pt}.layers.{i}");
             let cross = t.cross_attention_layers.contains(&i);
-            let proj = |kind: &str, n: &str, o: usize| l.linear(&format!("{pl}.{kind}.{n}"), h, o, false);
-            let out = |kind: &str| l.linear(&format!("{pl}.{kind}.o_proj"), h, h, false);
+            let proj = |kind: &str, n: &str, o: usize| l.proj(&format!("{pl}.{kind}.{n}"), h, o, false);
+            let out = |kind: &str| l.proj(&format!("{pl}.{kind}.o_proj"), h, h, false);
             layers.push(DecoderLayer {
                 self_attn: if cross {
                     None
@@ -656,9 +776,9 @@ impl Mllama {
                     None
                 },
                 mlp: TextMlp {
-                    gate_proj: l.linear(&format!("{pl}.mlp.gate_proj"), h, t.intermediate_size, false)?,
-                    up_proj: l.linear(&format!("{pl}.mlp.up_proj"), h, t.intermediate_size, false)?,
-                    down_proj: l.linear(&format!("{pl}.mlp.down_proj"), t.intermediate_size, h, false)?,
+                    gate_proj: l.proj(&format!("{pl}.mlp.gate_proj"), h, t.intermediate_size, false)?,
+                    up_proj: l.proj(&format!("{pl}.mlp.up_proj"), h, t.intermediate_size, false)?,
+                    down_proj: l.proj(&format!("{pl}.mlp.down_proj"), t.intermediate_size, h, false)?,
                 },
                 input_layernorm: rms(&format!("{pl}.input_layernorm.weight"), h)?,
                 post_attention_layernorm: rms(&format!("{pl}.post_attention_layernorm.weight"), h)?,
@@ -696,8 +816,58 @@ impl Mllama {
             inv_freq: inv_freq(&t.rope, t.head_dim()),
             patches_per_tile: p,
         };
-        ck.check_all_used()?;
         Ok(model)
+    }
+
+    /// Every adaptable projection with whether `targets` selects it.
+    fn projections_mut(&mut self, targets: &LoraTargets) -> Vec<&mut Proj> {
+        let mut out: Vec<&mut Proj> = Vec::new();
+        if targets.vision {
+            let vm = &mut self.vision_model;
+            for l in vm.transformer.iter_mut().chain(vm.global_transformer.iter_mut()) {
+                let a = &mut l.self_attn;
+                out.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+                out.extend([&mut l.mlp.fc1, &mut l.mlp.fc2]);
+            }
+        }
+        for l in &mut self.language_model.layers {
+            if let (Some(a), true) = (&mut l.self_attn, targets.text_attention) {
+                out.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+            }
+            if let (Some(a), true) = (&mut l.cross_attn, targets.cross_attention) {
+                out.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+            }
+            if targets.text_mlp {
+                let m = &mut l.mlp;
+                out.extend([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]);
+            }
+        }
+        out
+    }
+
+    /// Freezes the whole model and adds fresh LoRA adapters (the only trainable parameters) to
+    /// the targeted projections.
+    pub fn with_lora(self, c: &LoraConfig, device: &Device) -> Self {
+        let mut m = self.no_grad();
+        let targets = c.targets;
+        for p in m.projections_mut(&targets) {
+            p.adapt(c.rank, c.alpha, c.dropout, device);
+        }
+        m
+    }
+
+    /// Folds every adapter into its base weight (f32).
+    pub fn merge_lora(mut self) -> Self {
+        let all = LoraTargets {
+            text_attention: true,
+            text_mlp: true,
+            cross_attention: true,
+            vision: true,
+        };
+        for p in self.projections_mut(&all) {
+            p.merge();
+        }
+        self
     }
 
     /// The projected vision states `[B, I·T·P, hidden]` of the images.
@@ -810,6 +980,24 @@ impl Mllama {
         self.lm_head.forward(self.language_model.norm.forward(x))
     }
 
+    /// Mean cross-entropy of predicting the tokens from position `answer_from` on (the
+    /// assistant's answer) from those before them: the fine-tuning loss.
+    pub fn answer_loss(&self, inputs: Inputs, answer_from: usize) -> Tensor<1> {
+        let ids = inputs.input_ids.clone();
+        let [b, s] = ids.dims();
+        assert!(
+            b == 1 && answer_from >= 1 && answer_from < s,
+            "one sequence with an answer after the prompt"
+        );
+        let logits = self.forward(inputs);
+        let [_, _, v] = logits.dims();
+        let n = s - answer_from;
+        let predicting = logits.slice([0..1, answer_from - 1..s - 1, 0..v]).reshape([n, v]);
+        let targets = ids.slice([0..1, answer_from..s]).reshape([n, 1]);
+        let logp = burn::tensor::activation::log_softmax(predicting, 1);
+        logp.gather(1, targets).mean().neg()
+    }
+
     fn rope_tables(&self, start: usize, len: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
         let half = self.inv_freq.len();
         let hd = half * 2;
@@ -848,14 +1036,69 @@ fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// Where a model's tensors come from: a checkpoint, or a seeded random initialisation.
+pub trait Source {
+    /// The tensor `name` (published naming), of `shape`, as f32.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError>;
+}
+
+impl Source for Checkpoint {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        Checkpoint::tensor(self, name, shape)
+    }
+}
+
+/// A random initialisation (seeded): normal weights of standard deviation 0.02, norms at one,
+/// biases at zero, gates open at 0.5 (so that a random model looks at its images).
+pub struct RandomInit {
+    rng: std::cell::RefCell<rand_chacha::ChaCha8Rng>,
+}
+
+impl RandomInit {
+    /// Seeded.
+    pub fn new(seed: u64) -> Self {
+        use rand::SeedableRng;
+        RandomInit {
+            rng: std::cell::RefCell::new(rand_chacha::ChaCha8Rng::seed_from_u64(seed)),
+        }
+    }
+}
+
+impl Source for RandomInit {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        use rand::Rng;
+        let n: usize = shape.iter().product();
+        let last = name.rsplit('.').next().unwrap_or("");
+        let is_norm = name.contains("norm") || name.contains("layernorm");
+        Ok(
+            if name.ends_with("gate") || (last.starts_with("gate_") && !name.contains("proj")) {
+                vec![0.5; n]
+            } else if is_norm && last == "weight" {
+                vec![1.0; n]
+            } else if last == "bias" {
+                vec![0.0; n]
+            } else {
+                let mut rng = self.rng.borrow_mut();
+                (0..n)
+                    .map(|_| {
+                        // Box-Muller: a normal sample of standard deviation 0.02.
+                        let (u1, u2): (f32, f32) = (rng.r#gen::<f32>().max(1e-12), rng.r#gen());
+                        0.02 * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+                    })
+                    .collect()
+            },
+        )
+    }
+}
+
 struct Loader<'a> {
-    ck: &'a Checkpoint,
+    src: &'a dyn Source,
     device: &'a Device,
 }
 
 impl Loader<'_> {
     fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError> {
-        self.ck.tensor(name, shape)
+        self.src.tensor(name, shape)
     }
 
     fn tensor2(&self, v: Vec<f32>, shape: [usize; 2]) -> Tensor<2> {
@@ -875,6 +1118,10 @@ impl Loader<'_> {
     }
 
     /// A linear layer from `{prefix}.weight` (`[out, in]`, kept as `[in, out]`) and bias.
+    fn proj(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Proj, CheckpointError> {
+        Ok(Proj::new(self.linear(prefix, d_in, d_out, bias)?))
+    }
+
     fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear, CheckpointError> {
         let w = self.values(&format!("{prefix}.weight"), &[d_out, d_in])?;
         Ok(Linear {
