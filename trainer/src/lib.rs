@@ -6,6 +6,7 @@ pub mod augment;
 pub mod dataset;
 pub mod eval;
 pub mod export;
+pub mod mllama;
 pub mod plot;
 pub mod sign;
 pub mod train;

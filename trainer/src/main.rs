@@ -29,11 +29,31 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Fine-tune the compact model (4-bit frozen MobileNetV2 + LoRA + class/attribute heads).
+    /// Fine-tune a model: the compact one (4-bit frozen MobileNetV2 + LoRA + class/attribute
+    /// heads), or with `--model mllama --base <HF checkpoint dir>` Llama 3.2 Vision with LoRA
+    /// on conversations (image + question → class name and description).
     Train {
         /// Folder with train.csv and val.csv (or train/ and val/ with one folder per class).
         #[arg(long)]
         data: PathBuf,
+        /// Model family.
+        #[arg(long, value_enum, default_value_t = ModelFamily::Compact)]
+        model: ModelFamily,
+        /// mllama: the base checkpoint directory (config.json, safetensors, tokenizer.json).
+        #[arg(long, required_if_eq("model", "mllama"))]
+        base: Option<PathBuf>,
+        /// mllama: LoRA alpha (the adapters are scaled by alpha / rank).
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f64,
+        /// mllama: dropout on the adapters' input.
+        #[arg(long, default_value_t = 0.05)]
+        lora_dropout: f64,
+        /// mllama: where adapters go (comma-separated: text-attention, text-mlp, cross-attention, vision).
+        #[arg(long, default_value = "text-attention,text-mlp")]
+        lora_targets: String,
+        /// mllama: samples per optimiser step (gradient accumulation).
+        #[arg(long, default_value_t = 8)]
+        accumulate: usize,
         /// Run directory to write (checkpoint, curves, run.json).
         #[arg(long)]
         out: PathBuf,
@@ -262,6 +282,44 @@ enum Cmd {
     },
 }
 
+/// The model families `train` can fine-tune.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ModelFamily {
+    /// The compact CNN.
+    Compact,
+    /// Llama 3.2 Vision.
+    Mllama,
+}
+
+fn parse_targets(s: &str) -> Result<wbc_shared::mllama::LoraTargets> {
+    let mut t = wbc_shared::mllama::LoraTargets {
+        text_attention: false,
+        text_mlp: false,
+        cross_attention: false,
+        vision: false,
+    };
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part {
+            "text-attention" => t.text_attention = true,
+            "text-mlp" => t.text_mlp = true,
+            "cross-attention" => t.cross_attention = true,
+            "vision" => t.vision = true,
+            other => anyhow::bail!(
+                "--lora-targets: unknown target {other:?} (text-attention, text-mlp, cross-attention, vision)"
+            ),
+        }
+    }
+    if t == (wbc_shared::mllama::LoraTargets {
+        text_attention: false,
+        text_mlp: false,
+        cross_attention: false,
+        vision: false,
+    }) {
+        anyhow::bail!("--lora-targets names no target");
+    }
+    Ok(t)
+}
+
 fn parse_named(s: &str) -> Result<(String, PathBuf), String> {
     let (name, path) = s
         .split_once('=')
@@ -283,6 +341,50 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Train {
             data,
+            model: ModelFamily::Mllama,
+            base,
+            alpha,
+            lora_dropout,
+            lora_targets,
+            accumulate,
+            out,
+            epochs,
+            lr,
+            rank,
+            max_per_class,
+            seed,
+            ..
+        } => {
+            let (train, val) = if data.join("train.csv").is_file() {
+                (data.join("train.csv"), data.join("val.csv"))
+            } else {
+                (data.join("train"), data.join("val"))
+            };
+            let settings = trainer::mllama::MllamaSettings {
+                base: base.context("--base is needed with --model mllama")?,
+                epochs,
+                lr,
+                accumulate,
+                lora: wbc_shared::mllama::LoraConfig {
+                    rank,
+                    alpha,
+                    dropout: lora_dropout,
+                    targets: parse_targets(&lora_targets)?,
+                },
+                max_per_class: (max_per_class > 0).then_some(max_per_class),
+                seed,
+            };
+            let r = trainer::mllama::train(&settings, &train, &val, &out)?;
+            println!(
+                "best epoch {}: val answer loss {:.4}, val class accuracy {:.3} ({})",
+                r.best_epoch,
+                r.val_loss[r.best_epoch - 1],
+                r.val_accuracy[r.best_epoch - 1],
+                trainer::mllama::adapters_path(&out).display()
+            );
+        }
+        Cmd::Train {
+            data,
             out,
             backbone,
             epochs,
@@ -301,6 +403,7 @@ fn main() -> Result<()> {
             mask_background,
             colour,
             equalise,
+            ..
         } => {
             let mut s = TrainSettings {
                 epochs,

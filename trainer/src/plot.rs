@@ -21,7 +21,8 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing chart: {e:?}")
 }
 
-/// Draws `curves.csv` (columns epoch, train_loss, ..., val_macro_f1, ...) as a PNG.
+/// Draws `curves.csv` as a PNG: every `*loss` column on the left, every other `val_*` column
+/// (fractions: accuracy, macro F1, ...) on the right, against `epoch`.
 pub fn curves(csv_path: &Path, png: &Path) -> Result<()> {
     font();
     let mut rdr = csv::Reader::from_path(csv_path).with_context(|| format!("reading {}", csv_path.display()))?;
@@ -30,55 +31,55 @@ pub fn curves(csv_path: &Path, png: &Path) -> Result<()> {
         .records()
         .map(|r| r.map(|r| r.iter().map(|v| v.parse().unwrap_or(f64::NAN)).collect()))
         .collect::<Result<_, _>>()?;
-    let col = |name: &str| {
-        headers
-            .iter()
-            .position(|h| h == name)
-            .ok_or_else(|| anyhow!("{} has no column {name}", csv_path.display()))
-    };
-    let (ep, loss, f1, acc) = (
-        col("epoch")?,
-        col("train_loss")?,
-        col("val_macro_f1")?,
-        col("val_attribute_accuracy")?,
-    );
+    let ep = headers
+        .iter()
+        .position(|h| h == "epoch")
+        .ok_or_else(|| anyhow!("{} has no column epoch", csv_path.display()))?;
+    let losses: Vec<usize> = (0..headers.len()).filter(|&i| headers[i].ends_with("loss")).collect();
+    let fractions: Vec<usize> = (0..headers.len())
+        .filter(|&i| headers[i].starts_with("val_") && !headers[i].ends_with("loss"))
+        .collect();
+    if losses.is_empty() {
+        return Err(anyhow!("{} has no loss column", csv_path.display()));
+    }
     let max_epoch = rows.iter().map(|r| r[ep]).fold(1.0, f64::max);
-    let max_loss = rows.iter().map(|r| r[loss]).fold(1.0, f64::max);
+    let max_loss = rows
+        .iter()
+        .flat_map(|r| losses.iter().map(move |&i| r[i]))
+        .filter(|v| v.is_finite())
+        .fold(1.0, f64::max);
+    let colours = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
     let root = BitMapBackend::new(png, (1000, 450)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let (left, right) = root.split_horizontally(500);
-    let mut c = ChartBuilder::on(&left)
-        .caption("training loss", ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(35)
-        .y_label_area_size(50)
-        .build_cartesian_2d(1f64..max_epoch.max(2.0), 0f64..max_loss * 1.05)
-        .map_err(err)?;
-    c.configure_mesh().x_desc("epoch").y_desc("loss").draw().map_err(err)?;
-    c.draw_series(LineSeries::new(rows.iter().map(|r| (r[ep], r[loss])), &RED))
-        .map_err(err)?;
-    let mut c = ChartBuilder::on(&right)
-        .caption("validation", ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(35)
-        .y_label_area_size(50)
-        .build_cartesian_2d(1f64..max_epoch.max(2.0), 0f64..1.0)
-        .map_err(err)?;
-    c.configure_mesh().x_desc("epoch").draw().map_err(err)?;
-    c.draw_series(LineSeries::new(rows.iter().map(|r| (r[ep], r[f1])), &BLUE))
-        .map_err(err)?
-        .label("macro F1")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-    c.draw_series(LineSeries::new(rows.iter().map(|r| (r[ep], r[acc])), &GREEN))
-        .map_err(err)?
-        .label("attribute accuracy")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
-    c.configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
+    for (area, title, cols, top) in [
+        (&left, "loss", &losses, max_loss * 1.05),
+        (&right, "validation", &fractions, 1.0),
+    ] {
+        let mut c = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(35)
+            .y_label_area_size(50)
+            .build_cartesian_2d(1f64..max_epoch.max(2.0), 0f64..top)
+            .map_err(err)?;
+        c.configure_mesh().x_desc("epoch").draw().map_err(err)?;
+        for (k, &i) in cols.iter().enumerate() {
+            let colour = colours[k % colours.len()];
+            c.draw_series(LineSeries::new(rows.iter().map(|r| (r[ep], r[i])), colour))
+                .map_err(err)?
+                .label(headers[i].replace('_', " "))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+        }
+        if !cols.is_empty() {
+            c.configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(err)?;
+        }
+    }
     root.present().map_err(err)?;
     Ok(())
 }

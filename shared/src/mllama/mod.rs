@@ -12,7 +12,7 @@ pub mod processor;
 pub use checkpoint::{Checkpoint, CheckpointError};
 pub use config::{ConfigError, MllamaConfig};
 pub use generate::{Sampling, generate, probabilities, score};
-pub use model::{Cache, Inputs, LoraConfig, LoraTargets, Mllama};
+pub use model::{Cache, Inputs, LoraConfig, LoraTargets, Mllama, write_random_weights};
 pub use processor::{ImageProcessor, Processed};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};

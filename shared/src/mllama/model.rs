@@ -1091,6 +1091,51 @@ impl Source for RandomInit {
     }
 }
 
+/// Records the tensors a configuration needs, with random values.
+struct Recording {
+    inner: RandomInit,
+    seen: std::cell::RefCell<Vec<(String, Vec<usize>, Vec<f32>)>>,
+}
+
+impl Source for Recording {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        let v = self.inner.tensor(name, shape)?;
+        self.seen
+            .borrow_mut()
+            .push((name.to_string(), shape.to_vec(), v.clone()));
+        Ok(v)
+    }
+}
+
+/// Writes a randomly initialised checkpoint of `cfg` (seeded, published tensor names, f32) to
+/// `path` (a `model.safetensors`): for tests, benchmarks and drills without real weights.
+pub fn write_random_weights(cfg: &MllamaConfig, path: &std::path::Path, seed: u64) -> Result<(), CheckpointError> {
+    let rec = Recording {
+        inner: RandomInit::new(seed),
+        seen: Default::default(),
+    };
+    Mllama::build(cfg, &rec, &Device::flex())?;
+    let seen = rec.seen.into_inner();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = seen
+        .into_iter()
+        .map(|(n, s, v)| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("consistent sizes"),
+            )
+        })
+        .collect();
+    let out = safetensors::serialize(views, None).map_err(|e| CheckpointError::Format(e.to_string()))?;
+    std::fs::write(path, out).map_err(|source| CheckpointError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
 struct Loader<'a> {
     src: &'a dyn Source,
     device: &'a Device,
