@@ -65,6 +65,7 @@ fn lora() -> LoraConfig {
             cross_attention: true,
             ..Default::default()
         },
+        seed: 1,
     }
 }
 

@@ -166,6 +166,15 @@ enum Cmd {
         /// Run directory from `trainer train`.
         #[arg(long)]
         run: PathBuf,
+        /// Model family of the run.
+        #[arg(long, value_enum, default_value_t = ModelFamily::Compact)]
+        model: ModelFamily,
+        /// mllama: the base checkpoint the run was trained on.
+        #[arg(long, required_if_eq("model", "mllama"))]
+        base: Option<PathBuf>,
+        /// mllama: 4-bit group size of the exported projections.
+        #[arg(long, default_value_t = 32)]
+        q4_group: usize,
         /// Private signing key (PKCS#8 PEM, from `trainer keygen`).
         #[arg(long)]
         key: PathBuf,
@@ -370,6 +379,7 @@ fn main() -> Result<()> {
                     alpha,
                     dropout: lora_dropout,
                     targets: parse_targets(&lora_targets)?,
+                    seed,
                 },
                 max_per_class: (max_per_class > 0).then_some(max_per_class),
                 seed,
@@ -467,6 +477,29 @@ fn main() -> Result<()> {
         }
         Cmd::Export {
             run,
+            model: ModelFamily::Mllama,
+            base,
+            q4_group,
+            key,
+            out,
+            val,
+            model_version,
+            ..
+        } => {
+            let key = keys::read_private(&key)?;
+            let base = base.context("--base is needed with --model mllama")?;
+            let r = trainer::mllama::export(&base, &run, &val, &key, model_version, q4_group, &out)?;
+            println!(
+                "wrote {} ({} bytes, model version {model_version}): {} self-test cases; class probabilities within {:.4} of the trained model on {} val cells",
+                out.display(),
+                r.bytes,
+                r.selftest_cases,
+                r.max_probability_difference,
+                r.compared
+            );
+        }
+        Cmd::Export {
+            run,
             key,
             out,
             val,
@@ -478,6 +511,7 @@ fn main() -> Result<()> {
             no_agreement,
             blast_keep,
             other_site,
+            ..
         } => {
             let key = keys::read_private(&key)?;
             let pth = backbone.unwrap_or_else(|| default_weights_dir().join("mobilenet_v2-b0353104.pth"));

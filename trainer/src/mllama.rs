@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
 use burn::store::{ModuleSnapshot, SafetensorsStore};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use image::RgbImage;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -22,11 +22,8 @@ use std::path::{Path, PathBuf};
 use wbc_shared::classes::CellClass;
 use wbc_shared::describe::describe;
 use wbc_shared::image::DecodeLimits;
-use wbc_shared::mllama::chat::{ChatTokenizer, Message, cross_attention_mask};
-use wbc_shared::mllama::{Checkpoint, ImageProcessor, Inputs, LoraConfig, Mllama, MllamaConfig, probabilities, score};
-
-/// The question of every conversation.
-pub const QUESTION: &str = "What type of white blood cell is this? Describe it.";
+use wbc_shared::mllama::cell::{Encoded, Prompting};
+use wbc_shared::mllama::{Checkpoint, LoraConfig, Mllama, probabilities, score};
 
 /// The answer the model learns for a cell: the class name, then its description.
 pub fn answer_text(class: CellClass, sample: &Sample) -> String {
@@ -50,124 +47,6 @@ pub struct MllamaSettings {
     pub max_per_class: Option<usize>,
     /// Seed.
     pub seed: u64,
-}
-
-/// The model's view of one cell: token ids, where the answer starts, and the processed image.
-pub struct Encoded {
-    ids: Vec<u32>,
-    answer_from: usize,
-    pixels: Vec<f32>,
-    ratio_id: usize,
-    ratio_mask: Vec<f32>,
-    tiles: usize,
-}
-
-/// Tokenizer, image processor and configuration together.
-pub struct Prompting {
-    /// The model's configuration.
-    pub cfg: MllamaConfig,
-    /// Tokenizer with the chat format.
-    pub tok: ChatTokenizer,
-    /// Image processor.
-    pub proc: ImageProcessor,
-}
-
-impl Prompting {
-    /// From a checkpoint directory: `config.json`, `tokenizer.json`, and
-    /// `preprocessor_config.json` (image mean and deviation) when present.
-    pub fn load(dir: &Path) -> Result<Self> {
-        let cfg = MllamaConfig::load(dir)?;
-        let tok = ChatTokenizer::from_file(&dir.join("tokenizer.json"))?;
-        if tok.image_token != cfg.image_token_index {
-            bail!(
-                "tokenizer.json's <|image|> is {}, config.json's image_token_index {}",
-                tok.image_token,
-                cfg.image_token_index
-            );
-        }
-        let mut proc = ImageProcessor {
-            tile: cfg.vision.image_size,
-            max_tiles: cfg.vision.max_num_tiles,
-            ..ImageProcessor::llama_3_2_vision()
-        };
-        if let Ok(text) = std::fs::read_to_string(dir.join("preprocessor_config.json")) {
-            let v: serde_json::Value = serde_json::from_str(&text).context("preprocessor_config.json")?;
-            let three = |k: &str| -> Option<[f32; 3]> {
-                let a = v.get(k)?.as_array()?;
-                Some([
-                    a.first()?.as_f64()? as f32,
-                    a.get(1)?.as_f64()? as f32,
-                    a.get(2)?.as_f64()? as f32,
-                ])
-            };
-            if let (Some(m), Some(s)) = (three("image_mean"), three("image_std")) {
-                proc.mean = m;
-                proc.std = s;
-            }
-        }
-        Ok(Prompting { cfg, tok, proc })
-    }
-
-    /// A cell's conversation; with `answer`, the answer follows the prompt.
-    pub fn encode(&self, img: &RgbImage, answer: Option<&str>) -> Result<Encoded> {
-        let user = Message::user_with_image(QUESTION);
-        let prompt = self.tok.encode_chat(std::slice::from_ref(&user), true)?;
-        let ids = match answer {
-            Some(a) => self.tok.encode_chat(&[user, Message::assistant(a)], false)?,
-            None => prompt.clone(),
-        };
-        if ids[..prompt.len()] != prompt[..] {
-            bail!("the answer changed how the prompt tokenizes");
-        }
-        let x = self.proc.process(img);
-        Ok(Encoded {
-            answer_from: prompt.len(),
-            tiles: x.layout.0 * x.layout.1,
-            ids,
-            pixels: x.pixel_values,
-            ratio_id: x.aspect_ratio_id,
-            ratio_mask: x.aspect_ratio_mask,
-        })
-    }
-
-    /// The model inputs of an encoded cell, the first `len` tokens (all when `None`).
-    pub fn inputs(&self, e: &Encoded, len: Option<usize>, device: &Device) -> Inputs {
-        let ids = &e.ids[..len.unwrap_or(e.ids.len())];
-        let s = ids.len();
-        let (t, n) = (self.proc.tile, self.proc.max_tiles);
-        let mask = cross_attention_mask(ids, self.tok.image_token, &[e.tiles], n);
-        Inputs {
-            input_ids: Tensor::<2, Int>::from_data(
-                TensorData::new(ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>(), [1, s]),
-                device,
-            ),
-            pixel_values: Some(Tensor::from_data(
-                TensorData::new(e.pixels.clone(), [1, 1, n, 3, t, t]),
-                device,
-            )),
-            aspect_ratio_ids: Some(Tensor::from_data(
-                TensorData::new(vec![e.ratio_id as i64], [1, 1]),
-                device,
-            )),
-            aspect_ratio_mask: Some(Tensor::from_data(
-                TensorData::new(e.ratio_mask.clone(), [1, 1, n]),
-                device,
-            )),
-            cross_attention_mask: Some(Tensor::from_data(TensorData::new(mask, [1, s, 1, n]), device)),
-        }
-    }
-
-    /// The class names as the answer's first tokens.
-    pub fn class_candidates(&self) -> Result<Vec<Vec<u32>>> {
-        CellClass::ALL.iter().map(|c| Ok(self.tok.encode(c.name())?)).collect()
-    }
-}
-
-/// Class probabilities of a cell: the likelihood of each class name as the answer's start.
-pub fn classify(model: &Mllama, p: &Prompting, img: &RgbImage, device: &Device) -> Result<Vec<f32>> {
-    let e = p.encode(img, None)?;
-    let scores = score(model, p.inputs(&e, None, device), &p.class_candidates()?);
-    Ok(probabilities(&scores))
 }
 
 /// What a run measured.
@@ -313,4 +192,155 @@ pub fn load_tuned(base: &Path, run: &Path, lora: &LoraConfig, device: &Device) -
         .load_from(&mut store)
         .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", adapters_path(run).display()))?;
     Ok((p, model))
+}
+
+/// The LoRA settings a run trained with (from its `mllama-run.json`).
+pub fn run_lora(run: &Path) -> Result<LoraConfig> {
+    let p = run.join("mllama-run.json");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?)?;
+    Ok(serde_json::from_value(v["settings"]["lora"].clone())
+        .with_context(|| format!("{}: settings.lora", p.display()))?)
+}
+
+/// What an export measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct MllamaExportReport {
+    /// Largest difference of a class probability between the tuned model as trained (base +
+    /// adapters, f32) and the exported one (merged, quantized), over the val cells compared.
+    pub max_probability_difference: f32,
+    /// Val cells compared.
+    pub compared: usize,
+    /// Self-test cases in the bundle.
+    pub selftest_cases: usize,
+    /// Bundle size, bytes.
+    pub bytes: usize,
+}
+
+/// Largest probability difference allowed between the trained and the exported model.
+pub const EXPORT_TOLERANCE: f32 = 0.05;
+
+/// Merges a run's adapters into the base in f32, quantizes the projections to 4 bits (groups of
+/// `group`, f16 scales; embeddings in f16, norms, gates and biases in f32), adds one self-test
+/// image per class from `val` with the exported model's probabilities, signs the bundle and
+/// checks that it verifies and passes its self-test.
+pub fn export(
+    base: &Path,
+    run: &Path,
+    val: &Path,
+    key: &ed25519_dalek::SigningKey,
+    model_version: u64,
+    group: usize,
+    out: &Path,
+) -> Result<MllamaExportReport> {
+    use wbc_shared::bundle::{Bundle, BundleBuilder, Family, Manifest};
+    use wbc_shared::classify::{SELFTEST_PART, SelfTest, SelfTestCase};
+    use wbc_shared::compact::weights::Storage;
+    use wbc_shared::mllama::cell::{classify, parts};
+    let device = Device::flex();
+    let lora = run_lora(run)?;
+    let (p, mut tuned) = load_tuned(base, run, &lora, &device)?;
+    let mut w = Checkpoint::open(base)?.all()?;
+    for (name, delta) in tuned.lora_deltas() {
+        let t =
+            w.0.get_mut(&format!("{name}.weight"))
+                .with_context(|| format!("{name}.weight"))?;
+        t.values.iter_mut().zip(&delta).for_each(|(v, d)| *v += d);
+    }
+    let weights = w.to_safetensors_by(group, |name, shape| {
+        let projection = shape.len() == 2
+            && name.ends_with(".weight")
+            && (name.ends_with("_proj.weight")
+                || name.ends_with("fc1.weight")
+                || name.ends_with("fc2.weight")
+                || name.ends_with("lm_head.weight")
+                || name == "multi_modal_projector.weight");
+        if projection {
+            Storage::Q4
+        } else if name.ends_with("embed_tokens.weight") || name.contains("embedding") {
+            Storage::F16
+        } else {
+            Storage::F32
+        }
+    })?;
+    let exported = Mllama::from_weights(
+        &p.cfg,
+        &wbc_shared::compact::weights::Weights::from_safetensors(&weights)?,
+        &device,
+    )?;
+    // Val cells: the first readable one of each class is a self-test case; all are compared.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let cells = labelled(val, None, &mut rng)?;
+    let mut cases = Vec::new();
+    let mut parts_out: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut worst = 0f32;
+    let mut seen = [false; 6];
+    for (sample, img) in cells.iter().take(32) {
+        let a = classify(&tuned, &p, img, &device)?;
+        let b = classify(&exported, &p, img, &device)?;
+        worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(worst, f32::max);
+        let c = sample.label.expect("labelled").index();
+        if !seen[c] {
+            seen[c] = true;
+            let name = format!("selftest/{}.png", CellClass::ALL[c].name().to_lowercase());
+            let mut png = Vec::new();
+            image::DynamicImage::ImageRgb8(img.clone())
+                .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+            parts_out.push((name.clone(), png));
+            cases.push(SelfTestCase {
+                image: name,
+                probabilities: b,
+            });
+        }
+    }
+    let compared = cells.len().min(32);
+    let cfg_json: serde_json::Value = serde_json::from_slice(&std::fs::read(base.join("config.json"))?)?;
+    let manifest = Manifest {
+        format_version: 0,
+        family: Family::Mllama,
+        model_config: cfg_json,
+        classes: CellClass::ALL.iter().map(|c| c.name().to_string()).collect(),
+        preprocess: wbc_shared::image::Preprocess {
+            input_size: p.proc.tile as u32,
+            mean: p.proc.mean,
+            std: p.proc.std,
+            cell: None,
+        },
+        model_version,
+        min_appliance_version: env!("CARGO_PKG_VERSION").into(),
+        created_at: time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?,
+        training: serde_json::json!({"family": "mllama", "lora": lora, "quantization": {"bits": 4, "group": group}}),
+        metrics: serde_json::json!({"max_probability_difference_exported_vs_trained": worst, "compared_val_cells": compared}),
+        parts: Default::default(),
+    };
+    let n_cases = cases.len();
+    let mut b = BundleBuilder::new(manifest)
+        .part(parts::CONFIG, std::fs::read(base.join("config.json"))?)?
+        .part(parts::TOKENIZER, std::fs::read(base.join("tokenizer.json"))?)?
+        .part(parts::PREPROCESSOR, serde_json::to_vec_pretty(&p.preprocessor_json())?)?
+        .part(parts::WEIGHTS, weights)?
+        .part(
+            SELFTEST_PART,
+            serde_json::to_vec_pretty(&SelfTest { tolerance: 2e-3, cases })?,
+        )?;
+    for (name, bytes) in parts_out {
+        b = b.part(&name, bytes)?;
+    }
+    let bytes = b.finish(key)?;
+    // What we ship verifies and passes its own self-test.
+    let bundle = Bundle::from_bytes(&bytes, &[key.verifying_key()])?;
+    let (bp, bm) = wbc_shared::mllama::cell::from_bundle(&bundle, &device)?;
+    let checked = wbc_shared::mllama::cell::self_test(&bm, &bp, &bundle, &device)?;
+    std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    tracing::info!(
+        cases = checked,
+        max_probability_difference = worst,
+        "exported mllama bundle"
+    );
+    Ok(MllamaExportReport {
+        max_probability_difference: worst,
+        compared,
+        selftest_cases: n_cases,
+        bytes: bytes.len(),
+    })
 }

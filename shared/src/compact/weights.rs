@@ -49,6 +49,17 @@ pub enum WeightError {
     },
 }
 
+/// How a tensor is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// f32.
+    F32,
+    /// f16.
+    F16,
+    /// 4 bits, a f16 scale per group.
+    Q4,
+}
+
 /// A set of named tensors.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Weights(pub BTreeMap<String, NamedTensor>);
@@ -77,22 +88,39 @@ impl Weights {
         Ok(t)
     }
 
-    /// Serializes to safetensors, 4-D weights in 4 bits with the given group size.
+    /// Serializes to safetensors, 1×1 convolution weights in 4 bits with the given group size,
+    /// spatial kernels in f16 (the stem and the depthwise 3x3s, about 3% of the weights, are what
+    /// 4 bits damages most), the rest in f32.
     pub fn to_safetensors(&self, group: usize) -> Result<Vec<u8>, WeightError> {
+        self.to_safetensors_by(group, |name, shape| {
+            let conv = shape.len() == 4 && name.ends_with(".weight");
+            match conv {
+                true if (shape[2], shape[3]) != (1, 1) => Storage::F16,
+                true => Storage::Q4,
+                false => Storage::F32,
+            }
+        })
+    }
+
+    /// Serializes to safetensors, each tensor stored as `storage(name, shape)` says (4-bit
+    /// tensors in groups of `group` along their rows).
+    pub fn to_safetensors_by(
+        &self,
+        group: usize,
+        storage: impl Fn(&str, &[usize]) -> Storage,
+    ) -> Result<Vec<u8>, WeightError> {
         let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         let mut meta = HashMap::new();
         for (name, t) in &self.0 {
-            let conv = t.shape.len() == 4 && name.ends_with(".weight");
-            if conv && (t.shape[2], t.shape[3]) != (1, 1) {
-                // Spatial kernels (the stem and the depthwise 3x3s, about 3% of the weights) are
-                // what 4 bits damages most: keep them in f16.
+            let kind = storage(name, &t.shape);
+            if kind == Storage::F16 {
                 let bytes = t
                     .values
                     .iter()
                     .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
                     .collect();
                 owned.push((name.clone(), Dtype::F16, t.shape.clone(), bytes));
-            } else if conv {
+            } else if kind == Storage::Q4 {
                 let q = Q4Tensor::quantize(&t.values, &t.shape, group);
                 let shape_s: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
                 meta.insert(format!("q4:{name}"), format!("{};{}", shape_s.join(","), group));

@@ -85,8 +85,23 @@ pub struct ChatTokenizer {
 impl ChatTokenizer {
     /// Loads `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self, ChatError> {
-        let tokenizer = tokenizers::Tokenizer::from_file(path).map_err(|e| ChatError::Load {
+        let bytes = std::fs::read(path).map_err(|e| ChatError::Load {
             path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::from_bytes(&bytes).map_err(|e| match e {
+            ChatError::Load { message, .. } => ChatError::Load {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Reads the contents of a `tokenizer.json`.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ChatError> {
+        let tokenizer = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| ChatError::Load {
+            path: "tokenizer.json".into(),
             message: e.to_string(),
         })?;
         let id = |t: &str| {

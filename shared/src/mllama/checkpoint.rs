@@ -189,6 +189,29 @@ impl Checkpoint {
         Ok(values)
     }
 
+    /// Every tensor, by its published name, as f32.
+    pub fn all(&self) -> Result<crate::compact::weights::Weights, CheckpointError> {
+        let mut out = crate::compact::weights::Weights::default();
+        for (name, (file, stored)) in &self.index {
+            let shape = {
+                let mut loaded = self.loaded.borrow_mut();
+                if let std::collections::hash_map::Entry::Vacant(e) = loaded.entry(*file) {
+                    let p = self.dir.join(&self.files[*file]);
+                    e.insert(std::fs::read(&p).map_err(io(&p))?);
+                }
+                let st = SafeTensors::deserialize(&loaded[file])
+                    .map_err(|e| CheckpointError::Format(format!("{}: {e}", self.files[*file])))?;
+                st.tensor(stored)
+                    .map_err(|_| CheckpointError::Format(format!("{} lacks {stored:?}", self.files[*file])))?
+                    .shape()
+                    .to_vec()
+            };
+            let values = self.tensor(name, &shape)?;
+            out.insert(name.clone(), crate::compact::weights::NamedTensor { shape, values });
+        }
+        Ok(out)
+    }
+
     /// Fails when the checkpoint holds tensors nobody read.
     pub fn check_all_used(&self) -> Result<(), CheckpointError> {
         let used = self.used.borrow();

@@ -2,6 +2,7 @@
 //! Hugging Face checkpoints, the forward pass, and the parity check against transformers'
 //! reference outputs (`trainer check-hf`, the parity tests).
 
+pub mod cell;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
@@ -18,6 +19,23 @@ pub use processor::{ImageProcessor, Processed};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 use std::path::Path;
+
+/// Why a model, its tokenizer or its inputs could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum MllamaError {
+    /// The configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The weights.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The tokenizer.
+    #[error(transparent)]
+    Chat(#[from] chat::ChatError),
+    /// Anything else, in words.
+    #[error("{0}")]
+    Other(String),
+}
 
 /// Why a parity check could not run.
 #[derive(Debug, thiserror::Error)]

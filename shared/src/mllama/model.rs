@@ -82,11 +82,18 @@ pub struct Proj {
     pub base: Linear,
     /// The adapter, if any.
     pub lora: Option<LoraAdapter>,
+    /// Its name in the checkpoint (`….q_proj`).
+    #[module(skip)]
+    pub name: String,
 }
 
 impl Proj {
-    fn new(base: Linear) -> Self {
-        Proj { base, lora: None }
+    fn new(base: Linear, name: &str) -> Self {
+        Proj {
+            base,
+            lora: None,
+            name: name.to_string(),
+        }
     }
 
     /// `x·W (+ bias) + (α/r)·(x·A)·B`.
@@ -107,15 +114,19 @@ impl Proj {
         }
     }
 
-    fn adapt(&mut self, rank: usize, alpha: f64, dropout: f64, device: &Device) {
+    fn adapt(&mut self, rank: usize, alpha: f64, dropout: f64, rng: &mut rand_chacha::ChaCha8Rng, device: &Device) {
+        use rand::Rng;
         let [d_in, d_out] = self.base.weight.dims();
-        let std = (1.0 / d_in as f64).sqrt();
+        let std = (1.0 / d_in as f64).sqrt() as f32;
+        // A ~ N(0, 1/in), from the seeded generator: runs are reproducible.
+        let a: Vec<f32> = (0..d_in * rank)
+            .map(|_| {
+                let (u1, u2): (f32, f32) = (rng.r#gen::<f32>().max(1e-12), rng.r#gen());
+                std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+            })
+            .collect();
         self.lora = Some(LoraAdapter {
-            a: Param::from_tensor(Tensor::random(
-                [d_in, rank],
-                burn::tensor::Distribution::Normal(0.0, std),
-                device,
-            )),
+            a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [d_in, rank]), device)),
             b: Param::from_tensor(Tensor::zeros([rank, d_out], device)),
             scale: alpha / rank as f64,
             dropout,
@@ -566,6 +577,9 @@ pub struct LoraConfig {
     pub dropout: f64,
     /// Where adapters go.
     pub targets: LoraTargets,
+    /// Seed of the adapters' initialisation.
+    #[serde(default)]
+    pub seed: u64,
 }
 
 /// The rotary inverse frequencies, as transformers computes them (f32), with Llama 3 scaling.
@@ -848,12 +862,42 @@ impl Mllama {
     /// Freezes the whole model and adds fresh LoRA adapters (the only trainable parameters) to
     /// the targeted projections.
     pub fn with_lora(self, c: &LoraConfig, device: &Device) -> Self {
+        use rand::SeedableRng;
         let mut m = self.no_grad();
         let targets = c.targets;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c.seed);
         for p in m.projections_mut(&targets) {
-            p.adapt(c.rank, c.alpha, c.dropout, device);
+            p.adapt(c.rank, c.alpha, c.dropout, &mut rng, device);
         }
         m
+    }
+
+    /// Every adapter's weight delta `(α/r)·(A·B)ᵀ` in the checkpoint's layout `[out, in]`, by
+    /// the projection's checkpoint name (`….q_proj`).
+    pub fn lora_deltas(&mut self) -> Vec<(String, Vec<f32>)> {
+        let all = LoraTargets {
+            text_attention: true,
+            text_mlp: true,
+            cross_attention: true,
+            vision: true,
+        };
+        self.projections_mut(&all)
+            .into_iter()
+            .filter_map(|p| {
+                let l = p.lora.as_ref()?;
+                let delta = (l.a.val().matmul(l.b.val()) * l.scale).transpose();
+                Some((p.name.clone(), delta.into_data().try_to_vec::<f32>().expect("f32")))
+            })
+            .collect()
+    }
+
+    /// Builds the model from named tensors in the checkpoint's naming and layout.
+    pub fn from_weights(
+        cfg: &MllamaConfig,
+        w: &crate::compact::weights::Weights,
+        device: &Device,
+    ) -> Result<Self, CheckpointError> {
+        Self::build(cfg, w, device)
     }
 
     /// Folds every adapter into its base weight (f32).
@@ -1048,6 +1092,23 @@ impl Source for Checkpoint {
     }
 }
 
+impl Source for crate::compact::weights::Weights {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        let t = self
+            .0
+            .get(name)
+            .ok_or_else(|| CheckpointError::Missing(name.to_string()))?;
+        if t.shape != shape {
+            return Err(CheckpointError::Shape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.shape.clone(),
+            });
+        }
+        Ok(t.values.clone())
+    }
+}
+
 /// A random initialisation (seeded): normal weights of standard deviation 0.02, norms at one,
 /// biases at zero, gates open at 0.5 (so that a random model looks at its images).
 pub struct RandomInit {
@@ -1164,7 +1225,7 @@ impl Loader<'_> {
 
     /// A linear layer from `{prefix}.weight` (`[out, in]`, kept as `[in, out]`) and bias.
     fn proj(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Proj, CheckpointError> {
-        Ok(Proj::new(self.linear(prefix, d_in, d_out, bias)?))
+        Ok(Proj::new(self.linear(prefix, d_in, d_out, bias)?, prefix))
     }
 
     fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear, CheckpointError> {
