@@ -14,10 +14,82 @@ use image::RgbImage;
 /// Images per forward pass.
 const BATCH: usize = 32;
 
+/// Llama 3.2 Vision behind the classifier: classes scored by the likelihood of their names as
+/// the answer's start, the description generated.
+pub struct MllamaEngine {
+    model: crate::mllama::Mllama,
+    prompting: crate::mllama::cell::Prompting,
+    device: Device,
+}
+
+impl MllamaEngine {
+    /// An uninformative prediction (uniform), for a cell the model could not take.
+    fn predict_fallback(&self) -> Prediction {
+        let u = 1.0 / NUM_CLASSES as f32;
+        Prediction {
+            probs: [u; NUM_CLASSES],
+            logits: [0.0; NUM_CLASSES],
+            features: Vec::new(),
+            ood_score: None,
+            cell_found: None,
+            neighbour_class: None,
+            attributes: Default::default(),
+            attribute_confidence: [0.0; crate::attributes::NUM_ATTRIBUTES],
+            description: None,
+        }
+    }
+}
+
+/// Tokens a generated description may take, at most.
+const DESCRIPTION_TOKENS: usize = 64;
+
+impl MllamaEngine {
+    fn predict(&self, img: &RgbImage) -> Result<Prediction, crate::mllama::MllamaError> {
+        use crate::mllama::{Sampling, generate};
+        let p = &self.prompting;
+        let probs = crate::mllama::cell::classify(&self.model, p, img, &self.device)?;
+        let e = p.encode(img, None)?;
+        let mut stop = p.cfg.text.eos_token_ids.clone();
+        stop.push(p.tok.eot_token);
+        let tokens = generate(&self.model, p.inputs(&e, None, &self.device), DESCRIPTION_TOKENS, &stop, Sampling::Greedy);
+        let text = p.tok.decode(&tokens)?.trim().to_string();
+        let probs: [f32; NUM_CLASSES] = probs
+            .try_into()
+            .map_err(|_| crate::mllama::MllamaError::Other("expected six class probabilities".into()))?;
+        Ok(Prediction {
+            probs,
+            logits: probs.map(|q| q.max(f32::MIN_POSITIVE).ln()),
+            features: Vec::new(),
+            ood_score: None,
+            cell_found: None,
+            neighbour_class: None,
+            attributes: Default::default(),
+            attribute_confidence: [0.0; crate::attributes::NUM_ATTRIBUTES],
+            description: (!text.is_empty()).then_some(text),
+        })
+    }
+}
+
+/// The model behind a classifier.
+#[derive(Clone)]
+enum Engine {
+    Compact(CompactModel),
+    Mllama(std::sync::Arc<MllamaEngine>),
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Engine::Compact(m) => m.fmt(f),
+            Engine::Mllama(_) => f.write_str("Mllama"),
+        }
+    }
+}
+
 /// A loaded, verified model ready to classify cell images.
 #[derive(Debug, Clone)]
 pub struct Classifier {
-    model: CompactModel,
+    model: Engine,
     pre: Preprocess,
     calibration: Calibration,
     knn: Option<KnnBank>,
@@ -33,13 +105,22 @@ pub struct Classifier {
 impl Classifier {
     /// Builds a classifier from a verified bundle on a device.
     pub fn from_bundle(bundle: &Bundle, device: &Device) -> Result<Self, ModelError> {
-        match bundle.manifest.family {
-            Family::Compact => {}
-            other => {
-                return Err(ModelError::Config(format!(
-                    "model family {other:?} is not supported by this build"
-                )));
-            }
+        if bundle.manifest.family == Family::Mllama {
+            let (prompting, model) = crate::mllama::cell::from_bundle(bundle, device)
+                .map_err(|e| ModelError::Config(format!("mllama bundle: {e}")))?;
+            return Ok(Classifier {
+                model: Engine::Mllama(std::sync::Arc::new(MllamaEngine {
+                    model,
+                    prompting,
+                    device: device.clone(),
+                })),
+                pre: bundle.manifest.preprocess.clone(),
+                calibration: Calibration::default(),
+                knn: None,
+                model_version: bundle.manifest.model_version,
+                min_confidence: 0.0,
+                microns_per_pixel: None,
+            });
         }
         if bundle.manifest.classes.len() != NUM_CLASSES {
             return Err(ModelError::Config(format!(
@@ -98,7 +179,7 @@ impl Classifier {
     /// A classifier around a model that is already loaded (e.g. one being exported).
     pub fn new(model: CompactModel, pre: Preprocess, model_version: u64) -> Self {
         Classifier {
-            model,
+            model: Engine::Compact(model),
             pre,
             calibration: Calibration::default(),
             knn: None,
@@ -134,6 +215,24 @@ impl Classifier {
     /// default where `None`). `scales` has one entry per image.
     pub fn predict_at(&self, images: &[RgbImage], scales: &[Option<f32>]) -> Vec<Prediction> {
         assert_eq!(images.len(), scales.len(), "one pixel size per image");
+        let model = match &self.model {
+            Engine::Compact(m) => m,
+            Engine::Mllama(e) => {
+                // The whole cell image goes to the image processor; a failure (a tokenizer
+                // error) leaves the cell unclassified rather than guessing.
+                return images
+                    .iter()
+                    .map(|img| {
+                        e.predict(img).unwrap_or_else(|err| {
+                            tracing::error!(error = %err, "mllama could not classify a cell");
+                            let mut p = e.predict_fallback();
+                            p.cell_found = Some(false);
+                            p
+                        })
+                    })
+                    .collect();
+            }
+        };
         let s = self.pre.input_size as usize;
         let mut out = Vec::with_capacity(images.len());
         for (chunk, um) in images.chunks(BATCH).zip(scales.chunks(BATCH)) {
@@ -144,7 +243,7 @@ impl Classifier {
                 self.pre.normalise_into(&view, &mut buf);
                 found.push(cell.map(|c| c.found));
             }
-            let mut preds = self.model.predict(buf, chunk.len(), s);
+            let mut preds = model.predict(buf, chunk.len(), s);
             let t = self.calibration.temperature;
             let scores = self.knn.as_ref().map(|k| {
                 let f: Vec<f32> = preds.iter().flat_map(|p| p.features.iter().copied()).collect();
@@ -180,7 +279,11 @@ impl Classifier {
             .unwrap_or(0);
         let class = crate::classes::CellClass::ALL[best];
         // Attributes are reported only for classes whose attributes the heads were trained on.
-        let attributes = if self.model.config.attribute_classes.contains(&best) {
+        let trained_on = match &self.model {
+            Engine::Compact(m) => m.config.attribute_classes.contains(&best),
+            Engine::Mllama(_) => false,
+        };
+        let attributes = if trained_on {
             p.attributes
         } else {
             crate::attributes::AttributeSet::default()
@@ -188,7 +291,7 @@ impl Classifier {
         let mut r = CellResult::from_probabilities(
             &p.probs,
             &attributes,
-            describe(class, &attributes),
+            p.description.clone().unwrap_or_else(|| describe(class, &attributes)),
             self.min_confidence,
             self.model_version,
         );
@@ -344,6 +447,7 @@ mod tests {
             neighbour_class: Some(5),
             attributes: Default::default(),
             attribute_confidence: [0.0; crate::attributes::NUM_ATTRIBUTES],
+            description: None,
         }
     }
 

@@ -100,6 +100,31 @@ fn lora_fine_tuning_on_real_cells_lowers_the_answer_loss_and_keeps_the_best_adap
         wbc_shared::mllama::cell::self_test(&bm, &bp, &bundle, &device).unwrap(),
         6
     );
+    // The classifier every tool uses takes the bundle: self-test, six probabilities, a
+    // generated description.
+    let c = wbc_shared::classify::Classifier::from_bundle(&bundle, &device).unwrap();
+    assert_eq!(c.self_test(&bundle).unwrap(), 6);
+    let cell = &c.classify(std::slice::from_ref(&img))[0];
+    assert_eq!(cell.probabilities.len(), 6);
+    assert_eq!(cell.model_version, 7);
+    // `trainer eval` runs on the exported bundle and writes its report.
+    wbc_shared::bundle::keys::write_public(&dir.path().join("lab.pem.pub"), &key.verifying_key()).unwrap();
+    let report = dir.path().join("eval.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["eval", "--resamples", "20", "--bundle"])
+        .arg(&bundle_path)
+        .arg("--csv")
+        .arg(&cells)
+        .arg("--trust")
+        .arg(dir.path().join("lab.pem.pub"))
+        .arg("--json")
+        .arg(&report)
+        .env("WBC_WEIGHTS_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert!(v.to_string().contains("macro"), "{v}");
     // 4-bit projections and f16 embeddings: well under half the f32 checkpoint.
     let f32_bytes = std::fs::metadata(base.join("model.safetensors")).unwrap().len() as usize;
     assert!(r.bytes * 2 < f32_bytes, "{} vs {f32_bytes}", r.bytes);

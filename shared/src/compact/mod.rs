@@ -183,6 +183,8 @@ pub struct Prediction {
     pub attributes: AttributeSet,
     /// Probability of the chosen value of each attribute.
     pub attribute_confidence: [f32; NUM_ATTRIBUTES],
+    /// A description the model wrote itself (the mllama family generates one).
+    pub description: Option<String>,
 }
 
 /// Errors loading a compact model.
@@ -275,6 +277,7 @@ impl CompactModel {
                     neighbour_class: None,
                     attributes,
                     attribute_confidence,
+                    description: None,
                 }
             })
             .collect()
