@@ -51,7 +51,13 @@ impl MllamaEngine {
         let e = p.encode(img, None)?;
         let mut stop = p.cfg.text.eos_token_ids.clone();
         stop.push(p.tok.eot_token);
-        let tokens = generate(&self.model, p.inputs(&e, None, &self.device), DESCRIPTION_TOKENS, &stop, Sampling::Greedy);
+        let tokens = generate(
+            &self.model,
+            p.inputs(&e, None, &self.device),
+            DESCRIPTION_TOKENS,
+            &stop,
+            Sampling::Greedy,
+        );
         let text = p.tok.decode(&tokens)?.trim().to_string();
         let probs: [f32; NUM_CLASSES] = probs
             .try_into()
