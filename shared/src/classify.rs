@@ -22,21 +22,18 @@ pub struct MllamaEngine {
     device: Device,
 }
 
-impl MllamaEngine {
-    /// An uninformative prediction (uniform), for a cell the model could not take.
-    fn predict_fallback(&self) -> Prediction {
-        let u = 1.0 / NUM_CLASSES as f32;
-        Prediction {
-            probs: [u; NUM_CLASSES],
-            logits: [0.0; NUM_CLASSES],
-            features: Vec::new(),
-            ood_score: None,
-            cell_found: None,
-            neighbour_class: None,
-            attributes: Default::default(),
-            attribute_confidence: [0.0; crate::attributes::NUM_ATTRIBUTES],
-            description: None,
-        }
+/// A prediction that carries only class probabilities and, maybe, a description.
+fn bare_prediction(probs: [f32; NUM_CLASSES], description: Option<String>) -> Prediction {
+    Prediction {
+        probs,
+        logits: probs.map(|q| q.max(f32::MIN_POSITIVE).ln()),
+        features: Vec::new(),
+        ood_score: None,
+        cell_found: None,
+        neighbour_class: None,
+        attributes: Default::default(),
+        attribute_confidence: [0.0; crate::attributes::NUM_ATTRIBUTES],
+        description,
     }
 }
 
@@ -62,24 +59,14 @@ impl MllamaEngine {
         let probs: [f32; NUM_CLASSES] = probs
             .try_into()
             .map_err(|_| crate::mllama::MllamaError::Other("expected six class probabilities".into()))?;
-        Ok(Prediction {
-            probs,
-            logits: probs.map(|q| q.max(f32::MIN_POSITIVE).ln()),
-            features: Vec::new(),
-            ood_score: None,
-            cell_found: None,
-            neighbour_class: None,
-            attributes: Default::default(),
-            attribute_confidence: [0.0; crate::attributes::NUM_ATTRIBUTES],
-            description: (!text.is_empty()).then_some(text),
-        })
+        Ok(bare_prediction(probs, (!text.is_empty()).then_some(text)))
     }
 }
 
 /// The model behind a classifier.
 #[derive(Clone)]
 enum Engine {
-    Compact(CompactModel),
+    Compact(Box<CompactModel>),
     Mllama(std::sync::Arc<MllamaEngine>),
 }
 
@@ -185,7 +172,7 @@ impl Classifier {
     /// A classifier around a model that is already loaded (e.g. one being exported).
     pub fn new(model: CompactModel, pre: Preprocess, model_version: u64) -> Self {
         Classifier {
-            model: Engine::Compact(model),
+            model: Engine::Compact(Box::new(model)),
             pre,
             calibration: Calibration::default(),
             knn: None,
@@ -231,7 +218,8 @@ impl Classifier {
                     .map(|img| {
                         e.predict(img).unwrap_or_else(|err| {
                             tracing::error!(error = %err, "mllama could not classify a cell");
-                            let mut p = e.predict_fallback();
+                            // Uninformative, and sent to review as a cell that could not be read.
+                            let mut p = bare_prediction([1.0 / NUM_CLASSES as f32; NUM_CLASSES], None);
                             p.cell_found = Some(false);
                             p
                         })

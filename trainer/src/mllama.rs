@@ -199,8 +199,7 @@ pub fn run_lora(run: &Path) -> Result<LoraConfig> {
     let p = run.join("mllama-run.json");
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?)?;
-    Ok(serde_json::from_value(v["settings"]["lora"].clone())
-        .with_context(|| format!("{}: settings.lora", p.display()))?)
+    serde_json::from_value(v["settings"]["lora"].clone()).with_context(|| format!("{}: settings.lora", p.display()))
 }
 
 /// What an export measured.

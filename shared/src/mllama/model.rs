@@ -1152,10 +1152,13 @@ impl Source for RandomInit {
     }
 }
 
+/// A named tensor: name, shape, values.
+type Named = (String, Vec<usize>, Vec<f32>);
+
 /// Records the tensors a configuration needs, with random values.
 struct Recording {
     inner: RandomInit,
-    seen: std::cell::RefCell<Vec<(String, Vec<usize>, Vec<f32>)>>,
+    seen: std::cell::RefCell<Vec<Named>>,
 }
 
 impl Source for Recording {
