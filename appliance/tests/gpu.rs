@@ -26,3 +26,27 @@ fn the_gpu_backend_gives_the_cpu_backends_answers() {
         assert_eq!(g.ood_score.is_some(), c.ood_score.is_some());
     }
 }
+
+#[test]
+fn mllama_runs_on_the_gpu_backend_with_the_cpu_backends_logits_and_tokens() {
+    use wbc_shared::mllama::{Checkpoint, Mllama, MllamaConfig, Reference, Sampling, generate, reference_inputs};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures/mllama/gqa-llama3");
+    let cfg = MllamaConfig::load(&dir).unwrap();
+    let r = Reference::open(&dir.join("io.safetensors")).unwrap();
+    let gpu = select(BackendChoice::Gpu).expect("a wgpu adapter (install mesa-vulkan-drivers without a GPU)");
+    let cpu = select(BackendChoice::Cpu).unwrap();
+    let run = |d: &burn::tensor::Device| {
+        let model = Mllama::load(&cfg, &Checkpoint::open(&dir).unwrap(), d).unwrap();
+        let logits = model
+            .forward(reference_inputs(&r, d).unwrap())
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let tokens = generate(&model, reference_inputs(&r, d).unwrap().rows(0..1), 8, &[], Sampling::Greedy);
+        (logits, tokens)
+    };
+    let (g, c) = (run(&gpu.device), run(&cpu.device));
+    let d = wbc_shared::mllama::Difference::of(&g.0, &c.0);
+    assert!(d.relative < 1e-3, "GPU vs CPU logits {d:?}");
+    assert_eq!(g.1, c.1, "greedy tokens");
+}
