@@ -42,7 +42,13 @@ fn mllama_runs_on_the_gpu_backend_with_the_cpu_backends_logits_and_tokens() {
             .into_data()
             .try_to_vec::<f32>()
             .unwrap();
-        let tokens = generate(&model, reference_inputs(&r, d).unwrap().rows(0..1), 8, &[], Sampling::Greedy);
+        let tokens = generate(
+            &model,
+            reference_inputs(&r, d).unwrap().rows(0..1),
+            8,
+            &[],
+            Sampling::Greedy,
+        );
         (logits, tokens)
     };
     let (g, c) = (run(&gpu.device), run(&cpu.device));
