@@ -23,12 +23,11 @@
 use anyhow::{Context, Result, anyhow, bail};
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use wbc_shared::bundle::{Bundle, ReadLimits, UnverifiedBundle, sha256_hex};
+use wbc_shared::bundle::{Bundle, ReadLimits, UnverifiedBundle, file_sha256, sha256_hex};
 use wbc_shared::signed::{KeyList, Rollback, SignedDoc};
 use wbc_shared::uplink::ModelMessage;
 
@@ -142,29 +141,26 @@ fn step(name: &str) {
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one: a
 /// temporary file, flushed, renamed over, and the folder flushed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_pausing(path, bytes, None)
+}
+
+/// [`write_atomic`], stopping at the test hook `pause` when half the temporary file is written.
+fn write_atomic_pausing(path: &Path, bytes: &[u8], pause: Option<&str>) -> Result<()> {
     let dir = path.parent().context("a file in a folder")?;
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)?;
+        let half = bytes.len() / 2;
+        f.write_all(&bytes[..half])?;
+        if let Some(name) = pause {
+            step(name);
+        }
+        f.write_all(&bytes[half..])?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
-}
-
-fn file_sha256(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(hex::encode(h.finalize()));
-        }
-        h.update(&buf[..n]);
-    }
 }
 
 struct State {
@@ -209,15 +205,17 @@ pub struct Status {
 struct Refusal {
     reason: String,
     version: u64,
-    /// Remember the bundle as refused (a verdict on the bundle, not a passing failure).
-    remember: bool,
+    /// Remember the bundle (by this sha256) as refused: a verdict on the bundle, not a passing
+    /// failure.
+    remember: Option<String>,
 }
 
-fn refuse(version: u64, reason: impl Into<String>) -> Refusal {
+/// A verdict on the bundle whose sha256 is `sha`.
+fn refuse(sha: &str, version: u64, reason: impl Into<String>) -> Refusal {
     Refusal {
         reason: reason.into(),
         version,
-        remember: true,
+        remember: Some(sha.to_string()),
     }
 }
 
@@ -379,22 +377,12 @@ impl<T> Models<T> {
         for slot in candidates.into_iter().flatten().filter(|s| s.sha256 != bad.sha256) {
             match self.load(&slot, &st.trusted) {
                 Ok(t) => {
-                    st.pointer = Pointer {
-                        active: slot.clone(),
-                        previous: None,
-                        probation: None,
-                        running: st.pointer.running,
-                    };
-                    self.save_pointer(&st.pointer)?;
-                    if bad.file.is_some() {
-                        self.remember(st, &bad.sha256, format!("rolled back: {reason}"));
-                    }
-                    self.remove_unreferenced(&st.pointer);
-                    (self.report)(&msg(
-                        "rolled_back",
-                        slot.model_version,
+                    self.switch_back(
+                        st,
+                        &slot,
+                        reason,
                         format!("left version {}: {reason}", bad.model_version),
-                    ));
+                    )?;
                     return Ok(t);
                 }
                 Err(e) => (self.report)(&msg(
@@ -411,6 +399,25 @@ impl<T> Models<T> {
         )
     }
 
+    /// Makes the installed, already loaded `target` active with no fallback, remembers the
+    /// model left as rolled back (`why`), and reports it (`detail`).
+    fn switch_back(&self, st: &mut State, target: &Slot, why: &str, detail: String) -> Result<()> {
+        let left = st.pointer.active.clone();
+        st.pointer = Pointer {
+            active: target.clone(),
+            previous: None,
+            probation: None,
+            running: st.pointer.running,
+        };
+        self.save_pointer(&st.pointer)?;
+        if left.file.is_some() {
+            self.remember(st, &left.sha256, format!("rolled back: {why}"));
+        }
+        self.remove_unreferenced(&st.pointer);
+        (self.report)(&msg("rolled_back", target.model_version, detail));
+        Ok(())
+    }
+
     fn limits(&self) -> ReadLimits {
         ReadLimits {
             max_total: self.policy.max_bundle_bytes,
@@ -420,7 +427,11 @@ impl<T> Models<T> {
     }
 
     fn save_pointer(&self, p: &Pointer) -> Result<()> {
-        write_atomic(&self.dir.join("current.json"), &serde_json::to_vec_pretty(p)?)
+        self.save_pointer_pausing(p, None)
+    }
+
+    fn save_pointer_pausing(&self, p: &Pointer, pause: Option<&str>) -> Result<()> {
+        write_atomic_pausing(&self.dir.join("current.json"), &serde_json::to_vec_pretty(p)?, pause)
     }
 
     fn remember(&self, st: &mut State, sha: &str, outcome: String) {
@@ -506,9 +517,7 @@ impl<T> Models<T> {
             Err(r) => {
                 let reason = format!("{source}: {}", r.reason);
                 (self.report)(&msg("rejected", r.version, reason.clone()));
-                if r.remember
-                    && let Ok(sha) = file_sha256(path)
-                {
+                if let Some(sha) = r.remember {
                     let mut st = self.state.lock().expect("models lock");
                     self.remember(&mut st, &sha, format!("rejected: {reason}"));
                 }
@@ -521,13 +530,15 @@ impl<T> Models<T> {
         let transient = |e: String| Refusal {
             reason: e,
             version: 0,
-            remember: false,
+            remember: None,
         };
         let len = std::fs::metadata(path)
             .map_err(|e| transient(format!("cannot read {}: {e}", path.display())))?
             .len();
         if len > self.policy.max_bundle_bytes {
+            let (sha, _) = file_sha256(path).map_err(|e| transient(format!("cannot read {}: {e}", path.display())))?;
             return Err(refuse(
+                &sha,
                 0,
                 format!(
                     "the file is {len} bytes, over the limit of {}",
@@ -547,18 +558,25 @@ impl<T> Models<T> {
             let st = self.state.lock().expect("models lock");
             (st.trusted.clone(), st.pointer.active.clone())
         };
-        let unverified = UnverifiedBundle::read(&bytes[..], &self.limits()).map_err(|e| refuse(0, e.to_string()))?;
+        let unverified =
+            UnverifiedBundle::read(&bytes[..], &self.limits()).map_err(|e| refuse(&sha, 0, e.to_string()))?;
         let claimed = unverified.claimed_manifest().map(|m| m.model_version).unwrap_or(0);
         let bundle = unverified
             .verify(&trusted)
-            .map_err(|e| refuse(claimed, e.to_string()))?;
+            .map_err(|e| refuse(&sha, claimed, e.to_string()))?;
         let m = &bundle.manifest;
         let v = m.model_version;
-        let needs = semver::Version::parse(&m.min_appliance_version)
-            .map_err(|e| refuse(v, format!("min_appliance_version {:?}: {e}", m.min_appliance_version)))?;
+        let needs = semver::Version::parse(&m.min_appliance_version).map_err(|e| {
+            refuse(
+                &sha,
+                v,
+                format!("min_appliance_version {:?}: {e}", m.min_appliance_version),
+            )
+        })?;
         let ours = semver::Version::parse(env!("CARGO_PKG_VERSION")).expect("the crate version is semver");
         if needs > ours {
             return Err(refuse(
+                &sha,
                 v,
                 format!("it needs appliance {needs} or newer; this appliance is {ours}"),
             ));
@@ -566,6 +584,7 @@ impl<T> Models<T> {
         let instructed = if v <= active.model_version {
             if rollbacks.is_empty() {
                 return Err(refuse(
+                    &sha,
                     v,
                     format!(
                         "version {v} is not newer than the active version {}; going back needs a signed rollback instruction",
@@ -589,14 +608,14 @@ impl<T> Models<T> {
         step("verified");
         let name = format!("slot-v{v}-{}.bundle", &sha[..12]);
         let slot_path = self.dir.join(&name);
-        self.stage(&bytes, &slot_path)
+        self.stage(&bytes, &sha, &slot_path)
             .map_err(|e| transient(format!("copying into {name}: {e:#}")))?;
         drop(bytes);
         let current = match (self.loader)(&bundle) {
             Ok(t) => t,
             Err(e) => {
                 let _ = std::fs::remove_file(&slot_path);
-                return Err(refuse(v, format!("version {v} fails its self-test: {e:#}")));
+                return Err(refuse(&sha, v, format!("version {v} fails its self-test: {e:#}")));
             }
         };
         step("self_tested");
@@ -622,9 +641,8 @@ impl<T> Models<T> {
                 running: st.pointer.running,
             },
         };
-        let bytes = serde_json::to_vec_pretty(&next).map_err(|e| transient(e.to_string()))?;
-        step("switching");
-        write_atomic(&self.dir.join("current.json"), &bytes).map_err(|e| transient(format!("{e:#}")))?;
+        self.save_pointer_pausing(&next, Some("switching"))
+            .map_err(|e| transient(format!("{e:#}")))?;
         step("switched");
         st.pointer = next;
         self.remove_unreferenced(&st.pointer);
@@ -688,6 +706,7 @@ impl<T> Models<T> {
             ));
         }
         Err(refuse(
+            sha,
             v,
             format!(
                 "version {v} is not newer than the active version {active}, and no rollback instruction allows it ({})",
@@ -696,22 +715,12 @@ impl<T> Models<T> {
         ))
     }
 
-    /// Writes the verified bundle into its slot: a temporary file, flushed, renamed, the folder
-    /// flushed; then read back and hashed against what was verified.
-    fn stage(&self, bytes: &[u8], slot: &Path) -> Result<()> {
-        let tmp = slot.with_extension("tmp");
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            let half = bytes.len() / 2;
-            f.write_all(&bytes[..half])?;
-            step("staging");
-            f.write_all(&bytes[half..])?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, slot)?;
-        std::fs::File::open(&self.dir)?.sync_all()?;
+    /// Writes the verified bundle into its slot ([`write_atomic`]), then reads it back and
+    /// checks it against the sha256 that was verified.
+    fn stage(&self, bytes: &[u8], sha: &str, slot: &Path) -> Result<()> {
+        write_atomic_pausing(slot, bytes, Some("staging"))?;
         step("staged");
-        if file_sha256(slot)? != sha256_hex(bytes) {
+        if file_sha256(slot)?.0 != sha {
             let _ = std::fs::remove_file(slot);
             bail!("the copy on disk differs from the verified bundle (a disk error?)");
         }
@@ -745,27 +754,14 @@ impl<T> Models<T> {
         };
         match self.load(&target, &st.trusted) {
             Ok(t) => {
-                let left = st.pointer.active.clone();
-                st.pointer = Pointer {
-                    active: target.clone(),
-                    previous: None,
-                    probation: None,
-                    running: st.pointer.running,
-                };
-                if let Err(e) = self.save_pointer(&st.pointer) {
-                    return Outcome::Rejected(format!("{e:#}"));
+                let detail = format!(
+                    "{source}: left version {} on the lab's instruction: {}",
+                    st.pointer.active.model_version, r.reason
+                );
+                match self.switch_back(&mut st, &target, &r.reason, detail) {
+                    Ok(()) => Outcome::Active(t),
+                    Err(e) => Outcome::Rejected(format!("{e:#}")),
                 }
-                self.remember(&mut st, &left.sha256, format!("rolled back: {}", r.reason));
-                self.remove_unreferenced(&st.pointer);
-                (self.report)(&msg(
-                    "rolled_back",
-                    target.model_version,
-                    format!(
-                        "{source}: left version {} on the lab's instruction: {}",
-                        left.model_version, r.reason
-                    ),
-                ));
-                Outcome::Active(t)
             }
             Err(e) => {
                 let reason = format!("{source}: version {} cannot be used: {e:#}", target.model_version);

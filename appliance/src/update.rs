@@ -13,7 +13,6 @@ use crate::app::{App, ModelStore};
 use crate::models::{ModelPolicy, Outcome};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -212,12 +211,7 @@ impl Downloader {
                 a.size
             )));
         }
-        let sha = {
-            let mut h = Sha256::new();
-            let mut f = std::fs::File::open(&part).map_err(|e| t(e.into()))?;
-            std::io::copy(&mut f, &mut h).map_err(|e| t(e.into()))?;
-            hex::encode(h.finalize())
-        };
+        let (sha, _) = wbc_shared::bundle::file_sha256(&part).map_err(|e| t(e.into()))?;
         if sha != a.sha256 {
             let _ = std::fs::remove_file(&part);
             return Err(DownloadError::Refused(format!(

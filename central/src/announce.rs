@@ -7,7 +7,6 @@
 
 use anyhow::{Context, Result, bail};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
-use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::time::Duration;
 use wbc_shared::bundle::{ReadLimits, UnverifiedBundle};
@@ -39,13 +38,11 @@ pub fn announcement(bundle: &Path, url: &str, keys: Option<&Path>, rollback: Opt
     let b = UnverifiedBundle::read_file(bundle, &ReadLimits::default())
         .with_context(|| format!("{} is not a model bundle", bundle.display()))?;
     let manifest = b.claimed_manifest()?;
-    let mut h = Sha256::new();
-    let mut f = std::fs::File::open(bundle)?;
-    let size = std::io::copy(&mut f, &mut h)?;
+    let (sha256, size) = wbc_shared::bundle::file_sha256(bundle)?;
     let a = Announcement {
         model_version: manifest.model_version,
         size,
-        sha256: hex::encode(h.finalize()),
+        sha256,
         url: url.to_string(),
         keys: keys.map(read_doc).transpose()?,
         rollback: rollback.map(read_doc).transpose()?,

@@ -73,6 +73,17 @@ fn load(config: Option<PathBuf>) -> Result<central::Config> {
     }
 }
 
+/// Publishes retained on the configured broker, under central's client id with `-announce`.
+fn publish(config: Option<PathBuf>, topic: &str, payload: Vec<u8>) -> Result<()> {
+    let config = load(config)?;
+    tokio::runtime::Runtime::new()?.block_on(central::announce::publish_retained(
+        &config.broker,
+        &format!("{}-announce", config.client_id),
+        topic,
+        payload,
+    ))
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
@@ -89,16 +100,9 @@ fn main() -> Result<()> {
             keys,
             rollback,
         } => {
-            let config = load(config)?;
             let topic = central::announce::topic(&clinic, device.as_deref())?;
             let a = central::announce::announcement(&bundle, &url, keys.as_deref(), rollback.as_deref())?;
-            let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(central::announce::publish_retained(
-                &config.broker,
-                &format!("{}-announce", config.client_id),
-                &topic,
-                serde_json::to_vec(&a)?,
-            ))?;
+            publish(config, &topic, serde_json::to_vec(&a)?)?;
             println!(
                 "announced model version {} ({} bytes, sha256 {}) on {topic}",
                 a.model_version, a.size, a.sha256
@@ -106,15 +110,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Withdraw { config, clinic, device } => {
-            let config = load(config)?;
             let topic = central::announce::topic(&clinic, device.as_deref())?;
-            let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(central::announce::publish_retained(
-                &config.broker,
-                &format!("{}-announce", config.client_id),
-                &topic,
-                Vec::new(),
-            ))?;
+            publish(config, &topic, Vec::new())?;
             println!("withdrawn: {topic}");
             Ok(())
         }

@@ -162,6 +162,13 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Hex sha256 and size of a file, read in pieces (a bundle may be larger than memory allows).
+pub fn file_sha256(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut h = Sha256::new();
+    let size = std::io::copy(&mut std::fs::File::open(path)?, &mut h)?;
+    Ok((hex::encode(h.finalize()), size))
+}
+
 /// Short identifier of a public key: the first 8 bytes of its sha256, hex.
 pub fn key_id(key: &VerifyingKey) -> String {
     hex::encode(&Sha256::digest(key.as_bytes())[..8])
