@@ -495,6 +495,14 @@ impl<T> Models<T> {
         st.seen.get(sha256).cloned()
     }
 
+    /// What was decided about a bundle that needs no second look: already active, installed,
+    /// rolled back, or refused — except that a refused bundle is looked at again when a
+    /// rollback instruction comes with it (it may have been refused as too old).
+    pub fn settled(&self, sha256: &str, with_rollback: bool) -> Option<String> {
+        self.seen(sha256)
+            .filter(|o| !(with_rollback && o.starts_with("rejected")))
+    }
+
     /// Refuses a bundle before it is even fetched (an announcement that cannot lead to an
     /// update): reported and remembered.
     pub fn reject_offer(&self, sha256: &str, version: u64, reason: String) {
@@ -548,10 +556,7 @@ impl<T> Models<T> {
         }
         let bytes = std::fs::read(path).map_err(|e| transient(format!("cannot read {}: {e}", path.display())))?;
         let sha = sha256_hex(&bytes);
-        // A bundle refused as too old is looked at again when a rollback instruction comes.
-        if let Some(o) = self.seen(&sha)
-            && (rollbacks.is_empty() || !o.starts_with("rejected"))
-        {
+        if let Some(o) = self.settled(&sha, !rollbacks.is_empty()) {
             return Ok(Outcome::Skipped(o));
         }
         let (trusted, active) = {

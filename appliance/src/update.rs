@@ -358,9 +358,7 @@ impl Updater {
         if let Some(k) = &a.keys {
             let _ = self.models.apply_keys(k, &source);
         }
-        if let Some(o) = self.models.seen(&a.sha256)
-            && (a.rollback.is_none() || !o.starts_with("rejected"))
-        {
+        if self.models.settled(&a.sha256, a.rollback.is_some()).is_some() {
             return Ok(());
         }
         if a.size > self.config.max_bundle_bytes {

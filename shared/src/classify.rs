@@ -42,20 +42,13 @@ const DESCRIPTION_TOKENS: usize = 64;
 
 impl MllamaEngine {
     fn predict(&self, img: &RgbImage) -> Result<Prediction, crate::mllama::MllamaError> {
-        use crate::mllama::{Sampling, generate};
-        let p = &self.prompting;
-        let probs = crate::mllama::cell::classify(&self.model, p, img, &self.device)?;
-        let e = p.encode(img, None)?;
-        let mut stop = p.cfg.text.eos_token_ids.clone();
-        stop.push(p.tok.eot_token);
-        let tokens = generate(
+        let (probs, text) = crate::mllama::cell::classify_and_describe(
             &self.model,
-            p.inputs(&e, None, &self.device),
+            &self.prompting,
+            img,
             DESCRIPTION_TOKENS,
-            &stop,
-            Sampling::Greedy,
-        );
-        let text = p.tok.decode(&tokens)?.trim().to_string();
+            &self.device,
+        )?;
         let probs: [f32; NUM_CLASSES] = probs
             .try_into()
             .map_err(|_| crate::mllama::MllamaError::Other("expected six class probabilities".into()))?;

@@ -3,7 +3,7 @@
 //! name as the answer's start.
 
 use super::chat::{ChatTokenizer, Message, cross_attention_mask};
-use super::{ImageProcessor, Inputs, Mllama, MllamaConfig, MllamaError, probabilities, score};
+use super::{ImageProcessor, Inputs, Mllama, MllamaConfig, MllamaError, Prompted, Sampling, probabilities};
 use crate::classes::CellClass;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use image::RgbImage;
@@ -151,9 +151,30 @@ impl Prompting {
 
 /// Class probabilities of a cell: the likelihood of each class name as the answer's start.
 pub fn classify(model: &Mllama, p: &Prompting, img: &RgbImage, device: &Device) -> Result<Vec<f32>, MllamaError> {
+    Ok(classify_and_describe(model, p, img, 0, device)?.0)
+}
+
+/// Class probabilities and, with `description_tokens > 0`, a generated answer (greedy, up to
+/// that many tokens, to the end of the message): the question runs once for both.
+pub fn classify_and_describe(
+    model: &Mllama,
+    p: &Prompting,
+    img: &RgbImage,
+    description_tokens: usize,
+    device: &Device,
+) -> Result<(Vec<f32>, String), MllamaError> {
     let e = p.encode(img, None)?;
-    let scores = score(model, p.inputs(&e, None, device), &p.class_candidates()?);
-    Ok(probabilities(&scores))
+    let candidates = p.class_candidates()?;
+    let longest = candidates.iter().map(Vec::len).max().unwrap_or(0);
+    let prompted = Prompted::new(model, p.inputs(&e, None, device), longest.max(description_tokens));
+    let probs = probabilities(&prompted.score(model, &candidates));
+    if description_tokens == 0 {
+        return Ok((probs, String::new()));
+    }
+    let mut stop = p.cfg.text.eos_token_ids.clone();
+    stop.push(p.tok.eot_token);
+    let tokens = prompted.generate(model, description_tokens, &stop, Sampling::Greedy);
+    Ok((probs, p.tok.decode(&tokens)?.trim().to_string()))
 }
 
 /// The parts of an mllama bundle.

@@ -138,6 +138,11 @@ impl Checkpoint {
 
     /// The tensor `name` (canonical) as f32, which must have `shape`.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        Ok(self.read(name, Some(shape))?.1)
+    }
+
+    /// The tensor `name` (canonical) with its shape, which must be `shape` when given.
+    fn read(&self, name: &str, shape: Option<&[usize]>) -> Result<(Vec<usize>, Vec<f32>), CheckpointError> {
         let (file, stored) = self
             .index
             .get(name)
@@ -157,10 +162,10 @@ impl Checkpoint {
                 self.files[file]
             ))
         })?;
-        if view.shape() != shape {
+        if shape.is_some_and(|s| view.shape() != s) {
             return Err(CheckpointError::Shape {
                 name: name.to_string(),
-                expected: shape.to_vec(),
+                expected: shape.unwrap_or_default().to_vec(),
                 found: view.shape().to_vec(),
             });
         }
@@ -186,27 +191,14 @@ impl Checkpoint {
             }
         };
         self.used.borrow_mut().insert(name.to_string());
-        Ok(values)
+        Ok((view.shape().to_vec(), values))
     }
 
     /// Every tensor, by its published name, as f32.
     pub fn all(&self) -> Result<crate::compact::weights::Weights, CheckpointError> {
         let mut out = crate::compact::weights::Weights::default();
-        for (name, (file, stored)) in &self.index {
-            let shape = {
-                let mut loaded = self.loaded.borrow_mut();
-                if let std::collections::hash_map::Entry::Vacant(e) = loaded.entry(*file) {
-                    let p = self.dir.join(&self.files[*file]);
-                    e.insert(std::fs::read(&p).map_err(io(&p))?);
-                }
-                let st = SafeTensors::deserialize(&loaded[file])
-                    .map_err(|e| CheckpointError::Format(format!("{}: {e}", self.files[*file])))?;
-                st.tensor(stored)
-                    .map_err(|_| CheckpointError::Format(format!("{} lacks {stored:?}", self.files[*file])))?
-                    .shape()
-                    .to_vec()
-            };
-            let values = self.tensor(name, &shape)?;
+        for name in self.index.keys() {
+            let (shape, values) = self.read(name, None)?;
             out.insert(name.clone(), crate::compact::weights::NamedTensor { shape, values });
         }
         Ok(out)

@@ -2,8 +2,8 @@
 //! images' cross-attention keys and values once), then one token at a time; greedy, or
 //! temperature and top-p sampling with a seeded generator; stops at a stop token or the limit.
 
-use super::model::{Inputs, Mllama};
-use burn::tensor::{Int, Tensor, TensorData};
+use super::model::{Cache, Inputs, Mllama};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 
 /// How the next token is chosen.
@@ -63,39 +63,98 @@ fn sample_top_p(logits: &[f32], temperature: f32, top_p: f32, rng: &mut impl Rng
     p[kept - 1].0
 }
 
+/// A prompt that has run once: its last position's logits and the cache, with room for `room`
+/// more tokens. Scoring and generation both continue from it (each from a copy of the cache).
+#[derive(Clone)]
+pub struct Prompted {
+    last: Vec<f32>,
+    cache: Cache,
+    device: Device,
+}
+
+impl Prompted {
+    /// Runs the prompt of `inputs` (one sequence).
+    pub fn new(model: &Mllama, inputs: Inputs, room: usize) -> Self {
+        let [b, s] = inputs.input_ids.dims();
+        assert_eq!(b, 1, "one sequence");
+        let device = inputs.input_ids.device();
+        let (logits, cache) = model.prefill(inputs, s + room);
+        Prompted {
+            last: last_row(logits),
+            cache,
+            device,
+        }
+    }
+
+    fn ids(&self, tokens: &[u32]) -> Tensor<2, Int> {
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let n = ids.len();
+        Tensor::from_data(TensorData::new(ids, [1, n]), &self.device)
+    }
+
+    /// Generates up to `max_new` tokens (at most the room left); stops after a token of `stop`
+    /// (which is returned).
+    pub fn generate(&self, model: &Mllama, max_new: usize, stop: &[u32], sampling: Sampling) -> Vec<u32> {
+        let mut cache = self.cache.clone();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(match sampling {
+            Sampling::TopP { seed, .. } => seed,
+            Sampling::Greedy => 0,
+        });
+        let mut next = self.last.clone();
+        let mut out = Vec::with_capacity(max_new);
+        for _ in 0..max_new {
+            let token = match sampling {
+                Sampling::Greedy => argmax(&next),
+                Sampling::TopP { temperature, top_p, .. } => sample_top_p(&next, temperature, top_p, &mut rng),
+            } as u32;
+            out.push(token);
+            if stop.contains(&token) || out.len() == max_new {
+                break;
+            }
+            next = last_row(model.step(self.ids(&[token]), &mut cache));
+        }
+        out
+    }
+
+    /// The log-likelihood of each candidate continuation (token ids, not empty).
+    pub fn score(&self, model: &Mllama, candidates: &[Vec<u32>]) -> Vec<f32> {
+        assert!(candidates.iter().all(|c| !c.is_empty()), "empty candidate");
+        let first = log_softmax(&self.last);
+        let v = self.last.len();
+        candidates
+            .iter()
+            .map(|c| {
+                let mut total = first[c[0] as usize];
+                if c.len() > 1 {
+                    let mut cache = self.cache.clone();
+                    let out = model
+                        .step(self.ids(&c[..c.len() - 1]), &mut cache)
+                        .into_data()
+                        .try_to_vec::<f32>()
+                        .expect("f32 logits");
+                    for (k, t) in c[1..].iter().enumerate() {
+                        total += log_softmax(&out[k * v..(k + 1) * v])[*t as usize];
+                    }
+                }
+                total
+            })
+            .collect()
+    }
+}
+
+/// The logits of the last position of `[1, n, vocab]`.
+fn last_row(l: Tensor<3>) -> Vec<f32> {
+    let [_, n, v] = l.dims();
+    l.slice([0..1, n - 1..n, 0..v])
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32 logits")
+}
+
 /// Generates up to `max_new` tokens after the prompt of `inputs` (one sequence); stops after a
 /// token of `stop` (which is returned). Returns the new tokens.
 pub fn generate(model: &Mllama, inputs: Inputs, max_new: usize, stop: &[u32], sampling: Sampling) -> Vec<u32> {
-    let [b, s] = inputs.input_ids.dims();
-    assert_eq!(b, 1, "generate takes one sequence");
-    let device = inputs.input_ids.device();
-    let (logits, mut cache) = model.prefill(inputs, s + max_new);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(match sampling {
-        Sampling::TopP { seed, .. } => seed,
-        Sampling::Greedy => 0,
-    });
-    let last = |l: Tensor<3>| -> Vec<f32> {
-        let [_, n, v] = l.dims();
-        l.slice([0..1, n - 1..n, 0..v])
-            .into_data()
-            .try_to_vec::<f32>()
-            .expect("f32 logits")
-    };
-    let mut next = last(logits);
-    let mut out = Vec::with_capacity(max_new);
-    for _ in 0..max_new {
-        let token = match sampling {
-            Sampling::Greedy => argmax(&next),
-            Sampling::TopP { temperature, top_p, .. } => sample_top_p(&next, temperature, top_p, &mut rng),
-        } as u32;
-        out.push(token);
-        if stop.contains(&token) || out.len() == max_new {
-            break;
-        }
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![i64::from(token)], [1, 1]), &device);
-        next = last(model.step(ids, &mut cache));
-    }
-    out
+    Prompted::new(model, inputs, max_new).generate(model, max_new, stop, sampling)
 }
 
 /// `log_softmax` of one row.
@@ -109,43 +168,8 @@ fn log_softmax(v: &[f32]) -> Vec<f32> {
 /// `inputs` (one sequence): the prompt runs once, each candidate from a copy of its cache.
 /// Classes are scored this way, by the likelihood of their names after the question.
 pub fn score(model: &Mllama, inputs: Inputs, candidates: &[Vec<u32>]) -> Vec<f32> {
-    let [b, s] = inputs.input_ids.dims();
-    assert_eq!(b, 1, "score takes one sequence");
-    assert!(candidates.iter().all(|c| !c.is_empty()), "empty candidate");
-    let device = inputs.input_ids.device();
     let longest = candidates.iter().map(Vec::len).max().unwrap_or(0);
-    let (logits, cache) = model.prefill(inputs, s + longest);
-    let [_, _, v] = logits.dims();
-    let first = log_softmax(
-        &logits
-            .slice([0..1, s - 1..s, 0..v])
-            .into_data()
-            .try_to_vec::<f32>()
-            .expect("f32 logits"),
-    );
-    candidates
-        .iter()
-        .map(|c| {
-            let mut total = first[c[0] as usize];
-            if c.len() > 1 {
-                let mut cache = cache.clone();
-                let ids: Vec<i64> = c[..c.len() - 1].iter().map(|&t| i64::from(t)).collect();
-                let n = ids.len();
-                let out = model
-                    .step(
-                        Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device),
-                        &mut cache,
-                    )
-                    .into_data()
-                    .try_to_vec::<f32>()
-                    .expect("f32 logits");
-                for (k, t) in c[1..].iter().enumerate() {
-                    total += log_softmax(&out[k * v..(k + 1) * v])[*t as usize];
-                }
-            }
-            total
-        })
-        .collect()
+    Prompted::new(model, inputs, longest).score(model, candidates)
 }
 
 /// Probabilities from log-likelihoods (a softmax over the candidates).

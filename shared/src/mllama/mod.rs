@@ -12,7 +12,7 @@ pub mod processor;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
 pub use config::{ConfigError, MllamaConfig};
-pub use generate::{Sampling, generate, probabilities, score};
+pub use generate::{Prompted, Sampling, generate, probabilities, score};
 pub use model::{Cache, Inputs, LoraConfig, LoraTargets, Mllama, write_random_weights};
 pub use processor::{ImageProcessor, Processed};
 
@@ -32,23 +32,12 @@ pub enum MllamaError {
     /// The tokenizer.
     #[error(transparent)]
     Chat(#[from] chat::ChatError),
+    /// A reference file (transformers' inputs and outputs) that cannot be used.
+    #[error("reference file: {0}")]
+    Reference(String),
     /// Anything else, in words.
     #[error("{0}")]
     Other(String),
-}
-
-/// Why a parity check could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum ParityError {
-    /// The configuration.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The checkpoint.
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-    /// The reference file.
-    #[error("reference file: {0}")]
-    Reference(String),
 }
 
 /// Tensors of a reference file (safetensors), by name.
@@ -66,17 +55,17 @@ pub struct RefTensor<T> {
 
 impl Reference {
     /// Reads a safetensors file.
-    pub fn open(path: &Path) -> Result<Self, ParityError> {
-        let bytes = std::fs::read(path).map_err(|e| ParityError::Reference(format!("{}: {e}", path.display())))?;
-        SafeTensors::deserialize(&bytes).map_err(|e| ParityError::Reference(format!("{}: {e}", path.display())))?;
+    pub fn open(path: &Path) -> Result<Self, MllamaError> {
+        let bytes = std::fs::read(path).map_err(|e| MllamaError::Reference(format!("{}: {e}", path.display())))?;
+        SafeTensors::deserialize(&bytes).map_err(|e| MllamaError::Reference(format!("{}: {e}", path.display())))?;
         Ok(Reference { bytes })
     }
 
-    fn view(&self, name: &str) -> Result<(Dtype, Vec<usize>, Vec<u8>), ParityError> {
-        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| ParityError::Reference(e.to_string()))?;
+    fn view(&self, name: &str) -> Result<(Dtype, Vec<usize>, Vec<u8>), MllamaError> {
+        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| MllamaError::Reference(e.to_string()))?;
         let v = st
             .tensor(name)
-            .map_err(|_| ParityError::Reference(format!("no tensor {name:?}")))?;
+            .map_err(|_| MllamaError::Reference(format!("no tensor {name:?}")))?;
         Ok((v.dtype(), v.shape().to_vec(), v.data().to_vec()))
     }
 
@@ -86,7 +75,7 @@ impl Reference {
     }
 
     /// A float tensor (F32).
-    pub fn floats(&self, name: &str) -> Result<RefTensor<f32>, ParityError> {
+    pub fn floats(&self, name: &str) -> Result<RefTensor<f32>, MllamaError> {
         match self.view(name)? {
             (Dtype::F32, shape, data) => Ok(RefTensor {
                 shape,
@@ -95,12 +84,12 @@ impl Reference {
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect(),
             }),
-            (d, ..) => Err(ParityError::Reference(format!("{name} is {d:?}, expected F32"))),
+            (d, ..) => Err(MllamaError::Reference(format!("{name} is {d:?}, expected F32"))),
         }
     }
 
     /// An integer tensor (I64 or I32).
-    pub fn ints(&self, name: &str) -> Result<RefTensor<i64>, ParityError> {
+    pub fn ints(&self, name: &str) -> Result<RefTensor<i64>, MllamaError> {
         match self.view(name)? {
             (Dtype::I64, shape, data) => Ok(RefTensor {
                 shape,
@@ -116,15 +105,15 @@ impl Reference {
                     .map(|b| i64::from(i32::from_le_bytes(b.try_into().expect("4 bytes"))))
                     .collect(),
             }),
-            (d, ..) => Err(ParityError::Reference(format!("{name} is {d:?}, expected I64"))),
+            (d, ..) => Err(MllamaError::Reference(format!("{name} is {d:?}, expected I64"))),
         }
     }
 }
 
-fn dims<const D: usize>(name: &str, shape: &[usize]) -> Result<[usize; D], ParityError> {
+fn dims<const D: usize>(name: &str, shape: &[usize]) -> Result<[usize; D], MllamaError> {
     shape
         .try_into()
-        .map_err(|_| ParityError::Reference(format!("{name} has shape {shape:?}, expected {D} dimensions")))
+        .map_err(|_| MllamaError::Reference(format!("{name} has shape {shape:?}, expected {D} dimensions")))
 }
 
 /// How far our output is from the reference: the largest absolute difference, and that over
@@ -171,11 +160,11 @@ pub struct Parity {
 /// The model inputs stored in a reference file: `input_ids`, and, when it has images,
 /// `pixel_values`, `aspect_ratio_ids`, `aspect_ratio_mask` and `cross_attention_mask`, shaped as
 /// transformers takes them (masks may be integers or floats).
-pub fn reference_inputs(r: &Reference, device: &Device) -> Result<Inputs, ParityError> {
+pub fn reference_inputs(r: &Reference, device: &Device) -> Result<Inputs, MllamaError> {
     let ids = r.ints("input_ids")?;
     let [b, s] = dims::<2>("input_ids", &ids.shape)?;
     let input_ids = Tensor::<2, Int>::from_data(TensorData::new(ids.values, [b, s]), device);
-    let float = |name: &str| -> Result<(Vec<usize>, Vec<f32>), ParityError> {
+    let float = |name: &str| -> Result<(Vec<usize>, Vec<f32>), MllamaError> {
         if let Ok(f) = r.floats(name) {
             return Ok((f.shape, f.values));
         }
@@ -220,54 +209,43 @@ pub fn reference_inputs(r: &Reference, device: &Device) -> Result<Inputs, Parity
 /// file `io` (`input_ids`, `pixel_values`, `aspect_ratio_ids`, `aspect_ratio_mask`,
 /// `cross_attention_mask`, shaped as transformers takes them) and compares with its `logits`
 /// (and `vision_output` when present).
-pub fn check_parity(model_dir: &Path, io: &Path, device: &Device) -> Result<Parity, ParityError> {
+pub fn check_parity(model_dir: &Path, io: &Path, device: &Device) -> Result<Parity, MllamaError> {
     let cfg = MllamaConfig::load(model_dir)?;
     let ck = Checkpoint::open(model_dir)?;
     let model = Mllama::load(&cfg, &ck, device)?;
     drop(ck);
     let r = Reference::open(io)?;
-    let Inputs {
-        input_ids,
-        pixel_values,
-        aspect_ratio_ids: ratio_ids,
-        aspect_ratio_mask: ratio_mask,
-        cross_attention_mask: cross_mask,
-    } = reference_inputs(&r, device)?;
-    let vision = match (&pixel_values, &ratio_ids, &ratio_mask, r.has("vision_output")) {
-        (Some(px), Some(ids), Some(mask), true) => {
-            let want = r.floats("vision_output")?;
+    let inputs = reference_inputs(&r, device)?;
+    let compare = |name: &str, got: Vec<usize>, values: Vec<f32>| -> Result<Difference, MllamaError> {
+        let want = r.floats(name)?;
+        if got != want.shape {
+            return Err(MllamaError::Reference(format!(
+                "{name} has shape {:?}, the model gives {got:?}",
+                want.shape
+            )));
+        }
+        Ok(Difference::of(&values, &want.values))
+    };
+    let vision = match (
+        &inputs.pixel_values,
+        &inputs.aspect_ratio_ids,
+        &inputs.aspect_ratio_mask,
+    ) {
+        (Some(px), Some(ids), Some(mask)) if r.has("vision_output") => {
             let got = model.vision_model.forward(px.clone(), ids.clone(), mask.clone());
-            if got.dims().to_vec() != want.shape {
-                return Err(ParityError::Reference(format!(
-                    "vision_output has shape {:?}, the model gives {:?}",
-                    want.shape,
-                    got.dims()
-                )));
-            }
-            Some(Difference::of(
-                &got.into_data().try_to_vec::<f32>().expect("f32"),
-                &want.values,
-            ))
+            let dims = got.dims().to_vec();
+            Some(compare(
+                "vision_output",
+                dims,
+                got.into_data().try_to_vec::<f32>().expect("f32"),
+            )?)
         }
         _ => None,
     };
-    let logits = model.forward(Inputs {
-        input_ids,
-        pixel_values,
-        aspect_ratio_ids: ratio_ids,
-        aspect_ratio_mask: ratio_mask,
-        cross_attention_mask: cross_mask,
-    });
-    let want = r.floats("logits")?;
-    if logits.dims().to_vec() != want.shape {
-        return Err(ParityError::Reference(format!(
-            "logits have shape {:?}, the model gives {:?}",
-            want.shape,
-            logits.dims()
-        )));
-    }
+    let logits = model.forward(inputs);
+    let dims = logits.dims().to_vec();
     Ok(Parity {
-        logits: Difference::of(&logits.into_data().try_to_vec::<f32>().expect("f32"), &want.values),
+        logits: compare("logits", dims, logits.into_data().try_to_vec::<f32>().expect("f32"))?,
         vision,
         parameters: cfg.parameter_count().total,
     })
