@@ -119,3 +119,48 @@ fn adapters_start_at_the_base_training_lowers_the_answer_loss_and_merging_keeps_
         "training changed the model"
     );
 }
+
+/// Every adapter's gradient, in a fixed order.
+fn adapter_grads(model: &Mllama, grads: &burn::tensor::Gradients) -> Vec<f32> {
+    let mut out = Vec::new();
+    for (a, b) in model.adapters() {
+        for p in [a, b] {
+            out.extend(values(p.grad(grads).expect("adapter gradient")));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_4_bit_frozen_base_gives_the_gradients_of_the_weights_it_holds_and_trains() {
+    let device = Device::flex();
+    let ad = device.clone().autodiff();
+    let (_, base, inputs, answer_from) = sample(&ad);
+    // Block 8 divides every output dimension of this configuration: all 4-bit.
+    let (q4, done, total) = base.quantize_base(8);
+    assert_eq!(done, total, "every base weight quantized");
+    assert!(total > 20);
+    // The same 4-bit values held in f32: burn's ordinary autodiff path.
+    let dense = q4.clone().dequantize_base().with_lora(&lora(), &ad);
+    let q4 = q4.with_lora(&lora(), &ad);
+    let loss_q = q4.answer_loss(inputs.rows(0..1), answer_from);
+    let loss_d = dense.answer_loss(inputs.rows(0..1), answer_from);
+    let (lq, ld) = (loss_q.clone().into_scalar::<f32>(), loss_d.clone().into_scalar::<f32>());
+    assert!((lq - ld).abs() < 1e-5 * ld.abs(), "{lq} vs {ld}");
+    let gq = adapter_grads(&q4, &loss_q.backward());
+    let gd = adapter_grads(&dense, &loss_d.backward());
+    assert!(gd.iter().any(|g| g.abs() > 1e-6), "the gradient reaches the adapters");
+    let d = wbc_shared::mllama::Difference::of(&gq, &gd);
+    assert!(d.relative < 1e-4, "{d:?}");
+    // And training on the 4-bit base lowers the loss.
+    let mut model = q4;
+    let mut optim = AdamWConfig::new().init();
+    let mut losses = Vec::new();
+    for _ in 0..8 {
+        let loss = model.answer_loss(inputs.rows(0..1), answer_from);
+        losses.push(loss.clone().into_scalar::<f32>());
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-2, model, grads);
+    }
+    assert!(losses[7] < losses[0] - 0.2, "{losses:?}");
+}

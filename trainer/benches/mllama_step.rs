@@ -2,18 +2,34 @@
 //! backend: time and the process's peak resident memory. The configuration is the fixtures'
 //! architecture scaled up (`WBC_MLLAMA_SCALE=small|medium|large`, default medium: about
 //! 0.2 B parameters; large about 1.4 B; 224-px tiles); run with `cargo bench -p trainer --bench mllama_step`.
+//! The frozen base is held in 4 bits (blocks of `WBC_MLLAMA_BASE_BLOCK`, default 32; 0 keeps it
+//! in f32), as `trainer train --model mllama` does. The peak is measured over the step alone: the
+//! kernel's high-water mark is reset once the model is built.
 
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::time::Instant;
 use wbc_shared::mllama::{Inputs, LoraConfig, LoraTargets, Mllama, MllamaConfig};
 
+/// Resets the kernel's peak resident set (VmHWM) to the current one.
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn rss_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
 fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+fn status_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse::<f64>().ok())
         })
@@ -52,8 +68,18 @@ fn main() {
     let cfg = config(&scale);
     let params = cfg.parameter_count();
     let ad = Device::flex().autodiff();
-    let before = peak_rss_mib();
-    let model = Mllama::random(&cfg, 1, &ad).with_lora(
+    let block: u8 = std::env::var("WBC_MLLAMA_BASE_BLOCK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let before = rss_mib();
+    let mut base = Mllama::random(&cfg, 1, &ad);
+    let mut quantized = (0, 0);
+    if block > 0 {
+        let (q4, done, total) = base.quantize_base(block);
+        (base, quantized) = (q4, (done, total));
+    }
+    let model = base.with_lora(
         &LoraConfig {
             rank: 16,
             alpha: 32.0,
@@ -63,7 +89,8 @@ fn main() {
         },
         &ad,
     );
-    let loaded = peak_rss_mib();
+    let loaded = rss_mib();
+    reset_peak();
     // One 1-tile image, a 24-token prompt and a 64-token answer.
     let (s, answer_from, t) = (88, 24, cfg.vision.image_size);
     let mut ids: Vec<i64> = (0..s as i64).map(|i| 10 + i % 500).collect();
@@ -89,9 +116,17 @@ fn main() {
     let grads = GradientsParams::from_grads(loss.backward(), &model);
     let _model = optim.step(1e-4, model, grads);
     let secs = started.elapsed().as_secs_f64();
+    let base_form = if block > 0 {
+        format!(
+            "4-bit base ({} of {} linear weights, blocks of {block})",
+            quantized.0, quantized.1
+        )
+    } else {
+        "f32 base".to_string()
+    };
     println!(
-        "mllama LoRA step ({scale}): {:.0} M parameters ({:.0} M vision), 1 tile of {t} px, {s} tokens ({} answer); \
-         {secs:.2} s; peak RSS {:.0} MiB (before the model {:.0} MiB, model built {:.0} MiB); loss {value:.3}",
+        "mllama LoRA step ({scale}, {base_form}): {:.0} M parameters ({:.0} M vision), 1 tile of {t} px, {s} tokens ({} answer); \
+         {secs:.2} s; peak RSS during the step {:.0} MiB (before the model {:.0} MiB, model at rest {:.0} MiB); loss {value:.3}",
         params.total as f64 / 1e6,
         params.vision as f64 / 1e6,
         s - answer_from,

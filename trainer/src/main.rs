@@ -54,6 +54,9 @@ enum Cmd {
         /// mllama: samples per optimiser step (gradient accumulation).
         #[arg(long, default_value_t = 8)]
         accumulate: usize,
+        /// mllama: the frozen base is held in 4 bits, one scale per this many values (0: f32).
+        #[arg(long, default_value_t = 32)]
+        base_block: u8,
         /// Run directory to write (checkpoint, curves, run.json).
         #[arg(long)]
         out: PathBuf,
@@ -356,6 +359,7 @@ fn main() -> Result<()> {
             lora_dropout,
             lora_targets,
             accumulate,
+            base_block,
             out,
             epochs,
             lr,
@@ -383,6 +387,7 @@ fn main() -> Result<()> {
                 },
                 max_per_class: (max_per_class > 0).then_some(max_per_class),
                 seed,
+                base_block,
             };
             let r = trainer::mllama::train(&settings, &train, &val, &out)?;
             println!(

@@ -47,6 +47,9 @@ pub struct MllamaSettings {
     pub max_per_class: Option<usize>,
     /// Seed.
     pub seed: u64,
+    /// The frozen base's linear weights are held in 4 bits with one scale per this many values
+    /// (0: kept in f32); a weight whose output dimension does not divide stays in f32.
+    pub base_block: u8,
 }
 
 /// What a run measured.
@@ -101,6 +104,16 @@ pub fn train(s: &MllamaSettings, train_csv: &Path, val_csv: &Path, out: &Path) -
     let ad = device.clone().autodiff();
     let base = Mllama::load(&p.cfg, &Checkpoint::open(&s.base)?, &ad)
         .with_context(|| format!("loading {}", s.base.display()))?;
+    let base = if s.base_block > 0 {
+        let (q4, done, total) = base.quantize_base(s.base_block);
+        tracing::info!(
+            block = s.base_block,
+            "frozen base: {done} of {total} linear weights in 4 bits"
+        );
+        q4
+    } else {
+        base
+    };
     let mut model = base.with_lora(&s.lora, &ad);
     let encode = |set: Vec<(Sample, RgbImage)>| -> Result<Vec<(CellClass, Encoded)>> {
         set.into_iter()

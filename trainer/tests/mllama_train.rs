@@ -50,6 +50,8 @@ fn lora_fine_tuning_on_real_cells_lowers_the_answer_loss_and_keeps_the_best_adap
         lora,
         max_per_class: None,
         seed: 5,
+        // Every weight of this configuration divides into blocks of 8: the whole base in 4 bits.
+        base_block: 8,
     };
     let cells = fixtures().join("cells/cells.csv");
     let run = dir.path().join("run");

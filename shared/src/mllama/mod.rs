@@ -6,6 +6,7 @@ pub mod cell;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod frozen;
 pub mod generate;
 pub mod model;
 pub mod processor;

@@ -12,6 +12,7 @@
 
 use super::checkpoint::{Checkpoint, CheckpointError};
 use super::config::{MllamaConfig, Rope};
+use super::frozen;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear, RmsNorm};
 use burn::tensor::activation::{gelu, silu, softmax};
@@ -99,7 +100,7 @@ impl Proj {
     /// `x·W (+ bias) + (α/r)·(x·A)·B`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         match &self.lora {
-            None => self.base.forward(x),
+            None => frozen::linear(&self.base, x),
             Some(l) => {
                 let mut xa = x.clone();
                 if l.dropout > 0.0 && l.a.val().is_require_grad() {
@@ -109,7 +110,7 @@ impl Proj {
                     xa = xa * mask / keep;
                 }
                 let delta = xa.matmul(l.a.val().unsqueeze()).matmul(l.b.val().unsqueeze()) * l.scale;
-                self.base.forward(x) + delta
+                frozen::linear(&self.base, x) + delta
             }
         }
     }
@@ -554,6 +555,16 @@ pub struct LoraTargets {
     pub vision: bool,
 }
 
+impl LoraTargets {
+    /// Every projection.
+    pub const ALL: Self = LoraTargets {
+        text_attention: true,
+        text_mlp: true,
+        cross_attention: true,
+        vision: true,
+    };
+}
+
 impl Default for LoraTargets {
     /// The text model's attention and MLP, as in the reference study's QLoRA.
     fn default() -> Self {
@@ -835,16 +846,19 @@ impl Mllama {
 
     /// Every adaptable projection with whether `targets` selects it.
     fn projections_mut(&mut self, targets: &LoraTargets) -> Vec<&mut Proj> {
+        Self::projections_of(&mut self.vision_model, &mut self.language_model, targets)
+    }
+
+    fn projections_of<'a>(vm: &'a mut VisionModel, lm: &'a mut TextModel, targets: &LoraTargets) -> Vec<&'a mut Proj> {
         let mut out: Vec<&mut Proj> = Vec::new();
         if targets.vision {
-            let vm = &mut self.vision_model;
             for l in vm.transformer.iter_mut().chain(vm.global_transformer.iter_mut()) {
                 let a = &mut l.self_attn;
                 out.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
                 out.extend([&mut l.mlp.fc1, &mut l.mlp.fc2]);
             }
         }
-        for l in &mut self.language_model.layers {
+        for l in &mut lm.layers {
             if let (Some(a), true) = (&mut l.self_attn, targets.text_attention) {
                 out.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
             }
@@ -872,15 +886,56 @@ impl Mllama {
         m
     }
 
+    /// Holds the frozen base's linear weights (every projection, the multi-modal projector and
+    /// the LM head) in 4 bits, one scale per `block` values, for QLoRA training; a weight
+    /// whose output dimension does not divide into blocks stays in f32. Returns the model and
+    /// how many weights were quantized, of how many.
+    pub fn quantize_base(mut self, block: u8) -> (Self, usize, usize) {
+        let (mut done, mut total) = (0, 0);
+        for l in self.base_linears_mut() {
+            total += 1;
+            done += usize::from(frozen::quantize(l, block));
+        }
+        (self, done, total)
+    }
+
+    /// The frozen base back in f32 (the values its 4-bit form holds).
+    pub fn dequantize_base(mut self) -> Self {
+        for l in self.base_linears_mut() {
+            frozen::dequantize(l);
+        }
+        self
+    }
+
+    /// Every linear layer of the base: the projections, the multi-modal projector, the LM head.
+    fn base_linears_mut(&mut self) -> Vec<&mut Linear> {
+        let all = LoraTargets::ALL;
+        let Mllama {
+            vision_model,
+            multi_modal_projector,
+            language_model,
+            lm_head,
+            ..
+        } = self;
+        let mut layers: Vec<&mut Linear> = vec![multi_modal_projector, lm_head];
+        let projections = Self::projections_of(vision_model, language_model, &all);
+        layers.extend(projections.into_iter().map(|p| &mut p.base));
+        layers
+    }
+
+    /// Every adapter's `(A, B)`, in a fixed order (for reading their gradients).
+    pub fn adapters(&self) -> Vec<(Tensor<2>, Tensor<2>)> {
+        let mut m = self.clone();
+        m.projections_mut(&LoraTargets::ALL)
+            .into_iter()
+            .filter_map(|p| p.lora.as_ref().map(|l| (l.a.val(), l.b.val())))
+            .collect()
+    }
+
     /// Every adapter's weight delta `(α/r)·(A·B)ᵀ` in the checkpoint's layout `[out, in]`, by
     /// the projection's checkpoint name (`….q_proj`).
     pub fn lora_deltas(&mut self) -> Vec<(String, Vec<f32>)> {
-        let all = LoraTargets {
-            text_attention: true,
-            text_mlp: true,
-            cross_attention: true,
-            vision: true,
-        };
+        let all = LoraTargets::ALL;
         self.projections_mut(&all)
             .into_iter()
             .filter_map(|p| {
@@ -902,12 +957,7 @@ impl Mllama {
 
     /// Folds every adapter into its base weight (f32).
     pub fn merge_lora(mut self) -> Self {
-        let all = LoraTargets {
-            text_attention: true,
-            text_mlp: true,
-            cross_attention: true,
-            vision: true,
-        };
+        let all = LoraTargets::ALL;
         for p in self.projections_mut(&all) {
             p.merge();
         }
@@ -919,7 +969,7 @@ impl Mllama {
         let [b, ..] = pixels.dims();
         let v = self.vision_model.forward(pixels, ratio_ids, ratio_mask);
         let [_, i, t, p, od] = v.dims();
-        self.multi_modal_projector.forward(v.reshape([b, i * t * p, od]))
+        frozen::linear(&self.multi_modal_projector, v.reshape([b, i * t * p, od]))
     }
 
     /// The cross-attention context from projected states and the `[B, S, I, T]` token/tile mask
@@ -1021,7 +1071,7 @@ impl Mllama {
         if let Some(c) = cache {
             c.len = start + s;
         }
-        self.lm_head.forward(self.language_model.norm.forward(x))
+        frozen::linear(&self.lm_head, self.language_model.norm.forward(x))
     }
 
     /// Mean cross-entropy of predicting the tokens from position `answer_from` on (the
