@@ -13,6 +13,7 @@ pub mod compact;
 pub mod describe;
 pub mod embed;
 pub mod finder;
+pub mod heap;
 pub mod image;
 pub mod messages;
 pub mod metrics;

@@ -3,13 +3,20 @@
 //! architecture scaled up (`WBC_MLLAMA_SCALE=small|medium|large`, default medium: about
 //! 0.2 B parameters; large about 1.4 B; 224-px tiles); run with `cargo bench -p trainer --bench mllama_step`.
 //! The frozen base is held in 4 bits (blocks of `WBC_MLLAMA_BASE_BLOCK`, default 32; 0 keeps it
-//! in f32), as `trainer train --model mllama` does. The peak is measured over the step alone: the
-//! kernel's high-water mark is reset once the model is built.
+//! in f32), as `trainer train --model mllama` does. Memory: live heap bytes (counting allocator)
+//! with the model at rest and at the step's peak, and the process's peak resident set over the
+//! step (the kernel's high-water mark, reset once the model is built; it also counts what the C
+//! allocator keeps after freeing the f32 weights the random model was built from).
 
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::time::Instant;
 use wbc_shared::mllama::{Inputs, LoraConfig, LoraTargets, Mllama, MllamaConfig};
+
+#[global_allocator]
+static HEAP: wbc_shared::heap::Counting = wbc_shared::heap::Counting;
+
+const MIB: f64 = 1024.0 * 1024.0;
 
 /// Resets the kernel's peak resident set (VmHWM) to the current one.
 fn reset_peak() {
@@ -90,6 +97,7 @@ fn main() {
         &ad,
     );
     let loaded = rss_mib();
+    let at_rest = wbc_shared::heap::live() as f64 / MIB;
     reset_peak();
     // One 1-tile image, a 24-token prompt and a 64-token answer.
     let (s, answer_from, t) = (88, 24, cfg.vision.image_size);
@@ -111,10 +119,13 @@ fn main() {
     };
     let mut optim = AdamWConfig::new().init();
     let started = Instant::now();
-    let loss = model.answer_loss(inputs, answer_from);
-    let value = loss.clone().into_scalar::<f32>();
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
-    let _model = optim.step(1e-4, model, grads);
+    let (value, step_peak) = wbc_shared::heap::peak_during(|| {
+        let loss = model.answer_loss(inputs, answer_from);
+        let value = loss.clone().into_scalar::<f32>();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let _model = optim.step(1e-4, model, grads);
+        value
+    });
     let secs = started.elapsed().as_secs_f64();
     let base_form = if block > 0 {
         format!(
@@ -126,10 +137,12 @@ fn main() {
     };
     println!(
         "mllama LoRA step ({scale}, {base_form}): {:.0} M parameters ({:.0} M vision), 1 tile of {t} px, {s} tokens ({} answer); \
-         {secs:.2} s; peak RSS during the step {:.0} MiB (before the model {:.0} MiB, model at rest {:.0} MiB); loss {value:.3}",
+         {secs:.2} s; heap: model at rest {at_rest:.0} MiB, step peak {:.0} MiB; \
+         peak RSS during the step {:.0} MiB (before the model {:.0} MiB, model at rest {:.0} MiB); loss {value:.3}",
         params.total as f64 / 1e6,
         params.vision as f64 / 1e6,
         s - answer_from,
+        at_rest + step_peak as f64 / MIB,
         peak_rss_mib(),
         before,
         loaded

@@ -1,0 +1,72 @@
+//! A counting heap allocator for measurements: live bytes and their peak, for the tests and
+//! benchmarks that state how much memory an operation needs (the kernel's resident-set figures
+//! include what the C allocator keeps after a free, which hides the peak of one step).
+//!
+//! ```ignore
+//! #[global_allocator]
+//! static HEAP: wbc_shared::heap::Counting = wbc_shared::heap::Counting;
+//! let bytes = wbc_shared::heap::peak_during(|| step());
+//! ```
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+/// The system allocator, counting. Install it with `#[global_allocator]`.
+pub struct Counting;
+
+fn grew(by: usize) {
+    let now = LIVE.fetch_add(by, Relaxed) + by;
+    PEAK.fetch_max(now, Relaxed);
+}
+
+// SAFETY: every call goes to the system allocator unchanged; only counters are added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            if new_size >= layout.size() {
+                grew(new_size - layout.size());
+            } else {
+                LIVE.fetch_sub(layout.size() - new_size, Relaxed);
+            }
+        }
+        p
+    }
+}
+
+/// Heap bytes live now (zero unless [`Counting`] is the global allocator).
+pub fn live() -> usize {
+    LIVE.load(Relaxed)
+}
+
+/// The most heap bytes live at once, above those live at the start, while `f` ran.
+pub fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let start = LIVE.load(Relaxed);
+    PEAK.store(start, Relaxed);
+    let out = f();
+    (out, PEAK.load(Relaxed).saturating_sub(start))
+}
