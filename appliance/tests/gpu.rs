@@ -56,3 +56,65 @@ fn mllama_runs_on_the_gpu_backend_with_the_cpu_backends_logits_and_tokens() {
     assert!(d.relative < 1e-3, "GPU vs CPU logits {d:?}");
     assert_eq!(g.1, c.1, "greedy tokens");
 }
+
+#[test]
+fn an_exported_4_bit_mllama_bundle_runs_on_the_gpu_backend_with_the_cpu_backends_answers() {
+    // Fine-tuned for one epoch on the fixture cells (4-bit base), exported (merged, 4-bit,
+    // signed) by the trainer, then loaded as the appliance loads any bundle.
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures");
+    let base = dir.path().join("base");
+    trainer::mllama::write_tiny_base(&fixtures, &base, 3).unwrap();
+    let lora = wbc_shared::mllama::LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Default::default(),
+        seed: 1,
+    };
+    let settings = trainer::mllama::MllamaSettings {
+        base: base.clone(),
+        epochs: 1,
+        lr: 1e-2,
+        accumulate: 2,
+        lora,
+        max_per_class: None,
+        seed: 5,
+        base_block: 8,
+    };
+    let cells = fixtures.join("cells/cells.csv");
+    let run = dir.path().join("run");
+    trainer::mllama::train(&settings, &cells, &cells, &run).unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+    let path = dir.path().join("mllama.bundle");
+    trainer::mllama::export(&base, &run, &cells, &key, 7, 16, &path).unwrap();
+    let bundle = wbc_shared::bundle::Bundle::open(&path, &[key.verifying_key()]).unwrap();
+
+    let gpu = select(BackendChoice::Gpu).expect("a wgpu adapter (install mesa-vulkan-drivers without a GPU)");
+    let cpu = select(BackendChoice::Cpu).unwrap();
+    let on_gpu = Classifier::from_bundle(&bundle, &gpu.device).unwrap();
+    assert_eq!(
+        on_gpu.self_test(&bundle).unwrap(),
+        6,
+        "the bundle's self-test on the GPU"
+    );
+    let on_cpu = Classifier::from_bundle(&bundle, &cpu.device).unwrap();
+    let images: Vec<_> = ["NGS_0022.jpg", "EO_100884.jpg"]
+        .iter()
+        .map(|n| image::open(fixtures.join("cells").join(n)).unwrap().to_rgb8())
+        .collect();
+    let (g, c) = (on_gpu.classify(&images), on_cpu.classify(&images));
+    for (g, c) in g.iter().zip(&c) {
+        assert_eq!(g.probabilities.len(), 6);
+        for ((ka, a), (kb, b)) in g.probabilities.iter().zip(&c.probabilities) {
+            assert_eq!(ka, kb);
+            assert!(
+                (a - b).abs() < 1e-3,
+                "GPU {:?} vs CPU {:?}",
+                g.probabilities,
+                c.probabilities
+            );
+        }
+        assert!(!g.description.is_empty(), "a generated description");
+    }
+}

@@ -193,6 +193,22 @@ pub fn train(s: &MllamaSettings, train_csv: &Path, val_csv: &Path, out: &Path) -
     Ok(report)
 }
 
+/// Writes a small random-weight base checkpoint into `dir` for tests and demonstrations: the
+/// architecture of the committed 28-px-tile fixture (`fixtures/mllama/gqa-llama3`) with Llama 3's
+/// real vocabulary and the fixture tokenizer that carries its real special tokens.
+pub fn write_tiny_base(fixtures: &Path, dir: &Path, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("mllama/gqa-llama3/config.json"))?)?;
+    config["text_config"]["vocab_size"] = 128_256.into();
+    config["image_token_index"] = 128_256.into();
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&config)?)?;
+    std::fs::copy(fixtures.join("mllama/chat/tokenizer.json"), dir.join("tokenizer.json"))?;
+    let cfg = wbc_shared::mllama::MllamaConfig::load(dir)?;
+    wbc_shared::mllama::write_random_weights(&cfg, &dir.join("model.safetensors"), seed)?;
+    Ok(())
+}
+
 /// The base with the adapters of a run, merged into its weights.
 pub fn load_tuned(base: &Path, run: &Path, lora: &LoraConfig, device: &Device) -> Result<(Prompting, Mllama)> {
     let p = Prompting::load(base)?;

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use trainer::mllama::{MllamaSettings, adapters_path, load_tuned, train};
 use wbc_shared::mllama::cell::classify;
-use wbc_shared::mllama::{LoraConfig, LoraTargets, MllamaConfig, write_random_weights};
+use wbc_shared::mllama::{LoraConfig, LoraTargets};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures")
@@ -16,21 +16,7 @@ fn fixtures() -> PathBuf {
 fn lora_fine_tuning_on_real_cells_lowers_the_answer_loss_and_keeps_the_best_adapters() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
-    std::fs::create_dir(&base).unwrap();
-    // The fixture's 28-px-tile architecture with the real vocabulary (Llama 3's ids).
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("mllama/gqa-llama3/config.json")).unwrap())
-            .unwrap();
-    config["text_config"]["vocab_size"] = 128_256.into();
-    config["image_token_index"] = 128_256.into();
-    std::fs::write(base.join("config.json"), serde_json::to_vec(&config).unwrap()).unwrap();
-    std::fs::copy(
-        fixtures().join("mllama/chat/tokenizer.json"),
-        base.join("tokenizer.json"),
-    )
-    .unwrap();
-    let cfg = MllamaConfig::load(&base).unwrap();
-    write_random_weights(&cfg, &base.join("model.safetensors"), 3).unwrap();
+    trainer::mllama::write_tiny_base(&fixtures(), &base, 3).unwrap();
 
     let lora = LoraConfig {
         rank: 4,

@@ -388,6 +388,37 @@ impl MllamaConfig {
         }
     }
 
+    /// Shapes for benchmarks: `11b` is the published configuration; `small`, `medium` and
+    /// `large` (about 10 M, 0.2 B and 1.5 B parameters) scale its widths and depths down, with
+    /// 224-px tiles and two global vision layers; the same shapes as `bench/peers.py`.
+    pub fn bench_scale(scale: &str) -> Option<Self> {
+        let mut c = Self::llama_3_2_11b_vision();
+        let (vd, vl, td, tl, vocab) = match scale {
+            "11b" => return Some(c),
+            "small" => (128, 4, 256, 4, 8_000),
+            "medium" => (512, 8, 1024, 8, 32_000),
+            "large" => (1024, 16, 2048, 16, 64_000),
+            _ => return None,
+        };
+        c.vision.hidden_size = vd;
+        c.vision.attention_heads = vd / 64;
+        c.vision.intermediate_size = vd * 4;
+        c.vision.num_hidden_layers = vl;
+        c.vision.num_global_layers = 2;
+        c.vision.intermediate_layers_indices = vec![1, vl - 1];
+        c.vision.vision_output_dim = vd * 3;
+        c.vision.image_size = 224;
+        c.text.hidden_size = td;
+        c.text.num_attention_heads = td / 64;
+        c.text.num_key_value_heads = td / 256;
+        c.text.intermediate_size = td * 4;
+        c.text.num_hidden_layers = tl;
+        c.text.cross_attention_layers = vec![1, tl - 1];
+        c.text.vocab_size = vocab;
+        c.image_token_index = vocab as u32;
+        Some(c)
+    }
+
     /// The published configuration of Llama 3.2 11B Vision (and Instruct).
     pub fn llama_3_2_11b_vision() -> Self {
         MllamaConfig {

@@ -20,8 +20,10 @@ use burn::nn::Linear;
 use burn::tensor::quantization::{QuantScheme, QuantValue, ScaleDtype};
 use burn::tensor::{DType, FloatDType, Tensor};
 
-/// `x · deq(w)` for a frozen quantized weight.
-#[backend_extension(Flex, Autodiff)]
+/// `x · deq(w)` for a frozen quantized weight. On the GPU backends (feature `cube`, which the
+/// appliance's `wgpu` and the trainer's `cuda` features turn on) the forward is burn's native
+/// quantized matmul.
+#[backend_extension(Flex, Autodiff, Cube: cfg(feature = "cube"))]
 pub trait FrozenMatmul: Backend {
     /// `x` `[m, in]` times the quantized `w` `[in, out]`.
     fn frozen_matmul(x: FloatTensor<Self>, w: QuantizedTensor<Self>) -> FloatTensor<Self> {
@@ -31,6 +33,9 @@ pub trait FrozenMatmul: Backend {
 }
 
 impl FrozenMatmul for Flex {}
+
+#[cfg(feature = "cube")]
+impl FrozenMatmul for burn::backend::Cube {}
 
 impl<B: Backend, C: CheckpointStrategy> FrozenMatmul for Autodiff<B, C> {
     fn frozen_matmul(x: FloatTensor<Self>, w: QuantizedTensor<Self>) -> FloatTensor<Self> {
