@@ -155,12 +155,50 @@ pub struct VisionAttention {
 }
 
 impl VisionAttention {
-    fn forward(&self, x: Tensor<3>, mask: Tensor<4>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, mask: &VisionMask) -> Tensor<3> {
         let q = split_heads(self.q_proj.forward(x.clone()), self.heads);
         let k = split_heads(self.k_proj.forward(x.clone()), self.heads);
         let v = split_heads(self.v_proj.forward(x), self.heads);
-        self.o_proj.forward(merge_heads(attention(q, k, v, Some(mask))))
+        let context = match &mask.split {
+            // Inference: the same attention as transformers' mask, computed by the backend's
+            // fused kernel in two unmasked parts per image: the positions that count attend to
+            // every position; padding positions attend to the positions that count (the mask
+            // hides only padding from padding).
+            Some(split) if !q.device().is_autodiff() => {
+                let [_, h, s, hd] = q.dims();
+                let parts = split
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (counted, padding, undo))| {
+                        let one = |t: &Tensor<4>| t.clone().slice([i..i + 1, 0..h, 0..s, 0..hd]);
+                        let (q, k, v) = (one(&q), one(&k), one(&v));
+                        let (kc, vc) = (
+                            k.clone().select(2, counted.clone()),
+                            v.clone().select(2, counted.clone()),
+                        );
+                        let fused = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| {
+                            burn::tensor::module::attention(q, k, v, None, None, Default::default())
+                        };
+                        let a = fused(q.clone().select(2, counted.clone()), k, v);
+                        let b = fused(q.select(2, padding.clone()), kc, vc);
+                        Tensor::cat(vec![a, b], 2).select(2, undo.clone())
+                    })
+                    .collect();
+                Tensor::cat(parts, 0)
+            }
+            _ => attention(q, k, v, Some(mask.additive.clone())),
+        };
+        self.o_proj.forward(merge_heads(context))
     }
+}
+
+/// The vision encoder's attention mask: transformers' additive form, and for each image the
+/// positions that count, the padding positions, and the order that puts `[counted; padding]`
+/// back in place (absent when transformers' mask is not of that form).
+#[derive(Clone)]
+struct VisionMask {
+    additive: Tensor<4>,
+    split: Option<Vec<(Tensor<1, Int>, Tensor<1, Int>, Tensor<1, Int>)>>,
 }
 
 /// Vision MLP (GELU).
@@ -182,7 +220,7 @@ pub struct VisionLayer {
 }
 
 impl VisionLayer {
-    fn forward(&self, x: Tensor<3>, mask: Tensor<4>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, mask: &VisionMask) -> Tensor<3> {
         let mut a = self.self_attn.forward(self.input_layernorm.forward(x.clone()), mask);
         if let Some(g) = &self.gate_attn {
             a = a * tanh_gate(g);
@@ -273,7 +311,7 @@ impl VisionModel {
         let mut x = x.reshape([bi, tiles * pp, d]);
         let mut kept = Vec::with_capacity(self.intermediate_layers.len());
         for (i, layer) in self.transformer.iter().enumerate() {
-            x = layer.forward(x, mask.clone());
+            x = layer.forward(x, &mask);
             if self.intermediate_layers.contains(&i) {
                 kept.push((i, x.clone()));
             }
@@ -282,7 +320,7 @@ impl VisionModel {
         let x = x + self.tile_embed(&self.post_tile_positional_embedding, ids, tiles, d);
         let mut x = x.reshape([bi, tiles * pp, d]);
         for layer in &self.global_transformer {
-            x = layer.forward(x, mask.clone());
+            x = layer.forward(x, &mask);
         }
         let x = x.reshape([bi, tiles, pp, d]).slice([0..bi, 0..tiles, 0..p, 0..d]);
         // Intermediate layers in the configured order, stacked on a last axis (as
@@ -322,14 +360,40 @@ impl VisionModel {
 /// `[bi, 1, T·pp, T·pp]`, masking the pairs where both positions are padding or in a padded
 /// tile. As in transformers, when no patch is padding (`pp == p`) every position counts as
 /// padding (its `[:, :, -0:]` slice selects everything).
-fn aspect_ratio_mask(tile_mask: Tensor<2>, p: usize, pp: usize) -> Tensor<4> {
+fn aspect_ratio_mask(tile_mask: Tensor<2>, p: usize, pp: usize) -> VisionMask {
     let [bi, tiles] = tile_mask.dims();
     let device = tile_mask.device();
     let valid: Vec<f32> = (0..pp).map(|i| if i < p && pp != p { 1.0 } else { 0.0 }).collect();
     let valid = Tensor::<1>::from_data(TensorData::new(valid, [pp]), &device).reshape([1, 1, pp]);
     let m = tile_mask.reshape([bi, tiles, 1]).expand([bi, tiles, pp]) * valid;
+    // Which positions count, per image (read once: a handful of values).
+    let counts: Vec<f32> = m
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap_or_default();
+    let every_image_counts = counts.chunks(tiles * pp).all(|c| c.iter().any(|&v| v > 0.5));
+    let split = (pp != p && counts.len() == bi * tiles * pp && every_image_counts).then(|| {
+        counts
+            .chunks(tiles * pp)
+            .map(|c| {
+                let counted: Vec<i64> = (0..c.len()).filter(|&i| c[i] > 0.5).map(|i| i as i64).collect();
+                let padding: Vec<i64> = (0..c.len()).filter(|&i| c[i] <= 0.5).map(|i| i as i64).collect();
+                let mut undo = vec![0i64; c.len()];
+                for (at, &i) in counted.iter().chain(&padding).enumerate() {
+                    undo[i as usize] = at as i64;
+                }
+                let t = |v: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), &device);
+                (t(counted), t(padding), t(undo))
+            })
+            .collect()
+    });
     let m = (m.neg() + 1.0).reshape([bi, tiles * pp, 1]);
-    (m.clone().matmul(m.swap_dims(1, 2)) * MASKED).unsqueeze_dim(1)
+    VisionMask {
+        additive: (m.clone().matmul(m.swap_dims(1, 2)) * MASKED).unsqueeze_dim(1),
+        split,
+    }
 }
 
 /// Text self-attention with RoPE and GQA.
