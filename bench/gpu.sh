@@ -44,7 +44,7 @@ peer() { timeout 300 "$py" bench/peers.py "$@" 2>>"$OUT/log.txt" | grep '^{"benc
 
 log "compact"
 ours compact
-line=$(grep '"side_of":"ours","bench":"compact' "$res" | head -1)
+line=$(grep '"side_of":"ours"' "$res" | grep 'compact/batch1' || true)
 side=$(echo "$line" | "$py" -c 'import json,sys; print(json.loads(sys.stdin.read())["side"])')
 width=$(echo "$line" | "$py" -c 'import json,sys; print(json.loads(sys.stdin.read())["attribute_width"])')
 peer compact --weights "$weights" --side "$side" --attribute-width "$width" --device "$dev"
