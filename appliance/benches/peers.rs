@@ -158,8 +158,8 @@ fn decode_and_prefill(cfg: &MllamaConfig, model: &Mllama, device: &Device, new_t
     let inputs = mllama_inputs(cfg, device);
     // As the peer measures it: generate 1 token (the prefill and its first token), then 1 + n.
     let run = |n: usize| {
-        let p = Prompted::new(&model, inputs.rows(0..1), n);
-        std::hint::black_box(p.generate(&model, n, &[], Sampling::Greedy));
+        let p = Prompted::new(model, inputs.rows(0..1), n);
+        std::hint::black_box(p.generate(model, n, &[], Sampling::Greedy));
         sync(device);
     };
     let (prefill, working, rest) = measure(3, || run(1));
@@ -191,8 +191,8 @@ fn decode_and_prefill(cfg: &MllamaConfig, model: &Mllama, device: &Device, new_t
             vec![108],
         ];
         let (ms, working, _) = measure(3, || {
-            let p = Prompted::new(&model, inputs.rows(0..1), 3);
-            std::hint::black_box(p.score(&model, &candidates));
+            let p = Prompted::new(model, inputs.rows(0..1), 3);
+            std::hint::black_box(p.score(model, &candidates));
             sync(device);
         });
         println!(

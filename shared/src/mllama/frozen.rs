@@ -106,7 +106,7 @@ pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
 /// blocks; returns whether it did.
 pub fn quantize(l: &mut Linear, block: u8) -> bool {
     let w = l.weight.val();
-    if is_quantized(&w) || block == 0 || w.dims()[1] % block as usize != 0 {
+    if is_quantized(&w) || block == 0 || !w.dims()[1].is_multiple_of(block as usize) {
         return false;
     }
     l.weight = burn::module::Param::from_tensor(w.quantize_dynamic(&q4_scheme(block))).set_require_grad(false);

@@ -198,8 +198,12 @@ impl VisionAttention {
 #[derive(Clone)]
 struct VisionMask {
     additive: Tensor<4>,
-    split: Option<Vec<(Tensor<1, Int>, Tensor<1, Int>, Tensor<1, Int>)>>,
+    split: Option<Vec<ImagePositions>>,
 }
+
+/// One image's positions that count, its padding positions, and the order undoing
+/// `[counted; padding]`.
+type ImagePositions = (Tensor<1, Int>, Tensor<1, Int>, Tensor<1, Int>);
 
 /// Vision MLP (GELU).
 #[derive(Module, Debug)]
