@@ -19,24 +19,12 @@ use std::time::Instant;
 use wbc_shared::compact::CompactModel;
 use wbc_shared::mllama::{Checkpoint, Inputs, Mllama, MllamaConfig, Prompted, Sampling};
 
-fn status_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 /// Median milliseconds of `reps` runs after two warm-up runs, and the working memory (MiB).
 fn measure(reps: usize, mut f: impl FnMut()) -> (f64, f64, f64) {
     f();
     f();
-    let rest = status_mib("VmRSS:");
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let rest = wbc_shared::heap::rss_mib();
+    wbc_shared::heap::reset_peak_rss();
     let mut ms: Vec<f64> = (0..reps)
         .map(|_| {
             let t = Instant::now();
@@ -45,7 +33,7 @@ fn measure(reps: usize, mut f: impl FnMut()) -> (f64, f64, f64) {
         })
         .collect();
     ms.sort_by(f64::total_cmp);
-    (ms[reps / 2], status_mib("VmHWM:") - rest, rest)
+    (ms[reps / 2], wbc_shared::heap::peak_rss_mib() - rest, rest)
 }
 
 fn device() -> Device {

@@ -2,11 +2,17 @@
 //! benchmarks that state how much memory an operation needs (the kernel's resident-set figures
 //! include what the C allocator keeps after a free, which hides the peak of one step).
 //!
-//! ```ignore
+//! ```
 //! #[global_allocator]
 //! static HEAP: wbc_shared::heap::Counting = wbc_shared::heap::Counting;
-//! let bytes = wbc_shared::heap::peak_during(|| step());
+//!
+//! let (v, bytes) = wbc_shared::heap::peak_during(|| vec![0u8; 1 << 20]);
+//! assert_eq!(v.len(), 1 << 20);
+//! assert!(bytes >= 1 << 20);
 //! ```
+//!
+//! The process's resident set (the kernel's view, Linux) is here too: [`rss_mib`],
+//! [`peak_rss_mib`] and [`reset_peak_rss`].
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -69,4 +75,32 @@ pub fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
     PEAK.store(start, Relaxed);
     let out = f();
     (out, PEAK.load(Relaxed).saturating_sub(start))
+}
+
+/// A field of `/proc/self/status` in MiB (NaN where there is none, e.g. not on Linux).
+fn status_mib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// The process's resident set now, MiB.
+pub fn rss_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
+/// The process's peak resident set (since the start or the last [`reset_peak_rss`]), MiB.
+pub fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+/// Resets the kernel's peak resident set to the current one (Linux; a no-op elsewhere).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }

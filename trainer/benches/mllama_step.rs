@@ -18,30 +18,7 @@ static HEAP: wbc_shared::heap::Counting = wbc_shared::heap::Counting;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// Resets the kernel's peak resident set (VmHWM) to the current one.
-fn reset_peak() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn rss_mib() -> f64 {
-    status_mib("VmRSS:")
-}
-
-fn peak_rss_mib() -> f64 {
-    status_mib("VmHWM:")
-}
-
-fn status_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
+use wbc_shared::heap::{peak_rss_mib, reset_peak_rss as reset_peak, rss_mib};
 
 /// `WBC_BENCH_DEVICE`: `cpu` (burn flex, the default) or `cuda` (a build with `--features cuda`).
 fn device() -> Device {
