@@ -35,7 +35,17 @@ scripts/fetch-weights.sh >/dev/null 2>&1 || log "weights not fetched: the compac
 weights="${WBC_WEIGHTS_DIR:-$PWD/.cache/weights/unpacked}/mobilenet_v2-b0353104.pth"
 
 log "build (features: ${features:-none})"
-cargo bench --no-run -p appliance -p trainer ${features:+--features "$features"} --bench peers --bench mllama_step 2>&1 | tail -3 | tee -a "$OUT/log.txt"
+if ! cargo bench --no-run -p appliance -p trainer ${features:+--features "$features"} --bench peers --bench mllama_step \
+    > "$OUT/build.txt" 2>&1; then
+  # burn's CUDA backend downloads an LLVM bundle at build time (tracel-llvm-bundler): without
+  # network and without that bundle installed, measure our side on wgpu (Vulkan) instead.
+  log "the cuda build failed (see build.txt; without network it needs the tracel LLVM bundle installed): wgpu instead"
+  features="appliance/wgpu,trainer/wgpu"
+  export WBC_BENCH_DEVICE=wgpu
+  cargo bench --no-run -p appliance -p trainer --features "$features" --bench peers --bench mllama_step \
+    >> "$OUT/build.txt" 2>&1
+fi
+tail -3 "$OUT/build.txt" | tee -a "$OUT/log.txt"
 res="$OUT/results.jsonl"
 : > "$res"
 "$py" -c 'import json, torch, transformers; print(json.dumps({"machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "transformers": transformers.__version__}))' >> "$res" || true

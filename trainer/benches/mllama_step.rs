@@ -20,13 +20,16 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 use wbc_shared::heap::{peak_rss_mib, reset_peak_rss as reset_peak, rss_mib};
 
-/// `WBC_BENCH_DEVICE`: `cpu` (burn flex, the default) or `cuda` (a build with `--features cuda`).
+/// `WBC_BENCH_DEVICE`: `cpu` (burn flex, the default), `cuda` or `wgpu` (builds with that
+/// feature).
 fn device() -> Device {
     match std::env::var("WBC_BENCH_DEVICE").as_deref() {
         #[cfg(feature = "cuda")]
         Ok("cuda") => Device::cuda(0),
+        #[cfg(feature = "wgpu")]
+        Ok("wgpu") => Device::wgpu(burn::tensor::DeviceKind::DiscreteGpu(0)),
         Ok("cpu") | Err(_) => Device::flex(),
-        Ok(other) => panic!("WBC_BENCH_DEVICE={other}: cpu, or cuda in a build with --features cuda"),
+        Ok(other) => panic!("WBC_BENCH_DEVICE={other}: cpu, or cuda / wgpu in a build with that feature"),
     }
 }
 
