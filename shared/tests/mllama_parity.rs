@@ -21,13 +21,17 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// On the inference path (the vision attention as fused, unmasked parts) and on the training
+/// path (an autodiff device: transformers' additive mask), both against transformers.
 fn check(name: &str) {
     let dir = fixture(name);
-    let p = check_parity(&dir, &dir.join("io.safetensors"), &Device::flex()).unwrap();
-    eprintln!("{name}: {p:?}");
-    let v = p.vision.expect("the fixture has the vision output");
-    assert!(v.relative <= TOLERANCE, "{name}: vision encoder {v:?}");
-    assert!(p.logits.relative <= TOLERANCE, "{name}: logits {:?}", p.logits);
+    for device in [Device::flex(), Device::flex().autodiff()] {
+        let p = check_parity(&dir, &dir.join("io.safetensors"), &device).unwrap();
+        eprintln!("{name} (autodiff: {}): {p:?}", device.is_autodiff());
+        let v = p.vision.expect("the fixture has the vision output");
+        assert!(v.relative <= TOLERANCE, "{name}: vision encoder {v:?}");
+        assert!(p.logits.relative <= TOLERANCE, "{name}: logits {:?}", p.logits);
+    }
 }
 
 #[test]

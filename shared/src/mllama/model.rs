@@ -159,12 +159,12 @@ impl VisionAttention {
         let q = split_heads(self.q_proj.forward(x.clone()), self.heads);
         let k = split_heads(self.k_proj.forward(x.clone()), self.heads);
         let v = split_heads(self.v_proj.forward(x), self.heads);
-        let context = match &mask.split {
-            // Inference: the same attention as transformers' mask, computed by the backend's
-            // fused kernel in two unmasked parts per image: the positions that count attend to
-            // every position; padding positions attend to the positions that count (the mask
-            // hides only padding from padding).
-            Some(split) if !q.device().is_autodiff() => {
+        let context = match mask {
+            // The same attention as transformers' mask, computed by the backend's fused kernel in
+            // two unmasked parts per image: the positions that count attend to every position;
+            // padding positions attend to the positions that count (the mask hides only padding
+            // from padding).
+            VisionMask::Split(split) => {
                 let [_, h, s, hd] = q.dims();
                 let parts = split
                     .iter()
@@ -186,19 +186,19 @@ impl VisionAttention {
                     .collect();
                 Tensor::cat(parts, 0)
             }
-            _ => attention(q, k, v, Some(mask.additive.clone())),
+            VisionMask::Additive(additive) => attention(q, k, v, Some(additive.clone())),
         };
         self.o_proj.forward(merge_heads(context))
     }
 }
 
-/// The vision encoder's attention mask: transformers' additive form, and for each image the
-/// positions that count, the padding positions, and the order that puts `[counted; padding]`
-/// back in place (absent when transformers' mask is not of that form).
-#[derive(Clone)]
-struct VisionMask {
-    additive: Tensor<4>,
-    split: Option<Vec<ImagePositions>>,
+/// The vision encoder's attention mask: for inference, each image's positions that count, its
+/// padding positions and the order that puts `[counted; padding]` back in place (fused attention,
+/// no mask tensor); while training, or when transformers' mask is not of that form, its additive
+/// `[bi, 1, S, S]` form.
+enum VisionMask {
+    Split(Vec<ImagePositions>),
+    Additive(Tensor<4>),
 }
 
 /// One image's positions that count, its padding positions, and the order undoing
@@ -363,14 +363,15 @@ impl VisionModel {
 /// transformers' `_prepare_aspect_ratio_attention_mask`: `[bi, T]` tile mask → additive
 /// `[bi, 1, T·pp, T·pp]`, masking the pairs where both positions are padding or in a padded
 /// tile. As in transformers, when no patch is padding (`pp == p`) every position counts as
-/// padding (its `[:, :, -0:]` slice selects everything).
+/// padding (its `[:, :, -0:]` slice selects everything). Off autodiff, where the mask has the
+/// usual form, the positions instead ([`VisionMask::Split`]): the same attention, no mask tensor.
 fn aspect_ratio_mask(tile_mask: Tensor<2>, p: usize, pp: usize) -> VisionMask {
     let [bi, tiles] = tile_mask.dims();
     let device = tile_mask.device();
     let valid: Vec<f32> = (0..pp).map(|i| if i < p && pp != p { 1.0 } else { 0.0 }).collect();
     let valid = Tensor::<1>::from_data(TensorData::new(valid, [pp]), &device).reshape([1, 1, pp]);
     let m = tile_mask.reshape([bi, tiles, 1]).expand([bi, tiles, pp]) * valid;
-    // Which positions count, per image (read once: a handful of values).
+    // Which positions count, per image (read once: a handful of values per tile).
     let counts: Vec<f32> = m
         .clone()
         .into_data()
@@ -378,26 +379,28 @@ fn aspect_ratio_mask(tile_mask: Tensor<2>, p: usize, pp: usize) -> VisionMask {
         .try_to_vec::<f32>()
         .unwrap_or_default();
     let every_image_counts = counts.chunks(tiles * pp).all(|c| c.iter().any(|&v| v > 0.5));
-    let split = (pp != p && counts.len() == bi * tiles * pp && every_image_counts).then(|| {
-        counts
-            .chunks(tiles * pp)
-            .map(|c| {
-                let counted: Vec<i64> = (0..c.len()).filter(|&i| c[i] > 0.5).map(|i| i as i64).collect();
-                let padding: Vec<i64> = (0..c.len()).filter(|&i| c[i] <= 0.5).map(|i| i as i64).collect();
-                let mut undo = vec![0i64; c.len()];
-                for (at, &i) in counted.iter().chain(&padding).enumerate() {
-                    undo[i as usize] = at as i64;
-                }
-                let t = |v: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), &device);
-                (t(counted), t(padding), t(undo))
-            })
-            .collect()
-    });
-    let m = (m.neg() + 1.0).reshape([bi, tiles * pp, 1]);
-    VisionMask {
-        additive: (m.clone().matmul(m.swap_dims(1, 2)) * MASKED).unsqueeze_dim(1),
-        split,
+    if pp != p && counts.len() == bi * tiles * pp && every_image_counts && !device.is_autodiff() {
+        return VisionMask::Split(
+            counts
+                .chunks(tiles * pp)
+                .map(|c| {
+                    let counted: Vec<i64> = (0..c.len()).filter(|&i| c[i] > 0.5).map(|i| i as i64).collect();
+                    let padding: Vec<i64> = (0..c.len()).filter(|&i| c[i] <= 0.5).map(|i| i as i64).collect();
+                    let mut undo = vec![0i64; c.len()];
+                    for (at, &i) in counted.iter().chain(&padding).enumerate() {
+                        undo[i as usize] = at as i64;
+                    }
+                    let t = |v: Vec<i64>| {
+                        let n = v.len();
+                        Tensor::<1, Int>::from_data(TensorData::new(v, [n]), &device)
+                    };
+                    (t(counted), t(padding), t(undo))
+                })
+                .collect(),
+        );
     }
+    let m = (m.neg() + 1.0).reshape([bi, tiles * pp, 1]);
+    VisionMask::Additive((m.clone().matmul(m.swap_dims(1, 2)) * MASKED).unsqueeze_dim(1))
 }
 
 /// Text self-attention with RoPE and GQA.
