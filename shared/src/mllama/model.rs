@@ -186,7 +186,7 @@ impl VisionAttention {
                     .collect();
                 Tensor::cat(parts, 0)
             }
-            VisionMask::Additive(additive) => attention(q, k, v, Some(additive.clone())),
+            VisionMask::Additive(additive) => attention(q, k, v, Some((**additive).clone())),
         };
         self.o_proj.forward(merge_heads(context))
     }
@@ -198,7 +198,7 @@ impl VisionAttention {
 /// `[bi, 1, S, S]` form.
 enum VisionMask {
     Split(Vec<ImagePositions>),
-    Additive(Tensor<4>),
+    Additive(Box<Tensor<4>>),
 }
 
 /// One image's positions that count, its padding positions, and the order undoing
@@ -400,7 +400,9 @@ fn aspect_ratio_mask(tile_mask: Tensor<2>, p: usize, pp: usize) -> VisionMask {
         );
     }
     let m = (m.neg() + 1.0).reshape([bi, tiles * pp, 1]);
-    VisionMask::Additive((m.clone().matmul(m.swap_dims(1, 2)) * MASKED).unsqueeze_dim(1))
+    VisionMask::Additive(Box::new(
+        (m.clone().matmul(m.swap_dims(1, 2)) * MASKED).unsqueeze_dim(1),
+    ))
 }
 
 /// Text self-attention with RoPE and GQA.
