@@ -216,7 +216,7 @@ impl App {
         }));
         let cells: Vec<CellResult> = match run {
             Ok(c) => {
-                self.probation(true, "");
+                self.probation(classifier.model_version, true, "");
                 c
             }
             Err(p) => {
@@ -226,7 +226,7 @@ impl App {
                     .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "a panic".into());
                 let detail = format!("model version {} failed on {name}: {what}", classifier.model_version);
-                self.probation(false, &detail);
+                self.probation(classifier.model_version, false, &detail);
                 bail!("{detail}; nothing was stored");
             }
         };
@@ -256,9 +256,9 @@ impl App {
         Ok(Ingested::New(field))
     }
 
-    fn probation(&self, ok: bool, detail: &str) {
+    fn probation(&self, version: u64, ok: bool, detail: &str) {
         if let Some(m) = &self.models
-            && let Some(fallback) = m.field_done(ok, detail)
+            && let Some(fallback) = m.field_done(version, ok, detail)
         {
             self.set_classifier(fallback);
         }

@@ -833,12 +833,16 @@ impl<T> Models<T> {
         Outcome::Active(())
     }
 
-    /// Counts a field processed by the active model while it is on probation: confirms it after
-    /// enough good ones; after too many failures returns to the fallback, whose model is
-    /// returned.
-    pub fn field_done(&self, ok: bool, detail: &str) -> Option<T> {
+    /// Counts a field processed by model `version` while the active model is on probation:
+    /// confirms it after enough good ones; after too many failures returns to the fallback,
+    /// whose model is returned. A field that was processed by another version (one that started
+    /// before a switch) says nothing about the active model and is not counted.
+    pub fn field_done(&self, version: u64, ok: bool, detail: &str) -> Option<T> {
         let mut st = self.state.lock().expect("models lock");
         let v = st.pointer.active.model_version;
+        if version != v {
+            return None;
+        }
         let p = st.pointer.probation.as_mut()?;
         if ok {
             p.fields_ok += 1;
@@ -1156,15 +1160,20 @@ mod tests {
         let (m, _) = f.open_with(vec![key(1).verifying_key()], policy.clone()).unwrap();
         active(m.install(&f.file("a.bundle", &bundle(v0 + 1, &key(1), |b| b)), "t", &[]));
         for _ in 0..3 {
-            assert!(m.field_done(true, "").is_none());
+            assert!(m.field_done(v0 + 1, true, "").is_none());
         }
         assert_eq!(m.status().probation, None);
         assert_eq!(f.last_event().event, "confirmed");
         // Outside probation, failures change nothing.
-        assert!(m.field_done(false, "x").is_none());
+        assert!(m.field_done(v0 + 1, false, "x").is_none());
         active(m.install(&f.file("b.bundle", &bundle(v0 + 2, &key(1), |b| b)), "t", &[]));
-        assert!(m.field_done(false, "boom").is_none());
-        let back = m.field_done(false, "boom").expect("the fallback after two failures");
+        // A field that began on the version left behind says nothing about the new one.
+        assert!(m.field_done(v0 + 1, false, "late").is_none());
+        assert_eq!(m.status().probation.map(|p| p.failures), Some(0));
+        assert!(m.field_done(v0 + 2, false, "boom").is_none());
+        let back = m
+            .field_done(v0 + 2, false, "boom")
+            .expect("the fallback after two failures");
         assert_eq!(back.model_version, v0 + 1);
         let e = f.last_event();
         assert_eq!((e.event.as_str(), e.model_version), ("rolled_back", v0 + 1));
@@ -1208,7 +1217,7 @@ mod tests {
         let (m, _) = f.open();
         active(m.install(&f.file("a.bundle", &bundle(v0 + 1, &key(1), |b| b)), "t", &[]));
         for _ in 0..20 {
-            m.field_done(true, "");
+            m.field_done(v0 + 1, true, "");
         }
         active(m.install(&f.file("b.bundle", &bundle(v0 + 2, &key(1), |b| b)), "t", &[]));
         m.close().unwrap();
