@@ -2,6 +2,7 @@
 //! reference study's tables, export of signed bundles, and the
 //! signed documents of the update path (key lists, rollbacks).
 
+pub mod adversary;
 pub mod augment;
 pub mod dataset;
 pub mod eval;

@@ -113,6 +113,10 @@ enum Cmd {
         /// Equalise the grey view's histogram.
         #[arg(long)]
         equalise: bool,
+        /// Train against a source critic on the classes several sources share, with this
+        /// largest strength of its reversed gradient (0 = none).
+        #[arg(long)]
+        source_adversary: Option<f64>,
     },
     /// Cut the annotated white cells out of smear fields (Pascal VOC boxes) into a folder of
     /// cell images and an unlabelled `cells.csv` for `eval`.
@@ -418,6 +422,7 @@ fn main() -> Result<()> {
             mask_background,
             colour,
             equalise,
+            source_adversary,
             ..
         } => {
             let mut s = TrainSettings {
@@ -430,6 +435,9 @@ fn main() -> Result<()> {
                 strong_augment: !mild_augment,
                 ..Default::default()
             };
+            if let Some(a) = source_adversary {
+                s.source_adversary = a;
+            }
             if no_cell_norm {
                 s.cell = None;
             }

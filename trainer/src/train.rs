@@ -5,6 +5,7 @@
 //! trains the LoRA adapters of blocks `tune_from..` and the heads on a random view of every
 //! image. On two CPU cores this turns hours of full forward/backward passes into minutes.
 
+use crate::adversary::{SourceCritic, SourcePlan, schedule};
 use crate::augment::Augment;
 use crate::dataset::{Rejected, Sample, class_counts, load_images, read_split, source_counts};
 use crate::plot;
@@ -60,6 +61,10 @@ pub struct TrainSettings {
     /// Strong stain and optics augmentation ([`Augment::strong`]) instead of the mild default.
     #[serde(default)]
     pub strong_augment: bool,
+    /// Strength of the source-adversarial critic ([`crate::adversary`]): the largest factor of
+    /// its reversed gradient; 0 trains without one.
+    #[serde(default)]
+    pub source_adversary: f64,
 }
 
 impl TrainSettings {
@@ -137,6 +142,7 @@ impl Default for TrainSettings {
             max_per_class: 0,
             cell: Some(CellNorm::default()),
             strong_augment: true,
+            source_adversary: 0.0,
         }
     }
 }
@@ -490,7 +496,26 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
         .collect();
     let class_weights = Tensor::<1>::from_data(TensorData::new(cw, [NUM_CLASSES]), &ad);
 
-    let mut model = Trainable::new(&cfg, &backbone_ad, &ad);
+    let plan = (settings.source_adversary > 0.0)
+        .then(|| SourcePlan::new(&train_samples))
+        .flatten();
+    match &plan {
+        Some(p) => {
+            tracing::info!(sources = ?p.sources, classes = ?p.classes, weights = ?p.weights, "source-adversarial critic")
+        }
+        None if settings.source_adversary > 0.0 => {
+            tracing::warn!("no class comes from more than one source: training without the source critic")
+        }
+        None => {}
+    }
+    let mut model = Learner {
+        model: Trainable::new(&cfg, &backbone_ad, &ad),
+        critic: SourceCritic::new(
+            wbc_shared::compact::mobilenet::FEATURES,
+            plan.as_ref().map_or(1, |p| p.sources.len()),
+            &ad,
+        ),
+    };
     let mut optim = AdamWConfig::new()
         .with_weight_decay(settings.weight_decay as f32)
         .init();
@@ -500,7 +525,7 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
     let mut curves = std::fs::File::create(run.curves())?;
     writeln!(
         curves,
-        "epoch,train_loss,train_class_loss,val_accuracy,val_macro_f1,val_attribute_accuracy,lr,seconds"
+        "epoch,train_loss,train_class_loss,train_critic_loss,critic_accuracy,val_accuracy,val_macro_f1,val_attribute_accuracy,lr,seconds"
     )?;
     let mut best = (0usize, -1.0f64);
     let mut step = 0usize;
@@ -509,6 +534,7 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
         order.shuffle(&mut rng);
         let pb = bar(steps_per_epoch as u64, &format!("epoch {epoch}/{}", settings.epochs));
         let (mut loss_sum, mut class_sum, mut batches) = (0f64, 0f64, 0usize);
+        let (mut critic_sum, mut critic_right, mut critic_seen) = (0f64, 0usize, 0usize);
         let mut lr = settings.lr;
         for idx in order.chunks(settings.batch) {
             let mut b = Batch {
@@ -530,10 +556,19 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
             let labels = Tensor::<1, Int>::from_data(TensorData::new(b.labels, [bs]), &ad);
             let at = Tensor::<2, Int>::from_data(TensorData::new(b.attr_targets.concat(), [bs, NUM_ATTRIBUTES]), &ad);
             let am = Tensor::<2>::from_data(TensorData::new(b.attr_mask.concat(), [bs, NUM_ATTRIBUTES]), &ad);
-            let (cl, al) = model.forward(&backbone_ad, x, cfg.tune_from);
+            let features = model.model.features(&backbone_ad, x, cfg.tune_from);
+            let (cl, al) = model.model.heads_of(features.clone());
             let lc = class_loss(cl, labels, class_weights.clone());
             let la = attribute_loss(al, at, am);
-            let loss = lc.clone() + la.mul_scalar(settings.attr_weight);
+            let mut loss = lc.clone() + la.mul_scalar(settings.attr_weight);
+            if let Some(plan) = &plan {
+                let lambda = schedule(settings.source_adversary, step as f64 / total_steps as f64);
+                if let Some((l, right, seen)) = plan.loss(&model.critic, features, idx, lambda) {
+                    critic_sum += l.clone().into_scalar::<f32>() as f64 * seen as f64;
+                    (critic_right, critic_seen) = (critic_right + right, critic_seen + seen);
+                    loss = loss + l;
+                }
+            }
             let lv = loss.clone().into_scalar::<f32>() as f64;
             loss_sum += lv;
             class_sum += lc.into_scalar::<f32>() as f64;
@@ -554,7 +589,7 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
             pb.inc(1);
         }
         pb.finish_and_clear();
-        let valid = model.valid();
+        let valid = model.model.valid();
         let v = evaluate(
             &valid,
             &backbone,
@@ -569,9 +604,11 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
         let secs = started.elapsed().as_secs_f64();
         writeln!(
             curves,
-            "{epoch},{:.5},{:.5},{:.5},{:.5},{:.5},{:.6},{:.1}",
+            "{epoch},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.6},{:.1}",
             loss_sum / batches as f64,
             class_sum / batches as f64,
+            critic_sum / critic_seen.max(1) as f64,
+            critic_right as f64 / critic_seen.max(1) as f64,
             report.accuracy,
             report.macro_avg.f1,
             v.attribute_accuracy,
@@ -583,7 +620,8 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
             .iter()
             .map(|c| format!("{}={:.3}", c.abbreviation(), report.per_class[c.index()].f1))
             .collect();
-        tracing::info!(epoch, loss = loss_sum / batches as f64, val_acc = report.accuracy, val_macro_f1 = report.macro_avg.f1, attr_acc = v.attribute_accuracy, per_class = %per_class.join(" "), "epoch done");
+        let critic_accuracy = (critic_seen > 0).then(|| critic_right as f64 / critic_seen as f64);
+        tracing::info!(epoch, loss = loss_sum / batches as f64, ?critic_accuracy, val_acc = report.accuracy, val_macro_f1 = report.macro_avg.f1, attr_acc = v.attribute_accuracy, per_class = %per_class.join(" "), "epoch done");
         if report.macro_avg.f1 > best.1 {
             best = (epoch, report.macro_avg.f1);
             let path = run.checkpoint();
@@ -609,6 +647,14 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
     };
     std::fs::write(run.record(), serde_json::to_vec_pretty(&record)?)?;
     Ok(record)
+}
+
+/// What the optimiser updates: the model and, when training against the source critic, the
+/// critic (which is not exported).
+#[derive(Module, Debug)]
+struct Learner {
+    model: Trainable,
+    critic: SourceCritic,
 }
 
 /// Rebuilds the trained adapters and heads of a run on a device.

@@ -107,8 +107,18 @@ impl Trainable {
 
     /// Class and attribute logits from the activation entering block `tune_from`.
     pub fn forward(&self, backbone: &Backbone, x: Tensor<4>, tune_from: usize) -> (Tensor<2>, Tensor<2>) {
-        let y = backbone.forward_blocks(x, tune_from, backbone.num_blocks(), Some((&self.adapters, tune_from)));
-        let f = self.dropout.forward(pool(y));
+        self.heads_of(self.features(backbone, x, tune_from))
+    }
+
+    /// The pooled features `[batch, 1280]` that the heads read, from the activation entering
+    /// block `tune_from`.
+    pub fn features(&self, backbone: &Backbone, x: Tensor<4>, tune_from: usize) -> Tensor<2> {
+        pool(backbone.forward_blocks(x, tune_from, backbone.num_blocks(), Some((&self.adapters, tune_from))))
+    }
+
+    /// Class and attribute logits of pooled features (dropout first, when training).
+    pub fn heads_of(&self, features: Tensor<2>) -> (Tensor<2>, Tensor<2>) {
+        let f = self.dropout.forward(features);
         (self.heads.class.forward(f.clone()), self.heads.attrs.forward(f))
     }
 
