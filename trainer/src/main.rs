@@ -114,7 +114,7 @@ enum Cmd {
         #[arg(long)]
         equalise: bool,
         /// Train against a source critic on the classes several sources share, with this
-        /// largest strength of its reversed gradient (0 = none).
+        /// weight of its confusion loss once ramped up (0 = none).
         #[arg(long)]
         source_adversary: Option<f64>,
     },

@@ -61,8 +61,8 @@ pub struct TrainSettings {
     /// Strong stain and optics augmentation ([`Augment::strong`]) instead of the mild default.
     #[serde(default)]
     pub strong_augment: bool,
-    /// Strength of the source-adversarial critic ([`crate::adversary`]): the largest factor of
-    /// its reversed gradient; 0 trains without one.
+    /// Weight of the source critic's confusion loss ([`crate::adversary`]) once fully ramped
+    /// up; 0 trains without a critic.
     #[serde(default)]
     pub source_adversary: f64,
 }
@@ -561,13 +561,13 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
             let lc = class_loss(cl, labels, class_weights.clone());
             let la = attribute_loss(al, at, am);
             let mut loss = lc.clone() + la.mul_scalar(settings.attr_weight);
-            if let Some(plan) = &plan {
-                let lambda = schedule(settings.source_adversary, step as f64 / total_steps as f64);
-                if let Some((l, right, seen)) = plan.loss(&model.critic, features, idx, lambda) {
-                    critic_sum += l.clone().into_scalar::<f32>() as f64 * seen as f64;
-                    (critic_right, critic_seen) = (critic_right + right, critic_seen + seen);
-                    loss = loss + l;
-                }
+            if let Some(plan) = &plan
+                && let Some(c) = plan.loss(&model.critic, features, idx)
+            {
+                let mu = schedule(settings.source_adversary, step as f64 / total_steps as f64);
+                critic_sum += c.critic.clone().into_scalar::<f32>() as f64 * c.seen as f64;
+                (critic_right, critic_seen) = (critic_right + c.right, critic_seen + c.seen);
+                loss = loss + c.critic + c.confusion.mul_scalar(mu);
             }
             let lv = loss.clone().into_scalar::<f32>() as f64;
             loss_sum += lv;
