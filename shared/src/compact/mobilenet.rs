@@ -208,7 +208,7 @@ impl FrozenConv {
         if let Some(l) = lora {
             y = y + l.forward(x);
         }
-        if self.spec.relu6 { y.clamp(0.0, 6.0) } else { y }
+        if self.spec.relu6 { super::relu6::relu6(y) } else { y }
     }
 }
 

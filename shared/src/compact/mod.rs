@@ -5,6 +5,7 @@
 
 pub mod lora;
 pub mod mobilenet;
+pub mod relu6;
 pub mod weights;
 
 use crate::attributes::{ATTRIBUTES, AttributeSet, NUM_ATTRIBUTES};
