@@ -81,21 +81,32 @@ pub fn q4_scheme(block: u8) -> QuantScheme {
 }
 
 /// `l.forward(x)`, through [`FrozenMatmul`] when the weight is quantized and gradients are being
-/// recorded.
+/// recorded, and through [`super::rowvec::row_matmul`] for one row of a float weight at
+/// inference (a decoding step).
 pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
     let w = l.weight.val();
-    if !(is_quantized(&w) && x.device().is_autodiff()) {
-        return l.forward(x);
-    }
     let dims = x.dims();
     let d_in = dims[D - 1];
-    let d_out = w.dims()[1];
     let rows = x.shape().num_elements() / d_in.max(1);
+    let (quantized, autodiff) = (is_quantized(&w), x.device().is_autodiff());
+    let frozen = quantized && autodiff;
+    let one_row = rows == 1 && !quantized && !autodiff;
+    if !(frozen || one_row) {
+        return l.forward(x);
+    }
+    let d_out = w.dims()[1];
     let x2: Tensor<2> = x.reshape([rows, d_in]);
-    let y = <Dispatch as FrozenMatmul>::frozen_matmul(x2.into_dispatch(), w.into_dispatch());
+    let y = if frozen {
+        Tensor::<2>::from_dispatch(<Dispatch as FrozenMatmul>::frozen_matmul(
+            x2.into_dispatch(),
+            w.into_dispatch(),
+        ))
+    } else {
+        super::rowvec::row_matmul(x2, w)
+    };
     let mut out = dims;
     out[D - 1] = d_out;
-    let y = Tensor::<2>::from_dispatch(y).reshape(out);
+    let y = y.reshape(out);
     match &l.bias {
         Some(b) => y + b.val().unsqueeze(),
         None => y,
