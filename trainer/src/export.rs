@@ -91,25 +91,32 @@ struct RawOutputs {
 
 /// Logits, features and labels of the labelled cells of a sample list, through a classifier
 /// (uncalibrated: the raw model); at most `per_class` cells per class when it is not 0.
+/// At most `per_class` samples of each class, evenly spaced within the class (and so across its
+/// sources, which the lists keep together): deterministic and representative. A class with
+/// fewer gives all it has and no other class takes its place.
+fn stratified(samples: &[crate::dataset::Sample], per_class: usize) -> Vec<crate::dataset::Sample> {
+    let mut keep = Vec::new();
+    for c in CellClass::ALL {
+        let of: Vec<_> = samples.iter().filter(|s| s.label == Some(c)).collect();
+        let step = (of.len() as f64 / per_class as f64).max(1.0);
+        let mut x = 0.0;
+        let mut taken = 0;
+        while (x as usize) < of.len() && taken < per_class {
+            keep.push(of[x as usize].clone());
+            taken += 1;
+            x += step;
+        }
+    }
+    keep
+}
+
 fn raw_outputs(classifier: &Classifier, list: &Path, per_class: usize) -> Result<RawOutputs> {
     let mut samples: Vec<_> = crate::dataset::read_samples(list)?
         .into_iter()
         .filter(|s| s.label.is_some())
         .collect();
     if per_class > 0 {
-        // Evenly spaced within each class (and so across its sources, which the lists keep
-        // together): deterministic and representative.
-        let mut keep = Vec::new();
-        for c in CellClass::ALL {
-            let of: Vec<_> = samples.iter().filter(|s| s.label == Some(c)).cloned().collect();
-            let step = (of.len() as f64 / per_class as f64).max(1.0);
-            let mut x = 0.0;
-            while (x as usize) < of.len() && keep.len() < (c.index() + 1) * per_class {
-                keep.push(of[x as usize].clone());
-                x += step;
-            }
-        }
-        samples = keep;
+        samples = stratified(&samples, per_class);
     }
     let (loaded, rejected) = crate::dataset::load_images(samples, &DecodeLimits::default());
     for r in &rejected {
@@ -327,4 +334,39 @@ pub fn export(o: &ExportOptions) -> Result<Manifest> {
     std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, o.out).with_context(|| format!("renaming to {}", o.out.display()))?;
     Ok(bundle.manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::Sample;
+
+    #[test]
+    fn the_bank_takes_at_most_its_share_of_each_class_evenly_spaced() {
+        let mk = |c: CellClass, i: usize| Sample {
+            path: format!("{}-{i}.jpg", c.abbreviation()).into(),
+            label: Some(c),
+            attrs: Default::default(),
+            source: "s".into(),
+            description: None,
+            microns_per_pixel: None,
+        };
+        // Two basophils only, ten of every other class.
+        let mut all: Vec<Sample> = (0..2).map(|i| mk(CellClass::Basophil, i)).collect();
+        for c in &CellClass::ALL[1..] {
+            all.extend((0..10).map(|i| mk(*c, i)));
+        }
+        let kept = stratified(&all, 4);
+        for c in CellClass::ALL {
+            let n = kept.iter().filter(|s| s.label == Some(c)).count();
+            assert_eq!(n, if c == CellClass::Basophil { 2 } else { 4 }, "{c:?}");
+        }
+        // Evenly spaced: 0, 2.5, 5, 7.5 → items 0, 2, 5, 7.
+        let eos: Vec<String> = kept
+            .iter()
+            .filter(|s| s.label == Some(CellClass::Eosinophil))
+            .map(|s| s.path.display().to_string())
+            .collect();
+        assert_eq!(eos, ["EO-0.jpg", "EO-2.jpg", "EO-5.jpg", "EO-7.jpg"]);
+    }
 }
