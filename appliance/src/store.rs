@@ -805,8 +805,19 @@ mod tests {
         }
     }
 
+    /// Opens the store; after a drop in this process sled's background flusher may hold the
+    /// file lock a moment longer, so a refusal is retried for a while.
     fn open(dir: &Path, r: Retention) -> Store {
-        Store::open(dir, identity(), r).unwrap()
+        let t = std::time::Instant::now();
+        loop {
+            match Store::open(dir, identity(), r.clone()) {
+                Ok(s) => return s,
+                Err(_) if t.elapsed() < std::time::Duration::from_secs(10) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("opening the store: {e:#}"),
+            }
+        }
     }
 
     #[test]
@@ -1125,17 +1136,7 @@ mod tests {
                         }
                         Op::Reopen => {
                             drop(s);
-                            // sled's background flusher may hold the file lock a moment longer.
-                            let t = std::time::Instant::now();
-                            s = loop {
-                                match Store::open(dir.path(), identity(), Retention::default()) {
-                                    Ok(s) => break s,
-                                    Err(_) if t.elapsed() < std::time::Duration::from_secs(10) => {
-                                        std::thread::sleep(std::time::Duration::from_millis(20));
-                                    }
-                                    Err(e) => panic!("reopening: {e:#}"),
-                                }
-                            };
+                            s = open(dir.path(), Retention::default());
                         }
                     }
                     for (id, f) in &m.fields {
