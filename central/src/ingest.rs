@@ -19,7 +19,7 @@ use wbc_shared::uplink::{ALL_DEVICES, Envelope, Kind, Status, parse_topic};
 /// Counters, for the API and the logs.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Connected to the broker now.
+    /// Connected to the broker and subscribed to the devices' results now.
     pub connected: AtomicBool,
     /// Messages stored (first time seen).
     pub stored: AtomicU64,
@@ -120,9 +120,13 @@ impl Ingest {
                 ev = events.recv() => match ev.context("connection task ended")?.context("connection to the broker")? {
                     Event::Incoming(Packet::ConnAck(ack)) => {
                         backoff.reset();
-                        self.stats.connected.store(true, Ordering::Relaxed);
                         tracing::info!(session_present = ack.session_present, "connected to the broker");
                         client.subscribe(ALL_DEVICES, QoS::AtLeastOnce).await?;
+                    }
+                    // Connected for ingest once subscribed: before the broker has the
+                    // subscription (the very first start) it keeps nothing for central.
+                    Event::Incoming(Packet::SubAck(_)) => {
+                        self.stats.connected.store(true, Ordering::Relaxed);
                     }
                     Event::Incoming(Packet::Publish(p)) => {
                         let db = self.db.clone();

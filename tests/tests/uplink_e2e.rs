@@ -109,6 +109,11 @@ fn results_reach_central_exactly_once_through_broker_appliance_and_central_outag
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cfg = central_config(dir.path(), &broker);
     let mut central = rt.block_on(central::start(&cfg)).unwrap();
+    // Results published before central's first subscription reach no one (the broker keeps
+    // messages only for sessions it knows): the device starts once central is subscribed.
+    wait_until("central to subscribe", Duration::from_secs(20), || {
+        central.stats.connected.load(std::sync::atomic::Ordering::Relaxed)
+    });
     let uplink = uplink_file(dir.path(), &broker, "clinic-a", "dev1");
     let store = dir.path().join("store");
     const N: u64 = 500;
