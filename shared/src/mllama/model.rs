@@ -1192,14 +1192,29 @@ fn causal_mask(start: usize, s: usize, device: &Device) -> Tensor<4> {
     Tensor::<2>::from_data(TensorData::new(v, [s, total]), device).reshape([1, 1, s, total])
 }
 
-/// `[rows, cols]` row-major → `[cols, rows]`.
+/// `[rows, cols]` row-major → `[cols, rows]`: in tiles (both sides stay in cache) and in
+/// parallel over bands of output rows; every weight of a checkpoint passes here at load.
 fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
+    assert_eq!(v.len(), rows * cols, "transpose: {} values for {rows}x{cols}", v.len());
     let mut out = vec![0.0; v.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = v[r * cols + c];
-        }
+    if rows == 0 {
+        return out;
     }
+    // A band is TILE output rows (input columns c0..c0 + TILE).
+    out.par_chunks_mut(TILE * rows).enumerate().for_each(|(band, o)| {
+        let c0 = band * TILE;
+        let cn = o.len() / rows;
+        for r0 in (0..rows).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                let src = &v[r * cols + c0..][..cn];
+                for (dc, &x) in src.iter().enumerate() {
+                    o[dc * rows + r] = x;
+                }
+            }
+        }
+    });
     out
 }
 
@@ -1377,5 +1392,21 @@ impl Loader<'_> {
         Ok(Embedding {
             weight: Param::from_tensor(self.load2(name, [n, d])?),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transpose_moves_every_value_whatever_the_tiles() {
+        for (rows, cols) in [(70, 45), (3, 100), (100, 3), (32, 64), (1, 1), (0, 5), (5, 0)] {
+            let v: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = super::transpose(&v, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], v[r * cols + c], "{rows}x{cols} at {r},{c}");
+                }
+            }
+        }
     }
 }
