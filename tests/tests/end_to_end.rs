@@ -80,6 +80,7 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
     assert_eq!(record.train_counts.iter().sum::<usize>(), 7);
     let curves = std::fs::read_to_string(run.join("curves.csv")).unwrap();
     assert_eq!(curves.lines().count(), 3, "header + one row per epoch:\n{curves}");
+    assert!(!curves.contains("critic"), "no critic, no critic columns:\n{curves}");
     assert!(image::open(run.join("curves.png")).is_ok());
 
     let key = keys::generate();
@@ -204,4 +205,49 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
     tampered[at] ^= 0x55;
     assert!(Bundle::from_bytes(&tampered, &[key.verifying_key()]).is_err());
     assert!(Bundle::from_bytes(&bytes[..bytes.len() / 2], &[key.verifying_key()]).is_err());
+}
+
+#[test]
+fn training_against_the_source_critic_shows_it_the_neutrophils_of_both_sources() {
+    // The fixture neutrophils come from `pbc` and `munich`: the critic sees exactly those two.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    dataset(&data);
+    let run = tmp.path().join("run");
+    let settings = TrainSettings {
+        epochs: 2,
+        batch: 8,
+        views: 1,
+        source_adversary: 1.0,
+        model: CompactConfig {
+            tune_from: 17,
+            ..CompactConfig::default()
+        },
+        ..TrainSettings::default()
+    };
+    let record = train(&data, &run, &backbone_pth(), settings).unwrap();
+    assert_eq!(record.settings.source_adversary, 1.0);
+    let curves = std::fs::read_to_string(run.join("curves.csv")).unwrap();
+    let mut lines = curves.lines();
+    let headers: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = |name: &str| {
+        headers
+            .iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("{name}: {curves}"))
+    };
+    let (loss, accuracy) = (col("train_critic_loss"), col("critic_accuracy"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 2, "{curves}");
+    for row in rows {
+        assert_eq!(row.len(), headers.len(), "{curves}");
+        let l: f64 = row[loss].parse().unwrap();
+        let a: f64 = row[accuracy].parse().unwrap();
+        // Two neutrophils per batch (batch 8 holds all seven cells): a cross-entropy over two
+        // sources, and a share of two guesses.
+        assert!(l.is_finite() && l > 0.0, "{curves}");
+        assert!([0.0, 0.5, 1.0].contains(&a), "{curves}");
+    }
+    assert!(image::open(run.join("curves.png")).is_ok());
 }

@@ -89,8 +89,6 @@ struct RawOutputs {
     labels: Vec<usize>,
 }
 
-/// Logits, features and labels of the labelled cells of a sample list, through a classifier
-/// (uncalibrated: the raw model); at most `per_class` cells per class when it is not 0.
 /// At most `per_class` samples of each class, evenly spaced within the class (and so across its
 /// sources, which the lists keep together): deterministic and representative. A class with
 /// fewer gives all it has and no other class takes its place.
@@ -110,6 +108,8 @@ fn stratified(samples: &[crate::dataset::Sample], per_class: usize) -> Vec<crate
     keep
 }
 
+/// Logits, features and labels of the labelled cells of a sample list, through a classifier
+/// (uncalibrated: the raw model); at most `per_class` cells per class when it is not 0.
 fn raw_outputs(classifier: &Classifier, list: &Path, per_class: usize) -> Result<RawOutputs> {
     let mut samples: Vec<_> = crate::dataset::read_samples(list)?
         .into_iter()

@@ -523,9 +523,15 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
     let total_steps = steps_per_epoch * settings.epochs;
     let warmup = steps_per_epoch / 2;
     let mut curves = std::fs::File::create(run.curves())?;
+    // The critic's columns only when there is a critic.
+    let critic_columns = if plan.is_some() {
+        "train_critic_loss,critic_accuracy,"
+    } else {
+        ""
+    };
     writeln!(
         curves,
-        "epoch,train_loss,train_class_loss,train_critic_loss,critic_accuracy,val_accuracy,val_macro_f1,val_attribute_accuracy,lr,seconds"
+        "epoch,train_loss,train_class_loss,{critic_columns}val_accuracy,val_macro_f1,val_attribute_accuracy,lr,seconds"
     )?;
     let mut best = (0usize, -1.0f64);
     let mut step = 0usize;
@@ -602,13 +608,19 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
         let truth: Vec<usize> = val_samples.iter().map(|s| s.label.expect("labelled").index()).collect();
         let report = ConfusionMatrix::from_labels(NUM_CLASSES, &truth, &v.predicted).report();
         let secs = started.elapsed().as_secs_f64();
+        let critic = match &plan {
+            Some(_) => format!(
+                "{:.5},{:.5},",
+                critic_sum / critic_seen.max(1) as f64,
+                critic_right as f64 / critic_seen.max(1) as f64
+            ),
+            None => String::new(),
+        };
         writeln!(
             curves,
-            "{epoch},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.6},{:.1}",
+            "{epoch},{:.5},{:.5},{critic}{:.5},{:.5},{:.5},{:.6},{:.1}",
             loss_sum / batches as f64,
             class_sum / batches as f64,
-            critic_sum / critic_seen.max(1) as f64,
-            critic_right as f64 / critic_seen.max(1) as f64,
             report.accuracy,
             report.macro_avg.f1,
             v.attribute_accuracy,
