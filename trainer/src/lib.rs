@@ -7,6 +7,7 @@ pub mod augment;
 pub mod dataset;
 pub mod eval;
 pub mod export;
+pub mod mixstyle;
 pub mod mllama;
 pub mod plot;
 pub mod sign;

@@ -117,6 +117,10 @@ enum Cmd {
         /// weight of its confusion loss once ramped up (0 = none).
         #[arg(long)]
         source_adversary: Option<f64>,
+        /// MixStyle: mix the feature statistics of cells from different sources, in this
+        /// share of the batches (0 = none).
+        #[arg(long)]
+        mixstyle: Option<f64>,
     },
     /// Cut the annotated white cells out of smear fields (Pascal VOC boxes) into a folder of
     /// cell images and an unlabelled `cells.csv` for `eval`.
@@ -423,6 +427,7 @@ fn main() -> Result<()> {
             colour,
             equalise,
             source_adversary,
+            mixstyle,
             ..
         } => {
             let mut s = TrainSettings {
@@ -437,6 +442,12 @@ fn main() -> Result<()> {
             };
             if let Some(a) = source_adversary {
                 s.source_adversary = a;
+            }
+            if let Some(p) = mixstyle.filter(|&p| p > 0.0) {
+                s.mixstyle = Some(trainer::mixstyle::MixStyle {
+                    p,
+                    ..Default::default()
+                });
             }
             if no_cell_norm {
                 s.cell = None;

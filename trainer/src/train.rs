@@ -65,6 +65,10 @@ pub struct TrainSettings {
     /// up; 0 trains without a critic.
     #[serde(default)]
     pub source_adversary: f64,
+    /// MixStyle on the activations entering the first trained block ([`crate::mixstyle`]);
+    /// `None` trains without.
+    #[serde(default)]
+    pub mixstyle: Option<crate::mixstyle::MixStyle>,
 }
 
 impl TrainSettings {
@@ -143,6 +147,7 @@ impl Default for TrainSettings {
             cell: Some(CellNorm::default()),
             strong_augment: true,
             source_adversary: 0.0,
+            mixstyle: None,
         }
     }
 }
@@ -558,6 +563,10 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
                 b.attr_mask.push(m);
             }
             let bs = idx.len();
+            if let Some(ms) = &settings.mixstyle {
+                let sources: Vec<&str> = idx.iter().map(|&i| train_samples[i].source.as_str()).collect();
+                ms.apply(&mut b.x, shape[0], shape[1] * shape[2], &sources, &mut rng);
+            }
             let x = Tensor::<4>::from_data(TensorData::new(b.x, [bs, shape[0], shape[1], shape[2]]), &ad);
             let labels = Tensor::<1, Int>::from_data(TensorData::new(b.labels, [bs]), &ad);
             let at = Tensor::<2, Int>::from_data(TensorData::new(b.attr_targets.concat(), [bs, NUM_ATTRIBUTES]), &ad);
