@@ -9,7 +9,8 @@
 //! time, when the gradient passes: `∂L/∂x = ∂L/∂y · deq(W)ᵀ`. The weight itself gets no gradient
 //! (it is frozen), so nothing else is needed.
 //!
-//! Off autodiff (inference, export, the appliance) layers use burn's ordinary quantized matmul.
+//! Off autodiff (inference, export, the appliance) layers use [`QuantMatmul`]: burn's own
+//! quantized product on the GPU backends, a faster one on the CPU ([`super::q4`]).
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -19,6 +20,8 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_e
 use burn::nn::Linear;
 use burn::tensor::quantization::{QuantScheme, QuantValue, ScaleDtype};
 use burn::tensor::{DType, FloatDType, Tensor};
+
+use super::q4::QuantMatmul;
 
 /// `x · deq(w)` for a frozen quantized weight. On the GPU backends (feature `cube`, which the
 /// appliance's `wgpu` and the trainer's `cuda` features turn on) the forward is burn's native
@@ -37,12 +40,12 @@ impl FrozenMatmul for Flex {}
 #[cfg(feature = "cube")]
 impl FrozenMatmul for burn::backend::Cube {}
 
-impl<B: Backend, C: CheckpointStrategy> FrozenMatmul for Autodiff<B, C> {
+impl<B: Backend + QuantMatmul, C: CheckpointStrategy> FrozenMatmul for Autodiff<B, C> {
     fn frozen_matmul(x: FloatTensor<Self>, w: QuantizedTensor<Self>) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct Frozen;
 
-        impl<B: Backend> Backward<B, 1> for Frozen {
+        impl<B: Backend + QuantMatmul> Backward<B, 1> for Frozen {
             /// The quantized weight (shared, not copied) and the float type to rebuild it in.
             type State = (QuantizedTensor<B>, FloatDType);
 
@@ -50,7 +53,7 @@ impl<B: Backend, C: CheckpointStrategy> FrozenMatmul for Autodiff<B, C> {
                 let (w, dtype) = ops.state;
                 unary::<B, _>(ops.parents, ops.node, grads, |grad| {
                     // Rebuilt for this one product and dropped with it.
-                    let w = B::dequantize(w, dtype);
+                    let w = B::quant_dequantize(w, dtype);
                     B::float_matmul(grad, B::float_transpose(w))
                 });
             }
@@ -59,7 +62,7 @@ impl<B: Backend, C: CheckpointStrategy> FrozenMatmul for Autodiff<B, C> {
         let node = x.node();
         let x = x.into_primitive();
         let dtype: FloatDType = x.dtype().into();
-        let y = B::float_matmul(x, B::dequantize(w.clone(), dtype));
+        let y = B::float_matmul(x, B::quant_dequantize(w.clone(), dtype));
         match Frozen.prepare::<C>([node]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((w, dtype), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
@@ -81,8 +84,8 @@ pub fn q4_scheme(block: u8) -> QuantScheme {
 }
 
 /// `l.forward(x)`, through [`FrozenMatmul`] when the weight is quantized and gradients are being
-/// recorded, and through [`super::rowvec::row_matmul`] for one row of a float weight at
-/// inference (a decoding step).
+/// recorded, through [`QuantMatmul`] for a quantized weight at inference, and through
+/// [`super::rowvec::row_matmul`] for one row of a float weight at inference (a decoding step).
 pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
     let w = l.weight.val();
     let dims = x.dims();
@@ -91,13 +94,18 @@ pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
     let (quantized, autodiff) = (is_quantized(&w), x.device().is_autodiff());
     let frozen = quantized && autodiff;
     let one_row = rows == 1 && !quantized && !autodiff;
-    if !(frozen || one_row) {
+    if !(quantized || one_row) {
         return l.forward(x);
     }
     let d_out = w.dims()[1];
     let x2: Tensor<2> = x.reshape([rows, d_in]);
     let y = if frozen {
         Tensor::<2>::from_dispatch(<Dispatch as FrozenMatmul>::frozen_matmul(
+            x2.into_dispatch(),
+            w.into_dispatch(),
+        ))
+    } else if quantized {
+        Tensor::<2>::from_dispatch(<Dispatch as QuantMatmul>::quant_matmul(
             x2.into_dispatch(),
             w.into_dispatch(),
         ))

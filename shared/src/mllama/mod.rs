@@ -10,6 +10,7 @@ pub mod frozen;
 pub mod generate;
 pub mod model;
 pub mod processor;
+pub mod q4;
 pub mod rowvec;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
