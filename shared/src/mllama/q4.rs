@@ -91,39 +91,23 @@ fn dequantize_runs(q: &[i8], s: &[f32], run: usize) -> Vec<f32> {
 /// `run` values along each row: each parallel task streams a band of rows into its own partial
 /// sum (as [`super::rowvec`] does for f32 weights).
 fn row_times_runs(x: &[f32], q: &[i8], s: &[f32], run: usize, d_out: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    let d_in = x.len();
     let per_row = d_out / run;
-    let bands = rayon::current_num_threads().max(1);
-    let per = d_in.div_ceil(bands);
-    let partial: Vec<Vec<f32>> = (0..bands)
-        .into_par_iter()
-        .map(|b| {
-            let mut acc = vec![0f32; d_out];
-            for i in (b * per)..((b + 1) * per).min(d_in) {
-                let xi = x[i];
-                if xi == 0.0 {
-                    continue;
-                }
-                let row = &q[i * d_out..][..d_out];
-                let scales = &s[i * per_row..][..per_row];
-                for ((a, r), &sc) in acc.chunks_exact_mut(run).zip(row.chunks_exact(run)).zip(scales) {
-                    let f = xi * sc;
-                    for (a, &v) in a.iter_mut().zip(r) {
-                        *a += f * v as f32;
-                    }
+    super::rowvec::sum_over_row_bands(x.len(), d_out, |rows, acc| {
+        for i in rows {
+            let xi = x[i];
+            if xi == 0.0 {
+                continue;
+            }
+            let row = &q[i * d_out..][..d_out];
+            let scales = &s[i * per_row..][..per_row];
+            for ((a, r), &sc) in acc.chunks_exact_mut(run).zip(row.chunks_exact(run)).zip(scales) {
+                let f = xi * sc;
+                for (a, &v) in a.iter_mut().zip(r) {
+                    *a += f * v as f32;
                 }
             }
-            acc
-        })
-        .collect();
-    let mut y = vec![0f32; d_out];
-    for p in &partial {
-        for (a, v) in y.iter_mut().zip(p) {
-            *a += v;
         }
-    }
-    y
+    })
 }
 
 impl QuantMatmul for Flex {
@@ -180,11 +164,7 @@ mod tests {
     use burn::backend::Dispatch;
     use burn::tensor::{Device, Tensor};
 
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i + seed) * 7919) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
-    }
+    use crate::mllama::rowvec::test_values as values;
 
     fn vec(t: Tensor<2>) -> Vec<f32> {
         t.into_data().try_into_vec::<f32>().unwrap()

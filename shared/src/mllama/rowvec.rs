@@ -39,6 +39,42 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
 }
 
+/// Splits rows `0..d_in` into one contiguous band per thread, lets `band` add its rows'
+/// contributions into a partial sum of `d_out` values, and adds the partial sums: the shape of
+/// a one-row product that streams its weight row by row.
+pub(crate) fn sum_over_row_bands(
+    d_in: usize,
+    d_out: usize,
+    band: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let bands = rayon::current_num_threads().max(1);
+    let per = d_in.div_ceil(bands);
+    let partial: Vec<Vec<f32>> = (0..bands)
+        .into_par_iter()
+        .map(|b| {
+            let mut acc = vec![0f32; d_out];
+            band((b * per).min(d_in)..((b + 1) * per).min(d_in), &mut acc);
+            acc
+        })
+        .collect();
+    let mut y = vec![0f32; d_out];
+    for p in &partial {
+        for (a, v) in y.iter_mut().zip(p) {
+            *a += v;
+        }
+    }
+    y
+}
+
+/// Deterministic test values in [-1, 1].
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i + seed) * 7919) % 2001) as f32 / 1000.0 - 1.0)
+        .collect()
+}
+
 impl RowMatmul for Flex {
     fn row_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         use burn::backend::ops::FloatTensorOps;
@@ -59,53 +95,41 @@ impl RowMatmul for Flex {
         let x = x.to_contiguous();
         let xv = &x.storage::<f32>()[x.layout().start_offset()..][..d_in];
         let wv = &w.storage::<f32>()[off..];
-        let mut y = vec![0f32; d_out];
-        if row_major {
+        let y = if row_major {
             // y = Σ_i x[i]·W[i, :]: each parallel task streams a contiguous band of rows into
             // its own partial sum (a column-blocked walk jumps a whole row per step and ran at
-            // half the speed); the partial sums are added at the end.
-            let bands = rayon::current_num_threads().max(1);
-            let per = d_in.div_ceil(bands);
-            let partial: Vec<Vec<f32>> = (0..bands)
-                .into_par_iter()
-                .map(|b| {
-                    let mut acc = vec![0f32; d_out];
-                    let (lo, hi) = (b * per, ((b + 1) * per).min(d_in));
-                    // Four rows per pass over the partial sum: a quarter of its loads and stores.
-                    let mut i = lo;
-                    while i + 4 <= hi {
-                        let x4 = [xv[i], xv[i + 1], xv[i + 2], xv[i + 3]];
-                        let r = |k: usize| &wv[(i + k) * d_out..][..d_out];
-                        let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
-                        let rows = r0.iter().zip(r1).zip(r2.iter().zip(r3));
-                        for (a, ((w0, w1), (w2, w3))) in acc.iter_mut().zip(rows) {
-                            *a += x4[0] * w0 + x4[1] * w1 + x4[2] * w2 + x4[3] * w3;
-                        }
-                        i += 4;
+            // half the speed).
+            sum_over_row_bands(d_in, d_out, |rows, acc| {
+                // Four rows per pass over the partial sum: a quarter of its loads and stores.
+                let (mut i, hi) = (rows.start, rows.end);
+                while i + 4 <= hi {
+                    let x4 = [xv[i], xv[i + 1], xv[i + 2], xv[i + 3]];
+                    let r = |k: usize| &wv[(i + k) * d_out..][..d_out];
+                    let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+                    let rows = r0.iter().zip(r1).zip(r2.iter().zip(r3));
+                    for (a, ((w0, w1), (w2, w3))) in acc.iter_mut().zip(rows) {
+                        *a += x4[0] * w0 + x4[1] * w1 + x4[2] * w2 + x4[3] * w3;
                     }
-                    for i in i..hi {
-                        let xi = xv[i];
-                        for (a, &wv) in acc.iter_mut().zip(&wv[i * d_out..][..d_out]) {
-                            *a += xi * wv;
-                        }
-                    }
-                    acc
-                })
-                .collect();
-            for p in &partial {
-                for (a, v) in y.iter_mut().zip(p) {
-                    *a += v;
+                    i += 4;
                 }
-            }
+                for i in i..hi {
+                    let xi = xv[i];
+                    for (a, &wv) in acc.iter_mut().zip(&wv[i * d_out..][..d_out]) {
+                        *a += xi * wv;
+                    }
+                }
+            })
         } else {
             // The storage is `[out, in]`: y[c] = W'[c, :] · x.
+            let mut y = vec![0f32; d_out];
             y.par_chunks_mut(COLS).enumerate().for_each(|(b, out)| {
                 for (j, o) in out.iter_mut().enumerate() {
                     let c = b * COLS + j;
                     *o = dot(&wv[c * d_in..][..d_in], xv);
                 }
             });
-        }
+            y
+        };
         Flex::float_from_data(TensorData::new(y, [1, d_out]), &Default::default())
     }
 }
@@ -132,11 +156,7 @@ mod tests {
     use super::*;
     use burn::tensor::Device;
 
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i + seed) * 7919) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
-    }
+    use super::test_values as values;
 
     #[test]
     fn it_is_burns_matmul_in_both_layouts() {
