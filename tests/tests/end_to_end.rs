@@ -53,23 +53,40 @@ fn dataset(dir: &Path) {
     .unwrap();
 }
 
-#[test]
-fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
+/// The fixture dataset in `tmp/data` and the run folder `tmp/run`.
+fn fixture_run(tmp: &Path) -> (PathBuf, PathBuf) {
+    let data = tmp.join("data");
     std::fs::create_dir(&data).unwrap();
     dataset(&data);
-    let run = tmp.path().join("run");
-    let settings = TrainSettings {
+    (data, tmp.join("run"))
+}
+
+/// A short training on the fixtures: two epochs, one view, adapters on the last two blocks.
+fn quick(batch: usize) -> TrainSettings {
+    TrainSettings {
         epochs: 2,
-        batch: 4,
+        batch,
         views: 1,
         model: CompactConfig {
             tune_from: 17,
             ..CompactConfig::default()
         },
         ..TrainSettings::default()
-    };
+    }
+}
+
+/// The rows of a run's `curves.csv` and a column finder.
+fn curves_of(run: &Path) -> (String, Vec<String>) {
+    let curves = std::fs::read_to_string(run.join("curves.csv")).unwrap();
+    let headers = curves.lines().next().unwrap().split(',').map(str::to_owned).collect();
+    (curves, headers)
+}
+
+#[test]
+fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, run) = fixture_run(tmp.path());
+    let settings = quick(4);
     let record = train(&data, &run, &backbone_pth(), settings).unwrap();
     assert_eq!(record.rejected, 1, "the corrupt image is reported, not fatal");
     assert!(
@@ -211,26 +228,15 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
 fn training_against_the_source_critic_shows_it_the_neutrophils_of_both_sources() {
     // The fixture neutrophils come from `pbc` and `munich`: the critic sees exactly those two.
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    dataset(&data);
-    let run = tmp.path().join("run");
+    let (data, run) = fixture_run(tmp.path());
     let settings = TrainSettings {
-        epochs: 2,
-        batch: 8,
-        views: 1,
         source_adversary: 1.0,
-        model: CompactConfig {
-            tune_from: 17,
-            ..CompactConfig::default()
-        },
-        ..TrainSettings::default()
+        ..quick(8)
     };
     let record = train(&data, &run, &backbone_pth(), settings).unwrap();
     assert_eq!(record.settings.source_adversary, 1.0);
-    let curves = std::fs::read_to_string(run.join("curves.csv")).unwrap();
-    let mut lines = curves.lines();
-    let headers: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let (curves, headers) = curves_of(&run);
+    let lines = curves.lines().skip(1);
     let col = |name: &str| {
         headers
             .iter()
@@ -250,4 +256,29 @@ fn training_against_the_source_critic_shows_it_the_neutrophils_of_both_sources()
         assert!([0.0, 0.5, 1.0].contains(&a), "{curves}");
     }
     assert!(image::open(run.join("curves.png")).is_ok());
+}
+
+#[test]
+fn training_with_mixstyle_records_it_and_keeps_the_losses_finite() {
+    // The fixture batch holds cells of both sources, so every mixed batch mixes across them.
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, run) = fixture_run(tmp.path());
+    let mix = trainer::mixstyle::MixStyle { p: 1.0, alpha: 0.1 };
+    let settings = TrainSettings {
+        mixstyle: Some(mix),
+        ..quick(8)
+    };
+    let record = train(&data, &run, &backbone_pth(), settings).unwrap();
+    assert_eq!(record.settings.mixstyle, Some(mix));
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+    assert_eq!(saved["settings"]["mixstyle"]["p"], 1.0, "{saved}");
+    let (curves, headers) = curves_of(&run);
+    let loss = headers.iter().position(|h| h == "train_loss").unwrap();
+    let rows: Vec<&str> = curves.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{curves}");
+    for row in rows {
+        let l: f64 = row.split(',').nth(loss).unwrap().parse().unwrap();
+        assert!(l.is_finite() && l > 0.0, "{curves}");
+    }
 }
