@@ -223,26 +223,50 @@ pub fn classify_fields(
 
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif"];
 
-/// Expands folders into their image files (sorted); files are kept as given.
+/// Expands folders into their image files (sorted; subfolders are not searched); files are kept
+/// as given. A folder without images is an error that names it (and its subfolders, the usual
+/// mistake being a folder of per-class folders), so that a wrong path is not taken for an empty
+/// capture.
 pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let is_image = |f: &Path| {
+        f.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+    };
     let mut out = Vec::new();
     for p in inputs {
-        if p.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
-                .with_context(|| format!("reading folder {}", p.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| {
-                    f.is_file()
-                        && f.extension()
-                            .and_then(|e| e.to_str())
-                            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-                })
-                .collect();
-            files.sort();
-            out.extend(files);
-        } else {
+        if !p.is_dir() {
             out.push(p.clone());
+            continue;
         }
+        let entries: Vec<PathBuf> = std::fs::read_dir(p)
+            .with_context(|| format!("reading folder {}", p.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        let mut files: Vec<PathBuf> = entries.iter().filter(|f| f.is_file() && is_image(f)).cloned().collect();
+        if files.is_empty() {
+            let mut subfolders: Vec<String> = entries
+                .iter()
+                .filter(|f| f.is_dir())
+                .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect();
+            subfolders.sort();
+            let hint = if subfolders.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; subfolders are not searched, give them instead: {}",
+                    subfolders.join(", ")
+                )
+            };
+            bail!(
+                "folder {} has no images ({}){hint}",
+                p.display(),
+                IMAGE_EXTENSIONS.join(", ")
+            );
+        }
+        files.sort();
+        out.extend(files);
     }
     if out.is_empty() {
         bail!("no images given");

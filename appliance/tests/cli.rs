@@ -263,3 +263,39 @@ fn a_nonsensical_pixel_size_is_refused() {
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn a_folder_without_images_is_named_with_its_subfolders() {
+    // The usual mistake: a folder of per-class folders. Subfolders are not searched; the error
+    // says which folder was empty and which subfolders to give instead.
+    let dir = tempfile::tempdir().unwrap();
+    for class in ["Blast", "Basophil"] {
+        std::fs::create_dir(dir.path().join(class)).unwrap();
+        std::fs::copy(fixtures().join("MYO_0024.jpg"), dir.path().join(class).join("cell.jpg")).unwrap();
+    }
+    std::fs::write(dir.path().join("notes.txt"), "not an image").unwrap();
+    let out = appliance(&["classify", "--single-cell", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has no images"), "{err}");
+    assert!(err.contains("Basophil, Blast"), "{err}");
+    // A folder given beside one with images is not skipped silently either.
+    let out = appliance(&[
+        "classify",
+        "--single-cell",
+        fixtures().to_str().unwrap(),
+        dir.path().join("Blast").to_str().unwrap(),
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    // Each subfolder given on its own works.
+    let out = appliance(&[
+        "classify",
+        "--single-cell",
+        "--json",
+        dir.path().join("Blast").to_str().unwrap(),
+        dir.path().join("Basophil").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+}
