@@ -3,6 +3,7 @@
 //! signed documents of the update path (key lists, rollbacks).
 
 pub mod adversary;
+pub mod amplitude;
 pub mod augment;
 pub mod dataset;
 pub mod eval;

@@ -121,6 +121,10 @@ enum Cmd {
         /// share of the batches (0 = none).
         #[arg(long)]
         mixstyle: Option<f64>,
+        /// Amplitude mixing: give this share of the training views the Fourier amplitude
+        /// (sharpness, texture, contrast) partly of a view from another source (0 = none).
+        #[arg(long)]
+        amplitude_mix: Option<f64>,
     },
     /// Cut the annotated white cells out of smear fields (Pascal VOC boxes) into a folder of
     /// cell images and an unlabelled `cells.csv` for `eval`.
@@ -428,6 +432,7 @@ fn main() -> Result<()> {
             equalise,
             source_adversary,
             mixstyle,
+            amplitude_mix,
             ..
         } => {
             let mut s = TrainSettings {
@@ -445,6 +450,12 @@ fn main() -> Result<()> {
             }
             if let Some(p) = mixstyle.filter(|&p| p > 0.0) {
                 s.mixstyle = Some(trainer::mixstyle::MixStyle {
+                    p,
+                    ..Default::default()
+                });
+            }
+            if let Some(p) = amplitude_mix.filter(|&p| p > 0.0) {
+                s.amplitude_mix = Some(trainer::amplitude::AmplitudeMix {
                     p,
                     ..Default::default()
                 });

@@ -69,6 +69,10 @@ pub struct TrainSettings {
     /// `None` trains without.
     #[serde(default)]
     pub mixstyle: Option<crate::mixstyle::MixStyle>,
+    /// Amplitude mixing of the training views across sources ([`crate::amplitude`]); `None`
+    /// trains without.
+    #[serde(default)]
+    pub amplitude_mix: Option<crate::amplitude::AmplitudeMix>,
 }
 
 impl TrainSettings {
@@ -148,6 +152,7 @@ impl Default for TrainSettings {
             strong_augment: true,
             source_adversary: 0.0,
             mixstyle: None,
+            amplitude_mix: None,
         }
     }
 }
@@ -472,15 +477,20 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
     } else {
         Augment::default()
     };
+    let train_sources: Vec<String> = train_samples.iter().map(|s| s.source.clone()).collect();
     let mut train_cache = Vec::with_capacity(settings.views);
     for _ in 0..settings.views {
-        let augmented = prepare_all(
+        let mut augmented = prepare_all(
             &pre,
             &train_images,
             &train_scales,
             Some(&aug),
             rand::Rng::r#gen(&mut rng),
         );
+        if let Some(mix) = &settings.amplitude_mix {
+            augmented =
+                crate::amplitude::mix_across_sources(&augmented, &train_sources, mix, rand::Rng::r#gen(&mut rng));
+        }
         train_cache.push(prefix_activations(&backbone, &pre, &augmented, cfg.tune_from, &device, &pb).0);
     }
     pb.finish_and_clear();
