@@ -76,7 +76,8 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         views: usize,
         /// First backbone block (0-18) that gets LoRA adapters; earlier blocks are cached.
-        #[arg(long, default_value_t = 14)]
+        /// Default 10 (model version 3; version 2 trained blocks 14-18).
+        #[arg(long, default_value_t = 10)]
         tune_from: usize,
         /// LoRA rank.
         #[arg(long, default_value_t = 16)]

@@ -53,7 +53,7 @@ impl Default for CompactConfig {
     fn default() -> Self {
         CompactConfig {
             backbone: "mobilenet_v2".into(),
-            tune_from: 14,
+            tune_from: 10,
             lora_rank: 16,
             lora_alpha: 32.0,
             q4_group: 32,
