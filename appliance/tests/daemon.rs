@@ -134,7 +134,6 @@ impl Daemon {
     }
 }
 
-/// CRC-32 (IEEE), as PNG chunks carry it.
 /// The model version of the embedded default bundle (the factory model a fresh daemon runs).
 fn factory_version() -> u64 {
     appliance::open_bundle(None, &appliance::trusted_keys(&[]).unwrap())
@@ -143,6 +142,7 @@ fn factory_version() -> u64 {
         .model_version
 }
 
+/// CRC-32 (IEEE), as PNG chunks carry it.
 fn crc32(bytes: &[u8]) -> u32 {
     let mut c = !0u32;
     for &b in bytes {

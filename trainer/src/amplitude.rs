@@ -55,82 +55,54 @@ fn fft2(buf: &mut [Complex32], w: usize, h: usize, inverse: bool, planner: &mut 
     }
 }
 
-/// One channel of an image as complex values.
-fn channel(img: &RgbImage, c: usize) -> Vec<Complex32> {
-    img.pixels().map(|p| Complex32::new(p.0[c] as f32, 0.0)).collect()
-}
-
-/// `img` with its own phase and the amplitude `(1 − λ)·|F(img)| + λ·|F(partner)|`, per channel.
-/// Channels that are equal in `img` (a grey view) stay equal.
+/// `img` with its own phase and the amplitude `(1 − λ)·|F(img)| + λ·|F(partner)|`, per channel
+/// (equal channels, a grey view's, stay equal).
 pub fn mix_amplitude(img: &RgbImage, partner: &RgbImage, lambda: f32) -> RgbImage {
     assert_eq!(img.dimensions(), partner.dimensions(), "views of one size");
     let (w, h) = (img.width() as usize, img.height() as usize);
     let lambda = lambda.clamp(0.0, 1.0);
+    let channel = |im: &RgbImage, c: usize| -> Vec<Complex32> {
+        im.pixels().map(|p| Complex32::new(p.0[c] as f32, 0.0)).collect()
+    };
     let mut planner = FftPlanner::new();
     let mut out = img.clone();
-    let mut done: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = Vec::new();
     for c in 0..3 {
-        let own: Vec<u8> = img.pixels().map(|p| p.0[c]).collect();
-        let theirs: Vec<u8> = partner.pixels().map(|p| p.0[c]).collect();
-        // A grey view has three equal channels: transform once.
-        let mixed = match done.iter().find(|(o, t, _)| *o == own && *t == theirs) {
-            Some((_, _, m)) => m.clone(),
-            None => {
-                let mut a = channel(img, c);
-                let mut b = channel(partner, c);
-                fft2(&mut a, w, h, false, &mut planner);
-                fft2(&mut b, w, h, false, &mut planner);
-                for (x, y) in a.iter_mut().zip(&b) {
-                    let amplitude = (1.0 - lambda) * x.norm() + lambda * y.norm();
-                    *x = Complex32::from_polar(amplitude, x.arg());
-                }
-                fft2(&mut a, w, h, true, &mut planner);
-                let scale = 1.0 / (w * h) as f32;
-                let m: Vec<u8> = a
-                    .iter()
-                    .map(|v| (v.re * scale).round().clamp(0.0, 255.0) as u8)
-                    .collect();
-                done.push((own, theirs, m.clone()));
-                m
-            }
-        };
-        for (p, v) in out.pixels_mut().zip(mixed) {
-            p.0[c] = v;
+        let (mut a, mut b) = (channel(img, c), channel(partner, c));
+        fft2(&mut a, w, h, false, &mut planner);
+        fft2(&mut b, w, h, false, &mut planner);
+        for (x, y) in a.iter_mut().zip(&b) {
+            *x = Complex32::from_polar((1.0 - lambda) * x.norm() + lambda * y.norm(), x.arg());
+        }
+        fft2(&mut a, w, h, true, &mut planner);
+        let scale = 1.0 / (w * h) as f32;
+        for (p, v) in out.pixels_mut().zip(&a) {
+            p.0[c] = (v.re * scale).round().clamp(0.0, 255.0) as u8;
         }
     }
     out
 }
 
-/// Mixes each view's amplitude, with probability `mix.p`, with that of a random view of
-/// another source. Views from the only source there is stay as they are. Deterministic for a
-/// given `seed`, whatever the number of threads.
+/// Mixes each view's amplitude, with probability `mix.p`, with that of a view of another
+/// source (partners drawn as MixStyle draws them); views of a lone source stay as they are.
+/// Deterministic for a given `seed`.
 pub fn mix_across_sources(views: &[RgbImage], sources: &[String], mix: &AmplitudeMix, seed: u64) -> Vec<RgbImage> {
     use rayon::prelude::*;
     assert_eq!(views.len(), sources.len(), "one source per view");
-    let mut by_source: Vec<(&str, Vec<usize>)> = Vec::new();
-    for (i, s) in sources.iter().enumerate() {
-        match by_source.iter_mut().find(|(name, _)| name == s) {
-            Some((_, v)) => v.push(i),
-            None => by_source.push((s, vec![i])),
-        }
-    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let names: Vec<&str> = sources.iter().map(String::as_str).collect();
+    let partners = crate::mixstyle::partners(&names, &mut rng);
+    let lambdas: Vec<Option<f32>> = (0..views.len())
+        .map(|_| {
+            rng.gen_bool(mix.p.clamp(0.0, 1.0))
+                .then(|| rng.gen_range(0.0..=mix.max_lambda.clamp(0.0, 1.0)))
+        })
+        .collect();
     views
         .par_iter()
         .enumerate()
-        .map(|(i, view)| {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            let others: Vec<&Vec<usize>> = by_source
-                .iter()
-                .filter(|(name, _)| *name != sources[i])
-                .map(|(_, v)| v)
-                .collect();
-            if others.is_empty() || !rng.gen_bool(mix.p.clamp(0.0, 1.0)) {
-                return view.clone();
-            }
-            let group = others[rng.gen_range(0..others.len())];
-            let partner = &views[group[rng.gen_range(0..group.len())]];
-            let lambda = rng.gen_range(0.0..=mix.max_lambda.clamp(0.0, 1.0));
-            mix_amplitude(view, partner, lambda)
+        .map(|(i, view)| match lambdas[i] {
+            Some(l) if sources[partners[i]] != sources[i] => mix_amplitude(view, &views[partners[i]], l),
+            _ => view.clone(),
         })
         .collect()
 }

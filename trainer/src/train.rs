@@ -477,7 +477,6 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
     } else {
         Augment::default()
     };
-    let train_sources: Vec<String> = train_samples.iter().map(|s| s.source.clone()).collect();
     let mut train_cache = Vec::with_capacity(settings.views);
     for _ in 0..settings.views {
         let mut augmented = prepare_all(
@@ -488,8 +487,8 @@ pub fn train(data: &Path, out: &Path, backbone_pth: &Path, settings: TrainSettin
             rand::Rng::r#gen(&mut rng),
         );
         if let Some(mix) = &settings.amplitude_mix {
-            augmented =
-                crate::amplitude::mix_across_sources(&augmented, &train_sources, mix, rand::Rng::r#gen(&mut rng));
+            let sources: Vec<String> = train_samples.iter().map(|s| s.source.clone()).collect();
+            augmented = crate::amplitude::mix_across_sources(&augmented, &sources, mix, rand::Rng::r#gen(&mut rng));
         }
         train_cache.push(prefix_activations(&backbone, &pre, &augmented, cfg.tune_from, &device, &pb).0);
     }
