@@ -3,8 +3,8 @@
 # bundle: one command. Usage:
 #   scripts/train-default.sh [DATA_DIR] [SIGNING_KEY] [FIELDS_DIR]
 # DATA_DIR defaults to ../shared/data/wbc (train.csv, val.csv); SIGNING_KEY to
-# .cache/keys/default-signing.pem (created, with its public key copied to
-# appliance/keys/default.pub, if it does not exist); FIELDS_DIR (other-site smear fields with
+# .cache/keys/default-signing.pem (created, with its public key added at the head of the key
+# ring appliance/keys/default.pub, if it does not exist); FIELDS_DIR (other-site smear fields with
 # VOC boxes) to ../shared/data/fields, skipped if absent. Writes runs/default/ and
 # appliance/models/default.bundle, then evaluates the bundle on val (runs/default/val.json)
 # and on the other-site white cells (runs/default/other-site.json).
@@ -16,12 +16,16 @@ FIELDS="${3:-../shared/data/fields}"
 VERSION="${MODEL_VERSION:-3}"
 
 scripts/fetch-weights.sh >/dev/null
-cargo build -p trainer
-TRAINER="${CARGO_TARGET_DIR:-target}/debug/trainer"
+cargo build --release -p trainer
+TRAINER="${CARGO_TARGET_DIR:-target}/release/trainer"
 if [ ! -f "$KEY" ]; then
+  # A new signing key goes first in the appliance's key ring; the keys before it stay trusted,
+  # so that bundles they signed (a device's stored models) still verify.
   mkdir -p "$(dirname "$KEY")"
   "$TRAINER" keygen --out "$KEY"
-  cp "$KEY.pub" appliance/keys/default.pub
+  ring=$(mktemp)
+  { echo "# added $(date -u +%F)"; cat "$KEY.pub"; echo; cat appliance/keys/default.pub; } >"$ring"
+  mv "$ring" appliance/keys/default.pub
 fi
 start=$(date +%s)
 OTHER=()

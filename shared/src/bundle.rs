@@ -497,18 +497,48 @@ pub mod keys {
             .map_err(|e| BundleError::BadManifest(format!("{}: not an ed25519 private key: {e}", path.display())))
     }
 
-    /// The keys in the given SPKI PEM files, or `default_pem` alone when no file is given.
+    /// The keys in the given SPKI PEM files, or those of `default_pem` when no file is given.
+    /// Each file is a key ring (see [`parse_ring`]).
     pub fn trusted(paths: &[std::path::PathBuf], default_pem: &str) -> Result<Vec<VerifyingKey>, BundleError> {
         if paths.is_empty() {
-            return Ok(vec![parse_public(default_pem)?]);
+            return parse_ring(default_pem);
         }
-        paths
-            .iter()
-            .map(|p| {
-                let pem = std::fs::read_to_string(p)?;
-                parse_public(&pem).map_err(|e| BundleError::BadManifest(format!("{}: {e}", p.display())))
-            })
-            .collect()
+        let mut all = Vec::new();
+        for p in paths {
+            let pem = std::fs::read_to_string(p)?;
+            all.extend(parse_ring(&pem).map_err(|e| BundleError::BadManifest(format!("{}: {e}", p.display())))?);
+        }
+        Ok(all)
+    }
+
+    const BEGIN: &str = "-----BEGIN PUBLIC KEY-----";
+    const END: &str = "-----END PUBLIC KEY-----";
+
+    /// Parses a key ring: one or more SPKI PEM public keys one after the other, with any text
+    /// between them (comments such as "retired 2026-11: signed model versions 1-3"). A signing
+    /// key replaced by a new one stays in the ring so that bundles it signed still verify. An
+    /// empty ring, an unterminated block or a block that is not an ed25519 key is an error
+    /// naming the block.
+    pub fn parse_ring(pem: &str) -> Result<Vec<VerifyingKey>, BundleError> {
+        let mut keys = Vec::new();
+        let mut rest = pem;
+        while let Some(start) = rest.find(BEGIN) {
+            let n = keys.len() + 1;
+            let end = rest[start..]
+                .find(END)
+                .map(|e| start + e + END.len())
+                .ok_or_else(|| BundleError::BadManifest(format!("public key {n} has no end line")))?;
+            let key = parse_public(&rest[start..end])
+                .map_err(|e| BundleError::BadManifest(format!("public key {n}: {e}")))?;
+            keys.push(key);
+            rest = &rest[end..];
+        }
+        if keys.is_empty() {
+            return Err(BundleError::BadManifest(
+                "no public key (expected a PEM block \"BEGIN PUBLIC KEY\")".into(),
+            ));
+        }
+        Ok(keys)
     }
 
     /// Parses a SPKI PEM public key.
@@ -710,5 +740,50 @@ mod tests {
         keys::write_public(&pubp, &k.verifying_key()).unwrap();
         let pk = keys::parse_public(&std::fs::read_to_string(&pubp).unwrap()).unwrap();
         assert_eq!(pk, k.verifying_key());
+    }
+
+    fn pem(k: &SigningKey) -> String {
+        use ed25519_dalek::pkcs8::{EncodePublicKey, spki::der::pem::LineEnding};
+        k.verifying_key().to_public_key_pem(LineEnding::LF).unwrap()
+    }
+
+    #[test]
+    fn a_key_ring_trusts_every_key_in_it_and_a_bundle_signed_by_a_retired_key_still_verifies() {
+        let (new, retired) = (key(7), key(8));
+        let ring = format!(
+            "# current\n{}\n# retired: signed model versions 1-3\n{}",
+            pem(&new),
+            pem(&retired)
+        );
+        let trusted = keys::trusted(&[], &ring).unwrap();
+        assert_eq!(trusted, vec![new.verifying_key(), retired.verifying_key()]);
+        assert!(Bundle::from_bytes(&build(&retired), &trusted).is_ok());
+        assert!(Bundle::from_bytes(&build(&new), &trusted).is_ok());
+        assert!(matches!(
+            Bundle::from_bytes(&build(&key(9)), &trusted),
+            Err(BundleError::UntrustedKey { .. })
+        ));
+        // Files given instead of the default are rings too, and their keys add up.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.pub"), dir.path().join("b.pub"));
+        std::fs::write(&a, &ring).unwrap();
+        std::fs::write(&b, pem(&key(9))).unwrap();
+        assert_eq!(keys::trusted(&[a, b], "").unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_broken_key_ring_is_refused_naming_the_block() {
+        let good = pem(&key(7));
+        let err = |ring: &str| keys::parse_ring(ring).unwrap_err().to_string();
+        assert!(err("").contains("no public key"), "{}", err(""));
+        assert!(err("just a comment\n").contains("no public key"));
+        let truncated = format!("{good}{}", &good[..good.len() / 2]);
+        assert!(
+            err(&truncated).contains("public key 2 has no end line"),
+            "{}",
+            err(&truncated)
+        );
+        let corrupt = format!("{good}{}", good.replace("MCow", "MCox"));
+        assert!(err(&corrupt).contains("public key 2:"), "{}", err(&corrupt));
     }
 }
