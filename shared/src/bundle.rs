@@ -766,7 +766,7 @@ mod tests {
         // Files given instead of the default are rings too, and their keys add up.
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a.pub"), dir.path().join("b.pub"));
-        std::fs::write(&a, &ring).unwrap();
+        std::fs::write(&a, ring).unwrap();
         std::fs::write(&b, pem(&key(9))).unwrap();
         assert_eq!(keys::trusted(&[a, b], "").unwrap().len(), 3);
     }
