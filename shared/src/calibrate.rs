@@ -39,6 +39,17 @@ pub struct Calibration {
     /// ignore it, so blast calls must be as sure as the val blasts the model gets right.
     #[serde(default)]
     pub blast_min_confidence: f32,
+    /// A Blast call also needs a nucleus at least this large (µm; 0 = no size check), where
+    /// the cell's pixel size is known: a myeloblast's nucleus is large, and a cell whose
+    /// nucleus is smaller than those of nearly all the val blasts is more likely a lymphocyte
+    /// that looks unfamiliar than a blast. Such a cell goes to urgent review instead. Left out
+    /// of the file when 0, so that bundles without the check stay readable by older appliances.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub blast_min_nucleus_um: f32,
+}
+
+fn is_zero(v: &f32) -> bool {
+    *v == 0.0
 }
 
 impl Default for Calibration {
@@ -47,6 +58,7 @@ impl Default for Calibration {
             temperature: 1.0,
             ood: None,
             blast_min_confidence: 0.0,
+            blast_min_nucleus_um: 0.0,
         }
     }
 }

@@ -4,7 +4,7 @@
 use crate::bundle::{Bundle, Family};
 use crate::calibrate::{CALIBRATION_PART, Calibration, KnnBank, OOD_BANK_PART};
 use crate::classes::NUM_CLASSES;
-use crate::compact::{CompactModel, ModelError, Prediction};
+use crate::compact::{CellSize, CompactModel, ModelError, Prediction};
 use crate::describe::describe;
 use crate::image::Preprocess;
 use crate::messages::{CellResult, ReviewReason};
@@ -30,6 +30,7 @@ fn bare_prediction(probs: [f32; NUM_CLASSES], description: Option<String>) -> Pr
         features: Vec::new(),
         ood_score: None,
         cell_found: None,
+        cell_size: None,
         neighbour_class: None,
         attributes: Default::default(),
         attribute_confidence: [0.0; crate::attributes::NUM_ATTRIBUTES],
@@ -149,6 +150,12 @@ impl Classifier {
                 cal.blast_min_confidence
             ));
         }
+        if !(cal.blast_min_nucleus_um.is_finite() && cal.blast_min_nucleus_um >= 0.0) {
+            return Err(format!(
+                "blast nucleus size {} is not a size in µm",
+                cal.blast_min_nucleus_um
+            ));
+        }
         if cal.ood.is_some() != knn.is_some() {
             return Err("a familiarity threshold needs its feature bank and vice versa".into());
         }
@@ -192,6 +199,18 @@ impl Classifier {
         &self.pre
     }
 
+    /// The pixel size images are assumed to have when none is given: the classifier's, else
+    /// the bundle's reference scale where it has one.
+    fn default_microns_per_pixel(&self) -> Option<f32> {
+        self.microns_per_pixel.or_else(|| {
+            self.pre
+                .cell
+                .as_ref()
+                .map(|c| c.default_microns_per_pixel)
+                .filter(|u| u.is_finite() && *u > 0.0)
+        })
+    }
+
     /// Raw predictions for cell images (any size), at the classifier's pixel size.
     pub fn predict(&self, images: &[RgbImage]) -> Vec<Prediction> {
         self.predict_at(images, &vec![self.microns_per_pixel; images.len()])
@@ -228,7 +247,19 @@ impl Classifier {
             for (img, um) in chunk.iter().zip(um) {
                 let (view, cell) = self.pre.prepare(img, None, *um);
                 self.pre.normalise_into(&view, &mut buf);
-                found.push(cell.map(|c| c.found));
+                let known = um
+                    .filter(|u| u.is_finite() && *u > 0.0)
+                    .or(self.default_microns_per_pixel());
+                found.push(cell.map(|c| {
+                    (
+                        c.found,
+                        CellSize {
+                            diameter_px: c.diameter_px,
+                            nucleus_px: c.nucleus_px,
+                            microns_per_pixel: known,
+                        },
+                    )
+                }));
             }
             let mut preds = model.predict(buf, chunk.len(), s);
             let t = self.calibration.temperature;
@@ -242,7 +273,8 @@ impl Classifier {
                 }
                 p.ood_score = scores.as_ref().map(|s| s[i].score);
                 p.neighbour_class = scores.as_ref().map(|s| s[i].vote);
-                p.cell_found = found[i];
+                p.cell_found = found[i].map(|f| f.0);
+                p.cell_size = found[i].map(|f| f.1);
             }
             out.extend(preds);
         }
@@ -299,6 +331,17 @@ impl Classifier {
                 class.name(),
                 crate::classes::CellClass::ALL[p.neighbour_class.unwrap_or(best)].name()
             ),
+            Some(ReviewReason::LowConfidence)
+                if class == crate::classes::CellClass::Blast
+                    && r.confidence >= self.calibration.blast_min_confidence =>
+            {
+                format!(
+                    "Unidentified: possibly a blast, but its nucleus ({:.1} µm) is smaller than those of the blasts the model learnt from (at least {:.1} µm); left for urgent review. {}",
+                    small_for_a_blast(p, &self.calibration).unwrap_or(f32::NAN),
+                    self.calibration.blast_min_nucleus_um,
+                    r.description
+                )
+            }
             Some(ReviewReason::LowConfidence) if class == crate::classes::CellClass::Blast => format!(
                 "Unidentified: possibly a blast (probability {:.2}, below the {:.2} a blast call needs); left for urgent review. {}",
                 r.confidence, self.calibration.blast_min_confidence, r.description
@@ -316,9 +359,17 @@ impl Classifier {
     }
 }
 
+/// The nucleus extent (µm) of a cell whose nucleus is too small for a Blast call under `cal`'s
+/// size check; `None` when it is large enough, its size is unknown or there is no check.
+pub fn small_for_a_blast(p: &Prediction, cal: &Calibration) -> Option<f32> {
+    let nucleus = p.cell_size.and_then(|c| c.nucleus_um())?;
+    (cal.blast_min_nucleus_um > 0.0 && nucleus < cal.blast_min_nucleus_um).then_some(nucleus)
+}
+
 /// Why a prediction whose most probable class is `best` must go to review, if it must; the
 /// first rule that applies wins: no cell found, unfamiliar, neighbours disagree, a blast below
-/// the blast threshold, below the general review threshold.
+/// the blast threshold or with a nucleus too small for one, below the general review
+/// threshold.
 pub fn review_reason(p: &Prediction, best: usize, cal: &Calibration, min_confidence: f32) -> Option<ReviewReason> {
     let confidence = p.probs[best];
     let ood = cal.ood.as_ref();
@@ -331,7 +382,8 @@ pub fn review_reason(p: &Prediction, best: usize, cal: &Calibration, min_confide
         .is_some_and(|(o, v)| o.require_agreement && v != best)
     {
         Some(ReviewReason::NeighboursDisagree)
-    } else if (best == crate::classes::CellClass::Blast.index() && confidence < cal.blast_min_confidence)
+    } else if (best == crate::classes::CellClass::Blast.index()
+        && (confidence < cal.blast_min_confidence || small_for_a_blast(p, cal).is_some()))
         || confidence < min_confidence
     {
         Some(ReviewReason::LowConfidence)
@@ -431,11 +483,55 @@ mod tests {
             features: vec![],
             ood_score: Some(0.1),
             cell_found: Some(true),
+            cell_size: None,
             neighbour_class: Some(5),
             attributes: Default::default(),
             attribute_confidence: [0.0; crate::attributes::NUM_ATTRIBUTES],
             description: None,
         }
+    }
+
+    #[test]
+    fn a_blast_call_needs_a_nucleus_as_large_as_the_val_blasts() {
+        let cal = Calibration {
+            blast_min_confidence: 0.9,
+            blast_min_nucleus_um: 10.0,
+            ..Calibration::default()
+        };
+        let sized = |class: usize, nucleus_px: f32, um: Option<f32>| {
+            let mut probs = [0.01; NUM_CLASSES];
+            probs[class] = 0.95;
+            let mut p = prediction(probs);
+            p.cell_size = Some(CellSize {
+                diameter_px: nucleus_px * 1.5,
+                nucleus_px,
+                microns_per_pixel: um,
+            });
+            p
+        };
+        // A small lymphocyte's nucleus (7.5 µm) is not a blast's, however sure the model is.
+        let small = sized(5, 75.0, Some(0.1));
+        assert_eq!(small_for_a_blast(&small, &cal), Some(7.5));
+        assert_eq!(review_reason(&small, 5, &cal, 0.0), Some(ReviewReason::LowConfidence));
+        // 12 µm passes.
+        let large = sized(5, 120.0, Some(0.1));
+        assert_eq!(small_for_a_blast(&large, &cal), None);
+        assert_eq!(review_reason(&large, 5, &cal, 0.0), None);
+        // Unknown pixel size: the size cannot be judged and only the probability counts.
+        assert_eq!(review_reason(&sized(5, 75.0, None), 5, &cal, 0.0), None);
+        // Other classes are not held to a blast's size.
+        assert_eq!(review_reason(&sized(2, 75.0, Some(0.1)), 2, &cal, 0.0), None);
+        // No check in the calibration: no size rule.
+        let plain = Calibration {
+            blast_min_nucleus_um: 0.0,
+            ..cal.clone()
+        };
+        assert_eq!(review_reason(&small, 5, &plain, 0.0), None);
+        // Bundles without the check keep the calibration file older appliances read.
+        let json = serde_json::to_value(&plain).unwrap();
+        assert!(json.get("blast_min_nucleus_um").is_none(), "{json}");
+        let back: Calibration = serde_json::from_value(serde_json::to_value(&cal).unwrap()).unwrap();
+        assert_eq!(back, cal);
     }
 
     #[test]
@@ -450,6 +546,7 @@ mod tests {
                 require_agreement: true,
             }),
             blast_min_confidence: 0.9,
+            blast_min_nucleus_um: 0.0,
         };
         let blast = |p: f32| {
             let mut probs = [(1.0 - p) / 5.0; NUM_CLASSES];

@@ -171,6 +171,22 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
         vec!["munich".to_string(), "pbc".to_string()]
     );
     assert!(report.attribute_accuracy.is_some());
+    // One row per cell for whoever wants to look at the cells behind the figures.
+    let cells_csv = tmp.path().join("cells.csv");
+    report.write_cells(&cells_csv).unwrap();
+    let mut rows = csv::Reader::from_path(&cells_csv).unwrap();
+    let headers = rows.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let rows: Vec<csv::StringRecord> = rows.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 7);
+    for r in &rows {
+        let p: f64 = (0..6).map(|i| r[col("p_basophil") + i].parse::<f64>().unwrap()).sum();
+        assert!((p - 1.0).abs() < 1e-4, "{r:?}");
+        assert!(!r[col("reported")].is_empty() && !r[col("label")].is_empty(), "{r:?}");
+        // Both fixture sources have a known pixel size, so every found nucleus has a size.
+        let um: f64 = r[col("nucleus_um")].parse().unwrap();
+        assert!((3.0..30.0).contains(&um), "{r:?}");
+    }
     let json = serde_json::to_value(&report).unwrap();
     for k in [
         "accuracy",
@@ -222,6 +238,41 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
     tampered[at] ^= 0x55;
     assert!(Bundle::from_bytes(&tampered, &[key.verifying_key()]).is_err());
     assert!(Bundle::from_bytes(&bytes[..bytes.len() / 2], &[key.verifying_key()]).is_err());
+
+    // A new version with the same weights and a new calibration, signed with a new key.
+    let bundle = Bundle::from_bytes(&bytes, &[key.verifying_key()]).unwrap();
+    let new_key = keys::generate();
+    let again = tmp.path().join("again.bundle");
+    let recal = |version| {
+        export(&ExportOptions {
+            val: Some(&data.join("val.csv")),
+            train: Some(&data.join("train.csv")),
+            bank_per_class: 2,
+            knn_k: 1,
+            ..ExportOptions::recalibrate(&bundle, &new_key, &again, version)
+        })
+    };
+    let err = recal(7).unwrap_err().to_string();
+    assert!(err.contains("must be above"), "{err}");
+    assert!(!again.exists(), "nothing written for a refused version");
+    let m = recal(8).unwrap();
+    assert_eq!(m.model_version, 8);
+    assert_eq!(m.training["recalibrated_from"]["model_version"], 7);
+    let size = m.metrics["calibration"]["blast_min_nucleus_um"].as_f64().unwrap();
+    assert!(size >= 0.0, "{size}");
+    let b8 = Bundle::open(&again, &[new_key.verifying_key()]).unwrap();
+    assert_eq!(
+        b8.part(wbc_shared::compact::WEIGHTS_PART).unwrap(),
+        bundle.part(wbc_shared::compact::WEIGHTS_PART).unwrap(),
+        "the weights are kept byte for byte"
+    );
+    let c8 = Classifier::from_bundle(&b8, &device).unwrap();
+    assert_eq!(c8.self_test(&b8).unwrap(), 6);
+    assert_eq!(c8.calibration().blast_min_nucleus_um, size as f32);
+    assert!(
+        Bundle::open(&again, &[key.verifying_key()]).is_err(),
+        "signed by the new key only"
+    );
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! `trainer eval`: the reference study's tables for a bundle on a CSV, as text, JSON and PNG.
 
 use crate::dataset::{Sample, load_images, read_samples};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -93,6 +93,22 @@ pub struct EvalReport {
     pub ece: Option<f64>,
     #[serde(skip)]
     text: String,
+    #[serde(skip)]
+    cells: Vec<CellRow>,
+}
+
+/// One evaluated cell: what the model said about it and what was reported.
+#[derive(Debug, Clone)]
+struct CellRow {
+    path: PathBuf,
+    source: String,
+    label: Option<CellClass>,
+    probs: [f32; NUM_CLASSES],
+    familiarity: Option<f32>,
+    neighbours: Option<usize>,
+    reported: String,
+    reason: String,
+    cell_size: Option<wbc_shared::compact::CellSize>,
 }
 
 impl EvalReport {
@@ -133,6 +149,64 @@ impl EvalReport {
     pub fn text(&self) -> &str {
         &self.text
     }
+
+    /// Writes one CSV row per evaluated cell: path, source, true class (labelled sets), the
+    /// model's most probable class and every class probability, familiarity, the nearest
+    /// training cells' vote, what was reported and why, and the cell's measured size — for a
+    /// maintainer who wants to look at the cells behind a figure.
+    pub fn write_cells(&self, out: &Path) -> Result<()> {
+        let mut w = csv::Writer::from_path(out).with_context(|| format!("writing {}", out.display()))?;
+        let mut header = vec!["path".to_string(), "source".into(), "label".into(), "predicted".into()];
+        header.extend(CellClass::ALL.iter().map(|c| format!("p_{}", c.name().to_lowercase())));
+        header.extend(
+            [
+                "familiarity",
+                "neighbours",
+                "reported",
+                "review_reason",
+                "microns_per_pixel",
+                "cell_diameter_px",
+                "nucleus_px",
+                "nucleus_um",
+            ]
+            .map(String::from),
+        );
+        w.write_record(&header)?;
+        let opt = |v: Option<f32>| v.map(|v| format!("{v:.4}")).unwrap_or_default();
+        for c in &self.cells {
+            let mut row = vec![
+                c.path.display().to_string(),
+                c.source.clone(),
+                c.label.map(|l| l.name().to_string()).unwrap_or_default(),
+                CellClass::ALL[argmax(&c.probs)].name().to_string(),
+            ];
+            row.extend(c.probs.iter().map(|p| format!("{p:.6}")));
+            row.extend([
+                opt(c.familiarity),
+                c.neighbours
+                    .map(|n| CellClass::ALL[n].name().to_string())
+                    .unwrap_or_default(),
+                c.reported.clone(),
+                c.reason.clone(),
+                opt(c.cell_size.and_then(|s| s.microns_per_pixel)),
+                opt(c.cell_size.map(|s| s.diameter_px)),
+                opt(c.cell_size.map(|s| s.nucleus_px)),
+                opt(c.cell_size.and_then(|s| s.nucleus_um())),
+            ]);
+            w.write_record(&row)?;
+        }
+        w.flush().with_context(|| format!("writing {}", out.display()))?;
+        Ok(())
+    }
+}
+
+/// Index of the largest probability.
+pub(crate) fn argmax(p: &[f32; NUM_CLASSES]) -> usize {
+    p.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap_or(0)
 }
 
 /// Macro F1 over the classes when some cells are not called (`None`): those count against
@@ -176,17 +250,7 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
     let (samples, images): (Vec<Sample>, Vec<_>) = loaded.into_iter().unzip();
     let scales: Vec<_> = samples.iter().map(|s| s.microns_per_pixel).collect();
     let preds = classifier.predict_at(&images, &scales);
-    let predicted: Vec<usize> = preds
-        .iter()
-        .map(|p| {
-            p.probs
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(i, _)| i)
-                .unwrap_or(0)
-        })
-        .collect();
+    let predicted: Vec<usize> = preds.iter().map(|p| argmax(&p.probs)).collect();
     let mut dist = BTreeMap::new();
     for c in CellClass::ALL {
         let n = predicted.iter().filter(|&&p| p == c.index()).count();
@@ -196,12 +260,25 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
     let n_all = results.len() as f64;
     let mut called = BTreeMap::new();
     let mut reasons = BTreeMap::new();
-    for r in &results {
+    let mut cells = Vec::with_capacity(results.len());
+    for ((r, p), s) in results.iter().zip(&preds).zip(&samples) {
         *called.entry(r.class_name().to_string()).or_insert(0.0) += 1.0 / n_all;
+        let mut reason = String::new();
         if let Some(why) = r.review_reason.filter(|_| r.class.is_none()) {
-            let key = serde_json::to_value(why)?.as_str().unwrap_or("other").to_string();
-            *reasons.entry(key).or_insert(0.0) += 1.0 / n_all;
+            reason = serde_json::to_value(why)?.as_str().unwrap_or("other").to_string();
+            *reasons.entry(reason.clone()).or_insert(0.0) += 1.0 / n_all;
         }
+        cells.push(CellRow {
+            path: s.path.clone(),
+            source: s.source.clone(),
+            label: s.label,
+            probs: p.probs,
+            familiarity: r.familiarity,
+            neighbours: p.neighbour_class,
+            reported: r.class_name().to_string(),
+            reason,
+            cell_size: p.cell_size,
+        });
     }
     let names: Vec<&str> = CellClass::ALL.iter().map(|c| c.name()).collect();
     let labelled = samples.iter().all(|s| s.label.is_some());
@@ -229,6 +306,7 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
         macro_f1_with_review: None,
         ece: None,
         text: String::new(),
+        cells,
     };
     if labelled {
         let truth: Vec<usize> = samples.iter().map(|s| s.label.expect("labelled").index()).collect();

@@ -1,7 +1,7 @@
 //! `trainer export`: merges the LoRA adapters into the 4-bit base, quantizes, adds golden
 //! self-test images with their expected outputs and the measured val figures, and signs.
 
-use crate::eval::{EvalOptions, evaluate_classifier};
+use crate::eval::{EvalOptions, argmax, evaluate_classifier};
 use crate::train::{RunDir, RunRecord, frozen_base, load_trainable};
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
@@ -19,12 +19,25 @@ use wbc_shared::compact::weights::Weights;
 use wbc_shared::compact::{CompactModel, WEIGHTS_PART, softmax_t};
 use wbc_shared::image::DecodeLimits;
 
+/// Where the model of an export comes from.
+pub enum ModelSource<'a> {
+    /// A run of `trainer train`: the LoRA adapters are merged into the 4-bit base and quantized.
+    Run {
+        /// Run directory.
+        run: &'a Path,
+        /// Pretrained backbone checkpoint the run used.
+        backbone_pth: &'a Path,
+    },
+    /// A verified compact bundle whose weights are kept byte for byte: only the calibration,
+    /// the familiarity bank, the review rules, the measured figures and the self-test are made
+    /// anew (`trainer recalibrate`, when the review rules change and the model does not).
+    Bundle(&'a Bundle),
+}
+
 /// Export settings.
 pub struct ExportOptions<'a> {
-    /// Run directory from `trainer train`.
-    pub run: &'a Path,
-    /// Pretrained backbone checkpoint the run used.
-    pub backbone_pth: &'a Path,
+    /// The model.
+    pub source: ModelSource<'a>,
     /// Signing key.
     pub key: &'a SigningKey,
     /// Output bundle file.
@@ -47,6 +60,9 @@ pub struct ExportOptions<'a> {
     /// Share of the correctly called val blasts whose probability a Blast call must reach
     /// (1 = no blast threshold).
     pub blast_keep: f64,
+    /// Share of the correctly called val blasts whose nucleus size a Blast call must reach
+    /// (1 = no size check).
+    pub blast_size_keep: f64,
     /// Unlabelled other-site cell sets whose reported distribution (Blast and Unidentified
     /// fractions) goes into the manifest: (name, sample list).
     pub other_sites: Vec<(String, &'a Path)>,
@@ -55,9 +71,17 @@ pub struct ExportOptions<'a> {
 impl<'a> ExportOptions<'a> {
     /// Options with the project's defaults for the calibration settings.
     pub fn new(run: &'a Path, backbone_pth: &'a Path, key: &'a SigningKey, out: &'a Path, model_version: u64) -> Self {
+        Self::of(ModelSource::Run { run, backbone_pth }, key, out, model_version)
+    }
+
+    /// Options for recalibrating a bundle's model, with the project's defaults.
+    pub fn recalibrate(bundle: &'a Bundle, key: &'a SigningKey, out: &'a Path, model_version: u64) -> Self {
+        Self::of(ModelSource::Bundle(bundle), key, out, model_version)
+    }
+
+    fn of(source: ModelSource<'a>, key: &'a SigningKey, out: &'a Path, model_version: u64) -> Self {
         ExportOptions {
-            run,
-            backbone_pth,
+            source,
             key,
             out,
             val: None,
@@ -68,17 +92,10 @@ impl<'a> ExportOptions<'a> {
             knn_k: 5,
             require_agreement: true,
             blast_keep: 0.98,
+            blast_size_keep: 0.99,
             other_sites: Vec::new(),
         }
     }
-}
-
-fn argmax(p: &[f32; NUM_CLASSES]) -> usize {
-    p.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i)
-        .unwrap_or(0)
 }
 
 /// What the raw model gives for a set of labelled cells.
@@ -87,6 +104,32 @@ struct RawOutputs {
     /// `n × FEATURES`, row-major.
     features: Vec<f32>,
     labels: Vec<usize>,
+    /// Nucleus extent (µm) where the cell was found and its pixel size is known.
+    nucleus_um: Vec<Option<f32>>,
+}
+
+/// The size a Blast call's nucleus must reach: the `1 − keep` quantile of the nucleus extents
+/// (µm) of the val blasts the model calls Blast, so that `keep` of them pass. 0 (no check) when
+/// `keep` is 1 or more or no such blast has a known size.
+pub fn blast_nucleus_threshold(
+    probs: &[[f32; NUM_CLASSES]],
+    labels: &[usize],
+    nucleus_um: &[Option<f32>],
+    keep: f64,
+) -> f32 {
+    let blast = CellClass::Blast.index();
+    let sizes: Vec<f32> = probs
+        .iter()
+        .zip(labels)
+        .zip(nucleus_um)
+        .filter(|((p, y), _)| **y == blast && argmax(p) == blast)
+        .filter_map(|(_, n)| *n)
+        .collect();
+    if keep >= 1.0 || sizes.is_empty() {
+        0.0
+    } else {
+        quantile(&sizes, 1.0 - keep)
+    }
 }
 
 /// At most `per_class` samples of each class, evenly spaced within the class (and so across its
@@ -127,49 +170,108 @@ fn raw_outputs(classifier: &Classifier, list: &Path, per_class: usize) -> Result
     let preds = classifier.predict_at(&images, &scales);
     let labels = samples.iter().map(|s| s.label.expect("labelled").index()).collect();
     let logits = preds.iter().map(|p| p.logits).collect();
+    let nucleus_um = preds
+        .iter()
+        .map(|p| {
+            p.cell_size
+                .filter(|_| p.cell_found == Some(true))
+                .and_then(|c| c.nucleus_um())
+        })
+        .collect();
     let features = preds.into_iter().flat_map(|p| p.features).collect();
     Ok(RawOutputs {
         logits,
         features,
         labels,
+        nucleus_um,
     })
 }
 
 /// Writes a signed bundle and returns its manifest.
 pub fn export(o: &ExportOptions) -> Result<Manifest> {
-    let run = RunDir(o.run.to_path_buf());
+    let device = Device::flex();
+    let (model, weights_bytes, manifest) = match o.source {
+        ModelSource::Run { run, backbone_pth } => merge_run(run, backbone_pth, o.model_version, &device)?,
+        ModelSource::Bundle(bundle) => from_bundle(bundle, o.model_version, &device)?,
+    };
+    finish(o, model, weights_bytes, manifest, &device)
+}
+
+/// The model of a bundle, its weights as they are, and a manifest for a new version of it that
+/// remembers which version it was made from.
+fn from_bundle(bundle: &Bundle, model_version: u64, device: &Device) -> Result<(CompactModel, Vec<u8>, Manifest)> {
+    let old = &bundle.manifest;
+    if old.family != Family::Compact {
+        bail!(
+            "only compact bundles can be recalibrated (this one is {:?})",
+            old.family
+        );
+    }
+    if model_version <= old.model_version {
+        bail!(
+            "the new model version ({model_version}) must be above the bundle's ({}): devices refuse older or equal versions",
+            old.model_version
+        );
+    }
+    let weights_bytes = bundle.part(WEIGHTS_PART)?.to_vec();
+    let model = CompactModel::from_bundle(bundle, device)?;
+    let mut training = old.training.clone();
+    if let Some(t) = training.as_object_mut() {
+        t.insert(
+            "recalibrated_from".into(),
+            serde_json::json!({"model_version": old.model_version, "created_at": old.created_at}),
+        );
+    }
+    let manifest = Manifest {
+        model_version,
+        min_appliance_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_at: time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?,
+        training,
+        metrics: serde_json::Value::Null,
+        parts: Default::default(),
+        ..old.clone()
+    };
+    Ok((model, weights_bytes, manifest))
+}
+
+/// Merges a run's adapters into the 4-bit base: the model as it will ship, its quantized weights
+/// and a manifest without figures yet.
+fn merge_run(
+    run: &Path,
+    backbone_pth: &Path,
+    model_version: u64,
+    device: &Device,
+) -> Result<(CompactModel, Vec<u8>, Manifest)> {
+    let run = RunDir(run.to_path_buf());
     let record: RunRecord = serde_json::from_slice(
         &std::fs::read(run.record()).with_context(|| format!("reading {}", run.record().display()))?,
     )
     .with_context(|| format!("parsing {}", run.record().display()))?;
     let cfg = record.settings.model.clone();
     let sha = wbc_shared::bundle::sha256_hex(
-        &std::fs::read(o.backbone_pth).with_context(|| format!("reading {}", o.backbone_pth.display()))?,
+        &std::fs::read(backbone_pth).with_context(|| format!("reading {}", backbone_pth.display()))?,
     );
     if sha != record.backbone_sha256 {
         bail!(
             "{} is not the backbone this run was trained on (sha256 {sha}, run used {})",
-            o.backbone_pth.display(),
+            backbone_pth.display(),
             record.backbone_sha256
         );
     }
-    let device = Device::flex();
-    let (_, base) = frozen_base(o.backbone_pth, cfg.q4_group)?;
-    let backbone = Backbone::new(&base, &device)?;
-    let trainable = load_trainable(&run, &backbone, &cfg, &device)?;
+    let (_, base) = frozen_base(backbone_pth, cfg.q4_group)?;
+    let backbone = Backbone::new(&base, device)?;
+    let trainable = load_trainable(&run, &backbone, &cfg, device)?;
     let merged = trainable.merged_weights(&base, &backbone, cfg.tune_from)?;
     let weights_bytes = merged.to_safetensors(cfg.q4_group)?;
-    // Everything below measures the model exactly as it will ship: from the quantized bytes.
-    let model = CompactModel::from_weights(cfg.clone(), &Weights::from_safetensors(&weights_bytes)?, &device)?;
-    let pre = record.settings.preprocess();
-
-    let mut manifest = Manifest {
+    // Everything after this measures the model exactly as it will ship: from the quantized bytes.
+    let model = CompactModel::from_weights(cfg.clone(), &Weights::from_safetensors(&weights_bytes)?, device)?;
+    let manifest = Manifest {
         format_version: 0,
         family: Family::Compact,
         model_config: serde_json::to_value(&cfg)?,
         classes: CellClass::ALL.iter().map(|c| c.name().to_string()).collect(),
-        preprocess: pre.clone(),
-        model_version: o.model_version,
+        preprocess: record.settings.preprocess(),
+        model_version,
         min_appliance_version: env!("CARGO_PKG_VERSION").to_string(),
         created_at: time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?,
         training: serde_json::json!({
@@ -187,7 +289,18 @@ pub fn export(o: &ExportOptions) -> Result<Manifest> {
         metrics: serde_json::Value::Null,
         parts: Default::default(),
     };
-    let mut classifier = Classifier::new(model, pre.clone(), o.model_version);
+    Ok((model, weights_bytes, manifest))
+}
+
+/// Calibrates and measures a model, adds its self-test, signs and writes the bundle.
+fn finish(
+    o: &ExportOptions,
+    model: CompactModel,
+    weights_bytes: Vec<u8>,
+    mut manifest: Manifest,
+    device: &Device,
+) -> Result<Manifest> {
+    let mut classifier = Classifier::new(model, manifest.preprocess.clone(), o.model_version);
     let mut calibration_parts: Vec<(&str, Vec<u8>)> = Vec::new();
     let mut calibration_metrics = serde_json::Map::new();
     if let Some(val) = o.val {
@@ -196,6 +309,7 @@ pub fn export(o: &ExportOptions) -> Result<Manifest> {
             logits,
             features,
             labels,
+            nucleus_um,
         } = raw_outputs(&classifier, val, 0)?;
         if logits.is_empty() {
             bail!("{}: no labelled val images to calibrate on", val.display());
@@ -229,10 +343,14 @@ pub fn export(o: &ExportOptions) -> Result<Manifest> {
         };
         tracing::info!(blast_min_confidence, "blast call threshold");
         calibration_metrics.insert("blast_min_confidence".into(), blast_min_confidence.into());
+        let blast_min_nucleus_um = blast_nucleus_threshold(&probs(t), &labels, &nucleus_um, o.blast_size_keep);
+        tracing::info!(blast_min_nucleus_um, "blast size check");
+        calibration_metrics.insert("blast_min_nucleus_um".into(), blast_min_nucleus_um.into());
         let mut cal = Calibration {
             temperature: t,
             ood: None,
             blast_min_confidence,
+            blast_min_nucleus_um,
         };
         let mut knn = None;
         if let Some(train) = o.train {
@@ -246,7 +364,7 @@ pub fn export(o: &ExportOptions) -> Result<Manifest> {
             let bank_bytes = KnnBank::to_safetensors(&bank, &bank_labels)?;
             // Score val through the bank exactly as the appliance will: from the stored f16.
             let (f, l) = KnnBank::from_safetensors(&bank_bytes)?;
-            let bank = KnnBank::new(f, l, o.knn_k, &device)?;
+            let bank = KnnBank::new(f, l, o.knn_k, device)?;
             let scores: Vec<f32> = bank.scores(&features).iter().map(|s| s.score).collect();
             let threshold = quantile(&scores, o.ood_quantile);
             tracing::info!(
@@ -328,7 +446,7 @@ pub fn export(o: &ExportOptions) -> Result<Manifest> {
     let bytes = builder.finish(o.key)?;
     // Check what we are about to ship: it verifies and passes its own self-test.
     let bundle = Bundle::from_bytes(&bytes, &[o.key.verifying_key()])?;
-    let n = Classifier::from_bundle(&bundle, &device)?.self_test(&bundle)?;
+    let n = Classifier::from_bundle(&bundle, device)?.self_test(&bundle)?;
     tracing::info!(cases = n, "exported bundle passes its self-test");
     let tmp = o.out.with_extension("bundle.partial");
     std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
@@ -340,6 +458,50 @@ pub fn export(o: &ExportOptions) -> Result<Manifest> {
 mod tests {
     use super::*;
     use crate::dataset::Sample;
+
+    #[test]
+    fn the_blast_size_check_lets_through_its_share_of_the_val_blasts_it_calls() {
+        let (blast, lym) = (CellClass::Blast.index(), CellClass::Lymphocyte.index());
+        let mut probs = Vec::new();
+        let mut labels = Vec::new();
+        let mut sizes = Vec::new();
+        // 101 val blasts called Blast, nuclei 10.0..=20.0 µm in steps of 0.1.
+        for i in 0..=100 {
+            let mut p = [0.0; NUM_CLASSES];
+            p[blast] = 1.0;
+            probs.push(p);
+            labels.push(blast);
+            sizes.push(Some(10.0 + i as f32 * 0.1));
+        }
+        // Cells that must not count: a blast the model misses, a lymphocyte called Blast, a
+        // called blast of unknown size.
+        let mut missed = [0.0; NUM_CLASSES];
+        missed[lym] = 1.0;
+        probs.push(missed);
+        labels.push(blast);
+        sizes.push(Some(1.0));
+        let mut called = [0.0; NUM_CLASSES];
+        called[blast] = 1.0;
+        probs.push(called);
+        labels.push(lym);
+        sizes.push(Some(2.0));
+        probs.push(called);
+        labels.push(blast);
+        sizes.push(None);
+        let t = blast_nucleus_threshold(&probs, &labels, &sizes, 0.99);
+        assert!((t - 10.1).abs() < 1e-4, "{t}");
+        assert_eq!(
+            blast_nucleus_threshold(&probs, &labels, &sizes, 1.0),
+            0.0,
+            "keep all: no check"
+        );
+        let unknown = vec![None; probs.len()];
+        assert_eq!(
+            blast_nucleus_threshold(&probs, &labels, &unknown, 0.99),
+            0.0,
+            "no sizes: no check"
+        );
+    }
 
     #[test]
     fn the_bank_takes_at_most_its_share_of_each_class_evenly_spaced() {

@@ -176,6 +176,10 @@ enum Cmd {
         /// Bootstrap resamples for the Mean ± SD table.
         #[arg(long, default_value_t = 1000)]
         resamples: usize,
+        /// Write one CSV row per cell here: probabilities, familiarity, neighbours' vote, what
+        /// was reported and why, measured size.
+        #[arg(long)]
+        cells: Option<PathBuf>,
     },
     /// Merge LoRA into the base, quantize, add self-test images and val figures, and sign.
     Export {
@@ -191,42 +195,25 @@ enum Cmd {
         /// mllama: 4-bit group size of the exported projections.
         #[arg(long, default_value_t = 32)]
         q4_group: usize,
-        /// Private signing key (PKCS#8 PEM, from `trainer keygen`).
-        #[arg(long)]
-        key: PathBuf,
-        /// Bundle file to write.
-        #[arg(long)]
-        out: PathBuf,
-        /// Labelled val CSV: figures for the manifest and the golden self-test images.
-        #[arg(long)]
-        val: PathBuf,
         /// Backbone checkpoint used by the run.
         #[arg(long)]
         backbone: Option<PathBuf>,
-        /// Model version (must increase with every release).
+        #[command(flatten)]
+        cal: CalibrationArgs,
+    },
+    /// Make a new version of a compact bundle with the same weights and a new calibration:
+    /// temperature, familiarity bank, review rules (blast probability and size), val and
+    /// other-site figures, self-test. For when the review rules change and the model does not;
+    /// no training and no backbone checkpoint needed.
+    Recalibrate {
+        /// Bundle to recalibrate (verified against the trusted keys first).
         #[arg(long)]
-        model_version: u64,
-        /// Training sample list: a stratified subset becomes the familiarity (out-of-distribution)
-        /// bank. Without it the bundle has no familiarity score.
+        bundle: PathBuf,
+        /// Trusted public key (PEM); may repeat. Default: the project's default-bundle key ring.
         #[arg(long)]
-        train: Option<PathBuf>,
-        /// Training cells per class in the familiarity bank.
-        #[arg(long, default_value_t = 200)]
-        bank_per_class: usize,
-        /// Val quantile of the familiarity score beyond which a cell is Unidentified.
-        #[arg(long, default_value_t = 0.99)]
-        ood_quantile: f64,
-        /// Share of the correctly called val blasts whose probability a Blast call must reach
-        /// (1 = no blast threshold).
-        #[arg(long, default_value_t = 0.98)]
-        blast_keep: f64,
-        /// Do not send cells whose class differs from their nearest training cells' vote to review.
-        #[arg(long)]
-        no_agreement: bool,
-        /// Unlabelled other-site cells, NAME=CSV (may repeat): their Blast and Unidentified
-        /// fractions go into the manifest.
-        #[arg(long, value_parser = parse_named)]
-        other_site: Vec<(String, PathBuf)>,
+        trust: Vec<PathBuf>,
+        #[command(flatten)]
+        cal: CalibrationArgs,
     },
     /// Sign a trusted key list (key rotation or revocation) with a key the devices trust now.
     /// The devices then trust exactly the listed keys. Put the file on a USB stick or send it
@@ -308,6 +295,65 @@ enum Cmd {
 }
 
 /// The model families `train` can fine-tune.
+/// What a bundle's calibration and figures are made from, for `export` and `recalibrate`.
+#[derive(clap::Args)]
+struct CalibrationArgs {
+    /// Private signing key (PKCS#8 PEM, from `trainer keygen`).
+    #[arg(long)]
+    key: PathBuf,
+    /// Bundle file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Labelled val CSV: figures for the manifest and the golden self-test images.
+    #[arg(long)]
+    val: PathBuf,
+    /// Model version (must increase with every release).
+    #[arg(long)]
+    model_version: u64,
+    /// Training sample list: a stratified subset becomes the familiarity (out-of-distribution)
+    /// bank. Without it the bundle has no familiarity score.
+    #[arg(long)]
+    train: Option<PathBuf>,
+    /// Training cells per class in the familiarity bank.
+    #[arg(long, default_value_t = 200)]
+    bank_per_class: usize,
+    /// Val quantile of the familiarity score beyond which a cell is Unidentified.
+    #[arg(long, default_value_t = 0.99)]
+    ood_quantile: f64,
+    /// Share of the correctly called val blasts whose probability a Blast call must reach
+    /// (1 = no blast threshold).
+    #[arg(long, default_value_t = 0.98)]
+    blast_keep: f64,
+    /// Share of the correctly called val blasts whose nucleus size (µm, where the pixel size is
+    /// known) a Blast call must reach (1 = no size check).
+    #[arg(long, default_value_t = 0.99)]
+    blast_size_keep: f64,
+    /// Do not send cells whose class differs from their nearest training cells' vote to review.
+    #[arg(long)]
+    no_agreement: bool,
+    /// Unlabelled other-site cells, NAME=CSV (may repeat): their Blast and Unidentified
+    /// fractions go into the manifest.
+    #[arg(long, value_parser = parse_named)]
+    other_site: Vec<(String, PathBuf)>,
+}
+
+impl CalibrationArgs {
+    /// Applies these settings to export options.
+    fn apply<'a>(&'a self, o: ExportOptions<'a>) -> ExportOptions<'a> {
+        ExportOptions {
+            val: Some(&self.val),
+            train: self.train.as_deref(),
+            bank_per_class: self.bank_per_class,
+            ood_quantile: self.ood_quantile,
+            require_agreement: !self.no_agreement,
+            blast_keep: self.blast_keep,
+            blast_size_keep: self.blast_size_keep,
+            other_sites: self.other_site.iter().map(|(n, p)| (n.clone(), p.as_path())).collect(),
+            ..o
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum ModelFamily {
     /// The compact CNN.
@@ -493,6 +539,7 @@ fn main() -> Result<()> {
             trust,
             minilm,
             resamples,
+            cells,
         } => {
             let b =
                 Bundle::open(&bundle, &trusted(&trust)?).with_context(|| format!("opening {}", bundle.display()))?;
@@ -502,6 +549,9 @@ fn main() -> Result<()> {
             });
             let report = evaluate_classifier(&classifier, &csv, &EvalOptions { resamples, minilm })?;
             print!("{}", report.text());
+            if let Some(cells) = cells {
+                report.write_cells(&cells)?;
+            }
             if let Some(json) = json {
                 std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
                     .with_context(|| format!("writing {}", json.display()))?;
@@ -516,55 +566,43 @@ fn main() -> Result<()> {
             model: ModelFamily::Mllama,
             base,
             q4_group,
-            key,
-            out,
-            val,
-            model_version,
+            cal,
             ..
         } => {
-            let key = keys::read_private(&key)?;
+            let key = keys::read_private(&cal.key)?;
             let base = base.context("--base is needed with --model mllama")?;
-            let r = trainer::mllama::export(&base, &run, &val, &key, model_version, q4_group, &out)?;
+            let version = cal.model_version;
+            let r = trainer::mllama::export(&base, &run, &cal.val, &key, version, q4_group, &cal.out)?;
             println!(
-                "wrote {} ({} bytes, model version {model_version}): {} self-test cases; class probabilities within {:.4} of the trained model on {} val cells",
-                out.display(),
+                "wrote {} ({} bytes, model version {version}): {} self-test cases; class probabilities within {:.4} of the trained model on {} val cells",
+                cal.out.display(),
                 r.bytes,
                 r.selftest_cases,
                 r.max_probability_difference,
                 r.compared
             );
         }
-        Cmd::Export {
-            run,
-            key,
-            out,
-            val,
-            backbone,
-            model_version,
-            train,
-            bank_per_class,
-            ood_quantile,
-            no_agreement,
-            blast_keep,
-            other_site,
-            ..
-        } => {
-            let key = keys::read_private(&key)?;
+        Cmd::Export { run, backbone, cal, .. } => {
+            let key = keys::read_private(&cal.key)?;
             let pth = backbone.unwrap_or_else(|| default_weights_dir().join("mobilenet_v2-b0353104.pth"));
-            let m = export(&ExportOptions {
-                val: Some(&val),
-                train: train.as_deref(),
-                bank_per_class,
-                ood_quantile,
-                require_agreement: !no_agreement,
-                blast_keep,
-                other_sites: other_site.iter().map(|(n, p)| (n.clone(), p.as_path())).collect(),
-                ..ExportOptions::new(&run, &pth, &key, &out, model_version)
-            })?;
+            let m = export(&cal.apply(ExportOptions::new(&run, &pth, &key, &cal.out, cal.model_version)))?;
             println!(
                 "wrote {} (model version {}, val {})",
-                out.display(),
+                cal.out.display(),
                 m.model_version,
+                m.metrics
+            );
+        }
+        Cmd::Recalibrate { bundle, trust, cal } => {
+            let key = keys::read_private(&cal.key)?;
+            let b =
+                Bundle::open(&bundle, &trusted(&trust)?).with_context(|| format!("opening {}", bundle.display()))?;
+            let m = export(&cal.apply(ExportOptions::recalibrate(&b, &key, &cal.out, cal.model_version)))?;
+            println!(
+                "wrote {} (model version {}, recalibrated from {}, val {})",
+                cal.out.display(),
+                m.model_version,
+                b.manifest.model_version,
                 m.metrics
             );
         }

@@ -188,6 +188,8 @@ pub struct Prediction {
     pub ood_score: Option<f32>,
     /// Whether the cell normalisation found a stained cell (`None` without normalisation).
     pub cell_found: Option<bool>,
+    /// The cell's size as the normalisation measured it (`None` without normalisation).
+    pub cell_size: Option<CellSize>,
     /// Majority class of the most similar training cells, where the bundle has a bank.
     pub neighbour_class: Option<usize>,
     /// Most probable value of each attribute.
@@ -196,6 +198,24 @@ pub struct Prediction {
     pub attribute_confidence: [f32; NUM_ATTRIBUTES],
     /// A description the model wrote itself (the mllama family generates one).
     pub description: Option<String>,
+}
+
+/// A cell's size as the cell normalisation measured it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CellSize {
+    /// Cell diameter in the input image's pixels.
+    pub diameter_px: f32,
+    /// Extent of the nucleus in the input image's pixels.
+    pub nucleus_px: f32,
+    /// Pixel size of the input image (µm), where known.
+    pub microns_per_pixel: Option<f32>,
+}
+
+impl CellSize {
+    /// Nucleus extent in micrometres, where the pixel size is known.
+    pub fn nucleus_um(&self) -> Option<f32> {
+        self.microns_per_pixel.map(|u| self.nucleus_px * u)
+    }
 }
 
 /// Errors loading a compact model.
@@ -285,6 +305,7 @@ impl CompactModel {
                     features: features[i * FEATURES..(i + 1) * FEATURES].to_vec(),
                     ood_score: None,
                     cell_found: None,
+                    cell_size: None,
                     neighbour_class: None,
                     attributes,
                     attribute_confidence,
