@@ -316,6 +316,10 @@ impl Classifier {
         );
         r.familiarity = p.ood_score.map(|s| 1.0 - s);
         let reason = review_reason(p, best, &self.calibration, self.min_confidence);
+        // A blast call held back by its size alone (its probability was enough).
+        let small = small_for_a_blast(p, &self.calibration).filter(|_| {
+            class == crate::classes::CellClass::Blast && r.confidence >= self.calibration.blast_min_confidence
+        });
         r.description = match reason {
             None => r.description,
             Some(ReviewReason::EdgeCut) => crate::messages::EDGE_CUT_DESCRIPTION.into(),
@@ -331,17 +335,12 @@ impl Classifier {
                 class.name(),
                 crate::classes::CellClass::ALL[p.neighbour_class.unwrap_or(best)].name()
             ),
-            Some(ReviewReason::LowConfidence)
-                if class == crate::classes::CellClass::Blast
-                    && r.confidence >= self.calibration.blast_min_confidence =>
-            {
-                format!(
-                    "Unidentified: possibly a blast, but its nucleus ({:.1} µm) is smaller than those of the blasts the model learnt from (at least {:.1} µm); left for urgent review. {}",
-                    small_for_a_blast(p, &self.calibration).unwrap_or(f32::NAN),
-                    self.calibration.blast_min_nucleus_um,
-                    r.description
-                )
-            }
+            Some(ReviewReason::LowConfidence) if small.is_some() => format!(
+                "Unidentified: possibly a blast, but its nucleus ({:.1} µm) is smaller than those of the blasts the model learnt from (at least {:.1} µm); left for urgent review. {}",
+                small.unwrap_or_default(),
+                self.calibration.blast_min_nucleus_um,
+                r.description
+            ),
             Some(ReviewReason::LowConfidence) if class == crate::classes::CellClass::Blast => format!(
                 "Unidentified: possibly a blast (probability {:.2}, below the {:.2} a blast call needs); left for urgent review. {}",
                 r.confidence, self.calibration.blast_min_confidence, r.description
