@@ -175,8 +175,7 @@ fn main() -> Result<()> {
                             .preprocess
                             .cell
                             .as_ref()
-                            .map(|c| c.default_microns_per_pixel)
-                            .filter(|u| *u > 0.0)
+                            .and_then(|c| c.pixel_size(None))
                             .unwrap_or(0.143);
                         tracing::warn!(
                             microns_per_pixel = um,

@@ -105,6 +105,9 @@ pub struct NormalisedCell {
     pub nucleus_px: f32,
     /// Whether the cell touches the input image's edge (it may be cut).
     pub touches_edge: bool,
+    /// Pixel size of the input image (µm): the one given, else the reference scale; `None`
+    /// where neither is known.
+    pub microns_per_pixel: Option<f32>,
 }
 
 impl NormalisedCell {
@@ -145,14 +148,19 @@ impl CellNorm {
         if !self.physical() {
             return (nucleus / self.nucleus_fraction).max(8.0);
         }
-        let um = microns_per_pixel
-            .filter(|v| v.is_finite() && *v > 0.0)
-            .unwrap_or(self.default_microns_per_pixel);
-        if um > 0.0 {
-            (self.view_microns / um).max(8.0)
-        } else {
-            (nucleus / self.nucleus_fraction).max(8.0)
+        match self.pixel_size(microns_per_pixel) {
+            Some(um) => (self.view_microns / um).max(8.0),
+            None => (nucleus / self.nucleus_fraction).max(8.0),
         }
+    }
+
+    /// The pixel size (µm) an image is taken to have: `given` where it is a positive number,
+    /// else the reference scale where there is one.
+    pub fn pixel_size(&self, given: Option<f32>) -> Option<f32> {
+        let positive = |v: &f32| v.is_finite() && *v > 0.0;
+        given
+            .filter(positive)
+            .or(Some(self.default_microns_per_pixel).filter(positive))
     }
 
     /// Normalises one cell image. `hint` is where the cell should be (input pixels); the image
@@ -220,6 +228,7 @@ impl CellNorm {
             diameter_px: diameter,
             nucleus_px: nucleus,
             touches_edge: touches,
+            microns_per_pixel: self.pixel_size(microns_per_pixel),
         }
     }
 }
@@ -651,6 +660,22 @@ pub(crate) mod tests {
             .sum::<f64>()
             / (224.0 * 224.0 * 3.0);
         assert!(diff < 12.0, "views differ by {diff} per channel");
+    }
+
+    #[test]
+    fn the_pixel_size_is_the_given_one_else_the_reference_else_unknown() {
+        let with_reference = physical();
+        assert_eq!(with_reference.pixel_size(Some(0.1)), Some(0.1));
+        for bad in [None, Some(0.0), Some(-1.0), Some(f32::NAN), Some(f32::INFINITY)] {
+            assert_eq!(with_reference.pixel_size(bad), Some(0.25), "{bad:?}");
+        }
+        let relative = CellNorm::default();
+        assert_eq!(relative.pixel_size(None), None);
+        assert_eq!(relative.pixel_size(Some(0.117)), Some(0.117));
+        // The normalised cell carries the size it was measured at.
+        let img = RgbImage::from_pixel(64, 64, Rgb([230, 220, 220]));
+        assert_eq!(relative.apply(&img, None, Some(0.117)).microns_per_pixel, Some(0.117));
+        assert_eq!(relative.apply(&img, None, None).microns_per_pixel, None);
     }
 
     /// A colour view at the physical scale: 30 µm of smear.

@@ -199,18 +199,6 @@ impl Classifier {
         &self.pre
     }
 
-    /// The pixel size images are assumed to have when none is given: the classifier's, else
-    /// the bundle's reference scale where it has one.
-    fn default_microns_per_pixel(&self) -> Option<f32> {
-        self.microns_per_pixel.or_else(|| {
-            self.pre
-                .cell
-                .as_ref()
-                .map(|c| c.default_microns_per_pixel)
-                .filter(|u| u.is_finite() && *u > 0.0)
-        })
-    }
-
     /// Raw predictions for cell images (any size), at the classifier's pixel size.
     pub fn predict(&self, images: &[RgbImage]) -> Vec<Prediction> {
         self.predict_at(images, &vec![self.microns_per_pixel; images.len()])
@@ -247,16 +235,13 @@ impl Classifier {
             for (img, um) in chunk.iter().zip(um) {
                 let (view, cell) = self.pre.prepare(img, None, *um);
                 self.pre.normalise_into(&view, &mut buf);
-                let known = um
-                    .filter(|u| u.is_finite() && *u > 0.0)
-                    .or(self.default_microns_per_pixel());
                 found.push(cell.map(|c| {
                     (
                         c.found,
                         CellSize {
                             diameter_px: c.diameter_px,
                             nucleus_px: c.nucleus_px,
-                            microns_per_pixel: known,
+                            microns_per_pixel: c.microns_per_pixel,
                         },
                     )
                 }));
