@@ -595,28 +595,30 @@ async fn review_page(
     let slide = w.app.current_slide();
     let fields = w.app.store().fields_of_slide(&slide.id).unwrap_or_default();
     let mut body = String::from(
-        "<p>Cells the model left for review or called Blast, not yet reviewed. Open one to confirm or reclassify it.</p><ul id=\"to-review\">",
+        "<p>Cells the model left for review or called Blast, not yet reviewed: blasts first, then possible blasts. Open one to confirm or reclassify it.</p><ul id=\"to-review\">",
     );
-    let mut n = 0;
-    for f in &fields {
-        for (i, c) in f.cells.iter().enumerate() {
-            let needs = c.result.class.is_none() || c.result.class == Some(CellClass::Blast);
-            if needs && c.review.is_none() {
-                n += 1;
-                let _ = write!(
-                    body,
-                    "<li><a href=\"/field/{id}#cell-{k}\">{name}, cell {k}</a>: {class} — {desc}</li>",
-                    id = esc(&f.id),
-                    k = i + 1,
-                    name = esc(&f.name),
-                    class = esc(c.result.class_name()),
-                    desc = esc(&c.result.description)
-                );
-            }
-        }
+    let queue = wbc_shared::slide::review_queue(&fields);
+    for &(priority, fi, ci) in &queue {
+        let (f, c) = (&fields[fi], &fields[fi].cells[ci]);
+        let urgent = priority < wbc_shared::slide::ReviewPriority::Other;
+        let _ = write!(
+            body,
+            "<li{cls}><a href=\"/field/{id}#cell-{k}\">{name}, cell {k}</a>: {class}{possible} — {desc}</li>",
+            cls = if urgent { " class=\"urgent\"" } else { "" },
+            id = esc(&f.id),
+            k = ci + 1,
+            name = esc(&f.name),
+            class = esc(c.result.class_name()),
+            possible = if priority == wbc_shared::slide::ReviewPriority::PossibleBlast {
+                " (possible blast)"
+            } else {
+                ""
+            },
+            desc = esc(&c.result.description)
+        );
     }
     body.push_str("</ul>");
-    if n == 0 {
+    if queue.is_empty() {
         body.push_str("<p>Nothing waits for review.</p>");
     }
     page("Review", Some(&user), &body).into_response()

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 use wbc_shared::messages::{CellRecord, Review};
-use wbc_shared::slide::{SlideReport, SlideSettings, report};
+use wbc_shared::slide::{Flag, SlideReport, SlideSettings, report};
 use wbc_shared::uplink::{Body, DeviceState, Envelope, FieldInfo, Status};
 
 /// Schema version of the database.
@@ -114,6 +114,8 @@ pub struct SlideRow {
     pub finished_at: Option<u64>,
     /// Whether any blast is counted (urgent).
     pub blast: bool,
+    /// Whether cells wait for review as possible blasts (listed after the blasts).
+    pub possible_blast: bool,
     /// The differential and flags.
     pub report: SlideReport,
 }
@@ -423,7 +425,8 @@ impl Db {
         Ok(fields.into_iter().map(|(f, cells)| f.to_record(cells)).collect())
     }
 
-    /// The slides of a clinic (every clinic with `None`), blasts first, then newest first.
+    /// The slides of a clinic (every clinic with `None`), blasts first, then slides with
+    /// possible blasts waiting, then newest first.
     pub fn slides(&self, clinic: Option<&str>) -> Result<Vec<SlideRow>> {
         let keys = self.conn.lock().expect("db lock").query(
             "SELECT k.clinic, k.device, k.slide_id,
@@ -444,6 +447,7 @@ impl Db {
             let report = report(&s, &fields, &settings, finished.is_some());
             out.push(SlideRow {
                 blast: report.flags.iter().any(|f| f.urgent()),
+                possible_blast: report.flags.iter().any(|f| matches!(f, Flag::PossibleBlast { .. })),
                 clinic: c,
                 device: d,
                 started_at: r[3].int()? as u64,
@@ -451,7 +455,7 @@ impl Db {
                 report,
             });
         }
-        out.sort_by(|a, b| b.blast.cmp(&a.blast).then(b.started_at.cmp(&a.started_at)));
+        out.sort_by_key(|s| std::cmp::Reverse((s.blast, s.possible_blast, s.started_at)));
         Ok(out)
     }
 
@@ -602,6 +606,39 @@ mod tests {
         assert_eq!(counts[&("a".to_string(), "dev1".to_string(), "s1".to_string())], 3);
         let days = db.results_over_time(Some("a"), 7).unwrap();
         assert_eq!(days.iter().map(|d| d.count).sum::<u64>(), 3);
+    }
+
+    #[test]
+    fn slides_with_possible_blasts_come_after_blasts_and_before_the_rest() {
+        for (_guard, path) in databases() {
+            let db = Db::open(&path).unwrap();
+            let (neut, blast) = (CellClass::Neutrophil.index(), CellClass::Blast.index());
+            // Clinic "p": a cell whose most probable class is Blast, too unsure to be called one.
+            let mut unsure = field("f3", "s3", &[neut]);
+            let mut p = [0.05; 6];
+            p[blast] = 0.45;
+            unsure.cells.push(CellRecord {
+                result: CellResult::from_probabilities(&p, &Default::default(), "d".into(), 0.5, 1),
+                review: None,
+            });
+            for (clinic, f) in [
+                ("n", field("f1", "s1", &[neut])),
+                ("p", unsure),
+                ("b", field("f2", "s2", &[blast])),
+            ] {
+                for m in envelopes(clinic, 1, Body::cells_of(&f)) {
+                    db.apply(&m).unwrap();
+                }
+            }
+            let slides = db.slides(None).unwrap();
+            let order: Vec<(&str, bool, bool)> = slides
+                .iter()
+                .map(|s| (s.clinic.as_str(), s.blast, s.possible_blast))
+                .collect();
+            assert_eq!(order, vec![("b", true, false), ("p", false, true), ("n", false, false)]);
+            assert_eq!(slides[1].report.flags, vec![Flag::PossibleBlast { count: 1 }]);
+            assert_eq!(slides[1].report.unidentified, 1);
+        }
     }
 
     #[test]

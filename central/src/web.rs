@@ -142,7 +142,7 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
     let mut b = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>WBC central</title><style>\
          body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #bbb;\
-         padding:.25em .5em}tr.blast{background:#fdd}.offline{color:#a00}.online{color:#070}</style></head><body>\
+         padding:.25em .5em}tr.blast{background:#fdd}tr.possible-blast{background:#ffe8cc}.offline{color:#a00}.online{color:#070}</style></head><body>\
          <h1>WBC differentials: central lab</h1><h2>Devices</h2><table id=\"devices\"><tr><th>clinic</th><th>device</th>\
          <th>state</th><th>waiting to send</th><th>model</th><th>last heard</th></tr>",
     );
@@ -172,7 +172,13 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
         let _ = write!(
             b,
             "<tr class=\"{cls}\"><td>{c}</td><td>{d}</td><td>{id}</td><td>{t}</td><td>{st}</td><td>{n}</td><td>{diff}</td><td>{flags}</td></tr>",
-            cls = if s.blast { "blast" } else { "" },
+            cls = if s.blast {
+                "blast"
+            } else if s.possible_blast {
+                "possible-blast"
+            } else {
+                ""
+            },
             c = esc(&s.clinic),
             d = esc(&s.device),
             id = esc(&s.report.slide_id),

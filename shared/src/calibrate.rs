@@ -42,8 +42,9 @@ pub struct Calibration {
     /// A Blast call also needs a nucleus at least this large (µm; 0 = no size check), where
     /// the cell's pixel size is known: a myeloblast's nucleus is large, and a cell whose
     /// nucleus is smaller than those of nearly all the val blasts is more likely a lymphocyte
-    /// that looks unfamiliar than a blast. Such a cell goes to urgent review instead. Left out
-    /// of the file when 0, so that bundles without the check stay readable by older appliances.
+    /// that looks unfamiliar than a blast. Such a cell is held back for review as a possible
+    /// blast (the slide's `possible_blast` flag) instead. Left out of the file when 0, so that
+    /// bundles without the check stay readable by older appliances.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub blast_min_nucleus_um: f32,
 }

@@ -321,13 +321,13 @@ impl Classifier {
                 crate::classes::CellClass::ALL[p.neighbour_class.unwrap_or(best)].name()
             ),
             Some(ReviewReason::LowConfidence) if small.is_some() => format!(
-                "Unidentified: possibly a blast, but its nucleus ({:.1} µm) is smaller than those of the blasts the model learnt from (at least {:.1} µm); left for urgent review. {}",
+                "Unidentified: possibly a blast, but its nucleus ({:.1} µm) is smaller than those of the blasts the model learnt from (at least {:.1} µm); held back for review as a possible blast. {}",
                 small.unwrap_or_default(),
                 self.calibration.blast_min_nucleus_um,
                 r.description
             ),
             Some(ReviewReason::LowConfidence) if class == crate::classes::CellClass::Blast => format!(
-                "Unidentified: possibly a blast (probability {:.2}, below the {:.2} a blast call needs); left for urgent review. {}",
+                "Unidentified: possibly a blast (probability {:.2}, below the {:.2} a blast call needs); held back for review as a possible blast. {}",
                 r.confidence, self.calibration.blast_min_confidence, r.description
             ),
             Some(ReviewReason::LowConfidence) => format!(

@@ -114,6 +114,28 @@ impl CellResult {
     pub fn class_name(&self) -> &'static str {
         self.class.map(CellClass::name).unwrap_or("Unidentified")
     }
+
+    /// The class with the highest probability, whatever was reported; `None` without
+    /// probabilities (a cell cut by the edge) or when none of them names a known class.
+    pub fn most_probable(&self) -> Option<CellClass> {
+        self.probabilities
+            .iter()
+            .filter(|(_, p)| p.is_finite())
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .and_then(|(name, _)| CellClass::ALL.into_iter().find(|c| c.name() == name))
+    }
+
+    /// A cell the model set aside although its most probable class is Blast: it was not
+    /// called a blast (too unsure, too small a nucleus, unlike the training cells or its
+    /// neighbours), but it is the first cell a technician should look at.
+    pub fn possible_blast(&self) -> bool {
+        self.class.is_none()
+            && matches!(
+                self.review_reason,
+                Some(ReviewReason::LowConfidence | ReviewReason::Unfamiliar | ReviewReason::NeighboursDisagree)
+            )
+            && self.most_probable() == Some(CellClass::Blast)
+    }
 }
 
 /// A technician's review of one cell: the class they confirm or assign (`None`: not a white

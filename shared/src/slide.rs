@@ -1,5 +1,6 @@
 //! A slide's differential: cells counted per class until a target, and the flags a technician
-//! must see — any blast (urgent), a class outside its reference range, too few cells.
+//! must see — any blast (urgent), cells held back as possible blasts, a class outside its
+//! reference range, too few cells.
 //!
 //! The same computation serves the appliance (live, as cells arrive) and the central lab
 //! (recomputed from the uplinked fields), so both always agree.
@@ -76,6 +77,15 @@ pub enum Flag {
         /// Blasts counted.
         count: u32,
     },
+    /// Cells set aside whose most probable class is Blast, not yet reviewed
+    /// ([`CellResult::possible_blast`](crate::messages::CellResult::possible_blast)): a
+    /// technician looks at them first. Not urgent by itself — a model that is unsure about
+    /// another site's lymphocytes must not sound the blast alarm — but a cell the technician
+    /// confirms as a blast raises [`Flag::Blast`].
+    PossibleBlast {
+        /// Cells held back.
+        count: u32,
+    },
     /// A class outside its reference range.
     OutOfRange {
         /// The class.
@@ -94,6 +104,9 @@ pub enum Flag {
         /// Required.
         minimum: u32,
     },
+    /// A flag a newer version raised that this one does not know: read, shown, not lost.
+    #[serde(other)]
+    Unknown,
 }
 
 impl Flag {
@@ -107,8 +120,10 @@ impl Flag {
     pub fn key(&self) -> String {
         match self {
             Flag::Blast { .. } => "blast".into(),
+            Flag::PossibleBlast { .. } => "possible_blast".into(),
             Flag::OutOfRange { class, .. } => format!("range:{}", class.name()),
             Flag::TooFewCells { .. } => "too_few".into(),
+            Flag::Unknown => "unknown".into(),
         }
     }
 
@@ -118,6 +133,15 @@ impl Flag {
             Flag::Blast { count } => format!(
                 "URGENT: {count} blast{} found — send the slide for review",
                 if *count == 1 { "" } else { "s" }
+            ),
+            Flag::PossibleBlast { count } => format!(
+                "{} — review {} first; a confirmed blast raises the urgent flag",
+                if *count == 1 {
+                    "1 cell held back as a possible blast".to_string()
+                } else {
+                    format!("{count} cells held back as possible blasts")
+                },
+                if *count == 1 { "it" } else { "them" }
             ),
             Flag::OutOfRange {
                 class,
@@ -131,6 +155,7 @@ impl Flag {
             Flag::TooFewCells { counted, minimum } => {
                 format!("only {counted} cells classified; at least {minimum} are needed for a differential")
             }
+            Flag::Unknown => "a flag this version does not know; see the device's own report".into(),
         }
     }
 }
@@ -175,12 +200,15 @@ pub fn counted_class(cell: &crate::messages::CellRecord) -> Option<Option<CellCl
 /// Computes the differential and flags of a slide from its fields.
 pub fn report(slide_id: &str, fields: &[FieldRecord], settings: &SlideSettings, finished: bool) -> SlideReport {
     let mut counts = [0u32; crate::classes::NUM_CLASSES];
-    let (mut unidentified, mut edge_cut) = (0, 0);
+    let (mut unidentified, mut edge_cut, mut possible_blasts) = (0, 0, 0);
     for cell in fields.iter().flat_map(|f| &f.cells) {
         match counted_class(cell) {
             None => edge_cut += 1,
             Some(None) => unidentified += 1,
             Some(Some(c)) => counts[c.index()] += 1,
+        }
+        if cell.review.is_none() && cell.result.possible_blast() {
+            possible_blasts += 1;
         }
     }
     let classified: u32 = counts.iter().sum();
@@ -209,6 +237,9 @@ pub fn report(slide_id: &str, fields: &[FieldRecord], settings: &SlideSettings, 
     let blasts = counts[CellClass::Blast.index()];
     if blasts > 0 {
         flags.push(Flag::Blast { count: blasts });
+    }
+    if possible_blasts > 0 {
+        flags.push(Flag::PossibleBlast { count: possible_blasts });
     }
     if complete || finished {
         for (c, [lo, hi]) in &settings.reference_ranges {
@@ -242,6 +273,40 @@ pub fn report(slide_id: &str, fields: &[FieldRecord], settings: &SlideSettings, 
         finished,
         flags,
     }
+}
+
+/// How soon a technician should look at a cell waiting for review.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ReviewPriority {
+    /// Called Blast: confirm it before the urgent flag goes out as a finding.
+    Blast,
+    /// Held back as a possible blast.
+    PossibleBlast,
+    /// Any other cell set aside.
+    Other,
+}
+
+/// The cells of `fields` that wait for a technician — set aside without a class, or called
+/// Blast — and not yet reviewed, as `(priority, field index, cell index)`: blasts first, then
+/// possible blasts, then the rest, each in field order. Cells cut by the edge wait for nobody.
+pub fn review_queue(fields: &[FieldRecord]) -> Vec<(ReviewPriority, usize, usize)> {
+    let mut queue: Vec<_> = fields
+        .iter()
+        .enumerate()
+        .flat_map(|(fi, f)| f.cells.iter().enumerate().map(move |(ci, c)| (fi, ci, c)))
+        .filter(|(_, _, c)| c.review.is_none() && c.result.review_reason != Some(ReviewReason::EdgeCut))
+        .filter_map(|(fi, ci, c)| {
+            let priority = match c.result.class {
+                Some(CellClass::Blast) => ReviewPriority::Blast,
+                Some(_) => return None,
+                None if c.result.possible_blast() => ReviewPriority::PossibleBlast,
+                None => ReviewPriority::Other,
+            };
+            Some((priority, fi, ci))
+        })
+        .collect();
+    queue.sort_by_key(|q| q.0);
+    queue
 }
 
 #[cfg(test)]
@@ -381,6 +446,120 @@ mod tests {
         });
         let r = report("s", &[field(vec![unsure])], &SlideSettings::default(), false);
         assert_eq!((r.classified, r.unidentified), (1, 0));
+    }
+
+    /// A cell set aside for `reason` whose most probable class is `class`.
+    fn held(class: CellClass, reason: ReviewReason) -> CellRecord {
+        let mut c = cell(class);
+        c.result.class = None;
+        c.result.review_reason = Some(reason);
+        c
+    }
+
+    #[test]
+    fn cells_held_back_as_possible_blasts_are_flagged_until_reviewed() {
+        let mut cells = many(CellClass::Neutrophil, 5);
+        cells.push(held(CellClass::Blast, ReviewReason::LowConfidence));
+        cells.push(held(CellClass::Blast, ReviewReason::NeighboursDisagree));
+        cells.push(held(CellClass::Blast, ReviewReason::Unfamiliar));
+        // Not possible blasts: another class set aside, and cells without a usable answer.
+        cells.push(held(CellClass::Lymphocyte, ReviewReason::LowConfidence));
+        cells.push(held(CellClass::Blast, ReviewReason::NoCell));
+        let mut cut = cell(CellClass::Blast);
+        cut.result = crate::messages::CellResult::edge_cut([0, 0, 1, 1], 1);
+        cells.push(cut);
+        let r = report("s", &[field(cells.clone())], &SlideSettings::default(), false);
+        assert_eq!(r.flags, vec![Flag::PossibleBlast { count: 3 }]);
+        assert!(!r.flags[0].urgent(), "a possible blast is not the blast alarm");
+        assert!(
+            r.flags[0].message().starts_with("3 cells held back as possible blasts"),
+            "{}",
+            r.flags[0].message()
+        );
+        assert_eq!(r.unidentified, 5);
+
+        // Reviewed: one is a lymphocyte, one a blast (the urgent flag, first), one still waits.
+        let review = |class| {
+            Some(Review {
+                class: Some(class),
+                by: "tech".into(),
+                at: 1,
+            })
+        };
+        cells[5].review = review(CellClass::Lymphocyte);
+        cells[6].review = review(CellClass::Blast);
+        let r = report("s", &[field(cells.clone())], &SlideSettings::default(), false);
+        assert_eq!(
+            r.flags,
+            vec![Flag::Blast { count: 1 }, Flag::PossibleBlast { count: 1 }]
+        );
+        assert!(
+            r.flags[1]
+                .message()
+                .starts_with("1 cell held back as a possible blast — review it"),
+            "{}",
+            r.flags[1].message()
+        );
+        cells[7].review = review(CellClass::Neutrophil);
+        let r = report("s", &[field(cells)], &SlideSettings::default(), false);
+        assert_eq!(r.flags, vec![Flag::Blast { count: 1 }]);
+    }
+
+    #[test]
+    fn the_review_queue_puts_blasts_then_possible_blasts_first_and_skips_reviewed_cells() {
+        let mut reviewed = held(CellClass::Blast, ReviewReason::LowConfidence);
+        reviewed.review = Some(Review {
+            class: Some(CellClass::Lymphocyte),
+            by: "tech".into(),
+            at: 1,
+        });
+        let mut cut = cell(CellClass::Blast);
+        cut.result = crate::messages::CellResult::edge_cut([0, 0, 1, 1], 1);
+        let first = field(vec![
+            held(CellClass::Monocyte, ReviewReason::Unfamiliar),
+            cell(CellClass::Neutrophil),
+            held(CellClass::Blast, ReviewReason::LowConfidence),
+            reviewed,
+            cut,
+        ]);
+        let second = field(vec![
+            cell(CellClass::Blast),
+            held(CellClass::Blast, ReviewReason::NeighboursDisagree),
+        ]);
+        assert_eq!(
+            review_queue(&[first, second]),
+            vec![
+                (ReviewPriority::Blast, 1, 0),
+                (ReviewPriority::PossibleBlast, 0, 2),
+                (ReviewPriority::PossibleBlast, 1, 1),
+                (ReviewPriority::Other, 0, 0),
+            ]
+        );
+        assert!(review_queue(&[]).is_empty());
+    }
+
+    #[test]
+    fn flags_survive_the_wire_and_a_newer_versions_flag_is_kept_as_unknown() {
+        for f in [
+            Flag::Blast { count: 2 },
+            Flag::PossibleBlast { count: 3 },
+            Flag::TooFewCells { counted: 1, minimum: 2 },
+        ] {
+            let text = serde_json::to_string(&f).unwrap();
+            assert_eq!(serde_json::from_str::<Flag>(&text).unwrap(), f, "{text}");
+        }
+        assert_eq!(
+            serde_json::to_string(&Flag::PossibleBlast { count: 3 }).unwrap(),
+            r#"{"flag":"possible_blast","count":3}"#
+        );
+        let f: Flag = serde_json::from_str(r#"{"flag":"clumped_platelets","count":4}"#).unwrap();
+        assert_eq!(f, Flag::Unknown);
+        assert!(!f.urgent());
+        assert_eq!(f.key(), "unknown");
+        assert!(
+            serde_json::from_str::<Flag>(r#"{"count":4}"#).is_err(),
+            "a flag without its kind"
+        );
     }
 
     #[test]
