@@ -38,6 +38,9 @@ pub struct AppSettings {
     pub backend: String,
 }
 
+/// The longest side of a cell's picture on the review pages, in pixels.
+pub const CELL_PICTURE_SIDE: u32 = 256;
+
 /// The models on disk, which decide which classifier runs.
 pub type ModelStore = crate::models::Models<Arc<Classifier>>;
 
@@ -308,6 +311,43 @@ impl App {
         *cur = next;
         self.sent_flags.lock().expect("flags lock").clear();
         Ok(final_report)
+    }
+
+    /// The picture of one cell of a stored field, for the technician who reviews it: the
+    /// square the classifier saw (three times the cell's box, padded with the field's mean
+    /// colour beyond its edges; a single-cell image whole), at most [`CELL_PICTURE_SIDE`]
+    /// pixels across, as PNG. `None` when the field, the cell or the field's image is not kept.
+    pub fn cell_picture(&self, field_id: &str, cell: usize) -> Result<Option<Vec<u8>>> {
+        let Some(field) = self.store.field(field_id)? else {
+            return Ok(None);
+        };
+        let Some(c) = field.cells.get(cell) else {
+            return Ok(None);
+        };
+        let Some(bytes) = self.store.image(field_id)? else {
+            return Ok(None);
+        };
+        let img = decode_rgb(&bytes, &self.settings.limits).context("the field's stored image")?;
+        let crop = match c.result.bbox {
+            Some([x0, y0, x1, y1]) if !field.single_cell => wbc_shared::finder::cell_crop(
+                &img,
+                [x0 as f32, y0 as f32, x1 as f32, y1 as f32],
+                wbc_shared::finder::mean_colour(&img),
+            ),
+            _ => img,
+        };
+        let (w, h) = (crop.width(), crop.height());
+        let crop = if w.max(h) > CELL_PICTURE_SIDE {
+            let scale = CELL_PICTURE_SIDE as f32 / w.max(h) as f32;
+            let side = |n: u32| ((n as f32 * scale).round() as u32).clamp(1, CELL_PICTURE_SIDE);
+            image::imageops::thumbnail(&crop, side(w), side(h))
+        } else {
+            crop
+        };
+        let mut png = Vec::new();
+        crop.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .context("encoding the cell's picture")?;
+        Ok(Some(png))
     }
 
     /// Records a technician's review of one cell, next to the model's answer.

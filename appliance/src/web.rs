@@ -95,6 +95,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/field/{id}", get(field_page))
         .route("/field/{id}/image", get(field_image))
         .route("/field/{id}/cell/{n}/review", post(review))
+        .route("/field/{id}/cell/{n}/image", get(cell_picture))
         .route("/review", get(review_page))
         .route("/api/config-schema", get(config_schema))
         .route("/models", get(models_page))
@@ -534,7 +535,7 @@ async fn field_page(
         };
         let _ = write!(
             body,
-            "<tr class=\"cell\" id=\"cell-{n}\"><td>{n}</td><td class=\"class\"><b>{class}</b><br>confidence {conf:.3}</td>\
+            "<tr class=\"cell\" id=\"cell-{n}\"><td>{n}<br><img class=\"cell-picture\" src=\"/field/{id}/cell/{i}/image\" alt=\"cell {n}\" width=\"96\" height=\"96\" loading=\"lazy\"></td><td class=\"class\"><b>{class}</b><br>confidence {conf:.3}</td>\
              <td><span class=\"probs\">{probs}</span><p class=\"description\">{desc}</p></td>\
              <td>{reviewed}<form method=\"post\" action=\"/field/{id}/cell/{i}/review\"><select name=\"class\">{opts}</select> \
              <button>Save</button></form></td></tr>",
@@ -563,9 +564,26 @@ async fn field_image(State(w): State<Arc<Web>>, Path(id): Path<String>) -> Respo
     }
 }
 
+async fn cell_picture(State(w): State<Arc<Web>>, Path((id, n)): Path<(String, usize)>) -> Response {
+    if let Err(status) = load_field(&w, &id) {
+        return (status, "no such field").into_response();
+    }
+    match w.app.cell_picture(&id, n) {
+        Ok(Some(png)) => ([(header::CONTENT_TYPE, "image/png")], png).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "no such cell, or its field's image is not kept").into_response(),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), field = %id, "cell picture");
+            (StatusCode::INTERNAL_SERVER_ERROR, "the field's image could not be read").into_response()
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct ReviewForm {
     class: String,
+    /// Where to go afterwards: `review` (back to the review list), else the cell's field.
+    #[serde(default)]
+    next: Option<String>,
 }
 
 async fn review(
@@ -583,6 +601,7 @@ async fn review(
         }
     };
     match w.app.review(&id, n, class, &user) {
+        Ok(_) if f.next.as_deref() == Some("review") => Redirect::to("/review").into_response(),
         Ok(_) => Redirect::to(&format!("/field/{id}#cell-{}", n + 1)).into_response(),
         Err(e) => error_page(StatusCode::BAD_REQUEST, Some(&user), &format!("{e:#}")),
     }
@@ -601,9 +620,29 @@ async fn review_page(
     for &(priority, fi, ci) in &queue {
         let (f, c) = (&fields[fi], &fields[fi].cells[ci]);
         let urgent = priority < wbc_shared::slide::ReviewPriority::Other;
+        // One click for the model's two likeliest classes; the full list for anything else.
+        let mut likeliest: Vec<(CellClass, f32)> = CellClass::ALL
+            .iter()
+            .filter_map(|k| c.result.probabilities.get(k.name()).map(|p| (*k, *p)))
+            .filter(|(_, p)| p.is_finite())
+            .collect();
+        likeliest.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let action = format!("/field/{}/cell/{ci}/review", esc(&f.id));
+        let mut quick = String::new();
+        for (k, p) in likeliest.iter().take(2) {
+            let _ = write!(
+                quick,
+                "<form method=\"post\" action=\"{action}\" class=\"quick\"><input type=\"hidden\" name=\"next\" value=\"review\">\
+                 <button name=\"class\" value=\"{k}\">{k} ({p:.2})</button></form> ",
+                k = k.name()
+            );
+        }
         let _ = write!(
             body,
-            "<li{cls}><a href=\"/field/{id}#cell-{k}\">{name}, cell {k}</a>: {class}{possible} — {desc}</li>",
+            "<li{cls} id=\"wait-{id}-{k}\"><img class=\"cell-picture\" src=\"/field/{id}/cell/{ci}/image\" alt=\"cell {k} of {name}\" width=\"128\" height=\"128\"> \
+             <a href=\"/field/{id}#cell-{k}\">{name}, cell {k}</a>: {class}{possible} — {desc}<br>{quick}\
+             <form method=\"post\" action=\"{action}\" class=\"quick\"><input type=\"hidden\" name=\"next\" value=\"review\">\
+             <select name=\"class\">{opts}</select> <button>Save</button></form></li>",
             cls = if urgent { " class=\"urgent\"" } else { "" },
             id = esc(&f.id),
             k = ci + 1,
@@ -614,7 +653,8 @@ async fn review_page(
             } else {
                 ""
             },
-            desc = esc(&c.result.description)
+            desc = esc(&c.result.description),
+            opts = class_options(likeliest.first().map(|l| l.0)),
         );
     }
     body.push_str("</ul>");

@@ -2,7 +2,7 @@
 //! inbox across restarts, and a real browser (headless Chromium through chromedriver).
 
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -258,6 +258,10 @@ fn nothing_but_health_is_served_without_a_login() {
     assert!(health["backend"].as_str().unwrap().contains("CPU"));
     let r = d.agent().get(&format!("{}/", d.base)).call().unwrap();
     assert_eq!((r.status(), r.header("location")), (303, Some("/login")));
+    for path in ["/review", "/field/abc/cell/0/image"] {
+        let r = d.agent().get(&format!("{}{path}", d.base)).call().unwrap();
+        assert_eq!((r.status(), r.header("location")), (303, Some("/login")), "{path}");
+    }
     for path in ["/api/slide", "/api/field/abc", "/api/config-schema"] {
         match d.agent().get(&format!("{}{path}", d.base)).call() {
             Err(ureq::Error::Status(401, _)) => {}
@@ -282,6 +286,80 @@ fn nothing_but_health_is_served_without_a_login() {
         Err(ureq::Error::Status(401, _)) => {}
         other => panic!("forged cookie: {other:?}"),
     }
+}
+
+#[test]
+fn the_review_list_shows_each_waiting_cell_and_takes_its_review_in_one_click() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&config(dir.path()));
+    let cookie = d.login();
+    // Field 00000: one cell the default model sets aside (unfamiliar); field 00338: one cell
+    // cut by the field's edge, which waits for nobody.
+    let mut ids = Vec::new();
+    for name in ["BloodImage_00000.jpg", "BloodImage_00338.jpg"] {
+        let (status, _, location) = d.upload(&cookie, name, &std::fs::read(fixture_field(name)).unwrap());
+        assert_eq!(status, 303, "{name}");
+        ids.push(location.unwrap().trim_start_matches("/field/").to_string());
+    }
+    let list = d.page(&cookie, "/review");
+    assert!(list.contains(&format!("id=\"wait-{}-1\"", ids[0])), "{list}");
+    assert!(!list.contains(&ids[1]), "an edge-cut cell is not for review: {list}");
+    let src = format!("/field/{}/cell/0/image", ids[0]);
+    assert!(list.contains(&format!("src=\"{src}\"")), "{list}");
+    assert_eq!(
+        list.matches("name=\"next\" value=\"review\"").count(),
+        3,
+        "two one-click classes and the full list"
+    );
+
+    // The cell's picture: the square the classifier saw, small enough for a list.
+    let r = d
+        .agent()
+        .get(&format!("{}{src}", d.base))
+        .set("Cookie", &cookie)
+        .call()
+        .unwrap();
+    assert_eq!(r.header("content-type"), Some("image/png"));
+    let mut png = Vec::new();
+    r.into_reader().read_to_end(&mut png).unwrap();
+    let picture = image::load_from_memory(&png).unwrap();
+    assert_eq!(picture.width(), picture.height(), "a square around the cell");
+    assert!((64..=256).contains(&picture.width()), "{}", picture.width());
+    for missing in [
+        format!("/field/{}/cell/1/image", ids[0]),
+        format!("/field/{}/cell/99999999999/image", ids[0]),
+        "/field/no-such-field/cell/0/image".to_string(),
+        "/field/..%2F..%2Fetc/cell/0/image".to_string(),
+    ] {
+        match d
+            .agent()
+            .get(&format!("{}{missing}", d.base))
+            .set("Cookie", &cookie)
+            .call()
+        {
+            Err(ureq::Error::Status(404, _)) => {}
+            other => panic!("{missing}: {other:?}"),
+        }
+    }
+
+    // One click: reviewed, back to the list, which is now empty.
+    let r = d
+        .agent()
+        .post(&format!("{}/field/{}/cell/0/review", d.base, ids[0]))
+        .set("Cookie", &cookie)
+        .send_form(&[("class", "Lymphocyte"), ("next", "review")])
+        .unwrap();
+    assert_eq!((r.status(), r.header("location")), (303, Some("/review")));
+    assert!(d.page(&cookie, "/review").contains("Nothing waits for review."));
+    assert_eq!(d.slide(&cookie)["per_class"]["Lymphocyte"]["count"], 1);
+    // Anywhere else than the list, the review goes back to the cell's field.
+    let r = d
+        .agent()
+        .post(&format!("{}/field/{}/cell/0/review", d.base, ids[0]))
+        .set("Cookie", &cookie)
+        .send_form(&[("class", "Monocyte"), ("next", "https://elsewhere.example")])
+        .unwrap();
+    assert_eq!(r.header("location"), Some(format!("/field/{}#cell-1", ids[0]).as_str()));
 }
 
 #[test]
@@ -557,6 +635,7 @@ fn a_technician_logs_in_uploads_a_field_and_reviews_a_cell_in_a_real_browser() {
     assert_eq!(field.matches("<rect").count(), 1, "one white cell boxed: {field}");
     assert!(field.contains("id=\"cell-1\""));
     assert!(field.contains("class=\"description\""));
+    assert!(field.contains("/cell/0/image\""), "each cell's picture is shown");
     assert!(field.contains("BASO "), "probabilities are listed");
     // The technician says it is an eosinophil.
     let select = b.find("#cell-1 select");
