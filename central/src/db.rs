@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 use wbc_shared::messages::{CellRecord, Review};
-use wbc_shared::slide::{Flag, SlideReport, SlideSettings, report};
+use wbc_shared::slide::{Flag, ReviewPriority, SlideReport, SlideSettings, report, review_queue};
 use wbc_shared::uplink::{Body, DeviceState, Envelope, FieldInfo, Status};
 
 /// Schema version of the database.
@@ -118,6 +118,30 @@ pub struct SlideRow {
     pub possible_blast: bool,
     /// The differential and flags.
     pub report: SlideReport,
+}
+
+/// One cell of a slide, for the lab's review.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SlideCell {
+    /// Its field's id.
+    pub field_id: String,
+    /// Its field's file name, where it had one.
+    pub field_name: String,
+    /// When the appliance received the field.
+    pub received_at: u64,
+    /// Why it waits for review, if it does: `blast`, `possible_blast`, `set_aside`.
+    pub waiting: Option<&'static str>,
+    /// The model's answer and the technician's review.
+    pub cell: CellRecord,
+}
+
+/// A slide with its cells.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SlideDetail {
+    /// The slide, as the list shows it.
+    pub slide: SlideRow,
+    /// Its cells, those waiting for review first.
+    pub cells: Vec<SlideCell>,
 }
 
 /// Counts of one class on one day.
@@ -428,6 +452,50 @@ impl Db {
     /// The slides of a clinic (every clinic with `None`), blasts first, then slides with
     /// possible blasts waiting, then newest first.
     pub fn slides(&self, clinic: Option<&str>) -> Result<Vec<SlideRow>> {
+        let mut out: Vec<SlideRow> = self.slide_rows(clinic, None)?.into_iter().map(|(row, _)| row).collect();
+        out.sort_by_key(|s| std::cmp::Reverse((s.blast, s.possible_blast, s.started_at)));
+        Ok(out)
+    }
+
+    /// One slide with every cell central holds of it (reviews applied), the cells waiting for
+    /// review first ([`review_queue`]: blasts, then possible blasts, then other cells set
+    /// aside), then the rest in the order they came. `None` for a slide central never heard of.
+    pub fn slide(&self, clinic: &str, device: &str, slide_id: &str) -> Result<Option<SlideDetail>> {
+        let Some((row, fields)) = self.slide_rows(Some(clinic), Some((device, slide_id)))?.pop() else {
+            return Ok(None);
+        };
+        let cell = |fi: usize, ci: usize, waiting: Option<ReviewPriority>| {
+            let f = &fields[fi];
+            SlideCell {
+                field_id: f.id.clone(),
+                field_name: f.name.clone(),
+                received_at: f.received_at,
+                waiting: waiting.map(|p| match p {
+                    ReviewPriority::Blast => "blast",
+                    ReviewPriority::PossibleBlast => "possible_blast",
+                    ReviewPriority::Other => "set_aside",
+                }),
+                cell: f.cells[ci].clone(),
+            }
+        };
+        let queue = review_queue(&fields);
+        let queued: std::collections::HashSet<(usize, usize)> = queue.iter().map(|&(_, fi, ci)| (fi, ci)).collect();
+        let mut cells: Vec<SlideCell> = queue.iter().map(|&(p, fi, ci)| cell(fi, ci, Some(p))).collect();
+        for (fi, f) in fields.iter().enumerate() {
+            for ci in (0..f.cells.len()).filter(|ci| !queued.contains(&(fi, *ci))) {
+                cells.push(cell(fi, ci, None));
+            }
+        }
+        Ok(Some(SlideDetail { slide: row, cells }))
+    }
+
+    /// Slides (of a clinic, or of one device's one slide) with the fields they are counted from.
+    fn slide_rows(
+        &self,
+        clinic: Option<&str>,
+        only: Option<(&str, &str)>,
+    ) -> Result<Vec<(SlideRow, Vec<wbc_shared::messages::FieldRecord>)>> {
+        let (device, slide) = (only.map(|o| o.0), only.map(|o| o.1));
         let keys = self.conn.lock().expect("db lock").query(
             "SELECT k.clinic, k.device, k.slide_id,
                     COALESCE(s.started_at, (SELECT MIN(received_at) FROM cells c WHERE c.clinic = k.clinic
@@ -435,8 +503,10 @@ impl Db {
                     s.finished_at
              FROM (SELECT clinic, device, slide_id FROM cells UNION SELECT clinic, device, slide_id FROM slides) k
              LEFT JOIN slides s ON s.clinic = k.clinic AND s.device = k.device AND s.slide_id = k.slide_id
-             WHERE CAST($1 AS TEXT) IS NULL OR k.clinic = $1",
-            &[clinic.into()],
+             WHERE (CAST($1 AS TEXT) IS NULL OR k.clinic = $1)
+               AND (CAST($2 AS TEXT) IS NULL OR k.device = $2)
+               AND (CAST($3 AS TEXT) IS NULL OR k.slide_id = $3)",
+            &[clinic.into(), device.into(), slide.into()],
         )?;
         let settings = SlideSettings::default();
         let mut out = Vec::with_capacity(keys.len());
@@ -445,7 +515,7 @@ impl Db {
             let finished = r[4].opt_int()?;
             let fields = self.slide_fields(&c, &d, &s)?;
             let report = report(&s, &fields, &settings, finished.is_some());
-            out.push(SlideRow {
+            let row = SlideRow {
                 blast: report.flags.iter().any(|f| f.urgent()),
                 possible_blast: report.flags.iter().any(|f| matches!(f, Flag::PossibleBlast { .. })),
                 clinic: c,
@@ -453,9 +523,9 @@ impl Db {
                 started_at: r[3].int()? as u64,
                 finished_at: finished.map(|t| t as u64),
                 report,
-            });
+            };
+            out.push((row, fields));
         }
-        out.sort_by_key(|s| std::cmp::Reverse((s.blast, s.possible_blast, s.started_at)));
         Ok(out)
     }
 
@@ -638,6 +708,20 @@ mod tests {
             assert_eq!(order, vec![("b", true, false), ("p", false, true), ("n", false, false)]);
             assert_eq!(slides[1].report.flags, vec![Flag::PossibleBlast { count: 1 }]);
             assert_eq!(slides[1].report.unidentified, 1);
+            // The slide itself: the cell waiting for review first, then the rest.
+            let d = db.slide("p", "dev1", "s3").unwrap().unwrap();
+            assert_eq!(d.slide, slides[1]);
+            let waiting: Vec<_> = d.cells.iter().map(|c| (c.waiting, c.cell.result.class)).collect();
+            assert_eq!(
+                waiting,
+                vec![(Some("possible_blast"), None), (None, Some(CellClass::Neutrophil))]
+            );
+            assert!(d.cells.iter().all(|c| c.field_id == "f3"));
+            let b = db.slide("b", "dev1", "s2").unwrap().unwrap();
+            assert_eq!(b.cells[0].waiting, Some("blast"));
+            assert_eq!(db.slide("p", "dev1", "s2").unwrap(), None, "another clinic's slide id");
+            assert_eq!(db.slide("p", "dev2", "s3").unwrap(), None, "another device");
+            assert_eq!(db.slide("p", "dev1", "' OR 1=1 --").unwrap(), None);
         }
     }
 

@@ -185,6 +185,26 @@ mod tests {
             let (head, html) = get(running.addr, "/");
             assert!(head.starts_with("HTTP/1.1 200"));
             assert!(html.contains("class=\"blast\"") && html.contains("URGENT"), "{html}");
+            // Each slide links to its page, which lists its cells, those waiting for review first.
+            let link = "/slide?clinic=clinic-a&amp;device=dev1&amp;slide=s1";
+            assert!(html.contains(&format!("href=\"{link}\"")), "{html}");
+            let (head, page) = get(running.addr, &link.replace("&amp;", "&"));
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            assert!(
+                page.contains("&lt;script&gt;.jpg") && !page.contains("<script>"),
+                "{page}"
+            );
+            assert!(page.contains("URGENT") && page.contains("<td>blast</td>"), "{page}");
+            let (head, body) = get(running.addr, "/api/slide?clinic=clinic-a&device=dev1&slide=s1");
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["cells"][0]["waiting"], "blast");
+            assert_eq!(v["cells"][0]["cell"]["result"]["class"], "Blast");
+            assert_eq!(v["slide"]["report"]["slide_id"], "s1");
+            let (head, _) = get(running.addr, "/api/slide?clinic=clinic-a&device=dev1&slide=nope");
+            assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+            let (head, _) = get(running.addr, "/slide?clinic=clinic-a");
+            assert!(head.starts_with("HTTP/1.1 400"), "a slide needs its whole key: {head}");
             let (_, health) = get(running.addr, "/health");
             assert!(health.contains("\"broker_connected\":false"));
             rt.block_on(running.stop());

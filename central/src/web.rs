@@ -6,6 +6,8 @@
 //! | `GET /health` | `{"status":"ok","broker_connected":…}` |
 //! | `GET /api/devices` | every device: state, backlog, model version, last seen |
 //! | `GET /api/slides?clinic=C` | slides with differential and flags, blasts first |
+//! | `GET /slide?clinic=C&device=D&slide=S` | one slide: flags, differential, every cell (those waiting for review first) |
+//! | `GET /api/slide?clinic=C&device=D&slide=S` | the same in JSON |
 //! | `GET /api/results?clinic=C&days=N` | cells per day and class |
 //! | `GET /api/stats` | messages stored, duplicates ignored, rejected |
 
@@ -36,6 +38,8 @@ pub fn router(w: Arc<Web>) -> Router {
         .route("/health", get(health))
         .route("/api/devices", get(devices))
         .route("/api/slides", get(slides))
+        .route("/slide", get(slide_page))
+        .route("/api/slide", get(slide_json))
         .route("/api/results", get(results))
         .route("/api/stats", get(stats))
         .route("/api/model-events", get(model_events))
@@ -95,6 +99,115 @@ async fn slides(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Response 
     json(&w, move |w| w.db.slides(f.clinic.as_deref())).await
 }
 
+/// Which slide: the three parts of its key.
+#[derive(Deserialize, serde::Serialize)]
+struct SlideKey {
+    clinic: String,
+    device: String,
+    slide: String,
+}
+
+impl SlideKey {
+    /// The slide page's address.
+    fn href(clinic: &str, device: &str, slide: &str) -> String {
+        let q =
+            serde_urlencoded::to_string([("clinic", clinic), ("device", device), ("slide", slide)]).unwrap_or_default();
+        format!("/slide?{q}")
+    }
+}
+
+async fn slide_json(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Response {
+    match blocking(&w, move |w| w.db.slide(&k.clinic, &k.device, &k.slide)).await {
+        Ok(Some(d)) => axum::Json(d).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "no such slide").into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn slide_page(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Response {
+    let d = match blocking(&w, move |w| w.db.slide(&k.clinic, &k.device, &k.slide)).await {
+        Ok(Some(d)) => d,
+        Ok(None) => return (StatusCode::NOT_FOUND, Html("<p>No such slide.</p>".to_string())).into_response(),
+        Err(e) => return internal(e),
+    };
+    let s = &d.slide;
+    let mut b = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Slide {id}</title><style>{STYLE}</style></head><body>\
+         <p><a href=\"/\">All slides</a></p><h1>Slide {id}</h1><p>{clinic}, device {device}; started {t}; {state}; \
+         {n} cells classified, {u} Unidentified, {e} cut by the edge.</p><ul id=\"flags\">",
+        id = esc(&s.report.slide_id),
+        clinic = esc(&s.clinic),
+        device = esc(&s.device),
+        t = when(s.started_at),
+        state = if s.finished_at.is_some() {
+            "finished"
+        } else {
+            "in progress"
+        },
+        n = s.report.classified,
+        u = s.report.unidentified,
+        e = s.report.edge_cut,
+    );
+    for f in &s.report.flags {
+        let _ = write!(
+            b,
+            "<li class=\"{}\">{}</li>",
+            if f.urgent() { "blast" } else { "flag" },
+            esc(&f.message())
+        );
+    }
+    b.push_str("</ul><table id=\"differential\"><tr><th>class</th><th>cells</th><th>%</th></tr>");
+    for (class, c) in &s.report.per_class {
+        let _ = write!(
+            b,
+            "<tr><td>{}</td><td>{}</td><td>{:.1}</td></tr>",
+            esc(class),
+            c.count,
+            c.percent
+        );
+    }
+    b.push_str(
+        "</table><h2>Cells (those waiting for review first)</h2><table id=\"cells\"><tr><th>waiting</th><th>field</th>\
+         <th>box</th><th>model</th><th>likeliest</th><th>description</th><th>technician</th></tr>",
+    );
+    for c in &d.cells {
+        let r = &c.cell.result;
+        let mut likeliest: Vec<(&String, &f32)> = r.probabilities.iter().filter(|(_, p)| p.is_finite()).collect();
+        likeliest.sort_by(|a, b| b.1.total_cmp(a.1));
+        let likeliest: Vec<String> = likeliest.iter().take(3).map(|(k, p)| format!("{k} {p:.2}")).collect();
+        let bbox = r
+            .bbox
+            .map(|[x0, y0, x1, y1]| format!("{x0},{y0}–{x1},{y1}"))
+            .unwrap_or_default();
+        let review = match &c.cell.review {
+            Some(v) => format!(
+                "{} ({})",
+                v.class.map(|k| k.name()).unwrap_or("not a white cell / cannot tell"),
+                v.by
+            ),
+            None => String::new(),
+        };
+        let _ = write!(
+            b,
+            "<tr class=\"{cls}\"><td>{waiting}</td><td>{field}</td><td>{bbox}</td><td>{class}</td><td>{likeliest}</td>\
+             <td>{desc}</td><td>{review}</td></tr>",
+            cls = match c.waiting {
+                Some("blast") => "blast",
+                Some("possible_blast") => "possible-blast",
+                _ => "",
+            },
+            waiting = c.waiting.unwrap_or("").replace('_', " "),
+            field = esc(&c.field_name),
+            class = esc(r.class_name()),
+            likeliest = esc(&likeliest.join(", ")),
+            desc = esc(&r.description),
+            review = esc(&review),
+        );
+    }
+    b.push_str("</table></body></html>");
+    Html(b).into_response()
+}
+
 async fn results(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Response {
     json(&w, move |w| {
         w.db.results_over_time(f.clinic.as_deref(), f.days.unwrap_or(30).min(3650))
@@ -118,6 +231,11 @@ async fn stats(State(w): State<Arc<Web>>) -> Response {
 
 use wbc_shared::html_escape as esc;
 
+/// The pages' style sheet.
+const STYLE: &str = "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}\
+    td,th{border:1px solid #bbb;padding:.25em .5em}tr.blast,li.blast{background:#fdd}\
+    tr.possible-blast,li.flag{background:#ffe8cc}.offline{color:#a00}.online{color:#070}";
+
 fn when(t: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp(t as i64)
         .ok()
@@ -139,12 +257,10 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
         Ok(v) => v,
         Err(e) => return internal(e),
     };
-    let mut b = String::from(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>WBC central</title><style>\
-         body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #bbb;\
-         padding:.25em .5em}tr.blast{background:#fdd}tr.possible-blast{background:#ffe8cc}.offline{color:#a00}.online{color:#070}</style></head><body>\
+    let mut b = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>WBC central</title><style>{STYLE}</style></head><body>\
          <h1>WBC differentials: central lab</h1><h2>Devices</h2><table id=\"devices\"><tr><th>clinic</th><th>device</th>\
-         <th>state</th><th>waiting to send</th><th>model</th><th>last heard</th></tr>",
+         <th>state</th><th>waiting to send</th><th>model</th><th>last heard</th></tr>"
     );
     for d in &devices {
         let _ = write!(
@@ -171,7 +287,8 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
         let flags: Vec<String> = s.report.flags.iter().map(|f| esc(&f.message())).collect();
         let _ = write!(
             b,
-            "<tr class=\"{cls}\"><td>{c}</td><td>{d}</td><td>{id}</td><td>{t}</td><td>{st}</td><td>{n}</td><td>{diff}</td><td>{flags}</td></tr>",
+            "<tr class=\"{cls}\"><td>{c}</td><td>{d}</td><td><a href=\"{href}\">{id}</a></td><td>{t}</td><td>{st}</td><td>{n}</td><td>{diff}</td><td>{flags}</td></tr>",
+            href = esc(&SlideKey::href(&s.clinic, &s.device, &s.report.slide_id)),
             cls = if s.blast {
                 "blast"
             } else if s.possible_blast {
