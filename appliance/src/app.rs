@@ -9,12 +9,12 @@ use sha2::{Digest, Sha256};
 use std::sync::{Arc, Mutex, RwLock};
 use wbc_shared::classes::CellClass;
 use wbc_shared::classify::Classifier;
-use wbc_shared::finder::FinderConfig;
+use wbc_shared::finder::{FinderConfig, cell_picture};
 use wbc_shared::image::{DecodeLimits, decode_rgb};
 use wbc_shared::messages::{CellRecord, CellResult, FieldRecord, Review, SCHEMA_VERSION};
 use wbc_shared::slide::Flag;
 use wbc_shared::slide::{SlideReport, SlideSettings, report};
-use wbc_shared::uplink::{Body, SlideMessage};
+use wbc_shared::uplink::{Body, PICTURE_SIDE, SlideMessage};
 
 /// Seconds since the Unix epoch.
 pub fn now() -> u64 {
@@ -250,7 +250,18 @@ impl App {
                 .map(|result| CellRecord { result, review: None })
                 .collect(),
         };
-        if !self.store.add_field(&field, Some(bytes))? {
+        // The cells the lab must see travel with their picture.
+        let bodies = Body::cells_with_pictures(&field, |i| {
+            let c = &field.cells[i];
+            let picture = cell_picture(&img, c.result.bbox, single_cell, PICTURE_SIDE);
+            let mut jpeg = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 85)
+                .encode_image(&picture)
+                .map_err(|e| tracing::warn!(error = %e, "a cell's picture could not be encoded; sent without it"))
+                .ok()?;
+            Some(jpeg)
+        });
+        if !self.store.add_field_with(&field, Some(bytes), bodies)? {
             let f = self.store.field(&id)?.context("field vanished")?;
             return Ok(Ingested::Duplicate(f));
         }
@@ -328,22 +339,7 @@ impl App {
             return Ok(None);
         };
         let img = decode_rgb(&bytes, &self.settings.limits).context("the field's stored image")?;
-        let crop = match c.result.bbox {
-            Some([x0, y0, x1, y1]) if !field.single_cell => wbc_shared::finder::cell_crop(
-                &img,
-                [x0 as f32, y0 as f32, x1 as f32, y1 as f32],
-                wbc_shared::finder::mean_colour(&img),
-            ),
-            _ => img,
-        };
-        let (w, h) = (crop.width(), crop.height());
-        let crop = if w.max(h) > CELL_PICTURE_SIDE {
-            let scale = CELL_PICTURE_SIDE as f32 / w.max(h) as f32;
-            let side = |n: u32| ((n as f32 * scale).round() as u32).clamp(1, CELL_PICTURE_SIDE);
-            image::imageops::thumbnail(&crop, side(w), side(h))
-        } else {
-            crop
-        };
+        let crop = cell_picture(&img, c.result.bbox, field.single_cell, CELL_PICTURE_SIDE);
         let mut png = Vec::new();
         crop.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .context("encoding the cell's picture")?;
@@ -370,4 +366,89 @@ fn slide_message(s: &SlideState, report: SlideReport) -> Body {
         finished_at: s.finished_at,
         report,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Identity, Retention};
+    use std::path::Path;
+    use wbc_shared::uplink::Envelope;
+
+    fn app(dir: &Path) -> App {
+        let bundle = crate::open_bundle(None, &crate::trusted_keys(&[]).unwrap()).unwrap();
+        let device = crate::backend::select(crate::backend::BackendChoice::Cpu)
+            .unwrap()
+            .device;
+        let classifier = Arc::new(Classifier::from_bundle(&bundle, &device).unwrap());
+        let identity = Identity {
+            clinic: "c".into(),
+            device: "d".into(),
+        };
+        let store = Arc::new(Store::open(&dir.join("store"), identity, Retention::default()).unwrap());
+        let settings = AppSettings {
+            microns_per_pixel: 0.072,
+            finder: FinderConfig::default(),
+            slide: SlideSettings::default(),
+            limits: DecodeLimits::default(),
+            backend: "CPU".into(),
+        };
+        App::new(classifier, store, settings).unwrap()
+    }
+
+    fn fixture(path: &str) -> Vec<u8> {
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)).unwrap()
+    }
+
+    #[test]
+    fn the_cells_the_lab_must_see_are_queued_for_central_with_their_picture() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        // A myeloblast (called Blast) and a smear field whose one cell the model sets aside as
+        // unfamiliar (not a possible blast: no picture).
+        let blast = app
+            .ingest(
+                &fixture("shared/tests/fixtures/cells/MYO_0024.jpg"),
+                "myo.jpg",
+                "upload",
+                true,
+            )
+            .unwrap();
+        assert_eq!(blast.field().cells[0].result.class, Some(CellClass::Blast));
+        let field = app
+            .ingest(
+                &fixture("tests/fixtures/fields/images/BloodImage_00000.jpg"),
+                "f.jpg",
+                "upload",
+                false,
+            )
+            .unwrap();
+        assert!(!field.field().cells[0].result.possible_blast());
+        let cells: Vec<(String, Option<Vec<u8>>)> = app
+            .store()
+            .outbox_from(0, 100)
+            .unwrap()
+            .into_iter()
+            .filter(|o| o.topic.ends_with("/cell"))
+            .map(|o| match Envelope::decode(&o.topic, &o.payload).unwrap().body {
+                Body::Cell(m) => (m.field.name.clone(), m.picture_jpeg()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(cells.len(), 2, "{cells:?}");
+        assert_eq!(cells[0].0, "myo.jpg");
+        let jpeg = cells[0].1.as_ref().expect("the blast travels with its picture");
+        let picture = image::load_from_memory_with_format(jpeg, image::ImageFormat::Jpeg).unwrap();
+        assert_eq!((picture.width(), picture.height()), (PICTURE_SIDE, PICTURE_SIDE));
+        assert_eq!(cells[1], ("f.jpg".to_string(), None));
+        // The review page's picture of the same cell is the larger one.
+        let png = app.cell_picture(&blast.field().id, 0).unwrap().unwrap();
+        let big = image::load_from_memory(&png).unwrap();
+        assert_eq!(
+            big.width(),
+            224.min(CELL_PICTURE_SIDE),
+            "a 224-px single cell is shown whole"
+        );
+        assert_eq!(app.cell_picture(&blast.field().id, 1).unwrap(), None);
+    }
 }

@@ -314,6 +314,12 @@ impl Store {
     /// Stores a new field, its original image and one outbox message per cell as one durable
     /// step. A field whose id is already stored is left as it is (returns `false`).
     pub fn add_field(&self, field: &FieldRecord, image: Option<&[u8]>) -> Result<bool> {
+        self.add_field_with(field, image, Body::cells_of(field))
+    }
+
+    /// [`Store::add_field`] with the field's cell messages made by the caller (with the
+    /// pictures of the cells that carry one, [`Body::cells_with_pictures`]).
+    pub fn add_field_with(&self, field: &FieldRecord, image: Option<&[u8]>, bodies: Vec<Body>) -> Result<bool> {
         check_id(&field.id)?;
         check_id(&field.slide_id)?;
         let _g = self.lock.lock().expect("store lock");
@@ -325,7 +331,6 @@ impl Store {
             c.review = None;
         }
         let value = encode(&stored);
-        let bodies = Body::cells_of(field);
         let added = (
             &self.fields,
             &self.field_ids,

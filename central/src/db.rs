@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use wbc_shared::messages::{CellRecord, Review};
 use wbc_shared::slide::{Flag, ReviewPriority, SlideReport, SlideSettings, report, review_queue};
-use wbc_shared::uplink::{Body, DeviceState, Envelope, FieldInfo, Status};
+use wbc_shared::uplink::{Body, CellMessage, DeviceState, Envelope, FieldInfo, Status};
 
 /// Schema version of the database.
 const DB_VERSION: i64 = 1;
@@ -47,7 +47,30 @@ CREATE TABLE IF NOT EXISTS model_events (
     message_id TEXT PRIMARY KEY, clinic TEXT NOT NULL, device TEXT NOT NULL, event TEXT NOT NULL,
     model_version BIGINT NOT NULL, detail TEXT NOT NULL, at BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS rejected (topic TEXT NOT NULL, reason TEXT NOT NULL, at BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS cell_pictures (
+    clinic TEXT NOT NULL, device TEXT NOT NULL, field_id TEXT NOT NULL, idx BIGINT NOT NULL,
+    jpeg_base64 TEXT NOT NULL,
+    PRIMARY KEY (clinic, device, field_id, idx));
 ";
+
+/// The JPEG of a cell message's picture when it is one central keeps: valid base64, within
+/// [`MAX_PICTURE_BYTES`](wbc_shared::uplink::MAX_PICTURE_BYTES), and a JPEG that decodes to at
+/// most 512 pixels across. Anything else is dropped (the cell is kept without it).
+fn valid_picture(m: &CellMessage) -> Option<Vec<u8>> {
+    let jpeg = m.picture_jpeg()?;
+    let limits = wbc_shared::image::DecodeLimits {
+        max_bytes: wbc_shared::uplink::MAX_PICTURE_BYTES as u64,
+        max_side: 512,
+        max_alloc: 4 << 20,
+    };
+    match wbc_shared::image::decode_rgb(&jpeg, &limits) {
+        Ok(_) => Some(jpeg),
+        Err(e) => {
+            tracing::warn!(error = %e, field = %m.field.id, index = m.index, "dropping a cell picture that does not decode");
+            None
+        }
+    }
+}
 
 /// Seconds since the Unix epoch.
 pub fn now() -> u64 {
@@ -120,6 +143,9 @@ pub struct SlideRow {
     pub report: SlideReport,
 }
 
+/// A field with, per cell, its index in the field and whether central holds its picture.
+type IndexedField = (wbc_shared::messages::FieldRecord, Vec<(u32, bool)>);
+
 /// One cell of a slide, for the lab's review.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SlideCell {
@@ -129,8 +155,12 @@ pub struct SlideCell {
     pub field_name: String,
     /// When the appliance received the field.
     pub received_at: u64,
+    /// Its index among its field's cells.
+    pub index: u32,
     /// Why it waits for review, if it does: `blast`, `possible_blast`, `set_aside`.
     pub waiting: Option<&'static str>,
+    /// Whether central holds its picture (`/cell-picture`).
+    pub picture: bool,
     /// The model's answer and the technician's review.
     pub cell: CellRecord,
 }
@@ -247,6 +277,20 @@ impl Db {
                             (&e.id).into(),
                         ],
                     )?;
+                    if let Some(jpeg) = valid_picture(m) {
+                        c.exec(
+                            "INSERT INTO cell_pictures (clinic, device, field_id, idx, jpeg_base64)
+                             VALUES ($1, $2, $3, $4, $5)
+                             ON CONFLICT (clinic, device, field_id, idx) DO UPDATE SET jpeg_base64 = excluded.jpeg_base64",
+                            &[
+                                (&e.clinic).into(),
+                                (&e.device).into(),
+                                (&m.field.id).into(),
+                                m.index.into(),
+                                CellMessage::encode_picture(&jpeg).into(),
+                            ],
+                        )?;
+                    }
                 }
                 Body::Review(r) => {
                     c.exec(
@@ -414,15 +458,29 @@ impl Db {
         device: &str,
         slide_id: &str,
     ) -> Result<Vec<wbc_shared::messages::FieldRecord>> {
+        Ok(self
+            .indexed_slide_fields(clinic, device, slide_id)?
+            .into_iter()
+            .map(|(f, _)| f)
+            .collect())
+    }
+
+    /// [`Db::slide_fields`], with each cell's index in its field and whether central holds its
+    /// picture.
+    fn indexed_slide_fields(&self, clinic: &str, device: &str, slide_id: &str) -> Result<Vec<IndexedField>> {
         let rows = self.conn.lock().expect("db lock").query(
-            "SELECT c.field_id, c.idx, c.field_json, c.cell_json, r.review_json FROM cells c
+            "SELECT c.field_id, c.idx, c.field_json, c.cell_json, r.review_json,
+                    CASE WHEN p.idx IS NULL THEN 0 ELSE 1 END
+             FROM cells c
              LEFT JOIN reviews r ON r.clinic = c.clinic AND r.device = c.device AND r.field_id = c.field_id
                                  AND r.idx = c.idx
+             LEFT JOIN cell_pictures p ON p.clinic = c.clinic AND p.device = c.device AND p.field_id = c.field_id
+                                 AND p.idx = c.idx
              WHERE c.clinic = $1 AND c.device = $2 AND c.slide_id = $3
              ORDER BY c.received_at, c.field_id, c.idx",
             &[clinic.into(), device.into(), slide_id.into()],
         )?;
-        let mut fields: Vec<(FieldInfo, Vec<CellRecord>)> = Vec::new();
+        let mut fields: Vec<IndexedField> = Vec::new();
         for r in rows {
             let field_id = r[0].text()?;
             let parsed = (|| -> Result<(FieldInfo, CellRecord)> {
@@ -441,12 +499,28 @@ impl Db {
                     continue;
                 }
             };
+            let at = (r[1].int()? as u32, r[5].int()? == 1);
             match fields.last_mut() {
-                Some((f, cells)) if f.id == field_id => cells.push(cell),
-                _ => fields.push((info, vec![cell])),
+                Some((f, idx)) if f.id == field_id => {
+                    f.cells.push(cell);
+                    idx.push(at);
+                }
+                _ => fields.push((info.to_record(vec![cell]), vec![at])),
             }
         }
-        Ok(fields.into_iter().map(|(f, cells)| f.to_record(cells)).collect())
+        Ok(fields)
+    }
+
+    /// The JPEG of a cell's picture, where central holds one.
+    pub fn cell_picture(&self, clinic: &str, device: &str, field_id: &str, idx: u32) -> Result<Option<Vec<u8>>> {
+        let rows = self.conn.lock().expect("db lock").query(
+            "SELECT jpeg_base64 FROM cell_pictures WHERE clinic = $1 AND device = $2 AND field_id = $3 AND idx = $4",
+            &[clinic.into(), device.into(), field_id.into(), idx.into()],
+        )?;
+        let Some(r) = rows.first() else {
+            return Ok(None);
+        };
+        Ok(wbc_shared::uplink::decode_picture(&r[0].text()?))
     }
 
     /// The slides of a clinic (every clinic with `None`), blasts first, then slides with
@@ -461,15 +535,19 @@ impl Db {
     /// review first ([`review_queue`]: blasts, then possible blasts, then other cells set
     /// aside), then the rest in the order they came. `None` for a slide central never heard of.
     pub fn slide(&self, clinic: &str, device: &str, slide_id: &str) -> Result<Option<SlideDetail>> {
-        let Some((row, fields)) = self.slide_rows(Some(clinic), Some((device, slide_id)))?.pop() else {
+        let Some((row, indexed)) = self.slide_rows(Some(clinic), Some((device, slide_id)))?.pop() else {
             return Ok(None);
         };
+        let fields: Vec<_> = indexed.iter().map(|(f, _)| f.clone()).collect();
         let cell = |fi: usize, ci: usize, waiting: Option<ReviewPriority>| {
             let f = &fields[fi];
+            let (index, picture) = indexed[fi].1[ci];
             SlideCell {
                 field_id: f.id.clone(),
                 field_name: f.name.clone(),
                 received_at: f.received_at,
+                index,
+                picture,
                 waiting: waiting.map(|p| match p {
                     ReviewPriority::Blast => "blast",
                     ReviewPriority::PossibleBlast => "possible_blast",
@@ -494,7 +572,7 @@ impl Db {
         &self,
         clinic: Option<&str>,
         only: Option<(&str, &str)>,
-    ) -> Result<Vec<(SlideRow, Vec<wbc_shared::messages::FieldRecord>)>> {
+    ) -> Result<Vec<(SlideRow, Vec<IndexedField>)>> {
         let (device, slide) = (only.map(|o| o.0), only.map(|o| o.1));
         let keys = self.conn.lock().expect("db lock").query(
             "SELECT k.clinic, k.device, k.slide_id,
@@ -513,7 +591,8 @@ impl Db {
         for r in keys {
             let (c, d, s) = (r[0].text()?, r[1].text()?, r[2].text()?);
             let finished = r[4].opt_int()?;
-            let fields = self.slide_fields(&c, &d, &s)?;
+            let indexed = self.indexed_slide_fields(&c, &d, &s)?;
+            let fields: Vec<_> = indexed.iter().map(|(f, _)| f.clone()).collect();
             let report = report(&s, &fields, &settings, finished.is_some());
             let row = SlideRow {
                 blast: report.flags.iter().any(|f| f.urgent()),
@@ -524,7 +603,7 @@ impl Db {
                 finished_at: finished.map(|t| t as u64),
                 report,
             };
-            out.push((row, fields));
+            out.push((row, indexed));
         }
         Ok(out)
     }
@@ -576,7 +655,7 @@ fn display(db: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::sql::databases;
     use wbc_shared::classes::CellClass;
@@ -722,6 +801,48 @@ mod tests {
             assert_eq!(db.slide("p", "dev1", "s2").unwrap(), None, "another clinic's slide id");
             assert_eq!(db.slide("p", "dev2", "s3").unwrap(), None, "another device");
             assert_eq!(db.slide("p", "dev1", "' OR 1=1 --").unwrap(), None);
+        }
+    }
+
+    /// A real JPEG of `side` pixels.
+    pub fn jpeg(side: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(side, side, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, 128]));
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new(&mut out)
+            .encode_image(&img)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_cells_picture_is_kept_when_it_is_a_picture_and_dropped_alone_when_not() {
+        for (_guard, path) in databases() {
+            let db = Db::open(&path).unwrap();
+            let blast = CellClass::Blast.index();
+            let f = field("f1", "s1", &[blast, blast, blast, blast]);
+            let good = jpeg(64);
+            let mut corrupt = good.clone();
+            corrupt.truncate(good.len() / 2);
+            let pictures = [Some(good.clone()), Some(corrupt), Some(jpeg(1024)), None];
+            let mut bodies = Body::cells_with_pictures(&f, |i| pictures[i].clone());
+            // A picture that is no base64 at all, sent by a broken or hostile device.
+            if let Body::Cell(m) = &mut bodies[3] {
+                m.picture = Some("\u{0}<script>".into());
+            }
+            for m in envelopes("a", 1, bodies) {
+                assert_eq!(db.apply(&m).unwrap(), Applied::New);
+            }
+            let d = db.slide("a", "dev1", "s1").unwrap().unwrap();
+            assert_eq!(d.cells.len(), 4, "every cell is kept, whatever its picture");
+            let kept: Vec<(u32, bool)> = d.cells.iter().map(|c| (c.index, c.picture)).collect();
+            assert_eq!(kept, vec![(0, true), (1, false), (2, false), (3, false)]);
+            assert_eq!(db.cell_picture("a", "dev1", "f1", 0).unwrap(), Some(good));
+            assert_eq!(db.cell_picture("a", "dev1", "f1", 1).unwrap(), None);
+            assert_eq!(
+                db.cell_picture("b", "dev1", "f1", 0).unwrap(),
+                None,
+                "another clinic's cell"
+            );
         }
     }
 

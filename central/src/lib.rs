@@ -173,7 +173,8 @@ mod tests {
                     review: None,
                 }],
             };
-            for b in Body::cells_of(&field) {
+            let picture = db::tests::jpeg(32);
+            for b in Body::cells_with_pictures(&field, |_| Some(picture.clone())) {
                 running.db.apply(&Envelope::new("clinic-a", "dev1", 1, 1, b)).unwrap();
             }
             let (head, body) = get(running.addr, "/api/slides?clinic=clinic-a");
@@ -195,6 +196,30 @@ mod tests {
                 "{page}"
             );
             assert!(page.contains("URGENT") && page.contains("<td>blast</td>"), "{page}");
+            // The blast came with its picture, which the page shows.
+            let src = "/cell-picture?clinic=clinic-a&amp;device=dev1&amp;field=f1&amp;index=0";
+            assert!(page.contains(&format!("<img src=\"{src}\"")), "{page}");
+            let mut s = std::net::TcpStream::connect(running.addr).unwrap();
+            write!(
+                s,
+                "GET {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                src.replace("&amp;", "&")
+            )
+            .unwrap();
+            let mut r = Vec::new();
+            s.read_to_end(&mut r).unwrap();
+            let split = r.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+            let head = String::from_utf8_lossy(&r[..split]).to_lowercase();
+            assert!(
+                head.starts_with("http/1.1 200") && head.contains("content-type: image/jpeg"),
+                "{head}"
+            );
+            assert_eq!(&r[split + 4..], &picture[..]);
+            let (head, _) = get(
+                running.addr,
+                "/cell-picture?clinic=clinic-a&device=dev1&field=f1&index=1",
+            );
+            assert!(head.starts_with("HTTP/1.1 404"), "{head}");
             let (head, body) = get(running.addr, "/api/slide?clinic=clinic-a&device=dev1&slide=s1");
             assert!(head.starts_with("HTTP/1.1 200"), "{head}");
             let v: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -8,6 +8,7 @@
 //! | `GET /api/slides?clinic=C` | slides with differential and flags, blasts first |
 //! | `GET /slide?clinic=C&device=D&slide=S` | one slide: flags, differential, every cell (those waiting for review first) |
 //! | `GET /api/slide?clinic=C&device=D&slide=S` | the same in JSON |
+//! | `GET /cell-picture?clinic=C&device=D&field=F&index=I` | a cell's picture (JPEG), for the cells sent with one |
 //! | `GET /api/results?clinic=C&days=N` | cells per day and class |
 //! | `GET /api/stats` | messages stored, duplicates ignored, rejected |
 
@@ -40,6 +41,7 @@ pub fn router(w: Arc<Web>) -> Router {
         .route("/api/slides", get(slides))
         .route("/slide", get(slide_page))
         .route("/api/slide", get(slide_json))
+        .route("/cell-picture", get(cell_picture))
         .route("/api/results", get(results))
         .route("/api/stats", get(stats))
         .route("/api/model-events", get(model_events))
@@ -116,6 +118,39 @@ impl SlideKey {
     }
 }
 
+/// Which cell: its device, field and index.
+#[derive(Deserialize, serde::Serialize)]
+struct CellKey {
+    clinic: String,
+    device: String,
+    field: String,
+    index: u32,
+}
+
+impl CellKey {
+    /// The picture's address.
+    fn href(clinic: &str, device: &str, field: &str, index: u32) -> String {
+        let key = CellKey {
+            clinic: clinic.into(),
+            device: device.into(),
+            field: field.into(),
+            index,
+        };
+        format!(
+            "/cell-picture?{}",
+            serde_urlencoded::to_string(&key).unwrap_or_default()
+        )
+    }
+}
+
+async fn cell_picture(State(w): State<Arc<Web>>, Query(k): Query<CellKey>) -> Response {
+    match blocking(&w, move |w| w.db.cell_picture(&k.clinic, &k.device, &k.field, k.index)).await {
+        Ok(Some(jpeg)) => ([(axum::http::header::CONTENT_TYPE, "image/jpeg")], jpeg).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "no picture of this cell was sent").into_response(),
+        Err(e) => internal(e),
+    }
+}
+
 async fn slide_json(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Response {
     match blocking(&w, move |w| w.db.slide(&k.clinic, &k.device, &k.slide)).await {
         Ok(Some(d)) => axum::Json(d).into_response(),
@@ -168,7 +203,7 @@ async fn slide_page(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Res
     }
     b.push_str(
         "</table><h2>Cells (those waiting for review first)</h2><table id=\"cells\"><tr><th>waiting</th><th>field</th>\
-         <th>box</th><th>model</th><th>likeliest</th><th>description</th><th>technician</th></tr>",
+         <th>box</th><th>picture</th><th>model</th><th>likeliest</th><th>description</th><th>technician</th></tr>",
     );
     for c in &d.cells {
         let r = &c.cell.result;
@@ -189,8 +224,16 @@ async fn slide_page(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Res
         };
         let _ = write!(
             b,
-            "<tr class=\"{cls}\"><td>{waiting}</td><td>{field}</td><td>{bbox}</td><td>{class}</td><td>{likeliest}</td>\
-             <td>{desc}</td><td>{review}</td></tr>",
+            "<tr class=\"{cls}\"><td>{waiting}</td><td>{field}</td><td>{bbox}</td><td>{picture}</td><td>{class}</td>\
+             <td>{likeliest}</td><td>{desc}</td><td>{review}</td></tr>",
+            picture = if c.picture {
+                format!(
+                    "<img src=\"{}\" alt=\"the cell\" width=\"128\" height=\"128\">",
+                    esc(&CellKey::href(&s.clinic, &s.device, &c.field_id, c.index))
+                )
+            } else {
+                String::new()
+            },
             cls = match c.waiting {
                 Some("blast") => "blast",
                 Some("possible_blast") => "possible-blast",

@@ -246,6 +246,25 @@ pub fn cell_crop(field: &RgbImage, bbox: [f32; 4], pad: Rgb<u8>) -> RgbImage {
     )
 }
 
+/// The picture of one cell for a person: the square [`cell_crop`] gives the classifier (the
+/// whole image for a single-cell image, or when the box is unknown), at most `max_side` pixels
+/// across.
+pub fn cell_picture(img: &RgbImage, bbox: Option<[u32; 4]>, single_cell: bool, max_side: u32) -> RgbImage {
+    let crop = match bbox {
+        Some([x0, y0, x1, y1]) if !single_cell => {
+            cell_crop(img, [x0 as f32, y0 as f32, x1 as f32, y1 as f32], mean_colour(img))
+        }
+        _ => img.clone(),
+    };
+    let (w, h) = crop.dimensions();
+    if w.max(h) <= max_side.max(1) {
+        return crop;
+    }
+    let scale = max_side.max(1) as f32 / w.max(h) as f32;
+    let side = |n: u32| ((n as f32 * scale).round() as u32).clamp(1, max_side.max(1));
+    image::imageops::thumbnail(&crop, side(w), side(h))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

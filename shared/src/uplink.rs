@@ -17,6 +17,12 @@ pub const UPLINK_SCHEMA_VERSION: u32 = 1;
 /// Largest payload either side sends or accepts, bytes.
 pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 
+/// Largest cell picture (JPEG, before base64) either side sends or keeps, bytes.
+pub const MAX_PICTURE_BYTES: usize = 48 * 1024;
+
+/// Longest side of a cell picture sent to central, pixels.
+pub const PICTURE_SIDE: u32 = 128;
+
 /// Topic prefix of every device topic.
 pub const TOPIC_ROOT: &str = "wbc";
 
@@ -173,6 +179,42 @@ pub struct CellMessage {
     pub index: u32,
     /// The model's answer (and a review, if there was one before sending).
     pub cell: CellRecord,
+    /// A small JPEG of the cell (base64, at most [`PICTURE_SIDE`] pixels across), sent with the
+    /// cells that need the lab's eyes — called Blast, or held back as a possible blast — so
+    /// that central can review what it is asked to review; other cells travel without one.
+    /// Older centrals ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub picture: Option<String>,
+}
+
+/// The JPEG bytes of a cell picture's text when it is valid base64, within
+/// [`MAX_PICTURE_BYTES`] and starts like a JPEG; whether it decodes is for the reader to find
+/// out, within its decode limits.
+pub fn decode_picture(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    if text.len() > MAX_PICTURE_BYTES.div_ceil(3) * 4 {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::STANDARD.decode(text).ok()?;
+    (bytes.len() <= MAX_PICTURE_BYTES && bytes.starts_with(&[0xFF, 0xD8, 0xFF])).then_some(bytes)
+}
+
+impl CellMessage {
+    /// Whether a cell's message carries its picture (see [`CellMessage::picture`]).
+    pub fn wants_picture(cell: &CellRecord) -> bool {
+        cell.result.class == Some(crate::classes::CellClass::Blast) || cell.result.possible_blast()
+    }
+
+    /// The picture's JPEG bytes, when it has one ([`decode_picture`]).
+    pub fn picture_jpeg(&self) -> Option<Vec<u8>> {
+        decode_picture(self.picture.as_deref()?)
+    }
+
+    /// Encodes JPEG bytes for [`CellMessage::picture`].
+    pub fn encode_picture(jpeg: &[u8]) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(jpeg)
+    }
 }
 
 /// A technician's review of one cell.
@@ -217,8 +259,8 @@ pub struct ModelMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Body {
-    /// One cell's result.
-    Cell(CellMessage),
+    /// One cell's result (boxed: with its picture it is much larger than the other bodies).
+    Cell(Box<CellMessage>),
     /// A review.
     Review(ReviewMessage),
     /// A slide report.
@@ -238,19 +280,30 @@ impl Body {
         }
     }
 
-    /// One message per cell of a field.
+    /// One message per cell of a field, without pictures.
     pub fn cells_of(field: &FieldRecord) -> Vec<Body> {
+        Self::cells_with_pictures(field, |_| None)
+    }
+
+    /// One message per cell of a field; `picture(i)` gives the JPEG of the cell at `i` for
+    /// the cells that carry one ([`CellMessage::wants_picture`]); it is not asked for others.
+    pub fn cells_with_pictures(field: &FieldRecord, mut picture: impl FnMut(usize) -> Option<Vec<u8>>) -> Vec<Body> {
         let info = FieldInfo::of(field);
         field
             .cells
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                Body::Cell(CellMessage {
+                Body::Cell(Box::new(CellMessage {
                     field: info.clone(),
                     index: i as u32,
                     cell: c.clone(),
-                })
+                    picture: CellMessage::wants_picture(c)
+                        .then(|| picture(i))
+                        .flatten()
+                        .filter(|j| j.len() <= MAX_PICTURE_BYTES)
+                        .map(|j| CellMessage::encode_picture(&j)),
+                }))
             })
             .collect()
     }
@@ -438,6 +491,57 @@ mod tests {
                     review: None,
                 })
                 .collect(),
+        }
+    }
+
+    #[test]
+    fn only_the_cells_the_lab_must_see_carry_a_picture_and_bad_pictures_are_not_read() {
+        let mut f = field();
+        // Cell 0: called Blast; cell 1: a neutrophil.
+        f.cells[0].result =
+            CellResult::from_probabilities(&[0.0, 0.0, 0.0, 0.0, 0.0, 1.0], &Default::default(), "d".into(), 0.5, 2);
+        let jpeg = [&[0xFF, 0xD8, 0xFF, 0xE0][..], &[7; 100]].concat();
+        let mut asked = Vec::new();
+        let bodies = Body::cells_with_pictures(&f, |i| {
+            asked.push(i);
+            Some(jpeg.clone())
+        });
+        assert_eq!(
+            asked,
+            vec![0],
+            "the picture of a cell that does not need one is not even made"
+        );
+        let cell = |b: &Body| match b {
+            Body::Cell(m) => m.clone(),
+            other => panic!("{other:?}"),
+        };
+        let (blast, neutrophil) = (cell(&bodies[0]), cell(&bodies[1]));
+        assert_eq!(blast.picture_jpeg(), Some(jpeg.clone()));
+        assert_eq!(neutrophil.picture, None);
+        // On the wire and back; a message without the field (an older appliance) still reads.
+        let e = Envelope::new("c", "d", 1, 1, bodies[0].clone());
+        let back = Envelope::decode(&e.topic(), &serde_json::to_vec(&e).unwrap()).unwrap();
+        assert_eq!(back, e);
+        let text = serde_json::to_string(&bodies[1]).unwrap();
+        assert!(!text.contains("picture"), "{text}");
+        // A cell held back as a possible blast carries one too.
+        f.cells[1].result =
+            CellResult::from_probabilities(&[0.1, 0.1, 0.1, 0.1, 0.2, 0.4], &Default::default(), "d".into(), 0.5, 2);
+        assert!(CellMessage::wants_picture(&f.cells[1]));
+        // Too large a picture is left out rather than sent.
+        let huge = [&jpeg[..], &vec![0u8; MAX_PICTURE_BYTES]].concat();
+        assert!(
+            cell(&Body::cells_with_pictures(&f, |_| Some(huge.clone()))[0])
+                .picture
+                .is_none()
+        );
+        // What a reader refuses: not base64, not a JPEG, too long.
+        for bad in [
+            "not base64!".to_string(),
+            CellMessage::encode_picture(b"\x89PNG\r\n\x1a\n...."),
+            CellMessage::encode_picture(&huge),
+        ] {
+            assert_eq!(decode_picture(&bad), None, "{}", &bad[..bad.len().min(40)]);
         }
     }
 
