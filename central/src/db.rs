@@ -143,6 +143,17 @@ pub struct SlideRow {
     pub report: SlideReport,
 }
 
+impl SlideRow {
+    /// `finished` or `in progress`, in words.
+    pub fn state(&self) -> &'static str {
+        if self.finished_at.is_some() {
+            "finished"
+        } else {
+            "in progress"
+        }
+    }
+}
+
 /// A field with, per cell, its index in the field and whether central holds its picture.
 type IndexedField = (wbc_shared::messages::FieldRecord, Vec<(u32, bool)>);
 

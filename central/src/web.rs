@@ -174,11 +174,7 @@ async fn slide_page(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Res
         clinic = esc(&s.clinic),
         device = esc(&s.device),
         t = when(s.started_at),
-        state = if s.finished_at.is_some() {
-            "finished"
-        } else {
-            "in progress"
-        },
+        state = s.state(),
         n = s.report.classified,
         u = s.report.unidentified,
         e = s.report.edge_cut,
@@ -343,11 +339,7 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
             d = esc(&s.device),
             id = esc(&s.report.slide_id),
             t = when(s.started_at),
-            st = if s.finished_at.is_some() {
-                "finished"
-            } else {
-                "in progress"
-            },
+            st = s.state(),
             n = s.report.classified,
             diff = esc(&diff.join(", ")),
             flags = flags.join("<br>")
