@@ -282,7 +282,7 @@ impl App {
     /// blast above all: central hears of it with the field that showed it).
     fn send_new_flags(&self) -> Result<()> {
         let s = self.current_slide();
-        let r = self.report_of(&s)?;
+        let r = for_central(self.report_of(&s)?);
         let keys = flag_keys(&r.flags);
         let mut sent = self.sent_flags.lock().expect("flags lock");
         if keys.iter().any(|k| !sent.contains(k)) {
@@ -364,8 +364,16 @@ fn slide_message(s: &SlideState, report: SlideReport) -> Body {
     Body::Slide(SlideMessage {
         started_at: s.started_at,
         finished_at: s.finished_at,
-        report,
+        report: for_central(report),
     })
+}
+
+/// The report as central is sent it: without the possible-blast flag, which a central built
+/// before it would refuse the whole message for (and with it the slide's finishing), and
+/// which every central recomputes from the cells anyway.
+fn for_central(mut report: SlideReport) -> SlideReport {
+    report.flags.retain(|f| !matches!(f, Flag::PossibleBlast { .. }));
+    report
 }
 
 #[cfg(test)]
@@ -398,6 +406,13 @@ mod tests {
 
     fn fixture(path: &str) -> Vec<u8> {
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)).unwrap()
+    }
+
+    #[test]
+    fn central_is_sent_every_flag_but_the_possible_blast_it_recomputes_itself() {
+        let mut r = report("s", &[], &SlideSettings::default(), false);
+        r.flags = vec![Flag::Blast { count: 1 }, Flag::PossibleBlast { count: 2 }];
+        assert_eq!(for_central(r).flags, vec![Flag::Blast { count: 1 }]);
     }
 
     #[test]

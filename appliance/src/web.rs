@@ -17,6 +17,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use wbc_shared::classes::CellClass;
 use wbc_shared::messages::FieldRecord;
+use wbc_shared::slide::ReviewPriority;
 
 const COOKIE: &str = "wbc_session";
 
@@ -568,12 +569,23 @@ async fn cell_picture(State(w): State<Arc<Web>>, Path((id, n)): Path<(String, us
     if let Err(status) = load_field(&w, &id) {
         return (status, "no such field").into_response();
     }
-    match w.app.cell_picture(&id, n) {
-        Ok(Some(png)) => ([(header::CONTENT_TYPE, "image/png")], png).into_response(),
-        Ok(None) => (StatusCode::NOT_FOUND, "no such cell, or its field's image is not kept").into_response(),
-        Err(e) => {
+    // Decoding a field image is seconds of CPU on a small box: off the async workers.
+    let app = w.app.clone();
+    let field = id.clone();
+    match tokio::task::spawn_blocking(move || app.cell_picture(&field, n)).await {
+        Ok(Ok(Some(png))) => ([(header::CONTENT_TYPE, "image/png")], png).into_response(),
+        Ok(Ok(None)) => (StatusCode::NOT_FOUND, "no such cell, or its field's image is not kept").into_response(),
+        Ok(Err(e)) => {
             tracing::error!(error = %format!("{e:#}"), field = %id, "cell picture");
             (StatusCode::INTERNAL_SERVER_ERROR, "the field's image could not be read").into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, field = %id, "cell picture task");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the cell's picture could not be made",
+            )
+                .into_response()
         }
     }
 }
@@ -619,7 +631,6 @@ async fn review_page(
     let queue = wbc_shared::slide::review_queue(&fields);
     for &(priority, fi, ci) in &queue {
         let (f, c) = (&fields[fi], &fields[fi].cells[ci]);
-        let urgent = priority < wbc_shared::slide::ReviewPriority::Other;
         // One click for the model's two likeliest classes; the full list for anything else.
         let mut likeliest: Vec<(CellClass, f32)> = CellClass::ALL
             .iter()
@@ -639,16 +650,20 @@ async fn review_page(
         }
         let _ = write!(
             body,
-            "<li{cls} id=\"wait-{id}-{k}\"><img class=\"cell-picture\" src=\"/field/{id}/cell/{ci}/image\" alt=\"cell {k} of {name}\" width=\"128\" height=\"128\"> \
+            "<li{cls} id=\"wait-{id}-{k}\"><img class=\"cell-picture\" src=\"/field/{id}/cell/{ci}/image\" alt=\"cell {k} of {name}\" width=\"128\" height=\"128\" loading=\"lazy\"> \
              <a href=\"/field/{id}#cell-{k}\">{name}, cell {k}</a>: {class}{possible} — {desc}<br>{quick}\
              <form method=\"post\" action=\"{action}\" class=\"quick\"><input type=\"hidden\" name=\"next\" value=\"review\">\
              <select name=\"class\">{opts}</select> <button>Save</button></form></li>",
-            cls = if urgent { " class=\"urgent\"" } else { "" },
+            cls = match priority {
+                ReviewPriority::Blast => " class=\"urgent\"",
+                ReviewPriority::PossibleBlast => " class=\"flag\"",
+                ReviewPriority::Other => "",
+            },
             id = esc(&f.id),
             k = ci + 1,
             name = esc(&f.name),
             class = esc(c.result.class_name()),
-            possible = if priority == wbc_shared::slide::ReviewPriority::PossibleBlast {
+            possible = if priority == ReviewPriority::PossibleBlast {
                 " (possible blast)"
             } else {
                 ""

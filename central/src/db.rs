@@ -288,20 +288,25 @@ impl Db {
                             (&e.id).into(),
                         ],
                     )?;
-                    if let Some(jpeg) = valid_picture(m) {
-                        c.exec(
+                    let key = [
+                        (&e.clinic).into(),
+                        (&e.device).into(),
+                        (&m.field.id).into(),
+                        m.index.into(),
+                    ];
+                    match valid_picture(m) {
+                        Some(jpeg) => c.exec(
                             "INSERT INTO cell_pictures (clinic, device, field_id, idx, jpeg_base64)
                              VALUES ($1, $2, $3, $4, $5)
                              ON CONFLICT (clinic, device, field_id, idx) DO UPDATE SET jpeg_base64 = excluded.jpeg_base64",
-                            &[
-                                (&e.clinic).into(),
-                                (&e.device).into(),
-                                (&m.field.id).into(),
-                                m.index.into(),
-                                CellMessage::encode_picture(&jpeg).into(),
-                            ],
-                        )?;
-                    }
+                            &[key.as_slice(), &[CellMessage::encode_picture(&jpeg).into()]].concat(),
+                        )?,
+                        // A cell sent anew without a (usable) picture keeps none of an old one.
+                        None => c.exec(
+                            "DELETE FROM cell_pictures WHERE clinic = $1 AND device = $2 AND field_id = $3 AND idx = $4",
+                            &key,
+                        )?,
+                    };
                 }
                 Body::Review(r) => {
                     c.exec(
@@ -834,9 +839,18 @@ pub(crate) mod tests {
             let good = jpeg(64);
             let mut corrupt = good.clone();
             corrupt.truncate(good.len() / 2);
-            let pictures = [Some(good.clone()), Some(corrupt), Some(jpeg(1024)), None];
+            let pictures = [Some(good.clone()), Some(corrupt), None, None];
             let mut bodies = Body::cells_with_pictures(&f, |i| pictures[i].clone());
-            // A picture that is no base64 at all, sent by a broken or hostile device.
+            // A JPEG too large to decode here (1024 px; an appliance sends 128), and a picture
+            // that is no base64 at all, sent by a broken or hostile device.
+            let mut huge = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new(&mut huge)
+                .encode_image(&image::RgbImage::from_pixel(1024, 1024, image::Rgb([200, 120, 160])))
+                .unwrap();
+            assert!(huge.len() <= wbc_shared::uplink::MAX_PICTURE_BYTES, "{}", huge.len());
+            if let Body::Cell(m) = &mut bodies[2] {
+                m.picture = Some(CellMessage::encode_picture(&huge));
+            }
             if let Body::Cell(m) = &mut bodies[3] {
                 m.picture = Some("\u{0}<script>".into());
             }
@@ -854,6 +868,11 @@ pub(crate) mod tests {
                 None,
                 "another clinic's cell"
             );
+            // The cell sent again (a new message) without its picture keeps no stale one.
+            let again = Body::cells_of(&f);
+            db.apply(&Envelope::new("a", "dev1", 99, now(), again[0].clone()))
+                .unwrap();
+            assert_eq!(db.cell_picture("a", "dev1", "f1", 0).unwrap(), None);
         }
     }
 

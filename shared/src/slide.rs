@@ -104,7 +104,8 @@ pub enum Flag {
         /// Required.
         minimum: u32,
     },
-    /// A flag a newer version raised that this one does not know: read, shown, not lost.
+    /// A flag a newer version raised that this one does not know: the message that carries it
+    /// is read (as this, without the flag's details) instead of refused.
     #[serde(other)]
     Unknown,
 }
