@@ -3,22 +3,11 @@
 //! UI on localhost.
 
 use anyhow::{Context, Result, bail};
-use argon2::Argon2;
-use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use wbc_shared::slide::SlideSettings;
 
-/// A web UI account.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct User {
-    /// Login name.
-    pub name: String,
-    /// Argon2 PHC string (`appliance hash-password` makes one); never the password itself.
-    pub password_hash: String,
-}
+pub use wbc_shared::auth::{User, verify_password};
 
 /// The web UI.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -137,11 +126,7 @@ impl Config {
         }
         self.update.validate()?;
         for u in &self.web.users {
-            if u.name.is_empty() {
-                bail!("a web user has an empty name");
-            }
-            PasswordHash::new(&u.password_hash)
-                .map_err(|e| anyhow::anyhow!("web user {}: password_hash is not a PHC string: {e}", u.name))?;
+            u.validate().map_err(anyhow::Error::msg)?;
         }
         Ok(())
     }
@@ -160,18 +145,7 @@ pub fn schema() -> serde_json::Value {
 
 /// Hashes a password for the configuration (Argon2id, random salt).
 pub fn hash_password(password: &str) -> Result<String> {
-    let salt = SaltString::generate(&mut OsRng);
-    Ok(Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map_err(|e| anyhow::anyhow!("hashing: {e}"))?
-        .to_string())
-}
-
-/// Whether `password` is the user's.
-pub fn verify_password(user: &User, password: &str) -> bool {
-    PasswordHash::new(&user.password_hash)
-        .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
-        .unwrap_or(false)
+    wbc_shared::auth::hash_password(password).map_err(anyhow::Error::msg)
 }
 
 /// The accounts to use: the configured ones, else those kept in `<data_dir>/web-users.toml`,

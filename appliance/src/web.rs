@@ -12,20 +12,18 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
-use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use wbc_shared::auth::{Sessions, session_token};
 use wbc_shared::classes::CellClass;
 use wbc_shared::messages::FieldRecord;
 use wbc_shared::slide::ReviewPriority;
-
-const COOKIE: &str = "wbc_session";
 
 /// The web UI's state.
 pub struct Web {
     app: Arc<App>,
     users: Vec<User>,
-    sessions: Mutex<HashMap<String, String>>,
+    sessions: Sessions,
     max_upload_bytes: usize,
     uplink: Option<Arc<crate::uplink::UplinkState>>,
 }
@@ -41,7 +39,7 @@ impl Web {
         Arc::new(Web {
             app,
             users,
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Sessions::default(),
             max_upload_bytes,
             uplink,
         })
@@ -66,21 +64,13 @@ impl Web {
     }
 
     fn user_of(&self, headers: &HeaderMap) -> Option<String> {
-        let token = token_of(headers)?;
-        self.sessions.lock().expect("sessions").get(&token).cloned()
+        self.sessions.user(&token_of(headers)?)
     }
 }
 
 /// The session token a request carries.
 fn token_of(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
-        .map(|(_, v)| v.to_string())
+    session_token(headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()))
 }
 
 /// The logged-in user of a request.
@@ -228,10 +218,9 @@ async fn login(State(w): State<Arc<Web>>, Form(f): Form<LoginForm>) -> Response 
         tracing::warn!(user = %name, "failed login");
         return (StatusCode::UNAUTHORIZED, login_form("Wrong user or password.")).into_response();
     }
-    let token = hex::encode(rand::random::<[u8; 32]>());
-    w.sessions.lock().expect("sessions").insert(token.clone(), name);
+    let token = w.sessions.start(&name);
     let mut r = Redirect::to("/").into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/")) {
+    if let Ok(v) = HeaderValue::from_str(&Sessions::cookie(&token)) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r
@@ -239,7 +228,7 @@ async fn login(State(w): State<Arc<Web>>, Form(f): Form<LoginForm>) -> Response 
 
 async fn logout(State(w): State<Arc<Web>>, headers: HeaderMap) -> Response {
     if let Some(t) = token_of(&headers) {
-        w.sessions.lock().expect("sessions").remove(&t);
+        w.sessions.end(&t);
     }
     Redirect::to("/login").into_response()
 }

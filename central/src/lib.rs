@@ -27,6 +27,10 @@ pub struct Config {
     pub client_id: String,
     /// The broker (`[broker]`).
     pub broker: BrokerConfig,
+    /// Accounts of the dashboard and API (`[[users]]`, `name` and an Argon2 `password_hash`
+    /// from `appliance hash-password`). With any, everything but `/health` needs a login;
+    /// with none, nothing does (keep `listen` on loopback then).
+    pub users: Vec<wbc_shared::auth::User>,
 }
 
 impl Default for Config {
@@ -36,6 +40,7 @@ impl Default for Config {
             listen: "127.0.0.1:8090".into(),
             client_id: "wbc-central".into(),
             broker: BrokerConfig::default(),
+            users: Vec::new(),
         }
     }
 }
@@ -49,6 +54,11 @@ impl Config {
         c.broker
             .validate()
             .with_context(|| format!("{}: [broker]", path.display()))?;
+        for u in &c.users {
+            u.validate()
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("{}: [[users]]", path.display()))?;
+        }
         Ok(c)
     }
 }
@@ -99,6 +109,8 @@ pub async fn start(config: &Config) -> Result<Running> {
     let app = web::router(Arc::new(web::Web {
         db: db.clone(),
         stats: stats.clone(),
+        users: config.users.clone(),
+        sessions: Default::default(),
     }));
     let tasks = vec![
         tokio::spawn(ingest.run(rx)),
@@ -136,6 +148,105 @@ mod tests {
         s.read_to_string(&mut r).unwrap();
         let (head, body) = r.split_once("\r\n\r\n").unwrap();
         (head.to_string(), body.to_string())
+    }
+
+    /// One request; returns the status line and headers, and the body.
+    fn request(addr: std::net::SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> (String, String) {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        let (head, body) = r.split_once("\r\n\r\n").unwrap();
+        (head.to_string(), body.to_string())
+    }
+
+    #[test]
+    fn an_account_that_could_never_log_in_is_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("central.toml");
+        std::fs::write(&path, "[[users]]\nname = \"lab\"\npassword_hash = \"microscope\"\n").unwrap();
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("[[users]]") && err.contains("not a PHC string"), "{err}");
+        let hash = wbc_shared::auth::hash_password("microscope").unwrap();
+        std::fs::write(
+            &path,
+            format!("[[users]]\nname = \"lab\"\npassword_hash = \"{hash}\"\n"),
+        )
+        .unwrap();
+        assert_eq!(Config::load(&path).unwrap().users[0].name, "lab");
+    }
+
+    #[test]
+    fn with_accounts_everything_but_health_needs_a_login() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let config = Config {
+            db: dir.path().join("c.sqlite"),
+            listen: "127.0.0.1:0".into(),
+            broker: BrokerConfig {
+                host: "127.0.0.1".into(),
+                port: Some(1),
+                ..Default::default()
+            },
+            users: vec![wbc_shared::auth::User {
+                name: "lab".into(),
+                password_hash: wbc_shared::auth::hash_password("microscope").unwrap(),
+            }],
+            ..Default::default()
+        };
+        let running = rt.block_on(start(&config)).unwrap();
+        let a = running.addr;
+        let (head, _) = get(a, "/health");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        for page in [
+            "/",
+            "/slide?clinic=c&device=d&slide=s",
+            "/cell-picture?clinic=c&device=d&field=f&index=0",
+        ] {
+            let (head, _) = get(a, page);
+            assert!(
+                head.starts_with("HTTP/1.1 303") && head.contains("location: /login"),
+                "{page}: {head}"
+            );
+        }
+        for api in ["/api/slides", "/api/slide?clinic=c&device=d&slide=s", "/api/devices"] {
+            let (head, _) = get(a, api);
+            assert!(head.starts_with("HTTP/1.1 401"), "{api}: {head}");
+        }
+        let form = "Content-Type: application/x-www-form-urlencoded\r\n";
+        let (head, body) = request(a, "POST", "/login", form, "user=lab&password=wrong");
+        assert!(
+            head.starts_with("HTTP/1.1 401") && body.contains("Wrong user or password"),
+            "{head}"
+        );
+        assert!(!head.to_lowercase().contains("set-cookie"));
+        let (head, _) = request(a, "POST", "/login", form, "user=lab&password=microscope");
+        assert!(head.starts_with("HTTP/1.1 303"), "{head}");
+        let cookie = head
+            .lines()
+            .find_map(|l| l.strip_prefix("set-cookie: "))
+            .and_then(|c| c.split(';').next())
+            .unwrap()
+            .to_string();
+        let with = format!("Cookie: {cookie}\r\n");
+        let (head, html) = request(a, "GET", "/", &with, "");
+        assert!(
+            head.starts_with("HTTP/1.1 200") && html.contains("id=\"logout\""),
+            "{head}"
+        );
+        let (head, _) = request(a, "GET", "/api/slides", &with, "");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let (head, _) = request(a, "GET", "/api/slides", "Cookie: wbc_session=forged\r\n", "");
+        assert!(head.starts_with("HTTP/1.1 401"), "a forged cookie: {head}");
+        request(a, "POST", "/logout", &with, "");
+        let (head, _) = request(a, "GET", "/api/slides", &with, "");
+        assert!(head.starts_with("HTTP/1.1 401"), "logged out: {head}");
+        rt.block_on(running.stop());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! | route | what |
 //! |---|---|
 //! | `GET /` | dashboard: devices (online, backlog, model), slides with blasts first |
-//! | `GET /health` | `{"status":"ok","broker_connected":…}` |
+//! | `GET /health` | `{"status":"ok","broker_connected":…}` (open without a login) |
+//! | `GET`/`POST /login`, `POST /logout` | where `[[users]]` are configured, every other route needs a login |
 //! | `GET /api/devices` | every device: state, backlog, model version, last seen |
 //! | `GET /api/slides?clinic=C` | slides with differential and flags, blasts first |
 //! | `GET /slide?clinic=C&device=D&slide=S` | one slide: flags, differential, every cell (those waiting for review first) |
@@ -15,14 +16,16 @@
 use crate::db::Db;
 use crate::ingest::Stats;
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{Form, Query, Request, State};
 use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
 use serde::Deserialize;
 use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use wbc_shared::auth::{Sessions, User, session_token, verify_password};
 
 /// What the handlers share.
 pub struct Web {
@@ -30,13 +33,18 @@ pub struct Web {
     pub db: Arc<Db>,
     /// Ingest counters.
     pub stats: Arc<Stats>,
+    /// Accounts; with none, no login is asked for.
+    pub users: Vec<User>,
+    /// Who is logged in.
+    pub sessions: Sessions,
 }
 
-/// The routes.
+/// The routes: `/health` and `/login` always open; the rest behind the login where there are
+/// accounts.
 pub fn router(w: Arc<Web>) -> Router {
-    Router::new()
+    let private = Router::new()
         .route("/", get(dashboard))
-        .route("/health", get(health))
+        .route("/logout", post(logout))
         .route("/api/devices", get(devices))
         .route("/api/slides", get(slides))
         .route("/slide", get(slide_page))
@@ -45,7 +53,89 @@ pub fn router(w: Arc<Web>) -> Router {
         .route("/api/results", get(results))
         .route("/api/stats", get(stats))
         .route("/api/model-events", get(model_events))
+        .layer(middleware::from_fn_with_state(w.clone(), require_login));
+    Router::new()
+        .route("/health", get(health))
+        .route("/login", get(login_page).post(login))
+        .merge(private)
         .with_state(w)
+}
+
+/// The session token a request carries.
+fn token_of(req: &Request) -> Option<String> {
+    session_token(
+        req.headers()
+            .get_all(axum::http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
+}
+
+async fn require_login(State(w): State<Arc<Web>>, req: Request, next: Next) -> Response {
+    let token = token_of(&req);
+    if w.users.is_empty() || token.and_then(|t| w.sessions.user(&t)).is_some() {
+        return next.run(req).await;
+    }
+    if req.uri().path().starts_with("/api/") {
+        (StatusCode::UNAUTHORIZED, "log in first").into_response()
+    } else {
+        Redirect::to("/login").into_response()
+    }
+}
+
+fn login_form(message: &str) -> Html<String> {
+    let msg = if message.is_empty() {
+        String::new()
+    } else {
+        format!("<p id=\"error\">{}</p>", esc(message))
+    };
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>WBC central: log in</title><style>{STYLE}</style></head>\
+         <body><h1>WBC central</h1>{msg}<form method=\"post\" action=\"/login\"><p><label>User <input name=\"user\" \
+         autocomplete=\"username\"></label></p><p><label>Password <input type=\"password\" name=\"password\" \
+         autocomplete=\"current-password\"></label></p><p><button>Log in</button></p></form></body></html>"
+    ))
+}
+
+async fn login_page() -> Html<String> {
+    login_form("")
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    user: String,
+    password: String,
+}
+
+async fn login(State(w): State<Arc<Web>>, Form(f): Form<LoginForm>) -> Response {
+    let users = w.users.clone();
+    let name = f.user.clone();
+    // Argon2 is deliberately slow: off the async workers.
+    let ok = tokio::task::spawn_blocking(move || {
+        users
+            .iter()
+            .any(|u| u.name == f.user && verify_password(u, &f.password))
+    })
+    .await
+    .unwrap_or(false);
+    if !ok {
+        tracing::warn!(user = %name, "failed login");
+        return (StatusCode::UNAUTHORIZED, login_form("Wrong user or password.")).into_response();
+    }
+    let token = w.sessions.start(&name);
+    let mut r = Redirect::to("/").into_response();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&Sessions::cookie(&token)) {
+        r.headers_mut().insert(axum::http::header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn logout(State(w): State<Arc<Web>>, req: Request) -> Response {
+    let token = token_of(&req);
+    if let Some(t) = token {
+        w.sessions.end(&t);
+    }
+    Redirect::to("/login").into_response()
 }
 
 fn internal(e: anyhow::Error) -> Response {
@@ -298,8 +388,13 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
     };
     let mut b = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>WBC central</title><style>{STYLE}</style></head><body>\
-         <h1>WBC differentials: central lab</h1><h2>Devices</h2><table id=\"devices\"><tr><th>clinic</th><th>device</th>\
-         <th>state</th><th>waiting to send</th><th>model</th><th>last heard</th></tr>"
+         <h1>WBC differentials: central lab</h1>{logout}<h2>Devices</h2><table id=\"devices\"><tr><th>clinic</th><th>device</th>\
+         <th>state</th><th>waiting to send</th><th>model</th><th>last heard</th></tr>",
+        logout = if w.users.is_empty() {
+            ""
+        } else {
+            "<form method=\"post\" action=\"/logout\"><button id=\"logout\">Log out</button></form>"
+        }
     );
     for d in &devices {
         let _ = write!(

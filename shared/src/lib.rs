@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod attributes;
+pub mod auth;
 pub mod bundle;
 pub mod calibrate;
 pub mod cellnorm;

@@ -55,6 +55,7 @@ fn main() {
             listen: "127.0.0.1:0".into(),
             client_id: "wbc-central-bench".into(),
             broker: broker.config_for(&Account::central()).unwrap(),
+            ..Default::default()
         }))
         .unwrap();
     while !central.stats.connected.load(std::sync::atomic::Ordering::Relaxed) {

@@ -68,6 +68,7 @@ fn updates_by_network_and_usb_are_verified_activated_or_refused_and_central_hear
             listen: "127.0.0.1:0".into(),
             client_id: "wbc-central".into(),
             broker: central_broker.clone(),
+            ..Default::default()
         }))
         .unwrap();
 

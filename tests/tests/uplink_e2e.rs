@@ -73,6 +73,7 @@ fn central_config(dir: &Path, broker: &Broker) -> central::Config {
         listen: "127.0.0.1:0".into(),
         client_id: "wbc-central-test".into(),
         broker: broker.config_for(&Account::central()).unwrap(),
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,134 @@
+//! Accounts and sessions of the web pages (the appliance's and central's): Argon2 password
+//! hashes in the configuration, random session tokens in an `HttpOnly` cookie, kept in memory
+//! (a restart logs everyone out).
+
+use argon2::Argon2;
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// The session cookie's name.
+pub const COOKIE: &str = "wbc_session";
+
+/// A web account.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// Login name.
+    pub name: String,
+    /// Argon2 PHC string (`appliance hash-password` makes one); never the password itself.
+    pub password_hash: String,
+}
+
+impl User {
+    /// Refuses an account that could never log in: an empty name, or a hash that is not a PHC
+    /// string (a password pasted in its place, say).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() {
+            return Err("a web user has an empty name".into());
+        }
+        PasswordHash::new(&self.password_hash)
+            .map(|_| ())
+            .map_err(|e| format!("web user {}: password_hash is not a PHC string: {e}", self.name))
+    }
+}
+
+/// An Argon2 PHC string for `password`, with a fresh salt.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| format!("hashing: {e}"))
+}
+
+/// Whether `password` is the user's.
+pub fn verify_password(user: &User, password: &str) -> bool {
+    PasswordHash::new(&user.password_hash)
+        .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+        .unwrap_or(false)
+}
+
+/// The logged-in users, by session token.
+#[derive(Debug, Default)]
+pub struct Sessions(Mutex<HashMap<String, String>>);
+
+impl Sessions {
+    /// Logs `user` in; returns the new session's token.
+    pub fn start(&self, user: &str) -> String {
+        let token = hex::encode(rand::random::<[u8; 32]>());
+        self.0.lock().expect("sessions").insert(token.clone(), user.to_string());
+        token
+    }
+
+    /// The user of a session, if it is one.
+    pub fn user(&self, token: &str) -> Option<String> {
+        self.0.lock().expect("sessions").get(token).cloned()
+    }
+
+    /// Logs a session out.
+    pub fn end(&self, token: &str) {
+        self.0.lock().expect("sessions").remove(token);
+    }
+
+    /// The `Set-Cookie` value that carries a session's token.
+    pub fn cookie(token: &str) -> String {
+        format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/")
+    }
+}
+
+/// The session token among a request's `Cookie` header values.
+pub fn session_token<'a>(cookie_headers: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    cookie_headers
+        .into_iter()
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_verifies_against_its_hash_only() {
+        let user = User {
+            name: "tech".into(),
+            password_hash: hash_password("correct horse").unwrap(),
+        };
+        assert!(user.password_hash.starts_with("$argon2"));
+        assert_eq!(user.validate(), Ok(()));
+        assert!(verify_password(&user, "correct horse"));
+        assert!(!verify_password(&user, "correct horse "));
+        let broken = User {
+            password_hash: "not a hash".into(),
+            ..user
+        };
+        assert!(!verify_password(&broken, "correct horse"));
+        assert!(broken.validate().unwrap_err().contains("not a PHC string"));
+        let nameless = User {
+            name: String::new(),
+            ..broken
+        };
+        assert!(nameless.validate().unwrap_err().contains("empty name"));
+    }
+
+    #[test]
+    fn sessions_start_end_and_are_found_in_the_cookie_header() {
+        let s = Sessions::default();
+        let t = s.start("tech");
+        assert_eq!(t.len(), 64);
+        assert_ne!(t, s.start("tech"), "a new token each time");
+        assert_eq!(s.user(&t).as_deref(), Some("tech"));
+        let header = format!("theme=dark; {COOKIE}={t}; other=1");
+        assert_eq!(session_token([header.as_str()]), Some(t.clone()));
+        assert_eq!(session_token(["theme=dark", "x"]), None);
+        assert!(Sessions::cookie(&t).contains("HttpOnly"));
+        s.end(&t);
+        assert_eq!(s.user(&t), None);
+        assert_eq!(s.user("forged"), None);
+    }
+}
