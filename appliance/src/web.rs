@@ -4,7 +4,7 @@
 //! Nothing is served without a login except `/health`.
 
 use crate::app::{App, Ingested};
-use crate::config::{User, verify_password};
+use crate::config::User;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Form, Multipart, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use wbc_shared::auth::{Sessions, session_token};
+use wbc_shared::auth::{LoginForm, Sessions, log_in, session_token};
 use wbc_shared::classes::CellClass;
 use wbc_shared::messages::FieldRecord;
 use wbc_shared::slide::ReviewPriority;
@@ -198,32 +198,20 @@ fn login_form(message: &str) -> Html<String> {
     )
 }
 
-#[derive(Deserialize)]
-struct LoginForm {
-    user: String,
-    password: String,
-}
-
 async fn login(State(w): State<Arc<Web>>, Form(f): Form<LoginForm>) -> Response {
-    let users = w.users.clone();
-    let name = f.user.clone();
-    let ok = tokio::task::spawn_blocking(move || {
-        users
-            .iter()
-            .any(|u| u.name == f.user && verify_password(u, &f.password))
-    })
-    .await
-    .unwrap_or(false);
-    if !ok {
-        tracing::warn!(user = %name, "failed login");
-        return (StatusCode::UNAUTHORIZED, login_form("Wrong user or password.")).into_response();
+    let (web, name) = (w.clone(), f.user.clone());
+    let cookie = tokio::task::spawn_blocking(move || log_in(&web.users, &web.sessions, &f))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|c| HeaderValue::from_str(&c).ok());
+    match cookie {
+        Some(c) => ([(header::SET_COOKIE, c)], Redirect::to("/")).into_response(),
+        None => {
+            tracing::warn!(user = %name, "failed login");
+            (StatusCode::UNAUTHORIZED, login_form("Wrong user or password.")).into_response()
+        }
     }
-    let token = w.sessions.start(&name);
-    let mut r = Redirect::to("/").into_response();
-    if let Ok(v) = HeaderValue::from_str(&Sessions::cookie(&token)) {
-        r.headers_mut().insert(header::SET_COOKIE, v);
-    }
-    r
 }
 
 async fn logout(State(w): State<Arc<Web>>, headers: HeaderMap) -> Response {

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use wbc_shared::auth::{Sessions, User, session_token, verify_password};
+use wbc_shared::auth::{LoginForm, Sessions, User, log_in, session_token};
 
 /// What the handlers share.
 pub struct Web {
@@ -101,33 +101,20 @@ async fn login_page() -> Html<String> {
     login_form("")
 }
 
-#[derive(Deserialize)]
-struct LoginForm {
-    user: String,
-    password: String,
-}
-
 async fn login(State(w): State<Arc<Web>>, Form(f): Form<LoginForm>) -> Response {
-    let users = w.users.clone();
-    let name = f.user.clone();
-    // Argon2 is deliberately slow: off the async workers.
-    let ok = tokio::task::spawn_blocking(move || {
-        users
-            .iter()
-            .any(|u| u.name == f.user && verify_password(u, &f.password))
-    })
-    .await
-    .unwrap_or(false);
-    if !ok {
-        tracing::warn!(user = %name, "failed login");
-        return (StatusCode::UNAUTHORIZED, login_form("Wrong user or password.")).into_response();
+    let (web, name) = (w.clone(), f.user.clone());
+    let cookie = tokio::task::spawn_blocking(move || log_in(&web.users, &web.sessions, &f))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|c| axum::http::HeaderValue::from_str(&c).ok());
+    match cookie {
+        Some(c) => ([(axum::http::header::SET_COOKIE, c)], Redirect::to("/")).into_response(),
+        None => {
+            tracing::warn!(user = %name, "failed login");
+            (StatusCode::UNAUTHORIZED, login_form("Wrong user or password.")).into_response()
+        }
     }
-    let token = w.sessions.start(&name);
-    let mut r = Redirect::to("/").into_response();
-    if let Ok(v) = axum::http::HeaderValue::from_str(&Sessions::cookie(&token)) {
-        r.headers_mut().insert(axum::http::header::SET_COOKIE, v);
-    }
-    r
 }
 
 async fn logout(State(w): State<Arc<Web>>, req: Request) -> Response {

@@ -51,6 +51,24 @@ pub fn verify_password(user: &User, password: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// What a login form posts.
+#[derive(Debug, Deserialize)]
+pub struct LoginForm {
+    /// Login name.
+    pub user: String,
+    /// Password.
+    pub password: String,
+}
+
+/// Checks a login against `users` and, when it is one, starts a session: returns the
+/// `Set-Cookie` value that carries it. Argon2 is slow on purpose: call it off async workers.
+pub fn log_in(users: &[User], sessions: &Sessions, form: &LoginForm) -> Option<String> {
+    users
+        .iter()
+        .any(|u| u.name == form.user && verify_password(u, &form.password))
+        .then(|| Sessions::cookie(&sessions.start(&form.user)))
+}
+
 /// The logged-in users, by session token.
 #[derive(Debug, Default)]
 pub struct Sessions(Mutex<HashMap<String, String>>);
@@ -114,6 +132,24 @@ mod tests {
             ..broken
         };
         assert!(nameless.validate().unwrap_err().contains("empty name"));
+    }
+
+    #[test]
+    fn a_login_starts_a_session_only_with_the_right_password() {
+        let users = vec![User {
+            name: "lab".into(),
+            password_hash: hash_password("microscope").unwrap(),
+        }];
+        let s = Sessions::default();
+        let form = |user: &str, password: &str| LoginForm {
+            user: user.into(),
+            password: password.into(),
+        };
+        assert_eq!(log_in(&users, &s, &form("lab", "wrong")), None);
+        assert_eq!(log_in(&users, &s, &form("other", "microscope")), None);
+        let cookie = log_in(&users, &s, &form("lab", "microscope")).unwrap();
+        let token = session_token([cookie.split(';').next().unwrap()]).unwrap();
+        assert_eq!(s.user(&token).as_deref(), Some("lab"));
     }
 
     #[test]
