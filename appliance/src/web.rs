@@ -609,12 +609,7 @@ async fn review_page(
     for &(priority, fi, ci) in &queue {
         let (f, c) = (&fields[fi], &fields[fi].cells[ci]);
         // One click for the model's two likeliest classes; the full list for anything else.
-        let mut likeliest: Vec<(CellClass, f32)> = CellClass::ALL
-            .iter()
-            .filter_map(|k| c.result.probabilities.get(k.name()).map(|p| (*k, *p)))
-            .filter(|(_, p)| p.is_finite())
-            .collect();
-        likeliest.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let likeliest = c.result.likeliest();
         let action = format!("/field/{}/cell/{ci}/review", esc(&f.id));
         let mut quick = String::new();
         for (k, p) in likeliest.iter().take(2) {

@@ -154,8 +154,13 @@ impl SlideRow {
     }
 }
 
-/// A field with, per cell, its index in the field and whether central holds its picture.
-type IndexedField = (wbc_shared::messages::FieldRecord, Vec<(u32, bool)>);
+/// A slide's fields as central holds them and, per field and cell, the cell's index in its
+/// field (cells may be missing) and whether central holds its picture.
+#[derive(Default)]
+struct SlideCells {
+    fields: Vec<wbc_shared::messages::FieldRecord>,
+    at: Vec<Vec<(u32, bool)>>,
+}
 
 /// One cell of a slide, for the lab's review.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -474,16 +479,12 @@ impl Db {
         device: &str,
         slide_id: &str,
     ) -> Result<Vec<wbc_shared::messages::FieldRecord>> {
-        Ok(self
-            .indexed_slide_fields(clinic, device, slide_id)?
-            .into_iter()
-            .map(|(f, _)| f)
-            .collect())
+        Ok(self.indexed_slide_fields(clinic, device, slide_id)?.fields)
     }
 
     /// [`Db::slide_fields`], with each cell's index in its field and whether central holds its
     /// picture.
-    fn indexed_slide_fields(&self, clinic: &str, device: &str, slide_id: &str) -> Result<Vec<IndexedField>> {
+    fn indexed_slide_fields(&self, clinic: &str, device: &str, slide_id: &str) -> Result<SlideCells> {
         let rows = self.conn.lock().expect("db lock").query(
             "SELECT c.field_id, c.idx, c.field_json, c.cell_json, r.review_json,
                     CASE WHEN p.idx IS NULL THEN 0 ELSE 1 END
@@ -496,7 +497,7 @@ impl Db {
              ORDER BY c.received_at, c.field_id, c.idx",
             &[clinic.into(), device.into(), slide_id.into()],
         )?;
-        let mut fields: Vec<IndexedField> = Vec::new();
+        let mut s = SlideCells::default();
         for r in rows {
             let field_id = r[0].text()?;
             let parsed = (|| -> Result<(FieldInfo, CellRecord)> {
@@ -516,15 +517,18 @@ impl Db {
                 }
             };
             let at = (r[1].int()? as u32, r[5].int()? == 1);
-            match fields.last_mut() {
-                Some((f, idx)) if f.id == field_id => {
+            match (s.fields.last_mut(), s.at.last_mut()) {
+                (Some(f), Some(idx)) if f.id == field_id => {
                     f.cells.push(cell);
                     idx.push(at);
                 }
-                _ => fields.push((info.to_record(vec![cell]), vec![at])),
+                _ => {
+                    s.fields.push(info.to_record(vec![cell]));
+                    s.at.push(vec![at]);
+                }
             }
         }
-        Ok(fields)
+        Ok(s)
     }
 
     /// The JPEG of a cell's picture, where central holds one.
@@ -551,13 +555,13 @@ impl Db {
     /// review first ([`review_queue`]: blasts, then possible blasts, then other cells set
     /// aside), then the rest in the order they came. `None` for a slide central never heard of.
     pub fn slide(&self, clinic: &str, device: &str, slide_id: &str) -> Result<Option<SlideDetail>> {
-        let Some((row, indexed)) = self.slide_rows(Some(clinic), Some((device, slide_id)))?.pop() else {
+        let Some((row, SlideCells { fields, at })) = self.slide_rows(Some(clinic), Some((device, slide_id)))?.pop()
+        else {
             return Ok(None);
         };
-        let fields: Vec<_> = indexed.iter().map(|(f, _)| f.clone()).collect();
         let cell = |fi: usize, ci: usize, waiting: Option<ReviewPriority>| {
             let f = &fields[fi];
-            let (index, picture) = indexed[fi].1[ci];
+            let (index, picture) = at[fi][ci];
             SlideCell {
                 field_id: f.id.clone(),
                 field_name: f.name.clone(),
@@ -584,11 +588,7 @@ impl Db {
     }
 
     /// Slides (of a clinic, or of one device's one slide) with the fields they are counted from.
-    fn slide_rows(
-        &self,
-        clinic: Option<&str>,
-        only: Option<(&str, &str)>,
-    ) -> Result<Vec<(SlideRow, Vec<IndexedField>)>> {
+    fn slide_rows(&self, clinic: Option<&str>, only: Option<(&str, &str)>) -> Result<Vec<(SlideRow, SlideCells)>> {
         let (device, slide) = (only.map(|o| o.0), only.map(|o| o.1));
         let keys = self.conn.lock().expect("db lock").query(
             "SELECT k.clinic, k.device, k.slide_id,
@@ -607,9 +607,8 @@ impl Db {
         for r in keys {
             let (c, d, s) = (r[0].text()?, r[1].text()?, r[2].text()?);
             let finished = r[4].opt_int()?;
-            let indexed = self.indexed_slide_fields(&c, &d, &s)?;
-            let fields: Vec<_> = indexed.iter().map(|(f, _)| f.clone()).collect();
-            let report = report(&s, &fields, &settings, finished.is_some());
+            let cells = self.indexed_slide_fields(&c, &d, &s)?;
+            let report = report(&s, &cells.fields, &settings, finished.is_some());
             let row = SlideRow {
                 blast: report.flags.iter().any(|f| f.urgent()),
                 possible_blast: report.flags.iter().any(|f| matches!(f, Flag::PossibleBlast { .. })),
@@ -619,7 +618,7 @@ impl Db {
                 finished_at: finished.map(|t| t as u64),
                 report,
             };
-            out.push((row, indexed));
+            out.push((row, cells));
         }
         Ok(out)
     }

@@ -280,9 +280,12 @@ async fn slide_page(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Res
     );
     for c in &d.cells {
         let r = &c.cell.result;
-        let mut likeliest: Vec<(&String, &f32)> = r.probabilities.iter().filter(|(_, p)| p.is_finite()).collect();
-        likeliest.sort_by(|a, b| b.1.total_cmp(a.1));
-        let likeliest: Vec<String> = likeliest.iter().take(3).map(|(k, p)| format!("{k} {p:.2}")).collect();
+        let likeliest: Vec<String> = r
+            .likeliest()
+            .iter()
+            .take(3)
+            .map(|(k, p)| format!("{} {p:.2}", k.name()))
+            .collect();
         let bbox = r
             .bbox
             .map(|[x0, y0, x1, y1]| format!("{x0},{y0}–{x1},{y1}"))

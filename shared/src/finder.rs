@@ -256,12 +256,12 @@ pub fn cell_picture(img: &RgbImage, bbox: Option<[u32; 4]>, single_cell: bool, m
         }
         _ => img.clone(),
     };
-    let (w, h) = crop.dimensions();
-    if w.max(h) <= max_side.max(1) {
+    let (w, h, max_side) = (crop.width(), crop.height(), max_side.max(1));
+    if w.max(h) <= max_side {
         return crop;
     }
-    let scale = max_side.max(1) as f32 / w.max(h) as f32;
-    let side = |n: u32| ((n as f32 * scale).round() as u32).clamp(1, max_side.max(1));
+    let scale = max_side as f32 / w.max(h) as f32;
+    let side = |n: u32| ((n as f32 * scale).round() as u32).clamp(1, max_side);
     image::imageops::thumbnail(&crop, side(w), side(h))
 }
 

@@ -115,14 +115,22 @@ impl CellResult {
         self.class.map(CellClass::name).unwrap_or("Unidentified")
     }
 
-    /// The class with the highest probability, whatever was reported; `None` without
-    /// probabilities (a cell cut by the edge) or when none of them names a known class.
-    pub fn most_probable(&self) -> Option<CellClass> {
-        self.probabilities
-            .iter()
+    /// The classes by falling probability, whatever was reported (known class names and
+    /// finite probabilities only; empty for a cell cut by the edge).
+    pub fn likeliest(&self) -> Vec<(CellClass, f32)> {
+        let mut v: Vec<(CellClass, f32)> = CellClass::ALL
+            .into_iter()
+            .filter_map(|c| self.probabilities.get(c.name()).map(|p| (c, *p)))
             .filter(|(_, p)| p.is_finite())
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .and_then(|(name, _)| CellClass::ALL.into_iter().find(|c| c.name() == name))
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    }
+
+    /// The class with the highest probability, whatever was reported; `None` without
+    /// probabilities (a cell cut by the edge).
+    pub fn most_probable(&self) -> Option<CellClass> {
+        self.likeliest().first().map(|l| l.0)
     }
 
     /// A cell the model set aside although its most probable class is Blast: it was not
@@ -229,6 +237,22 @@ mod tests {
         let json = serde_json::to_vec(&sure).unwrap();
         let back: CellResult = parse_versioned(&json).unwrap();
         assert_eq!(back, sure);
+    }
+
+    #[test]
+    fn the_likeliest_classes_come_by_falling_probability_whatever_was_reported() {
+        let p = [0.05, 0.05, 0.3, 0.4, 0.1, 0.1];
+        let mut r = CellResult::from_probabilities(&p, &AttributeSet::default(), "d".into(), 0.5, 2);
+        let order: Vec<CellClass> = r.likeliest().iter().map(|l| l.0).collect();
+        assert_eq!(&order[..2], &[CellClass::Monocyte, CellClass::Lymphocyte]);
+        assert_eq!(order.len(), 6);
+        assert_eq!(r.most_probable(), Some(CellClass::Monocyte), "though Unidentified");
+        // A damaged probability and an unknown name are left out, not ranked.
+        r.probabilities.insert("Monocyte".into(), f32::NAN);
+        r.probabilities.insert("Megakaryocyte".into(), 0.9);
+        assert_eq!(r.most_probable(), Some(CellClass::Lymphocyte));
+        assert_eq!(r.likeliest().len(), 5);
+        assert_eq!(CellResult::edge_cut([0, 0, 1, 1], 1).most_probable(), None);
     }
 
     #[test]
