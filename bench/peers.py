@@ -1,8 +1,9 @@
-"""The peer side of the side-by-side benchmarks: PyTorch eager (torchvision MobileNetV2) and
-transformers (MllamaForConditionalGeneration), on the same weights, shapes and protocol as
+"""The peer side of the side-by-side benchmarks: PyTorch eager (torchvision MobileNetV2; and
+ONNX Runtime on the same model exported to ONNX) and transformers
+(MllamaForConditionalGeneration), on the same weights, shapes and protocol as
 appliance/benches/peers.rs. Run through bench/run.sh, which installs the pinned versions.
 
-    python bench/peers.py compact --weights mobilenet_v2-b0353104.pth --side 224 --attribute-width 30
+    python bench/peers.py compact --weights mobilenet_v2-b0353104.pth --side 224 --attribute-width 30 [--onnx]
     python bench/peers.py make-mllama --scale large --out DIR     # random weights for both sides
     python bench/peers.py mllama --dir DIR [--tokens 16]
     python bench/peers.py mllama-shape --scale 11b --device cuda --dtype bfloat16   # random weights
@@ -83,7 +84,7 @@ def compact(args):
             return self.classes(f).softmax(-1), self.attributes(f), f
 
     model = Model().eval().to(args.device)
-    for batch, reps in [(1, 21), (64, 5)]:
+    for batch, reps in BATCHES:
         x = torch.randn(batch, 3, args.side, args.side, device=args.device)
 
         def run():
@@ -92,11 +93,46 @@ def compact(args):
                 # As our side does: the results to host vectors.
                 [o.cpu().numpy() for o in out]
 
-        ms, working, rest = measure(reps, run)
-        print(json.dumps({
-            "bench": f"compact/batch{batch}", "ms": ms, "ms_per_cell": ms / batch,
-            "cells_per_s": batch * 1e3 / ms, "working_mib": working, "rest_mib": rest,
-        }), flush=True)
+        report(f"compact/batch{batch}", batch, *measure(reps, run))
+    if args.onnx:
+        onnx_runtime(model, args.side)
+
+
+# (batch, timed runs): the same on every side.
+BATCHES = [(1, 21), (64, 5)]
+
+
+def report(bench, batch, ms, working, rest):
+    print(json.dumps({
+        "bench": bench, "ms": ms, "ms_per_cell": ms / batch,
+        "cells_per_s": batch * 1e3 / ms, "working_mib": working, "rest_mib": rest,
+    }), flush=True)
+
+
+def onnx_runtime(model, side):
+    """The same model exported to ONNX and run by ONNX Runtime on the CPU (all cores), the
+    runtime a maintainer might pick for a CNN on an appliance. Its memory figures include the
+    PyTorch model still held by this process, so only its times are compared."""
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+
+    path = os.path.join(tempfile.mkdtemp(), "compact.onnx")
+    x = torch.randn(1, 3, side, side)
+    torch.onnx.export(model, (x,), path, input_names=["x"], output_names=["classes", "attributes", "features"],
+                      dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count()
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        want = model(x)[0].numpy()
+    got = session.run(None, {"x": x.numpy()})[0]
+    assert np.abs(got - want).max() < 1e-4, "ONNX Runtime disagrees with PyTorch"
+    print(json.dumps({"bench": "compact-ort/runtime", "onnxruntime": ort.__version__}), flush=True)
+    for batch, reps in BATCHES:
+        xb = np.random.default_rng(0).standard_normal((batch, 3, side, side), dtype=np.float32)
+        report(f"compact-ort/batch{batch}", batch, *measure(reps, lambda: session.run(None, {"x": xb})))
 
 
 SCALES = {
@@ -263,6 +299,7 @@ def main():
     c.add_argument("--side", type=int, required=True)
     c.add_argument("--attribute-width", type=int, required=True)
     c.add_argument("--device", default="cpu")
+    c.add_argument("--onnx", action="store_true", help="also ONNX Runtime on the same model (CPU)")
     m = sub.add_parser("make-mllama")
     m.add_argument("--scale", choices=SCALES, default="large")
     m.add_argument("--out", required=True)

@@ -62,14 +62,13 @@ fn compact() {
     let device = device();
     let model = CompactModel::from_bundle(&bundle, &device).unwrap();
     let side = bundle.manifest.preprocess.input_size as usize;
-    // `WBC_BENCH_BATCHES=1` (for a profile of one shape): the batch sizes to run.
-    let only: Option<Vec<usize>> = std::env::var("WBC_BENCH_BATCHES")
-        .ok()
-        .map(|v| v.split(',').filter_map(|b| b.trim().parse().ok()).collect());
-    for (batch, reps) in [(1usize, 21usize), (64, 5)] {
-        if only.as_ref().is_some_and(|o| !o.contains(&batch)) {
-            continue;
-        }
+    // `WBC_BENCH_BATCHES=1` (a profile of one shape) or `=1,4,16`: the batch sizes to run.
+    let batches: Vec<usize> = std::env::var("WBC_BENCH_BATCHES").map_or_else(
+        |_| vec![1, 64],
+        |v| v.split(',').filter_map(|b| b.trim().parse().ok()).collect(),
+    );
+    for batch in batches {
+        let reps = if batch < 16 { 21 } else { 5 };
         // The timing does not depend on the values; the same shape as the peer's input.
         let data: Vec<f32> = (0..batch * 3 * side * side)
             .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)

@@ -383,12 +383,17 @@ mod tests {
     use std::path::Path;
     use wbc_shared::uplink::Envelope;
 
-    fn app(dir: &Path) -> App {
+    /// The default bundle's classifier on the CPU.
+    fn classifier() -> Classifier {
         let bundle = crate::open_bundle(None, &crate::trusted_keys(&[]).unwrap()).unwrap();
         let device = crate::backend::select(crate::backend::BackendChoice::Cpu)
             .unwrap()
             .device;
-        let classifier = Arc::new(Classifier::from_bundle(&bundle, &device).unwrap());
+        Classifier::from_bundle(&bundle, &device).unwrap()
+    }
+
+    fn app(dir: &Path) -> App {
+        let classifier = Arc::new(classifier());
         let identity = Identity {
             clinic: "c".into(),
             device: "d".into(),
@@ -406,6 +411,51 @@ mod tests {
 
     fn fixture(path: &str) -> Vec<u8> {
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)).unwrap()
+    }
+
+    #[test]
+    fn a_batch_gives_every_cell_the_answer_it_gets_alone() {
+        // Eleven cells: more than one CPU run takes (the last run a single cell), each fixture
+        // at a different place in its run than when it comes round again.
+        let classifier = classifier();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures/cells");
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 7);
+        let images: Vec<_> = names
+            .iter()
+            .cycle()
+            .take(11)
+            .map(|p| image::open(p).unwrap().to_rgb8())
+            .collect();
+        assert!(images.len() > 2 * wbc_shared::compact::CPU_CELLS_PER_RUN);
+        let together = classifier.predict(&images);
+        assert_eq!(together.len(), images.len());
+        for (i, (img, t)) in images.iter().zip(&together).enumerate() {
+            let alone = &classifier.predict(std::slice::from_ref(img))[0];
+            for (a, b) in t.probs.iter().zip(&alone.probs) {
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "cell {i}: {:?} in the batch, {:?} alone",
+                    t.probs,
+                    alone.probs
+                );
+            }
+            let worst = t
+                .features
+                .iter()
+                .zip(&alone.features)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-3, "cell {i}: features differ by {worst}");
+            assert_eq!(t.cell_found, alone.cell_found, "cell {i}");
+            assert_eq!(t.cell_size, alone.cell_size, "cell {i}");
+            assert_eq!(t.neighbour_class, alone.neighbour_class, "cell {i}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::image::Preprocess;
 use crate::messages::{CellResult, ReviewReason};
 use burn::tensor::Device;
 use image::RgbImage;
+use rayon::prelude::*;
 
 /// Images per forward pass.
 const BATCH: usize = 32;
@@ -230,21 +231,33 @@ impl Classifier {
         let s = self.pre.input_size as usize;
         let mut out = Vec::with_capacity(images.len());
         for (chunk, um) in images.chunks(BATCH).zip(scales.chunks(BATCH)) {
+            // Each image's segmentation and colour normalisation is independent of the others':
+            // on all cores (on two, a 32-cell batch's preprocessing takes half the time).
+            let prepared: Vec<_> = chunk
+                .par_iter()
+                .zip(um)
+                .map(|(img, um)| {
+                    let (view, cell) = self.pre.prepare(img, None, *um);
+                    let mut values = Vec::with_capacity(3 * s * s);
+                    self.pre.normalise_into(&view, &mut values);
+                    let found = cell.map(|c| {
+                        (
+                            c.found,
+                            CellSize {
+                                diameter_px: c.diameter_px,
+                                nucleus_px: c.nucleus_px,
+                                microns_per_pixel: c.microns_per_pixel,
+                            },
+                        )
+                    });
+                    (values, found)
+                })
+                .collect();
             let mut buf = Vec::with_capacity(chunk.len() * 3 * s * s);
             let mut found = Vec::with_capacity(chunk.len());
-            for (img, um) in chunk.iter().zip(um) {
-                let (view, cell) = self.pre.prepare(img, None, *um);
-                self.pre.normalise_into(&view, &mut buf);
-                found.push(cell.map(|c| {
-                    (
-                        c.found,
-                        CellSize {
-                            diameter_px: c.diameter_px,
-                            nucleus_px: c.nucleus_px,
-                            microns_per_pixel: c.microns_per_pixel,
-                        },
-                    )
-                }));
+            for (values, f) in prepared {
+                buf.extend_from_slice(&values);
+                found.push(f);
             }
             let mut preds = model.predict(buf, chunk.len(), s);
             let t = self.calibration.temperature;

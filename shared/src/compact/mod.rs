@@ -285,7 +285,26 @@ impl CompactModel {
     }
 
     /// Predicts a batch given as preprocessed CHW floats, `n` images of `side`².
+    ///
+    /// On the CPU the batch runs [`CPU_CELLS_PER_RUN`] cells at a time; a GPU takes it whole.
     pub fn predict(&self, data: Vec<f32>, n: usize, side: usize) -> Vec<Prediction> {
+        let cell = 3 * side * side;
+        assert_eq!(data.len(), n * cell, "{n} images of 3×{side}×{side} floats");
+        let per_run = if self.device == Device::flex() {
+            CPU_CELLS_PER_RUN
+        } else {
+            n
+        };
+        if n <= per_run {
+            return self.predict_run(data, n, side);
+        }
+        data.chunks(per_run * cell)
+            .flat_map(|run| self.predict_run(run.to_vec(), run.len() / cell, side))
+            .collect()
+    }
+
+    /// One forward pass over `n` images.
+    fn predict_run(&self, data: Vec<f32>, n: usize, side: usize) -> Vec<Prediction> {
         let x = Tensor::<4>::from_data(TensorData::new(data, [n, 3, side, side]), &self.device);
         let f = self.backbone.features(x);
         let logits = f.clone().matmul(self.class_w.clone()) + self.class_b.clone().unsqueeze();
@@ -315,6 +334,14 @@ impl CompactModel {
             .collect()
     }
 }
+
+/// Cells per forward pass on the CPU. A larger batch is slower per cell there, not faster:
+/// MobileNetV2's widest activation is 4.8 MB per 224-px cell (96 × 112 × 112 floats), and past
+/// about 32 MiB glibc's allocator returns every such buffer to the kernel when it is freed and
+/// takes it back, page-faulted and zeroed, for the next layer. Measured with the default bundle
+/// (`WBC_BENCH_BATCHES=1,2,4,8,16,32 cargo bench -p appliance --bench peers -- compact`, two
+/// cores): 14.5, 10.1, 10.7, 11.9, 21.2 and 22.8 ms per cell.
+pub const CPU_CELLS_PER_RUN: usize = 4;
 
 /// Softmax of logits divided by a temperature.
 pub fn softmax_t(logits: &[f32; NUM_CLASSES], temperature: f32) -> [f32; NUM_CLASSES] {
