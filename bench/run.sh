@@ -2,11 +2,12 @@
 # Side-by-side benchmarks, ours against the peers a maintainer would otherwise use, in one run
 # on one machine, so that machine noise cancels in the ratios:
 #   compact model (one cell, a batch of 64) against PyTorch eager (torchvision MobileNetV2, the
-#   same ImageNet backbone weights, the same heads' shapes);
+#   same ImageNet backbone weights, the same heads' shapes) and ONNX Runtime (the same PyTorch
+#   model exported to ONNX);
 #   mllama (random weights, WBC_BENCH_SCALE=small|medium|large, default large) prefill and
 #   decode against transformers, both on the same safetensors checkpoint.
 # Installs the pinned peer versions into .cache/bench-venv (PyPI only) unless WBC_BENCH_PYTHON
-# names a Python that has them. Writes bench/results/<date>-cpu.jsonl and prints the table.
+# names a Python that has them. Writes bench/results/<date>-<time>-cpu.jsonl and prints the table.
 #
 #   bench/run.sh            # everything
 #   bench/run.sh compact    # the compact model only
@@ -20,7 +21,7 @@ py="${WBC_BENCH_PYTHON:-}"
 if [ -z "$py" ]; then
   if [ ! -x .cache/bench-venv/bin/python ]; then
     python3 -m venv .cache/bench-venv
-    .cache/bench-venv/bin/pip install -q torch==2.15.0 torchvision==0.29.2 transformers==5.24.0 safetensors peft==0.21.2 accelerate==1.15.0
+    .cache/bench-venv/bin/pip install -q torch==2.15.0 torchvision==0.29.2 transformers==5.24.0 safetensors peft==0.21.2 accelerate==1.15.0 onnxruntime==1.32.0 onnx==1.23.2
   fi
   py=.cache/bench-venv/bin/python
 fi
@@ -32,16 +33,16 @@ ours() { cargo bench -q -p appliance --bench peers -- "$@" 2>/dev/null | grep '^
 peer() { "$py" bench/peers.py "$@" 2>/dev/null | grep '^{"bench"' | sed 's/^{/{"side_of":"peer",/'; }
 
 mkdir -p bench/results
-out="bench/results/$(date -u +%Y-%m-%d)-cpu.jsonl"
+out="bench/results/$(date -u +%Y-%m-%d-%H%M)-cpu.jsonl"  # never over an earlier run
 : > "$out"
 {
-  "$py" -c 'import json, platform, torch, transformers, torchvision; print(json.dumps({"machine": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__, "transformers": transformers.__version__}))'
+  "$py" -c 'import json, platform, torch, transformers, torchvision; print(json.dumps({"machine": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__, "transformers": transformers.__version__, "onnxruntime": __import__("importlib.metadata").metadata.version("onnxruntime")}))'
 } >> "$out"
 if [ "$what" = all ] || [ "$what" = compact ]; then
   ours compact | tee -a "$out"
   side=$(grep '"side_of":"ours"' "$out" | grep compact | head -1 | "$py" -c 'import json,sys; print(json.loads(sys.stdin.readline())["side"])')
   width=$(grep '"side_of":"ours"' "$out" | grep compact | head -1 | "$py" -c 'import json,sys; print(json.loads(sys.stdin.readline())["attribute_width"])')
-  peer compact --weights "$weights" --side "$side" --attribute-width "$width" | tee -a "$out"
+  peer compact --weights "$weights" --side "$side" --attribute-width "$width" --onnx | tee -a "$out"
 fi
 if [ "$what" = all ] || [ "$what" = mllama ]; then
   dir=".cache/bench-mllama-$scale"
