@@ -3,6 +3,7 @@
 //! classes and the 11 WBCAtt attributes. Its description is rendered from the predicted
 //! attributes ([`crate::describe::describe`]).
 
+pub mod depthwise;
 pub mod lora;
 pub mod mobilenet;
 pub mod relu6;
