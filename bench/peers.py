@@ -118,6 +118,7 @@ def onnx_runtime(model, side):
     import numpy as np
     import onnxruntime as ort
 
+    model = model.cpu()
     path = os.path.join(tempfile.mkdtemp(), "compact.onnx")
     x = torch.randn(1, 3, side, side)
     torch.onnx.export(model, (x,), path, input_names=["x"], output_names=["classes", "attributes", "features"],

@@ -19,11 +19,11 @@ scale="${WBC_BENCH_SCALE:-large}"
 tokens="${WBC_BENCH_TOKENS:-16}"
 py="${WBC_BENCH_PYTHON:-}"
 if [ -z "$py" ]; then
-  if [ ! -x .cache/bench-venv/bin/python ]; then
-    python3 -m venv .cache/bench-venv
-    .cache/bench-venv/bin/pip install -q torch==2.15.0 torchvision==0.29.2 transformers==5.24.0 safetensors peft==0.21.2 accelerate==1.15.0 onnxruntime==1.32.0 onnx==1.23.2
-  fi
+  [ -x .cache/bench-venv/bin/python ] || python3 -m venv .cache/bench-venv
   py=.cache/bench-venv/bin/python
+  # Also brings a venv made before a peer was added up to date.
+  "$py" -c 'import torch, torchvision, transformers, safetensors, peft, accelerate, onnxruntime, onnx' 2>/dev/null \
+    || .cache/bench-venv/bin/pip install -q torch==2.15.0 torchvision==0.29.2 transformers==5.24.0 safetensors peft==0.21.2 accelerate==1.15.0 onnxruntime==1.32.0 onnx==1.23.2
 fi
 scripts/fetch-weights.sh >/dev/null
 weights="${WBC_WEIGHTS_DIR:-$PWD/.cache/weights/unpacked}/mobilenet_v2-b0353104.pth"
@@ -36,13 +36,16 @@ mkdir -p bench/results
 out="bench/results/$(date -u +%Y-%m-%d-%H%M)-cpu.jsonl"  # never over an earlier run
 : > "$out"
 {
-  "$py" -c 'import json, platform, torch, transformers, torchvision; print(json.dumps({"machine": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__, "transformers": transformers.__version__, "onnxruntime": __import__("importlib.metadata").metadata.version("onnxruntime")}))'
+  "$py" -c 'import json, platform, torch, transformers, torchvision; print(json.dumps({"machine": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__, "transformers": transformers.__version__, "onnxruntime": __import__("importlib.util").util.find_spec("onnxruntime") and __import__("importlib.metadata").metadata.version("onnxruntime")}))'
 } >> "$out"
 if [ "$what" = all ] || [ "$what" = compact ]; then
   ours compact | tee -a "$out"
   side=$(grep '"side_of":"ours"' "$out" | grep compact | head -1 | "$py" -c 'import json,sys; print(json.loads(sys.stdin.readline())["side"])')
   width=$(grep '"side_of":"ours"' "$out" | grep compact | head -1 | "$py" -c 'import json,sys; print(json.loads(sys.stdin.readline())["attribute_width"])')
-  peer compact --weights "$weights" --side "$side" --attribute-width "$width" --onnx | tee -a "$out"
+  # ONNX Runtime comes last in the peer's run: if its export or check fails, PyTorch's figures
+  # are already written and the rest of the run goes on.
+  peer compact --weights "$weights" --side "$side" --attribute-width "$width" --onnx | tee -a "$out" \
+    || echo "the peer's compact run failed part way (ONNX Runtime?): run bench/peers.py compact --onnx to see why" >&2
 fi
 if [ "$what" = all ] || [ "$what" = mllama ]; then
   dir=".cache/bench-mllama-$scale"

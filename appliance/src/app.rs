@@ -415,8 +415,8 @@ mod tests {
 
     #[test]
     fn a_batch_gives_every_cell_the_answer_it_gets_alone() {
-        // Eleven cells: more than one CPU run takes (the last run a single cell), each fixture
-        // at a different place in its run than when it comes round again.
+        // Thirteen cells: three full CPU runs and a last run of one, each fixture at a
+        // different place in its run than when it comes round again.
         let classifier = classifier();
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures/cells");
         let mut names: Vec<_> = std::fs::read_dir(&dir)
@@ -429,9 +429,10 @@ mod tests {
         let images: Vec<_> = names
             .iter()
             .cycle()
-            .take(11)
+            .take(13)
             .map(|p| image::open(p).unwrap().to_rgb8())
             .collect();
+        assert_eq!(images.len() % wbc_shared::compact::CPU_CELLS_PER_RUN, 1);
         assert!(images.len() > 2 * wbc_shared::compact::CPU_CELLS_PER_RUN);
         let together = classifier.predict(&images);
         assert_eq!(together.len(), images.len());

@@ -12,7 +12,8 @@ use burn::tensor::Device;
 use image::RgbImage;
 use rayon::prelude::*;
 
-/// Images per forward pass.
+/// Images preprocessed together and handed to the model in one call (a GPU runs them in one
+/// forward pass; the CPU in runs of [`crate::compact::CPU_CELLS_PER_RUN`]).
 const BATCH: usize = 32;
 
 /// Llama 3.2 Vision behind the classifier: classes scored by the likelihood of their names as

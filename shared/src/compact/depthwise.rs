@@ -50,8 +50,9 @@ fn out_side(input: usize, stride: usize) -> usize {
     (input + 2 - 3) / stride + 1
 }
 
-/// One output row's accumulation. `FMA`: fused multiply-adds (only in the AVX2/FMA build of
-/// the kernel; elsewhere `mul_add` would be a library call per value).
+/// One output row's accumulation. `FMA`: fused multiply-adds, where the processor has them
+/// (the AVX2/FMA build of the kernel on x86-64, always on aarch64); on a baseline x86-64 build
+/// `mul_add` would be a library call per value.
 #[inline(always)]
 fn madd<const FMA: bool>(w: f32, x: f32, acc: f32) -> f32 {
     if FMA { w.mul_add(x, acc) } else { w * x + acc }
@@ -144,9 +145,13 @@ fn plane_avx2(out: &mut [f32], input: &[f32], k: &[f32], bias: f32, g: Geometry)
     plane::<true>(out, input, k, bias, g)
 }
 
+/// Whether the portable build of the kernel has fused multiply-adds in hardware.
+const NATIVE_FMA: bool = cfg!(target_arch = "aarch64");
+
 thread_local! {
     /// A worker's copy of the input plane it is convolving at stride 2, split into even and odd
-    /// columns; reused from plane to plane and call to call.
+    /// columns; reused from plane to plane and call to call. Nothing run while it is borrowed
+    /// calls into rayon, so a worker cannot pick up another plane and borrow it again.
     static SPLIT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -164,14 +169,25 @@ fn split_columns(x: &[f32], w: usize, out: &mut [f32]) {
     }
 }
 
-/// The whole convolution on contiguous f32 values: `n` images of `c` planes of `h` × `w`.
-fn depthwise(x: &[f32], weight: &[f32], bias: &[f32], n: usize, c: usize, g: Geometry) -> Vec<f32> {
+/// Whether this processor runs the AVX2/FMA build of the kernel.
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
+/// The whole convolution on contiguous f32 values: `n` images of `c` planes of `h` × `w`;
+/// `avx2` (only where [`has_avx2_fma`]) picks the AVX2/FMA build of the kernel.
+fn depthwise(x: &[f32], weight: &[f32], bias: &[f32], n: usize, c: usize, g: Geometry, avx2: bool) -> Vec<f32> {
     use rayon::prelude::*;
     let Geometry { h, w, stride, .. } = g;
     let plane_len = out_side(h, stride) * out_side(w, stride);
     let mut y = vec![0f32; n * c * plane_len];
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    assert!(
+        !avx2 || has_avx2_fma(),
+        "the AVX2/FMA kernel on a processor without them"
+    );
     y.par_chunks_mut(plane_len)
         .enumerate()
         .with_min_len(4)
@@ -181,10 +197,10 @@ fn depthwise(x: &[f32], weight: &[f32], bias: &[f32], n: usize, c: usize, g: Geo
             let run = |input: &[f32], out: &mut [f32]| {
                 #[cfg(target_arch = "x86_64")]
                 if avx2 {
-                    // SAFETY: the processor has AVX2 and FMA (checked above).
+                    // SAFETY: the processor has AVX2 and FMA (asserted above).
                     return unsafe { plane_avx2(out, input, k, b, g) };
                 }
-                plane::<false>(out, input, k, b, g)
+                plane::<NATIVE_FMA>(out, input, k, b, g)
             };
             if stride == 1 {
                 run(input, out);
@@ -226,7 +242,12 @@ impl Depthwise for Flex {
             && xs[2] > 0
             && xs[3] > 0;
         if !f32s || !fits {
-            let opts = ConvOptions::new([stride; 2], [1, 1], [1, 1], ws[0].max(1));
+            let groups = if ws.num_dims() == 4 && ws[1] > 0 {
+                (xs[1] / ws[1]).max(1)
+            } else {
+                1
+            };
+            let opts = ConvOptions::new([stride; 2], [1, 1], [1, 1], groups);
             let y = Self::conv2d(x, weight, Some(bias), opts);
             return if relu6 {
                 Self::float_clamp(y, 0.0.into(), 6.0.into())
@@ -237,7 +258,7 @@ impl Depthwise for Flex {
         let (n, c, h, w) = (xs[0], xs[1], xs[2], xs[3]);
         let (x, weight, bias) = (x.to_contiguous(), weight.to_contiguous(), bias.to_contiguous());
         let g = Geometry { h, w, stride, relu6 };
-        let y = depthwise(values(&x), values(&weight), values(&bias), n, c, g);
+        let y = depthwise(values(&x), values(&weight), values(&bias), n, c, g, has_avx2_fma());
         Flex::float_from_data(
             TensorData::new(y, [n, c, out_side(h, stride), out_side(w, stride)]),
             &Default::default(),
@@ -311,13 +332,32 @@ mod tests {
                     "{case}: value {i}: {a} against {b}"
                 );
             }
-            // A strided view of the input (its transpose, transposed back) gives the same.
-            let t = depthwise3x3(x.swap_dims(2, 3).swap_dims(2, 3), k, b, stride, relu6);
+            // A strided view with an offset (the image rows of a taller tensor, transposed
+            // back from a copy stored column by column) gives the same.
+            let stored = Tensor::cat(vec![x.clone().swap_dims(2, 3), x.clone().swap_dims(2, 3)], 2);
+            let view = stored.narrow(2, w, w).swap_dims(2, 3);
+            let t = depthwise3x3(view, k.clone(), b.clone(), stride, relu6);
             assert_eq!(
                 t.into_data().try_into_vec::<f32>().unwrap(),
                 got,
                 "{case}: a view of the input"
             );
+            // Both builds of the kernel: the portable one is the only one without AVX2.
+            let (xv, kv, bv): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+                x.into_data().try_into_vec().unwrap(),
+                k.into_data().try_into_vec().unwrap(),
+                b.into_data().try_into_vec().unwrap(),
+            );
+            let g = Geometry { h, w, stride, relu6 };
+            for avx2 in [false, true].into_iter().filter(|&a| !a || has_avx2_fma()) {
+                let y = depthwise(&xv, &kv, &bv, n, c, g, avx2);
+                for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{case}, avx2 {avx2}: value {i}: {a} against {b}"
+                    );
+                }
+            }
         }
     }
 

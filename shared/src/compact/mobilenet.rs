@@ -204,6 +204,7 @@ impl FrozenConv {
     fn forward(&self, x: Tensor<4>, lora: Option<&LoraPw>) -> Tensor<4> {
         let s = &self.spec;
         if s.kernel == 3 && s.groups == s.c_in && s.c_in == s.c_out {
+            debug_assert!(lora.is_none(), "adapters go on pointwise units only");
             // One pass over the output on the CPU.
             return super::depthwise::depthwise3x3(x, self.weight.clone(), self.bias.clone(), s.stride, s.relu6);
         }

@@ -340,8 +340,9 @@ impl CompactModel {
 /// MobileNetV2's widest activation is 4.8 MB per 224-px cell (96 × 112 × 112 floats), and past
 /// about 32 MiB glibc's allocator returns every such buffer to the kernel when it is freed and
 /// takes it back, page-faulted and zeroed, for the next layer. Measured with the default bundle
-/// (`WBC_BENCH_BATCHES=1,2,4,8,16,32 cargo bench -p appliance --bench peers -- compact`, two
-/// cores): 14.5, 10.1, 10.7, 11.9, 21.2 and 22.8 ms per cell.
+/// before the batch was split (`WBC_BENCH_BATCHES=1,2,4,8,16,32 cargo bench -p appliance
+/// --bench peers -- compact`, whole batches in one forward pass, two cores): 14.5, 10.1, 10.7,
+/// 11.9, 21.2 and 22.8 ms per cell.
 pub const CPU_CELLS_PER_RUN: usize = 4;
 
 /// Softmax of logits divided by a temperature.
