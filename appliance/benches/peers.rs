@@ -65,7 +65,14 @@ fn compact() {
     // `WBC_BENCH_BATCHES=1` (a profile of one shape) or `=1,4,16`: the batch sizes to run.
     let batches: Vec<usize> = std::env::var("WBC_BENCH_BATCHES").map_or_else(
         |_| vec![1, 64],
-        |v| v.split(',').filter_map(|b| b.trim().parse().ok()).collect(),
+        |v| {
+            v.split(',')
+                .map(|b| match b.trim().parse() {
+                    Ok(n) if n > 0 => n,
+                    _ => panic!("WBC_BENCH_BATCHES={v}: batch sizes above zero, separated by commas"),
+                })
+                .collect()
+        },
     );
     for batch in batches {
         let reps = if batch < 16 { 21 } else { 5 };
