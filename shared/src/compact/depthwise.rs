@@ -34,14 +34,30 @@ pub trait Depthwise: Backend {
         stride: usize,
         relu6: bool,
     ) -> FloatTensor<Self> {
-        let groups = weight.shape()[0];
-        let opts = ConvOptions::new([stride; 2], [1, 1], [1, 1], groups);
-        let y = Self::conv2d(x, weight, Some(bias), opts);
-        if relu6 {
-            Self::float_clamp(y, 0.0.into(), 6.0.into())
-        } else {
-            y
-        }
+        burns::<Self>(x, weight, bias, stride, relu6)
+    }
+}
+
+/// burn's own operations: the convolution (groups from the shapes) and the clamp.
+fn burns<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    stride: usize,
+    relu6: bool,
+) -> FloatTensor<B> {
+    let (xs, ws) = (x.shape(), weight.shape());
+    let groups = if xs.num_dims() == 4 && ws.num_dims() == 4 && ws[1] > 0 {
+        (xs[1] / ws[1]).max(1)
+    } else {
+        1
+    };
+    let opts = ConvOptions::new([stride; 2], [1, 1], [1, 1], groups);
+    let y = B::conv2d(x, weight, Some(bias), opts);
+    if relu6 {
+        B::float_clamp(y, 0.0.into(), 6.0.into())
+    } else {
+        y
     }
 }
 
@@ -229,7 +245,7 @@ impl Depthwise for Flex {
         stride: usize,
         relu6: bool,
     ) -> FloatTensor<Self> {
-        use burn::backend::ops::{FloatTensorOps, ModuleOps};
+        use burn::backend::ops::FloatTensorOps;
         let (xs, ws) = (x.shape(), weight.shape());
         let f32s = [x.dtype(), weight.dtype(), bias.dtype()]
             .iter()
@@ -242,18 +258,7 @@ impl Depthwise for Flex {
             && xs[2] > 0
             && xs[3] > 0;
         if !f32s || !fits {
-            let groups = if ws.num_dims() == 4 && ws[1] > 0 {
-                (xs[1] / ws[1]).max(1)
-            } else {
-                1
-            };
-            let opts = ConvOptions::new([stride; 2], [1, 1], [1, 1], groups);
-            let y = Self::conv2d(x, weight, Some(bias), opts);
-            return if relu6 {
-                Self::float_clamp(y, 0.0.into(), 6.0.into())
-            } else {
-                y
-            };
+            return burns::<Self>(x, weight, bias, stride, relu6);
         }
         let (n, c, h, w) = (xs[0], xs[1], xs[2], xs[3]);
         let (x, weight, bias) = (x.to_contiguous(), weight.to_contiguous(), bias.to_contiguous());

@@ -42,6 +42,11 @@ impl UnitSpec {
     pub fn is_pointwise(&self) -> bool {
         self.kernel == 1 && self.groups == 1
     }
+
+    /// A depthwise 3×3 convolution (one filter per channel).
+    pub fn is_depthwise(&self) -> bool {
+        self.kernel == 3 && self.groups == self.c_in && self.c_in == self.c_out
+    }
 }
 
 /// One block of `features`: the stem, an inverted residual, or the last 1×1 convolution.
@@ -203,7 +208,7 @@ pub struct FrozenConv {
 impl FrozenConv {
     fn forward(&self, x: Tensor<4>, lora: Option<&LoraPw>) -> Tensor<4> {
         let s = &self.spec;
-        if s.kernel == 3 && s.groups == s.c_in && s.c_in == s.c_out {
+        if s.is_depthwise() {
             debug_assert!(lora.is_none(), "adapters go on pointwise units only");
             // One pass over the output on the CPU.
             return super::depthwise::depthwise3x3(x, self.weight.clone(), self.bias.clone(), s.stride, s.relu6);
