@@ -3,13 +3,13 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
-use wbc_shared::classify::Classifier;
+use wbc_models::classify::Classifier;
 
 fn bench(c: &mut Criterion) {
     let keys = appliance::trusted_keys(&[]).unwrap();
     let bundle = appliance::open_bundle(None, &keys).unwrap();
     let classifier = Classifier::from_bundle(&bundle, &burn::tensor::Device::flex()).unwrap();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures/cells");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/cells");
     let img = image::open(dir.join("NGS_0022.jpg")).unwrap().to_rgb8();
     let mut g = c.benchmark_group("classify_flex");
     g.sample_size(10);

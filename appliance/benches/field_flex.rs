@@ -4,8 +4,8 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
-use wbc_shared::classify::Classifier;
-use wbc_shared::finder::{FinderConfig, find_cells};
+use wbc_cells::finder::{FinderConfig, find_cells};
+use wbc_models::classify::Classifier;
 
 /// Pixel size of the BCCD fixture fields (their red cells, 7.5 µm, are about 104 px).
 const MICRONS_PER_PIXEL: f32 = 0.072;
@@ -18,7 +18,7 @@ fn bench(c: &mut Criterion) {
         .unwrap()
         .to_rgb8();
     assert_eq!(field.dimensions(), (640, 480));
-    let cell = image::open(root.join("shared/tests/fixtures/cells/NGS_0022.jpg"))
+    let cell = image::open(root.join("shared/fixtures/cells/NGS_0022.jpg"))
         .unwrap()
         .to_rgb8();
     let cfg = FinderConfig::default();

@@ -16,15 +16,15 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::time::Instant;
-use wbc_shared::compact::CompactModel;
-use wbc_shared::mllama::{Checkpoint, Inputs, Mllama, MllamaConfig, Prompted, Sampling};
+use wbc_models::compact::CompactModel;
+use wbc_models::mllama::{Checkpoint, Inputs, Mllama, MllamaConfig, Prompted, Sampling};
 
 /// Median milliseconds of `reps` runs after two warm-up runs, and the working memory (MiB).
 fn measure(reps: usize, mut f: impl FnMut()) -> (f64, f64, f64) {
     f();
     f();
-    let rest = wbc_shared::heap::rss_mib();
-    wbc_shared::heap::reset_peak_rss();
+    let rest = wbc_models::heap::rss_mib();
+    wbc_models::heap::reset_peak_rss();
     let mut ms: Vec<f64> = (0..reps)
         .map(|_| {
             let t = Instant::now();
@@ -33,7 +33,7 @@ fn measure(reps: usize, mut f: impl FnMut()) -> (f64, f64, f64) {
         })
         .collect();
     ms.sort_by(f64::total_cmp);
-    (ms[reps / 2], wbc_shared::heap::peak_rss_mib() - rest, rest)
+    (ms[reps / 2], wbc_models::heap::peak_rss_mib() - rest, rest)
 }
 
 fn device() -> Device {
@@ -87,7 +87,7 @@ fn compact() {
             "{}",
             serde_json::json!({
                 "bench": format!("compact/batch{batch}"), "side": side,
-                "attribute_width": wbc_shared::compact::attribute_logits_width(),
+                "attribute_width": wbc_models::compact::attribute_logits_width(),
                 "ms": ms, "ms_per_cell": ms / batch as f64, "cells_per_s": batch as f64 * 1e3 / ms,
                 "working_mib": working, "rest_mib": rest,
             })

@@ -7,22 +7,16 @@ use crate::store::{SlideState, Store};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 use std::sync::{Arc, Mutex, RwLock};
-use wbc_shared::classes::CellClass;
-use wbc_shared::classify::Classifier;
-use wbc_shared::finder::{FinderConfig, cell_picture};
-use wbc_shared::image::{DecodeLimits, decode_rgb};
-use wbc_shared::messages::{CellRecord, CellResult, FieldRecord, Review, SCHEMA_VERSION};
-use wbc_shared::slide::Flag;
-use wbc_shared::slide::{SlideReport, SlideSettings, report};
-use wbc_shared::uplink::{Body, PICTURE_SIDE, SlideMessage};
+use wbc_cells::finder::{FinderConfig, cell_picture};
+use wbc_cells::image::{DecodeLimits, decode_rgb};
+use wbc_models::classify::Classifier;
+use wbc_protocol::classes::CellClass;
+use wbc_protocol::messages::{CellRecord, CellResult, FieldHeader, FieldRecord, Review, SCHEMA_VERSION};
+use wbc_protocol::slide::Flag;
+use wbc_protocol::slide::{SlideReport, SlideSettings, report};
+use wbc_protocol::uplink::{Body, PICTURE_SIDE, SlideMessage};
 
-/// Seconds since the Unix epoch.
-pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use wbc_protocol::clock::now;
 
 /// What the appliance runs with.
 pub struct AppSettings {
@@ -97,7 +91,7 @@ fn new_slide_id() -> String {
 impl App {
     /// Opens the appliance on a store: continues the last unfinished slide, or starts one.
     pub fn new(classifier: Arc<Classifier>, store: Arc<Store>, settings: AppSettings) -> Result<Self> {
-        settings.slide.validate().map_err(anyhow::Error::msg)?;
+        settings.slide.validate()?;
         let current = match store.slides()?.into_iter().rev().find(|s| s.finished_at.is_none()) {
             Some(s) => s,
             None => {
@@ -235,16 +229,18 @@ impl App {
         };
         let field = FieldRecord {
             schema_version: SCHEMA_VERSION,
-            id: id.clone(),
-            slide_id: self.current_slide().id,
-            received_at: now(),
-            source: source.into(),
-            name: name.chars().take(200).collect(),
-            image_sha256: sha,
-            width: w,
-            height: h,
-            single_cell,
-            microns_per_pixel: um,
+            header: FieldHeader {
+                id: id.clone(),
+                slide_id: self.current_slide().id,
+                received_at: now(),
+                source: source.into(),
+                name: name.chars().take(200).collect(),
+                image_sha256: sha,
+                width: w,
+                height: h,
+                single_cell,
+                microns_per_pixel: um,
+            },
             cells: cells
                 .into_iter()
                 .map(|result| CellRecord { result, review: None })
@@ -381,7 +377,7 @@ mod tests {
     use super::*;
     use crate::store::{Identity, Retention};
     use std::path::Path;
-    use wbc_shared::uplink::Envelope;
+    use wbc_protocol::uplink::Envelope;
 
     /// The default bundle's classifier on the CPU.
     fn classifier() -> Classifier {
@@ -418,7 +414,7 @@ mod tests {
         // Thirteen cells: three full CPU runs and a last run of one, each fixture at a
         // different place in its run than when it comes round again.
         let classifier = classifier();
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures/cells");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/cells");
         let mut names: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -432,8 +428,8 @@ mod tests {
             .take(13)
             .map(|p| image::open(p).unwrap().to_rgb8())
             .collect();
-        assert_eq!(images.len() % wbc_shared::compact::CPU_CELLS_PER_RUN, 1);
-        assert!(images.len() > 2 * wbc_shared::compact::CPU_CELLS_PER_RUN);
+        assert_eq!(images.len() % wbc_models::compact::CPU_CELLS_PER_RUN, 1);
+        assert!(images.len() > 2 * wbc_models::compact::CPU_CELLS_PER_RUN);
         let together = classifier.predict(&images);
         assert_eq!(together.len(), images.len());
         for (i, (img, t)) in images.iter().zip(&together).enumerate() {
@@ -474,7 +470,7 @@ mod tests {
         // unfamiliar (not a possible blast: no picture).
         let blast = app
             .ingest(
-                &fixture("shared/tests/fixtures/cells/MYO_0024.jpg"),
+                &fixture("shared/fixtures/cells/MYO_0024.jpg"),
                 "myo.jpg",
                 "upload",
                 true,

@@ -4,20 +4,8 @@
 
 use anyhow::{Result, bail};
 use burn::tensor::Device;
-use serde::{Deserialize, Serialize};
 
-/// What the configuration asks for.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum BackendChoice {
-    /// A GPU adapter if there is one, else the CPU.
-    #[default]
-    Auto,
-    /// The CPU backend.
-    Cpu,
-    /// The wgpu backend on any adapter, a software one included (an error if there is none).
-    Gpu,
-}
+pub use wbc_config::BackendChoice;
 
 /// The backend in use.
 #[derive(Debug, Clone)]

@@ -6,7 +6,6 @@
 //! grabs one frame and processes it like any other image.
 
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
@@ -27,25 +26,7 @@ pub trait FrameSource: Send {
     fn describe(&self) -> String;
 }
 
-/// Which camera the daemon uses.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub enum CameraConfig {
-    /// A V4L2 device (`/dev/video0`), MJPEG at the given size (needs the `camera` feature).
-    V4l2 {
-        /// Device path.
-        device: PathBuf,
-        /// Frame width.
-        width: u32,
-        /// Frame height.
-        height: u32,
-    },
-    /// Frames recorded in a folder, replayed in name order.
-    Replay {
-        /// The folder.
-        folder: PathBuf,
-    },
-}
+pub use wbc_config::CameraConfig;
 
 /// Opens the configured camera.
 pub fn open(config: &CameraConfig) -> Result<Box<dyn FrameSource>> {

@@ -7,19 +7,16 @@ use crate::open_models;
 use crate::store::{Identity, Store};
 use anyhow::{Context, Result};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use wbc_shared::finder::FinderConfig;
-use wbc_shared::image::DecodeLimits;
+use wbc_cells::finder::FinderConfig;
+use wbc_cells::image::DecodeLimits;
+use wbc_protocol::shutdown::Shutdown;
 
-/// Runs until SIGINT or SIGTERM. Prints the web UI's address (and, on first start, the
-/// generated password) on standard error.
-pub fn run(config: Config) -> Result<()> {
-    run_until(config, shutdown_signal())
-}
-
-/// Runs until `shutdown` resolves (for embedding and tests; [`run`] waits for a signal).
-pub fn run_until(config: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+/// Runs until `shutdown` resolves (`main` passes [`wbc_protocol::shutdown::signal`], SIGINT or
+/// SIGTERM; tests pass anything), then stops every task through one [`Shutdown`] and waits for
+/// them. Prints the web UI's address (and, on first start, the generated password) on standard
+/// error.
+pub fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     config.validate()?;
     let backend = crate::backend::select(config.backend)?;
     eprintln!("compute backend: {}", backend.name);
@@ -61,33 +58,29 @@ pub fn run_until(config: Config, shutdown: impl std::future::Future<Output = ()>
         );
     }
     let mut inbox = Inbox::new(&config.inbox_dir(), Duration::from_secs(1))?;
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Shutdown::new();
     let watcher = {
         let (app, stop) = (app.clone(), stop.clone());
         let poll = Duration::from_millis(config.inbox_poll_ms);
         std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
+            while !stop.is_triggered() {
                 match inbox.pass(&app) {
                     Ok(s) if s != Default::default() => tracing::info!(?s, "inbox pass"),
                     Ok(_) => {}
                     Err(e) => tracing::error!(error = %format!("{e:#}"), "inbox pass failed; retrying"),
                 }
-                std::thread::sleep(poll);
+                stop.sleep(poll);
             }
         })
     };
     let pruner = {
         let (store, stop) = (app.store_arc(), stop.clone());
         std::thread::spawn(move || {
-            let mut last = None::<std::time::Instant>;
-            while !stop.load(Ordering::Relaxed) {
-                if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
-                    if let Err(e) = store.prune(crate::app::now()) {
-                        tracing::error!(error = %format!("{e:#}"), "retention pass failed");
-                    }
-                    last = Some(std::time::Instant::now());
+            while !stop.is_triggered() {
+                if let Err(e) = store.prune(crate::app::now()) {
+                    tracing::error!(error = %format!("{e:#}"), "retention pass failed");
                 }
-                std::thread::sleep(Duration::from_millis(200));
+                stop.sleep(Duration::from_secs(3600));
             }
         })
     };
@@ -110,14 +103,13 @@ pub fn run_until(config: Config, shutdown: impl std::future::Future<Output = ()>
         let stop = stop.clone();
         std::thread::spawn(move || up.run(stop))
     };
-    let (stop_uplink, stop_rx) = tokio::sync::watch::channel(false);
     let uplink = match &config.uplink {
         Some(u) => {
             let up =
                 crate::uplink::Uplink::new(app.store_arc(), u.clone(), model_version).with_announcements(announce_tx);
             let state = up.state();
             eprintln!("uplink to {}:{}", u.broker.host, u.broker.port());
-            Some((rt.spawn(up.run(stop_rx)), state))
+            Some((rt.spawn(up.run(stop.clone())), state))
         }
         None => {
             tracing::info!("no [uplink] configured: results wait in the outbox");
@@ -136,13 +128,14 @@ pub fn run_until(config: Config, shutdown: impl std::future::Future<Output = ()>
             .with_context(|| format!("listening on {}", config.web.listen))?;
         eprintln!("web UI on http://{}", listener.local_addr()?);
         eprintln!("inbox {}", config.inbox_dir().display());
+        tokio::spawn(stop.clone().trigger_on(shutdown));
+        let until = stop.clone();
         axum::serve(listener, crate::web::router(web))
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(async move { until.wait().await })
             .await
             .context("web UI")
     });
-    stop.store(true, Ordering::Relaxed);
-    let _ = stop_uplink.send(true);
+    stop.trigger();
     if let Some((task, _)) = uplink {
         let _ = rt.block_on(task);
     }
@@ -151,23 +144,4 @@ pub fn run_until(config: Config, shutdown: impl std::future::Future<Output = ()>
     let _ = updater.join();
     models.close()?;
     served
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("stopping");
 }

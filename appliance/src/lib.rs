@@ -19,11 +19,11 @@ use image::RgbImage;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use wbc_shared::bundle::{Bundle, keys};
-use wbc_shared::classify::Classifier;
-use wbc_shared::finder::{FinderConfig, cell_crop, find_cells, mean_colour};
-use wbc_shared::image::{DecodeLimits, load_rgb};
-use wbc_shared::messages::{CellResult, ReviewReason};
+use wbc_cells::finder::{FinderConfig, cell_crop, find_cells, mean_colour};
+use wbc_cells::image::{DecodeLimits, load_rgb};
+use wbc_models::classify::Classifier;
+use wbc_protocol::bundle::{Bundle, keys};
+use wbc_protocol::messages::{CellResult, ReviewReason};
 
 /// The default model bundle, built by `trainer export` from `../shared/data/wbc/train.csv`.
 pub static DEFAULT_BUNDLE: &[u8] = include_bytes!("../models/default.bundle");
@@ -48,7 +48,7 @@ pub fn open_bundle(path: Option<&Path>, trusted: &[VerifyingKey]) -> Result<Bund
 pub fn default_bundle_as(version: u64, key: &ed25519_dalek::SigningKey) -> Vec<u8> {
     let factory = Bundle::from_bytes(DEFAULT_BUNDLE, &trusted_keys(&[]).expect("the release key parses"))
         .expect("the embedded bundle verifies");
-    let mut b = wbc_shared::bundle::BundleBuilder::from_bundle(&factory);
+    let mut b = wbc_protocol::bundle::BundleBuilder::from_bundle(&factory);
     b.manifest_mut().model_version = version;
     b.finish(key).expect("signing in memory")
 }
@@ -309,7 +309,7 @@ pub struct FinderReport {
     /// Found cells cut by the field's edge.
     pub edge_cut: usize,
     /// Matches at the IoU threshold.
-    pub matches: wbc_shared::finder::BoxMatch,
+    pub matches: wbc_cells::finder::BoxMatch,
     /// IoU threshold.
     pub min_iou: f32,
     /// Recall of annotated white cells.
@@ -332,12 +332,12 @@ pub fn evaluate_finder(
     finder: &FinderConfig,
     min_iou: f32,
 ) -> Result<FinderReport> {
-    let ann = wbc_shared::voc::read_dir(&fields.join("annotations"))?;
+    let ann = wbc_cells::voc::read_dir(&fields.join("annotations"))?;
     let images: Vec<_> = ann.iter().map(|(_, v)| v.clone()).collect();
     let (um, from) = match microns_per_pixel {
         Some(u) => (u, "given"),
         None => (
-            wbc_shared::voc::red_cell_microns_per_pixel(&images)
+            wbc_cells::voc::red_cell_microns_per_pixel(&images)
                 .context("no pixel size given and too few annotated red cells to measure one")?,
             "red_cells",
         ),
@@ -372,7 +372,7 @@ pub fn evaluate_finder(
         r.annotated += truth.len();
         r.found += found.len();
         r.edge_cut += found.iter().filter(|c| c.edge_cut).count();
-        r.matches.add(wbc_shared::finder::match_boxes(&boxes, &truth, min_iou));
+        r.matches.add(wbc_cells::finder::match_boxes(&boxes, &truth, min_iou));
     }
     if r.fields == 0 {
         bail!("{}: no readable fields", fields.display());
@@ -397,7 +397,7 @@ pub fn render_text(img: &ImageJson) -> String {
             s.push_str(&format!("  {}\n", c.description));
             continue;
         }
-        let probs: Vec<String> = wbc_shared::CellClass::ALL
+        let probs: Vec<String> = wbc_protocol::CellClass::ALL
             .iter()
             .map(|k| {
                 format!(

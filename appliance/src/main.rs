@@ -6,8 +6,8 @@ use appliance::{
 };
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use wbc_shared::classify::Classifier;
-use wbc_shared::finder::FinderConfig;
+use wbc_cells::finder::FinderConfig;
+use wbc_models::classify::Classifier;
 
 #[derive(Parser)]
 #[command(name = "appliance", version, about = "White-blood-cell differential appliance")]
@@ -102,7 +102,7 @@ enum Cmd {
 
 fn load_config(path: Option<&std::path::Path>) -> Result<appliance::config::Config> {
     match path {
-        Some(p) => appliance::config::Config::load(p),
+        Some(p) => Ok(appliance::config::Config::load(p)?),
         None => Ok(appliance::config::Config::default()),
     }
 }
@@ -202,7 +202,7 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Run { config } => {
-            appliance::daemon::run(load_config(config.as_deref())?)?;
+            appliance::daemon::run(load_config(config.as_deref())?, wbc_protocol::shutdown::signal())?;
         }
         Cmd::Models { config, json } => {
             let config = load_config(config.as_deref())?;

@@ -10,82 +10,19 @@
 //! for one poll (it is not being copied any more).
 
 use crate::app::{App, ModelStore};
-use crate::models::{ModelPolicy, Outcome};
+use crate::models::Outcome;
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
-use wbc_shared::signed::{Announcement, MAX_DOCUMENT_BYTES, SignedDoc};
+use wbc_protocol::shutdown::Shutdown;
+use wbc_protocol::signed::{Announcement, MAX_DOCUMENT_BYTES, SignedDoc};
+use wbc_protocol::uplink::ModelEvent;
 
-/// Model updates (`[update]`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct UpdateConfig {
-    /// Folder watched for update files: the USB stick's mount point. Unset: no USB updates.
-    pub usb_dir: Option<PathBuf>,
-    /// How often the USB folder is looked at, seconds.
-    pub poll_s: u64,
-    /// CA certificate (PEM) that signed the download server's certificate. Default: the
-    /// uplink broker's `ca_file`, else the public web roots.
-    pub ca_file: Option<PathBuf>,
-    /// Network timeout of a download (connecting, and between two reads), seconds.
-    pub timeout_s: u64,
-    /// Largest bundle accepted, bytes (by USB or download).
-    pub max_bundle_bytes: u64,
-    /// Fields a new model must process before it is confirmed (its probation).
-    pub probation_fields: u32,
-    /// Pipeline failures, or starts after a crash, during probation before the fallback model
-    /// is restored.
-    pub max_failures: u32,
-}
-
-impl Default for UpdateConfig {
-    fn default() -> Self {
-        let p = ModelPolicy::default();
-        UpdateConfig {
-            usb_dir: None,
-            poll_s: 5,
-            ca_file: None,
-            timeout_s: 30,
-            max_bundle_bytes: p.max_bundle_bytes,
-            probation_fields: p.probation_fields,
-            max_failures: p.max_failures,
-        }
-    }
-}
-
-impl UpdateConfig {
-    /// Refuses settings the update path cannot run with.
-    pub fn validate(&self) -> Result<()> {
-        if !(1..=3600).contains(&self.poll_s) {
-            bail!("update.poll_s must be between 1 and 3600 seconds");
-        }
-        if !(1..=3600).contains(&self.timeout_s) {
-            bail!("update.timeout_s must be between 1 and 3600 seconds");
-        }
-        if self.max_bundle_bytes < 1024 {
-            bail!("update.max_bundle_bytes must be at least 1024");
-        }
-        if self.probation_fields == 0 || self.max_failures == 0 {
-            bail!("update.probation_fields and update.max_failures must be at least 1");
-        }
-        Ok(())
-    }
-
-    /// The model store's policy.
-    pub fn policy(&self) -> ModelPolicy {
-        ModelPolicy {
-            max_bundle_bytes: self.max_bundle_bytes,
-            probation_fields: self.probation_fields,
-            max_failures: self.max_failures,
-        }
-    }
-}
+pub use wbc_config::UpdateConfig;
 
 /// Why a download did not give a bundle file.
 #[derive(Debug)]
@@ -115,7 +52,7 @@ impl Downloader {
     /// Downloads into `dir`, trusting `ca` (PEM) or the public web roots.
     pub fn new(dir: &Path, ca: Option<&Path>, timeout: Duration) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let tls = wbc_shared::mqtt::client_tls(ca, None)?;
+        let tls = wbc_protocol::mqtt::client_tls(ca, None)?;
         let agent = ureq::AgentBuilder::new()
             .tls_config(tls)
             .https_only(true)
@@ -211,7 +148,7 @@ impl Downloader {
                 a.size
             )));
         }
-        let (sha, _) = wbc_shared::bundle::file_sha256(&part).map_err(|e| t(e.into()))?;
+        let (sha, _) = wbc_protocol::bundle::file_sha256(&part).map_err(|e| t(e.into()))?;
         if sha != a.sha256 {
             let _ = std::fs::remove_file(&part);
             return Err(DownloadError::Refused(format!(
@@ -225,7 +162,7 @@ impl Downloader {
 }
 
 /// Each file with what became of it.
-pub type Applied = Vec<(PathBuf, Outcome<Arc<wbc_shared::classify::Classifier>>)>;
+pub type Applied = Vec<(PathBuf, Outcome<Arc<wbc_models::classify::Classifier>>)>;
 
 /// Applies update files (a USB stick's, or given to `appliance update`): signed key lists
 /// (`*.keys.json`) first, then bundles (`*.bundle`, with the signed rollback instructions
@@ -244,7 +181,7 @@ pub fn apply_files(models: &ModelStore, files: &[PathBuf], source: impl Fn(&Path
     let mut out = Vec::new();
     let refused = |p: &Path, e: anyhow::Error, out: &mut Applied| {
         let reason = format!("{}: {e:#}", source(p));
-        models.note("rejected", models.active_version(), reason.clone());
+        models.note(ModelEvent::Rejected, models.active_version(), reason.clone());
         out.push((p.to_path_buf(), Outcome::Rejected(reason)));
     };
     for p in files.iter().filter(|p| ends(p, ".keys.json")) {
@@ -317,11 +254,11 @@ impl Updater {
         })
     }
 
-    /// Runs until `stop` is set.
-    pub fn run(mut self, stop: Arc<AtomicBool>) {
+    /// Runs until `stop` is triggered.
+    pub fn run(mut self, stop: Shutdown) {
         let poll = Duration::from_secs(self.config.poll_s);
         let mut next_usb = Instant::now();
-        while !stop.load(Ordering::Relaxed) {
+        while !stop.is_triggered() {
             if Instant::now() >= next_usb {
                 if let Some(dir) = self.config.usb_dir.clone() {
                     self.usb_pass(&dir);
@@ -331,7 +268,9 @@ impl Updater {
             match self.announcements.recv_timeout(Duration::from_millis(250)) {
                 Ok(a) => self.pending = Some((a, Instant::now(), Duration::from_secs(1))),
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(250)),
+                Err(RecvTimeoutError::Disconnected) => {
+                    stop.sleep(Duration::from_millis(250));
+                }
             }
             if self.pending.as_ref().is_some_and(|p| Instant::now() >= p.1) {
                 let (a, _, wait) = self.pending.take().expect("pending");
@@ -344,7 +283,7 @@ impl Updater {
         }
     }
 
-    fn adopt(&self, o: Outcome<Arc<wbc_shared::classify::Classifier>>) {
+    fn adopt(&self, o: Outcome<Arc<wbc_models::classify::Classifier>>) {
         match o {
             Outcome::Active(c) => self.app.set_classifier(c),
             Outcome::Skipped(why) => tracing::debug!(%why, "update skipped"),
@@ -402,7 +341,7 @@ impl Updater {
             Err(DownloadError::Transient(e)) => return Err(e),
         };
         self.models.note(
-            "downloaded",
+            ModelEvent::Downloaded,
             a.model_version,
             format!("{source}: {} bytes, sha256 as announced", a.size),
         );

@@ -9,56 +9,18 @@
 //! broker publishes `offline`, the connection's last will, when the device disappears.
 
 use crate::store::Store;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use rumqttc::{AsyncClient, Event, LastWill, Outgoing, Packet, QoS};
-use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use wbc_shared::mqtt::{Backoff, BrokerConfig, drive};
-use wbc_shared::signed::{Announcement, announcement_topics};
-use wbc_shared::uplink::{DeviceState, Kind, Status, UPLINK_SCHEMA_VERSION, topic};
+use wbc_protocol::mqtt::{Backoff, drive};
+use wbc_protocol::shutdown::Shutdown;
+use wbc_protocol::signed::{Announcement, announcement_topics};
+use wbc_protocol::uplink::{DeviceState, Kind, Status, UPLINK_SCHEMA_VERSION, topic};
 
-/// The uplink's settings (`[uplink]`; without it nothing is sent, results wait in the
-/// outbox).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct UplinkConfig {
-    /// The broker (`[uplink.broker]`).
-    pub broker: BrokerConfig,
-    /// Messages sent and not yet acknowledged, at most.
-    pub inflight: u16,
-    /// How often the status (with the backlog) is republished, seconds.
-    pub status_every_s: u64,
-    /// Longest wait between connection attempts, seconds.
-    pub max_backoff_s: u64,
-}
-
-impl Default for UplinkConfig {
-    fn default() -> Self {
-        UplinkConfig {
-            broker: BrokerConfig::default(),
-            inflight: 32,
-            status_every_s: 60,
-            max_backoff_s: 60,
-        }
-    }
-}
-
-impl UplinkConfig {
-    /// Refuses settings the uplink cannot run with.
-    pub fn validate(&self) -> Result<()> {
-        self.broker.validate().context("[uplink.broker]")?;
-        if !(1..=1000).contains(&self.inflight) {
-            bail!("uplink.inflight must be between 1 and 1000");
-        }
-        if self.status_every_s == 0 || self.max_backoff_s == 0 {
-            bail!("uplink.status_every_s and uplink.max_backoff_s must be at least 1");
-        }
-        Ok(())
-    }
-}
+pub use wbc_config::UplinkConfig;
 
 /// What the uplink is doing, for the UI and `/health`.
 #[derive(Debug, Default)]
@@ -162,11 +124,11 @@ impl Uplink {
         }
     }
 
-    /// Runs until `stop` turns true: connects, drains, reconnects with back-off.
-    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+    /// Runs until `stop` is triggered: connects, drains, reconnects with back-off.
+    pub async fn run(self, stop: Shutdown) {
         let mut backoff = Backoff::new(Duration::from_secs(self.config.max_backoff_s));
         loop {
-            let r = self.session(&mut stop, &mut backoff).await;
+            let r = self.session(&stop, &mut backoff).await;
             self.state.connected.store(false, Ordering::Relaxed);
             match r {
                 Ok(()) => return,
@@ -178,13 +140,13 @@ impl Uplink {
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
-                _ = stop.changed() => return,
+                _ = stop.wait() => return,
             }
         }
     }
 
     /// One connection, from connect to its end. `Ok` only when asked to stop.
-    async fn session(&self, stop: &mut tokio::sync::watch::Receiver<bool>, backoff: &mut Backoff) -> Result<()> {
+    async fn session(&self, stop: &Shutdown, backoff: &mut Backoff) -> Result<()> {
         let id = self.store.identity().clone();
         let mut opts = self
             .config
@@ -261,7 +223,7 @@ impl Uplink {
                         unsent.push_back(None);
                     }
                 }
-                _ = stop.changed() => {
+                _ = stop.wait() => {
                     if connected {
                         // A clean goodbye: the broker does not publish the will then, so say it.
                         let _ = client.try_publish(self.status_topic(), QoS::AtLeastOnce, true, self.status(DeviceState::Offline));

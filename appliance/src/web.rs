@@ -6,24 +6,22 @@
 use crate::app::{App, Ingested};
 use crate::config::User;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Form, Multipart, Path, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::extract::{DefaultBodyLimit, Form, Multipart, Path, State};
+use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use wbc_shared::auth::{LoginForm, Sessions, log_in, session_token};
-use wbc_shared::classes::CellClass;
-use wbc_shared::messages::FieldRecord;
-use wbc_shared::slide::ReviewPriority;
+use wbc_protocol::classes::CellClass;
+use wbc_protocol::messages::FieldRecord;
+use wbc_protocol::slide::ReviewPriority;
+use wbc_web::login::{LoggedIn, Login};
 
 /// The web UI's state.
 pub struct Web {
     app: Arc<App>,
-    users: Vec<User>,
-    sessions: Sessions,
+    login: Arc<Login>,
     max_upload_bytes: usize,
     uplink: Option<Arc<crate::uplink::UplinkState>>,
 }
@@ -38,8 +36,7 @@ impl Web {
     ) -> Arc<Self> {
         Arc::new(Web {
             app,
-            users,
-            sessions: Sessions::default(),
+            login: Login::required(users, |title, body| page(title, None, body).0),
             max_upload_bytes,
             uplink,
         })
@@ -62,20 +59,7 @@ impl Web {
             n => format!("{state} {n} stored messages could not be read back and are set aside: call maintenance."),
         }
     }
-
-    fn user_of(&self, headers: &HeaderMap) -> Option<String> {
-        self.sessions.user(&token_of(headers)?)
-    }
 }
-
-/// The session token a request carries.
-fn token_of(headers: &HeaderMap) -> Option<String> {
-    session_token(headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()))
-}
-
-/// The logged-in user of a request.
-#[derive(Clone)]
-struct LoggedIn(String);
 
 /// The router: `/health` and `/login` open, everything else behind the login.
 pub fn router(web: Arc<Web>) -> Router {
@@ -92,31 +76,18 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/models", get(models_page))
         .route("/api/models", get(api_models))
         .route("/slide/finish", post(finish_slide))
-        .route("/logout", post(logout))
         .route("/api/slide", get(api_slide))
-        .route("/api/field/{id}", get(api_field))
-        .layer(middleware::from_fn_with_state(web.clone(), require_login));
+        .route("/api/field/{id}", get(api_field));
     Router::new()
         .route("/health", get(health))
-        .route("/login", get(login_page).post(login))
-        .merge(private)
+        .merge(web.login.routes())
+        .merge(web.login.guard(private))
         .layer(DefaultBodyLimit::max(web.max_upload_bytes))
         .with_state(web)
 }
 
-async fn require_login(State(w): State<Arc<Web>>, mut req: Request, next: Next) -> Response {
-    match w.user_of(req.headers()) {
-        Some(u) => {
-            req.extensions_mut().insert(LoggedIn(u));
-            next.run(req).await
-        }
-        None if req.uri().path().starts_with("/api/") => (StatusCode::UNAUTHORIZED, "log in first").into_response(),
-        None => Redirect::to("/login").into_response(),
-    }
-}
-
 /// Escapes text for HTML.
-use wbc_shared::html_escape as esc;
+use wbc_web::html_escape as esc;
 
 fn page(title: &str, user: Option<&str>, body: &str) -> Html<String> {
     let nav = match user {
@@ -175,50 +146,6 @@ async fn health(State(w): State<Arc<Web>>) -> Response {
         },
     }))
     .into_response()
-}
-
-async fn login_page() -> Html<String> {
-    login_form("")
-}
-
-fn login_form(message: &str) -> Html<String> {
-    let msg = if message.is_empty() {
-        String::new()
-    } else {
-        format!("<p class=\"error\" id=\"error\">{}</p>", esc(message))
-    };
-    page(
-        "Log in",
-        None,
-        &format!(
-            "{msg}<form method=\"post\" action=\"/login\"><p><label>User <input name=\"user\" id=\"user\" autocomplete=\"username\"></label></p>\
-             <p><label>Password <input type=\"password\" name=\"password\" id=\"password\" autocomplete=\"current-password\"></label></p>\
-             <p><button id=\"login\">Log in</button></p></form>"
-        ),
-    )
-}
-
-async fn login(State(w): State<Arc<Web>>, Form(f): Form<LoginForm>) -> Response {
-    let (web, name) = (w.clone(), f.user.clone());
-    let cookie = tokio::task::spawn_blocking(move || log_in(&web.users, &web.sessions, &f))
-        .await
-        .ok()
-        .flatten()
-        .and_then(|c| HeaderValue::from_str(&c).ok());
-    match cookie {
-        Some(c) => ([(header::SET_COOKIE, c)], Redirect::to("/")).into_response(),
-        None => {
-            tracing::warn!(user = %name, "failed login");
-            (StatusCode::UNAUTHORIZED, login_form("Wrong user or password.")).into_response()
-        }
-    }
-}
-
-async fn logout(State(w): State<Arc<Web>>, headers: HeaderMap) -> Response {
-    if let Some(t) = token_of(&headers) {
-        w.sessions.end(&t);
-    }
-    Redirect::to("/login").into_response()
 }
 
 fn differential_html(w: &Web) -> String {
@@ -326,12 +253,12 @@ async fn models_page(
         let _ = write!(
             body,
             "<tr class=\"{cls}\"><td>{t}</td><td>{ev}</td><td>{v}</td><td>{d}</td></tr>",
-            cls = esc(&e.message.event),
+            cls = e.message.event,
             t = time::OffsetDateTime::from_unix_timestamp(e.at as i64)
                 .ok()
                 .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
                 .unwrap_or_default(),
-            ev = esc(&e.message.event),
+            ev = e.message.event,
             v = e.message.model_version,
             d = esc(&e.message.detail)
         );
@@ -605,7 +532,7 @@ async fn review_page(
     let mut body = String::from(
         "<p>Cells the model left for review or called Blast, not yet reviewed: blasts first, then possible blasts. Open one to confirm or reclassify it.</p><ul id=\"to-review\">",
     );
-    let queue = wbc_shared::slide::review_queue(&fields);
+    let queue = wbc_protocol::slide::review_queue(&fields);
     for &(priority, fi, ci) in &queue {
         let (f, c) = (&fields[fi], &fields[fi].cells[ci]);
         // One click for the model's two likeliest classes; the full list for anything else.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures/cells")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/cells")
 }
 
 fn appliance(args: &[&str]) -> std::process::Output {
@@ -117,8 +117,8 @@ fn a_tampered_or_untrusted_bundle_is_refused_with_a_reason() {
     assert!(stderr.contains("tampered") || stderr.contains("corrupt"), "{stderr}");
 
     let other = dir.path().join("other.pub");
-    let k = wbc_shared::bundle::keys::generate();
-    wbc_shared::bundle::keys::write_public(&other, &k.verifying_key()).unwrap();
+    let k = wbc_protocol::bundle::keys::generate();
+    wbc_protocol::bundle::keys::write_public(&other, &k.verifying_key()).unwrap();
     let out = appliance(&[
         "classify",
         "--single-cell",
@@ -137,7 +137,7 @@ fn fields() -> PathBuf {
 /// The annotated white-cell boxes of a fixture field.
 fn annotated_wbcs(field: &str) -> Vec<[f32; 4]> {
     let xml = std::fs::read_to_string(fields().join("annotations").join(format!("{field}.xml"))).unwrap();
-    let v = wbc_shared::voc::parse(&xml, std::path::Path::new(field)).unwrap();
+    let v = wbc_cells::voc::parse(&xml, std::path::Path::new(field)).unwrap();
     v.objects.iter().filter(|o| o.name == "WBC").map(|o| o.bbox).collect()
 }
 
@@ -166,7 +166,7 @@ fn field_mode_finds_and_classifies_each_white_cell_with_its_box() {
                 .iter()
                 .map(|x| x.as_f64().unwrap() as f32)
                 .collect();
-            let iou = wbc_shared::finder::iou([b[0], b[1], b[2], b[3]], *t);
+            let iou = wbc_cells::finder::iou([b[0], b[1], b[2], b[3]], *t);
             assert!(iou >= 0.5, "{field}: found {b:?}, annotated {t:?} (IoU {iou})");
             assert!(b[2] <= 640.0 && b[3] <= 480.0, "box within the field");
             let probs = c["probabilities"].as_object().unwrap();

@@ -171,7 +171,7 @@ fn bundles_on_a_usb_stick_are_refused_or_installed_and_the_models_page_says_why(
     std::fs::create_dir(&usb).unwrap();
     let lab = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
     let lab_pub = dir.path().join("lab.pub");
-    wbc_shared::bundle::keys::write_public(&lab_pub, &lab.verifying_key()).unwrap();
+    wbc_protocol::bundle::keys::write_public(&lab_pub, &lab.verifying_key()).unwrap();
     let release_pub = dir.path().join("release.pub");
     std::fs::write(&release_pub, appliance::DEFAULT_KEY).unwrap();
     let text = std::fs::read_to_string(&cfg).unwrap();

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use wbc_shared::bundle::{Bundle, keys};
+use wbc_protocol::bundle::{Bundle, keys};
 
 fn appliance() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_appliance"));

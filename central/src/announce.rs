@@ -9,10 +9,10 @@ use anyhow::{Context, Result, bail};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use std::path::Path;
 use std::time::Duration;
-use wbc_shared::bundle::{ReadLimits, UnverifiedBundle};
-use wbc_shared::mqtt::{BrokerConfig, drive};
-use wbc_shared::signed::{ANNOUNCE_ROOT, Announcement, SignedDoc};
-use wbc_shared::uplink::valid_id;
+use wbc_protocol::bundle::{ReadLimits, UnverifiedBundle};
+use wbc_protocol::mqtt::{BrokerConfig, drive};
+use wbc_protocol::signed::{ANNOUNCE_ROOT, Announcement, SignedDoc};
+use wbc_protocol::uplink::valid_id;
 
 /// The announcement topic for a clinic, or one device of it.
 pub fn topic(clinic: &str, device: Option<&str>) -> Result<String> {
@@ -38,7 +38,7 @@ pub fn announcement(bundle: &Path, url: &str, keys: Option<&Path>, rollback: Opt
     let b = UnverifiedBundle::read_file(bundle, &ReadLimits::default())
         .with_context(|| format!("{} is not a model bundle", bundle.display()))?;
     let manifest = b.claimed_manifest()?;
-    let (sha256, size) = wbc_shared::bundle::file_sha256(bundle)?;
+    let (sha256, size) = wbc_protocol::bundle::file_sha256(bundle)?;
     let a = Announcement {
         model_version: manifest.model_version,
         size,
@@ -48,7 +48,7 @@ pub fn announcement(bundle: &Path, url: &str, keys: Option<&Path>, rollback: Opt
         rollback: rollback.map(read_doc).transpose()?,
     };
     // What devices will check first.
-    Announcement::parse(&serde_json::to_vec(&a)?).map_err(anyhow::Error::msg)?;
+    Announcement::parse(&serde_json::to_vec(&a)?)?;
     Ok(a)
 }
 
@@ -99,13 +99,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.bundle");
         let k = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
-        let manifest: wbc_shared::bundle::Manifest = serde_json::from_value(serde_json::json!({
+        let manifest: wbc_protocol::bundle::Manifest = serde_json::from_value(serde_json::json!({
             "format_version": 1, "family": "compact", "model_config": {}, "classes": [],
-            "preprocess": wbc_shared::image::Preprocess::imagenet(224), "model_version": 9,
+            "preprocess": wbc_protocol::preprocess::Preprocess::imagenet(224), "model_version": 9,
             "min_appliance_version": "0.1.0", "created_at": "", "training": {}, "metrics": {}, "parts": {}
         }))
         .unwrap();
-        let bytes = wbc_shared::bundle::BundleBuilder::new(manifest)
+        let bytes = wbc_protocol::bundle::BundleBuilder::new(manifest)
             .part("w", vec![1; 100])
             .unwrap()
             .finish(&k)
@@ -114,7 +114,7 @@ mod tests {
         let a = announcement(&p, "https://lab.example/m.bundle", None, None).unwrap();
         assert_eq!(a.model_version, 9);
         assert_eq!(a.size, bytes.len() as u64);
-        assert_eq!(a.sha256, wbc_shared::bundle::sha256_hex(&bytes));
+        assert_eq!(a.sha256, wbc_protocol::bundle::sha256_hex(&bytes));
         assert!(announcement(&p, "http://lab.example/m.bundle", None, None).is_err());
         std::fs::write(&p, b"not a bundle").unwrap();
         assert!(announcement(&p, "https://lab.example/m.bundle", None, None).is_err());

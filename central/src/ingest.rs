@@ -13,8 +13,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use wbc_shared::mqtt::{Backoff, BrokerConfig, drive};
-use wbc_shared::uplink::{ALL_DEVICES, Envelope, Kind, Status, parse_topic};
+use wbc_protocol::mqtt::{Backoff, BrokerConfig, drive};
+use wbc_protocol::shutdown::Shutdown;
+use wbc_protocol::uplink::{ALL_DEVICES, Envelope, Kind, Status, parse_topic};
 
 /// Counters, for the API and the logs.
 #[derive(Debug, Default)]
@@ -81,11 +82,11 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Runs until `stop` turns true, reconnecting with back-off.
-    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+    /// Runs until `stop` is triggered, reconnecting with back-off.
+    pub async fn run(self, stop: Shutdown) {
         let mut backoff = Backoff::new(Duration::from_secs(30));
         loop {
-            let r = self.session(&mut stop, &mut backoff).await;
+            let r = self.session(&stop, &mut backoff).await;
             self.stats.connected.store(false, Ordering::Relaxed);
             match r {
                 Ok(()) => return,
@@ -93,12 +94,12 @@ impl Ingest {
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
-                _ = stop.changed() => return,
+                _ = stop.wait() => return,
             }
         }
     }
 
-    async fn session(&self, stop: &mut tokio::sync::watch::Receiver<bool>, backoff: &mut Backoff) -> Result<()> {
+    async fn session(&self, stop: &Shutdown, backoff: &mut Backoff) -> Result<()> {
         let mut opts = self.broker.options(&self.client_id)?;
         opts.set_clean_session(false);
         opts.set_manual_acks(true);
@@ -142,7 +143,7 @@ impl Ingest {
                     _ => {}
                 },
                 _ = tokio::time::sleep(std::time::Duration::from_millis(5)), if !acks.is_empty() => {}
-                _ = stop.changed() => {
+                _ = stop.wait() => {
                     let _ = client.try_disconnect();
                     return Ok(());
                 }

@@ -12,7 +12,8 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use wbc_shared::mqtt::BrokerConfig;
+use wbc_protocol::mqtt::BrokerConfig;
+use wbc_protocol::shutdown::Shutdown;
 
 /// Central's configuration (TOML; every field has a default, unknown keys are refused).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,7 +31,7 @@ pub struct Config {
     /// Accounts of the dashboard and API (`[[users]]`, `name` and an Argon2 `password_hash`
     /// from `appliance hash-password`). With any, everything but `/health` needs a login;
     /// with none, nothing does (keep `listen` on loopback then).
-    pub users: Vec<wbc_shared::auth::User>,
+    pub users: Vec<wbc_web::auth::User>,
 }
 
 impl Default for Config {
@@ -71,14 +72,14 @@ pub struct Running {
     pub stats: Arc<ingest::Stats>,
     /// Where the HTTP API listens.
     pub addr: std::net::SocketAddr,
-    stop: tokio::sync::watch::Sender<bool>,
+    stop: Shutdown,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
     /// Stops ingest and the HTTP server and waits for them.
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
+        self.stop.trigger();
         for t in self.tasks {
             let _ = t.await;
         }
@@ -88,13 +89,28 @@ impl Running {
     }
 }
 
-/// Starts central on the current tokio runtime.
+/// Runs central until `shutdown` resolves (`main` passes [`wbc_protocol::shutdown::signal`],
+/// SIGINT or SIGTERM; tests pass anything), then stops ingest and the HTTP server through one
+/// [`Shutdown`] and waits for them. Says where the dashboard is on standard error.
+pub async fn run(config: &Config, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    let running = start(config).await?;
+    eprintln!(
+        "central: dashboard on http://{}, database {}",
+        running.addr,
+        config.db.display()
+    );
+    shutdown.await;
+    running.stop().await;
+    Ok(())
+}
+
+/// Starts central on the current tokio runtime; [`Running::stop`] stops it.
 pub async fn start(config: &Config) -> Result<Running> {
     // Opening may block (a file, or a PostgreSQL connection with its own runtime).
     let path = config.db.clone();
     let db = Arc::new(tokio::task::spawn_blocking(move || db::Db::open(&path)).await??);
     let stats = Arc::new(ingest::Stats::default());
-    let (stop, rx) = tokio::sync::watch::channel(false);
+    let stop = Shutdown::new();
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -105,20 +121,17 @@ pub async fn start(config: &Config) -> Result<Running> {
         client_id: config.client_id.clone(),
         stats: stats.clone(),
     };
-    let mut http_stop = rx.clone();
+    let http_stop = stop.clone();
     let app = web::router(Arc::new(web::Web {
         db: db.clone(),
         stats: stats.clone(),
-        users: config.users.clone(),
-        sessions: Default::default(),
+        login: wbc_web::login::Login::where_accounts(config.users.clone(), web::login_page),
     }));
     let tasks = vec![
-        tokio::spawn(ingest.run(rx)),
+        tokio::spawn(ingest.run(stop.clone())),
         tokio::spawn(async move {
             let r = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = http_stop.changed().await;
-                })
+                .with_graceful_shutdown(async move { http_stop.wait().await })
                 .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "HTTP server failed");
@@ -138,8 +151,8 @@ pub async fn start(config: &Config) -> Result<Running> {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use wbc_shared::messages::{CellRecord, CellResult, FieldRecord, SCHEMA_VERSION};
-    use wbc_shared::uplink::{Body, Envelope};
+    use wbc_protocol::messages::{CellRecord, CellResult, FieldRecord, SCHEMA_VERSION};
+    use wbc_protocol::uplink::{Body, Envelope};
 
     fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -172,7 +185,7 @@ mod tests {
         std::fs::write(&path, "[[users]]\nname = \"lab\"\npassword_hash = \"microscope\"\n").unwrap();
         let err = format!("{:#}", Config::load(&path).unwrap_err());
         assert!(err.contains("[[users]]") && err.contains("not a PHC string"), "{err}");
-        let hash = wbc_shared::auth::hash_password("microscope").unwrap();
+        let hash = wbc_web::auth::hash_password("microscope").unwrap();
         std::fs::write(
             &path,
             format!("[[users]]\nname = \"lab\"\npassword_hash = \"{hash}\"\n"),
@@ -193,9 +206,9 @@ mod tests {
                 port: Some(1),
                 ..Default::default()
             },
-            users: vec![wbc_shared::auth::User {
+            users: vec![wbc_web::auth::User {
                 name: "lab".into(),
-                password_hash: wbc_shared::auth::hash_password("microscope").unwrap(),
+                password_hash: wbc_web::auth::hash_password("microscope").unwrap(),
             }],
             ..Default::default()
         };
@@ -266,19 +279,21 @@ mod tests {
             };
             let running = rt.block_on(start(&config)).unwrap();
             let mut p = [0.0f32; 6];
-            p[wbc_shared::CellClass::Blast.index()] = 1.0;
+            p[wbc_protocol::CellClass::Blast.index()] = 1.0;
             let field = FieldRecord {
                 schema_version: SCHEMA_VERSION,
-                id: "f1".into(),
-                slide_id: "s1".into(),
-                received_at: db::now(),
-                source: "camera".into(),
-                name: "<script>.jpg".into(),
-                image_sha256: String::new(),
-                width: 1,
-                height: 1,
-                single_cell: false,
-                microns_per_pixel: 0.1,
+                header: wbc_protocol::messages::FieldHeader {
+                    id: "f1".into(),
+                    slide_id: "s1".into(),
+                    received_at: db::now(),
+                    source: "camera".into(),
+                    name: "<script>.jpg".into(),
+                    image_sha256: String::new(),
+                    width: 1,
+                    height: 1,
+                    single_cell: false,
+                    microns_per_pixel: 0.1,
+                },
                 cells: vec![CellRecord {
                     result: CellResult::from_probabilities(&p, &Default::default(), "d".into(), 0.5, 1),
                     review: None,

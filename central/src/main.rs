@@ -118,17 +118,7 @@ fn main() -> Result<()> {
         Command::Serve { config } => {
             let config = load(config)?;
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(async {
-                let running = central::start(&config).await?;
-                eprintln!(
-                    "central: dashboard on http://{}, database {}",
-                    running.addr,
-                    config.db.display()
-                );
-                tokio::signal::ctrl_c().await?;
-                running.stop().await;
-                anyhow::Ok(())
-            })
+            rt.block_on(central::run(&config, wbc_protocol::shutdown::signal()))
         }
     }
 }

@@ -16,16 +16,15 @@
 use crate::db::Db;
 use crate::ingest::Stats;
 use axum::Router;
-use axum::extract::{Form, Query, Request, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
-use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
 use serde::Deserialize;
 use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use wbc_shared::auth::{LoginForm, Sessions, User, log_in, session_token};
+use wbc_web::login::Login;
 
 /// What the handlers share.
 pub struct Web {
@@ -33,10 +32,8 @@ pub struct Web {
     pub db: Arc<Db>,
     /// Ingest counters.
     pub stats: Arc<Stats>,
-    /// Accounts; with none, no login is asked for.
-    pub users: Vec<User>,
-    /// Who is logged in.
-    pub sessions: Sessions,
+    /// Accounts and sessions; with no accounts, no login is asked for.
+    pub login: Arc<Login>,
 }
 
 /// The routes: `/health` and `/login` always open; the rest behind the login where there are
@@ -44,7 +41,6 @@ pub struct Web {
 pub fn router(w: Arc<Web>) -> Router {
     let private = Router::new()
         .route("/", get(dashboard))
-        .route("/logout", post(logout))
         .route("/api/devices", get(devices))
         .route("/api/slides", get(slides))
         .route("/slide", get(slide_page))
@@ -52,77 +48,21 @@ pub fn router(w: Arc<Web>) -> Router {
         .route("/cell-picture", get(cell_picture))
         .route("/api/results", get(results))
         .route("/api/stats", get(stats))
-        .route("/api/model-events", get(model_events))
-        .layer(middleware::from_fn_with_state(w.clone(), require_login));
+        .route("/api/model-events", get(model_events));
     Router::new()
         .route("/health", get(health))
-        .route("/login", get(login_page).post(login))
-        .merge(private)
+        .merge(w.login.routes())
+        .merge(w.login.guard(private))
         .with_state(w)
 }
 
-/// The session token a request carries.
-fn token_of(req: &Request) -> Option<String> {
-    session_token(
-        req.headers()
-            .get_all(axum::http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok()),
+/// A page in central's look around the login form (for [`Login`]).
+pub fn login_page(title: &str, body: &str) -> String {
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>WBC central: {t}</title><style>{STYLE}</style></head>\
+         <body><h1>WBC central</h1>{body}</body></html>",
+        t = esc(title)
     )
-}
-
-async fn require_login(State(w): State<Arc<Web>>, req: Request, next: Next) -> Response {
-    let token = token_of(&req);
-    if w.users.is_empty() || token.and_then(|t| w.sessions.user(&t)).is_some() {
-        return next.run(req).await;
-    }
-    if req.uri().path().starts_with("/api/") {
-        (StatusCode::UNAUTHORIZED, "log in first").into_response()
-    } else {
-        Redirect::to("/login").into_response()
-    }
-}
-
-fn login_form(message: &str) -> Html<String> {
-    let msg = if message.is_empty() {
-        String::new()
-    } else {
-        format!("<p id=\"error\">{}</p>", esc(message))
-    };
-    Html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>WBC central: log in</title><style>{STYLE}</style></head>\
-         <body><h1>WBC central</h1>{msg}<form method=\"post\" action=\"/login\"><p><label>User <input name=\"user\" \
-         autocomplete=\"username\"></label></p><p><label>Password <input type=\"password\" name=\"password\" \
-         autocomplete=\"current-password\"></label></p><p><button>Log in</button></p></form></body></html>"
-    ))
-}
-
-async fn login_page() -> Html<String> {
-    login_form("")
-}
-
-async fn login(State(w): State<Arc<Web>>, Form(f): Form<LoginForm>) -> Response {
-    let (web, name) = (w.clone(), f.user.clone());
-    let cookie = tokio::task::spawn_blocking(move || log_in(&web.users, &web.sessions, &f))
-        .await
-        .ok()
-        .flatten()
-        .and_then(|c| axum::http::HeaderValue::from_str(&c).ok());
-    match cookie {
-        Some(c) => ([(axum::http::header::SET_COOKIE, c)], Redirect::to("/")).into_response(),
-        None => {
-            tracing::warn!(user = %name, "failed login");
-            (StatusCode::UNAUTHORIZED, login_form("Wrong user or password.")).into_response()
-        }
-    }
-}
-
-async fn logout(State(w): State<Arc<Web>>, req: Request) -> Response {
-    let token = token_of(&req);
-    if let Some(t) = token {
-        w.sessions.end(&t);
-    }
-    Redirect::to("/login").into_response()
 }
 
 fn internal(e: anyhow::Error) -> Response {
@@ -348,7 +288,7 @@ async fn stats(State(w): State<Arc<Web>>) -> Response {
     .await
 }
 
-use wbc_shared::html_escape as esc;
+use wbc_web::html_escape as esc;
 
 /// The pages' style sheet.
 const STYLE: &str = "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}\
@@ -380,7 +320,7 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>WBC central</title><style>{STYLE}</style></head><body>\
          <h1>WBC differentials: central lab</h1>{logout}<h2>Devices</h2><table id=\"devices\"><tr><th>clinic</th><th>device</th>\
          <th>state</th><th>waiting to send</th><th>model</th><th>last heard</th></tr>",
-        logout = if w.users.is_empty() {
+        logout = if !w.login.has_accounts() {
             ""
         } else {
             "<form method=\"post\" action=\"/logout\"><button id=\"logout\">Log out</button></form>"
@@ -435,15 +375,11 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
         let _ = write!(
             b,
             "<tr class=\"{cls}\"><td>{c}</td><td>{d}</td><td>{t}</td><td>{ev}</td><td>{v}</td><td>{detail}</td></tr>",
-            cls = if matches!(e.event.as_str(), "rejected" | "rolled_back") {
-                "blast"
-            } else {
-                ""
-            },
+            cls = if e.event.is_problem() { "blast" } else { "" },
             c = esc(&e.clinic),
             d = esc(&e.device),
             t = when(e.at),
-            ev = esc(&e.event),
+            ev = e.event,
             v = e.model_version,
             detail = esc(&e.detail)
         );

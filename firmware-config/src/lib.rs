@@ -1,6 +1,6 @@
 //! Device configuration and provisioning.
 //!
-//! The appliance's configuration is `appliance::config::Config` (typed, TOML, unknown keys
+//! The appliance's configuration is `wbc_config::Config` (typed, TOML, unknown keys
 //! refused, every key with a default); this crate checks a file against it and provisions a
 //! new device: its configuration, its MQTT password (a file readable by the appliance only),
 //! the matching lines for the lab's Mosquitto password file and ACL, the systemd unit and the
@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 /// Checks an appliance configuration file: the error names the file, the key and what is
 /// allowed.
-pub fn check(path: &Path) -> Result<appliance::config::Config> {
-    appliance::config::Config::load(path)
+pub fn check(path: &Path) -> Result<wbc_config::Config> {
+    Ok(wbc_config::Config::load(path)?)
 }
 
 /// What `provision` needs to know.
@@ -82,7 +82,7 @@ pub const FILES: [&str; 6] = [
 /// MQTT password is written once, to `mqtt.password` (mode 0600), and never printed.
 pub fn provision(p: &Provision, out: &Path) -> Result<()> {
     for (key, id) in [("clinic", &p.clinic), ("device", &p.device)] {
-        if !wbc_shared::uplink::valid_id(id) {
+        if !wbc_protocol::uplink::valid_id(id) {
             bail!("--{key} must be 1 to 64 letters, digits, `-` or `_`, not {id:?}");
         }
     }
@@ -99,22 +99,22 @@ pub fn provision(p: &Provision, out: &Path) -> Result<()> {
     let mut keys = Vec::new();
     for k in &p.update_keys {
         let pem = std::fs::read_to_string(k).with_context(|| format!("reading the update key {}", k.display()))?;
-        let key = wbc_shared::bundle::keys::parse_public(&pem)
+        let key = wbc_protocol::bundle::keys::parse_public(&pem)
             .with_context(|| format!("{} is not an ed25519 public key (PEM)", k.display()))?;
-        keys.push((format!("update-keys/{}.pub", wbc_shared::bundle::key_id(&key)), pem));
+        keys.push((format!("update-keys/{}.pub", wbc_protocol::bundle::key_id(&key)), pem));
     }
     let password = random_password();
-    let config = appliance::config::Config {
+    let config = wbc_config::Config {
         data_dir: "/var/lib/wbc".into(),
         clinic: p.clinic.clone(),
         device: p.device.clone(),
         trust: keys.iter().map(|(name, _)| dir.join(name)).collect(),
-        update: appliance::update::UpdateConfig {
+        update: wbc_config::UpdateConfig {
             usb_dir: Some(USB_MOUNT.into()),
             ..Default::default()
         },
-        uplink: Some(appliance::uplink::UplinkConfig {
-            broker: wbc_shared::mqtt::BrokerConfig {
+        uplink: Some(wbc_config::UplinkConfig {
+            broker: wbc_protocol::broker::BrokerConfig {
                 host: p.broker_host.clone(),
                 port: Some(p.broker_port),
                 ca_file: Some(dir.join("lab-ca.pem")),
@@ -234,20 +234,20 @@ mod tests {
     #[test]
     fn the_labs_update_keys_are_trusted_and_the_usb_folder_watched() {
         let dir = tempfile::tempdir().unwrap();
-        let k = wbc_shared::bundle::keys::generate();
+        let k = wbc_protocol::bundle::keys::generate();
         let pubk = dir.path().join("lab.pub");
-        wbc_shared::bundle::keys::write_public(&pubk, &k.verifying_key()).unwrap();
+        wbc_protocol::bundle::keys::write_public(&pubk, &k.verifying_key()).unwrap();
         let out = dir.path().join("out");
         let mut prov = p("clinic-07");
         prov.update_keys = vec![pubk];
         provision(&prov, &out).unwrap();
-        let id = wbc_shared::bundle::key_id(&k.verifying_key());
+        let id = wbc_protocol::bundle::key_id(&k.verifying_key());
         let c = check(&out.join("appliance.toml")).unwrap();
         assert_eq!(c.trust, vec![PathBuf::from(format!("/etc/wbc/update-keys/{id}.pub"))]);
         assert_eq!(c.update.usb_dir.as_deref(), Some(Path::new(USB_MOUNT)));
         let copied = std::fs::read_to_string(out.join(format!("update-keys/{id}.pub"))).unwrap();
         assert_eq!(
-            wbc_shared::bundle::keys::parse_public(&copied).unwrap(),
+            wbc_protocol::bundle::keys::parse_public(&copied).unwrap(),
             k.verifying_key()
         );
         let rule = std::fs::read_to_string(out.join("99-wbc-usb-update.rules")).unwrap();

@@ -64,7 +64,7 @@ fn main() -> Result<()> {
                 if c.uplink.is_some() { "configured" } else { "none" }
             );
         }
-        Command::Schema => println!("{}", serde_json::to_string_pretty(&appliance::config::schema())?),
+        Command::Schema => println!("{}", serde_json::to_string_pretty(&wbc_config::schema())?),
         Command::Provision {
             clinic,
             device,

@@ -1,5 +1,5 @@
 """Generate small random-weight Llama 3.2 Vision (mllama) checkpoints and reference outputs from
-transformers, for the Rust port's parity tests (shared/src/mllama).
+transformers, for the Rust port's parity tests (shared/models/src/mllama).
 
 Regenerate (from the repository root; CPU only, no network besides PyPI for the venv):
 
@@ -15,7 +15,7 @@ default rope, one or more cross-attention layers, 1 and 4 tiles, text rows that 
 single-file and sharded checkpoints, f32 and bf16 weights. transformers initialises the tanh
 gates at zero (a random model would ignore the image); here every gate is opened.
 
-Outputs, per configuration, in shared/tests/fixtures/mllama/<name>/:
+Outputs, per configuration, in shared/fixtures/mllama/<name>/:
   config.json, model.safetensors or model-0000K-of-0000N.safetensors + model.safetensors.index.json
   io.safetensors: input_ids [B,S] (i64), pixel_values [B,1,T,3,H,W], aspect_ratio_ids [B,1] (i64),
       aspect_ratio_mask [B,1,T] (i64), cross_attention_mask [B,S,1,T] (i64), vision_output
@@ -27,8 +27,8 @@ Outputs, per configuration, in shared/tests/fixtures/mllama/<name>/:
 And the image processor (MllamaImageProcessor, the published preprocessing: bilinear antialiased
 resize onto the best tile canvas, zero padding, CLIP mean/std, up to 4 tiles; tiles of 28 px here
 to keep the fixture small) on real images — the lossless copy of a WBC image from
-../shared/data (shared/tests/fixtures/reference/EO_100884.png) and two crops of it, one wide and
-one small enough to be upscaled — in shared/tests/fixtures/mllama/processor/: the crops as PNG and
+../shared/data (shared/fixtures/reference/EO_100884.png) and two crops of it, one wide and
+one small enough to be upscaled — in shared/fixtures/mllama/processor/: the crops as PNG and
 io.safetensors with <name>.pixel_values [1,1,4,3,28,28], <name>.aspect_ratio_ids [1,1],
 <name>.aspect_ratio_mask [1,1,4].
 """

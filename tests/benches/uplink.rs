@@ -8,7 +8,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wbc_integration_tests::{Account, Broker, open_store, synthetic_field};
-use wbc_shared::uplink::{Body, Envelope};
+use wbc_protocol::uplink::{Body, Envelope};
 
 const ONE_SLIDE: u64 = u64::MAX;
 
@@ -69,14 +69,14 @@ fn outbox_drain(c: &mut Criterion) {
                     s.add_field(&synthetic_field(k, ONE_SLIDE), None).unwrap();
                 }
                 next += FIELDS;
-                let (stop, rx) = tokio::sync::watch::channel(false);
+                let stop = wbc_protocol::shutdown::Shutdown::new();
                 let t = Instant::now();
-                let task = rt.spawn(Uplink::new(s.clone(), config.clone(), 1).run(rx));
+                let task = rt.spawn(Uplink::new(s.clone(), config.clone(), 1).run(stop.clone()));
                 while s.backlog() > 0 {
                     std::thread::sleep(Duration::from_micros(200));
                 }
                 total += t.elapsed();
-                stop.send(true).unwrap();
+                stop.trigger();
                 rt.block_on(task).unwrap();
             }
             total

@@ -6,8 +6,8 @@ use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use wbc_shared::messages::{CellRecord, CellResult, FieldRecord, SCHEMA_VERSION};
-use wbc_shared::mqtt::BrokerConfig;
+use wbc_protocol::messages::{CellRecord, CellResult, FieldHeader, FieldRecord, SCHEMA_VERSION};
+use wbc_protocol::mqtt::BrokerConfig;
 
 /// The mosquitto binary: on `PATH` or where Debian puts it.
 fn mosquitto() -> Result<PathBuf> {
@@ -273,16 +273,18 @@ pub fn synthetic_field(k: u64, per_slide: u64) -> FieldRecord {
         .collect();
     FieldRecord {
         schema_version: SCHEMA_VERSION,
-        id: format!("f{k}"),
-        slide_id: synthetic_slide(k, per_slide),
-        received_at: 1_700_000_000 + k,
-        source: "test".into(),
-        name: format!("field-{k}.jpg"),
-        image_sha256: format!("{k:064x}"),
-        width: 640,
-        height: 480,
-        single_cell: false,
-        microns_per_pixel: 0.07,
+        header: FieldHeader {
+            id: format!("f{k}"),
+            slide_id: synthetic_slide(k, per_slide),
+            received_at: 1_700_000_000 + k,
+            source: "test".into(),
+            name: format!("field-{k}.jpg"),
+            image_sha256: format!("{k:064x}"),
+            width: 640,
+            height: 480,
+            single_cell: false,
+            microns_per_pixel: 0.07,
+        },
         cells,
     }
 }

@@ -3,12 +3,12 @@
 //! refused: tampered weights, another key, truncation.
 
 use std::path::{Path, PathBuf};
+use trainer::compact::export::{ExportOptions, export};
+use trainer::compact::train::{TrainSettings, train};
 use trainer::eval::{EvalOptions, evaluate_classifier};
-use trainer::export::{ExportOptions, export};
-use trainer::train::{TrainSettings, train};
-use wbc_shared::bundle::{Bundle, BundleError, keys};
-use wbc_shared::classify::Classifier;
-use wbc_shared::compact::CompactConfig;
+use wbc_models::classify::Classifier;
+use wbc_models::compact::CompactConfig;
+use wbc_protocol::bundle::{Bundle, BundleError, keys};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -32,7 +32,7 @@ fn backbone_pth() -> PathBuf {
 
 /// A dataset folder: the seven fixture cells as both train and val, plus one corrupt file in train.
 fn dataset(dir: &Path) {
-    let cells = repo().join("shared/tests/fixtures/cells");
+    let cells = repo().join("shared/fixtures/cells");
     let csv = std::fs::read_to_string(cells.join("cells.csv")).unwrap();
     for entry in std::fs::read_dir(&cells).unwrap() {
         let p = entry.unwrap().path();
@@ -152,7 +152,7 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
     let blank = image::RgbImage::from_pixel(200, 200, image::Rgb([235, 230, 228]));
     let r = classifier.classify(&[blank]).remove(0);
     assert_eq!(r.class, None);
-    assert_eq!(r.review_reason, Some(wbc_shared::messages::ReviewReason::NoCell));
+    assert_eq!(r.review_reason, Some(wbc_protocol::messages::ReviewReason::NoCell));
 
     let report = evaluate_classifier(
         &classifier,
@@ -262,8 +262,8 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
     assert!(size >= 0.0, "{size}");
     let b8 = Bundle::open(&again, &[new_key.verifying_key()]).unwrap();
     assert_eq!(
-        b8.part(wbc_shared::compact::WEIGHTS_PART).unwrap(),
-        bundle.part(wbc_shared::compact::WEIGHTS_PART).unwrap(),
+        b8.part(wbc_models::compact::WEIGHTS_PART).unwrap(),
+        bundle.part(wbc_models::compact::WEIGHTS_PART).unwrap(),
         "the weights are kept byte for byte"
     );
     let c8 = Classifier::from_bundle(&b8, &device).unwrap();
@@ -314,7 +314,7 @@ fn training_with_mixstyle_records_it_and_keeps_the_losses_finite() {
     // The fixture batch holds cells of both sources, so every mixed batch mixes across them.
     let tmp = tempfile::tempdir().unwrap();
     let (data, run) = fixture_run(tmp.path());
-    let mix = trainer::mixstyle::MixStyle { p: 1.0, alpha: 0.1 };
+    let mix = trainer::compact::mixstyle::MixStyle { p: 1.0, alpha: 0.1 };
     let settings = TrainSettings {
         mixstyle: Some(mix),
         ..quick(8)

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use wbc_integration_tests::synthetic_field;
-use wbc_shared::uplink::{Body, Envelope};
+use wbc_protocol::uplink::{Body, Envelope};
 
 const PER_SLIDE: u64 = 25;
 
@@ -90,7 +90,7 @@ fn every_acknowledged_result_survives_sigkill_at_random_moments() {
                 .fields_of_slide(&format!("slide-{sl}"))
                 .unwrap()
                 .into_iter()
-                .map(|f| f.id)
+                .map(|f| f.header.id)
                 .collect();
             for &k in acked.iter().filter(|&&k| k / PER_SLIDE == sl) {
                 assert!(ids.contains(&format!("f{k}")));

@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use wbc_integration_tests::{Account, Broker, FileServer};
-use wbc_shared::bundle::{Bundle, keys};
+use wbc_protocol::bundle::{Bundle, keys};
+use wbc_protocol::uplink::ModelEvent;
 
 const CLINIC: &str = "clinic-1";
 const DEVICE: &str = "scope-1";
@@ -101,7 +102,7 @@ fn updates_by_network_and_usb_are_verified_activated_or_refused_and_central_hear
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let daemon = std::thread::spawn(move || {
-        appliance::daemon::run_until(config, async move {
+        appliance::daemon::run(config, async move {
             let _ = stopped.await;
         })
     });
@@ -114,10 +115,10 @@ fn updates_by_network_and_usb_are_verified_activated_or_refused_and_central_hear
             db.model_events(Some(CLINIC), 500)
                 .unwrap()
                 .into_iter()
-                .find(|e| e.event == ev && e.model_version == version && e.device == DEVICE)
+                .find(|e| e.event.as_str() == ev && e.model_version == version && e.device == DEVICE)
         }
     };
-    let announce = |topic: &str, a: &wbc_shared::signed::Announcement| {
+    let announce = |topic: &str, a: &wbc_protocol::signed::Announcement| {
         rt.block_on(central::announce::publish_retained(
             &central_broker,
             "wbc-central-announce",
@@ -175,7 +176,7 @@ fn updates_by_network_and_usb_are_verified_activated_or_refused_and_central_hear
         db.model_events(Some(CLINIC), 500)
             .unwrap()
             .into_iter()
-            .find(|e| e.event == "rejected" && e.detail.contains("damaged.bundle"))
+            .find(|e| e.event == ModelEvent::Rejected && e.detail.contains("damaged.bundle"))
     });
     assert!(refused.detail.contains("corrupt or truncated"), "{}", refused.detail);
     write(&usb, "v-next.bundle", &usb_good);
@@ -190,8 +191,8 @@ fn updates_by_network_and_usb_are_verified_activated_or_refused_and_central_hear
     let log = store.model_log(100).unwrap();
     assert!(
         log.iter()
-            .any(|e| e.message.event == "rejected" && e.message.detail.contains("does not trust"))
+            .any(|e| e.message.event == ModelEvent::Rejected && e.message.detail.contains("does not trust"))
     );
-    assert_eq!(log[0].message.event, "active");
+    assert_eq!(log[0].message.event, ModelEvent::Active);
     assert_eq!(log[0].message.model_version, v0 + 3);
 }

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wbc_integration_tests::{Account, Broker, synthetic_field, synthetic_slide};
-use wbc_shared::uplink::{Body, Envelope};
+use wbc_protocol::uplink::{Body, Envelope};
 
 const PER_SLIDE: u64 = 25;
 
@@ -214,20 +214,18 @@ fn http_get(url: &str) -> serde_json::Value {
 
 /// Publishes QoS 1 messages as a device and waits for the broker's acknowledgements; an error
 /// if the broker closes the connection instead.
-fn publish_as(broker: &Broker, account: &Account, msgs: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+fn publish_as(broker: &Broker, account: &Account, msgs: Vec<(String, Vec<u8>)>) -> anyhow::Result<()> {
     publish_with(&broker.config_for(account).unwrap(), account, msgs)
 }
 
 fn publish_with(
-    config: &wbc_shared::mqtt::BrokerConfig,
+    config: &wbc_protocol::mqtt::BrokerConfig,
     account: &Account,
     msgs: Vec<(String, Vec<u8>)>,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let opts = config
-            .options(&format!("test-{}", account.user))
-            .map_err(|e| e.to_string())?;
+        let opts = config.options(&format!("test-{}", account.user))?;
         let (client, mut events) = rumqttc::AsyncClient::new(opts, 64);
         let n = msgs.len();
         for (t, p) in msgs {
@@ -238,8 +236,8 @@ fn publish_with(
             match tokio::time::timeout(Duration::from_secs(20), events.poll()).await {
                 Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acks += 1,
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(format!("publishing as {}: {e}", account.user)),
-                Err(_) => return Err("no acknowledgement".into()),
+                Ok(Err(e)) => anyhow::bail!("publishing as {}: {e}", account.user),
+                Err(_) => anyhow::bail!("no acknowledgement"),
             }
         }
         let _ = client.disconnect().await;
@@ -312,7 +310,7 @@ fn the_daemon_sends_what_it_classifies_to_central() {
     let inbox = config.inbox_dir();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let daemon = std::thread::spawn(move || {
-        appliance::daemon::run_until(config, async {
+        appliance::daemon::run(config, async {
             let _ = stopped.await;
         })
     });

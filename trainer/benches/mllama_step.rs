@@ -11,14 +11,14 @@
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::time::Instant;
-use wbc_shared::mllama::{Inputs, LoraConfig, LoraTargets, Mllama, MllamaConfig};
+use wbc_models::mllama::{Inputs, LoraConfig, LoraTargets, Mllama, MllamaConfig};
 
 #[global_allocator]
-static HEAP: wbc_shared::heap::Counting = wbc_shared::heap::Counting;
+static HEAP: wbc_models::heap::Counting = wbc_models::heap::Counting;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-use wbc_shared::heap::{peak_rss_mib, reset_peak_rss as reset_peak, rss_mib};
+use wbc_models::heap::{peak_rss_mib, reset_peak_rss as reset_peak, rss_mib};
 
 /// `WBC_BENCH_DEVICE`: `cpu` (burn flex, the default), `cuda` or `wgpu` (builds with that
 /// feature).
@@ -62,7 +62,7 @@ fn main() {
         &ad,
     );
     let loaded = rss_mib();
-    let at_rest = wbc_shared::heap::live() as f64 / MIB;
+    let at_rest = wbc_models::heap::live() as f64 / MIB;
     reset_peak();
     // One 1-tile image, a 24-token prompt and a 64-token answer.
     let (s, answer_from, t) = (88, 24, cfg.vision.image_size);
@@ -92,7 +92,7 @@ fn main() {
     let mut optim = AdamWConfig::new().init();
     let mut model = Some(model);
     let mut times = Vec::new();
-    let (value, step_peak) = wbc_shared::heap::peak_during(|| {
+    let (value, step_peak) = wbc_models::heap::peak_during(|| {
         let mut value = f32::NAN;
         for _ in 0..steps {
             let started = Instant::now();

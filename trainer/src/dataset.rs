@@ -6,10 +6,11 @@ use anyhow::{Context, Result, bail};
 use image::RgbImage;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use wbc_shared::attributes::{ATTRIBUTES, AttributeSet, NUM_ATTRIBUTES};
-use wbc_shared::classes::CellClass;
-use wbc_shared::image::{DecodeLimits, load_rgb};
-use wbc_shared::voc::red_cell_microns_per_pixel;
+use wbc_cells::Normalise;
+use wbc_cells::image::{DecodeLimits, load_rgb};
+use wbc_cells::voc::red_cell_microns_per_pixel;
+use wbc_protocol::attributes::{ATTRIBUTES, AttributeSet, NUM_ATTRIBUTES};
+use wbc_protocol::classes::CellClass;
 
 /// One labelled (or unlabelled) cell image.
 #[derive(Debug, Clone)]
@@ -210,7 +211,7 @@ pub fn load_images(samples: Vec<Sample>, limits: &DecodeLimits) -> (Vec<(Sample,
 /// the pixel size from the field's red-cell boxes, or all fields' where it has too few).
 /// Returns the number of cells written. An unreadable field is reported and skipped.
 pub fn crop_fields(fields: &Path, out: &Path, source: &str) -> Result<usize> {
-    let ann = wbc_shared::voc::read_dir(&fields.join("annotations"))?;
+    let ann = wbc_cells::voc::read_dir(&fields.join("annotations"))?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     // The red cells make the ruler: a field's own where it has enough whole ones, else the
     // median over all fields.
@@ -229,14 +230,14 @@ pub fn crop_fields(fields: &Path, out: &Path, source: &str) -> Result<usize> {
                 continue;
             }
         };
-        let pad = wbc_shared::finder::mean_colour(&img);
+        let pad = wbc_cells::finder::mean_colour(&img);
         let stem = Path::new(&v.filename)
             .file_stem()
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default();
         for (k, o) in v.objects.iter().filter(|o| o.name == "WBC").enumerate() {
             let [x0, y0, x1, y1] = o.bbox;
-            let crop = wbc_shared::finder::cell_crop(&img, o.bbox, pad);
+            let crop = wbc_cells::finder::cell_crop(&img, o.bbox, pad);
             let name = format!("{stem}_wbc{k}.png");
             crop.save(out.join(&name)).with_context(|| format!("writing {name}"))?;
             csv.push_str(&format!("{name},{source},{},{x0},{y0},{x1},{y1},{um}\n", v.filename));
@@ -251,7 +252,7 @@ pub fn crop_fields(fields: &Path, out: &Path, source: &str) -> Result<usize> {
 /// was measured (found, cell diameter and nucleus extent in input pixels, cut by the edge, cell
 /// diameter in µm where the pixel size is known).
 /// Returns (cells found, images read).
-pub fn write_normalised(list: &Path, out: &Path, norm: &wbc_shared::cellnorm::CellNorm) -> Result<(usize, usize)> {
+pub fn write_normalised(list: &Path, out: &Path, norm: &wbc_cells::cellnorm::CellNorm) -> Result<(usize, usize)> {
     let samples = read_samples(list)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let (loaded, rejected) = load_images(samples, &DecodeLimits::default());

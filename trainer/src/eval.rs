@@ -5,13 +5,13 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use wbc_shared::attributes::NUM_ATTRIBUTES;
-use wbc_shared::classes::{CellClass, NUM_CLASSES};
-use wbc_shared::classify::Classifier;
-use wbc_shared::describe::describe;
-use wbc_shared::embed::MiniLm;
-use wbc_shared::image::DecodeLimits;
-use wbc_shared::metrics::{BootstrapClass, ConfusionMatrix, MeanSd, Report, bootstrap, render_matrix, render_tables};
+use wbc_cells::image::DecodeLimits;
+use wbc_models::classify::Classifier;
+use wbc_models::describe::describe;
+use wbc_models::embed::MiniLm;
+use wbc_models::metrics::{BootstrapClass, ConfusionMatrix, MeanSd, Report, bootstrap, render_matrix, render_tables};
+use wbc_protocol::attributes::NUM_ATTRIBUTES;
+use wbc_protocol::classes::{CellClass, NUM_CLASSES};
 
 const UNIDENTIFIED: &str = "Unidentified";
 
@@ -108,7 +108,7 @@ struct CellRow {
     neighbours: Option<usize>,
     reported: String,
     reason: String,
-    cell_size: Option<wbc_shared::compact::CellSize>,
+    cell_size: Option<wbc_models::compact::CellSize>,
 }
 
 impl EvalReport {
@@ -330,7 +330,7 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
             .collect();
         report.confusion_matrix = Some(cm.counts.clone());
         let probs: Vec<[f32; NUM_CLASSES]> = preds.iter().map(|p| p.probs).collect();
-        report.ece = Some(wbc_shared::calibrate::ece(&probs, &truth, 15));
+        report.ece = Some(wbc_models::calibrate::ece(&probs, &truth, 15));
         let (mut ok, mut accepted) = (0usize, 0usize);
         for c in CellClass::ALL {
             let idx: Vec<usize> = (0..truth.len()).filter(|&i| truth[i] == c.index()).collect();
@@ -402,7 +402,7 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
         for i in 0..NUM_ATTRIBUTES {
             if let Some(t) = s.attrs.0[i] {
                 n += 1;
-                ok += usize::from(p.attributes.0[i] == Some(t));
+                ok += usize::from(p.attributes.is_some_and(|a| a.values.0[i] == Some(t)));
             }
         }
     }

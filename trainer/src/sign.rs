@@ -6,8 +6,8 @@
 use anyhow::{Context, Result, bail};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use std::path::Path;
-use wbc_shared::bundle::{Bundle, BundleBuilder, ReadLimits, UnverifiedBundle, keys, sha256_hex};
-use wbc_shared::signed::{KeyList, Rollback, SignedDoc};
+use wbc_protocol::bundle::{Bundle, BundleBuilder, ReadLimits, UnverifiedBundle, keys, sha256_hex};
+use wbc_protocol::signed::{KeyList, Rollback, SignedDoc};
 
 fn now() -> Result<String> {
     Ok(time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?)
@@ -123,9 +123,9 @@ mod tests {
         assert!(key_list(&old, 1, &[dir.path().join("missing.pub")]).is_err());
 
         // A bundle signed by the old key, signed again by the new one.
-        let manifest: wbc_shared::bundle::Manifest = serde_json::from_value(serde_json::json!({
+        let manifest: wbc_protocol::bundle::Manifest = serde_json::from_value(serde_json::json!({
             "format_version": 1, "family": "compact", "model_config": {}, "classes": [],
-            "preprocess": wbc_shared::image::Preprocess::imagenet(224), "model_version": 4,
+            "preprocess": wbc_cells::image::Preprocess::imagenet(224), "model_version": 4,
             "min_appliance_version": "0.1.0", "created_at": "", "training": {}, "metrics": {}, "parts": {}
         }))
         .unwrap();

@@ -6,7 +6,7 @@ use std::process::Command;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/tests/fixtures/mllama")
+        .join("../shared/fixtures/mllama")
         .join(name)
 }
 

@@ -5,11 +5,11 @@
 
 use std::path::PathBuf;
 use trainer::mllama::{MllamaSettings, adapters_path, load_tuned, train};
-use wbc_shared::mllama::cell::classify;
-use wbc_shared::mllama::{LoraConfig, LoraTargets};
+use wbc_models::mllama::cell::classify;
+use wbc_models::mllama::{LoraConfig, LoraTargets};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
 }
 
 #[test]
@@ -80,23 +80,23 @@ fn lora_fine_tuning_on_real_cells_lowers_the_answer_loss_and_keeps_the_best_adap
         r.max_probability_difference <= trainer::mllama::EXPORT_TOLERANCE,
         "{r:?}"
     );
-    let bundle = wbc_shared::bundle::Bundle::open(&bundle_path, &[key.verifying_key()]).unwrap();
-    assert_eq!(bundle.manifest.family, wbc_shared::bundle::Family::Mllama);
+    let bundle = wbc_protocol::bundle::Bundle::open(&bundle_path, &[key.verifying_key()]).unwrap();
+    assert_eq!(bundle.manifest.family, wbc_protocol::bundle::Family::Mllama);
     assert_eq!(bundle.manifest.model_version, 7);
-    let (bp, bm) = wbc_shared::mllama::cell::from_bundle(&bundle, &device).unwrap();
+    let (bp, bm) = wbc_models::mllama::cell::from_bundle(&bundle, &device).unwrap();
     assert_eq!(
-        wbc_shared::mllama::cell::self_test(&bm, &bp, &bundle, &device).unwrap(),
+        wbc_models::mllama::cell::self_test(&bm, &bp, &bundle, &device).unwrap(),
         6
     );
     // The classifier every tool uses takes the bundle: self-test, six probabilities, a
     // generated description.
-    let c = wbc_shared::classify::Classifier::from_bundle(&bundle, &device).unwrap();
+    let c = wbc_models::classify::Classifier::from_bundle(&bundle, &device).unwrap();
     assert_eq!(c.self_test(&bundle).unwrap(), 6);
     let cell = &c.classify(std::slice::from_ref(&img))[0];
     assert_eq!(cell.probabilities.len(), 6);
     assert_eq!(cell.model_version, 7);
     // `trainer eval` runs on the exported bundle and writes its report.
-    wbc_shared::bundle::keys::write_public(&dir.path().join("lab.pem.pub"), &key.verifying_key()).unwrap();
+    wbc_protocol::bundle::keys::write_public(&dir.path().join("lab.pem.pub"), &key.verifying_key()).unwrap();
     let report = dir.path().join("eval.json");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_trainer"))
         .args(["eval", "--resamples", "20", "--bundle"])

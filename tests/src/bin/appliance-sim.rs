@@ -37,11 +37,11 @@ fn main() -> Result<()> {
     let a = Args::parse();
     let store = open_store(&a.store, &a.clinic, &a.device)?;
     let rt = tokio::runtime::Runtime::new()?;
-    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let never = wbc_protocol::shutdown::Shutdown::new();
     if let Some(p) = &a.uplink {
         let text = std::fs::read_to_string(p)?;
         let config: UplinkConfig = toml::from_str(&text).context("uplink config")?;
-        rt.spawn(Uplink::new(store.clone(), config, 1).run(rx));
+        rt.spawn(Uplink::new(store.clone(), config, 1).run(never.clone()));
     }
     let mut out = std::io::stdout().lock();
     let mut slides = std::collections::HashSet::new();

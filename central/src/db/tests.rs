@@ -1,0 +1,280 @@
+//! Tests of central's database, each run on every database the build supports (SQLite, and
+//! PostgreSQL with the `postgres` feature), and [`jpeg`], a real JPEG for other tests to send.
+
+use super::{Applied, Db, now};
+use crate::sql::{Conn, databases};
+use std::path::Path;
+use wbc_protocol::classes::CellClass;
+use wbc_protocol::messages::{CellRecord, CellResult, FieldRecord, Review, SCHEMA_VERSION};
+use wbc_protocol::slide::{Flag, SlideSettings, report};
+use wbc_protocol::uplink::{
+    Body, CellMessage, DeviceState, Envelope, ModelEvent, ModelMessage, ReviewMessage, SlideMessage, Status,
+    UPLINK_SCHEMA_VERSION,
+};
+
+fn field(id: &str, slide: &str, classes: &[usize]) -> FieldRecord {
+    FieldRecord {
+        schema_version: SCHEMA_VERSION,
+        header: wbc_protocol::messages::FieldHeader {
+            id: id.into(),
+            slide_id: slide.into(),
+            received_at: now(),
+            source: "camera".into(),
+            name: "f.jpg".into(),
+            image_sha256: "00".into(),
+            width: 10,
+            height: 10,
+            single_cell: false,
+            microns_per_pixel: 0.1,
+        },
+        cells: classes
+            .iter()
+            .map(|&c| {
+                let mut p = [0.0; 6];
+                p[c] = 1.0;
+                CellRecord {
+                    result: CellResult::from_probabilities(&p, &Default::default(), "d".into(), 0.5, 1),
+                    review: None,
+                }
+            })
+            .collect(),
+    }
+}
+
+fn envelopes(clinic: &str, first_seq: u64, bodies: Vec<Body>) -> Vec<Envelope> {
+    bodies
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| Envelope::new(clinic, "dev1", first_seq + i as u64, now(), b))
+        .collect()
+}
+
+#[test]
+fn each_message_counts_once_and_slides_are_rebuilt_from_cells() {
+    for (_guard, path) in databases() {
+        counts_once(&path);
+    }
+}
+
+fn counts_once(path: &Path) {
+    let db = Db::open(path).unwrap();
+    let neut = CellClass::Neutrophil.index();
+    let blast = CellClass::Blast.index();
+    let msgs = envelopes("a", 1, Body::cells_of(&field("f1", "s1", &[neut, neut, blast])));
+    for m in &msgs {
+        assert_eq!(db.apply(m).unwrap(), Applied::New);
+    }
+    for m in &msgs {
+        assert_eq!(db.apply(m).unwrap(), Applied::Duplicate, "a resend changes nothing");
+    }
+    // The technician says the blast is a lymphocyte.
+    let review = Envelope::new(
+        "a",
+        "dev1",
+        10,
+        now(),
+        Body::Review(ReviewMessage {
+            field_id: "f1".into(),
+            slide_id: "s1".into(),
+            index: 2,
+            review: Review {
+                class: Some(CellClass::Lymphocyte),
+                by: "t".into(),
+                at: now(),
+            },
+        }),
+    );
+    db.apply(&review).unwrap();
+    for m in envelopes("b", 1, Body::cells_of(&field("f2", "s9", &[blast]))) {
+        db.apply(&m).unwrap();
+    }
+    drop(db);
+    let db = Db::open(path).unwrap();
+    assert_eq!(db.message_count().unwrap(), 5);
+    let slides = db.slides(None).unwrap();
+    assert_eq!(slides.len(), 2);
+    assert_eq!(
+        (slides[0].clinic.as_str(), slides[0].blast),
+        ("b", true),
+        "blasts first"
+    );
+    let a = &slides[1];
+    assert!(!a.blast, "the review overrides the model");
+    assert_eq!(a.report.per_class["Neutrophil"].count, 2);
+    assert_eq!(a.report.per_class["Lymphocyte"].count, 1);
+    assert_eq!(db.slides(Some("a")).unwrap().len(), 1);
+    let counts = db.cell_counts().unwrap();
+    assert_eq!(counts[&("a".to_string(), "dev1".to_string(), "s1".to_string())], 3);
+    let days = db.results_over_time(Some("a"), 7).unwrap();
+    assert_eq!(days.iter().map(|d| d.count).sum::<u64>(), 3);
+}
+
+#[test]
+fn slides_with_possible_blasts_come_after_blasts_and_before_the_rest() {
+    for (_guard, path) in databases() {
+        let db = Db::open(&path).unwrap();
+        let (neut, blast) = (CellClass::Neutrophil.index(), CellClass::Blast.index());
+        // Clinic "p": a cell whose most probable class is Blast, too unsure to be called one.
+        let mut unsure = field("f3", "s3", &[neut]);
+        let mut p = [0.05; 6];
+        p[blast] = 0.45;
+        unsure.cells.push(CellRecord {
+            result: CellResult::from_probabilities(&p, &Default::default(), "d".into(), 0.5, 1),
+            review: None,
+        });
+        for (clinic, f) in [
+            ("n", field("f1", "s1", &[neut])),
+            ("p", unsure),
+            ("b", field("f2", "s2", &[blast])),
+        ] {
+            for m in envelopes(clinic, 1, Body::cells_of(&f)) {
+                db.apply(&m).unwrap();
+            }
+        }
+        let slides = db.slides(None).unwrap();
+        let order: Vec<(&str, bool, bool)> = slides
+            .iter()
+            .map(|s| (s.clinic.as_str(), s.blast, s.possible_blast))
+            .collect();
+        assert_eq!(order, vec![("b", true, false), ("p", false, true), ("n", false, false)]);
+        assert_eq!(slides[1].report.flags, vec![Flag::PossibleBlast { count: 1 }]);
+        assert_eq!(slides[1].report.unidentified, 1);
+        // The slide itself: the cell waiting for review first, then the rest.
+        let d = db.slide("p", "dev1", "s3").unwrap().unwrap();
+        assert_eq!(d.slide, slides[1]);
+        let waiting: Vec<_> = d.cells.iter().map(|c| (c.waiting, c.cell.result.class)).collect();
+        assert_eq!(
+            waiting,
+            vec![(Some("possible_blast"), None), (None, Some(CellClass::Neutrophil))]
+        );
+        assert!(d.cells.iter().all(|c| c.field_id == "f3"));
+        let b = db.slide("b", "dev1", "s2").unwrap().unwrap();
+        assert_eq!(b.cells[0].waiting, Some("blast"));
+        assert_eq!(db.slide("p", "dev1", "s2").unwrap(), None, "another clinic's slide id");
+        assert_eq!(db.slide("p", "dev2", "s3").unwrap(), None, "another device");
+        assert_eq!(db.slide("p", "dev1", "' OR 1=1 --").unwrap(), None);
+    }
+}
+
+/// A real JPEG of `side` pixels.
+pub fn jpeg(side: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(side, side, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, 128]));
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new(&mut out)
+        .encode_image(&img)
+        .unwrap();
+    out
+}
+
+#[test]
+fn a_cells_picture_is_kept_when_it_is_a_picture_and_dropped_alone_when_not() {
+    for (_guard, path) in databases() {
+        let db = Db::open(&path).unwrap();
+        let blast = CellClass::Blast.index();
+        let f = field("f1", "s1", &[blast, blast, blast, blast]);
+        let good = jpeg(64);
+        let mut corrupt = good.clone();
+        corrupt.truncate(good.len() / 2);
+        let pictures = [Some(good.clone()), Some(corrupt), None, None];
+        let mut bodies = Body::cells_with_pictures(&f, |i| pictures[i].clone());
+        // A JPEG too large to decode here (1024 px; an appliance sends 128), and a picture
+        // that is no base64 at all, sent by a broken or hostile device.
+        let mut huge = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new(&mut huge)
+            .encode_image(&image::RgbImage::from_pixel(1024, 1024, image::Rgb([200, 120, 160])))
+            .unwrap();
+        assert!(huge.len() <= wbc_protocol::uplink::MAX_PICTURE_BYTES, "{}", huge.len());
+        if let Body::Cell(m) = &mut bodies[2] {
+            m.picture = Some(CellMessage::encode_picture(&huge));
+        }
+        if let Body::Cell(m) = &mut bodies[3] {
+            m.picture = Some("\u{0}<script>".into());
+        }
+        for m in envelopes("a", 1, bodies) {
+            assert_eq!(db.apply(&m).unwrap(), Applied::New);
+        }
+        let d = db.slide("a", "dev1", "s1").unwrap().unwrap();
+        assert_eq!(d.cells.len(), 4, "every cell is kept, whatever its picture");
+        let kept: Vec<(u32, bool)> = d.cells.iter().map(|c| (c.index, c.picture)).collect();
+        assert_eq!(kept, vec![(0, true), (1, false), (2, false), (3, false)]);
+        assert_eq!(db.cell_picture("a", "dev1", "f1", 0).unwrap(), Some(good));
+        assert_eq!(db.cell_picture("a", "dev1", "f1", 1).unwrap(), None);
+        assert_eq!(
+            db.cell_picture("b", "dev1", "f1", 0).unwrap(),
+            None,
+            "another clinic's cell"
+        );
+        // The cell sent again (a new message) without its picture keeps no stale one.
+        let again = Body::cells_of(&f);
+        db.apply(&Envelope::new("a", "dev1", 99, now(), again[0].clone()))
+            .unwrap();
+        assert_eq!(db.cell_picture("a", "dev1", "f1", 0).unwrap(), None);
+    }
+}
+
+#[test]
+fn slide_reports_model_events_and_status_update_the_device() {
+    for (_guard, path) in databases() {
+        slides_and_status(&path);
+    }
+}
+
+fn slides_and_status(path: &Path) {
+    let db = Db::open(path).unwrap();
+    let s = |finished: Option<u64>| {
+        Body::Slide(SlideMessage {
+            started_at: 5,
+            finished_at: finished,
+            report: report("s1", &[], &SlideSettings::default(), finished.is_some()),
+        })
+    };
+    db.apply(&Envelope::new("a", "d", 1, 1, s(Some(9)))).unwrap();
+    db.apply(&Envelope::new("a", "d", 2, 2, s(None))).unwrap();
+    let slides = db.slides(None).unwrap();
+    assert_eq!(slides[0].finished_at, Some(9), "a finished slide stays finished");
+    db.apply(&Envelope::new(
+        "a",
+        "d",
+        3,
+        3,
+        Body::Model(ModelMessage {
+            event: ModelEvent::Active,
+            model_version: 4,
+            detail: String::new(),
+        }),
+    ))
+    .unwrap();
+    let status = |state, at| Status {
+        schema_version: UPLINK_SCHEMA_VERSION,
+        clinic: "a".into(),
+        device: "d".into(),
+        state,
+        at,
+        backlog: Some(7),
+        model_version: None,
+    };
+    db.set_status(&status(DeviceState::Online, 100)).unwrap();
+    let d = &db.devices().unwrap()[0];
+    assert_eq!(
+        (d.state.as_str(), d.backlog, d.model_version),
+        ("online", Some(7), Some(4))
+    );
+    // The last will carries the connection's start time, older than the last online status.
+    db.set_status(&status(DeviceState::Offline, 50)).unwrap();
+    assert_eq!(db.devices().unwrap()[0].state, "offline", "the last to arrive wins");
+    db.note_rejected("wbc/x", "bad").unwrap();
+    assert_eq!(db.rejected_count().unwrap(), 1);
+}
+
+#[test]
+fn a_database_from_a_newer_build_is_refused() {
+    for (_guard, path) in databases() {
+        drop(Db::open(&path).unwrap());
+        let mut c = Conn::open(&path.to_string_lossy()).unwrap();
+        c.exec("UPDATE meta SET value = 99 WHERE key = 'db_version'", &[])
+            .unwrap();
+        drop(c);
+        let e = Db::open(&path).err().unwrap().to_string();
+        assert!(e.contains("version 99") && !e.contains("secret"), "{e}");
+    }
+}

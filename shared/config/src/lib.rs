@@ -1,0 +1,447 @@
+//! The appliance's configuration (TOML), as data: every key, its default, its documentation and
+//! its checks, shared by the appliance, `firmware-config` (check, schema, provision) and the
+//! web UI's schema, without the appliance's runtime. Every field has a default, so
+//! `appliance run` with no file runs on the embedded model, a local data folder, an inbox
+//! folder inside it and the web UI on localhost.
+#![deny(missing_docs)]
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use wbc_protocol::broker::BrokerConfig;
+use wbc_protocol::slide::SlideSettings;
+
+pub use wbc_web::auth::User;
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {}: {cause}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        cause: std::io::Error,
+    },
+    /// The file is not TOML of this shape (an unknown key, a wrong type).
+    #[error("{} is not a valid configuration: {cause}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said (it names the key and the line).
+        cause: toml::de::Error,
+    },
+    /// A value the appliance cannot run with; the message names the key.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The web UI.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// Accounts. With none, the daemon creates `admin` with a random password on first start,
+    /// prints the password once and keeps only its hash (in `<data_dir>/web-users.toml`).
+    pub users: Vec<User>,
+    /// Largest upload accepted, bytes.
+    pub max_upload_bytes: usize,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            listen: "127.0.0.1:8080".into(),
+            users: Vec::new(),
+            max_upload_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where results, original images and slides are kept.
+    pub data_dir: PathBuf,
+    /// Folder watched for images copied in (USB stick, network share); default
+    /// `<data_dir>/inbox`.
+    pub inbox: Option<PathBuf>,
+    /// How often the inbox is looked at, milliseconds.
+    pub inbox_poll_ms: u64,
+    /// Model bundle; default the embedded one.
+    pub bundle: Option<PathBuf>,
+    /// Trusted public keys (PEM); default the default bundle's key.
+    pub trust: Vec<PathBuf>,
+    /// Pixel size of the camera's fields, µm (its calibration at the objective in use).
+    pub microns_per_pixel: f32,
+    /// Below this confidence a cell is Unidentified, for review.
+    pub min_confidence: f32,
+    /// Clinic id (letters, digits, `-`, `_`): the first level of this device's MQTT topics.
+    pub clinic: String,
+    /// Device id, unique within the clinic.
+    pub device: String,
+    /// Retention of images and delivered results, and the free space kept (`[store]`).
+    pub store: Retention,
+    /// The uplink to central (`[uplink]`); without it results wait in the outbox.
+    pub uplink: Option<UplinkConfig>,
+    /// Model updates by USB stick and network, probation and limits (`[update]`).
+    pub update: UpdateConfig,
+    /// Slide counting and flags.
+    pub slide: SlideSettings,
+    /// Web UI.
+    pub web: WebConfig,
+    /// Compute backend: `auto` (a GPU adapter if there is one), `cpu` or `gpu`.
+    pub backend: BackendChoice,
+    /// The microscope camera, if one is attached (`[camera.v4l2]` or `[camera.replay]`).
+    pub camera: Option<CameraConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("appliance-data"),
+            inbox: None,
+            inbox_poll_ms: 1000,
+            bundle: None,
+            trust: Vec::new(),
+            microns_per_pixel: 0.1,
+            min_confidence: 0.5,
+            clinic: "unassigned".into(),
+            device: "appliance".into(),
+            store: Default::default(),
+            uplink: None,
+            update: Default::default(),
+            slide: SlideSettings::default(),
+            web: WebConfig::default(),
+            backend: Default::default(),
+            camera: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; every missing field takes its default, unknown fields are refused.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        let c: Config = toml::from_str(&text).map_err(|cause| ConfigError::Parse {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        c.validate()
+            .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+        Ok(c)
+    }
+
+    /// Refuses values the daemon cannot run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.microns_per_pixel.is_finite() && self.microns_per_pixel > 0.0 && self.microns_per_pixel < 100.0) {
+            return Err(ConfigError::Invalid(format!(
+                "microns_per_pixel must be a positive number of micrometres"
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.min_confidence) {
+            return Err(ConfigError::Invalid(format!("min_confidence must be between 0 and 1")));
+        }
+        if self.inbox_poll_ms == 0 {
+            return Err(ConfigError::Invalid(format!("inbox_poll_ms must be at least 1")));
+        }
+        self.slide.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        for (key, id) in [("clinic", &self.clinic), ("device", &self.device)] {
+            if !wbc_protocol::uplink::valid_id(id) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} must be 1 to 64 letters, digits, `-` or `_` (it is a topic level), not {id:?}"
+                )));
+            }
+        }
+        if let Some(u) = &self.uplink {
+            u.validate()?;
+        }
+        self.update.validate()?;
+        for u in &self.web.users {
+            u.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The inbox folder.
+    pub fn inbox_dir(&self) -> PathBuf {
+        self.inbox.clone().unwrap_or_else(|| self.data_dir.join("inbox"))
+    }
+}
+
+/// The configuration's JSON schema (every key, its type, its documentation; unknown keys not
+/// allowed), for editors, `firmware-config schema` and the web UI (`/api/config-schema`).
+pub fn schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Config)).expect("a schema is JSON")
+}
+
+/// How long things are kept and how much room is left free.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// Original images are kept up to this many bytes in all (oldest removed first; the
+    /// results stay).
+    pub max_image_bytes: u64,
+    /// Original images older than this many days are removed (0: kept until the byte limit).
+    pub image_max_age_days: u32,
+    /// Results that central has received and are older than this many days are removed
+    /// (0: kept). Results not yet delivered are never removed.
+    pub result_max_age_days: u32,
+    /// Below this much free disk space, new fields are refused (with a message saying so)
+    /// instead of risking a full disk.
+    pub min_free_bytes: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_image_bytes: 4 << 30,
+            image_max_age_days: 0,
+            result_max_age_days: 365,
+            min_free_bytes: 512 << 20,
+        }
+    }
+}
+
+/// The uplink's settings (`[uplink]`; without it nothing is sent, results wait in the
+/// outbox).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkConfig {
+    /// The broker (`[uplink.broker]`).
+    pub broker: BrokerConfig,
+    /// Messages sent and not yet acknowledged, at most.
+    pub inflight: u16,
+    /// How often the status (with the backlog) is republished, seconds.
+    pub status_every_s: u64,
+    /// Longest wait between connection attempts, seconds.
+    pub max_backoff_s: u64,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        UplinkConfig {
+            broker: BrokerConfig::default(),
+            inflight: 32,
+            status_every_s: 60,
+            max_backoff_s: 60,
+        }
+    }
+}
+
+impl UplinkConfig {
+    /// Refuses settings the uplink cannot run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.broker
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("[uplink.broker]: {e}")))?;
+        if !(1..=1000).contains(&self.inflight) {
+            return Err(ConfigError::Invalid(format!(
+                "uplink.inflight must be between 1 and 1000"
+            )));
+        }
+        if self.status_every_s == 0 || self.max_backoff_s == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "uplink.status_every_s and uplink.max_backoff_s must be at least 1"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Model updates (`[update]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpdateConfig {
+    /// Folder watched for update files: the USB stick's mount point. Unset: no USB updates.
+    pub usb_dir: Option<PathBuf>,
+    /// How often the USB folder is looked at, seconds.
+    pub poll_s: u64,
+    /// CA certificate (PEM) that signed the download server's certificate. Default: the
+    /// uplink broker's `ca_file`, else the public web roots.
+    pub ca_file: Option<PathBuf>,
+    /// Network timeout of a download (connecting, and between two reads), seconds.
+    pub timeout_s: u64,
+    /// Largest bundle accepted, bytes (by USB or download).
+    pub max_bundle_bytes: u64,
+    /// Fields a new model must process before it is confirmed (its probation).
+    pub probation_fields: u32,
+    /// Pipeline failures, or starts after a crash, during probation before the fallback model
+    /// is restored.
+    pub max_failures: u32,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        let p = ModelPolicy::default();
+        UpdateConfig {
+            usb_dir: None,
+            poll_s: 5,
+            ca_file: None,
+            timeout_s: 30,
+            max_bundle_bytes: p.max_bundle_bytes,
+            probation_fields: p.probation_fields,
+            max_failures: p.max_failures,
+        }
+    }
+}
+
+impl UpdateConfig {
+    /// Refuses settings the update path cannot run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=3600).contains(&self.poll_s) {
+            return Err(ConfigError::Invalid(format!(
+                "update.poll_s must be between 1 and 3600 seconds"
+            )));
+        }
+        if !(1..=3600).contains(&self.timeout_s) {
+            return Err(ConfigError::Invalid(format!(
+                "update.timeout_s must be between 1 and 3600 seconds"
+            )));
+        }
+        if self.max_bundle_bytes < 1024 {
+            return Err(ConfigError::Invalid(format!(
+                "update.max_bundle_bytes must be at least 1024"
+            )));
+        }
+        if self.probation_fields == 0 || self.max_failures == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "update.probation_fields and update.max_failures must be at least 1"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The model store's policy.
+    pub fn policy(&self) -> ModelPolicy {
+        ModelPolicy {
+            max_bundle_bytes: self.max_bundle_bytes,
+            probation_fields: self.probation_fields,
+            max_failures: self.max_failures,
+        }
+    }
+}
+
+/// Limits of the update path (`[update]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelPolicy {
+    /// Largest bundle accepted, bytes (by USB or download).
+    pub max_bundle_bytes: u64,
+    /// Fields a new model must process before it is confirmed (its probation).
+    pub probation_fields: u32,
+    /// Pipeline failures, or starts after a crash, during probation before the fallback model
+    /// is restored.
+    pub max_failures: u32,
+}
+
+impl Default for ModelPolicy {
+    fn default() -> Self {
+        ModelPolicy {
+            max_bundle_bytes: 8 << 30,
+            probation_fields: 20,
+            max_failures: 3,
+        }
+    }
+}
+
+/// What the configuration asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendChoice {
+    /// A GPU adapter if there is one, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU backend.
+    Cpu,
+    /// The wgpu backend on any adapter, a software one included (an error if there is none).
+    Gpu,
+}
+
+/// Which camera the daemon uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum CameraConfig {
+    /// A V4L2 device (`/dev/video0`), MJPEG at the given size (needs the `camera` feature).
+    V4l2 {
+        /// Device path.
+        device: PathBuf,
+        /// Frame width.
+        width: u32,
+        /// Frame height.
+        height: u32,
+    },
+    /// Frames recorded in a folder, replayed in name order.
+    Replay {
+        /// The folder.
+        folder: PathBuf,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_is_the_default_and_unknown_or_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "").unwrap();
+        assert_eq!(Config::load(&p).unwrap(), Config::default());
+        std::fs::write(
+            &p,
+            "data_dir = \"d\"\n[slide]\ntarget = 200\nmin_cells = 150\n[slide.reference_ranges]\nBlast = [0.0, 0.0]\n",
+        )
+        .unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.slide.target, 200);
+        assert_eq!(c.inbox_dir(), PathBuf::from("d/inbox"));
+        for bad in [
+            "colour = 1",
+            "microns_per_pixel = -1.0",
+            "min_confidence = 2.0",
+            "[slide]\ntarget = 0\nmin_cells = 1\nreference_ranges = {}",
+            "[[web.users]]\nname = \"a\"\npassword_hash = \"plain\"",
+            "data_dir = [",
+            "clinic = \"a/b\"",
+            "device = \"\"",
+            "[store]\nmax_image = 1",
+            "[uplink]\ninflight = 0",
+            "[uplink.broker]\nhost = \"\"",
+            "[update]\npoll_s = 0",
+            "[update]\nprobation_fields = 0",
+            "[update]\nusb = \"/media\"",
+        ] {
+            std::fs::write(&p, bad).unwrap();
+            assert!(Config::load(&p).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_schema_documents_every_key_and_allows_no_others() {
+        let s = schema();
+        assert_eq!(s["additionalProperties"], false);
+        let props = s["properties"].as_object().unwrap();
+        for key in [
+            "data_dir", "clinic", "device", "store", "uplink", "slide", "web", "backend", "camera",
+        ] {
+            assert!(props.contains_key(key), "{key}");
+        }
+        assert!(props["clinic"]["description"].as_str().unwrap().contains("Clinic id"));
+        let text = s.to_string();
+        for nested in [
+            "UplinkConfig",
+            "BrokerConfig",
+            "Retention",
+            "SlideSettings",
+            "UpdateConfig",
+        ] {
+            assert!(text.contains(nested), "{nested}");
+        }
+    }
+}

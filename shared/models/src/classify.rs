@@ -1,0 +1,573 @@
+//! One cell image in, one [`CellResult`] out: the bundle's model behind one interface, used by
+//! the trainer's evaluation and by the appliance alike.
+
+use crate::calibrate::{CALIBRATION_PART, Calibration, KnnBank, OOD_BANK_PART};
+use crate::compact::{CellSize, CompactModel, ModelError, Prediction};
+use crate::describe::describe;
+use burn::tensor::Device;
+use image::RgbImage;
+use rayon::prelude::*;
+use wbc_cells::Prepare;
+use wbc_cells::image::Preprocess;
+use wbc_protocol::bundle::{Bundle, Family};
+use wbc_protocol::classes::NUM_CLASSES;
+use wbc_protocol::messages::{CellResult, ReviewReason};
+
+/// Images preprocessed together and handed to the model in one call (a GPU runs them in one
+/// forward pass; the CPU in runs of [`crate::compact::CPU_CELLS_PER_RUN`]).
+const BATCH: usize = 32;
+
+/// Llama 3.2 Vision behind the classifier: classes scored by the likelihood of their names as
+/// the answer's start, the description generated.
+pub struct MllamaEngine {
+    model: crate::mllama::Mllama,
+    prompting: crate::mllama::cell::Prompting,
+    device: Device,
+}
+
+/// Tokens a generated description may take, at most.
+const DESCRIPTION_TOKENS: usize = 64;
+
+impl MllamaEngine {
+    fn predict(&self, img: &RgbImage) -> Result<Prediction, crate::mllama::MllamaError> {
+        let (probs, text) = crate::mllama::cell::classify_and_describe(
+            &self.model,
+            &self.prompting,
+            img,
+            DESCRIPTION_TOKENS,
+            &self.device,
+        )?;
+        let probs: [f32; NUM_CLASSES] = probs
+            .try_into()
+            .map_err(|_| crate::mllama::MllamaError::Other("expected six class probabilities".into()))?;
+        Ok(Prediction::from_probabilities(
+            probs,
+            (!text.is_empty()).then_some(text),
+        ))
+    }
+}
+
+/// The model behind a classifier.
+#[derive(Clone)]
+enum Engine {
+    Compact(Box<CompactModel>),
+    Mllama(std::sync::Arc<MllamaEngine>),
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Engine::Compact(m) => m.fmt(f),
+            Engine::Mllama(_) => f.write_str("Mllama"),
+        }
+    }
+}
+
+/// A loaded, verified model ready to classify cell images.
+#[derive(Debug, Clone)]
+pub struct Classifier {
+    model: Engine,
+    pre: Preprocess,
+    calibration: Calibration,
+    knn: Option<KnnBank>,
+    /// Model version from the bundle manifest.
+    pub model_version: u64,
+    /// Below this top probability a cell is reported as Unidentified.
+    pub min_confidence: f32,
+    /// Pixel size of the images this classifier is given (the camera's calibration), for
+    /// models that see cells at a physical scale; the bundle's default when `None`.
+    pub microns_per_pixel: Option<f32>,
+}
+
+impl Classifier {
+    /// Builds a classifier from a verified bundle on a device.
+    pub fn from_bundle(bundle: &Bundle, device: &Device) -> Result<Self, ModelError> {
+        if bundle.manifest.family == Family::Mllama {
+            let (prompting, model) = crate::mllama::cell::from_bundle(bundle, device)
+                .map_err(|e| ModelError::Config(format!("mllama bundle: {e}")))?;
+            return Ok(Classifier {
+                model: Engine::Mllama(std::sync::Arc::new(MllamaEngine {
+                    model,
+                    prompting,
+                    device: device.clone(),
+                })),
+                pre: bundle.manifest.preprocess.clone(),
+                calibration: Calibration::default(),
+                knn: None,
+                model_version: bundle.manifest.model_version,
+                min_confidence: 0.0,
+                microns_per_pixel: None,
+            });
+        }
+        if bundle.manifest.classes.len() != NUM_CLASSES {
+            return Err(ModelError::Config(format!(
+                "bundle lists {} classes, expected {NUM_CLASSES}",
+                bundle.manifest.classes.len()
+            )));
+        }
+        let classifier = Self::new(
+            CompactModel::from_bundle(bundle, device)?,
+            bundle.manifest.preprocess.clone(),
+            bundle.manifest.model_version,
+        );
+        // Bundles made before calibration existed have neither part.
+        if !bundle.manifest.parts.contains_key(CALIBRATION_PART) {
+            return Ok(classifier);
+        }
+        let cal: Calibration = serde_json::from_slice(bundle.part(CALIBRATION_PART)?)
+            .map_err(|e| ModelError::Config(format!("{CALIBRATION_PART}: {e}")))?;
+        let knn = match &cal.ood {
+            Some(o) => {
+                let (features, labels) = KnnBank::from_safetensors(bundle.part(OOD_BANK_PART)?)
+                    .map_err(|e| ModelError::Config(e.to_string()))?;
+                Some(KnnBank::new(features, labels, o.k, device).map_err(|e| ModelError::Config(e.to_string()))?)
+            }
+            None => None,
+        };
+        classifier.with_calibration(cal, knn)
+    }
+
+    /// Applies a temperature and, with `ood` in the calibration, a familiarity bank.
+    pub fn with_calibration(mut self, cal: Calibration, knn: Option<KnnBank>) -> Result<Self, ModelError> {
+        if !(cal.temperature.is_finite() && cal.temperature > 0.0) {
+            return Err(ModelError::Config(format!(
+                "temperature {} is not a positive number",
+                cal.temperature
+            )));
+        }
+        if !(0.0..=1.0).contains(&cal.blast_min_confidence) {
+            return Err(ModelError::Config(format!(
+                "blast threshold {} is not a probability",
+                cal.blast_min_confidence
+            )));
+        }
+        if !(cal.blast_min_nucleus_um.is_finite() && cal.blast_min_nucleus_um >= 0.0) {
+            return Err(ModelError::Config(format!(
+                "blast nucleus size {} is not a size in µm",
+                cal.blast_min_nucleus_um
+            )));
+        }
+        if cal.ood.is_some() != knn.is_some() {
+            return Err(ModelError::Config(
+                "a familiarity threshold needs its feature bank and vice versa".into(),
+            ));
+        }
+        self.calibration = cal;
+        self.knn = knn;
+        Ok(self)
+    }
+
+    /// Calibration in use.
+    pub fn calibration(&self) -> &Calibration {
+        &self.calibration
+    }
+
+    /// A classifier around a model that is already loaded (e.g. one being exported).
+    pub fn new(model: CompactModel, pre: Preprocess, model_version: u64) -> Self {
+        Classifier {
+            model: Engine::Compact(Box::new(model)),
+            pre,
+            calibration: Calibration::default(),
+            knn: None,
+            model_version,
+            min_confidence: 0.0,
+            microns_per_pixel: None,
+        }
+    }
+
+    /// Sets the review threshold.
+    pub fn with_min_confidence(mut self, c: f32) -> Self {
+        self.min_confidence = c;
+        self
+    }
+
+    /// Sets the pixel size of the images to come (µm per pixel).
+    pub fn with_microns_per_pixel(mut self, um: Option<f32>) -> Self {
+        self.microns_per_pixel = um;
+        self
+    }
+
+    /// Preprocessing of this model.
+    pub fn preprocess(&self) -> &Preprocess {
+        &self.pre
+    }
+
+    /// Raw predictions for cell images (any size), at the classifier's pixel size.
+    pub fn predict(&self, images: &[RgbImage]) -> Vec<Prediction> {
+        self.predict_at(images, &vec![self.microns_per_pixel; images.len()])
+    }
+
+    /// Raw predictions for cell images, each with its own pixel size (µm; the bundle's
+    /// default where `None`). `scales` has one entry per image.
+    pub fn predict_at(&self, images: &[RgbImage], scales: &[Option<f32>]) -> Vec<Prediction> {
+        assert_eq!(images.len(), scales.len(), "one pixel size per image");
+        let model = match &self.model {
+            Engine::Compact(m) => m,
+            Engine::Mllama(e) => {
+                // The whole cell image goes to the image processor; a failure (a tokenizer
+                // error) leaves the cell unclassified rather than guessing.
+                return images
+                    .iter()
+                    .map(|img| {
+                        e.predict(img).unwrap_or_else(|err| {
+                            tracing::error!(error = %err, "mllama could not classify a cell");
+                            // Uninformative, and sent to review as a cell that could not be read.
+                            let mut p = Prediction::from_probabilities([1.0 / NUM_CLASSES as f32; NUM_CLASSES], None);
+                            p.cell_found = Some(false);
+                            p
+                        })
+                    })
+                    .collect();
+            }
+        };
+        let s = self.pre.input_size as usize;
+        let mut out = Vec::with_capacity(images.len());
+        for (chunk, um) in images.chunks(BATCH).zip(scales.chunks(BATCH)) {
+            // Each image's segmentation and colour normalisation is independent of the others':
+            // on all cores (on two, a 32-cell batch's preprocessing takes half the time).
+            let prepared: Vec<_> = chunk
+                .par_iter()
+                .zip(um)
+                .map(|(img, um)| {
+                    let (view, cell) = self.pre.prepare(img, None, *um);
+                    let mut values = Vec::with_capacity(3 * s * s);
+                    self.pre.normalise_into(&view, &mut values);
+                    let found = cell.map(|c| {
+                        (
+                            c.found,
+                            CellSize {
+                                diameter_px: c.diameter_px,
+                                nucleus_px: c.nucleus_px,
+                                microns_per_pixel: c.microns_per_pixel,
+                            },
+                        )
+                    });
+                    (values, found)
+                })
+                .collect();
+            let mut buf = Vec::with_capacity(chunk.len() * 3 * s * s);
+            let mut found = Vec::with_capacity(chunk.len());
+            for (values, f) in prepared {
+                buf.extend_from_slice(&values);
+                found.push(f);
+            }
+            let mut preds = model.predict(buf, chunk.len(), s);
+            let t = self.calibration.temperature;
+            let scores = self.knn.as_ref().map(|k| {
+                let f: Vec<f32> = preds.iter().flat_map(|p| p.features.iter().copied()).collect();
+                k.scores(&f)
+            });
+            for (i, p) in preds.iter_mut().enumerate() {
+                if t != 1.0 {
+                    p.probs = crate::compact::softmax_t(&p.logits, t);
+                }
+                p.ood_score = scores.as_ref().map(|s| s[i].score);
+                p.neighbour_class = scores.as_ref().map(|s| s[i].vote);
+                p.cell_found = found[i].map(|f| f.0);
+                p.cell_size = found[i].map(|f| f.1);
+            }
+            out.extend(preds);
+        }
+        out
+    }
+
+    /// Classifies and describes cell images.
+    pub fn classify(&self, images: &[RgbImage]) -> Vec<CellResult> {
+        self.predict(images).into_iter().map(|p| self.result(&p)).collect()
+    }
+
+    /// Turns a prediction into a result: class (or Unidentified), probabilities, description
+    /// grounded in the predicted attributes.
+    pub fn result(&self, p: &Prediction) -> CellResult {
+        let best = p
+            .probs
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        let class = wbc_protocol::classes::CellClass::ALL[best];
+        // Attributes are reported only for classes whose attributes the heads were trained on.
+        let trained_on = match &self.model {
+            Engine::Compact(m) => m.config.attribute_classes.contains(&best),
+            Engine::Mllama(_) => false,
+        };
+        let attributes = if let Some(a) = p.attributes.filter(|_| trained_on) {
+            a.values
+        } else {
+            wbc_protocol::attributes::AttributeSet::default()
+        };
+        let mut r = CellResult::from_probabilities(
+            &p.probs,
+            &attributes,
+            p.description.clone().unwrap_or_else(|| describe(class, &attributes)),
+            self.min_confidence,
+            self.model_version,
+        );
+        r.familiarity = p.ood_score.map(|s| 1.0 - s);
+        let reason = review_reason(p, best, &self.calibration, self.min_confidence);
+        // A blast call held back by its size alone (its probability was enough).
+        let small = small_for_a_blast(p, &self.calibration).filter(|_| {
+            class == wbc_protocol::classes::CellClass::Blast && r.confidence >= self.calibration.blast_min_confidence
+        });
+        r.description = match reason {
+            None => r.description,
+            Some(ReviewReason::EdgeCut) => wbc_protocol::messages::EDGE_CUT_DESCRIPTION.into(),
+            Some(ReviewReason::NoCell) => {
+                "Unidentified: no stained white cell was found in the image; left for review.".into()
+            }
+            Some(ReviewReason::Unfamiliar) => format!(
+                "Unidentified: this cell does not look like the cells the model was trained on; left for review. Closest: {}",
+                r.description
+            ),
+            Some(ReviewReason::NeighboursDisagree) => format!(
+                "Unidentified: the model says {} but the most similar training cells are {}; left for review.",
+                class.name(),
+                wbc_protocol::classes::CellClass::ALL[p.neighbour_class.unwrap_or(best)].name()
+            ),
+            Some(ReviewReason::LowConfidence) if small.is_some() => format!(
+                "Unidentified: possibly a blast, but its nucleus ({:.1} µm) is smaller than those of the blasts the model learnt from (at least {:.1} µm); held back for review as a possible blast. {}",
+                small.unwrap_or_default(),
+                self.calibration.blast_min_nucleus_um,
+                r.description
+            ),
+            Some(ReviewReason::LowConfidence) if class == wbc_protocol::classes::CellClass::Blast => format!(
+                "Unidentified: possibly a blast (probability {:.2}, below the {:.2} a blast call needs); held back for review as a possible blast. {}",
+                r.confidence, self.calibration.blast_min_confidence, r.description
+            ),
+            Some(ReviewReason::LowConfidence) => format!(
+                "Unidentified (confidence {:.2}); left for review. Closest: {}",
+                r.confidence, r.description
+            ),
+        };
+        if reason.is_some() {
+            r.class = None;
+        }
+        r.review_reason = reason;
+        r
+    }
+}
+
+/// The nucleus extent (µm) of a cell whose nucleus is too small for a Blast call under `cal`'s
+/// size check; `None` when it is large enough, its size is unknown or there is no check.
+pub fn small_for_a_blast(p: &Prediction, cal: &Calibration) -> Option<f32> {
+    let nucleus = p.cell_size.and_then(|c| c.nucleus_um())?;
+    (cal.blast_min_nucleus_um > 0.0 && nucleus < cal.blast_min_nucleus_um).then_some(nucleus)
+}
+
+/// Why a prediction whose most probable class is `best` must go to review, if it must; the
+/// first rule that applies wins: no cell found, unfamiliar, neighbours disagree, a blast below
+/// the blast threshold or with a nucleus too small for one, below the general review
+/// threshold.
+pub fn review_reason(p: &Prediction, best: usize, cal: &Calibration, min_confidence: f32) -> Option<ReviewReason> {
+    let confidence = p.probs[best];
+    let ood = cal.ood.as_ref();
+    if p.cell_found == Some(false) {
+        Some(ReviewReason::NoCell)
+    } else if ood.zip(p.ood_score).is_some_and(|(o, s)| s > o.threshold) {
+        Some(ReviewReason::Unfamiliar)
+    } else if ood
+        .zip(p.neighbour_class)
+        .is_some_and(|(o, v)| o.require_agreement && v != best)
+    {
+        Some(ReviewReason::NeighboursDisagree)
+    } else if (best == wbc_protocol::classes::CellClass::Blast.index()
+        && (confidence < cal.blast_min_confidence || small_for_a_blast(p, cal).is_some()))
+        || confidence < min_confidence
+    {
+        Some(ReviewReason::LowConfidence)
+    } else {
+        None
+    }
+}
+
+/// Name of the self-test description inside a bundle.
+pub const SELFTEST_PART: &str = "selftest.json";
+
+/// One golden self-test case stored in a bundle.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SelfTestCase {
+    /// Part holding the image (PNG).
+    pub image: String,
+    /// Expected class probabilities, in class order.
+    pub probabilities: Vec<f32>,
+}
+
+/// The bundle's self-test: cases and the tolerance on each probability.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SelfTest {
+    /// Largest allowed absolute difference of any probability.
+    pub tolerance: f32,
+    /// Cases.
+    pub cases: Vec<SelfTestCase>,
+}
+
+/// Why a bundle failed its self-test.
+#[derive(Debug, thiserror::Error)]
+pub enum SelfTestError {
+    /// The bundle has no or a malformed self-test.
+    #[error("self-test is missing or malformed: {0}")]
+    Malformed(String),
+    /// A case's output differs from the expected one.
+    #[error("self-test case {image}: probability differs by {diff:.5} (tolerance {tolerance})")]
+    Mismatch {
+        /// Case image.
+        image: String,
+        /// Largest difference.
+        diff: f32,
+        /// Tolerance.
+        tolerance: f32,
+    },
+}
+
+impl Classifier {
+    /// Runs the bundle's golden self-test images and compares with the expected outputs.
+    /// Returns the number of cases checked.
+    pub fn self_test(&self, bundle: &Bundle) -> Result<usize, SelfTestError> {
+        let bad = |e: String| SelfTestError::Malformed(e);
+        let spec: SelfTest = serde_json::from_slice(bundle.part(SELFTEST_PART).map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(e.to_string()))?;
+        if spec.cases.is_empty() {
+            return Err(bad("no cases".into()));
+        }
+        let mut images = Vec::new();
+        for c in &spec.cases {
+            let bytes = bundle.part(&c.image).map_err(|e| bad(e.to_string()))?;
+            images.push(
+                wbc_cells::image::decode_rgb(bytes, &wbc_cells::image::DecodeLimits::default())
+                    .map_err(|e| bad(format!("{}: {e}", c.image)))?,
+            );
+        }
+        for (case, p) in spec.cases.iter().zip(self.predict(&images)) {
+            if case.probabilities.len() != NUM_CLASSES {
+                return Err(bad(format!("{}: expected {NUM_CLASSES} probabilities", case.image)));
+            }
+            let diff = case
+                .probabilities
+                .iter()
+                .zip(p.probs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            if diff.is_nan() || diff > spec.tolerance {
+                return Err(SelfTestError::Mismatch {
+                    image: case.image.clone(),
+                    diff,
+                    tolerance: spec.tolerance,
+                });
+            }
+        }
+        Ok(spec.cases.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calibrate::OodConfig;
+
+    fn prediction(probs: [f32; NUM_CLASSES]) -> Prediction {
+        Prediction {
+            probs,
+            logits: [0.0; NUM_CLASSES],
+            features: vec![],
+            ood_score: Some(0.1),
+            cell_found: Some(true),
+            cell_size: None,
+            neighbour_class: Some(5),
+            attributes: None,
+            description: None,
+        }
+    }
+
+    #[test]
+    fn a_blast_call_needs_a_nucleus_as_large_as_the_val_blasts() {
+        let cal = Calibration {
+            blast_min_confidence: 0.9,
+            blast_min_nucleus_um: 10.0,
+            ..Calibration::default()
+        };
+        let sized = |class: usize, nucleus_px: f32, um: Option<f32>| {
+            let mut probs = [0.01; NUM_CLASSES];
+            probs[class] = 0.95;
+            let mut p = prediction(probs);
+            p.cell_size = Some(CellSize {
+                diameter_px: nucleus_px * 1.5,
+                nucleus_px,
+                microns_per_pixel: um,
+            });
+            p
+        };
+        // A small lymphocyte's nucleus (7.5 µm) is not a blast's, however sure the model is.
+        let small = sized(5, 75.0, Some(0.1));
+        assert_eq!(small_for_a_blast(&small, &cal), Some(7.5));
+        assert_eq!(review_reason(&small, 5, &cal, 0.0), Some(ReviewReason::LowConfidence));
+        // 12 µm passes.
+        let large = sized(5, 120.0, Some(0.1));
+        assert_eq!(small_for_a_blast(&large, &cal), None);
+        assert_eq!(review_reason(&large, 5, &cal, 0.0), None);
+        // Unknown pixel size: the size cannot be judged and only the probability counts.
+        assert_eq!(review_reason(&sized(5, 75.0, None), 5, &cal, 0.0), None);
+        // Other classes are not held to a blast's size.
+        assert_eq!(review_reason(&sized(2, 75.0, Some(0.1)), 2, &cal, 0.0), None);
+        // No check in the calibration: no size rule.
+        let plain = Calibration {
+            blast_min_nucleus_um: 0.0,
+            ..cal.clone()
+        };
+        assert_eq!(review_reason(&small, 5, &plain, 0.0), None);
+        // Bundles without the check keep the calibration file older appliances read.
+        let json = serde_json::to_value(&plain).unwrap();
+        assert!(json.get("blast_min_nucleus_um").is_none(), "{json}");
+        let back: Calibration = serde_json::from_value(serde_json::to_value(&cal).unwrap()).unwrap();
+        assert_eq!(back, cal);
+    }
+
+    #[test]
+    fn review_rules_apply_in_order() {
+        let cal = Calibration {
+            temperature: 1.0,
+            ood: Some(OodConfig {
+                k: 5,
+                threshold: 0.2,
+                quantile: 0.99,
+                bank_size: 10,
+                require_agreement: true,
+            }),
+            blast_min_confidence: 0.9,
+            blast_min_nucleus_um: 0.0,
+        };
+        let blast = |p: f32| {
+            let mut probs = [(1.0 - p) / 5.0; NUM_CLASSES];
+            probs[5] = p;
+            prediction(probs)
+        };
+        assert_eq!(
+            review_reason(&blast(0.95), 5, &cal, 0.5),
+            None,
+            "a sure, familiar blast"
+        );
+        assert_eq!(
+            review_reason(&blast(0.85), 5, &cal, 0.5),
+            Some(ReviewReason::LowConfidence),
+            "blast calls need 0.9"
+        );
+        let mut p = blast(0.95);
+        p.neighbour_class = Some(2);
+        assert_eq!(review_reason(&p, 5, &cal, 0.5), Some(ReviewReason::NeighboursDisagree));
+        p.ood_score = Some(0.3);
+        assert_eq!(review_reason(&p, 5, &cal, 0.5), Some(ReviewReason::Unfamiliar));
+        p.cell_found = Some(false);
+        assert_eq!(review_reason(&p, 5, &cal, 0.5), Some(ReviewReason::NoCell));
+        // The blast threshold does not apply to other classes; the general one does.
+        let mut lym = prediction([0.0, 0.0, 0.85, 0.05, 0.05, 0.05]);
+        lym.neighbour_class = Some(2);
+        assert_eq!(review_reason(&lym, 2, &cal, 0.5), None);
+        assert_eq!(review_reason(&lym, 2, &cal, 0.9), Some(ReviewReason::LowConfidence));
+        // Without a familiarity model only the thresholds apply.
+        let plain = Calibration::default();
+        let mut q = blast(0.6);
+        q.ood_score = None;
+        q.neighbour_class = None;
+        assert_eq!(review_reason(&q, 5, &plain, 0.5), None);
+    }
+}

@@ -1,0 +1,43 @@
+//! Helpers shared by the integration tests of `wbc-models`.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// Repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Folder with the unpacked pretrained weights (`scripts/fetch-weights.sh`), from
+/// `WBC_WEIGHTS_DIR` or `<repo>/.cache/weights/unpacked`. A missing folder fails the test with
+/// instructions: these tests must not silently pass without the real weights.
+pub fn weights_dir() -> PathBuf {
+    let dir = std::env::var_os("WBC_WEIGHTS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".cache/weights/unpacked"));
+    assert!(
+        dir.join("mobilenet_v2-b0353104.pth").is_file() && dir.join("all-MiniLM-L6-v2/model.safetensors").is_file(),
+        "pretrained weights not found in {}: run scripts/fetch-weights.sh (scripts/test.sh does it for you)",
+        dir.display()
+    );
+    dir
+}
+
+/// A fixture path relative to `shared/fixtures`.
+pub fn fixture(rel: &str) -> PathBuf {
+    repo_root().join("shared/fixtures").join(rel)
+}
+
+/// Reads a JSON fixture.
+pub fn json(rel: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(fixture(rel)).expect("fixture")).expect("fixture json")
+}
+
+/// A JSON array of numbers as f32.
+pub fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}

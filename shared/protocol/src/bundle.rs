@@ -1,0 +1,789 @@
+//! The model bundle: one signed file that carries everything the appliance needs to run a model.
+//!
+//! Layout: an uncompressed tar archive whose entries are
+//! - `manifest.json`: [`Manifest`], including the sha256 and size of every other part;
+//! - `manifest.sig`: JSON `{ "key_id": .., "signature": hex }`, an ed25519 signature over the
+//!   exact bytes of `manifest.json`;
+//! - the parts listed in the manifest (weights, self-test images and expected outputs, ...).
+//!
+//! Reading is bounded (total size, entry count, entry size, simple entry names only) and
+//! verification checks, in order: format version, signature by a trusted key, that the parts
+//! present are exactly the parts listed, and the sha256 of every part. Nothing in a bundle is
+//! used before [`UnverifiedBundle::verify`] has succeeded.
+
+use crate::preprocess::Preprocess;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+/// Bundle format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+const MANIFEST: &str = "manifest.json";
+const SIGNATURE: &str = "manifest.sig";
+
+/// Model family inside a bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// Small CNN with 4-bit frozen backbone, LoRA and class + attribute heads.
+    Compact,
+    /// Llama 3.2 Vision (mllama).
+    Mllama,
+}
+
+/// One part listed in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartEntry {
+    /// Hex sha256 of the part's bytes.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The bundle's manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Bundle format version ([`FORMAT_VERSION`]).
+    pub format_version: u32,
+    /// Model family.
+    pub family: Family,
+    /// Family-specific model configuration.
+    pub model_config: serde_json::Value,
+    /// Class names in output order.
+    pub classes: Vec<String>,
+    /// Input preprocessing.
+    pub preprocess: Preprocess,
+    /// Model version; updates only move to strictly newer versions.
+    pub model_version: u64,
+    /// Oldest appliance version (semver) that can run this bundle.
+    pub min_appliance_version: String,
+    /// Creation time, RFC 3339 UTC.
+    pub created_at: String,
+    /// Free-form summary of the training data and run.
+    pub training: serde_json::Value,
+    /// Measured metrics (val figures).
+    pub metrics: serde_json::Value,
+    /// Every other part of the bundle: name to hash and size.
+    pub parts: BTreeMap<String, PartEntry>,
+}
+
+/// Signature file contents.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SignatureFile {
+    key_id: String,
+    signature: String,
+}
+
+/// Limits on what a bundle reader accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    /// Largest bundle file.
+    pub max_total: u64,
+    /// Largest single entry.
+    pub max_entry: u64,
+    /// Most entries.
+    pub max_entries: usize,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        ReadLimits {
+            max_total: 16 << 30,
+            max_entry: 16 << 30,
+            max_entries: 4096,
+        }
+    }
+}
+
+/// Why a bundle was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// I/O error reading or writing the file.
+    #[error("bundle I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The archive is damaged or cut short.
+    #[error("bundle archive is corrupt or truncated: {0}")]
+    Corrupt(String),
+    /// Over a size or count limit.
+    #[error("bundle exceeds a limit: {0}")]
+    TooLarge(String),
+    /// An entry name that is not a plain relative name.
+    #[error("bundle entry has a disallowed name {0:?}")]
+    BadEntryName(String),
+    /// `manifest.json` missing.
+    #[error("bundle has no manifest.json")]
+    MissingManifest,
+    /// `manifest.json` does not parse.
+    #[error("bundle manifest is invalid: {0}")]
+    BadManifest(String),
+    /// `manifest.sig` missing.
+    #[error("bundle is not signed (no manifest.sig)")]
+    Unsigned,
+    /// Signature does not verify.
+    #[error("bundle signature does not verify (key {key_id})")]
+    BadSignature {
+        /// Key the bundle claims.
+        key_id: String,
+    },
+    /// Signed by a key that is not trusted.
+    #[error("bundle is signed by key {key_id}, which this device does not trust")]
+    UntrustedKey {
+        /// Key the bundle claims.
+        key_id: String,
+    },
+    /// Format version not supported.
+    #[error("bundle format version {found} is not supported (this build reads version {supported})")]
+    UnsupportedFormat {
+        /// Found version.
+        found: u32,
+        /// Supported version.
+        supported: u32,
+    },
+    /// A part listed in the manifest is absent.
+    #[error("bundle part {0:?} listed in the manifest is missing")]
+    MissingPart(String),
+    /// A part present in the archive is not listed.
+    #[error("bundle contains {0:?}, which the manifest does not list")]
+    UnlistedPart(String),
+    /// A part's hash or size differs from the manifest.
+    #[error("bundle part {0:?} does not match its sha256 in the manifest (tampered or damaged)")]
+    HashMismatch(String),
+    /// Asked for a part that does not exist.
+    #[error("bundle has no part {0:?}")]
+    NoSuchPart(String),
+}
+
+/// Hex sha256 of bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Hex sha256 and size of a file, read in pieces (a bundle may be larger than memory allows).
+pub fn file_sha256(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut h = Sha256::new();
+    let size = std::io::copy(&mut std::fs::File::open(path)?, &mut h)?;
+    Ok((hex::encode(h.finalize()), size))
+}
+
+/// Short identifier of a public key: the first 8 bytes of its sha256, hex.
+pub fn key_id(key: &VerifyingKey) -> String {
+    hex::encode(&Sha256::digest(key.as_bytes())[..8])
+}
+
+/// Checks a hex ed25519 `signature` of `message` by the key `key_id`, which must be one of
+/// `trusted`.
+pub(crate) fn check_signature(
+    trusted: &[VerifyingKey],
+    key_id_claimed: &str,
+    signature: &str,
+    message: &[u8],
+) -> Result<(), BundleError> {
+    let key = trusted
+        .iter()
+        .find(|k| key_id(k) == key_id_claimed)
+        .ok_or_else(|| BundleError::UntrustedKey {
+            key_id: key_id_claimed.to_string(),
+        })?;
+    let bad = || BundleError::BadSignature {
+        key_id: key_id_claimed.to_string(),
+    };
+    let raw: [u8; 64] = hex::decode(signature)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(bad)?;
+    key.verify(message, &Signature::from_bytes(&raw)).map_err(|_| bad())
+}
+
+/// Builds and signs a bundle.
+pub struct BundleBuilder {
+    manifest: Manifest,
+    parts: BTreeMap<String, Vec<u8>>,
+}
+
+impl BundleBuilder {
+    /// Starts from a manifest; its `parts` and `format_version` are filled in by [`Self::finish`].
+    pub fn new(manifest: Manifest) -> Self {
+        BundleBuilder {
+            manifest,
+            parts: BTreeMap::new(),
+        }
+    }
+
+    /// Starts from a verified bundle's manifest and parts, to sign them again (with a new key
+    /// when keys are rotated) after any change to the manifest ([`Self::manifest_mut`]).
+    pub fn from_bundle(bundle: &Bundle) -> Self {
+        BundleBuilder {
+            manifest: bundle.manifest.clone(),
+            parts: bundle.parts.clone(),
+        }
+    }
+
+    /// The manifest to be signed.
+    pub fn manifest_mut(&mut self) -> &mut Manifest {
+        &mut self.manifest
+    }
+
+    /// Replaces a part's bytes, or adds it.
+    pub fn replace_part(mut self, name: &str, bytes: Vec<u8>) -> Result<Self, BundleError> {
+        self.parts.remove(name);
+        self.part(name, bytes)
+    }
+
+    /// Adds a part under a plain name (`[A-Za-z0-9._-/]`, no `..`).
+    pub fn part(mut self, name: &str, bytes: Vec<u8>) -> Result<Self, BundleError> {
+        check_name(name)?;
+        if name == MANIFEST || name == SIGNATURE {
+            return Err(BundleError::BadEntryName(name.to_string()));
+        }
+        self.parts.insert(name.to_string(), bytes);
+        Ok(self)
+    }
+
+    /// Hashes the parts, signs the manifest and returns the bundle file's bytes.
+    pub fn finish(mut self, key: &SigningKey) -> Result<Vec<u8>, BundleError> {
+        self.manifest.format_version = FORMAT_VERSION;
+        self.manifest.parts = self
+            .parts
+            .iter()
+            .map(|(n, b)| {
+                (
+                    n.clone(),
+                    PartEntry {
+                        sha256: sha256_hex(b),
+                        size: b.len() as u64,
+                    },
+                )
+            })
+            .collect();
+        let manifest_bytes =
+            serde_json::to_vec_pretty(&self.manifest).map_err(|e| BundleError::BadManifest(e.to_string()))?;
+        let sig = SignatureFile {
+            key_id: key_id(&key.verifying_key()),
+            signature: hex::encode(key.sign(&manifest_bytes).to_bytes()),
+        };
+        let sig_bytes = serde_json::to_vec(&sig).map_err(|e| BundleError::BadManifest(e.to_string()))?;
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut add = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(bytes.len() as u64);
+            h.set_mode(0o644);
+            h.set_mtime(0);
+            h.set_cksum();
+            tar.append_data(&mut h, name, bytes)
+        };
+        add(MANIFEST, &manifest_bytes)?;
+        add(SIGNATURE, &sig_bytes)?;
+        for (n, b) in &self.parts {
+            add(n, b)?;
+        }
+        Ok(tar.into_inner()?)
+    }
+}
+
+fn check_name(name: &str) -> Result<(), BundleError> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('/')
+        && name.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(BundleError::BadEntryName(name.to_string()))
+    }
+}
+
+/// A bundle read from disk whose signature and hashes have not been checked yet.
+#[derive(Debug)]
+pub struct UnverifiedBundle {
+    manifest_bytes: Vec<u8>,
+    signature: Option<Vec<u8>>,
+    parts: BTreeMap<String, Vec<u8>>,
+}
+
+/// A bundle whose signature, format and hashes verified.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    /// The verified manifest.
+    pub manifest: Manifest,
+    /// Key that signed it.
+    pub signed_by: String,
+    parts: BTreeMap<String, Vec<u8>>,
+}
+
+impl UnverifiedBundle {
+    /// Reads a bundle file within the given limits.
+    pub fn read_file(path: &Path, limits: &ReadLimits) -> Result<Self, BundleError> {
+        let len = std::fs::metadata(path)?.len();
+        if len > limits.max_total {
+            return Err(BundleError::TooLarge(format!(
+                "file is {len} bytes, limit {}",
+                limits.max_total
+            )));
+        }
+        Self::read(std::fs::File::open(path)?, limits)
+    }
+
+    /// Reads a bundle from any reader within the given limits.
+    pub fn read(reader: impl Read, limits: &ReadLimits) -> Result<Self, BundleError> {
+        let mut archive = tar::Archive::new(reader.take(limits.max_total.saturating_add(1)));
+        let mut manifest_bytes = None;
+        let mut signature = None;
+        let mut parts = BTreeMap::new();
+        let mut total = 0u64;
+        let corrupt = |e: std::io::Error| BundleError::Corrupt(e.to_string());
+        for (count, entry) in archive.entries().map_err(corrupt)?.enumerate() {
+            if count >= limits.max_entries {
+                return Err(BundleError::TooLarge(format!(
+                    "more than {} entries",
+                    limits.max_entries
+                )));
+            }
+            let mut entry = entry.map_err(corrupt)?;
+            if !entry.header().entry_type().is_file() {
+                return Err(BundleError::Corrupt("entry is not a regular file".into()));
+            }
+            let name = entry.path().map_err(corrupt)?.to_string_lossy().into_owned();
+            check_name(&name)?;
+            let size = entry.header().size().map_err(corrupt)?;
+            total = total.saturating_add(size);
+            if size > limits.max_entry || total > limits.max_total {
+                return Err(BundleError::TooLarge(format!("entry {name:?} is {size} bytes")));
+            }
+            let mut bytes = Vec::with_capacity(size as usize);
+            entry.read_to_end(&mut bytes).map_err(corrupt)?;
+            if bytes.len() as u64 != size {
+                return Err(BundleError::Corrupt(format!("entry {name:?} is truncated")));
+            }
+            let slot = match name.as_str() {
+                MANIFEST => &mut manifest_bytes,
+                SIGNATURE => &mut signature,
+                _ => {
+                    if parts.insert(name.clone(), bytes).is_some() {
+                        return Err(BundleError::Corrupt(format!("entry {name:?} appears twice")));
+                    }
+                    continue;
+                }
+            };
+            if slot.replace(bytes).is_some() {
+                return Err(BundleError::Corrupt(format!("entry {name:?} appears twice")));
+            }
+        }
+        let manifest_bytes = manifest_bytes.ok_or(BundleError::MissingManifest)?;
+        Ok(UnverifiedBundle {
+            manifest_bytes,
+            signature,
+            parts,
+        })
+    }
+
+    /// Parses the manifest without trusting it (for showing what a refused bundle claimed).
+    pub fn claimed_manifest(&self) -> Result<Manifest, BundleError> {
+        serde_json::from_slice(&self.manifest_bytes).map_err(|e| BundleError::BadManifest(e.to_string()))
+    }
+
+    /// Verifies signature (by one of `trusted`), format version and every part's hash.
+    pub fn verify(self, trusted: &[VerifyingKey]) -> Result<Bundle, BundleError> {
+        let sig_bytes = self.signature.as_ref().ok_or(BundleError::Unsigned)?;
+        let sig: SignatureFile =
+            serde_json::from_slice(sig_bytes).map_err(|e| BundleError::Corrupt(format!("manifest.sig: {e}")))?;
+        check_signature(trusted, &sig.key_id, &sig.signature, &self.manifest_bytes)?;
+        // Signed: now the manifest may be parsed and trusted.
+        let version: serde_json::Value =
+            serde_json::from_slice(&self.manifest_bytes).map_err(|e| BundleError::BadManifest(e.to_string()))?;
+        let found = version.get("format_version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+        if found != FORMAT_VERSION {
+            return Err(BundleError::UnsupportedFormat {
+                found,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let manifest = self.claimed_manifest()?;
+        for name in manifest.parts.keys() {
+            if !self.parts.contains_key(name) {
+                return Err(BundleError::MissingPart(name.clone()));
+            }
+        }
+        for (name, bytes) in &self.parts {
+            let entry = manifest
+                .parts
+                .get(name)
+                .ok_or_else(|| BundleError::UnlistedPart(name.clone()))?;
+            if entry.size != bytes.len() as u64 || entry.sha256 != sha256_hex(bytes) {
+                return Err(BundleError::HashMismatch(name.clone()));
+            }
+        }
+        Ok(Bundle {
+            manifest,
+            signed_by: sig.key_id,
+            parts: self.parts,
+        })
+    }
+}
+
+impl Bundle {
+    /// Reads and verifies a bundle file in one step.
+    pub fn open(path: &Path, trusted: &[VerifyingKey]) -> Result<Bundle, BundleError> {
+        UnverifiedBundle::read_file(path, &ReadLimits::default())?.verify(trusted)
+    }
+
+    /// Reads and verifies bundle bytes in one step.
+    pub fn from_bytes(bytes: &[u8], trusted: &[VerifyingKey]) -> Result<Bundle, BundleError> {
+        UnverifiedBundle::read(bytes, &ReadLimits::default())?.verify(trusted)
+    }
+
+    /// A verified part's bytes.
+    pub fn part(&self, name: &str) -> Result<&[u8], BundleError> {
+        self.parts
+            .get(name)
+            .map(Vec::as_slice)
+            .ok_or_else(|| BundleError::NoSuchPart(name.to_string()))
+    }
+
+    /// Names of all parts.
+    pub fn part_names(&self) -> impl Iterator<Item = &str> {
+        self.parts.keys().map(String::as_str)
+    }
+}
+
+/// Signing keys: generation and PEM files (PKCS#8 for private keys, SPKI for public keys).
+pub mod keys {
+    use super::BundleError;
+    use ed25519_dalek::pkcs8::{
+        DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, spki::der::pem::LineEnding,
+    };
+    use ed25519_dalek::{SigningKey, VerifyingKey};
+    use std::path::Path;
+
+    /// A new random signing key from the operating system's RNG.
+    pub fn generate() -> SigningKey {
+        SigningKey::generate(&mut rand::rngs::OsRng)
+    }
+
+    /// Writes a private key as PKCS#8 PEM, readable by the owner only (0600 on Unix).
+    pub fn write_private(path: &Path, key: &SigningKey) -> Result<(), BundleError> {
+        let pem = key
+            .to_pkcs8_pem(LineEnding::LF)
+            .map_err(|e| BundleError::BadManifest(e.to_string()))?;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        use std::io::Write;
+        opts.open(path)?.write_all(pem.as_bytes())?;
+        Ok(())
+    }
+
+    /// Writes a public key as SPKI PEM.
+    pub fn write_public(path: &Path, key: &VerifyingKey) -> Result<(), BundleError> {
+        let pem = key
+            .to_public_key_pem(LineEnding::LF)
+            .map_err(|e| BundleError::BadManifest(e.to_string()))?;
+        std::fs::write(path, pem)?;
+        Ok(())
+    }
+
+    /// Reads a PKCS#8 PEM private key.
+    pub fn read_private(path: &Path) -> Result<SigningKey, BundleError> {
+        let pem = std::fs::read_to_string(path)?;
+        SigningKey::from_pkcs8_pem(&pem)
+            .map_err(|e| BundleError::BadManifest(format!("{}: not an ed25519 private key: {e}", path.display())))
+    }
+
+    /// The keys in the given SPKI PEM files, or those of `default_pem` when no file is given.
+    /// Each file is a key ring (see [`parse_ring`]).
+    pub fn trusted(paths: &[std::path::PathBuf], default_pem: &str) -> Result<Vec<VerifyingKey>, BundleError> {
+        if paths.is_empty() {
+            return parse_ring(default_pem);
+        }
+        let mut all = Vec::new();
+        for p in paths {
+            let pem = std::fs::read_to_string(p)?;
+            all.extend(parse_ring(&pem).map_err(|e| BundleError::BadManifest(format!("{}: {e}", p.display())))?);
+        }
+        Ok(all)
+    }
+
+    const BEGIN: &str = "-----BEGIN PUBLIC KEY-----";
+    const END: &str = "-----END PUBLIC KEY-----";
+
+    /// Parses a key ring: one or more SPKI PEM public keys one after the other, with any text
+    /// between them (comments such as "retired 2026-11: signed model versions 1-3"). A signing
+    /// key replaced by a new one stays in the ring so that bundles it signed still verify. An
+    /// empty ring, an unterminated block or a block that is not an ed25519 key is an error
+    /// naming the block.
+    pub fn parse_ring(pem: &str) -> Result<Vec<VerifyingKey>, BundleError> {
+        let mut keys = Vec::new();
+        let mut rest = pem;
+        while let Some(start) = rest.find(BEGIN) {
+            let n = keys.len() + 1;
+            let end = rest[start..]
+                .find(END)
+                .map(|e| start + e + END.len())
+                .ok_or_else(|| BundleError::BadManifest(format!("public key {n} has no end line")))?;
+            let key = parse_public(&rest[start..end])
+                .map_err(|e| BundleError::BadManifest(format!("public key {n}: {e}")))?;
+            keys.push(key);
+            rest = &rest[end..];
+        }
+        if keys.is_empty() {
+            return Err(BundleError::BadManifest(
+                "no public key (expected a PEM block \"BEGIN PUBLIC KEY\")".into(),
+            ));
+        }
+        Ok(keys)
+    }
+
+    /// Parses a SPKI PEM public key.
+    pub fn parse_public(pem: &str) -> Result<VerifyingKey, BundleError> {
+        VerifyingKey::from_public_key_pem(pem)
+            .map_err(|e| BundleError::BadManifest(format!("not an ed25519 public key: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            format_version: 0,
+            family: Family::Compact,
+            model_config: serde_json::json!({"backbone": "test"}),
+            classes: vec!["A".into(), "B".into()],
+            preprocess: Preprocess::imagenet(224),
+            model_version: 3,
+            min_appliance_version: "0.1.0".into(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            training: serde_json::json!({}),
+            metrics: serde_json::json!({"macro_f1": 0.5}),
+            parts: BTreeMap::new(),
+        }
+    }
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn build(k: &SigningKey) -> Vec<u8> {
+        BundleBuilder::new(manifest())
+            .part("weights.safetensors", vec![7; 1000])
+            .unwrap()
+            .part("selftest/cell.png", vec![1, 2, 3])
+            .unwrap()
+            .finish(k)
+            .unwrap()
+    }
+
+    #[test]
+    fn round_trip_verifies_and_returns_parts() {
+        let k = key(1);
+        let b = Bundle::from_bytes(&build(&k), &[k.verifying_key()]).unwrap();
+        assert_eq!(b.manifest.model_version, 3);
+        assert_eq!(b.manifest.format_version, FORMAT_VERSION);
+        assert_eq!(b.part("weights.safetensors").unwrap(), &[7; 1000][..]);
+        assert_eq!(b.part_names().count(), 2);
+        assert!(matches!(b.part("nope"), Err(BundleError::NoSuchPart(_))));
+    }
+
+    #[test]
+    fn a_verified_bundle_can_be_signed_again_with_another_key() {
+        let (k1, k2) = (key(1), key(2));
+        let b = Bundle::from_bytes(&build(&k1), &[k1.verifying_key()]).unwrap();
+        let mut again = BundleBuilder::from_bundle(&b);
+        again.manifest_mut().model_version = 4;
+        let bytes = again.finish(&k2).unwrap();
+        let b2 = Bundle::from_bytes(&bytes, &[k2.verifying_key()]).unwrap();
+        assert_eq!(b2.manifest.model_version, 4);
+        assert_eq!(
+            b2.part("weights.safetensors").unwrap(),
+            b.part("weights.safetensors").unwrap()
+        );
+        assert!(Bundle::from_bytes(&bytes, &[k1.verifying_key()]).is_err());
+    }
+
+    #[test]
+    fn wrong_key_is_untrusted() {
+        let bytes = build(&key(1));
+        assert!(matches!(
+            Bundle::from_bytes(&bytes, &[key(2).verifying_key()]),
+            Err(BundleError::UntrustedKey { .. })
+        ));
+    }
+
+    #[test]
+    fn tampered_weights_fail_the_hash_check() {
+        let k = key(1);
+        let mut bytes = build(&k);
+        // Flip a byte inside the weights payload (a run of 7s).
+        let pos = bytes.windows(16).position(|w| w.iter().all(|&b| b == 7)).unwrap();
+        bytes[pos + 5] = 8;
+        let err = Bundle::from_bytes(&bytes, &[k.verifying_key()]).unwrap_err();
+        assert!(
+            matches!(err, BundleError::HashMismatch(ref p) if p == "weights.safetensors"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tampered_manifest_fails_the_signature() {
+        let k = key(1);
+        let mut bytes = build(&k);
+        let needle = b"\"model_version\": 3";
+        let pos = bytes.windows(needle.len()).position(|w| w == needle).unwrap();
+        bytes[pos + needle.len() - 1] = b'9';
+        // The tar header checksum does not cover data, so the archive still reads.
+        let err = Bundle::from_bytes(&bytes, &[k.verifying_key()]).unwrap_err();
+        assert!(matches!(err, BundleError::BadSignature { .. }), "{err}");
+    }
+
+    #[test]
+    fn truncated_bundle_is_corrupt_at_every_cut() {
+        let k = key(1);
+        let bytes = build(&k);
+        for cut in [10, 511, 512, 1500, bytes.len() / 2, bytes.len() - 1100] {
+            let err = Bundle::from_bytes(&bytes[..cut], &[k.verifying_key()]).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    BundleError::Corrupt(_)
+                        | BundleError::MissingManifest
+                        | BundleError::Unsigned
+                        | BundleError::MissingPart(_)
+                ),
+                "cut {cut}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn unsigned_bundle_is_refused() {
+        let m = serde_json::to_vec(&manifest()).unwrap();
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(m.len() as u64);
+        h.set_cksum();
+        tar.append_data(&mut h, "manifest.json", &m[..]).unwrap();
+        let bytes = tar.into_inner().unwrap();
+        assert!(matches!(
+            Bundle::from_bytes(&bytes, &[key(1).verifying_key()]),
+            Err(BundleError::Unsigned)
+        ));
+    }
+
+    #[test]
+    fn hostile_entry_names_and_extra_parts_are_refused() {
+        assert!(BundleBuilder::new(manifest()).part("../etc/passwd", vec![]).is_err());
+        assert!(BundleBuilder::new(manifest()).part("/abs", vec![]).is_err());
+        assert!(BundleBuilder::new(manifest()).part("manifest.json", vec![]).is_err());
+        // Append an unlisted entry after signing.
+        let k = key(1);
+        let bytes = build(&k);
+        let mut archive_entries = tar::Builder::new(Vec::new());
+        let mut ar = tar::Archive::new(&bytes[..]);
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let mut h = e.header().clone();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            h.set_cksum();
+            archive_entries.append(&h, &data[..]).unwrap();
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_cksum();
+        archive_entries.append_data(&mut h, "extra.bin", &b"abc"[..]).unwrap();
+        let bytes = archive_entries.into_inner().unwrap();
+        assert!(matches!(
+            Bundle::from_bytes(&bytes, &[k.verifying_key()]),
+            Err(BundleError::UnlistedPart(_))
+        ));
+    }
+
+    #[test]
+    fn over_limit_bundle_is_refused_before_reading_it_whole() {
+        let k = key(1);
+        let bytes = build(&k);
+        let limits = ReadLimits {
+            max_total: 100_000,
+            max_entry: 500,
+            max_entries: 10,
+        };
+        assert!(matches!(
+            UnverifiedBundle::read(&bytes[..], &limits),
+            Err(BundleError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn keys_round_trip_through_pem_with_private_file_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keys::generate();
+        let p = dir.path().join("k.pem");
+        keys::write_private(&p, &k).unwrap();
+        assert_eq!(keys::read_private(&p).unwrap().to_bytes(), k.to_bytes());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        // Never overwrites an existing key.
+        assert!(keys::write_private(&p, &k).is_err());
+        let pubp = dir.path().join("k.pub");
+        keys::write_public(&pubp, &k.verifying_key()).unwrap();
+        let pk = keys::parse_public(&std::fs::read_to_string(&pubp).unwrap()).unwrap();
+        assert_eq!(pk, k.verifying_key());
+    }
+
+    fn pem(k: &SigningKey) -> String {
+        use ed25519_dalek::pkcs8::{EncodePublicKey, spki::der::pem::LineEnding};
+        k.verifying_key().to_public_key_pem(LineEnding::LF).unwrap()
+    }
+
+    #[test]
+    fn a_key_ring_trusts_every_key_in_it_and_a_bundle_signed_by_a_retired_key_still_verifies() {
+        let (new, retired) = (key(7), key(8));
+        let ring = format!(
+            "# current\n{}\n# retired: signed model versions 1-3\n{}",
+            pem(&new),
+            pem(&retired)
+        );
+        let trusted = keys::trusted(&[], &ring).unwrap();
+        assert_eq!(trusted, vec![new.verifying_key(), retired.verifying_key()]);
+        assert!(Bundle::from_bytes(&build(&retired), &trusted).is_ok());
+        assert!(Bundle::from_bytes(&build(&new), &trusted).is_ok());
+        assert!(matches!(
+            Bundle::from_bytes(&build(&key(9)), &trusted),
+            Err(BundleError::UntrustedKey { .. })
+        ));
+        // Files given instead of the default are rings too, and their keys add up.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.pub"), dir.path().join("b.pub"));
+        std::fs::write(&a, ring).unwrap();
+        std::fs::write(&b, pem(&key(9))).unwrap();
+        assert_eq!(keys::trusted(&[a, b], "").unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_broken_key_ring_is_refused_naming_the_block() {
+        let good = pem(&key(7));
+        let err = |ring: &str| keys::parse_ring(ring).unwrap_err().to_string();
+        assert!(err("").contains("no public key"), "{}", err(""));
+        assert!(err("just a comment\n").contains("no public key"));
+        let truncated = format!("{good}{}", &good[..good.len() / 2]);
+        assert!(
+            err(&truncated).contains("public key 2 has no end line"),
+            "{}",
+            err(&truncated)
+        );
+        let corrupt = format!("{good}{}", good.replace("MCow", "MCox"));
+        assert!(err(&corrupt).contains("public key 2:"), "{}", err(&corrupt));
+    }
+}

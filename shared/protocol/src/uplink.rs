@@ -1,0 +1,704 @@
+//! The uplink protocol between the appliances and central (MQTT).
+//!
+//! Every message of a device lives under `wbc/<clinic>/<device>/<kind>` and is JSON with a
+//! `schema_version`. Results, reviews, slide reports and model events travel in an
+//! [`Envelope`] whose `id` (`<clinic>:<device>:<seq>`) is stable across resends: the appliance
+//! stores each message in its outbox before sending it and resends it until the broker
+//! acknowledges it, so central sees some messages twice and keeps the first. The device status
+//! ([`Status`]) is published retained, with `offline` as the connection's last will.
+
+use crate::messages::{CellRecord, FieldHeader, FieldRecord, Review, SCHEMA_VERSION};
+use crate::slide::SlideReport;
+use serde::{Deserialize, Serialize};
+
+/// Schema version of the uplink messages.
+pub const UPLINK_SCHEMA_VERSION: u32 = 1;
+
+/// Largest payload either side sends or accepts, bytes.
+pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+
+/// Largest cell picture (JPEG, before base64) either side sends or keeps, bytes.
+pub const MAX_PICTURE_BYTES: usize = 48 * 1024;
+
+/// Longest side of a cell picture sent to central, pixels.
+pub const PICTURE_SIDE: u32 = 128;
+
+/// Topic prefix of every device topic.
+pub const TOPIC_ROOT: &str = "wbc";
+
+/// What a message is about: the last level of its topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// One cell's result ([`CellMessage`]).
+    Cell,
+    /// A technician's review of one cell ([`ReviewMessage`]).
+    Review,
+    /// A slide's report ([`SlideMessage`]).
+    Slide,
+    /// A model event ([`ModelMessage`]).
+    Model,
+    /// The device's status ([`Status`]), retained; not in an envelope.
+    Status,
+}
+
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 5] = [Kind::Cell, Kind::Review, Kind::Slide, Kind::Model, Kind::Status];
+
+    /// The topic level.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Cell => "cell",
+            Kind::Review => "review",
+            Kind::Slide => "slide",
+            Kind::Model => "model",
+            Kind::Status => "status",
+        }
+    }
+}
+
+/// Why an uplink message was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UplinkError {
+    /// The topic is not `wbc/<clinic>/<device>/<kind>`.
+    #[error("unexpected topic {0:?}")]
+    Topic(String),
+    /// Over [`MAX_PAYLOAD_BYTES`].
+    #[error("payload of {0} bytes is over the limit of {MAX_PAYLOAD_BYTES}")]
+    TooLarge(usize),
+    /// Not valid JSON for the kind.
+    #[error("invalid payload: {0}")]
+    Invalid(String),
+    /// A schema version this build does not know.
+    #[error("unsupported uplink schema version {0} (this build speaks {UPLINK_SCHEMA_VERSION})")]
+    UnsupportedVersion(u32),
+    /// The payload names another clinic, device or kind than its topic, or a wrong id.
+    #[error("payload does not match its topic: {0}")]
+    Mismatch(String),
+}
+
+/// Clinic and device ids: 1 to 64 letters, digits, `-` or `_` (they are topic levels and
+/// file names, so nothing that MQTT or a file system treats specially).
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// The topic of a device's messages of one kind.
+pub fn topic(clinic: &str, device: &str, kind: Kind) -> String {
+    format!("{TOPIC_ROOT}/{clinic}/{device}/{}", kind.as_str())
+}
+
+/// The subscription that receives every clinic's messages.
+pub const ALL_DEVICES: &str = "wbc/+/+/+";
+
+/// Splits a topic into clinic, device and kind.
+pub fn parse_topic(t: &str) -> Result<(String, String, Kind), UplinkError> {
+    let bad = || UplinkError::Topic(t.chars().take(200).collect());
+    let parts: Vec<&str> = t.split('/').collect();
+    let [root, clinic, device, kind] = parts[..] else {
+        return Err(bad());
+    };
+    if root != TOPIC_ROOT || !valid_id(clinic) || !valid_id(device) {
+        return Err(bad());
+    }
+    let kind = Kind::ALL.into_iter().find(|k| k.as_str() == kind).ok_or_else(bad)?;
+    Ok((clinic.into(), device.into(), kind))
+}
+
+/// What central needs to know of the field a cell came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FieldInfo {
+    /// The image (its keys sit beside `cells` on the wire).
+    #[serde(flatten)]
+    pub header: FieldHeader,
+    /// Number of cells found in the field.
+    pub cells: u32,
+}
+
+impl std::ops::Deref for FieldInfo {
+    type Target = FieldHeader;
+
+    fn deref(&self) -> &FieldHeader {
+        &self.header
+    }
+}
+
+impl FieldInfo {
+    /// The field's description, without its cells.
+    pub fn of(f: &FieldRecord) -> Self {
+        FieldInfo {
+            header: f.header.clone(),
+            cells: f.cells.len() as u32,
+        }
+    }
+
+    /// A field record holding the given cells (central rebuilds fields to count slides).
+    pub fn to_record(&self, cells: Vec<CellRecord>) -> FieldRecord {
+        FieldRecord {
+            schema_version: SCHEMA_VERSION,
+            header: self.header.clone(),
+            cells,
+        }
+    }
+}
+
+/// One cell's result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CellMessage {
+    /// Its field.
+    pub field: FieldInfo,
+    /// Its position among the field's cells.
+    pub index: u32,
+    /// The model's answer (and a review, if there was one before sending).
+    pub cell: CellRecord,
+    /// A small JPEG of the cell (base64, at most [`PICTURE_SIDE`] pixels across), sent with the
+    /// cells that need the lab's eyes — called Blast, or held back as a possible blast — so
+    /// that central can review what it is asked to review; other cells travel without one.
+    /// Older centrals ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub picture: Option<String>,
+}
+
+/// The JPEG bytes of a cell picture's text when it is valid base64, within
+/// [`MAX_PICTURE_BYTES`] and starts like a JPEG; whether it decodes is for the reader to find
+/// out, within its decode limits.
+pub fn decode_picture(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    if text.len() > MAX_PICTURE_BYTES.div_ceil(3) * 4 {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::STANDARD.decode(text).ok()?;
+    (bytes.len() <= MAX_PICTURE_BYTES && bytes.starts_with(&[0xFF, 0xD8, 0xFF])).then_some(bytes)
+}
+
+impl CellMessage {
+    /// Whether a cell's message carries its picture (see [`CellMessage::picture`]).
+    pub fn wants_picture(cell: &CellRecord) -> bool {
+        cell.result.class == Some(crate::classes::CellClass::Blast) || cell.result.possible_blast()
+    }
+
+    /// The picture's JPEG bytes, when it has one ([`decode_picture`]).
+    pub fn picture_jpeg(&self) -> Option<Vec<u8>> {
+        decode_picture(self.picture.as_deref()?)
+    }
+
+    /// Encodes JPEG bytes for [`CellMessage::picture`].
+    pub fn encode_picture(jpeg: &[u8]) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(jpeg)
+    }
+}
+
+/// A technician's review of one cell.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReviewMessage {
+    /// Field id.
+    pub field_id: String,
+    /// Slide id.
+    pub slide_id: String,
+    /// The cell's position in the field.
+    pub index: u32,
+    /// The review.
+    pub review: Review,
+}
+
+/// A slide's report: sent when a flag appears and when the slide is finished.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlideMessage {
+    /// When the slide was started.
+    pub started_at: u64,
+    /// When it was finished, if it was.
+    pub finished_at: Option<u64>,
+    /// The appliance's differential and flags.
+    pub report: SlideReport,
+}
+
+/// What happened to a model on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelEvent {
+    /// The model is in use: at start, and when an update or a rollback switches.
+    Active,
+    /// An announced bundle was downloaded.
+    Downloaded,
+    /// A bundle passed verification and its self-test.
+    Verified,
+    /// A bundle, key list or instruction was refused (the detail says why).
+    Rejected,
+    /// A new model passed its probation.
+    Confirmed,
+    /// The fallback model was restored.
+    RolledBack,
+    /// A signed key list replaced the trusted keys.
+    KeysUpdated,
+    /// An event this version does not know (from a newer appliance).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ModelEvent {
+    /// The event's name on the wire and in the logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelEvent::Active => "active",
+            ModelEvent::Downloaded => "downloaded",
+            ModelEvent::Verified => "verified",
+            ModelEvent::Rejected => "rejected",
+            ModelEvent::Confirmed => "confirmed",
+            ModelEvent::RolledBack => "rolled_back",
+            ModelEvent::KeysUpdated => "keys_updated",
+            ModelEvent::Unknown => "unknown",
+        }
+    }
+
+    /// Whether a person should look at it (a refusal or a rollback).
+    pub fn is_problem(self) -> bool {
+        matches!(self, ModelEvent::Rejected | ModelEvent::RolledBack)
+    }
+
+    /// Whether the model in use changed with it.
+    pub fn switches(self) -> bool {
+        matches!(self, ModelEvent::Active | ModelEvent::RolledBack)
+    }
+}
+
+impl std::str::FromStr for ModelEvent {
+    type Err = std::convert::Infallible;
+
+    /// An event's name; one this version does not know is [`ModelEvent::Unknown`].
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(serde_json::from_value(serde_json::Value::String(s.to_string())).unwrap_or(ModelEvent::Unknown))
+    }
+}
+
+impl std::fmt::Display for ModelEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A model event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelMessage {
+    /// What happened.
+    pub event: ModelEvent,
+    /// The model version concerned.
+    pub model_version: u64,
+    /// Details in words (the reason of a rejection, the backend in use).
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// An envelope's content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Body {
+    /// One cell's result (boxed: with its picture it is much larger than the other bodies).
+    Cell(Box<CellMessage>),
+    /// A review.
+    Review(ReviewMessage),
+    /// A slide report.
+    Slide(SlideMessage),
+    /// A model event.
+    Model(ModelMessage),
+}
+
+impl Body {
+    /// The topic kind of the body.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Body::Cell(_) => Kind::Cell,
+            Body::Review(_) => Kind::Review,
+            Body::Slide(_) => Kind::Slide,
+            Body::Model(_) => Kind::Model,
+        }
+    }
+
+    /// One message per cell of a field, without pictures.
+    pub fn cells_of(field: &FieldRecord) -> Vec<Body> {
+        Self::cells_with_pictures(field, |_| None)
+    }
+
+    /// One message per cell of a field; `picture(i)` gives the JPEG of the cell at `i` for
+    /// the cells that carry one ([`CellMessage::wants_picture`]); it is not asked for others.
+    pub fn cells_with_pictures(field: &FieldRecord, mut picture: impl FnMut(usize) -> Option<Vec<u8>>) -> Vec<Body> {
+        let info = FieldInfo::of(field);
+        field
+            .cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                Body::Cell(Box::new(CellMessage {
+                    field: info.clone(),
+                    index: i as u32,
+                    cell: c.clone(),
+                    picture: CellMessage::wants_picture(c)
+                        .then(|| picture(i))
+                        .flatten()
+                        .filter(|j| j.len() <= MAX_PICTURE_BYTES)
+                        .map(|j| CellMessage::encode_picture(&j)),
+                }))
+            })
+            .collect()
+    }
+}
+
+/// A device's message with its stable id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// [`UPLINK_SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// `<clinic>:<device>:<seq>`: the same on every resend.
+    pub id: String,
+    /// Clinic id.
+    pub clinic: String,
+    /// Device id.
+    pub device: String,
+    /// The device's sequence number (increasing; gaps allowed).
+    pub seq: u64,
+    /// When the message was made, seconds since the Unix epoch.
+    pub at: u64,
+    /// The content.
+    pub body: Body,
+}
+
+/// The message id of a device's sequence number.
+pub fn message_id(clinic: &str, device: &str, seq: u64) -> String {
+    format!("{clinic}:{device}:{seq}")
+}
+
+fn check_version(payload: &[u8]) -> Result<(), UplinkError> {
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(UplinkError::TooLarge(payload.len()));
+    }
+    #[derive(Deserialize)]
+    struct Probe {
+        schema_version: u32,
+    }
+    let p: Probe = serde_json::from_slice(payload).map_err(|e| UplinkError::Invalid(e.to_string()))?;
+    if p.schema_version != UPLINK_SCHEMA_VERSION {
+        return Err(UplinkError::UnsupportedVersion(p.schema_version));
+    }
+    Ok(())
+}
+
+fn check_origin(clinic: &str, device: &str, topic: &(String, String, Kind)) -> Result<(), UplinkError> {
+    if clinic != topic.0 || device != topic.1 {
+        return Err(UplinkError::Mismatch(format!(
+            "sent as {clinic}/{device} under {}/{}",
+            topic.0, topic.1
+        )));
+    }
+    Ok(())
+}
+
+impl Envelope {
+    /// A message of a device.
+    pub fn new(clinic: &str, device: &str, seq: u64, at: u64, body: Body) -> Self {
+        Envelope {
+            schema_version: UPLINK_SCHEMA_VERSION,
+            id: message_id(clinic, device, seq),
+            clinic: clinic.into(),
+            device: device.into(),
+            seq,
+            at,
+            body,
+        }
+    }
+
+    /// Refuses numbers that JSON cannot carry back (an infinite probability would be stored as
+    /// `null` and break every later reading of the slide).
+    fn check_numbers(&self) -> Result<(), UplinkError> {
+        let bad = |what: &str| Err(UplinkError::Invalid(format!("{what} is not a finite number")));
+        if let Body::Cell(c) = &self.body {
+            let r = &c.cell.result;
+            if !r.confidence.is_finite() || !r.probabilities.values().all(|p| p.is_finite()) {
+                return bad("a probability");
+            }
+            if r.familiarity.is_some_and(|f| !f.is_finite()) {
+                return bad("familiarity");
+            }
+            if !c.field.microns_per_pixel.is_finite() {
+                return bad("microns_per_pixel");
+            }
+        }
+        Ok(())
+    }
+
+    /// Its topic.
+    pub fn topic(&self) -> String {
+        topic(&self.clinic, &self.device, self.body.kind())
+    }
+
+    /// Decodes and validates a message received on `topic`: size, schema version, JSON, and
+    /// that clinic, device, kind and id agree with the topic.
+    pub fn decode(topic: &str, payload: &[u8]) -> Result<Self, UplinkError> {
+        let t = parse_topic(topic)?;
+        if t.2 == Kind::Status {
+            return Err(UplinkError::Mismatch("a status is not an envelope".into()));
+        }
+        check_version(payload)?;
+        let e: Envelope = serde_json::from_slice(payload).map_err(|e| UplinkError::Invalid(e.to_string()))?;
+        check_origin(&e.clinic, &e.device, &t)?;
+        if e.body.kind() != t.2 {
+            return Err(UplinkError::Mismatch(format!(
+                "a {} message under a {} topic",
+                e.body.kind().as_str(),
+                t.2.as_str()
+            )));
+        }
+        if e.id != message_id(&e.clinic, &e.device, e.seq) {
+            return Err(UplinkError::Mismatch(format!("id {:?} is not {}", e.id, e.seq)));
+        }
+        e.check_numbers()?;
+        Ok(e)
+    }
+}
+
+/// Online or offline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    /// Connected.
+    Online,
+    /// Disconnected (the broker publishes this as the device's last will).
+    Offline,
+}
+
+/// A device's status, retained on `wbc/<clinic>/<device>/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// [`UPLINK_SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// Clinic id.
+    pub clinic: String,
+    /// Device id.
+    pub device: String,
+    /// Online or offline.
+    pub state: DeviceState,
+    /// When, seconds since the Unix epoch (for the last will: when the device connected).
+    pub at: u64,
+    /// Messages in the device's outbox, not yet acknowledged by the broker.
+    #[serde(default)]
+    pub backlog: Option<u64>,
+    /// Active model version.
+    #[serde(default)]
+    pub model_version: Option<u64>,
+}
+
+impl Status {
+    /// Decodes and validates a status received on `topic`.
+    pub fn decode(topic: &str, payload: &[u8]) -> Result<Self, UplinkError> {
+        let t = parse_topic(topic)?;
+        if t.2 != Kind::Status {
+            return Err(UplinkError::Mismatch("not a status topic".into()));
+        }
+        check_version(payload)?;
+        let s: Status = serde_json::from_slice(payload).map_err(|e| UplinkError::Invalid(e.to_string()))?;
+        check_origin(&s.clinic, &s.device, &t)?;
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::{CellResult, SCHEMA_VERSION};
+
+    #[test]
+    fn model_events_keep_their_wire_names_and_an_unknown_one_is_read() {
+        for e in [
+            ModelEvent::Active,
+            ModelEvent::Downloaded,
+            ModelEvent::Verified,
+            ModelEvent::Rejected,
+            ModelEvent::Confirmed,
+            ModelEvent::RolledBack,
+            ModelEvent::KeysUpdated,
+        ] {
+            let json = serde_json::to_string(&e).unwrap();
+            assert_eq!(json, format!("\"{}\"", e.as_str()));
+            assert_eq!(serde_json::from_str::<ModelEvent>(&json).unwrap(), e);
+        }
+        let m: ModelMessage = serde_json::from_str(r#"{"event":"quarantined","model_version":3,"detail":""}"#).unwrap();
+        assert_eq!(m.event, ModelEvent::Unknown);
+        assert_eq!("rolled_back".parse(), Ok(ModelEvent::RolledBack));
+        assert_eq!("quarantined".parse(), Ok(ModelEvent::Unknown));
+    }
+
+    fn field() -> FieldRecord {
+        let probs = [0.0, 0.0, 0.0, 0.0, 1.0, 0.0];
+        FieldRecord {
+            schema_version: SCHEMA_VERSION,
+            header: FieldHeader {
+                id: "f1".into(),
+                slide_id: "s1".into(),
+                received_at: 5,
+                source: "camera".into(),
+                name: "a.jpg".into(),
+                image_sha256: "ab".into(),
+                width: 640,
+                height: 480,
+                single_cell: false,
+                microns_per_pixel: 0.07,
+            },
+            cells: (0..2)
+                .map(|_| CellRecord {
+                    result: CellResult::from_probabilities(&probs, &Default::default(), "d".into(), 0.5, 2),
+                    review: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn only_the_cells_the_lab_must_see_carry_a_picture_and_bad_pictures_are_not_read() {
+        let mut f = field();
+        // Cell 0: called Blast; cell 1: a neutrophil.
+        f.cells[0].result =
+            CellResult::from_probabilities(&[0.0, 0.0, 0.0, 0.0, 0.0, 1.0], &Default::default(), "d".into(), 0.5, 2);
+        let jpeg = [&[0xFF, 0xD8, 0xFF, 0xE0][..], &[7; 100]].concat();
+        let mut asked = Vec::new();
+        let bodies = Body::cells_with_pictures(&f, |i| {
+            asked.push(i);
+            Some(jpeg.clone())
+        });
+        assert_eq!(
+            asked,
+            vec![0],
+            "the picture of a cell that does not need one is not even made"
+        );
+        let cell = |b: &Body| match b {
+            Body::Cell(m) => m.clone(),
+            other => panic!("{other:?}"),
+        };
+        let (blast, neutrophil) = (cell(&bodies[0]), cell(&bodies[1]));
+        assert_eq!(blast.picture_jpeg(), Some(jpeg.clone()));
+        assert_eq!(neutrophil.picture, None);
+        // On the wire and back; a message without the field (an older appliance) still reads.
+        let e = Envelope::new("c", "d", 1, 1, bodies[0].clone());
+        let back = Envelope::decode(&e.topic(), &serde_json::to_vec(&e).unwrap()).unwrap();
+        assert_eq!(back, e);
+        let text = serde_json::to_string(&bodies[1]).unwrap();
+        assert!(!text.contains("picture"), "{text}");
+        // A cell held back as a possible blast carries one too.
+        f.cells[1].result =
+            CellResult::from_probabilities(&[0.1, 0.1, 0.1, 0.1, 0.2, 0.4], &Default::default(), "d".into(), 0.5, 2);
+        assert!(CellMessage::wants_picture(&f.cells[1]));
+        // Too large a picture is left out rather than sent.
+        let huge = [&jpeg[..], &vec![0u8; MAX_PICTURE_BYTES]].concat();
+        assert!(
+            cell(&Body::cells_with_pictures(&f, |_| Some(huge.clone()))[0])
+                .picture
+                .is_none()
+        );
+        // What a reader refuses: not base64, not a JPEG, too long.
+        for bad in [
+            "not base64!".to_string(),
+            CellMessage::encode_picture(b"\x89PNG\r\n\x1a\n...."),
+            CellMessage::encode_picture(&huge),
+        ] {
+            assert_eq!(decode_picture(&bad), None, "{}", &bad[..bad.len().min(40)]);
+        }
+    }
+
+    #[test]
+    fn cell_messages_round_trip_and_rebuild_the_field() {
+        let f = field();
+        let bodies = Body::cells_of(&f);
+        assert_eq!(bodies.len(), 2);
+        let e = Envelope::new("clinic-a", "dev1", 7, 9, bodies[1].clone());
+        assert_eq!(e.topic(), "wbc/clinic-a/dev1/cell");
+        assert_eq!(e.id, "clinic-a:dev1:7");
+        let back = Envelope::decode(&e.topic(), &serde_json::to_vec(&e).unwrap()).unwrap();
+        assert_eq!(back, e);
+        let Body::Cell(c) = back.body else { panic!() };
+        assert_eq!(c.index, 1);
+        assert_eq!(c.field.to_record(f.cells.clone()), f);
+    }
+
+    #[test]
+    fn messages_that_lie_about_their_origin_or_kind_are_refused() {
+        let e = Envelope::new("clinic-a", "dev1", 7, 9, Body::cells_of(&field())[0].clone());
+        let bytes = serde_json::to_vec(&e).unwrap();
+        assert!(matches!(
+            Envelope::decode("wbc/clinic-b/dev1/cell", &bytes),
+            Err(UplinkError::Mismatch(_))
+        ));
+        assert!(matches!(
+            Envelope::decode("wbc/clinic-a/dev1/slide", &bytes),
+            Err(UplinkError::Mismatch(_))
+        ));
+        let mut forged = e.clone();
+        forged.id = "clinic-a:dev1:1".into();
+        let forged = serde_json::to_vec(&forged).unwrap();
+        assert!(matches!(
+            Envelope::decode("wbc/clinic-a/dev1/cell", &forged),
+            Err(UplinkError::Mismatch(_))
+        ));
+        for t in [
+            "wbc/clinic-a/dev1",
+            "x/clinic-a/dev1/cell",
+            "wbc/+/dev1/cell",
+            "wbc/a/b/c/cell",
+            "wbc/a/b/other",
+            "",
+        ] {
+            assert!(matches!(Envelope::decode(t, &bytes), Err(UplinkError::Topic(_))), "{t}");
+        }
+    }
+
+    #[test]
+    fn garbage_huge_and_future_payloads_are_refused() {
+        let t = "wbc/c/d/cell";
+        assert!(matches!(Envelope::decode(t, b"\xff\x00"), Err(UplinkError::Invalid(_))));
+        assert!(matches!(
+            Envelope::decode(t, b"{\"schema_version\":1}"),
+            Err(UplinkError::Invalid(_))
+        ));
+        assert_eq!(
+            Envelope::decode(t, b"{\"schema_version\":2}"),
+            Err(UplinkError::UnsupportedVersion(2))
+        );
+        let e = Envelope::new("c", "d", 1, 1, Body::cells_of(&field())[0].clone());
+        let json = serde_json::to_string(&e)
+            .unwrap()
+            .replace("\"confidence\":1.0", "\"confidence\":1e39");
+        assert!(json.contains("1e39"));
+        assert!(matches!(
+            Envelope::decode(t, json.as_bytes()),
+            Err(UplinkError::Invalid(_))
+        ));
+        let huge = vec![b' '; MAX_PAYLOAD_BYTES + 1];
+        assert_eq!(
+            Envelope::decode(t, &huge),
+            Err(UplinkError::TooLarge(MAX_PAYLOAD_BYTES + 1))
+        );
+    }
+
+    #[test]
+    fn status_round_trips_and_is_checked_against_its_topic() {
+        let s = Status {
+            schema_version: UPLINK_SCHEMA_VERSION,
+            clinic: "c".into(),
+            device: "d".into(),
+            state: DeviceState::Offline,
+            at: 1,
+            backlog: Some(3),
+            model_version: Some(2),
+        };
+        let b = serde_json::to_vec(&s).unwrap();
+        assert_eq!(Status::decode("wbc/c/d/status", &b).unwrap(), s);
+        assert!(Status::decode("wbc/c/x/status", &b).is_err());
+        assert!(Status::decode("wbc/c/d/cell", &b).is_err());
+    }
+
+    #[test]
+    fn ids_that_could_escape_a_topic_level_are_invalid() {
+        for bad in ["", "a/b", "+", "#", "a b", "é", &"x".repeat(65)] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+        assert!(valid_id("clinic_01-A"));
+    }
+}

@@ -1,0 +1,438 @@
+//! The trainer's command line: every subcommand and its documented flags (clap derive). What
+//! each does is in `commands`.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use trainer::compact::export::ExportOptions;
+
+/// The command line.
+#[derive(Parser)]
+#[command(
+    name = "trainer",
+    version,
+    about = "Fine-tune, evaluate and export WBC classifier bundles"
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Fine-tune a model: the compact one (4-bit frozen MobileNetV2 + LoRA + class/attribute
+    /// heads), or with `--model mllama --base <HF checkpoint dir>` Llama 3.2 Vision with LoRA
+    /// on conversations (image + question → class name and description).
+    Train(TrainArgs),
+    /// Cut the annotated white cells out of smear fields (Pascal VOC boxes) into a folder of
+    /// cell images and an unlabelled `cells.csv` for `eval`.
+    CropFields(CropFieldsArgs),
+    /// Write what the model sees: the normalised view of every image of a CSV, with the
+    /// measured cell sizes in `normalised.csv`.
+    Normalise(NormaliseArgs),
+    /// Evaluate a bundle on a CSV: the reference study's tables, JSON and a confusion-matrix PNG.
+    Eval(EvalArgs),
+    /// Merge LoRA into the base, quantize, add self-test images and val figures, and sign.
+    Export(ExportArgs),
+    /// Make a new version of a compact bundle with the same weights and a new calibration:
+    /// temperature, familiarity bank, review rules (blast probability and size), val and
+    /// other-site figures, self-test. For when the review rules change and the model does not;
+    /// no training and no backbone checkpoint needed.
+    Recalibrate(RecalibrateArgs),
+    /// Sign a trusted key list (key rotation or revocation) with a key the devices trust now.
+    /// The devices then trust exactly the listed keys. Put the file on a USB stick or send it
+    /// with `central announce --keys`.
+    SignKeys(SignKeysArgs),
+    /// Sign an instruction to go back from `--from-version` to the older bundle `--to` (the
+    /// devices refuse older bundles without one). It applies only while `--from-version` is
+    /// active.
+    SignRollback(SignRollbackArgs),
+    /// Sign a verified bundle again with another key (when keys are rotated).
+    Resign(ResignArgs),
+    /// Check a Hugging Face mllama checkpoint against transformers' outputs: loads `--model`
+    /// (config.json and safetensors, sharded or not), runs the forward pass on the inputs in
+    /// `--io` (input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
+    /// cross_attention_mask) and compares with its `logits` (and `vision_output` if present).
+    /// Exits 0 only when the relative error is at most 1e-4.
+    CheckHf(CheckHfArgs),
+    /// Create an ed25519 signing key pair (private key written with mode 0600).
+    Keygen(KeygenArgs),
+}
+
+/// Arguments of `trainer train`.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Folder with train.csv and val.csv (or train/ and val/ with one folder per class).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Model family.
+    #[arg(long, value_enum, default_value_t = ModelFamily::Compact)]
+    pub model: ModelFamily,
+    /// mllama: the base checkpoint directory (config.json, safetensors, tokenizer.json).
+    #[arg(long, required_if_eq("model", "mllama"))]
+    pub base: Option<PathBuf>,
+    /// mllama: LoRA alpha (the adapters are scaled by alpha / rank).
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    /// mllama: dropout on the adapters' input.
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f64,
+    /// mllama: where adapters go (comma-separated: text-attention, text-mlp, cross-attention, vision).
+    #[arg(long, default_value = "text-attention,text-mlp")]
+    pub lora_targets: String,
+    /// mllama: samples per optimiser step (gradient accumulation).
+    #[arg(long, default_value_t = 8)]
+    pub accumulate: usize,
+    /// mllama: the frozen base is held in 4 bits, one scale per this many values (0: f32).
+    #[arg(long, default_value_t = 32)]
+    pub base_block: u8,
+    /// Run directory to write (checkpoint, curves, run.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// torchvision MobileNetV2 ImageNet checkpoint (default: $WBC_WEIGHTS_DIR/mobilenet_v2-b0353104.pth).
+    #[arg(long)]
+    pub backbone: Option<PathBuf>,
+    /// Epochs.
+    #[arg(long, default_value_t = 6)]
+    pub epochs: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    /// Augmented views of each training image cached per run.
+    #[arg(long, default_value_t = 2)]
+    pub views: usize,
+    /// First backbone block (0-18) that gets LoRA adapters; earlier blocks are cached.
+    /// Default 10 (model version 3; version 2 trained blocks 14-18).
+    #[arg(long, default_value_t = 10)]
+    pub tune_from: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Use at most N training images per class (0 = all), for quick runs.
+    #[arg(long, default_value_t = 0)]
+    pub max_per_class: usize,
+    /// Random seed.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Train on plain centre crops instead of normalised cells (model version 1's recipe).
+    #[arg(long)]
+    pub no_cell_norm: bool,
+    /// Mild colour augmentation only (no blur, resolution loss, noise or JPEG).
+    #[arg(long)]
+    pub mild_augment: bool,
+    /// Micrometres of smear in the model's view: the physical scale, which keeps the cell's
+    /// size (e.g. 24; needs each image's pixel size). Default 0: the relative scale, set by
+    /// the nucleus.
+    #[arg(long, default_value_t = 0.0)]
+    pub view_microns: f32,
+    /// Fraction of the model input that the nucleus spans (relative scale).
+    #[arg(long)]
+    pub nucleus_fraction: Option<f32>,
+    /// Resolution normalisation: side of the low-resolution view (0 = full resolution).
+    #[arg(long)]
+    pub detail_side: Option<u32>,
+    /// Replace what lies outside the cell with a constant background.
+    #[arg(long)]
+    pub mask_background: bool,
+    /// Show the model the stain-normalised colour view instead of the grey one.
+    #[arg(long)]
+    pub colour: bool,
+    /// Equalise the grey view's histogram.
+    #[arg(long)]
+    pub equalise: bool,
+    /// Train against a source critic on the classes several sources share, with this
+    /// weight of its confusion loss once ramped up (0 = none).
+    #[arg(long)]
+    pub source_adversary: Option<f64>,
+    /// MixStyle: mix the feature statistics of cells from different sources, in this
+    /// share of the batches (0 = none).
+    #[arg(long)]
+    pub mixstyle: Option<f64>,
+    /// Amplitude mixing: give this share of the training views the Fourier amplitude
+    /// (sharpness, texture, contrast) partly of a view from another source (0 = none).
+    #[arg(long)]
+    pub amplitude_mix: Option<f64>,
+}
+
+/// Arguments of `trainer crop-fields`.
+#[derive(clap::Args)]
+pub struct CropFieldsArgs {
+    /// Folder with `images/` and `annotations/` (VOC XML).
+    #[arg(long)]
+    pub fields: PathBuf,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Source name written to the CSV.
+    #[arg(long, default_value = "fields")]
+    pub source: String,
+}
+
+/// Arguments of `trainer normalise`.
+#[derive(clap::Args)]
+pub struct NormaliseArgs {
+    /// CSV (or class folder) of cell images.
+    #[arg(long)]
+    pub csv: PathBuf,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace what lies outside the cell with a constant background.
+    #[arg(long)]
+    pub mask_background: bool,
+    /// Micrometres of smear in view (0 = relative scale, the default).
+    #[arg(long, default_value_t = 0.0)]
+    pub view_microns: f32,
+}
+
+/// Arguments of `trainer eval`.
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Bundle file.
+    #[arg(long)]
+    pub bundle: PathBuf,
+    /// CSV with `path` (relative to the CSV) and optionally `label`, `source`, attributes.
+    #[arg(long)]
+    pub csv: PathBuf,
+    /// Write the JSON report here (the confusion matrix PNG goes beside it).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Trusted public key (PEM); may repeat. Default: the project's default-bundle key.
+    #[arg(long)]
+    pub trust: Vec<PathBuf>,
+    /// all-MiniLM-L6-v2 folder for description similarity (default: $WBC_WEIGHTS_DIR/all-MiniLM-L6-v2 if present).
+    #[arg(long)]
+    pub minilm: Option<PathBuf>,
+    /// Bootstrap resamples for the Mean ± SD table.
+    #[arg(long, default_value_t = 1000)]
+    pub resamples: usize,
+    /// Write one CSV row per cell here: probabilities, familiarity, neighbours' vote, what
+    /// was reported and why, measured size.
+    #[arg(long)]
+    pub cells: Option<PathBuf>,
+}
+
+/// Arguments of `trainer export`.
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// Run directory from `trainer train`.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Model family of the run.
+    #[arg(long, value_enum, default_value_t = ModelFamily::Compact)]
+    pub model: ModelFamily,
+    /// mllama: the base checkpoint the run was trained on.
+    #[arg(long, required_if_eq("model", "mllama"))]
+    pub base: Option<PathBuf>,
+    /// mllama: 4-bit group size of the exported projections.
+    #[arg(long, default_value_t = 32)]
+    pub q4_group: usize,
+    /// Backbone checkpoint used by the run.
+    #[arg(long)]
+    pub backbone: Option<PathBuf>,
+    #[command(flatten)]
+    pub cal: CalibrationArgs,
+}
+
+/// Arguments of `trainer recalibrate`.
+#[derive(clap::Args)]
+pub struct RecalibrateArgs {
+    /// Bundle to recalibrate (verified against the trusted keys first).
+    #[arg(long)]
+    pub bundle: PathBuf,
+    /// Trusted public key (PEM); may repeat. Default: the project's default-bundle key ring.
+    #[arg(long)]
+    pub trust: Vec<PathBuf>,
+    #[command(flatten)]
+    pub cal: CalibrationArgs,
+}
+
+/// Arguments of `trainer sign-keys`.
+#[derive(clap::Args)]
+pub struct SignKeysArgs {
+    /// Signing key (private, PEM) the devices trust now.
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Higher than every list issued before.
+    #[arg(long)]
+    pub sequence: u64,
+    /// Output file, ending in `.keys.json`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Public keys (PEM) to trust from now on.
+    #[arg(required = true)]
+    pub public_keys: Vec<PathBuf>,
+}
+
+/// Arguments of `trainer sign-rollback`.
+#[derive(clap::Args)]
+pub struct SignRollbackArgs {
+    /// Signing key (private, PEM).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// The bundle file to return to.
+    #[arg(long)]
+    pub to: PathBuf,
+    /// The version being left.
+    #[arg(long)]
+    pub from_version: u64,
+    /// Only for this clinic.
+    #[arg(long)]
+    pub clinic: Option<String>,
+    /// Only for this device of the clinic.
+    #[arg(long, requires = "clinic")]
+    pub device: Option<String>,
+    /// Why (shown on the devices and at central).
+    #[arg(long)]
+    pub reason: String,
+    /// Output file, ending in `.rollback.json`.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Arguments of `trainer resign`.
+#[derive(clap::Args)]
+pub struct ResignArgs {
+    /// The bundle.
+    #[arg(long)]
+    pub bundle: PathBuf,
+    /// Public key (PEM) that verifies it now; may repeat. Default: the release key.
+    #[arg(long)]
+    pub trust: Vec<PathBuf>,
+    /// The new signing key (private, PEM).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Output bundle file (never overwritten).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Arguments of `trainer check-hf`.
+#[derive(clap::Args)]
+pub struct CheckHfArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Reference inputs and outputs (safetensors).
+    #[arg(long)]
+    pub io: PathBuf,
+}
+
+/// Arguments of `trainer keygen`.
+#[derive(clap::Args)]
+pub struct KeygenArgs {
+    /// Private key file to create (never overwritten); the public key goes to <file>.pub.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// The model families `train` can fine-tune.
+/// What a bundle's calibration and figures are made from, for `export` and `recalibrate`.
+#[derive(clap::Args)]
+pub struct CalibrationArgs {
+    /// Private signing key (PKCS#8 PEM, from `trainer keygen`).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Bundle file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Labelled val CSV: figures for the manifest and the golden self-test images.
+    #[arg(long)]
+    pub val: PathBuf,
+    /// Model version (must increase with every release).
+    #[arg(long)]
+    pub model_version: u64,
+    /// Training sample list: a stratified subset becomes the familiarity (out-of-distribution)
+    /// bank. Without it the bundle has no familiarity score.
+    #[arg(long)]
+    pub train: Option<PathBuf>,
+    /// Training cells per class in the familiarity bank.
+    #[arg(long, default_value_t = 200)]
+    pub bank_per_class: usize,
+    /// Val quantile of the familiarity score beyond which a cell is Unidentified.
+    #[arg(long, default_value_t = 0.99)]
+    pub ood_quantile: f64,
+    /// Share of the correctly called val blasts whose probability a Blast call must reach
+    /// (1 = no blast threshold).
+    #[arg(long, default_value_t = 0.98)]
+    pub blast_keep: f64,
+    /// Share of the correctly called val blasts whose nucleus size (µm, where the pixel size is
+    /// known) a Blast call must reach (1 = no size check).
+    #[arg(long, default_value_t = 0.99)]
+    pub blast_size_keep: f64,
+    /// Do not send cells whose class differs from their nearest training cells' vote to review.
+    #[arg(long)]
+    pub no_agreement: bool,
+    /// Unlabelled other-site cells, NAME=CSV (may repeat): their Blast and Unidentified
+    /// fractions go into the manifest.
+    #[arg(long, value_parser = parse_named)]
+    pub other_site: Vec<(String, PathBuf)>,
+}
+
+impl CalibrationArgs {
+    /// Applies these settings to export options.
+    pub fn apply<'a>(&'a self, o: ExportOptions<'a>) -> ExportOptions<'a> {
+        ExportOptions {
+            val: Some(&self.val),
+            train: self.train.as_deref(),
+            bank_per_class: self.bank_per_class,
+            ood_quantile: self.ood_quantile,
+            require_agreement: !self.no_agreement,
+            blast_keep: self.blast_keep,
+            blast_size_keep: self.blast_size_keep,
+            other_sites: self.other_site.iter().map(|(n, p)| (n.clone(), p.as_path())).collect(),
+            ..o
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelFamily {
+    /// The compact CNN.
+    Compact,
+    /// Llama 3.2 Vision.
+    Mllama,
+}
+
+pub fn parse_targets(s: &str) -> Result<wbc_models::mllama::LoraTargets> {
+    let mut t = wbc_models::mllama::LoraTargets {
+        text_attention: false,
+        text_mlp: false,
+        cross_attention: false,
+        vision: false,
+    };
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part {
+            "text-attention" => t.text_attention = true,
+            "text-mlp" => t.text_mlp = true,
+            "cross-attention" => t.cross_attention = true,
+            "vision" => t.vision = true,
+            other => anyhow::bail!(
+                "--lora-targets: unknown target {other:?} (text-attention, text-mlp, cross-attention, vision)"
+            ),
+        }
+    }
+    if t == (wbc_models::mllama::LoraTargets {
+        text_attention: false,
+        text_mlp: false,
+        cross_attention: false,
+        vision: false,
+    }) {
+        anyhow::bail!("--lora-targets names no target");
+    }
+    Ok(t)
+}
+
+fn parse_named(s: &str) -> Result<(String, PathBuf)> {
+    let (name, path) = s
+        .split_once('=')
+        .with_context(|| format!("expected NAME=CSV, got {s:?}"))?;
+    if name.is_empty() || path.is_empty() {
+        anyhow::bail!("expected NAME=CSV, got {s:?}");
+    }
+    Ok((name.to_string(), PathBuf::from(path)))
+}

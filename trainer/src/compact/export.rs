@@ -1,0 +1,534 @@
+//! `trainer export`: merges the LoRA adapters into the 4-bit base, quantizes, adds golden
+//! self-test images with their expected outputs and the measured val figures, and signs.
+
+use crate::compact::train::{RunDir, RunRecord, frozen_base, load_trainable};
+use crate::eval::{EvalOptions, argmax, evaluate_classifier};
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use ed25519_dalek::SigningKey;
+use std::io::Cursor;
+use std::path::Path;
+use wbc_cells::image::DecodeLimits;
+use wbc_models::calibrate::{
+    CALIBRATION_PART, Calibration, KnnBank, OOD_BANK_PART, OodConfig, ece, fit_temperature, quantile,
+};
+use wbc_models::classify::{Classifier, SELFTEST_PART, SelfTest, SelfTestCase};
+use wbc_models::compact::mobilenet::Backbone;
+use wbc_models::compact::weights::Weights;
+use wbc_models::compact::{CompactModel, WEIGHTS_PART, softmax_t};
+use wbc_protocol::bundle::{Bundle, BundleBuilder, Family, Manifest};
+use wbc_protocol::classes::{CellClass, NUM_CLASSES};
+
+/// Where the model of an export comes from.
+pub enum ModelSource<'a> {
+    /// A run of `trainer train`: the LoRA adapters are merged into the 4-bit base and quantized.
+    Run {
+        /// Run directory.
+        run: &'a Path,
+        /// Pretrained backbone checkpoint the run used.
+        backbone_pth: &'a Path,
+    },
+    /// A verified compact bundle whose weights are kept byte for byte: only the calibration,
+    /// the familiarity bank, the review rules, the measured figures and the self-test are made
+    /// anew (`trainer recalibrate`, when the review rules change and the model does not).
+    Bundle(&'a Bundle),
+}
+
+/// Export settings.
+pub struct ExportOptions<'a> {
+    /// The model.
+    pub source: ModelSource<'a>,
+    /// Signing key.
+    pub key: &'a SigningKey,
+    /// Output bundle file.
+    pub out: &'a Path,
+    /// Labelled val CSV: measured figures go into the manifest, self-test images come from it.
+    pub val: Option<&'a Path>,
+    /// Model version to stamp.
+    pub model_version: u64,
+    /// Training sample list: a stratified subset becomes the familiarity bank. Without it the
+    /// bundle has no out-of-distribution score.
+    pub train: Option<&'a Path>,
+    /// Training cells per class in the familiarity bank.
+    pub bank_per_class: usize,
+    /// Val quantile of the familiarity score above which cells are Unidentified.
+    pub ood_quantile: f64,
+    /// Neighbour whose similarity is the familiarity score (and neighbours that vote).
+    pub knn_k: usize,
+    /// Send cells whose class differs from their neighbours' vote to review.
+    pub require_agreement: bool,
+    /// Share of the correctly called val blasts whose probability a Blast call must reach
+    /// (1 = no blast threshold).
+    pub blast_keep: f64,
+    /// Share of the correctly called val blasts whose nucleus size a Blast call must reach
+    /// (1 = no size check).
+    pub blast_size_keep: f64,
+    /// Unlabelled other-site cell sets whose reported distribution (Blast and Unidentified
+    /// fractions) goes into the manifest: (name, sample list).
+    pub other_sites: Vec<(String, &'a Path)>,
+}
+
+impl<'a> ExportOptions<'a> {
+    /// Options with the project's defaults for the calibration settings.
+    pub fn new(run: &'a Path, backbone_pth: &'a Path, key: &'a SigningKey, out: &'a Path, model_version: u64) -> Self {
+        Self::of(ModelSource::Run { run, backbone_pth }, key, out, model_version)
+    }
+
+    /// Options for recalibrating a bundle's model, with the project's defaults.
+    pub fn recalibrate(bundle: &'a Bundle, key: &'a SigningKey, out: &'a Path, model_version: u64) -> Self {
+        Self::of(ModelSource::Bundle(bundle), key, out, model_version)
+    }
+
+    fn of(source: ModelSource<'a>, key: &'a SigningKey, out: &'a Path, model_version: u64) -> Self {
+        ExportOptions {
+            source,
+            key,
+            out,
+            val: None,
+            model_version,
+            train: None,
+            bank_per_class: 200,
+            ood_quantile: 0.99,
+            knn_k: 5,
+            require_agreement: true,
+            blast_keep: 0.98,
+            blast_size_keep: 0.99,
+            other_sites: Vec::new(),
+        }
+    }
+}
+
+/// What the raw model gives for a set of labelled cells.
+struct RawOutputs {
+    logits: Vec<[f32; NUM_CLASSES]>,
+    /// `n × FEATURES`, row-major.
+    features: Vec<f32>,
+    labels: Vec<usize>,
+    /// Nucleus extent (µm) where the cell was found and its pixel size is known.
+    nucleus_um: Vec<Option<f32>>,
+}
+
+/// The size a Blast call's nucleus must reach: the `1 − keep` quantile of the nucleus extents
+/// (µm) of the val blasts the model calls Blast, so that `keep` of them pass. 0 (no check) when
+/// `keep` is 1 or more or no such blast has a known size.
+pub fn blast_nucleus_threshold(
+    probs: &[[f32; NUM_CLASSES]],
+    labels: &[usize],
+    nucleus_um: &[Option<f32>],
+    keep: f64,
+) -> f32 {
+    let blast = CellClass::Blast.index();
+    let sizes: Vec<f32> = probs
+        .iter()
+        .zip(labels)
+        .zip(nucleus_um)
+        .filter(|((p, y), _)| **y == blast && argmax(p) == blast)
+        .filter_map(|(_, n)| *n)
+        .collect();
+    if keep >= 1.0 || sizes.is_empty() {
+        0.0
+    } else {
+        quantile(&sizes, 1.0 - keep)
+    }
+}
+
+/// At most `per_class` samples of each class, evenly spaced within the class (and so across its
+/// sources, which the lists keep together): deterministic and representative. A class with
+/// fewer gives all it has and no other class takes its place.
+fn stratified(samples: &[crate::dataset::Sample], per_class: usize) -> Vec<crate::dataset::Sample> {
+    let mut keep = Vec::new();
+    for c in CellClass::ALL {
+        let of: Vec<_> = samples.iter().filter(|s| s.label == Some(c)).collect();
+        let step = (of.len() as f64 / per_class as f64).max(1.0);
+        let mut x = 0.0;
+        let mut taken = 0;
+        while (x as usize) < of.len() && taken < per_class {
+            keep.push(of[x as usize].clone());
+            taken += 1;
+            x += step;
+        }
+    }
+    keep
+}
+
+/// Logits, features and labels of the labelled cells of a sample list, through a classifier
+/// (uncalibrated: the raw model); at most `per_class` cells per class when it is not 0.
+fn raw_outputs(classifier: &Classifier, list: &Path, per_class: usize) -> Result<RawOutputs> {
+    let mut samples: Vec<_> = crate::dataset::read_samples(list)?
+        .into_iter()
+        .filter(|s| s.label.is_some())
+        .collect();
+    if per_class > 0 {
+        samples = stratified(&samples, per_class);
+    }
+    let (loaded, rejected) = crate::dataset::load_images(samples, &DecodeLimits::default());
+    for r in &rejected {
+        tracing::warn!(path = %r.path.display(), reason = %r.reason, "skipping image");
+    }
+    let (samples, images): (Vec<_>, Vec<_>) = loaded.into_iter().unzip();
+    let scales: Vec<_> = samples.iter().map(|s| s.microns_per_pixel).collect();
+    let preds = classifier.predict_at(&images, &scales);
+    let labels = samples.iter().map(|s| s.label.expect("labelled").index()).collect();
+    let logits = preds.iter().map(|p| p.logits).collect();
+    let nucleus_um = preds
+        .iter()
+        .map(|p| {
+            p.cell_size
+                .filter(|_| p.cell_found == Some(true))
+                .and_then(|c| c.nucleus_um())
+        })
+        .collect();
+    let features = preds.into_iter().flat_map(|p| p.features).collect();
+    Ok(RawOutputs {
+        logits,
+        features,
+        labels,
+        nucleus_um,
+    })
+}
+
+/// Writes a signed bundle and returns its manifest.
+pub fn export(o: &ExportOptions) -> Result<Manifest> {
+    let device = Device::flex();
+    let (model, weights_bytes, manifest) = match o.source {
+        ModelSource::Run { run, backbone_pth } => merge_run(run, backbone_pth, o.model_version, &device)?,
+        ModelSource::Bundle(bundle) => from_bundle(bundle, o.model_version, &device)?,
+    };
+    finish(o, model, weights_bytes, manifest, &device)
+}
+
+/// The model of a bundle, its weights as they are, and a manifest for a new version of it that
+/// remembers which version it was made from.
+fn from_bundle(bundle: &Bundle, model_version: u64, device: &Device) -> Result<(CompactModel, Vec<u8>, Manifest)> {
+    let old = &bundle.manifest;
+    if old.family != Family::Compact {
+        bail!(
+            "only compact bundles can be recalibrated (this one is {:?})",
+            old.family
+        );
+    }
+    if model_version <= old.model_version {
+        bail!(
+            "the new model version ({model_version}) must be above the bundle's ({}): devices refuse older or equal versions",
+            old.model_version
+        );
+    }
+    let weights_bytes = bundle.part(WEIGHTS_PART)?.to_vec();
+    let model = CompactModel::from_bundle(bundle, device)?;
+    let mut training = old.training.clone();
+    if let Some(t) = training.as_object_mut() {
+        t.insert(
+            "recalibrated_from".into(),
+            serde_json::json!({"model_version": old.model_version, "created_at": old.created_at}),
+        );
+    }
+    let manifest = Manifest {
+        model_version,
+        min_appliance_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_at: time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?,
+        training,
+        metrics: serde_json::Value::Null,
+        parts: Default::default(),
+        ..old.clone()
+    };
+    Ok((model, weights_bytes, manifest))
+}
+
+/// Merges a run's adapters into the 4-bit base: the model as it will ship, its quantized weights
+/// and a manifest without figures yet.
+fn merge_run(
+    run: &Path,
+    backbone_pth: &Path,
+    model_version: u64,
+    device: &Device,
+) -> Result<(CompactModel, Vec<u8>, Manifest)> {
+    let run = RunDir(run.to_path_buf());
+    let record: RunRecord = serde_json::from_slice(
+        &std::fs::read(run.record()).with_context(|| format!("reading {}", run.record().display()))?,
+    )
+    .with_context(|| format!("parsing {}", run.record().display()))?;
+    let cfg = record.settings.model.clone();
+    let sha = wbc_protocol::bundle::sha256_hex(
+        &std::fs::read(backbone_pth).with_context(|| format!("reading {}", backbone_pth.display()))?,
+    );
+    if sha != record.backbone_sha256 {
+        bail!(
+            "{} is not the backbone this run was trained on (sha256 {sha}, run used {})",
+            backbone_pth.display(),
+            record.backbone_sha256
+        );
+    }
+    let (_, base) = frozen_base(backbone_pth, cfg.q4_group)?;
+    let backbone = Backbone::new(&base, device)?;
+    let trainable = load_trainable(&run, &backbone, &cfg, device)?;
+    let merged = trainable.merged_weights(&base, &backbone, cfg.tune_from)?;
+    let weights_bytes = merged.to_safetensors(cfg.q4_group)?;
+    // Everything after this measures the model exactly as it will ship: from the quantized bytes.
+    let model = CompactModel::from_weights(cfg.clone(), &Weights::from_safetensors(&weights_bytes)?, device)?;
+    let manifest = Manifest {
+        format_version: 0,
+        family: Family::Compact,
+        model_config: serde_json::to_value(&cfg)?,
+        classes: CellClass::ALL.iter().map(|c| c.name().to_string()).collect(),
+        preprocess: record.settings.preprocess(),
+        model_version,
+        min_appliance_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_at: time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?,
+        training: serde_json::json!({
+            "backbone": "torchvision mobilenet_v2 IMAGENET1K_V1",
+            "backbone_sha256": record.backbone_sha256,
+            "train_counts": record.train_counts,
+            "val_counts": record.val_counts,
+            "train_sources": record.train_sources,
+            "epochs": record.settings.epochs,
+            "best_epoch": record.best_epoch,
+            "seconds": record.seconds,
+            "hardware": record.hardware,
+            "settings": record.settings,
+        }),
+        metrics: serde_json::Value::Null,
+        parts: Default::default(),
+    };
+    Ok((model, weights_bytes, manifest))
+}
+
+/// Calibrates and measures a model, adds its self-test, signs and writes the bundle.
+fn finish(
+    o: &ExportOptions,
+    model: CompactModel,
+    weights_bytes: Vec<u8>,
+    mut manifest: Manifest,
+    device: &Device,
+) -> Result<Manifest> {
+    let mut classifier = Classifier::new(model, manifest.preprocess.clone(), o.model_version);
+    let mut calibration_parts: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut calibration_metrics = serde_json::Map::new();
+    if let Some(val) = o.val {
+        tracing::info!("calibrating on val");
+        let RawOutputs {
+            logits,
+            features,
+            labels,
+            nucleus_um,
+        } = raw_outputs(&classifier, val, 0)?;
+        if logits.is_empty() {
+            bail!("{}: no labelled val images to calibrate on", val.display());
+        }
+        let t = fit_temperature(&logits, &labels);
+        let probs = |t: f32| -> Vec<[f32; NUM_CLASSES]> { logits.iter().map(|l| softmax_t(l, t)).collect() };
+        let (before, after) = (ece(&probs(1.0), &labels, 15), ece(&probs(t), &labels, 15));
+        tracing::info!(
+            temperature = t,
+            ece_before = before,
+            ece_after = after,
+            "temperature fitted"
+        );
+        calibration_metrics.insert("temperature".into(), t.into());
+        calibration_metrics.insert("ece_uncalibrated".into(), before.into());
+        calibration_metrics.insert("ece_calibrated".into(), after.into());
+        // Blast calls: as sure as the val blasts the model gets right, bar the least sure
+        // `blast_keep` share of them.
+        let mut blast_p: Vec<f32> = logits
+            .iter()
+            .zip(&labels)
+            .map(|(l, &y)| (softmax_t(l, t), y))
+            .filter(|(p, y)| *y == CellClass::Blast.index() && argmax(p) == *y)
+            .map(|(p, _)| p[CellClass::Blast.index()])
+            .collect();
+        blast_p.sort_by(f32::total_cmp);
+        let blast_min_confidence = if blast_p.is_empty() {
+            0.0
+        } else {
+            quantile(&blast_p, 1.0 - o.blast_keep)
+        };
+        tracing::info!(blast_min_confidence, "blast call threshold");
+        calibration_metrics.insert("blast_min_confidence".into(), blast_min_confidence.into());
+        let blast_min_nucleus_um = blast_nucleus_threshold(&probs(t), &labels, &nucleus_um, o.blast_size_keep);
+        tracing::info!(blast_min_nucleus_um, "blast size check");
+        calibration_metrics.insert("blast_min_nucleus_um".into(), blast_min_nucleus_um.into());
+        let mut cal = Calibration {
+            temperature: t,
+            ood: None,
+            blast_min_confidence,
+            blast_min_nucleus_um,
+        };
+        let mut knn = None;
+        if let Some(train) = o.train {
+            tracing::info!(
+                per_class = o.bank_per_class,
+                "building the familiarity bank from training cells"
+            );
+            let train_out = raw_outputs(&classifier, train, o.bank_per_class)?;
+            let bank = train_out.features;
+            let bank_labels: Vec<u8> = train_out.labels.into_iter().map(|l| l as u8).collect();
+            let bank_bytes = KnnBank::to_safetensors(&bank, &bank_labels)?;
+            // Score val through the bank exactly as the appliance will: from the stored f16.
+            let (f, l) = KnnBank::from_safetensors(&bank_bytes)?;
+            let bank = KnnBank::new(f, l, o.knn_k, device)?;
+            let scores: Vec<f32> = bank.scores(&features).iter().map(|s| s.score).collect();
+            let threshold = quantile(&scores, o.ood_quantile);
+            tracing::info!(
+                threshold,
+                quantile = o.ood_quantile,
+                cells = bank.len(),
+                "familiarity threshold"
+            );
+            calibration_metrics.insert("ood_threshold".into(), threshold.into());
+            cal.ood = Some(OodConfig {
+                k: o.knn_k,
+                threshold,
+                quantile: o.ood_quantile,
+                bank_size: bank.len(),
+                require_agreement: o.require_agreement,
+            });
+            knn = Some(bank);
+            calibration_parts.push((OOD_BANK_PART, bank_bytes));
+        }
+        calibration_parts.push((CALIBRATION_PART, serde_json::to_vec_pretty(&cal)?));
+        classifier = classifier.with_calibration(cal, knn)?;
+    }
+
+    let mut selftest_images: Vec<(String, Vec<u8>)> = Vec::new();
+    if let Some(val) = o.val {
+        let report = evaluate_classifier(&classifier, val, &EvalOptions::default())?;
+        manifest.metrics = report.summary();
+        manifest.metrics["calibration"] = serde_json::Value::Object(calibration_metrics.clone());
+        let mut others = Vec::new();
+        for (name, list) in &o.other_sites {
+            let r = evaluate_classifier(&classifier, list, &EvalOptions::default())?;
+            tracing::info!(set = %name, "{}", r.text());
+            others.push(r.other_site_summary(name));
+        }
+        manifest.metrics["other_sites"] = serde_json::Value::Array(others);
+        // One golden image per class, the first of each in the val list.
+        let samples = crate::dataset::read_samples(val)?;
+        let mut seen = [false; NUM_CLASSES];
+        for s in samples {
+            let Some(l) = s.label else { continue };
+            if seen[l.index()] {
+                continue;
+            }
+            let Ok(img) = wbc_cells::image::load_rgb(&s.path, &DecodeLimits::default()) else {
+                continue;
+            };
+            let mut png = Vec::new();
+            img.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)?;
+            selftest_images.push((format!("selftest/{}.png", l.name().to_lowercase()), png));
+            seen[l.index()] = true;
+        }
+    }
+    if selftest_images.is_empty() {
+        bail!("export needs --val with readable labelled images: the bundle's self-test images come from it");
+    }
+    let decoded: Vec<_> = selftest_images
+        .iter()
+        .map(|(_, b)| wbc_cells::image::decode_rgb(b, &DecodeLimits::default()))
+        .collect::<Result<_, _>>()?;
+    let cases = selftest_images
+        .iter()
+        .zip(classifier.predict(&decoded))
+        .map(|((name, _), p)| SelfTestCase {
+            image: name.clone(),
+            probabilities: p.probs.to_vec(),
+        })
+        .collect();
+    let selftest = SelfTest { tolerance: 2e-3, cases };
+
+    let mut builder = BundleBuilder::new(manifest.clone())
+        .part(WEIGHTS_PART, weights_bytes)?
+        .part(SELFTEST_PART, serde_json::to_vec_pretty(&selftest)?)?;
+    for (name, bytes) in calibration_parts {
+        builder = builder.part(name, bytes)?;
+    }
+    for (name, bytes) in selftest_images {
+        builder = builder.part(&name, bytes)?;
+    }
+    let bytes = builder.finish(o.key)?;
+    // Check what we are about to ship: it verifies and passes its own self-test.
+    let bundle = Bundle::from_bytes(&bytes, &[o.key.verifying_key()])?;
+    let n = Classifier::from_bundle(&bundle, device)?.self_test(&bundle)?;
+    tracing::info!(cases = n, "exported bundle passes its self-test");
+    let tmp = o.out.with_extension("bundle.partial");
+    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, o.out).with_context(|| format!("renaming to {}", o.out.display()))?;
+    Ok(bundle.manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::Sample;
+
+    #[test]
+    fn the_blast_size_check_lets_through_its_share_of_the_val_blasts_it_calls() {
+        let (blast, lym) = (CellClass::Blast.index(), CellClass::Lymphocyte.index());
+        let mut probs = Vec::new();
+        let mut labels = Vec::new();
+        let mut sizes = Vec::new();
+        // 101 val blasts called Blast, nuclei 10.0..=20.0 µm in steps of 0.1.
+        for i in 0..=100 {
+            let mut p = [0.0; NUM_CLASSES];
+            p[blast] = 1.0;
+            probs.push(p);
+            labels.push(blast);
+            sizes.push(Some(10.0 + i as f32 * 0.1));
+        }
+        // Cells that must not count: a blast the model misses, a lymphocyte called Blast, a
+        // called blast of unknown size.
+        let mut missed = [0.0; NUM_CLASSES];
+        missed[lym] = 1.0;
+        probs.push(missed);
+        labels.push(blast);
+        sizes.push(Some(1.0));
+        let mut called = [0.0; NUM_CLASSES];
+        called[blast] = 1.0;
+        probs.push(called);
+        labels.push(lym);
+        sizes.push(Some(2.0));
+        probs.push(called);
+        labels.push(blast);
+        sizes.push(None);
+        let t = blast_nucleus_threshold(&probs, &labels, &sizes, 0.99);
+        assert!((t - 10.1).abs() < 1e-4, "{t}");
+        assert_eq!(
+            blast_nucleus_threshold(&probs, &labels, &sizes, 1.0),
+            0.0,
+            "keep all: no check"
+        );
+        let unknown = vec![None; probs.len()];
+        assert_eq!(
+            blast_nucleus_threshold(&probs, &labels, &unknown, 0.99),
+            0.0,
+            "no sizes: no check"
+        );
+    }
+
+    #[test]
+    fn the_bank_takes_at_most_its_share_of_each_class_evenly_spaced() {
+        let mk = |c: CellClass, i: usize| Sample {
+            path: format!("{}-{i}.jpg", c.abbreviation()).into(),
+            label: Some(c),
+            attrs: Default::default(),
+            source: "s".into(),
+            description: None,
+            microns_per_pixel: None,
+        };
+        // Two basophils only, ten of every other class.
+        let mut all: Vec<Sample> = (0..2).map(|i| mk(CellClass::Basophil, i)).collect();
+        for c in &CellClass::ALL[1..] {
+            all.extend((0..10).map(|i| mk(*c, i)));
+        }
+        let kept = stratified(&all, 4);
+        for c in CellClass::ALL {
+            let n = kept.iter().filter(|s| s.label == Some(c)).count();
+            assert_eq!(n, if c == CellClass::Basophil { 2 } else { 4 }, "{c:?}");
+        }
+        // Evenly spaced: 0, 2.5, 5, 7.5 → items 0, 2, 5, 7.
+        let eos: Vec<String> = kept
+            .iter()
+            .filter(|s| s.label == Some(CellClass::Eosinophil))
+            .map(|s| s.path.display().to_string())
+            .collect();
+        assert_eq!(eos, ["EO-0.jpg", "EO-2.jpg", "EO-5.jpg", "EO-7.jpg"]);
+    }
+}

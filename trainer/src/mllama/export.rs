@@ -1,0 +1,154 @@
+//! Export: the adapters merged into the base in f32, the projections in 4 bits, one self-test
+//! image per class, signed and checked.
+
+use anyhow::{Context, Result};
+use burn::tensor::Device;
+use rand::SeedableRng;
+use serde::Serialize;
+use std::path::Path;
+use wbc_models::mllama::{Checkpoint, Mllama};
+use wbc_protocol::classes::CellClass;
+
+use super::*;
+
+/// What an export measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct MllamaExportReport {
+    /// Largest difference of a class probability between the tuned model as trained (base +
+    /// adapters, f32) and the exported one (merged, quantized), over the val cells compared.
+    pub max_probability_difference: f32,
+    /// Val cells compared.
+    pub compared: usize,
+    /// Self-test cases in the bundle.
+    pub selftest_cases: usize,
+    /// Bundle size, bytes.
+    pub bytes: usize,
+}
+
+/// Largest probability difference allowed between the trained and the exported model.
+pub const EXPORT_TOLERANCE: f32 = 0.05;
+
+/// Merges a run's adapters into the base in f32, quantizes the projections to 4 bits (groups of
+/// `group`, f16 scales; embeddings in f16, norms, gates and biases in f32), adds one self-test
+/// image per class from `val` with the exported model's probabilities, signs the bundle and
+/// checks that it verifies and passes its self-test.
+pub fn export(
+    base: &Path,
+    run: &Path,
+    val: &Path,
+    key: &ed25519_dalek::SigningKey,
+    model_version: u64,
+    group: usize,
+    out: &Path,
+) -> Result<MllamaExportReport> {
+    use wbc_models::classify::{SELFTEST_PART, SelfTest, SelfTestCase};
+    use wbc_models::compact::weights::Storage;
+    use wbc_models::mllama::cell::{classify, parts};
+    use wbc_protocol::bundle::{Bundle, BundleBuilder, Family, Manifest};
+    let device = Device::flex();
+    let lora = run_lora(run)?;
+    let (p, mut tuned) = load_tuned(base, run, &lora, &device)?;
+    let mut w = Checkpoint::open(base)?.all()?;
+    for (name, delta) in tuned.lora_deltas() {
+        let t =
+            w.0.get_mut(&format!("{name}.weight"))
+                .with_context(|| format!("{name}.weight"))?;
+        t.values.iter_mut().zip(&delta).for_each(|(v, d)| *v += d);
+    }
+    let weights = w.to_safetensors_by(group, |name, shape| {
+        let projection = shape.len() == 2
+            && name.ends_with(".weight")
+            && (name.ends_with("_proj.weight")
+                || name.ends_with("fc1.weight")
+                || name.ends_with("fc2.weight")
+                || name.ends_with("lm_head.weight")
+                || name == "multi_modal_projector.weight");
+        if projection {
+            Storage::Q4
+        } else if name.ends_with("embed_tokens.weight") || name.contains("embedding") {
+            Storage::F16
+        } else {
+            Storage::F32
+        }
+    })?;
+    let exported = Mllama::from_weights(
+        &p.cfg,
+        &wbc_models::compact::weights::Weights::from_safetensors(&weights)?,
+        &device,
+    )?;
+    // Val cells: the first readable one of each class is a self-test case; all are compared.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let cells = labelled(val, None, &mut rng)?;
+    let mut cases = Vec::new();
+    let mut parts_out: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut worst = 0f32;
+    let mut seen = [false; 6];
+    for (sample, img) in cells.iter().take(32) {
+        let a = classify(&tuned, &p, img, &device)?;
+        let b = classify(&exported, &p, img, &device)?;
+        worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(worst, f32::max);
+        let c = sample.label.expect("labelled").index();
+        if !seen[c] {
+            seen[c] = true;
+            let name = format!("selftest/{}.png", CellClass::ALL[c].name().to_lowercase());
+            let mut png = Vec::new();
+            image::DynamicImage::ImageRgb8(img.clone())
+                .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+            parts_out.push((name.clone(), png));
+            cases.push(SelfTestCase {
+                image: name,
+                probabilities: b,
+            });
+        }
+    }
+    let compared = cells.len().min(32);
+    let cfg_json: serde_json::Value = serde_json::from_slice(&std::fs::read(base.join("config.json"))?)?;
+    let manifest = Manifest {
+        format_version: 0,
+        family: Family::Mllama,
+        model_config: cfg_json,
+        classes: CellClass::ALL.iter().map(|c| c.name().to_string()).collect(),
+        preprocess: wbc_cells::image::Preprocess {
+            input_size: p.proc.tile as u32,
+            mean: p.proc.mean,
+            std: p.proc.std,
+            cell: None,
+        },
+        model_version,
+        min_appliance_version: env!("CARGO_PKG_VERSION").into(),
+        created_at: time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?,
+        training: serde_json::json!({"family": "mllama", "lora": lora, "quantization": {"bits": 4, "group": group}}),
+        metrics: serde_json::json!({"max_probability_difference_exported_vs_trained": worst, "compared_val_cells": compared}),
+        parts: Default::default(),
+    };
+    let n_cases = cases.len();
+    let mut b = BundleBuilder::new(manifest)
+        .part(parts::CONFIG, std::fs::read(base.join("config.json"))?)?
+        .part(parts::TOKENIZER, std::fs::read(base.join("tokenizer.json"))?)?
+        .part(parts::PREPROCESSOR, serde_json::to_vec_pretty(&p.preprocessor_json())?)?
+        .part(parts::WEIGHTS, weights)?
+        .part(
+            SELFTEST_PART,
+            serde_json::to_vec_pretty(&SelfTest { tolerance: 2e-3, cases })?,
+        )?;
+    for (name, bytes) in parts_out {
+        b = b.part(&name, bytes)?;
+    }
+    let bytes = b.finish(key)?;
+    // What we ship verifies and passes its own self-test.
+    let bundle = Bundle::from_bytes(&bytes, &[key.verifying_key()])?;
+    let (bp, bm) = wbc_models::mllama::cell::from_bundle(&bundle, &device)?;
+    let checked = wbc_models::mllama::cell::self_test(&bm, &bp, &bundle, &device)?;
+    std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    tracing::info!(
+        cases = checked,
+        max_probability_difference = worst,
+        "exported mllama bundle"
+    );
+    Ok(MllamaExportReport {
+        max_probability_difference: worst,
+        compared,
+        selftest_cases: n_cases,
+        bytes: bytes.len(),
+    })
+}
