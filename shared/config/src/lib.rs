@@ -140,15 +140,17 @@ impl Config {
     /// Refuses values the daemon cannot run with.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(self.microns_per_pixel.is_finite() && self.microns_per_pixel > 0.0 && self.microns_per_pixel < 100.0) {
-            return Err(ConfigError::Invalid(format!(
-                "microns_per_pixel must be a positive number of micrometres"
-            )));
+            return Err(ConfigError::Invalid(
+                "microns_per_pixel must be a positive number of micrometres".to_string(),
+            ));
         }
         if !(0.0..=1.0).contains(&self.min_confidence) {
-            return Err(ConfigError::Invalid(format!("min_confidence must be between 0 and 1")));
+            return Err(ConfigError::Invalid(
+                "min_confidence must be between 0 and 1".to_string(),
+            ));
         }
         if self.inbox_poll_ms == 0 {
-            return Err(ConfigError::Invalid(format!("inbox_poll_ms must be at least 1")));
+            return Err(ConfigError::Invalid("inbox_poll_ms must be at least 1".to_string()));
         }
         self.slide.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         for (key, id) in [("clinic", &self.clinic), ("device", &self.device)] {
@@ -241,14 +243,14 @@ impl UplinkConfig {
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("[uplink.broker]: {e}")))?;
         if !(1..=1000).contains(&self.inflight) {
-            return Err(ConfigError::Invalid(format!(
-                "uplink.inflight must be between 1 and 1000"
-            )));
+            return Err(ConfigError::Invalid(
+                "uplink.inflight must be between 1 and 1000".to_string(),
+            ));
         }
         if self.status_every_s == 0 || self.max_backoff_s == 0 {
-            return Err(ConfigError::Invalid(format!(
-                "uplink.status_every_s and uplink.max_backoff_s must be at least 1"
-            )));
+            return Err(ConfigError::Invalid(
+                "uplink.status_every_s and uplink.max_backoff_s must be at least 1".to_string(),
+            ));
         }
         Ok(())
     }
@@ -295,24 +297,24 @@ impl UpdateConfig {
     /// Refuses settings the update path cannot run with.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(1..=3600).contains(&self.poll_s) {
-            return Err(ConfigError::Invalid(format!(
-                "update.poll_s must be between 1 and 3600 seconds"
-            )));
+            return Err(ConfigError::Invalid(
+                "update.poll_s must be between 1 and 3600 seconds".to_string(),
+            ));
         }
         if !(1..=3600).contains(&self.timeout_s) {
-            return Err(ConfigError::Invalid(format!(
-                "update.timeout_s must be between 1 and 3600 seconds"
-            )));
+            return Err(ConfigError::Invalid(
+                "update.timeout_s must be between 1 and 3600 seconds".to_string(),
+            ));
         }
         if self.max_bundle_bytes < 1024 {
-            return Err(ConfigError::Invalid(format!(
-                "update.max_bundle_bytes must be at least 1024"
-            )));
+            return Err(ConfigError::Invalid(
+                "update.max_bundle_bytes must be at least 1024".to_string(),
+            ));
         }
         if self.probation_fields == 0 || self.max_failures == 0 {
-            return Err(ConfigError::Invalid(format!(
-                "update.probation_fields and update.max_failures must be at least 1"
-            )));
+            return Err(ConfigError::Invalid(
+                "update.probation_fields and update.max_failures must be at least 1".to_string(),
+            ));
         }
         Ok(())
     }
