@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use wbc_cells::finder::{FinderConfig, cell_crop, find_cells, mean_colour};
 use wbc_cells::image::{DecodeLimits, load_rgb};
+use wbc_models::adapt::Adaptation;
 use wbc_models::classify::Classifier;
 use wbc_protocol::bundle::{Bundle, keys};
 use wbc_protocol::messages::{CellResult, ReviewReason};
@@ -221,18 +222,91 @@ pub fn classify_fields(
         .collect()
 }
 
+/// Images read for a site adaptation at a time (bounded memory whatever the folder holds).
+const ADAPT_CHUNK: usize = 64;
+
+/// Fits a site adaptation to the unlabelled images under `dir` (subfolders included): each a
+/// single cell, or, with `fields`, microscope fields whose whole white cells the finder cuts out
+/// first (at the given pixel size). Unreadable files are skipped with a warning; the images are
+/// read a few at a time.
+pub fn adapt_to_site(classifier: &Classifier, dir: &Path, fields: Option<(f32, &FinderConfig)>) -> Result<Adaptation> {
+    let mut paths = Vec::new();
+    collect_images(dir, &mut paths).with_context(|| format!("reading {}", dir.display()))?;
+    paths.sort();
+    if paths.is_empty() {
+        bail!("{} holds no images to adapt to", dir.display());
+    }
+    let mut features = Vec::new();
+    let mut unreadable = 0;
+    for chunk in paths.chunks(ADAPT_CHUNK) {
+        let mut cells = Vec::new();
+        let mut scales = Vec::new();
+        for p in chunk {
+            let img = match load_rgb(p, &DecodeLimits::default()) {
+                Ok(img) => img,
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "not used for the site adaptation");
+                    unreadable += 1;
+                    continue;
+                }
+            };
+            match fields {
+                None => {
+                    cells.push(img);
+                    scales.push(classifier.microns_per_pixel);
+                }
+                Some((um, finder)) => {
+                    let pad = mean_colour(&img);
+                    for c in find_cells(&img, um, finder).iter().filter(|c| !c.edge_cut) {
+                        cells.push(cell_crop(&img, c.bbox, pad));
+                        scales.push(Some(um));
+                    }
+                }
+            }
+        }
+        features.extend(classifier.site_features(&cells, &scales)?);
+    }
+    let adaptation = classifier.fit_adaptation(&features)?;
+    tracing::info!(cells = adaptation.cells, unreadable, class_mix = ?adaptation.class_mix, "adapted to the site");
+    Ok(adaptation)
+}
+
+/// A class mix in words: `Basophil 12 %, Eosinophil 3 %, …`.
+pub fn render_mix(mix: &[f32; wbc_protocol::classes::NUM_CLASSES]) -> String {
+    wbc_protocol::classes::CellClass::ALL
+        .iter()
+        .zip(mix)
+        .map(|(c, p)| format!("{c} {:.0} %", p * 100.0))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_images(&path, out)?;
+        } else if is_image(&path) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif"];
+
+/// Whether a file's name says it is an image the appliance reads.
+fn is_image(f: &Path) -> bool {
+    f.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
 
 /// Expands folders into their image files (sorted; subfolders are not searched); files are kept
 /// as given. A folder without images is an error that names it (and its subfolders, the usual
 /// mistake being a folder of per-class folders), so that a wrong path is not taken for an empty
 /// capture.
 pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let is_image = |f: &Path| {
-        f.extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-    };
     let mut out = Vec::new();
     for p in inputs {
         if !p.is_dir() {

@@ -1,6 +1,6 @@
 //! `appliance`: the clinic box's command line.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use appliance::{
     classify_fields, classify_single_cells, evaluate_finder, expand_inputs, open_bundle, render_text, trusted_keys,
 };
@@ -46,6 +46,11 @@ enum Cmd {
         /// Compute backend.
         #[arg(long, value_enum, default_value_t = appliance::backend::BackendChoice::Auto)]
         backend: appliance::backend::BackendChoice,
+        /// First adapt to the site from the unlabelled images in this folder (subfolders
+        /// included; single cells with `--single-cell`, fields otherwise), as the daemon does
+        /// from the cells it sees, then classify. The signed weights do not change.
+        #[arg(long, value_name = "DIR")]
+        adapt_to: Option<PathBuf>,
         /// Images or folders of images.
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
@@ -151,6 +156,7 @@ fn main() -> Result<()> {
             min_confidence,
             microns_per_pixel,
             backend,
+            adapt_to,
             inputs,
         } => {
             if !(0.0..=1.0).contains(&min_confidence) {
@@ -160,31 +166,44 @@ fn main() -> Result<()> {
             let bundle = open_bundle(bundle.as_deref(), &trusted_keys(&trust)?)?;
             let appliance::backend::Backend { device, name } = appliance::backend::select(backend)?;
             tracing::info!(backend = %name, model_version = bundle.manifest.model_version, "model loaded");
-            let classifier = Classifier::from_bundle(&bundle, &device)?
+            let mut classifier = Classifier::from_bundle(&bundle, &device)?
                 .with_min_confidence(min_confidence)
                 .with_microns_per_pixel(microns_per_pixel);
             let paths = expand_inputs(&inputs)?;
+            let field_um = || match microns_per_pixel {
+                Some(um) => um,
+                None => {
+                    let um = bundle
+                        .manifest
+                        .preprocess
+                        .cell
+                        .as_ref()
+                        .and_then(|c| c.pixel_size(None))
+                        .unwrap_or(0.143);
+                    tracing::warn!(
+                        microns_per_pixel = um,
+                        "no pixel size given for these fields (--microns-per-pixel): assuming the model's reference"
+                    );
+                    um
+                }
+            };
+            if let Some(dir) = adapt_to {
+                let finder = FinderConfig::default();
+                let fields = (!single_cell).then(|| (field_um(), &finder));
+                let adaptation = appliance::adapt_to_site(&classifier, &dir, fields)
+                    .with_context(|| format!("adapting to the site's images in {}", dir.display()))?;
+                eprintln!(
+                    "adapted to {} cells of the site in {} (their class mix as the adapted model sees it: {})",
+                    adaptation.cells,
+                    dir.display(),
+                    appliance::render_mix(&adaptation.class_mix)
+                );
+                classifier = classifier.with_adaptation(Some(adaptation))?;
+            }
             let results = if single_cell {
                 classify_single_cells(&classifier, &paths)
             } else {
-                let um = match microns_per_pixel {
-                    Some(um) => um,
-                    None => {
-                        let um = bundle
-                            .manifest
-                            .preprocess
-                            .cell
-                            .as_ref()
-                            .and_then(|c| c.pixel_size(None))
-                            .unwrap_or(0.143);
-                        tracing::warn!(
-                            microns_per_pixel = um,
-                            "no pixel size given for these fields (--microns-per-pixel): assuming the model's reference"
-                        );
-                        um
-                    }
-                };
-                classify_fields(&classifier, &paths, um, &FinderConfig::default())
+                classify_fields(&classifier, &paths, field_um(), &FinderConfig::default())
             };
             let mut failed = 0;
             for (path, r) in results {

@@ -330,3 +330,98 @@ fn a_folder_without_images_is_named_with_its_subfolders() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
 }
+
+/// A site folder (in a subfolder, as a clinic's export may be) of the fixture cells, each
+/// also turned and mirrored: 35 cells of the training sources' look.
+fn site_of_fixture_cells(dir: &std::path::Path) {
+    let site = dir.join("site/slide-1");
+    std::fs::create_dir_all(&site).unwrap();
+    for entry in std::fs::read_dir(fixtures()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "jpg") {
+            continue;
+        }
+        let img = image::open(&path).unwrap().to_rgb8();
+        let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let turns = [
+            img.clone(),
+            image::imageops::rotate90(&img),
+            image::imageops::rotate180(&img),
+            image::imageops::rotate270(&img),
+            image::imageops::flip_horizontal(&img),
+        ];
+        for (i, t) in turns.iter().enumerate() {
+            t.save(site.join(format!("{stem}-{i}.png"))).unwrap();
+        }
+    }
+}
+
+#[test]
+fn adapting_to_a_site_like_the_training_sources_keeps_the_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    site_of_fixture_cells(dir.path());
+    let site = dir.path().join("site");
+    let plain = appliance(&["classify", "--single-cell", "--json", fixtures().to_str().unwrap()]);
+    let adapted = appliance(&[
+        "classify",
+        "--single-cell",
+        "--json",
+        "--adapt-to",
+        site.to_str().unwrap(),
+        fixtures().to_str().unwrap(),
+    ]);
+    assert!(adapted.status.success(), "{}", String::from_utf8_lossy(&adapted.stderr));
+    let stderr = String::from_utf8_lossy(&adapted.stderr);
+    assert!(stderr.contains("adapted to 35 cells of the site"), "{stderr}");
+    let classes = |out: &std::process::Output| -> Vec<(String, f64)> {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let c = &v["cells"][0];
+                let p = c["probabilities"].as_object().unwrap();
+                let best = p
+                    .iter()
+                    .max_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap()))
+                    .unwrap();
+                (best.0.clone(), c["probabilities"]["Blast"].as_f64().unwrap())
+            })
+            .collect()
+    };
+    let (before, after) = (classes(&plain), classes(&adapted));
+    assert_eq!(after.len(), 7);
+    // The adaptation is applied (the probabilities move) but, at a site that looks like the
+    // training sources, the network's answer stays what it was for every cell.
+    assert_ne!(before, after, "the adaptation changed nothing");
+    let same = before.iter().zip(&after).filter(|(b, a)| b.0 == a.0).count();
+    assert_eq!(same, 7, "before {before:?}\nafter {after:?}");
+}
+
+#[test]
+fn too_few_site_cells_or_none_are_refused_before_anything_is_classified() {
+    let few = appliance(&[
+        "classify",
+        "--single-cell",
+        "--adapt-to",
+        fixtures().to_str().unwrap(),
+        fixtures().to_str().unwrap(),
+    ]);
+    assert!(!few.status.success());
+    assert!(few.stdout.is_empty(), "nothing is classified unadapted");
+    let stderr = String::from_utf8_lossy(&few.stderr);
+    assert!(
+        stderr.contains("7 cells are too few to adapt to a site (at least 30)"),
+        "{stderr}"
+    );
+
+    let empty = tempfile::tempdir().unwrap();
+    let none = appliance(&[
+        "classify",
+        "--single-cell",
+        "--adapt-to",
+        empty.path().to_str().unwrap(),
+        fixtures().to_str().unwrap(),
+    ]);
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("holds no images to adapt to"));
+}

@@ -1,7 +1,9 @@
 //! One cell image in, one [`CellResult`] out: the bundle's model behind one interface, used by
 //! the trainer's evaluation and by the appliance alike.
 
+use crate::adapt::{AdaptError, Adaptation, SourceStats};
 use crate::calibrate::{CALIBRATION_PART, Calibration, KnnBank, OOD_BANK_PART};
+use crate::compact::mobilenet::FEATURES;
 use crate::compact::{CellSize, CompactModel, ModelError, Prediction};
 use crate::describe::describe;
 use burn::tensor::Device;
@@ -70,6 +72,10 @@ pub struct Classifier {
     pre: Preprocess,
     calibration: Calibration,
     knn: Option<KnnBank>,
+    /// The training cells' feature statistics (from the familiarity bank), to adapt to a site.
+    source: Option<std::sync::Arc<SourceStats>>,
+    /// The site adaptation in use, if any.
+    adaptation: Option<Adaptation>,
     /// Model version from the bundle manifest.
     pub model_version: u64,
     /// Below this top probability a cell is reported as Unidentified.
@@ -94,6 +100,8 @@ impl Classifier {
                 pre: bundle.manifest.preprocess.clone(),
                 calibration: Calibration::default(),
                 knn: None,
+                source: None,
+                adaptation: None,
                 model_version: bundle.manifest.model_version,
                 min_confidence: 0.0,
                 microns_per_pixel: None,
@@ -116,15 +124,19 @@ impl Classifier {
         }
         let cal: Calibration = serde_json::from_slice(bundle.part(CALIBRATION_PART)?)
             .map_err(|e| ModelError::Config(format!("{CALIBRATION_PART}: {e}")))?;
+        let mut source = None;
         let knn = match &cal.ood {
             Some(o) => {
                 let (features, labels) = KnnBank::from_safetensors(bundle.part(OOD_BANK_PART)?)
                     .map_err(|e| ModelError::Config(e.to_string()))?;
+                source = Some(std::sync::Arc::new(SourceStats::from_bank(&features, &labels)));
                 Some(KnnBank::new(features, labels, o.k, device).map_err(|e| ModelError::Config(e.to_string()))?)
             }
             None => None,
         };
-        classifier.with_calibration(cal, knn)
+        let mut classifier = classifier.with_calibration(cal, knn)?;
+        classifier.source = source;
+        Ok(classifier)
     }
 
     /// Applies a temperature and, with `ood` in the calibration, a familiarity bank.
@@ -169,6 +181,8 @@ impl Classifier {
             pre,
             calibration: Calibration::default(),
             knn: None,
+            source: None,
+            adaptation: None,
             model_version,
             min_confidence: 0.0,
             microns_per_pixel: None,
@@ -200,6 +214,63 @@ impl Classifier {
     /// Raw predictions for cell images, each with its own pixel size (µm; the bundle's
     /// default where `None`). `scales` has one entry per image.
     pub fn predict_at(&self, images: &[RgbImage], scales: &[Option<f32>]) -> Vec<Prediction> {
+        self.predict_adapted(images, scales, self.adaptation.as_ref())
+    }
+
+    /// The site adaptation in use, if any.
+    pub fn adaptation(&self) -> Option<&Adaptation> {
+        self.adaptation.as_ref()
+    }
+
+    /// Uses an adaptation fitted earlier (by [`Classifier::fit_adaptation`]; stored by the
+    /// appliance), after checking that it was fitted for this model.
+    pub fn with_adaptation(mut self, adaptation: Option<Adaptation>) -> Result<Self, AdaptError> {
+        if let Some(a) = &adaptation {
+            if self.source.is_none() {
+                return Err(AdaptError::NoBank);
+            }
+            a.check(self.model_version)?;
+        }
+        self.adaptation = adaptation;
+        Ok(self)
+    }
+
+    /// The pooled features of cell images as the signed model computes them, unadapted
+    /// (`images.len() × FEATURES`, row-major): what a site adaptation is fitted on.
+    /// `scales` has one pixel size per image, as for [`Classifier::predict_at`].
+    pub fn site_features(&self, images: &[RgbImage], scales: &[Option<f32>]) -> Result<Vec<f32>, AdaptError> {
+        if self.source.is_none() {
+            return Err(AdaptError::NoBank);
+        }
+        Ok(self
+            .predict_adapted(images, scales, None)
+            .into_iter()
+            .flat_map(|p| p.features)
+            .collect())
+    }
+
+    /// Fits a site adaptation to the unadapted features of the site's cells (from
+    /// [`Classifier::site_features`]); it is not put to use until [`Classifier::with_adaptation`].
+    pub fn fit_adaptation(&self, site_features: &[f32]) -> Result<Adaptation, AdaptError> {
+        let (Some(source), Engine::Compact(model)) = (&self.source, &self.model) else {
+            return Err(AdaptError::NoBank);
+        };
+        let t = self.calibration.temperature;
+        Adaptation::fit(site_features, source, self.model_version, |f| {
+            model
+                .predict_features(f.to_vec(), f.len() / FEATURES)
+                .iter()
+                .map(|p| crate::compact::softmax_t(&p.logits, t))
+                .collect()
+        })
+    }
+
+    fn predict_adapted(
+        &self,
+        images: &[RgbImage],
+        scales: &[Option<f32>],
+        adaptation: Option<&Adaptation>,
+    ) -> Vec<Prediction> {
         assert_eq!(images.len(), scales.len(), "one pixel size per image");
         let model = match &self.model {
             Engine::Compact(m) => m,
@@ -252,6 +323,11 @@ impl Classifier {
                 found.push(f);
             }
             let mut preds = model.predict(buf, chunk.len(), s);
+            if let Some(a) = adaptation {
+                let mut f: Vec<f32> = preds.iter().flat_map(|p| p.features.iter().copied()).collect();
+                f.chunks_exact_mut(FEATURES).for_each(|row| a.apply(row));
+                preds = model.predict_features(f, chunk.len());
+            }
             let t = self.calibration.temperature;
             let scores = self.knn.as_ref().map(|k| {
                 let f: Vec<f32> = preds.iter().flat_map(|p| p.features.iter().copied()).collect();

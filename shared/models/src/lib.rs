@@ -5,6 +5,7 @@
 //! behind.
 #![deny(missing_docs)]
 
+pub mod adapt;
 pub mod calibrate;
 pub mod classify;
 pub mod compact;

@@ -41,6 +41,12 @@ pub struct CellNorm {
     /// Radius of the kept disc relative to the cell's measured radius (between 1.2 and 1.6 ×
     /// the nucleus' radius, at most the whole view).
     pub mask_margin: f32,
+    /// Where a stain colours the red cells with the nucleus (the blue-over-green threshold
+    /// keeps more than a nucleus, most of it pale), take only the dark part of what it kept as
+    /// the nucleus. Off in bundles made before it existed (left out of their manifests), whose
+    /// models were trained without it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dark_nucleus: bool,
     /// Reinhard target: per-channel mean of the normalised crop in `wbc_cells::cellnorm::to_lab` space.
     pub stain_mean: [f32; 3],
     /// Reinhard target: per-channel standard deviation.
@@ -59,6 +65,7 @@ impl Default for CellNorm {
             equalise: false,
             mask_background: false,
             mask_margin: 1.12,
+            dark_nucleus: false,
             stain_mean: [64.0, 22.0, -16.0],
             stain_std: [22.0, 16.0, 22.0],
         }

@@ -95,7 +95,7 @@ impl Normalise for CellNorm {
         let hint_w = hint
             .map(|[x, y]| [x * scale, y * scale])
             .unwrap_or([ww as f32 / 2.0, wh as f32 / 2.0]);
-        let found = segment::segment(&work, hint_w);
+        let found = segment::segment(&work, hint_w, self.dark_nucleus);
         let (centre, diameter, nucleus, touches, ok) = match &found {
             Some(f) => (
                 [f.centre[0] / scale, f.centre[1] / scale],

@@ -217,3 +217,45 @@ fn reinhard_hits_the_target_statistics_and_lab_round_trips() {
         assert!((s - std[c]).abs() < 1.5, "channel {c} std {s}");
     }
 }
+
+/// [`smear`] with the red cells stained blue-violet, as at a site whose stain colours them
+/// with the nucleus (LISC).
+fn violet_smear() -> RgbImage {
+    let mut img = smear(240, 200, 130.0, 90.0, 48.0, 24.0);
+    for p in img.pixels_mut() {
+        if *p == Rgb([215, 150, 140]) {
+            *p = Rgb([170, 160, 215]);
+        }
+    }
+    img
+}
+
+#[test]
+fn a_stain_that_colours_the_red_cells_too_still_gives_the_nucleus_its_size() {
+    let off = CellNorm::default().apply(&violet_smear(), None, None);
+    // Without the dark split the red cells count as nucleus: the failure seen at LISC.
+    assert!(off.nucleus_px > 2.0 * 0.6 * 48.0, "nucleus {}", off.nucleus_px);
+    let norm = CellNorm {
+        dark_nucleus: true,
+        ..CellNorm::default()
+    };
+    let on = norm.apply(&violet_smear(), None, None);
+    assert!(on.found);
+    assert!((on.nucleus_px - 0.6 * 48.0).abs() < 4.0, "nucleus {}", on.nucleus_px);
+    assert!(
+        (on.centre[0] - 130.0).abs() < 3.0 && (on.centre[1] - 90.0).abs() < 3.0,
+        "{:?}",
+        on.centre
+    );
+    // Where the stain leaves the red cells pink, nothing changes.
+    let pink = smear(240, 200, 130.0, 90.0, 48.0, 24.0);
+    let (a, b) = (
+        CellNorm::default().apply(&pink, None, None),
+        norm.apply(&pink, None, None),
+    );
+    assert_eq!(
+        (a.nucleus_px, a.diameter_px, a.centre),
+        (b.nucleus_px, b.diameter_px, b.centre)
+    );
+    assert_eq!(a.image, b.image);
+}

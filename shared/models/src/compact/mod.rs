@@ -264,11 +264,17 @@ impl CompactModel {
     /// One forward pass over `n` images.
     fn predict_run(&self, data: Vec<f32>, n: usize, side: usize) -> Vec<Prediction> {
         let x = Tensor::<4>::from_data(TensorData::new(data, [n, 3, side, side]), &self.device);
-        let f = self.backbone.features(x);
+        self.predict_features(to_vec(self.backbone.features(x).into_data()), n)
+    }
+
+    /// Predictions from pooled features (`n × FEATURES`, row-major): the heads alone, for
+    /// features that were changed after the backbone (a site adaptation).
+    pub fn predict_features(&self, features: Vec<f32>, n: usize) -> Vec<Prediction> {
+        assert_eq!(features.len(), n * FEATURES, "{n} rows of {FEATURES} features");
+        let f = Tensor::<2>::from_data(TensorData::new(features.clone(), [n, FEATURES]), &self.device);
         let logits = f.clone().matmul(self.class_w.clone()) + self.class_b.clone().unsqueeze();
-        let attrs = f.clone().matmul(self.attr_w.clone()) + self.attr_b.clone().unsqueeze();
+        let attrs = f.matmul(self.attr_w.clone()) + self.attr_b.clone().unsqueeze();
         let logits = to_vec(logits.into_data());
-        let features = to_vec(f.into_data());
         let attr_logits = to_vec(attrs.into_data());
         let aw = attribute_logits_width();
         (0..n)
