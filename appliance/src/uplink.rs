@@ -18,7 +18,7 @@ use std::time::Duration;
 use wbc_protocol::mqtt::{Backoff, drive};
 use wbc_protocol::shutdown::Shutdown;
 use wbc_protocol::signed::{Announcement, announcement_topics};
-use wbc_protocol::uplink::{DeviceState, Kind, Status, UPLINK_SCHEMA_VERSION, topic};
+use wbc_protocol::uplink::{DeviceState, Kind, Status, UPLINK_SCHEMA_VERSION, device_identity, topic};
 
 pub use wbc_config::UplinkConfig;
 
@@ -151,7 +151,7 @@ impl Uplink {
         let mut opts = self
             .config
             .broker
-            .options(&format!("wbc-{}-{}", id.clinic, id.device))?;
+            .options(&format!("wbc.{}", device_identity(&id.clinic, &id.device)))?;
         let window = usize::from(self.config.inflight);
         opts.set_clean_session(true);
         opts.set_inflight(self.config.inflight);

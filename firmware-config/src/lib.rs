@@ -93,7 +93,7 @@ pub fn provision(p: &Provision, out: &Path) -> Result<()> {
             out.display()
         );
     }
-    let user = format!("{}-{}", p.clinic, p.device);
+    let user = wbc_protocol::uplink::device_identity(&p.clinic, &p.device);
     let dir = &p.install_dir;
     // The update keys, checked, under their key ids.
     let mut keys = Vec::new();
@@ -203,7 +203,7 @@ mod tests {
         let c = check(&dir.path().join("appliance.toml")).unwrap();
         assert_eq!((c.clinic.as_str(), c.device.as_str()), ("clinic-07", "scope-1"));
         let broker = c.uplink.unwrap().broker;
-        assert_eq!(broker.username.as_deref(), Some("clinic-07-scope-1"));
+        assert_eq!(broker.username.as_deref(), Some("clinic-07.scope-1"));
         let pw_file = dir.path().join("mqtt.password");
         let mode = std::fs::metadata(&pw_file).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -221,7 +221,7 @@ mod tests {
         }
         let acl = std::fs::read_to_string(dir.path().join("mosquitto.acl")).unwrap();
         assert!(acl.contains(
-            "user clinic-07-scope-1\ntopic write wbc/clinic-07/scope-1/#\ntopic read wbc-update/clinic-07\n\
+            "user clinic-07.scope-1\ntopic write wbc/clinic-07/scope-1/#\ntopic read wbc-update/clinic-07\n\
              topic read wbc-update/clinic-07/scope-1\n"
         ));
         assert!(
@@ -229,6 +229,28 @@ mod tests {
             "never over a provisioned device"
         );
         assert!(provision(&p("clinic/07"), tempfile::tempdir().unwrap().path()).is_err());
+    }
+
+    /// Ids may hold `-`; two devices whose `clinic-device` spelled the same must still get
+    /// two broker accounts.
+    #[test]
+    fn devices_whose_ids_run_together_get_distinct_broker_accounts() {
+        let user = |clinic: &str, device: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut prov = p(clinic);
+            prov.device = device.into();
+            provision(&prov, dir.path()).unwrap();
+            check(&dir.path().join("appliance.toml"))
+                .unwrap()
+                .uplink
+                .unwrap()
+                .broker
+                .username
+                .unwrap()
+        };
+        let (a, b) = (user("north-lab", "1"), user("north", "lab-1"));
+        assert_ne!(a, b);
+        assert_eq!((a.as_str(), b.as_str()), ("north-lab.1", "north.lab-1"));
     }
 
     #[test]

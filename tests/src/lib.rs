@@ -39,7 +39,7 @@ impl Account {
     /// A device that may write only under its own clinic and device topics.
     pub fn device(clinic: &str, device: &str) -> Self {
         Account {
-            user: format!("{clinic}-{device}"),
+            user: wbc_protocol::uplink::device_identity(clinic, device),
             password: format!("pw-{clinic}-{device}"),
             acl: vec![
                 format!("topic write wbc/{clinic}/{device}/#"),

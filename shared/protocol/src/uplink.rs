@@ -84,6 +84,14 @@ pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// A device's identity at the broker (its MQTT user name; its client id is this with a `wbc.`
+/// prefix): `clinic.device`. `.` is never part of an id, so no two devices share one, whereas
+/// `clinic-device` made ("north-lab", "1") and ("north", "lab-1") the same user, who could then
+/// write into both clinics' topics and knock the other device off the broker.
+pub fn device_identity(clinic: &str, device: &str) -> String {
+    format!("{clinic}.{device}")
+}
+
 /// The topic of a device's messages of one kind.
 pub fn topic(clinic: &str, device: &str, kind: Kind) -> String {
     format!("{TOPIC_ROOT}/{clinic}/{device}/{}", kind.as_str())
@@ -700,5 +708,12 @@ mod tests {
             assert!(!valid_id(bad), "{bad}");
         }
         assert!(valid_id("clinic_01-A"));
+        // Ids may hold `-`: the identity must still tell ("north-lab", "1") from ("north", "lab-1").
+        assert_ne!(device_identity("north-lab", "1"), device_identity("north", "lab-1"));
+        assert_ne!(device_identity("a_b", "c"), device_identity("a", "b_c"));
+        assert!(
+            !valid_id(&device_identity("north", "lab-1")),
+            "an identity is never an id"
+        );
     }
 }
