@@ -18,6 +18,18 @@ use wbc_protocol::uplink::{Body, PICTURE_SIDE, SlideMessage};
 
 pub use wbc_protocol::clock::now;
 
+/// An input that no retry can make usable (not an image, or larger than an image may be), as
+/// against a failure of the moment (a full disk, a store error, a model that failed): the
+/// inbox moves the first aside and keeps the second for another try.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unusable(pub String);
+
+/// Whether an error says its input is [`Unusable`].
+pub fn is_unusable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Unusable>())
+}
+
 /// What the appliance runs with.
 pub struct AppSettings {
     /// Pixel size of the camera's fields, µm.
@@ -51,6 +63,8 @@ pub struct App {
     ingest_lock: Mutex<()>,
     /// The kinds of flag last sent to central for the current slide.
     sent_flags: Mutex<Vec<String>>,
+    /// Inbox files waiting for another try, as the inbox last reported them.
+    inbox_waiting: Mutex<Vec<crate::inbox::Waiting>>,
 }
 
 /// The flags' keys ([`Flag::key`]), sorted: what central has heard of.
@@ -111,6 +125,7 @@ impl App {
             settings,
             current: Mutex::new(current),
             camera: Mutex::new(None),
+            inbox_waiting: Mutex::new(Vec::new()),
             ingest_lock: Mutex::new(()),
             sent_flags: Mutex::new(Vec::new()),
         })
@@ -126,6 +141,16 @@ impl App {
     /// The model store, if attached.
     pub fn models(&self) -> Option<&Arc<ModelStore>> {
         self.models.as_ref()
+    }
+
+    /// Inbox files waiting for another try after a failure of the moment (for the UI).
+    pub fn inbox_waiting(&self) -> Vec<crate::inbox::Waiting> {
+        self.inbox_waiting.lock().expect("inbox lock").clone()
+    }
+
+    /// What the inbox is waiting to try again.
+    pub fn set_inbox_waiting(&self, waiting: Vec<crate::inbox::Waiting>) {
+        *self.inbox_waiting.lock().expect("inbox lock") = waiting;
     }
 
     /// The classifier in use.
@@ -189,7 +214,8 @@ impl App {
     /// the original in the current slide. The same image twice is one field. It returns once
     /// the field is on disk and queued for central; a nearly full disk refuses new fields.
     pub fn ingest(&self, bytes: &[u8], name: &str, source: &str, single_cell: bool) -> Result<Ingested> {
-        let img = decode_rgb(bytes, &self.settings.limits).with_context(|| format!("{name}: not a usable image"))?;
+        let img = decode_rgb(bytes, &self.settings.limits)
+            .map_err(|e| Unusable(format!("{name}: not a usable image: {e}")))?;
         let (id, sha) = field_id(bytes);
         let _g = self.ingest_lock.lock().expect("ingest lock");
         if let Some(f) = self.store.field(&id)? {
@@ -373,7 +399,7 @@ fn for_central(mut report: SlideReport) -> SlideReport {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::{Identity, Retention};
     use std::path::Path;
@@ -389,12 +415,17 @@ mod tests {
     }
 
     fn app(dir: &Path) -> App {
+        app_with(dir, Retention::default())
+    }
+
+    /// An appliance on the default bundle with its store under `dir`.
+    pub(crate) fn app_with(dir: &Path, retention: Retention) -> App {
         let classifier = Arc::new(classifier());
         let identity = Identity {
             clinic: "c".into(),
             device: "d".into(),
         };
-        let store = Arc::new(Store::open(&dir.join("store"), identity, Retention::default()).unwrap());
+        let store = Arc::new(Store::open(&dir.join("store"), identity, retention).unwrap());
         let settings = AppSettings {
             microns_per_pixel: 0.072,
             finder: FinderConfig::default(),

@@ -69,6 +69,7 @@ pub fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Sen
                     Ok(_) => {}
                     Err(e) => tracing::error!(error = %format!("{e:#}"), "inbox pass failed; retrying"),
                 }
+                app.set_inbox_waiting(inbox.waiting());
                 stop.sleep(poll);
             }
         })

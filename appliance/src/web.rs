@@ -144,6 +144,9 @@ async fn health(State(w): State<Arc<Web>>) -> Response {
             "backlog": w.app.store().backlog(),
             "quarantined": w.app.store().quarantined(),
         },
+        "inbox_waiting": w.app.inbox_waiting().iter().map(|f| serde_json::json!({
+            "file": f.name, "failures": f.failures, "reason": f.reason,
+        })).collect::<Vec<_>>(),
     }))
     .into_response()
 }
@@ -154,6 +157,15 @@ fn differential_html(w: &Web) -> String {
         Err(e) => return format!("<p class=\"error\">{}</p>", esc(&format!("{e:#}"))),
     };
     let mut s = String::new();
+    for f in w.app.inbox_waiting() {
+        let _ = write!(
+            s,
+            "<p class=\"flag\">Inbox image {} not processed yet ({} tries; it will be tried again): {}</p>",
+            esc(&f.name),
+            f.failures,
+            esc(&f.reason)
+        );
+    }
     for f in &r.flags {
         let class = if f.urgent() { "urgent" } else { "flag" };
         let _ = write!(s, "<p class=\"{class}\">{}</p>", esc(&f.message()));

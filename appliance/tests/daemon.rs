@@ -486,6 +486,34 @@ fn a_camera_capture_becomes_a_field_of_the_slide() {
 }
 
 #[test]
+fn an_inbox_image_that_meets_a_full_disk_waits_in_the_inbox_and_health_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    // No disk has this much free: every new field is refused for a reason of the moment.
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("[store]\nmin_free_bytes = 18446744073709551615\n");
+    std::fs::write(&cfg, text).unwrap();
+    let inbox = dir.path().join("data/inbox");
+    let d = Daemon::start(&cfg);
+    std::fs::copy(fixture_field("BloodImage_00000.jpg"), inbox.join("a.jpg")).unwrap();
+    let health = || -> Value {
+        ureq::get(&format!("{}/health", d.base))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    };
+    wait_for("the inbox to report the waiting image", || {
+        health()["inbox_waiting"].as_array().is_some_and(|w| !w.is_empty())
+    });
+    let w = &health()["inbox_waiting"][0];
+    assert_eq!(w["file"], "a.jpg");
+    assert!(w["reason"].as_str().unwrap().contains("nearly full"), "{w}");
+    assert!(inbox.join("a.jpg").exists(), "the image stays in the inbox");
+    assert!(!inbox.join("rejected/a.jpg").exists(), "and is not given up on");
+}
+
+#[test]
 fn the_inbox_takes_each_image_once_even_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
