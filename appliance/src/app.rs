@@ -2,7 +2,7 @@
 //! its white cells, store the field with its original image, and keep the current slide's
 //! differential and flags; record the technician's reviews.
 
-use crate::classify_field;
+use crate::classify_field_for_site;
 use crate::store::{SlideState, Store};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
@@ -42,6 +42,8 @@ pub struct AppSettings {
     pub limits: DecodeLimits,
     /// Backend in use, in words (shown in the UI).
     pub backend: String,
+    /// Adaptation to the site from the cells classified.
+    pub adaptation: crate::site::AdaptationConfig,
 }
 
 /// The longest side of a cell's picture on the review pages, in pixels.
@@ -118,6 +120,7 @@ impl App {
                 s
             }
         };
+        let classifier = crate::site::adapted(&store, classifier, &settings.adaptation);
         Ok(App {
             classifier: RwLock::new(classifier),
             models: None,
@@ -162,7 +165,39 @@ impl App {
     /// on the one they started with.
     pub fn set_classifier(&self, c: Arc<Classifier>) {
         tracing::info!(model_version = c.model_version, "model switched");
+        let c = crate::site::adapted(&self.store, c, &self.settings.adaptation);
         *self.classifier.write().expect("classifier lock") = c;
+    }
+
+    /// Where the adaptation to the site stands for the model in use.
+    pub fn site_status(&self) -> Result<crate::site::SiteStatus> {
+        crate::site::status(&self.store, &self.classifier(), &self.settings.adaptation)
+    }
+
+    /// Forgets what the model in use learnt of the site; it answers as signed from now on,
+    /// until it has seen enough cells to adapt again.
+    pub fn reset_site(&self, by: &str) -> Result<()> {
+        let _g = self.ingest_lock.lock().expect("ingest lock");
+        let c = self.classifier();
+        crate::site::reset(&self.store, c.model_version, by)?;
+        self.set_classifier(c);
+        Ok(())
+    }
+
+    /// Learns the site from cells `classifier` has just classified; a new adaptation is put to
+    /// use when its model is still the one in use. Never fails a field: a failure is logged.
+    fn learn_site(&self, classifier: &Classifier, features: &[f32]) {
+        match crate::site::learn(&self.store, classifier, &self.settings.adaptation, features) {
+            Ok(Some(_)) => {
+                let c = self.classifier();
+                if c.model_version == classifier.model_version {
+                    *self.classifier.write().expect("classifier lock") =
+                        crate::site::adapted(&self.store, c, &self.settings.adaptation);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not learn from the site's cells"),
+        }
     }
 
     /// Attaches a camera.
@@ -230,14 +265,15 @@ impl App {
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if single_cell {
                 // A single-cell image is a crop of unknown scale: the model's reference applies.
-                let mut r = classifier.classify(std::slice::from_ref(&img));
-                r[0].bbox = Some([0, 0, w, h]);
-                r
+                let p = classifier.predict(std::slice::from_ref(&img));
+                let mut r = classifier.result(&p[0]);
+                r.bbox = Some([0, 0, w, h]);
+                (vec![r], p[0].site_features().to_vec())
             } else {
-                classify_field(&classifier, &img, um, &self.settings.finder)
+                classify_field_for_site(&classifier, &img, um, &self.settings.finder)
             }
         }));
-        let cells: Vec<CellResult> = match run {
+        let (cells, site_features): (Vec<CellResult>, Vec<f32>) = match run {
             Ok(c) => {
                 self.probation(classifier.model_version, true, "");
                 c
@@ -288,6 +324,7 @@ impl App {
             return Ok(Ingested::Duplicate(f));
         }
         tracing::info!(field = %id, source, cells = field.cells.len(), "field stored");
+        self.learn_site(&classifier, &site_features);
         self.send_new_flags()?;
         Ok(Ingested::New(field))
     }
@@ -432,6 +469,7 @@ pub(crate) mod tests {
             slide: SlideSettings::default(),
             limits: DecodeLimits::default(),
             backend: "CPU".into(),
+            adaptation: Default::default(),
         };
         App::new(classifier, store, settings).unwrap()
     }
@@ -543,5 +581,125 @@ pub(crate) mod tests {
             "a 224-px single cell is shown whole"
         );
         assert_eq!(app.cell_picture(&blast.field().id, 1).unwrap(), None);
+    }
+
+    /// The fixture cells turned and mirrored: 56 different images of real cells.
+    fn site_cells() -> Vec<Vec<u8>> {
+        use image::imageops::{flip_horizontal, rotate90};
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/cells");
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+            .collect();
+        names.sort();
+        let mut out = Vec::new();
+        for p in names {
+            let mut img = image::open(p).unwrap().to_rgb8();
+            for turn in 0..8 {
+                if turn == 4 {
+                    img = flip_horizontal(&img);
+                }
+                img = rotate90(&img);
+                let mut png = Vec::new();
+                img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                    .unwrap();
+                out.push(png);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_appliance_adapts_to_its_site_after_enough_cells_keeps_it_and_starts_over_with_a_new_model() {
+        use crate::site::SiteStatus;
+        let dir = tempfile::tempdir().unwrap();
+        let cells = site_cells();
+        let mut first = app(dir.path());
+        first.settings.adaptation.after_cells = 30;
+        let app = first;
+        let ingest = |app: &App, i: usize| {
+            app.ingest(&cells[i], &format!("c{i}.png"), "upload", true).unwrap();
+        };
+        for i in 0..29 {
+            ingest(&app, i);
+        }
+        assert_eq!(
+            app.site_status().unwrap(),
+            SiteStatus::Collecting { seen: 29, needed: 30 }
+        );
+        assert!(app.classifier().adaptation().is_none());
+        let probe = image::load_from_memory(&cells[40]).unwrap().to_rgb8();
+        let before = app.classifier().predict(std::slice::from_ref(&probe))[0].clone();
+
+        ingest(&app, 29);
+        let SiteStatus::Adapted {
+            cells: fitted,
+            seen,
+            next_fit_at,
+            class_mix,
+            ..
+        } = app.site_status().unwrap()
+        else {
+            panic!("adapted after 30 cells: {:?}", app.site_status());
+        };
+        assert_eq!((fitted, seen, next_fit_at), (30, 30, 60));
+        assert!((class_mix.values().sum::<f32>() - 1.0).abs() < 1e-3, "{class_mix:?}");
+        let adapted = app.classifier();
+        assert_eq!(
+            adapted.adaptation().map(|a| a.model_version),
+            Some(adapted.model_version)
+        );
+        let after = adapted.predict(std::slice::from_ref(&probe))[0].clone();
+        assert_ne!(after.features, before.features, "the heads see adapted features");
+        assert_eq!(
+            after.site_features(),
+            &before.features[..],
+            "the unadapted ones are kept to learn from"
+        );
+        // Central hears of it.
+        let events: Vec<_> = app
+            .store()
+            .outbox_from(0, 1000)
+            .unwrap()
+            .into_iter()
+            .filter_map(|o| match Envelope::decode(&o.topic, &o.payload).unwrap().body {
+                Body::Model(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].event, wbc_protocol::uplink::ModelEvent::Adapted);
+        assert!(events[0].detail.contains("30 cells"), "{}", events[0].detail);
+        // Learning goes on from the unadapted features of what the adapted model classifies.
+        ingest(&app, 30);
+        assert_eq!(app.store().site_cells(adapted.model_version).unwrap().seen, 31);
+        drop(adapted);
+        drop(app);
+
+        // A restart finds it.
+        let app = super::tests::app(dir.path());
+        let unadapted = classifier();
+        let v = unadapted.model_version;
+        assert_eq!(app.classifier().adaptation().map(|a| a.cells), Some(30));
+        // A new model starts over; a rollback finds its own adaptation again.
+        let mut next = classifier();
+        next.model_version = v + 1;
+        app.set_classifier(Arc::new(next));
+        assert!(app.classifier().adaptation().is_none());
+        ingest(&app, 31);
+        assert_eq!(
+            app.site_status().unwrap(),
+            SiteStatus::Collecting { seen: 1, needed: 300 }
+        );
+        app.set_classifier(Arc::new(unadapted));
+        assert_eq!(app.classifier().adaptation().map(|a| a.model_version), Some(v));
+        // A reset forgets it; the model answers as signed.
+        app.reset_site("admin").unwrap();
+        assert!(app.classifier().adaptation().is_none());
+        assert_eq!(
+            app.site_status().unwrap(),
+            SiteStatus::Collecting { seen: 0, needed: 300 }
+        );
     }
 }

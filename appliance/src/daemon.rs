@@ -41,6 +41,7 @@ pub fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Sen
             slide: config.slide.clone(),
             limits: DecodeLimits::default(),
             backend: backend_name,
+            adaptation: config.adaptation.clone(),
         },
     )?
     .with_models(models.clone());

@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod inbox;
 pub mod models;
+pub mod site;
 pub mod store;
 pub mod update;
 pub mod uplink;
@@ -176,14 +177,26 @@ pub fn classify_field(
     microns_per_pixel: f32,
     finder: &FinderConfig,
 ) -> Vec<CellResult> {
+    classify_field_for_site(classifier, field, microns_per_pixel, finder).0
+}
+
+/// As [`classify_field`], and the unadapted pooled features of the cells it classified (row
+/// after row; empty for a model without them): what the appliance learns its site from.
+pub fn classify_field_for_site(
+    classifier: &Classifier,
+    field: &RgbImage,
+    microns_per_pixel: f32,
+    finder: &FinderConfig,
+) -> (Vec<CellResult>, Vec<f32>) {
     let found = find_cells(field, microns_per_pixel, finder);
     let pad = mean_colour(field);
     let whole: Vec<_> = found.iter().filter(|c| !c.edge_cut).collect();
     let crops: Vec<RgbImage> = whole.iter().map(|c| cell_crop(field, c.bbox, pad)).collect();
     let preds = classifier.predict_at(&crops, &vec![Some(microns_per_pixel); crops.len()]);
+    let features = preds.iter().flat_map(|p| p.site_features().iter().copied()).collect();
     let mut results = preds.iter().map(|p| classifier.result(p));
     let (w, h) = field.dimensions();
-    found
+    let cells = found
         .iter()
         .map(|c| {
             let b = pixel_box(c.bbox, w, h);
@@ -195,7 +208,8 @@ pub fn classify_field(
                 r
             }
         })
-        .collect()
+        .collect();
+    (cells, features)
 }
 
 /// Classifies each image as a microscope field: every white cell found in it.

@@ -76,6 +76,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/models", get(models_page))
         .route("/api/models", get(api_models))
         .route("/slide/finish", post(finish_slide))
+        .route("/site/reset", post(reset_site))
         .route("/api/slide", get(api_slide))
         .route("/api/field/{id}", get(api_field));
     Router::new()
@@ -144,6 +145,7 @@ async fn health(State(w): State<Arc<Web>>) -> Response {
             "backlog": w.app.store().backlog(),
             "quarantined": w.app.store().quarantined(),
         },
+        "adaptation": site_json(&w.app),
         "inbox_waiting": w.app.inbox_waiting().iter().map(|f| serde_json::json!({
             "file": f.name, "failures": f.failures, "reason": f.reason,
         })).collect::<Vec<_>>(),
@@ -198,7 +200,7 @@ fn differential_html(w: &Web) -> String {
 async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>) -> Response {
     let slide = w.app.current_slide();
     let mut body = format!(
-        "<p id=\"model\">Model version {} on {}{} (<a href=\"/models\">models and updates</a>).</p><p id=\"uplink\">{}</p><h2>Slide {}</h2>{}",
+        "<p id=\"model\">Model version {} on {}{} (<a href=\"/models\">models and updates</a>). <span id=\"site\">{}</span></p><p id=\"uplink\">{}</p><h2>Slide {}</h2>{}",
         w.app.model_version(),
         esc(&w.app.settings.backend),
         match w.app.models().map(|m| m.status()) {
@@ -209,6 +211,7 @@ async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum:
             }) => format!(", new: on probation, {} of {probation_fields} fields", p.fields_ok),
             _ => String::new(),
         },
+        esc(&site_text(&w.app)),
         esc(&w.uplink_text()),
         esc(&slide.id),
         differential_html(&w)
@@ -258,6 +261,16 @@ async fn models_page(
             esc(&crate::models::describe(&m.status()))
         );
     }
+    let _ = write!(
+        body,
+        "<h2>Adaptation to this site</h2><p id=\"site-status\">{}</p>\
+         <p>The appliance learns this clinic's stain and camera from the cells it classifies, \
+         without labels: it moves what the model measures of a cell onto what it measured of its \
+         training cells, never changing the signed model. Forget it when the stain protocol, the \
+         camera or the microscope changes; it is learnt again from the next cells.</p>\
+         <form method=\"post\" action=\"/site/reset\"><p><button id=\"site-reset\">Forget the site adaptation</button></p></form>",
+        esc(&site_text(&w.app))
+    );
     body.push_str(
         "<h2>Model log</h2><table id=\"model-log\"><tr><th>when (UTC)</th><th>event</th><th>version</th><th>detail</th></tr>",
     );
@@ -266,10 +279,7 @@ async fn models_page(
             body,
             "<tr class=\"{cls}\"><td>{t}</td><td>{ev}</td><td>{v}</td><td>{d}</td></tr>",
             cls = e.message.event,
-            t = time::OffsetDateTime::from_unix_timestamp(e.at as i64)
-                .ok()
-                .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-                .unwrap_or_default(),
+            t = utc(e.at),
             ev = e.message.event,
             v = e.message.model_version,
             d = esc(&e.message.detail)
@@ -288,6 +298,7 @@ async fn api_models(State(w): State<Arc<Web>>) -> Response {
     axum::Json(serde_json::json!({
         "status": w.app.models().map(|m| m.status()),
         "log": w.app.store().model_log(100).unwrap_or_default(),
+        "adaptation": site_json(&w.app),
     }))
     .into_response()
 }
@@ -600,6 +611,55 @@ async fn finish_slide(
             Redirect::to("/").into_response()
         }
         Err(e) => error_page(StatusCode::INTERNAL_SERVER_ERROR, Some(&user), &format!("{e:#}")),
+    }
+}
+
+/// Forgets the site adaptation of the model in use.
+async fn reset_site(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>) -> Response {
+    let app = w.app.clone();
+    let by = user.clone();
+    match tokio::task::spawn_blocking(move || app.reset_site(&by)).await {
+        Ok(Ok(())) => {
+            tracing::info!(by = %user, "site adaptation reset");
+            Redirect::to("/models").into_response()
+        }
+        Ok(Err(e)) => error_page(StatusCode::INTERNAL_SERVER_ERROR, Some(&user), &format!("{e:#}")),
+        Err(e) => error_page(StatusCode::INTERNAL_SERVER_ERROR, Some(&user), &e.to_string()),
+    }
+}
+
+/// A time, seconds since the Unix epoch, as RFC 3339 UTC.
+fn utc(at: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(at as i64)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+/// Where the adaptation to the site stands, as `/health` and `/api/models` give it.
+fn site_json(app: &App) -> serde_json::Value {
+    match app.site_status() {
+        Ok(s) => serde_json::to_value(s).unwrap_or_default(),
+        Err(e) => serde_json::json!({"state": "error", "error": format!("{e:#}")}),
+    }
+}
+
+/// Where the adaptation to the site stands, in words.
+fn site_text(app: &App) -> String {
+    use crate::site::SiteStatus;
+    match app.site_status() {
+        Ok(SiteStatus::Off) => "Adaptation to this site is turned off.".into(),
+        Ok(SiteStatus::Unavailable) => "This model cannot adapt to the site.".into(),
+        Ok(SiteStatus::Collecting { seen, needed }) => {
+            format!("Learning this site: {seen} of {needed} cells seen before the model adapts.")
+        }
+        Ok(SiteStatus::Adapted {
+            cells, fitted_at, seen, ..
+        }) => format!(
+            "Adapted to this site on {cells} cells ({seen} seen), {}.",
+            utc(fitted_at)
+        ),
+        Err(e) => format!("The site adaptation cannot be read: {e:#}"),
     }
 }
 

@@ -123,6 +123,15 @@ impl Daemon {
             .unwrap()
     }
 
+    /// `/health`, which needs no login.
+    fn health(&self) -> Value {
+        ureq::get(&format!("{}/health", self.base))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    }
+
     fn slide(&self, cookie: &str) -> Value {
         self.agent()
             .get(&format!("{}/api/slide", self.base))
@@ -199,17 +208,9 @@ fn bundles_on_a_usb_stick_are_refused_or_installed_and_the_models_page_says_why(
     )
     .unwrap();
     std::fs::write(usb.join("b-good.bundle"), appliance::default_bundle_as(v0 + 1, &lab)).unwrap();
-    let health = || -> Value {
-        d.agent()
-            .get(&format!("{}/health", d.base))
-            .call()
-            .unwrap()
-            .into_json()
-            .unwrap()
-    };
     // The models page says it first; the classifier is swapped a moment later.
     wait_for("the USB bundle to become active", || {
-        models()["status"]["active"]["model_version"] == v0 + 1 && health()["model_version"] == v0 + 1
+        models()["status"]["active"]["model_version"] == v0 + 1 && d.health()["model_version"] == v0 + 1
     });
     let page = d.page(&cookie, "/models");
     assert!(
@@ -248,11 +249,7 @@ fn bundles_on_a_usb_stick_are_refused_or_installed_and_the_models_page_says_why(
 fn nothing_but_health_is_served_without_a_login() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(&config(dir.path()));
-    let health: Value = ureq::get(&format!("{}/health", d.base))
-        .call()
-        .unwrap()
-        .into_json()
-        .unwrap();
+    let health = d.health();
     assert_eq!(health["status"], "ok");
     assert_eq!(health["model_version"], factory_version());
     assert!(health["backend"].as_str().unwrap().contains("CPU"));
@@ -496,21 +493,55 @@ fn an_inbox_image_that_meets_a_full_disk_waits_in_the_inbox_and_health_says_why(
     let inbox = dir.path().join("data/inbox");
     let d = Daemon::start(&cfg);
     std::fs::copy(fixture_field("BloodImage_00000.jpg"), inbox.join("a.jpg")).unwrap();
-    let health = || -> Value {
-        ureq::get(&format!("{}/health", d.base))
-            .call()
-            .unwrap()
-            .into_json()
-            .unwrap()
-    };
     wait_for("the inbox to report the waiting image", || {
-        health()["inbox_waiting"].as_array().is_some_and(|w| !w.is_empty())
+        d.health()["inbox_waiting"].as_array().is_some_and(|w| !w.is_empty())
     });
-    let w = &health()["inbox_waiting"][0];
+    let w = &d.health()["inbox_waiting"][0];
     assert_eq!(w["file"], "a.jpg");
     assert!(w["reason"].as_str().unwrap().contains("nearly full"), "{w}");
     assert!(inbox.join("a.jpg").exists(), "the image stays in the inbox");
     assert!(!inbox.join("rejected/a.jpg").exists(), "and is not given up on");
+}
+
+#[test]
+fn health_and_the_models_page_show_the_site_adaptation_and_a_technician_can_reset_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("[adaptation]\nafter_cells = 40\n");
+    std::fs::write(&cfg, text).unwrap();
+    let d = Daemon::start(&cfg);
+    let cookie = d.login();
+    assert_eq!(
+        d.health()["adaptation"],
+        serde_json::json!({"state": "collecting", "seen": 0, "needed": 40})
+    );
+    let (status, _, _) = d.upload(
+        &cookie,
+        "f.jpg",
+        &std::fs::read(fixture_field("BloodImage_00000.jpg")).unwrap(),
+    );
+    assert_eq!(status, 303);
+    let seen = d.health()["adaptation"]["seen"].as_u64().unwrap();
+    assert!(seen >= 1, "the field's cells count towards the adaptation");
+    assert!(d.page(&cookie, "/").contains(&format!("{seen} of 40 cells seen")));
+    assert!(d.page(&cookie, "/models").contains("id=\"site-reset\""));
+    let r = d
+        .agent()
+        .post(&format!("{}/site/reset", d.base))
+        .set("Cookie", &cookie)
+        .call()
+        .unwrap();
+    assert_eq!((r.status(), r.header("location")), (303, Some("/models")));
+    assert_eq!(d.health()["adaptation"]["seen"], 0);
+    let page = d.page(&cookie, "/models");
+    assert!(
+        page.contains("site adaptation reset by"),
+        "the model log says who reset it"
+    );
+    // Not without a login.
+    let r = d.agent().post(&format!("{}/site/reset", d.base)).call().unwrap();
+    assert_eq!((r.status(), r.header("location")), (303, Some("/login")));
 }
 
 #[test]

@@ -15,6 +15,8 @@
 //! | `image_meta` | field seq | stored at (u64) ‖ length (u64) |
 //! | `outbox` | message seq | field seq (u64, `u64::MAX` for none) ‖ [`Envelope`](wbc_protocol::uplink::Envelope) |
 //! | `meta` | name | the active model's version, … |
+//! | `site_features` | model version ‖ seq | a site cell's unadapted features (f32 LE) |
+//! | `adaptations` | model version | [`StoredAdaptation`] |
 //!
 //! Every change that carries results is one transaction over the trees it touches, followed
 //! by a flush: when a write returns, the result is on disk, and a crash at any moment leaves
@@ -29,7 +31,8 @@
 //! This file holds the trees, their keys and encodings, and the fields, reviews, slides and
 //! images; `outbox` the messages waiting for the broker; `model_log` the model log and the
 //! model in use; `retention` what is removed and when (images by age and bytes, delivered
-//! results by age) and the free-space floor.
+//! results by age) and the free-space floor; `site` what the appliance learnt of its site (the
+//! cells a site adaptation is fitted on, and the adaptations).
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -43,12 +46,14 @@ use wbc_protocol::uplink::{Body, ReviewMessage, valid_id};
 mod model_log;
 mod outbox;
 mod retention;
+mod site;
 #[cfg(test)]
 mod tests;
 
 pub use model_log::ModelLogEntry;
 pub use outbox::Outgoing;
 pub use retention::Pruned;
+pub use site::{SiteCells, StoredAdaptation};
 
 /// Format version of every stored value.
 const VALUE_VERSION: u8 = 1;
@@ -94,6 +99,8 @@ pub struct Store {
     quarantine: Tree,
     model_log: Tree,
     meta: Tree,
+    site_features: Tree,
+    adaptations: Tree,
     /// Random epoch of this store, above the counter in wire sequence numbers.
     epoch: u64,
     /// Messages in the outbox (sled counts a tree by walking it). Signed: an acknowledgement
@@ -191,6 +198,8 @@ impl Store {
             outbox: t("outbox")?,
             quarantine: t("outbox_quarantine")?,
             model_log: t("model_log")?,
+            site_features: t("site_features")?,
+            adaptations: t("adaptations")?,
             queued: std::sync::atomic::AtomicI64::new(outbox_len as i64),
             meta,
             epoch,

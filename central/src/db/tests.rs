@@ -244,6 +244,21 @@ fn slides_and_status(path: &Path) {
         }),
     ))
     .unwrap();
+    // A site adaptation is news for the lab, not a change of the model in use.
+    db.apply(&Envelope::new(
+        "a",
+        "d",
+        4,
+        4,
+        Body::Model(ModelMessage {
+            event: ModelEvent::Adapted,
+            model_version: 9,
+            detail: "fitted on the site's last 300 cells".into(),
+        }),
+    ))
+    .unwrap();
+    let events = db.model_events(Some("a"), 10).unwrap();
+    assert_eq!((events[0].event, events[0].model_version), (ModelEvent::Adapted, 9));
     let status = |state, at| Status {
         schema_version: UPLINK_SCHEMA_VERSION,
         clinic: "a".into(),

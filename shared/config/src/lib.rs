@@ -96,6 +96,9 @@ pub struct Config {
     pub backend: BackendChoice,
     /// The microscope camera, if one is attached (`[camera.v4l2]` or `[camera.replay]`).
     pub camera: Option<CameraConfig>,
+    /// Adaptation to this clinic's stain and camera from the cells it classifies
+    /// (`[adaptation]`).
+    pub adaptation: AdaptationConfig,
 }
 
 impl Default for Config {
@@ -117,6 +120,7 @@ impl Default for Config {
             web: WebConfig::default(),
             backend: Default::default(),
             camera: None,
+            adaptation: AdaptationConfig::default(),
         }
     }
 }
@@ -164,6 +168,7 @@ impl Config {
             u.validate()?;
         }
         self.update.validate()?;
+        self.adaptation.validate()?;
         for u in &self.web.users {
             u.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
@@ -180,6 +185,52 @@ impl Config {
 /// allowed), for editors, `firmware-config schema` and the web UI (`/api/config-schema`).
 pub fn schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(Config)).expect("a schema is JSON")
+}
+
+/// Fewest cells a site adaptation is fitted on (the model crate's `adapt::MIN_CELLS`, which
+/// a test keeps equal to this).
+pub const MIN_ADAPTATION_CELLS: usize = 30;
+
+/// Adaptation to the site without labels (`[adaptation]`): the appliance keeps the pooled
+/// features of the last cells it classified and, once it has `after_cells` of them, moves the
+/// model's features onto the training cells' statistics (never its signed weights); it fits
+/// again after each further `after_cells` cells, and starts over with a new model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptationConfig {
+    /// Whether the appliance adapts to its site (off: the model's answers as signed).
+    pub enabled: bool,
+    /// Cells classified before the first adaptation, and between two fits (at least 30).
+    pub after_cells: usize,
+    /// The most recent cells kept to fit on (at least `after_cells`; about 5 KiB each).
+    pub keep_cells: usize,
+}
+
+impl Default for AdaptationConfig {
+    fn default() -> Self {
+        AdaptationConfig {
+            enabled: true,
+            after_cells: 300,
+            keep_cells: 3000,
+        }
+    }
+}
+
+impl AdaptationConfig {
+    /// Refuses settings adaptation cannot run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.after_cells < MIN_ADAPTATION_CELLS {
+            return Err(ConfigError::Invalid(format!(
+                "adaptation.after_cells must be at least {MIN_ADAPTATION_CELLS}: fewer cells' statistics are noise"
+            )));
+        }
+        if self.keep_cells < self.after_cells || self.keep_cells > 100_000 {
+            return Err(ConfigError::Invalid(
+                "adaptation.keep_cells must be at least adaptation.after_cells and at most 100000".to_string(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// How long things are kept and how much room is left free.
@@ -418,6 +469,9 @@ mod tests {
             "[update]\npoll_s = 0",
             "[update]\nprobation_fields = 0",
             "[update]\nusb = \"/media\"",
+            "[adaptation]\nafter_cells = 29",
+            "[adaptation]\nafter_cells = 100\nkeep_cells = 99",
+            "[adaptation]\nevery = 5",
         ] {
             std::fs::write(&p, bad).unwrap();
             assert!(Config::load(&p).is_err(), "{bad}");
@@ -430,7 +484,16 @@ mod tests {
         assert_eq!(s["additionalProperties"], false);
         let props = s["properties"].as_object().unwrap();
         for key in [
-            "data_dir", "clinic", "device", "store", "uplink", "slide", "web", "backend", "camera",
+            "data_dir",
+            "clinic",
+            "device",
+            "store",
+            "uplink",
+            "slide",
+            "web",
+            "backend",
+            "camera",
+            "adaptation",
         ] {
             assert!(props.contains_key(key), "{key}");
         }

@@ -249,6 +249,12 @@ impl Classifier {
             .collect())
     }
 
+    /// Whether this model can adapt to a site (a compact model with a bank of training cells'
+    /// features).
+    pub fn can_adapt(&self) -> bool {
+        self.source.is_some() && matches!(self.model, Engine::Compact(_))
+    }
+
     /// Fits a site adaptation to the unadapted features of the site's cells (from
     /// [`Classifier::site_features`]); it is not put to use until [`Classifier::with_adaptation`].
     pub fn fit_adaptation(&self, site_features: &[f32]) -> Result<Adaptation, AdaptError> {
@@ -326,7 +332,15 @@ impl Classifier {
             if let Some(a) = adaptation {
                 let mut f: Vec<f32> = preds.iter().flat_map(|p| p.features.iter().copied()).collect();
                 f.chunks_exact_mut(FEATURES).for_each(|row| a.apply(row));
-                preds = model.predict_features(f, chunk.len());
+                let adapted = model.predict_features(f, chunk.len());
+                preds = preds
+                    .into_iter()
+                    .zip(adapted)
+                    .map(|(raw, mut p)| {
+                        p.unadapted_features = Some(raw.features);
+                        p
+                    })
+                    .collect();
             }
             let t = self.calibration.temperature;
             let scores = self.knn.as_ref().map(|k| {
@@ -546,6 +560,7 @@ mod tests {
             probs,
             logits: [0.0; NUM_CLASSES],
             features: vec![],
+            unadapted_features: None,
             ood_score: Some(0.1),
             cell_found: Some(true),
             cell_size: None,

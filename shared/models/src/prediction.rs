@@ -16,6 +16,9 @@ pub struct Prediction {
     pub logits: [f32; NUM_CLASSES],
     /// Pooled backbone features (the space the out-of-distribution score is measured in).
     pub features: Vec<f32>,
+    /// The pooled features as the signed model computed them, where a site adaptation moved
+    /// `features` (what the next adaptation is fitted on); `None` when they are `features`.
+    pub unadapted_features: Option<Vec<f32>>,
     /// How unlike the training cells this cell is (higher = less familiar), where the bundle
     /// has an out-of-distribution model.
     pub ood_score: Option<f32>,
@@ -59,6 +62,12 @@ pub struct AttributeScores {
 }
 
 impl Prediction {
+    /// The pooled features as the signed model computed them, before any site adaptation
+    /// (empty for a family without pooled features).
+    pub fn site_features(&self) -> &[f32] {
+        self.unadapted_features.as_deref().unwrap_or(&self.features)
+    }
+
     /// A prediction that is only class probabilities and, maybe, a description (a family
     /// without features or attribute heads); the logits are the log-probabilities.
     pub fn from_probabilities(probs: [f32; NUM_CLASSES], description: Option<String>) -> Self {
@@ -66,6 +75,7 @@ impl Prediction {
             probs,
             logits: probs.map(|q| q.max(f32::MIN_POSITIVE).ln()),
             features: Vec::new(),
+            unadapted_features: None,
             ood_score: None,
             cell_found: None,
             cell_size: None,

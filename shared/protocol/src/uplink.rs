@@ -240,6 +240,9 @@ pub enum ModelEvent {
     RolledBack,
     /// A signed key list replaced the trusted keys.
     KeysUpdated,
+    /// The model was adapted to the site's stain and camera from the cells it classified (or
+    /// that adaptation was reset); the detail says on how many cells and the class mix seen.
+    Adapted,
     /// An event this version does not know (from a newer appliance).
     #[serde(other)]
     Unknown,
@@ -256,6 +259,7 @@ impl ModelEvent {
             ModelEvent::Confirmed => "confirmed",
             ModelEvent::RolledBack => "rolled_back",
             ModelEvent::KeysUpdated => "keys_updated",
+            ModelEvent::Adapted => "adapted",
             ModelEvent::Unknown => "unknown",
         }
     }
@@ -524,6 +528,7 @@ mod tests {
             ModelEvent::Confirmed,
             ModelEvent::RolledBack,
             ModelEvent::KeysUpdated,
+            ModelEvent::Adapted,
         ] {
             let json = serde_json::to_string(&e).unwrap();
             assert_eq!(json, format!("\"{}\"", e.as_str()));

@@ -286,6 +286,7 @@ impl CompactModel {
                     probs: softmax_t(&l, 1.0),
                     logits: l,
                     features: features[i * FEATURES..(i + 1) * FEATURES].to_vec(),
+                    unadapted_features: None,
                     ood_score: None,
                     cell_found: None,
                     cell_size: None,

@@ -1,0 +1,178 @@
+//! The daemon's adaptation to its site, without labels: the unadapted features of every cell
+//! it classifies are kept (a window of the newest), and once there are enough of them the
+//! classifier's features are moved onto the training cells' statistics
+//! ([`wbc_models::adapt`]); fitted again after each further batch of cells, kept in the store
+//! for the model version it was fitted for, started over by a new model, reported to central
+//! as a model event. The signed weights never change. `appliance classify --adapt-to` fits
+//! with the same [`Classifier::fit_adaptation`].
+
+use crate::store::{SiteCells, Store, StoredAdaptation};
+use anyhow::Result;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use wbc_models::classify::Classifier;
+use wbc_models::compact::mobilenet::FEATURES;
+use wbc_protocol::classes::CellClass;
+use wbc_protocol::clock::now;
+use wbc_protocol::uplink::{ModelEvent, ModelMessage};
+
+pub use wbc_config::AdaptationConfig;
+
+/// Where the adaptation to the site stands (for the UI and `/health`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum SiteStatus {
+    /// Turned off in the configuration: the model answers as signed.
+    Off,
+    /// The model in use cannot be adapted (no bank of training cells' features).
+    Unavailable,
+    /// Collecting the site's cells before the first fit.
+    Collecting {
+        /// Cells seen by this model at the site.
+        seen: u64,
+        /// Cells needed before the first fit.
+        needed: u64,
+    },
+    /// In use.
+    Adapted {
+        /// Cells it was fitted on.
+        cells: usize,
+        /// When, seconds since the Unix epoch.
+        fitted_at: u64,
+        /// Cells seen by this model at the site.
+        seen: u64,
+        /// Cells seen when it is fitted again.
+        next_fit_at: u64,
+        /// The site's class mix as the adapted model sees it.
+        class_mix: BTreeMap<String, f32>,
+    },
+}
+
+/// Where the adaptation of `classifier`'s model stands.
+pub fn status(store: &Store, classifier: &Classifier, config: &AdaptationConfig) -> Result<SiteStatus> {
+    if !config.enabled {
+        return Ok(SiteStatus::Off);
+    }
+    if !classifier.can_adapt() {
+        return Ok(SiteStatus::Unavailable);
+    }
+    let v = classifier.model_version;
+    let cells = store.site_cells(v)?;
+    Ok(match store.adaptation(v)? {
+        None => SiteStatus::Collecting {
+            seen: cells.seen,
+            needed: config.after_cells as u64,
+        },
+        Some(a) => SiteStatus::Adapted {
+            cells: a.adaptation.cells,
+            fitted_at: a.fitted_at,
+            seen: cells.seen,
+            next_fit_at: a.seen_at_fit + config.after_cells as u64,
+            class_mix: mix_by_name(&a.adaptation.class_mix),
+        },
+    })
+}
+
+fn mix_by_name(mix: &[f32]) -> BTreeMap<String, f32> {
+    CellClass::ALL
+        .iter()
+        .zip(mix)
+        .map(|(c, p)| (c.name().to_string(), *p))
+        .collect()
+}
+
+/// The classifier with the adaptation stored for its model version (none when there is none,
+/// or adaptation is off).
+pub fn adapted(store: &Store, classifier: Arc<Classifier>, config: &AdaptationConfig) -> Arc<Classifier> {
+    let stored = if config.enabled && classifier.can_adapt() {
+        store.adaptation(classifier.model_version).unwrap_or_else(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "could not read the site adaptation");
+            None
+        })
+    } else {
+        None
+    };
+    let want = stored.map(|s| s.adaptation);
+    if classifier.adaptation() == want.as_ref() {
+        return classifier;
+    }
+    match (*classifier).clone().with_adaptation(want) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "the site adaptation does not fit the model; answering without it");
+            classifier
+        }
+    }
+}
+
+/// Keeps the unadapted features of cells `classifier` has just classified (`features`, row
+/// after row) and, when enough new cells have come since the last fit, fits the adaptation
+/// again, keeps it, and tells central. Returns the new adaptation.
+pub fn learn(
+    store: &Store,
+    classifier: &Classifier,
+    config: &AdaptationConfig,
+    features: &[f32],
+) -> Result<Option<StoredAdaptation>> {
+    if !config.enabled || !classifier.can_adapt() || features.is_empty() {
+        return Ok(None);
+    }
+    let v = classifier.model_version;
+    let cells = store.add_site_features(v, features, FEATURES, config.keep_cells)?;
+    let last = store.adaptation(v)?;
+    let due_at = last.as_ref().map_or(0, |a| a.seen_at_fit) + config.after_cells as u64;
+    if cells.seen < due_at {
+        return Ok(None);
+    }
+    fit(store, classifier, cells).map(Some)
+}
+
+fn fit(store: &Store, classifier: &Classifier, cells: SiteCells) -> Result<StoredAdaptation> {
+    let started = std::time::Instant::now();
+    let features = store.site_features(cells.model_version, FEATURES)?;
+    let adaptation = classifier.fit_adaptation(&features)?;
+    let stored = StoredAdaptation {
+        adaptation,
+        fitted_at: now(),
+        seen_at_fit: cells.seen,
+    };
+    store.put_adaptation(&stored)?;
+    let detail = format!(
+        "fitted on the site's last {} cells (of {} seen); their class mix as the adapted model sees it: {}",
+        stored.adaptation.cells,
+        cells.seen,
+        crate::render_mix(&stored.adaptation.class_mix)
+    );
+    tracing::info!(
+        model_version = cells.model_version,
+        cells = stored.adaptation.cells,
+        ms = started.elapsed().as_millis() as u64,
+        "adapted to the site"
+    );
+    store.model_event(&ModelMessage {
+        event: ModelEvent::Adapted,
+        model_version: cells.model_version,
+        detail,
+    })?;
+    Ok(stored)
+}
+
+/// Forgets the site adaptation of model `version` and the cells kept for it (a technician's
+/// or the lab's decision: a new stain protocol, another camera); tells central.
+pub fn reset(store: &Store, version: u64, by: &str) -> Result<()> {
+    store.reset_site(version)?;
+    store.model_event(&ModelMessage {
+        event: ModelEvent::Adapted,
+        model_version: version,
+        detail: format!("site adaptation reset by {by}: the model answers as signed until it has adapted again"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_configuration_and_the_model_agree_on_the_fewest_cells() {
+        assert_eq!(wbc_config::MIN_ADAPTATION_CELLS, wbc_models::adapt::MIN_CELLS);
+    }
+}
