@@ -4,9 +4,11 @@
 //! broker holds QoS 1 messages while central is down, and acknowledges each message only
 //! after it is committed to the database: a crash before the commit means the broker sends it
 //! again. Anything malformed or unexpected is recorded as rejected, logged, acknowledged (so it
-//! is not sent again forever) and otherwise ignored.
+//! is not sent again forever) and otherwise ignored; so is a message the database refuses for
+//! its content. Only a database that is down (or full, or busy) stops ingest.
 
 use crate::db::{Applied, Db};
+use crate::sql::refused_for_content;
 use anyhow::{Context, Result};
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
 use std::collections::VecDeque;
@@ -49,19 +51,26 @@ pub fn handle(db: &Db, stats: &Stats, topic: &str, payload: &[u8]) -> Result<()>
             return Ok(());
         }
         return match Status::decode(topic, payload) {
-            Ok(s) => {
-                db.set_status(&s)?;
-                stats.statuses.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
+            Ok(s) => match db.set_status(&s) {
+                Ok(()) => {
+                    stats.statuses.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(err) if refused_for_content(&err) => reject(format!("the database refused its content: {err:#}")),
+                Err(err) => Err(err),
+            },
             Err(e) => reject(e.to_string()),
         };
     }
     match Envelope::decode(topic, payload) {
         Ok(e) => {
-            match db.apply(&e)? {
-                Applied::New => stats.stored.fetch_add(1, Ordering::Relaxed),
-                Applied::Duplicate => stats.duplicates.fetch_add(1, Ordering::Relaxed),
+            match db.apply(&e) {
+                Ok(Applied::New) => stats.stored.fetch_add(1, Ordering::Relaxed),
+                Ok(Applied::Duplicate) => stats.duplicates.fetch_add(1, Ordering::Relaxed),
+                Err(err) if refused_for_content(&err) => {
+                    return reject(format!("the database refused its content: {err:#}"));
+                }
+                Err(err) => return Err(err),
             };
             Ok(())
         }
@@ -147,6 +156,80 @@ impl Ingest {
                     let _ = client.try_disconnect();
                     return Ok(());
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::{Conn, databases, is_postgres_url};
+    use wbc_protocol::uplink::{Body, ModelEvent, ModelMessage};
+
+    fn event(clinic: &str, device: &str, seq: u64, detail: &str) -> Envelope {
+        Envelope::new(
+            clinic,
+            device,
+            seq,
+            seq,
+            Body::Model(ModelMessage {
+                event: ModelEvent::Rejected,
+                model_version: 3,
+                detail: detail.into(),
+            }),
+        )
+    }
+
+    fn send(db: &Db, stats: &Stats, e: &Envelope) -> Result<()> {
+        handle(db, stats, &e.topic(), &serde_json::to_vec(e).unwrap())
+    }
+
+    #[test]
+    fn a_message_with_a_nul_is_kept_cleaned_and_another_clinics_messages_still_arrive() {
+        for (_guard, path) in databases() {
+            let db = Db::open(&path).unwrap();
+            let stats = Stats::default();
+            // What a USB stick's refused bundle puts in a `rejected` event: its claimed key id.
+            send(&db, &stats, &event("north", "scope-1", 1, "unknown key \u{0}\u{0}id")).unwrap();
+            send(&db, &stats, &event("south", "scope-2", 1, "fine")).unwrap();
+            assert_eq!(stats.stored.load(Ordering::Relaxed), 2, "{}", path.display());
+            let events = db.model_events(None, 10).unwrap();
+            assert!(
+                events
+                    .iter()
+                    .any(|e| e.clinic == "north" && e.detail == "unknown key id")
+            );
+            assert!(events.iter().any(|e| e.clinic == "south"));
+        }
+    }
+
+    #[test]
+    fn content_the_database_refuses_is_rejected_and_only_a_database_that_is_down_stops_ingest() {
+        for (server, path) in databases() {
+            let url = path.to_string_lossy().to_string();
+            let db = Db::open(&path).unwrap();
+            // Past the decoder's cleaning, straight to the database: PostgreSQL refuses a NUL.
+            match db.apply(&event("north", "scope-1", 7, "a\u{0}b")) {
+                Ok(_) => assert!(!is_postgres_url(&url), "PostgreSQL took a NUL"),
+                Err(e) => assert!(refused_for_content(&e), "{e:#}"),
+            }
+            let mut c = Conn::open(&url).unwrap();
+            let e = c
+                .exec(
+                    "INSERT INTO rejected (topic, reason, at) VALUES ($1, NULL, 1)",
+                    &["t".into()],
+                )
+                .unwrap_err();
+            assert!(refused_for_content(&e), "a constraint: {e:#}");
+            drop(c);
+            if is_postgres_url(&url) {
+                // The server stops: the message waits at the broker, unacknowledged.
+                drop(server);
+                let stats = Stats::default();
+                let e = send(&db, &stats, &event("south", "scope-2", 1, "fine")).unwrap_err();
+                assert!(!refused_for_content(&e), "{e:#}");
+                assert_eq!(stats.rejected.load(Ordering::Relaxed), 0);
             }
         }
     }

@@ -224,6 +224,28 @@ impl Conn {
     }
 }
 
+/// Whether the database refused a statement for what it was given (a value it cannot hold, a
+/// constraint) rather than for its own state (down, full, busy): a message refused so is
+/// recorded as rejected and acknowledged; any other error stops ingest until the database is
+/// back, and the broker keeps the message meanwhile.
+pub fn refused_for_content(e: &anyhow::Error) -> bool {
+    for cause in e.chain() {
+        if let Some(rusqlite::Error::SqliteFailure(f, _)) = cause.downcast_ref::<rusqlite::Error>() {
+            use rusqlite::ErrorCode as C;
+            return matches!(f.code, C::ConstraintViolation | C::TooBig | C::TypeMismatch);
+        }
+        #[cfg(feature = "postgres")]
+        if let Some(pg) = cause.downcast_ref::<postgres::Error>() {
+            // SQLSTATE class 22: data exception (a NUL in text, a value out of range);
+            // class 23: integrity constraint violation.
+            return pg
+                .code()
+                .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"));
+        }
+    }
+    false
+}
+
 fn first_line(sql: &str) -> String {
     sql.trim().lines().next().unwrap_or("").to_string()
 }

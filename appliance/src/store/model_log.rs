@@ -7,7 +7,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use wbc_protocol::clock::now;
-use wbc_protocol::uplink::{Body, ModelEvent, ModelMessage};
+use wbc_protocol::uplink::{Body, ModelEvent, ModelMessage, clean_text};
 
 /// One event of the model log (updates, rollbacks, the model in use), newest first in the UI.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,6 +41,12 @@ impl Store {
     }
 
     fn log_model(&self, m: &ModelMessage, only_if_changed: bool) -> Result<bool> {
+        // A refusal's reason may repeat what a USB stick or a server claimed: kept short and
+        // clean, so that it always fits a message and any database.
+        let m = &ModelMessage {
+            detail: clean_text(&m.detail),
+            ..m.clone()
+        };
         let body = Body::Model(m.clone());
         let entry = encode(&ModelLogEntry {
             at: now(),

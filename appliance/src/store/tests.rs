@@ -145,6 +145,23 @@ fn the_active_model_is_announced_once_per_version() {
 }
 
 #[test]
+fn a_refusal_whose_reason_repeats_a_huge_or_hostile_claim_is_still_logged_and_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), Retention::default());
+    let claim = format!("bundle signed by unknown key {}\u{0}", "k".repeat(MAX_PAYLOAD_BYTES));
+    s.model_event(&wbc_protocol::uplink::ModelMessage {
+        event: wbc_protocol::uplink::ModelEvent::Rejected,
+        model_version: 9,
+        detail: claim,
+    })
+    .unwrap();
+    let logged = &s.model_log(1).unwrap()[0].message.detail;
+    assert!(logged.starts_with("bundle signed by unknown key kkk") && !logged.contains('\u{0}'));
+    assert_eq!(logged.chars().count(), wbc_protocol::uplink::MAX_TEXT_CHARS);
+    assert_eq!(s.backlog(), 1, "queued for central");
+}
+
+#[test]
 fn an_unreadable_outbox_message_is_set_aside_not_lost_and_oversized_ones_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), Retention::default());

@@ -5,7 +5,7 @@
 use super::{Applied, Db, now};
 use crate::sql::Conn;
 use anyhow::Result;
-use wbc_protocol::uplink::{Body, CellMessage, DeviceState, Envelope, ModelEvent, Status};
+use wbc_protocol::uplink::{Body, CellMessage, DeviceState, Envelope, ModelEvent, Status, clean_text};
 
 /// The JPEG of a cell message's picture when it is one central keeps: valid base64, within
 /// [`MAX_PICTURE_BYTES`](wbc_protocol::uplink::MAX_PICTURE_BYTES), and a JPEG that decodes to at
@@ -192,8 +192,8 @@ impl Db {
         conn.exec(
             "INSERT INTO rejected (topic, reason, at) VALUES ($1, $2, $3)",
             &[
-                topic.chars().take(300).collect::<String>().into(),
-                reason.chars().take(500).collect::<String>().into(),
+                clean_text(topic).chars().take(300).collect::<String>().into(),
+                clean_text(reason).chars().take(500).collect::<String>().into(),
                 now().into(),
             ],
         )?;

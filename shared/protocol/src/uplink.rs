@@ -380,6 +380,58 @@ pub fn message_id(clinic: &str, device: &str, seq: u64) -> String {
     format!("{clinic}:{device}:{seq}")
 }
 
+/// Longest device-supplied text kept, in characters (a cell's picture is bounded by
+/// [`MAX_PICTURE_BYTES`] instead).
+pub const MAX_TEXT_CHARS: usize = 2000;
+
+/// Device text as it is kept: without control characters other than line breaks and tabs (a
+/// NUL, which PostgreSQL refuses, belongs in no name, reason or description), at most
+/// [`MAX_TEXT_CHARS`] characters.
+pub fn clean_text(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control() || matches!(c, '\n' | '\t'))
+        .take(MAX_TEXT_CHARS)
+        .collect()
+}
+
+fn needs_cleaning(s: &str, cap: bool) -> bool {
+    s.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\t')) || (cap && s.chars().nth(MAX_TEXT_CHARS).is_some())
+}
+
+/// Cleans every text of a decoded message in place (see [`clean_text`]); the picture's text is
+/// only rid of control characters.
+fn clean_value(v: &mut serde_json::Value, cap: bool) {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if needs_cleaning(s, cap) => {
+            *s = if cap {
+                clean_text(s)
+            } else {
+                s.chars().filter(|c| !c.is_control()).collect()
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| clean_value(x, cap)),
+        Value::Object(o) => {
+            if o.keys().any(|k| needs_cleaning(k, true)) {
+                let old = std::mem::take(o);
+                o.extend(old.into_iter().map(|(k, v)| (clean_text(&k), v)));
+            }
+            for (k, x) in o.iter_mut() {
+                clean_value(x, cap && k != "picture");
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Parses a device's message with every text cleaned ([`clean_text`]) before it is typed: what
+/// central stores is never refused by its database for a character a device put in it.
+fn decode_clean<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, UplinkError> {
+    let mut v: serde_json::Value = serde_json::from_slice(payload).map_err(|e| UplinkError::Invalid(e.to_string()))?;
+    clean_value(&mut v, true);
+    serde_json::from_value(v).map_err(|e| UplinkError::Invalid(e.to_string()))
+}
+
 fn check_version(payload: &[u8]) -> Result<(), UplinkError> {
     if payload.len() > MAX_PAYLOAD_BYTES {
         return Err(UplinkError::TooLarge(payload.len()));
@@ -451,7 +503,7 @@ impl Envelope {
             return Err(UplinkError::Mismatch("a status is not an envelope".into()));
         }
         check_version(payload)?;
-        let e: Envelope = serde_json::from_slice(payload).map_err(|e| UplinkError::Invalid(e.to_string()))?;
+        let e: Envelope = decode_clean(payload)?;
         check_origin(&e.clinic, &e.device, &t)?;
         if e.body.kind() != t.2 {
             return Err(UplinkError::Mismatch(format!(
@@ -507,7 +559,7 @@ impl Status {
             return Err(UplinkError::Mismatch("not a status topic".into()));
         }
         check_version(payload)?;
-        let s: Status = serde_json::from_slice(payload).map_err(|e| UplinkError::Invalid(e.to_string()))?;
+        let s: Status = decode_clean(payload)?;
         check_origin(&s.clinic, &s.device, &t)?;
         Ok(s)
     }
@@ -538,6 +590,41 @@ mod tests {
         assert_eq!(m.event, ModelEvent::Unknown);
         assert_eq!("rolled_back".parse(), Ok(ModelEvent::RolledBack));
         assert_eq!("quarantined".parse(), Ok(ModelEvent::Unknown));
+    }
+
+    #[test]
+    fn device_text_is_cleaned_and_capped_where_a_message_is_decoded() {
+        let m = Envelope::new(
+            "a",
+            "d",
+            1,
+            2,
+            Body::Model(ModelMessage {
+                event: ModelEvent::Rejected,
+                model_version: 3,
+                detail: format!("key \u{0}id\u{7}\nline\t{}", "x".repeat(5000)),
+            }),
+        );
+        let payload = serde_json::to_vec(&m).unwrap();
+        let got = Envelope::decode(&m.topic(), &payload).unwrap();
+        let Body::Model(got) = got.body else { panic!() };
+        assert!(got.detail.starts_with("key id\nline\txxx"), "{:?}", &got.detail[..20]);
+        assert_eq!(got.detail.chars().count(), MAX_TEXT_CHARS);
+        // Map keys too; a picture keeps its length.
+        let mut f = field();
+        f.cells[0]
+            .result
+            .attributes
+            .insert("colour\u{0}".into(), "blue\u{0}".into());
+        let mut body = Body::cells_of(&f).remove(0);
+        if let Body::Cell(c) = &mut body {
+            c.picture = Some("A".repeat(MAX_TEXT_CHARS * 4));
+        }
+        let m = Envelope::new("c1", "dev", 1, 5, body);
+        let got = Envelope::decode(&m.topic(), &serde_json::to_vec(&m).unwrap()).unwrap();
+        let Body::Cell(c) = got.body else { panic!() };
+        assert_eq!(c.cell.result.attributes.get("colour").map(String::as_str), Some("blue"));
+        assert_eq!(c.picture.unwrap().len(), MAX_TEXT_CHARS * 4);
     }
 
     fn field() -> FieldRecord {
