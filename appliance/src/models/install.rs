@@ -40,7 +40,20 @@ fn refuse(sha: &str, version: u64, reason: impl Into<String>) -> Refusal {
     }
 }
 
+/// A failure of the moment, not a verdict on the bundle: not remembered.
+fn transient(reason: String) -> Refusal {
+    Refusal {
+        reason,
+        version: 0,
+        remember: None,
+    }
+}
+
 const SEEN_LIMIT: usize = 200;
+/// What `seen.json` says of a bundle while it is checked (followed by the attempt).
+pub(super) const CHECKING: &str = "checking, attempt";
+/// Attempts at checking a bundle during which the appliance stopped, before it is refused.
+const MAX_CHECKS: u32 = 2;
 
 impl<T> Models<T> {
     pub(super) fn remember(&self, st: &mut State, sha: &str, outcome: String) {
@@ -72,6 +85,7 @@ impl<T> Models<T> {
     /// rollback instruction comes with it (it may have been refused as too old).
     pub fn settled(&self, sha256: &str, with_rollback: bool) -> Option<String> {
         self.seen(sha256)
+            .filter(|o| !o.starts_with(CHECKING))
             .filter(|o| !(with_rollback && o.starts_with("rejected")))
     }
 
@@ -107,16 +121,11 @@ impl<T> Models<T> {
     }
 
     fn try_install(&self, path: &Path, source: &str, rollbacks: &[SignedDoc]) -> Result<Outcome<T>, Refusal> {
-        let transient = |e: String| Refusal {
-            reason: e,
-            version: 0,
-            remember: None,
-        };
-        let len = std::fs::metadata(path)
-            .map_err(|e| transient(format!("cannot read {}: {e}", path.display())))?
-            .len();
+        let cannot_read = |e: std::io::Error| transient(format!("cannot read {}: {e}", path.display()));
+        let len = std::fs::metadata(path).map_err(cannot_read)?.len();
+        // Hashed as it streams past: nothing of the file is held.
+        let (sha, _) = file_sha256(path).map_err(cannot_read)?;
         if len > self.policy.max_bundle_bytes {
-            let (sha, _) = file_sha256(path).map_err(|e| transient(format!("cannot read {}: {e}", path.display())))?;
             return Err(refuse(
                 &sha,
                 0,
@@ -126,21 +135,71 @@ impl<T> Models<T> {
                 ),
             ));
         }
-        let bytes = std::fs::read(path).map_err(|e| transient(format!("cannot read {}: {e}", path.display())))?;
-        let sha = sha256_hex(&bytes);
         if let Some(o) = self.settled(&sha, !rollbacks.is_empty()) {
             return Ok(Outcome::Skipped(o));
         }
+        // Remembered before anything that could stop the appliance: a file that did, twice,
+        // is not tried a third time.
+        self.mark_checking(&sha)?;
+        let r = self.check_and_install(path, source, rollbacks, &sha);
+        if let Err(Refusal { remember: None, .. }) = &r {
+            // A failure of the moment (a read error, a full disk): the next offer is a new try.
+            let mut st = self.state.lock().expect("models lock");
+            if st.seen.get(&sha).is_some_and(|o| o.starts_with(CHECKING)) {
+                st.seen.remove(&sha);
+            }
+        }
+        r
+    }
+
+    /// Notes that the bundle `sha` is being checked; refuses it when the appliance stopped
+    /// twice while it was.
+    fn mark_checking(&self, sha: &str) -> Result<(), Refusal> {
+        let mut st = self.state.lock().expect("models lock");
+        let tries: u32 = st
+            .seen
+            .get(sha)
+            .and_then(|o| o.strip_prefix(CHECKING))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        if tries >= MAX_CHECKS {
+            return Err(refuse(
+                sha,
+                0,
+                format!("the appliance stopped {tries} times while checking this file; it is not tried again"),
+            ));
+        }
+        self.remember(&mut st, sha, format!("{CHECKING} {}", tries + 1));
+        Ok(())
+    }
+
+    fn check_and_install(
+        &self,
+        path: &Path,
+        source: &str,
+        rollbacks: &[SignedDoc],
+        sha: &str,
+    ) -> Result<Outcome<T>, Refusal> {
         let (trusted, active) = {
             let st = self.state.lock().expect("models lock");
             (st.trusted.clone(), st.pointer.active.clone())
         };
-        let unverified =
-            UnverifiedBundle::read(&bytes[..], &self.limits()).map_err(|e| refuse(&sha, 0, e.to_string()))?;
-        let claimed = unverified.claimed_manifest().map(|m| m.model_version).unwrap_or(0);
-        let bundle = unverified
-            .verify(&trusted)
-            .map_err(|e| refuse(&sha, claimed, e.to_string()))?;
+        // Verified while streaming, in bounded memory: the signature before any part is read,
+        // then every part's hash. Nothing a refused file claims is trusted, or read whole.
+        UnverifiedBundle::verify_file(path, &trusted, &self.limits()).map_err(|e| {
+            // What it claimed to be, for the lab, read only now that it is refused.
+            let claimed = UnverifiedBundle::claimed_version(path).unwrap_or(0);
+            refuse(sha, claimed, e.to_string())
+        })?;
+        // Signed by a trusted key, every part as listed: now it may be read, for the loader.
+        let bytes = std::fs::read(path).map_err(|e| transient(format!("cannot read {}: {e}", path.display())))?;
+        if sha256_hex(&bytes) != sha {
+            return Err(transient(format!("{} changed while it was checked", path.display())));
+        }
+        let sha = sha.to_string();
+        let bundle = UnverifiedBundle::read(&bytes[..], &self.limits())
+            .and_then(|u| u.verify(&trusted))
+            .map_err(|e| refuse(&sha, 0, e.to_string()))?;
         let m = &bundle.manifest;
         let v = m.model_version;
         let needs = semver::Version::parse(&m.min_appliance_version).map_err(|e| {

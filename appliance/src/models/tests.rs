@@ -117,6 +117,34 @@ fn rejected<T>(o: Outcome<T>) -> String {
 }
 
 #[test]
+fn a_bundle_the_appliance_stopped_on_twice_while_checking_is_refused_not_tried_a_third_time() {
+    let v0 = factory_version();
+    let bytes = bundle(v0 + 1, &key(1), |b| b);
+    let sha = sha256_hex(&bytes);
+    // As a crash leaves it: the file noted as being checked, no verdict after.
+    for (attempts, installs) in [(1, true), (2, false)] {
+        let f = Fixture::new();
+        let dir = f.dir.path().join("models");
+        std::fs::create_dir_all(&dir).unwrap();
+        let seen = BTreeMap::from([(sha.clone(), format!("{} {attempts}", super::install::CHECKING))]);
+        std::fs::write(dir.join("seen.json"), serde_json::to_vec(&seen).unwrap()).unwrap();
+        let (m, _) = f.open();
+        let p = f.file("new.bundle", &bytes);
+        if installs {
+            assert_eq!(
+                active(m.install(&p, "USB", &[])).model_version,
+                v0 + 1,
+                "one crash: tried again"
+            );
+        } else {
+            let why = rejected(m.install(&p, "USB", &[]));
+            assert!(why.contains("stopped 2 times while checking"), "{why}");
+            assert!(m.settled(&sha, false).unwrap().starts_with("rejected"));
+        }
+    }
+}
+
+#[test]
 fn a_newer_signed_bundle_becomes_active_with_the_old_one_as_fallback() {
     let f = Fixture::new();
     let v0 = factory_version();

@@ -284,6 +284,169 @@ impl BundleBuilder {
     }
 }
 
+/// Largest `manifest.json` or `manifest.sig` read.
+const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+
+fn corrupt(e: std::io::Error) -> BundleError {
+    BundleError::Corrupt(e.to_string())
+}
+
+/// A bundle file's length, within the limit.
+fn file_len(path: &Path, limits: &ReadLimits) -> Result<u64, BundleError> {
+    let len = std::fs::metadata(path)?.len();
+    if len > limits.max_total {
+        return Err(BundleError::TooLarge(format!(
+            "file is {len} bytes, limit {}",
+            limits.max_total
+        )));
+    }
+    Ok(len)
+}
+
+/// Checks an entry's header against the limits, and the sizes claimed so far against the
+/// file's length (when known): its name and claimed size.
+fn checked_entry<R: Read>(
+    entry: &tar::Entry<R>,
+    count: usize,
+    limits: &ReadLimits,
+    total: &mut u64,
+    file_len: Option<u64>,
+) -> Result<(String, u64), BundleError> {
+    if count >= limits.max_entries {
+        return Err(BundleError::TooLarge(format!(
+            "more than {} entries",
+            limits.max_entries
+        )));
+    }
+    if !entry.header().entry_type().is_file() {
+        return Err(BundleError::Corrupt("entry is not a regular file".into()));
+    }
+    let name = entry.path().map_err(corrupt)?.to_string_lossy().into_owned();
+    check_name(&name)?;
+    let size = entry.header().size().map_err(corrupt)?;
+    *total = total.saturating_add(size);
+    if size > limits.max_entry || *total > limits.max_total {
+        return Err(BundleError::TooLarge(format!("entry {name:?} is {size} bytes")));
+    }
+    if let Some(len) = file_len
+        && *total > len
+    {
+        return Err(BundleError::Corrupt(format!(
+            "entry {name:?} claims {size} bytes, more than the {len}-byte file holds"
+        )));
+    }
+    Ok((name, size))
+}
+
+/// An entry's bytes: read as they come (never allocated from the size its header claims),
+/// refused when there are fewer than claimed.
+fn read_entry(entry: &mut impl Read, name: &str, size: u64) -> Result<Vec<u8>, BundleError> {
+    let mut bytes = Vec::with_capacity(size.min(1 << 20) as usize);
+    entry.take(size).read_to_end(&mut bytes).map_err(corrupt)?;
+    if bytes.len() as u64 != size {
+        return Err(BundleError::Corrupt(format!("entry {name:?} is truncated")));
+    }
+    Ok(bytes)
+}
+
+/// The manifest, once its signature by a trusted key and its format version have checked:
+/// nothing in it is parsed as a manifest before.
+fn signed_manifest(
+    manifest_bytes: &[u8],
+    sig_bytes: &[u8],
+    trusted: &[VerifyingKey],
+) -> Result<(Manifest, String), BundleError> {
+    let sig: SignatureFile =
+        serde_json::from_slice(sig_bytes).map_err(|e| BundleError::Corrupt(format!("manifest.sig: {e}")))?;
+    check_signature(trusted, &sig.key_id, &sig.signature, manifest_bytes)?;
+    let version: serde_json::Value =
+        serde_json::from_slice(manifest_bytes).map_err(|e| BundleError::BadManifest(e.to_string()))?;
+    let found = version.get("format_version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+    if found != FORMAT_VERSION {
+        return Err(BundleError::UnsupportedFormat {
+            found,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let manifest = serde_json::from_slice(manifest_bytes).map_err(|e| BundleError::BadManifest(e.to_string()))?;
+    Ok((manifest, sig.key_id))
+}
+
+/// Writes nothing; hashes what it is given.
+struct HashSink(Sha256, u64);
+
+impl std::io::Write for HashSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.update(b);
+        self.1 += b.len() as u64;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// [`UnverifiedBundle::verify_file`] on any reader (`file_len`: what it holds, when known).
+pub fn verify_stream(
+    reader: impl Read,
+    trusted: &[VerifyingKey],
+    limits: &ReadLimits,
+    file_len: Option<u64>,
+) -> Result<(Manifest, String), BundleError> {
+    let mut archive = tar::Archive::new(reader.take(limits.max_total.saturating_add(1)));
+    let mut manifest_bytes = None;
+    let mut signed: Option<(Manifest, String)> = None;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut total = 0u64;
+    for (count, entry) in archive.entries().map_err(corrupt)?.enumerate() {
+        let mut entry = entry.map_err(corrupt)?;
+        let (name, size) = checked_entry(&entry, count, limits, &mut total, file_len)?;
+        match (count, name.as_str()) {
+            (0, MANIFEST) | (1, SIGNATURE) if size > MAX_MANIFEST_BYTES => {
+                return Err(BundleError::TooLarge(format!("{name} is {size} bytes")));
+            }
+            (0, MANIFEST) => manifest_bytes = Some(read_entry(&mut entry, &name, size)?),
+            (1, SIGNATURE) => {
+                let sig = read_entry(&mut entry, &name, size)?;
+                let m = manifest_bytes.as_deref().ok_or(BundleError::MissingManifest)?;
+                signed = Some(signed_manifest(m, &sig, trusted)?);
+            }
+            (0, _) => return Err(BundleError::MissingManifest),
+            (1, _) => return Err(BundleError::Unsigned),
+            _ => {
+                let (manifest, _) = signed.as_ref().expect("entries 0 and 1 were the signed manifest");
+                let listed = manifest
+                    .parts
+                    .get(&name)
+                    .ok_or_else(|| BundleError::UnlistedPart(name.clone()))?;
+                if !seen.insert(name.clone()) {
+                    return Err(BundleError::Corrupt(format!("entry {name:?} appears twice")));
+                }
+                if listed.size != size {
+                    return Err(BundleError::HashMismatch(name));
+                }
+                let mut sink = HashSink(Sha256::new(), 0);
+                std::io::copy(&mut (&mut entry).take(size), &mut sink).map_err(corrupt)?;
+                if sink.1 != size {
+                    return Err(BundleError::Corrupt(format!("entry {name:?} is truncated")));
+                }
+                if hex::encode(sink.0.finalize()) != listed.sha256 {
+                    return Err(BundleError::HashMismatch(name));
+                }
+            }
+        }
+    }
+    let (manifest, signed_by) = match (manifest_bytes, signed) {
+        (None, _) => return Err(BundleError::MissingManifest),
+        (Some(_), None) => return Err(BundleError::Unsigned),
+        (Some(_), Some(s)) => s,
+    };
+    if let Some(name) = manifest.parts.keys().find(|n| !seen.contains(*n)) {
+        return Err(BundleError::MissingPart(name.clone()));
+    }
+    Ok((manifest, signed_by))
+}
+
 fn check_name(name: &str) -> Result<(), BundleError> {
     let ok = !name.is_empty()
         && name.len() <= 200
@@ -316,49 +479,29 @@ pub struct Bundle {
 }
 
 impl UnverifiedBundle {
-    /// Reads a bundle file within the given limits.
+    /// Reads a bundle file within the given limits. An entry that claims more bytes than the
+    /// file holds is refused before anything is read for it.
     pub fn read_file(path: &Path, limits: &ReadLimits) -> Result<Self, BundleError> {
-        let len = std::fs::metadata(path)?.len();
-        if len > limits.max_total {
-            return Err(BundleError::TooLarge(format!(
-                "file is {len} bytes, limit {}",
-                limits.max_total
-            )));
-        }
-        Self::read(std::fs::File::open(path)?, limits)
+        let len = file_len(path, limits)?;
+        Self::read_bounded(std::fs::File::open(path)?, limits, Some(len))
     }
 
-    /// Reads a bundle from any reader within the given limits.
+    /// Reads a bundle from any reader within the given limits. Memory grows with what the
+    /// reader holds, never with what a header claims.
     pub fn read(reader: impl Read, limits: &ReadLimits) -> Result<Self, BundleError> {
+        Self::read_bounded(reader, limits, None)
+    }
+
+    fn read_bounded(reader: impl Read, limits: &ReadLimits, file_len: Option<u64>) -> Result<Self, BundleError> {
         let mut archive = tar::Archive::new(reader.take(limits.max_total.saturating_add(1)));
         let mut manifest_bytes = None;
         let mut signature = None;
         let mut parts = BTreeMap::new();
         let mut total = 0u64;
-        let corrupt = |e: std::io::Error| BundleError::Corrupt(e.to_string());
         for (count, entry) in archive.entries().map_err(corrupt)?.enumerate() {
-            if count >= limits.max_entries {
-                return Err(BundleError::TooLarge(format!(
-                    "more than {} entries",
-                    limits.max_entries
-                )));
-            }
             let mut entry = entry.map_err(corrupt)?;
-            if !entry.header().entry_type().is_file() {
-                return Err(BundleError::Corrupt("entry is not a regular file".into()));
-            }
-            let name = entry.path().map_err(corrupt)?.to_string_lossy().into_owned();
-            check_name(&name)?;
-            let size = entry.header().size().map_err(corrupt)?;
-            total = total.saturating_add(size);
-            if size > limits.max_entry || total > limits.max_total {
-                return Err(BundleError::TooLarge(format!("entry {name:?} is {size} bytes")));
-            }
-            let mut bytes = Vec::with_capacity(size as usize);
-            entry.read_to_end(&mut bytes).map_err(corrupt)?;
-            if bytes.len() as u64 != size {
-                return Err(BundleError::Corrupt(format!("entry {name:?} is truncated")));
-            }
+            let (name, size) = checked_entry(&entry, count, limits, &mut total, file_len)?;
+            let bytes = read_entry(&mut entry, &name, size)?;
             let slot = match name.as_str() {
                 MANIFEST => &mut manifest_bytes,
                 SIGNATURE => &mut signature,
@@ -381,6 +524,37 @@ impl UnverifiedBundle {
         })
     }
 
+    /// Verifies a bundle file while reading it, in memory that does not grow with the bundle:
+    /// the manifest and its signature (which come first) are checked before any part is read,
+    /// then each part is hashed as it streams past and compared with the signed manifest. For
+    /// a file from a USB stick or a download: nothing of it is held, or trusted, before its
+    /// signature has verified. Returns the signed manifest and the key that signed it.
+    pub fn verify_file(
+        path: &Path,
+        trusted: &[VerifyingKey],
+        limits: &ReadLimits,
+    ) -> Result<(Manifest, String), BundleError> {
+        let len = file_len(path, limits)?;
+        verify_stream(std::fs::File::open(path)?, trusted, limits, Some(len))
+    }
+
+    /// The model version a bundle file claims, unverified, read from its first entry alone
+    /// (at most 16 MiB): for telling the lab which version a refused file said it was.
+    pub fn claimed_version(path: &Path) -> Option<u64> {
+        let file = std::fs::File::open(path).ok()?;
+        let mut archive = tar::Archive::new(file);
+        let mut entry = archive.entries().ok()?.next()?.ok()?;
+        let size = entry.header().size().ok()?;
+        if entry.path().ok()?.to_str()? != MANIFEST || size > MAX_MANIFEST_BYTES {
+            return None;
+        }
+        let bytes = read_entry(&mut entry, MANIFEST, size).ok()?;
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()?
+            .get("model_version")?
+            .as_u64()
+    }
+
     /// Parses the manifest without trusting it (for showing what a refused bundle claimed).
     pub fn claimed_manifest(&self) -> Result<Manifest, BundleError> {
         serde_json::from_slice(&self.manifest_bytes).map_err(|e| BundleError::BadManifest(e.to_string()))
@@ -389,20 +563,7 @@ impl UnverifiedBundle {
     /// Verifies signature (by one of `trusted`), format version and every part's hash.
     pub fn verify(self, trusted: &[VerifyingKey]) -> Result<Bundle, BundleError> {
         let sig_bytes = self.signature.as_ref().ok_or(BundleError::Unsigned)?;
-        let sig: SignatureFile =
-            serde_json::from_slice(sig_bytes).map_err(|e| BundleError::Corrupt(format!("manifest.sig: {e}")))?;
-        check_signature(trusted, &sig.key_id, &sig.signature, &self.manifest_bytes)?;
-        // Signed: now the manifest may be parsed and trusted.
-        let version: serde_json::Value =
-            serde_json::from_slice(&self.manifest_bytes).map_err(|e| BundleError::BadManifest(e.to_string()))?;
-        let found = version.get("format_version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
-        if found != FORMAT_VERSION {
-            return Err(BundleError::UnsupportedFormat {
-                found,
-                supported: FORMAT_VERSION,
-            });
-        }
-        let manifest = self.claimed_manifest()?;
+        let (manifest, signed_by) = signed_manifest(&self.manifest_bytes, sig_bytes, trusted)?;
         for name in manifest.parts.keys() {
             if !self.parts.contains_key(name) {
                 return Err(BundleError::MissingPart(name.clone()));
@@ -419,7 +580,7 @@ impl UnverifiedBundle {
         }
         Ok(Bundle {
             manifest,
-            signed_by: sig.key_id,
+            signed_by,
             parts: self.parts,
         })
     }
@@ -582,10 +743,114 @@ mod tests {
             .unwrap()
     }
 
+    /// Verifies `bytes` in memory and streamed: both must reach the same verdict.
+    fn verified(bytes: &[u8], trusted: &[VerifyingKey]) -> Result<Bundle, BundleError> {
+        let streamed = verify_stream(bytes, trusted, &ReadLimits::default(), Some(bytes.len() as u64));
+        let whole = Bundle::from_bytes(bytes, trusted);
+        match (&whole, &streamed) {
+            (Ok(b), Ok((m, by))) => assert_eq!((&b.manifest, &b.signed_by), (m, by)),
+            (Err(a), Err(b)) => assert_eq!(
+                std::mem::discriminant(a),
+                std::mem::discriminant(b),
+                "in memory: {a}; streamed: {b}"
+            ),
+            _ => panic!(
+                "in memory {:?}, streamed {:?}",
+                whole.as_ref().err(),
+                streamed.as_ref().err()
+            ),
+        }
+        whole
+    }
+
+    /// A tar header for `name` that claims `size` bytes, and `held` bytes after it.
+    fn claiming(name: &str, size: u64, held: usize) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_path(name).unwrap();
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend(std::iter::repeat_n(b'{', held));
+        bytes
+    }
+
+    #[test]
+    fn a_header_that_claims_gigabytes_is_refused_without_allocating_them() {
+        // 1 KiB on disk, 7 GiB claimed: as the manifest, and as a part after the good signed
+        // manifest.
+        let dir = tempfile::tempdir().unwrap();
+        let k = key(1);
+        let signed: Vec<u8> = entries(&build(&k))[..2]
+            .iter()
+            .flat_map(|(h, d)| {
+                let mut b = h.as_bytes().to_vec();
+                b.extend_from_slice(d);
+                b.resize(512 + d.len().div_ceil(512) * 512, 0);
+                b
+            })
+            .collect();
+        for (what, bytes) in [
+            ("manifest", claiming("manifest.json", 7 << 30, 512)),
+            (
+                "part",
+                [&signed[..], &claiming("weights.safetensors", 7 << 30, 0)].concat(),
+            ),
+        ] {
+            let p = dir.path().join(format!("{what}.bundle"));
+            std::fs::write(&p, &bytes).unwrap();
+            let e = UnverifiedBundle::read_file(&p, &ReadLimits::default()).unwrap_err();
+            assert!(matches!(e, BundleError::Corrupt(_)), "{what}: {e}");
+            let e = UnverifiedBundle::verify_file(&p, &[k.verifying_key()], &ReadLimits::default()).unwrap_err();
+            assert!(
+                matches!(e, BundleError::Corrupt(_) | BundleError::MissingManifest),
+                "{what}: {e}"
+            );
+            // A reader of unknown length: read as it comes, truncated.
+            let e = UnverifiedBundle::read(&bytes[..], &ReadLimits::default()).unwrap_err();
+            assert!(matches!(e, BundleError::Corrupt(_)), "{what}: {e}");
+        }
+    }
+
+    /// A bundle's entries: header and data.
+    fn entries(bytes: &[u8]) -> Vec<(tar::Header, Vec<u8>)> {
+        tar::Archive::new(bytes)
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let mut data = Vec::new();
+                e.read_to_end(&mut data).unwrap();
+                (e.header().clone(), data)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn streamed_verification_needs_the_signed_manifest_first() {
+        let k = key(1);
+        // The same entries with a part first.
+        let mut out = tar::Builder::new(Vec::new());
+        let mut entries = entries(&build(&k));
+        entries.rotate_left(2);
+        for (h, d) in &entries {
+            out.append(h, &d[..]).unwrap();
+        }
+        let moved = out.into_inner().unwrap();
+        assert!(
+            Bundle::from_bytes(&moved, &[k.verifying_key()]).is_ok(),
+            "in memory, order is free"
+        );
+        assert!(matches!(
+            verify_stream(&moved[..], &[k.verifying_key()], &ReadLimits::default(), None),
+            Err(BundleError::MissingManifest)
+        ));
+    }
+
     #[test]
     fn round_trip_verifies_and_returns_parts() {
         let k = key(1);
-        let b = Bundle::from_bytes(&build(&k), &[k.verifying_key()]).unwrap();
+        let b = verified(&build(&k), &[k.verifying_key()]).unwrap();
         assert_eq!(b.manifest.model_version, 3);
         assert_eq!(b.manifest.format_version, FORMAT_VERSION);
         assert_eq!(b.part("weights.safetensors").unwrap(), &[7; 1000][..]);
@@ -596,24 +861,24 @@ mod tests {
     #[test]
     fn a_verified_bundle_can_be_signed_again_with_another_key() {
         let (k1, k2) = (key(1), key(2));
-        let b = Bundle::from_bytes(&build(&k1), &[k1.verifying_key()]).unwrap();
+        let b = verified(&build(&k1), &[k1.verifying_key()]).unwrap();
         let mut again = BundleBuilder::from_bundle(&b);
         again.manifest_mut().model_version = 4;
         let bytes = again.finish(&k2).unwrap();
-        let b2 = Bundle::from_bytes(&bytes, &[k2.verifying_key()]).unwrap();
+        let b2 = verified(&bytes, &[k2.verifying_key()]).unwrap();
         assert_eq!(b2.manifest.model_version, 4);
         assert_eq!(
             b2.part("weights.safetensors").unwrap(),
             b.part("weights.safetensors").unwrap()
         );
-        assert!(Bundle::from_bytes(&bytes, &[k1.verifying_key()]).is_err());
+        assert!(verified(&bytes, &[k1.verifying_key()]).is_err());
     }
 
     #[test]
     fn wrong_key_is_untrusted() {
         let bytes = build(&key(1));
         assert!(matches!(
-            Bundle::from_bytes(&bytes, &[key(2).verifying_key()]),
+            verified(&bytes, &[key(2).verifying_key()]),
             Err(BundleError::UntrustedKey { .. })
         ));
     }
@@ -625,7 +890,7 @@ mod tests {
         // Flip a byte inside the weights payload (a run of 7s).
         let pos = bytes.windows(16).position(|w| w.iter().all(|&b| b == 7)).unwrap();
         bytes[pos + 5] = 8;
-        let err = Bundle::from_bytes(&bytes, &[k.verifying_key()]).unwrap_err();
+        let err = verified(&bytes, &[k.verifying_key()]).unwrap_err();
         assert!(
             matches!(err, BundleError::HashMismatch(ref p) if p == "weights.safetensors"),
             "{err}"
@@ -640,7 +905,7 @@ mod tests {
         let pos = bytes.windows(needle.len()).position(|w| w == needle).unwrap();
         bytes[pos + needle.len() - 1] = b'9';
         // The tar header checksum does not cover data, so the archive still reads.
-        let err = Bundle::from_bytes(&bytes, &[k.verifying_key()]).unwrap_err();
+        let err = verified(&bytes, &[k.verifying_key()]).unwrap_err();
         assert!(matches!(err, BundleError::BadSignature { .. }), "{err}");
     }
 
@@ -649,7 +914,7 @@ mod tests {
         let k = key(1);
         let bytes = build(&k);
         for cut in [10, 511, 512, 1500, bytes.len() / 2, bytes.len() - 1100] {
-            let err = Bundle::from_bytes(&bytes[..cut], &[k.verifying_key()]).unwrap_err();
+            let err = verified(&bytes[..cut], &[k.verifying_key()]).unwrap_err();
             assert!(
                 matches!(
                     err,
@@ -673,7 +938,7 @@ mod tests {
         tar.append_data(&mut h, "manifest.json", &m[..]).unwrap();
         let bytes = tar.into_inner().unwrap();
         assert!(matches!(
-            Bundle::from_bytes(&bytes, &[key(1).verifying_key()]),
+            verified(&bytes, &[key(1).verifying_key()]),
             Err(BundleError::Unsigned)
         ));
     }
@@ -687,13 +952,7 @@ mod tests {
         let k = key(1);
         let bytes = build(&k);
         let mut archive_entries = tar::Builder::new(Vec::new());
-        let mut ar = tar::Archive::new(&bytes[..]);
-        for e in ar.entries().unwrap() {
-            let mut e = e.unwrap();
-            let mut h = e.header().clone();
-            let mut data = Vec::new();
-            e.read_to_end(&mut data).unwrap();
-            h.set_cksum();
+        for (h, data) in entries(&bytes) {
             archive_entries.append(&h, &data[..]).unwrap();
         }
         let mut h = tar::Header::new_gnu();
@@ -702,7 +961,7 @@ mod tests {
         archive_entries.append_data(&mut h, "extra.bin", &b"abc"[..]).unwrap();
         let bytes = archive_entries.into_inner().unwrap();
         assert!(matches!(
-            Bundle::from_bytes(&bytes, &[k.verifying_key()]),
+            verified(&bytes, &[k.verifying_key()]),
             Err(BundleError::UnlistedPart(_))
         ));
     }
@@ -757,10 +1016,10 @@ mod tests {
         );
         let trusted = keys::trusted(&[], &ring).unwrap();
         assert_eq!(trusted, vec![new.verifying_key(), retired.verifying_key()]);
-        assert!(Bundle::from_bytes(&build(&retired), &trusted).is_ok());
-        assert!(Bundle::from_bytes(&build(&new), &trusted).is_ok());
+        assert!(verified(&build(&retired), &trusted).is_ok());
+        assert!(verified(&build(&new), &trusted).is_ok());
         assert!(matches!(
-            Bundle::from_bytes(&build(&key(9)), &trusted),
+            verified(&build(&key(9)), &trusted),
             Err(BundleError::UntrustedKey { .. })
         ));
         // Files given instead of the default are rings too, and their keys add up.
