@@ -261,6 +261,23 @@ async fn models_page(
             esc(&crate::models::describe(&m.status()))
         );
     }
+    if let Some(m) = w.app.models() {
+        let withdrawn = m.withdrawn();
+        if !withdrawn.is_empty() {
+            body.push_str("<h2>Withdrawn by the lab</h2><ul id=\"withdrawn\">");
+            for (sha, x) in withdrawn {
+                let _ = write!(
+                    body,
+                    "<li>version {} ({}…), {}: {}</li>",
+                    x.model_version,
+                    esc(&sha[..sha.len().min(12)]),
+                    utc(x.at),
+                    esc(&x.reason)
+                );
+            }
+            body.push_str("</ul>");
+        }
+    }
     let _ = write!(
         body,
         "<h2>Adaptation to this site</h2><p id=\"site-status\">{}</p>\

@@ -84,6 +84,12 @@ impl<T> Models<T> {
     /// rolled back, or refused — except that a refused bundle is looked at again when a
     /// rollback instruction comes with it (it may have been refused as too old).
     pub fn settled(&self, sha256: &str, with_rollback: bool) -> Option<String> {
+        {
+            let st = self.state.lock().expect("models lock");
+            if let Ok(Some(why)) = self.withdrawn_verdict(&st, sha256, with_rollback) {
+                return Some(why);
+            }
+        }
         self.seen(sha256)
             .filter(|o| !o.starts_with(CHECKING))
             .filter(|o| !(with_rollback && o.starts_with("rejected")))
@@ -137,6 +143,11 @@ impl<T> Models<T> {
         }
         if let Some(o) = self.settled(&sha, !rollbacks.is_empty()) {
             return Ok(Outcome::Skipped(o));
+        }
+        {
+            let st = self.state.lock().expect("models lock");
+            self.withdrawn_verdict(&st, &sha, !rollbacks.is_empty())
+                .map_err(transient)?;
         }
         // Remembered before anything that could stop the appliance: a file that did, twice,
         // is not tried a third time.
@@ -285,6 +296,8 @@ impl<T> Models<T> {
         match instructed {
             Some(r) => {
                 self.remember(&mut st, &left.sha256, format!("rolled back: {}", r.reason));
+                self.withdraw(&mut st, &left, &r.reason);
+                self.reinstate(&mut st, &sha);
                 (self.report)(&msg(
                     ModelEvent::RolledBack,
                     v,
@@ -398,8 +411,13 @@ impl<T> Models<T> {
                     "{source}: left version {} on the lab's instruction: {}",
                     st.pointer.active.model_version, r.reason
                 );
+                let left = st.pointer.active.clone();
                 match self.switch_back(&mut st, &target, &r.reason, detail) {
-                    Ok(()) => Outcome::Active(t),
+                    Ok(()) => {
+                        self.withdraw(&mut st, &left, &r.reason);
+                        self.reinstate(&mut st, &target.sha256);
+                        Outcome::Active(t)
+                    }
                     Err(e) => Outcome::Rejected(format!("{e:#}")),
                 }
             }

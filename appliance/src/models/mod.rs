@@ -2,8 +2,9 @@
 //!
 //! `<data_dir>/models/` holds at most two installed bundles (the active one and its fallback,
 //! `slot-v<version>-<sha>.bundle`), the pointer `current.json` that says which is which, the
-//! trusted key list `trust.json` once the lab has rotated keys, and `seen.json`, what became of
-//! each bundle offered (so that a refused bundle left on a USB stick is not tried every poll).
+//! trusted key list `trust.json` once the lab has rotated keys, `seen.json`, what became of
+//! each bundle offered (so that a refused bundle left on a USB stick is not tried every poll),
+//! and `withdrawn.json`, the bundles the lab withdrew (never aged out).
 //! The factory model (the configured bundle, else the embedded default) needs no slot.
 //!
 //! An update is verified before anything changes (signature by a trusted key, every part's
@@ -40,9 +41,11 @@ mod probation;
 mod slots;
 #[cfg(test)]
 mod tests;
+mod withdrawn;
 
 pub use probation::Probation;
 pub use slots::{PAUSE_ENV, Pointer, Slot, write_atomic};
+pub use withdrawn::Withdrawn;
 
 pub use wbc_config::ModelPolicy;
 
@@ -80,6 +83,7 @@ struct State {
     trusted: Vec<VerifyingKey>,
     key_sequence: u64,
     seen: BTreeMap<String, String>,
+    withdrawn: withdrawn::WithdrawnList,
 }
 
 /// The model store. One process at a time may hold it (a lock file).

@@ -153,6 +153,14 @@ impl<T> Models<T> {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
+        let withdrawn = super::withdrawn::load(dir);
+        if let Err(why) = &withdrawn {
+            notes.push(msg(
+                ModelEvent::Rejected,
+                pointer.active.model_version,
+                format!("{why}: no update is installed until it is restored"),
+            ));
+        }
         let models = Models {
             dir: dir.to_path_buf(),
             _lock: lock,
@@ -168,6 +176,7 @@ impl<T> Models<T> {
                 trusted,
                 key_sequence,
                 seen,
+                withdrawn,
             }),
         };
         for n in &notes {

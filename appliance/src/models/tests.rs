@@ -418,6 +418,54 @@ fn a_rollback_instruction_can_return_to_the_model_kept_on_the_device() {
 }
 
 #[test]
+fn a_withdrawn_model_stays_out_after_many_other_offers_a_restart_and_a_damaged_seen_list() {
+    let f = Fixture::new();
+    let v0 = factory_version();
+    let (m, _) = f.open();
+    let v1 = bundle(v0 + 1, &key(1), |b| b);
+    let v1_path = f.file("v1.bundle", &v1);
+    active(m.install(&v1_path, "t", &[]));
+    let doc = SignedDoc::sign(
+        &Rollback {
+            from_version: v0 + 1,
+            to_version: v0,
+            to_sha256: sha256_hex(crate::DEFAULT_BUNDLE),
+            clinic: None,
+            device: None,
+            reason: "recall: eosinophils called neutrophils".into(),
+            created_at: String::new(),
+        },
+        &key(1),
+    );
+    active(m.rollback_installed(&doc, "t"));
+    // 201 other files fill the bounded memory of offers.
+    for i in 0..201u32 {
+        rejected(m.install(&f.file("junk.bundle", &i.to_le_bytes()), "USB", &[]));
+    }
+    let skipped = |m: &Models<Arc<Classifier>>| match m.install(&v1_path, "USB", &[]) {
+        Outcome::Skipped(why) => why,
+        Outcome::Active(_) => panic!("the withdrawn model came back"),
+        Outcome::Rejected(why) => panic!("refused instead of skipped: {why}"),
+    };
+    assert!(skipped(&m).contains("withdrawn by the lab"), "{}", skipped(&m));
+    m.close().unwrap();
+    drop(m);
+    // A restart with seen.json damaged: still out.
+    std::fs::write(f.dir.path().join("models/seen.json"), b"{broken").unwrap();
+    let (m, c) = f.open();
+    assert_eq!(c.model_version, v0);
+    assert!(skipped(&m).contains("recall"));
+    assert_eq!(m.withdrawn().len(), 1);
+    m.close().unwrap();
+    drop(m);
+    // A damaged withdrawn list is not guessed at: updates wait until it is restored.
+    std::fs::write(f.dir.path().join("models/withdrawn.json"), b"[").unwrap();
+    let (m, _) = f.open();
+    let newer = f.file("v2.bundle", &bundle(v0 + 2, &key(1), |b| b));
+    assert!(rejected(m.install(&newer, "USB", &[])).contains("withdrawn.json is damaged"));
+}
+
+#[test]
 fn a_signed_key_list_rotates_and_revokes_keys() {
     use ed25519_dalek::pkcs8::{EncodePublicKey, spki::der::pem::LineEnding};
     let f = Fixture::new();
