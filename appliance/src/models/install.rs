@@ -52,6 +52,9 @@ fn transient(reason: String) -> Refusal {
 const SEEN_LIMIT: usize = 200;
 /// What `seen.json` says of a bundle while it is checked (followed by the attempt).
 pub(super) const CHECKING: &str = "checking, attempt";
+/// The most a signed key list's sequence may move past the one in force: a list signed with a
+/// leaked key cannot jump to `u64::MAX` and make every later list look old.
+const MAX_KEY_STEP: u64 = 1000;
 /// Attempts at checking a bundle during which the appliance stopped, before it is refused.
 const MAX_CHECKS: u32 = 2;
 
@@ -146,6 +149,9 @@ impl<T> Models<T> {
         }
         {
             let st = self.state.lock().expect("models lock");
+            if let Some(p) = &st.trust_problem {
+                return Err(transient(format!("{p}: no update is installed until it is restored")));
+            }
             self.withdrawn_verdict(&st, &sha, !rollbacks.is_empty())
                 .map_err(transient)?;
         }
@@ -280,12 +286,16 @@ impl<T> Models<T> {
                 previous: None,
                 probation: None,
                 running: st.pointer.running,
+                key_sequence: st.pointer.key_sequence,
+                keys: st.pointer.keys.clone(),
             },
             None => Pointer {
                 active: new,
                 previous: Some(left.clone()),
                 probation: Some(Probation::default()),
                 running: st.pointer.running,
+                key_sequence: st.pointer.key_sequence,
+                keys: st.pointer.keys.clone(),
             },
         };
         self.save_pointer_pausing(&next, Some("switching"))
@@ -380,6 +390,11 @@ impl<T> Models<T> {
     /// factory model). `Skipped` when it does not apply here.
     pub fn rollback_installed(&self, doc: &SignedDoc, source: &str) -> Outcome<T> {
         let mut st = self.state.lock().expect("models lock");
+        if let Some(p) = &st.trust_problem {
+            return Outcome::Rejected(format!(
+                "{source}: {p}: no rollback instruction is accepted until it is restored"
+            ));
+        }
         let r: Rollback = match doc.verify(&st.trusted) {
             Ok(r) => r,
             Err(e) => {
@@ -434,6 +449,11 @@ impl<T> Models<T> {
     pub fn apply_keys(&self, doc: &SignedDoc, source: &str) -> Outcome<()> {
         let mut st = self.state.lock().expect("models lock");
         let v = st.pointer.active.model_version;
+        if let Some(p) = &st.trust_problem {
+            let reason = format!("{source}: {p}: no key list is accepted until it is restored");
+            (self.report)(&msg(ModelEvent::Rejected, v, reason.clone()));
+            return Outcome::Rejected(reason);
+        }
         // Skipping needs no trust: a list that claims no newer sequence changes nothing (the
         // one that brought the keys in force is often still on the stick, signed by a key no
         // longer trusted).
@@ -464,6 +484,14 @@ impl<T> Models<T> {
                 list.sequence, st.key_sequence
             ));
         }
+        if list.sequence - st.key_sequence > MAX_KEY_STEP {
+            let reason = format!(
+                "{source}: key list {} jumps more than {MAX_KEY_STEP} past the one in force ({}); refused",
+                list.sequence, st.key_sequence
+            );
+            (self.report)(&msg(ModelEvent::Rejected, v, reason.clone()));
+            return Outcome::Rejected(reason);
+        }
         let trust = Trust {
             sequence: list.sequence,
             keys: list.keys.clone(),
@@ -474,6 +502,14 @@ impl<T> Models<T> {
         if let Err(e) = saved {
             return Outcome::Rejected(format!("{source}: saving the key list: {e:#}"));
         }
+        // The pointer remembers the sequence, so that a lost or older trust.json is noticed.
+        let mut pointer = st.pointer.clone();
+        pointer.key_sequence = list.sequence;
+        pointer.keys = list.keys.clone();
+        if let Err(e) = self.save_pointer(&pointer) {
+            return Outcome::Rejected(format!("{source}: saving the key list's sequence: {e:#}"));
+        }
+        st.pointer = pointer;
         let ids: Vec<String> = keys.iter().map(wbc_protocol::bundle::key_id).collect();
         st.trusted = keys;
         st.key_sequence = list.sequence;

@@ -82,6 +82,8 @@ struct State {
     pointer: Pointer,
     trusted: Vec<VerifyingKey>,
     key_sequence: u64,
+    /// Why the trusted key list cannot be relied on (then no new trust decision is made).
+    trust_problem: Option<String>,
     seen: BTreeMap<String, String>,
     withdrawn: withdrawn::WithdrawnList,
 }

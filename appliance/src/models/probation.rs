@@ -58,6 +58,8 @@ impl<T> Models<T> {
             previous: None,
             probation: None,
             running: st.pointer.running,
+            key_sequence: st.pointer.key_sequence,
+            keys: st.pointer.keys.clone(),
         };
         self.save_pointer(&st.pointer)?;
         if left.file.is_some() {

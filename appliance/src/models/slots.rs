@@ -38,6 +38,15 @@ pub struct Pointer {
     pub probation: Option<Probation>,
     /// True from start to clean stop: found true at a start, the appliance crashed.
     pub running: bool,
+    /// The sequence of the last signed key list applied (0: the provisioned keys): a
+    /// `trust.json` that is missing or older says it was lost or put back, not that no list
+    /// was ever applied.
+    #[serde(default)]
+    pub key_sequence: u64,
+    /// The keys of that list (PEM), as `trust.json` holds them: a second copy, written
+    /// atomically with the pointer, from which a lost or damaged `trust.json` is restored.
+    #[serde(default)]
+    pub keys: Vec<String>,
 }
 
 /// Test hook: with `WBC_PAUSE_AT=<step>` in the environment the process stops at that step of
@@ -126,29 +135,77 @@ impl<T> Models<T> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => fresh(factory_slot.clone()),
             Err(e) => return Err(e).context("reading current.json"),
         };
-        let (trusted, key_sequence) = match std::fs::read(dir.join("trust.json")) {
-            Ok(b) => {
-                let parsed = serde_json::from_slice::<Trust>(&b)
-                    .map_err(|e| e.to_string())
-                    .and_then(|t| {
-                        let list = KeyList {
-                            sequence: t.sequence,
-                            keys: t.keys,
-                            created_at: String::new(),
-                        };
-                        list.public_keys().map(|k| (k, t.sequence)).map_err(|e| e.to_string())
-                    });
-                parsed.unwrap_or_else(|e| {
-                    notes.push(msg(
-                        ModelEvent::Rejected,
-                        pointer.active.model_version,
-                        format!("trust.json is damaged ({e}); trusting the provisioned keys"),
-                    ));
-                    (factory.update_keys.clone(), 0)
+        let applied = pointer.key_sequence;
+        let read = match std::fs::read(dir.join("trust.json")) {
+            Ok(b) => serde_json::from_slice::<Trust>(&b)
+                .map_err(|e| e.to_string())
+                .and_then(|t| {
+                    let list = KeyList {
+                        sequence: t.sequence,
+                        keys: t.keys,
+                        created_at: String::new(),
+                    };
+                    list.public_keys().map(|k| (k, t.sequence)).map_err(|e| e.to_string())
                 })
+                .map_err(|e| format!("trust.json is damaged ({e})"))
+                .and_then(|(k, seq)| {
+                    if seq >= applied {
+                        Ok(Some((k, seq)))
+                    } else {
+                        Err(format!(
+                            "trust.json holds key list {seq}, older than list {applied} applied before (put back from an old copy?)"
+                        ))
+                    }
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && applied == 0 => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(format!("trust.json is missing although key list {applied} was applied"))
             }
-            Err(_) => (factory.update_keys.clone(), 0),
+            Err(e) => Err(format!("trust.json cannot be read ({e})")),
         };
+        let (trusted, key_sequence, trust_problem) = match read {
+            Ok(Some((keys, seq))) => (keys, seq, None),
+            Ok(None) => (factory.update_keys.clone(), 0, None),
+            Err(problem) => {
+                let kept = KeyList {
+                    sequence: applied,
+                    keys: pointer.keys.clone(),
+                    created_at: String::new(),
+                };
+                match kept.public_keys() {
+                    Ok(keys) if !keys.is_empty() => {
+                        let restored = serde_json::to_vec_pretty(&Trust {
+                            sequence: applied,
+                            keys: pointer.keys.clone(),
+                        })
+                        .map_err(anyhow::Error::from)
+                        .and_then(|b| write_atomic(&dir.join("trust.json"), &b));
+                        notes.push(msg(
+                            ModelEvent::KeysUpdated,
+                            pointer.active.model_version,
+                            format!(
+                                "{problem}; key list {applied} restored from its copy in current.json{}",
+                                restored
+                                    .err()
+                                    .map(|e| format!(" (not written back: {e:#})"))
+                                    .unwrap_or_default()
+                            ),
+                        ));
+                        (keys, applied, None)
+                    }
+                    _ => (factory.update_keys.clone(), applied, Some(problem)),
+                }
+            }
+        };
+        // Falling back to the provisioned keys would trust again keys the lab revoked: no new
+        // trust decision is made until the list is restored. Installed models still start.
+        if let Some(p) = &trust_problem {
+            notes.push(msg(
+                ModelEvent::Rejected,
+                pointer.active.model_version,
+                format!("{p}: no update, key list or rollback instruction is accepted until it is restored"),
+            ));
+        }
         let seen = std::fs::read(dir.join("seen.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -175,6 +232,7 @@ impl<T> Models<T> {
                 pointer,
                 trusted,
                 key_sequence,
+                trust_problem,
                 seen,
                 withdrawn,
             }),
@@ -303,5 +361,7 @@ fn fresh(active: Slot) -> Pointer {
         previous: None,
         probation: None,
         running: false,
+        key_sequence: 0,
+        keys: Vec::new(),
     }
 }

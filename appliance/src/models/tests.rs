@@ -498,6 +498,45 @@ fn a_signed_key_list_rotates_and_revokes_keys() {
     assert_eq!(m.status().key_sequence, 1);
     let stale = SignedDoc::sign(&list(1, vec![pem(&key(1))]), &key(2));
     assert!(matches!(m.apply_keys(&stale, "t"), Outcome::Skipped(_)));
+    // A list that jumps far ahead (a leaked key making every later list look old): refused.
+    let jump = SignedDoc::sign(&list(u64::MAX, vec![pem(&key(2))]), &key(2));
+    assert!(rejected(m.apply_keys(&jump, "t")).contains("jumps"));
+    assert_eq!(m.status().key_sequence, 1);
+    m.close().unwrap();
+    drop(m);
+
+    // trust.json lost, damaged or put back from before the rotation: the list kept with the
+    // pointer is used and written back; the revoked key(1) is never trusted again.
+    let trust = f.dir.path().join("models/trust.json");
+    let rotated = std::fs::read(&trust).unwrap();
+    let before = br#"{"sequence":0,"keys":[]}"#;
+    for (i, damage) in [None, Some(&b"{"[..]), Some(&before[..])].into_iter().enumerate() {
+        match damage {
+            None => std::fs::remove_file(&trust).unwrap(),
+            Some(b) => std::fs::write(&trust, b).unwrap(),
+        }
+        let (m, c) = f.open();
+        assert_eq!(c.model_version, v0 + 1, "the model signed by key(2) still starts");
+        assert_eq!(std::fs::read(&trust).unwrap(), rotated, "written back");
+        let old_key = bundle(v0 + 2 + i as u64, &key(1), |b| b);
+        let by_old = rejected(m.install(&f.file("old-key.bundle", &old_key), "t", &[]));
+        assert!(by_old.contains("does not trust"), "{by_old}");
+        m.close().unwrap();
+    }
+    // Both copies gone (an older pointer without the keys): no trust decision until restored.
+    let pointer_path = f.dir.path().join("models/current.json");
+    let mut pointer: serde_json::Value = serde_json::from_slice(&std::fs::read(&pointer_path).unwrap()).unwrap();
+    pointer.as_object_mut().unwrap().remove("keys");
+    std::fs::write(&pointer_path, serde_json::to_vec(&pointer).unwrap()).unwrap();
+    std::fs::remove_file(&trust).unwrap();
+    let (m, _) = f.open();
+    let why = rejected(m.install(&f.file("old-key.bundle", &bundle(v0 + 9, &key(1), |b| b)), "t", &[]));
+    assert!(
+        why.contains("trust.json is missing although key list 1 was applied"),
+        "{why}"
+    );
+    let doc = SignedDoc::sign(&list(2, vec![pem(&key(1))]), &key(1));
+    assert!(rejected(m.apply_keys(&doc, "t")).contains("no key list is accepted"));
 }
 
 #[test]
