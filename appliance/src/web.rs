@@ -392,16 +392,22 @@ fn load_field(w: &Web, id: &str) -> Result<FieldRecord, StatusCode> {
     }
 }
 
-fn class_options(selected: Option<CellClass>) -> String {
-    let mut s = String::new();
+/// The review choices. `chosen`: the reviewer's earlier answer (`Some(None)`: not a white cell);
+/// with none, nothing is chosen and the form cannot be saved until a choice is made, so that a
+/// hurried "save" never records an answer nobody gave.
+fn class_options(chosen: Option<Option<CellClass>>) -> String {
+    let mut s = format!(
+        "<option value=\"\" disabled{}>Choose the class…</option>",
+        if chosen.is_none() { " selected" } else { "" }
+    );
     for c in CellClass::ALL {
-        let sel = if selected == Some(c) { " selected" } else { "" };
+        let sel = if chosen == Some(Some(c)) { " selected" } else { "" };
         let _ = write!(s, "<option value=\"{}\"{sel}>{}</option>", c.name(), c.name());
     }
     let _ = write!(
         s,
         "<option value=\"none\"{}>Not a white cell / cannot tell</option>",
-        if selected.is_none() { " selected" } else { "" }
+        if chosen == Some(None) { " selected" } else { "" }
     );
     s
 }
@@ -482,7 +488,7 @@ async fn field_page(
             body,
             "<tr class=\"cell\" id=\"cell-{n}\"><td>{n}<br><img class=\"cell-picture\" src=\"/field/{id}/cell/{i}/image\" alt=\"cell {n}\" width=\"96\" height=\"96\" loading=\"lazy\"></td><td class=\"class\"><b>{class}</b><br>confidence {conf:.3}</td>\
              <td><span class=\"probs\">{probs}</span><p class=\"description\">{desc}</p></td>\
-             <td>{reviewed}<form method=\"post\" action=\"/field/{id}/cell/{i}/review\"><select name=\"class\">{opts}</select> \
+             <td>{reviewed}<form method=\"post\" action=\"/field/{id}/cell/{i}/review\"><select name=\"class\" required>{opts}</select> \
              <button>Save</button></form></td></tr>",
             n = i + 1,
             class = esc(r.class_name()),
@@ -490,7 +496,7 @@ async fn field_page(
             probs = esc(&probs.join("  ")),
             desc = esc(&r.description),
             id = esc(&f.id),
-            opts = class_options(c.review.as_ref().map(|v| v.class).unwrap_or(r.class)),
+            opts = class_options(c.review.as_ref().map(|v| v.class)),
         );
     }
     body.push_str("</table><p><a href=\"/\">Back to the slide</a></p>");
@@ -536,6 +542,8 @@ async fn cell_picture(State(w): State<Arc<Web>>, Path((id, n)): Path<(String, us
 
 #[derive(Deserialize)]
 struct ReviewForm {
+    /// A class name, `none` (not a white cell / cannot tell), or empty: nothing chosen.
+    #[serde(default)]
     class: String,
     /// Where to go afterwards: `review` (back to the review list), else the cell's field.
     #[serde(default)]
@@ -548,6 +556,13 @@ async fn review(
     Path((id, n)): Path<(String, usize)>,
     Form(f): Form<ReviewForm>,
 ) -> Response {
+    if f.class.is_empty() {
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            Some(&user),
+            "Choose the cell's class, or \"Not a white cell / cannot tell\", before saving. Nothing was changed.",
+        );
+    }
     let class = if f.class == "none" {
         None
     } else {
@@ -592,7 +607,7 @@ async fn review_page(
             "<li{cls} id=\"wait-{id}-{k}\"><img class=\"cell-picture\" src=\"/field/{id}/cell/{ci}/image\" alt=\"cell {k} of {name}\" width=\"128\" height=\"128\" loading=\"lazy\"> \
              <a href=\"/field/{id}#cell-{k}\">{name}, cell {k}</a>: {class}{possible} — {desc}<br>{quick}\
              <form method=\"post\" action=\"{action}\" class=\"quick\"><input type=\"hidden\" name=\"next\" value=\"review\">\
-             <select name=\"class\">{opts}</select> <button>Save</button></form></li>",
+             <select name=\"class\" required>{opts}</select> <button>Save</button></form></li>",
             cls = match priority {
                 ReviewPriority::Blast => " class=\"urgent\"",
                 ReviewPriority::PossibleBlast => " class=\"flag\"",
@@ -608,7 +623,7 @@ async fn review_page(
                 ""
             },
             desc = esc(&c.result.description),
-            opts = class_options(likeliest.first().map(|l| l.0)),
+            opts = class_options(None),
         );
     }
     body.push_str("</ul>");

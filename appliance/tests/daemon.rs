@@ -339,6 +339,32 @@ fn the_review_list_shows_each_waiting_cell_and_takes_its_review_in_one_click() {
         }
     }
 
+    // Nothing is chosen for a cell not yet reviewed, and saving without a choice changes nothing.
+    let field_page = d.page(&cookie, &format!("/field/{}", ids[0]));
+    assert!(
+        field_page.contains("<option value=\"\" disabled selected>"),
+        "{field_page}"
+    );
+    assert!(
+        !field_page.contains("value=\"none\" selected"),
+        "not a white cell is never the default"
+    );
+    assert!(!list.contains("\" selected>"), "nor a class on the review list: {list}");
+    match d
+        .agent()
+        .post(&format!("{}/field/{}/cell/0/review", d.base, ids[0]))
+        .set("Cookie", &cookie)
+        .send_form(&[("class", ""), ("next", "review")])
+    {
+        Err(ureq::Error::Status(400, r)) => assert!(r.into_string().unwrap().contains("Nothing was changed")),
+        other => panic!("saved without a choice: {other:?}"),
+    }
+    assert!(
+        d.page(&cookie, "/review")
+            .contains(&format!("id=\"wait-{}-1\"", ids[0])),
+        "still waiting"
+    );
+
     // One click: reviewed, back to the list, which is now empty.
     let r = d
         .agent()
@@ -357,6 +383,12 @@ fn the_review_list_shows_each_waiting_cell_and_takes_its_review_in_one_click() {
         .send_form(&[("class", "Monocyte"), ("next", "https://elsewhere.example")])
         .unwrap();
     assert_eq!(r.header("location"), Some(format!("/field/{}#cell-1", ids[0]).as_str()));
+    // Once reviewed, the reviewer's answer is what the field page shows chosen.
+    let field_page = d.page(&cookie, &format!("/field/{}", ids[0]));
+    assert!(
+        field_page.contains("<option value=\"Monocyte\" selected>"),
+        "{field_page}"
+    );
 }
 
 #[test]
