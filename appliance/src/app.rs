@@ -340,7 +340,10 @@ impl App {
     /// Queues the current slide's report for central when a new kind of flag appeared (a
     /// blast above all: central hears of it with the field that showed it).
     fn send_new_flags(&self) -> Result<()> {
-        let s = self.current_slide();
+        // Held until the report is queued: the technician's "finish" waits for it rather than
+        // being overwritten by it.
+        let current = self.current.lock().expect("slide lock");
+        let s = current.clone();
         let r = for_central(self.report_of(&s)?);
         let keys = flag_keys(&r.flags);
         let mut sent = self.sent_flags.lock().expect("flags lock");

@@ -23,9 +23,10 @@
 //! either all of the change or none of it. A result goes into the outbox in the same
 //! transaction as the field, so nothing is stored that the uplink will not eventually send.
 //! Sequence numbers come from sled's persistent id generator: increasing, never reused. A
-//! message's wire sequence number puts a random 24-bit store epoch (drawn when the store is
-//! created) above the 40-bit counter, so that a wiped or replaced store does not reuse the
-//! message ids central has already seen. A message that cannot be read back (damaged, or
+//! message's wire sequence number puts a 24-bit store epoch above the 40-bit counter; the epoch
+//! is new at every start (one more than the last, and at least the clock's minute since 2026),
+//! so that a wiped store, or one put back from a backup (whose counter is rewound), does not
+//! reuse message ids central has already seen, given a clock that is not set back. A message that cannot be read back (damaged, or
 //! written by a newer build) is moved to the `outbox_quarantine` tree, never deleted.
 //!
 //! This file holds the trees, their keys and encodings, and the fields, reviews, slides and
@@ -101,8 +102,10 @@ pub struct Store {
     meta: Tree,
     site_features: Tree,
     adaptations: Tree,
-    /// Random epoch of this store, above the counter in wire sequence numbers.
+    /// This start's epoch, above the counter in wire sequence numbers.
     epoch: u64,
+    /// Where this store's counter starts in wire sequence numbers (random, drawn at creation).
+    counter_offset: u64,
     /// Messages in the outbox (sled counts a tree by walking it). Signed: an acknowledgement
     /// can be counted a moment before the write that queued the message is.
     queued: std::sync::atomic::AtomicI64,
@@ -111,6 +114,17 @@ pub struct Store {
     lock: std::sync::Mutex<()>,
     /// Wakes the uplink when something is queued.
     notify: tokio::sync::Notify,
+}
+
+/// The store epoch's bits in a wire sequence number (above the 40-bit counter).
+const EPOCH_MASK: u64 = 0xff_ffff;
+/// The counter's bits in a wire sequence number.
+const COUNTER_MASK: u64 = (1 << 40) - 1;
+
+/// The lowest epoch a store opened at `now` takes: minutes since 2026-01-01 (24 bits last 31
+/// years).
+fn epoch_floor(now: u64) -> u64 {
+    now.saturating_sub(1_767_225_600) / 60
 }
 
 fn be(n: u64) -> [u8; 8] {
@@ -165,6 +179,12 @@ fn tx_error(e: TransactionError<anyhow::Error>) -> anyhow::Error {
 impl Store {
     /// Opens (creating) the store in `dir`. Another process holding it is an error.
     pub fn open(dir: &Path, identity: Identity, retention: Retention) -> Result<Self> {
+        Self::open_at(dir, identity, retention, epoch_floor(now()))
+    }
+
+    /// [`Store::open`] with the epoch at least `floor` (the minute of the clock; given by tests
+    /// that play a restore from a backup).
+    fn open_at(dir: &Path, identity: Identity, retention: Retention, floor: u64) -> Result<Self> {
         check_id(&identity.clinic)?;
         check_id(&identity.device)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -176,15 +196,30 @@ impl Store {
         })?;
         let t = |n: &str| db.open_tree(n).with_context(|| format!("opening tree {n}"));
         let meta = t("meta")?;
-        let epoch = match meta.get(b"epoch")? {
+        // A new epoch at every start, after the last one and not before the clock's minute:
+        // messages queued before keep the ids they were given, and a store put back from a
+        // backup (whose counter is rewound) does not give new results ids central already has.
+        let stored_epoch = meta.get(b"epoch")?;
+        let fresh = stored_epoch.is_none();
+        let epoch = match stored_epoch {
+            Some(v) => (read_u64(&v)? + 1).max(floor),
+            // A clock set before 2026 says nothing: a random epoch then.
+            None if floor == 0 => rand::random::<u64>() | 1,
+            None => floor,
+        } & EPOCH_MASK;
+        meta.insert(b"epoch", &be(epoch))?;
+        // A new store's counter starts at a random place, so that a store wiped and made again
+        // within the minute does not repeat the old one's ids either.
+        let counter_offset = match meta.get(b"counter_offset")? {
             Some(v) => read_u64(&v)?,
-            None => {
-                let e = rand::random::<u64>() & 0xff_ffff;
-                meta.insert(b"epoch", &be(e))?;
-                db.flush()?;
-                e
+            None if fresh => {
+                let o = rand::random::<u64>() & (COUNTER_MASK >> 1);
+                meta.insert(b"counter_offset", &be(o))?;
+                o
             }
+            None => 0,
         };
+        db.flush()?;
         let outbox_len = t("outbox")?.len();
         Ok(Store {
             fields: t("fields")?,
@@ -203,6 +238,7 @@ impl Store {
             queued: std::sync::atomic::AtomicI64::new(outbox_len as i64),
             meta,
             epoch,
+            counter_offset,
             dir: dir.to_path_buf(),
             identity,
             retention,
@@ -375,6 +411,7 @@ impl Store {
     }
 
     /// Writes a slide (new or changed) and queues `outbox` messages with it, durably.
+    /// A finished slide is never made unfinished again.
     pub fn put_slide(&self, slide: &SlideState, outbox: &[Body]) -> Result<()> {
         check_id(&slide.id)?;
         let _g = self.lock.lock().expect("store lock");
@@ -392,7 +429,16 @@ impl Store {
                         s
                     }
                 };
-                slides.insert(&be(seq), value.as_slice())?;
+                // A finished slide stays finished: a report of it made a moment before it was
+                // finished (a field's new flag racing the technician's "finish") must not open
+                // it again.
+                let finished_before = slides
+                    .get(be(seq))?
+                    .and_then(|v| decode::<SlideState>(&v, "slide").ok())
+                    .is_some_and(|old| old.finished_at.is_some());
+                if !(finished_before && slide.finished_at.is_none()) {
+                    slides.insert(&be(seq), value.as_slice())?;
+                }
                 self.queue(ob, None, outbox)
             })
             .map_err(tx_error)?;

@@ -27,7 +27,7 @@ impl Store {
     pub(super) fn queue(&self, outbox: &TransactionalTree, field_seq: Option<u64>, bodies: &[Body]) -> TxResult<()> {
         for body in bodies {
             let seq = outbox.generate_id()?;
-            let wire_seq = (self.epoch << 40) | (seq & ((1 << 40) - 1));
+            let wire_seq = (self.epoch << 40) | (self.counter_offset.wrapping_add(seq) & ((1 << 40) - 1));
             let env = Envelope::new(
                 &self.identity.clinic,
                 &self.identity.device,
