@@ -40,6 +40,22 @@ fn refuse(sha: &str, version: u64, reason: impl Into<String>) -> Refusal {
     }
 }
 
+/// Marks a slot as being written for as long as it lives.
+pub(super) struct Staging<'a, T>(&'a Models<T>);
+
+impl<'a, T> Staging<'a, T> {
+    pub(super) fn new(models: &'a Models<T>, name: &str) -> Self {
+        models.state.lock().expect("models lock").staging = Some(name.to_string());
+        Staging(models)
+    }
+}
+
+impl<T> Drop for Staging<'_, T> {
+    fn drop(&mut self) {
+        self.0.state.lock().expect("models lock").staging = None;
+    }
+}
+
 /// A failure of the moment, not a verdict on the bundle: not remembered.
 fn transient(reason: String) -> Refusal {
     Refusal {
@@ -261,6 +277,8 @@ impl<T> Models<T> {
         step("verified");
         let name = format!("slot-v{v}-{}.bundle", &sha[..12]);
         let slot_path = self.dir.join(&name);
+        // Until the pointer names it (or the install fails), the clean-up leaves it alone.
+        let _staging = Staging::new(self, &name);
         self.stage(&bytes, &sha, &slot_path)
             .map_err(|e| transient(format!("copying into {name}: {e:#}")))?;
         drop(bytes);
@@ -302,7 +320,7 @@ impl<T> Models<T> {
             .map_err(|e| transient(format!("{e:#}")))?;
         step("switched");
         st.pointer = next;
-        self.remove_unreferenced(&st.pointer);
+        self.remove_unreferenced(&st);
         match instructed {
             Some(r) => {
                 self.remember(&mut st, &left.sha256, format!("rolled back: {}", r.reason));

@@ -37,6 +37,8 @@ use wbc_protocol::bundle::Bundle;
 use wbc_protocol::uplink::{ModelEvent, ModelMessage};
 
 mod install;
+#[cfg(test)]
+use install::Staging;
 mod probation;
 mod slots;
 #[cfg(test)]
@@ -86,6 +88,8 @@ struct State {
     trust_problem: Option<String>,
     seen: BTreeMap<String, String>,
     withdrawn: withdrawn::WithdrawnList,
+    /// The slot an install is writing now (kept by the clean-up of unneeded files).
+    staging: Option<String>,
 }
 
 /// The model store. One process at a time may hold it (a lock file).

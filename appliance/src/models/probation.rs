@@ -65,7 +65,7 @@ impl<T> Models<T> {
         if left.file.is_some() {
             self.remember(st, &left.sha256, format!("rolled back: {why}"));
         }
-        self.remove_unreferenced(&st.pointer);
+        self.remove_unreferenced(st);
         (self.report)(&msg(ModelEvent::RolledBack, target.model_version, detail));
         Ok(())
     }

@@ -235,6 +235,7 @@ impl<T> Models<T> {
                 trust_problem,
                 seen,
                 withdrawn,
+                staging: None,
             }),
         };
         for n in &notes {
@@ -246,7 +247,7 @@ impl<T> Models<T> {
 
     fn start(&self) -> Result<T> {
         let mut st = self.state.lock().expect("models lock");
-        self.remove_unreferenced(&st.pointer);
+        self.remove_unreferenced(&st);
         let was_running = st.pointer.running;
         if let (true, Some(p)) = (was_running, st.pointer.probation.as_mut()) {
             p.crashed_starts += 1;
@@ -311,7 +312,11 @@ impl<T> Models<T> {
     }
 
     /// Removes temporary files and slots the pointer does not name (an interrupted update).
-    pub(super) fn remove_unreferenced(&self, p: &Pointer) {
+    /// Removes slot files no model needs, and interrupted writes; never the slot an install
+    /// is staging now (a probation fallback may come while it is being written).
+    pub(super) fn remove_unreferenced(&self, st: &State) {
+        let p = &st.pointer;
+        let staging = st.staging.as_deref().map(|n| (n, Path::new(n).with_extension("tmp")));
         let keep: Vec<&str> = [Some(&p.active), p.previous.as_ref()]
             .into_iter()
             .flatten()
@@ -322,6 +327,12 @@ impl<T> Models<T> {
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
+            if staging
+                .as_ref()
+                .is_some_and(|(slot, tmp)| name == *slot || Path::new(&name) == tmp.as_path())
+            {
+                continue;
+            }
             if name.ends_with(".tmp") || (name.starts_with("slot-") && !keep.contains(&name.as_str())) {
                 tracing::info!(file = %name, "removing a file no model needs");
                 let _ = std::fs::remove_file(e.path());

@@ -145,6 +145,30 @@ fn a_bundle_the_appliance_stopped_on_twice_while_checking_is_refused_not_tried_a
 }
 
 #[test]
+fn a_fallback_while_an_update_is_being_written_leaves_that_slot_alone() {
+    let f = Fixture::new();
+    let v0 = factory_version();
+    let (m, _) = f.open();
+    active(m.install(&f.file("v1.bundle", &bundle(v0 + 1, &key(1), |b| b)), "t", &[]));
+    // Another update is being written into its slot when the new model fails its probation.
+    let slot = format!("slot-v{}-0123456789ab.bundle", v0 + 2);
+    let dir = f.dir.path().join("models");
+    std::fs::write(dir.join(&slot), b"half written").unwrap();
+    std::fs::write(dir.join(&slot).with_extension("tmp"), b"being written").unwrap();
+    let staging = Staging::new(&m, &slot);
+    let mut back = None;
+    for _ in 0..ModelPolicy::default().max_failures {
+        back = back.or(m.field_done(v0 + 1, false, "a model panic"));
+    }
+    assert_eq!(back.expect("back on the fallback").model_version, v0);
+    assert!(dir.join(&slot).exists() && dir.join(&slot).with_extension("tmp").exists());
+    drop(staging);
+    // Once the install is over (here: given up), the next clean-up removes what no model needs.
+    m.remove_unreferenced(&m.state.lock().unwrap());
+    assert!(!dir.join(&slot).exists());
+}
+
+#[test]
 fn a_newer_signed_bundle_becomes_active_with_the_old_one_as_fallback() {
     let f = Fixture::new();
     let v0 = factory_version();
