@@ -13,9 +13,10 @@ pub fn hash_password(password: &str) -> Result<String> {
 }
 
 /// The accounts to use: the configured ones, else those kept in `<data_dir>/web-users.toml`,
-/// else a new `admin` with a random password, which is returned once (to be shown to whoever
-/// started the daemon) and stored only as a hash.
-pub fn users_or_first_run(config: &Config) -> Result<(Vec<User>, Option<String>)> {
+/// else a new `admin` with a random password, stored only as a hash, and written once to
+/// `<data_dir>/first-admin-password` (mode 0600), whose path is returned (to be shown to whoever
+/// started the daemon).
+pub fn users_or_first_run(config: &Config) -> Result<(Vec<User>, Option<std::path::PathBuf>)> {
     if !config.web.users.is_empty() {
         return Ok((config.web.users.clone(), None));
     }
@@ -44,8 +45,29 @@ pub fn users_or_first_run(config: &Config) -> Result<(Vec<User>, Option<String>)
         password_hash: hash_password(&password)?,
     }];
     std::fs::create_dir_all(&config.data_dir)?;
+    // The password goes to a file only its owner reads, never to the log (which a journal
+    // keeps and others may read); the log says where it is.
+    let secret = config.data_dir.join(FIRST_PASSWORD_FILE);
+    write_private(&secret, format!("{password}\n").as_bytes())
+        .with_context(|| format!("writing {}", secret.display()))?;
     std::fs::write(&path, toml::to_string(&Kept { users: users.clone() })?)?;
-    Ok((users, Some(password)))
+    Ok((users, Some(secret)))
+}
+
+/// Where the first-run `admin` password is written (mode 0600), in the data folder.
+pub const FIRST_PASSWORD_FILE: &str = "first-admin-password";
+
+/// Writes a file that only its owner can read (created so: never readable by others, even for
+/// a moment).
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    let mut f = o.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 #[cfg(test)]
@@ -76,9 +98,15 @@ mod tests {
             data_dir: dir.path().to_path_buf(),
             ..Default::default()
         };
-        let (users, pw) = users_or_first_run(&c).unwrap();
-        let pw = pw.expect("a new password is shown once");
+        let (users, file) = users_or_first_run(&c).unwrap();
+        let file = file.expect("a new password is written once");
+        let pw = std::fs::read_to_string(&file).unwrap().trim().to_string();
         assert!(verify_password(&users[0], &pw));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        }
         let kept = std::fs::read_to_string(dir.path().join("web-users.toml")).unwrap();
         assert!(!kept.contains(&pw));
         let (again, none) = users_or_first_run(&c).unwrap();

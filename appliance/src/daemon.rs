@@ -14,7 +14,7 @@ use wbc_protocol::shutdown::Shutdown;
 
 /// Runs until `shutdown` resolves (`main` passes [`wbc_protocol::shutdown::signal`], SIGINT or
 /// SIGTERM; tests pass anything), then stops every task through one [`Shutdown`] and waits for
-/// them. Prints the web UI's address (and, on first start, the generated password) on standard
+/// them. Prints the web UI's address (and, on first start, where the generated password was written) on standard
 /// error.
 pub fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     config.validate()?;
@@ -52,9 +52,10 @@ pub fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Sen
     }
     let app = Arc::new(app);
     let (users, first_password) = users_or_first_run(&config)?;
-    if let Some(pw) = first_password {
+    if let Some(file) = first_password {
         eprintln!(
-            "first start: web UI user `admin`, password `{pw}` — shown once; only its hash is kept in {}",
+            "first start: web UI user `admin`; its password is in {} (readable by this user only; delete it once noted); only its hash is kept in {}",
+            file.display(),
             config.data_dir.join("web-users.toml").display()
         );
     }
@@ -132,10 +133,13 @@ pub fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Sen
         eprintln!("inbox {}", config.inbox_dir().display());
         tokio::spawn(stop.clone().trigger_on(shutdown));
         let until = stop.clone();
-        axum::serve(listener, crate::web::router(web))
-            .with_graceful_shutdown(async move { until.wait().await })
-            .await
-            .context("web UI")
+        axum::serve(
+            listener,
+            crate::web::router(web).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { until.wait().await })
+        .await
+        .context("web UI")
     });
     stop.trigger();
     if let Some((task, _)) = uplink {

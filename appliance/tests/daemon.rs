@@ -98,9 +98,7 @@ impl Daemon {
         body.extend_from_slice(bytes);
         body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
         let r = self
-            .agent()
-            .post(&format!("{}/upload", self.base))
-            .set("Cookie", cookie)
+            .post(cookie, "/upload")
             .set("Content-Type", &format!("multipart/form-data; boundary={boundary}"))
             .send_bytes(&body);
         let r = match r {
@@ -121,6 +119,24 @@ impl Daemon {
             .unwrap()
             .into_string()
             .unwrap()
+    }
+
+    /// The form token of a session, as the pages' forms carry it.
+    fn form_token(&self, cookie: &str) -> String {
+        let home = self.page(cookie, "/");
+        home.split("csrf=")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .expect("the page's forms carry the session's form token")
+            .to_string()
+    }
+
+    /// A POST of `path` in the session, with its form token, as the pages' forms send it.
+    fn post(&self, cookie: &str, path: &str) -> ureq::Request {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        self.agent()
+            .post(&format!("{}{path}{sep}csrf={}", self.base, self.form_token(cookie)))
+            .set("Cookie", cookie)
     }
 
     /// `/health`, which needs no login.
@@ -351,9 +367,7 @@ fn the_review_list_shows_each_waiting_cell_and_takes_its_review_in_one_click() {
     );
     assert!(!list.contains("\" selected>"), "nor a class on the review list: {list}");
     match d
-        .agent()
-        .post(&format!("{}/field/{}/cell/0/review", d.base, ids[0]))
-        .set("Cookie", &cookie)
+        .post(&cookie, &format!("/field/{}/cell/0/review", ids[0]))
         .send_form(&[("class", ""), ("next", "review")])
     {
         Err(ureq::Error::Status(400, r)) => assert!(r.into_string().unwrap().contains("Nothing was changed")),
@@ -367,9 +381,7 @@ fn the_review_list_shows_each_waiting_cell_and_takes_its_review_in_one_click() {
 
     // One click: reviewed, back to the list, which is now empty.
     let r = d
-        .agent()
-        .post(&format!("{}/field/{}/cell/0/review", d.base, ids[0]))
-        .set("Cookie", &cookie)
+        .post(&cookie, &format!("/field/{}/cell/0/review", ids[0]))
         .send_form(&[("class", "Lymphocyte"), ("next", "review")])
         .unwrap();
     assert_eq!((r.status(), r.header("location")), (303, Some("/review")));
@@ -377,9 +389,7 @@ fn the_review_list_shows_each_waiting_cell_and_takes_its_review_in_one_click() {
     assert_eq!(d.slide(&cookie)["per_class"]["Lymphocyte"]["count"], 1);
     // Anywhere else than the list, the review goes back to the cell's field.
     let r = d
-        .agent()
-        .post(&format!("{}/field/{}/cell/0/review", d.base, ids[0]))
-        .set("Cookie", &cookie)
+        .post(&cookie, &format!("/field/{}/cell/0/review", ids[0]))
         .send_form(&[("class", "Monocyte"), ("next", "https://elsewhere.example")])
         .unwrap();
     assert_eq!(r.header("location"), Some(format!("/field/{}#cell-1", ids[0]).as_str()));
@@ -486,12 +496,7 @@ fn a_camera_capture_becomes_a_field_of_the_slide() {
         home.contains("id=\"capture\"") && home.contains("recorded frames"),
         "{home}"
     );
-    let capture = || match d
-        .agent()
-        .post(&format!("{}/capture", d.base))
-        .set("Cookie", &cookie)
-        .call()
-    {
+    let capture = || match d.post(&cookie, "/capture").call() {
         Ok(r) => (r.status(), r.header("location").map(String::from)),
         Err(ureq::Error::Status(code, _)) => (code, None),
         Err(e) => panic!("{e}"),
@@ -558,12 +563,7 @@ fn health_and_the_models_page_show_the_site_adaptation_and_a_technician_can_rese
     assert!(seen >= 1, "the field's cells count towards the adaptation");
     assert!(d.page(&cookie, "/").contains(&format!("{seen} of 40 cells seen")));
     assert!(d.page(&cookie, "/models").contains("id=\"site-reset\""));
-    let r = d
-        .agent()
-        .post(&format!("{}/site/reset", d.base))
-        .set("Cookie", &cookie)
-        .call()
-        .unwrap();
+    let r = d.post(&cookie, "/site/reset").call().unwrap();
     assert_eq!((r.status(), r.header("location")), (303, Some("/models")));
     assert_eq!(d.health()["adaptation"]["seen"], 0);
     let page = d.page(&cookie, "/models");

@@ -130,9 +130,12 @@ pub async fn start(config: &Config) -> Result<Running> {
     let tasks = vec![
         tokio::spawn(ingest.run(stop.clone())),
         tokio::spawn(async move {
-            let r = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { http_stop.wait().await })
-                .await;
+            let r = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { http_stop.wait().await })
+            .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "HTTP server failed");
             }

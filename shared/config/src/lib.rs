@@ -43,7 +43,8 @@ pub struct WebConfig {
     /// Address to listen on.
     pub listen: String,
     /// Accounts. With none, the daemon creates `admin` with a random password on first start,
-    /// prints the password once and keeps only its hash (in `<data_dir>/web-users.toml`).
+    /// writes the password to `<data_dir>/first-admin-password` (mode 0600) and keeps only its
+    /// hash (in `<data_dir>/web-users.toml`).
     pub users: Vec<User>,
     /// Largest upload accepted, bytes.
     pub max_upload_bytes: usize,

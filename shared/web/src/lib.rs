@@ -6,6 +6,7 @@
 pub mod auth;
 #[cfg(feature = "router")]
 pub mod login;
+pub mod throttle;
 
 /// Escapes text for HTML element content and quoted attribute values (the appliance's and
 /// central's pages).

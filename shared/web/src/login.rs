@@ -1,16 +1,27 @@
 //! The login both web sides mount: `GET`/`POST /login`, `POST /logout`, and the guard in front
 //! of every other route (a redirect to `/login` for pages, `401` for `/api/…`). Each side keeps
 //! its own look by passing the function that wraps a body in its page.
+//!
+//! What it defends against: guessing (failed logins slow down per user name and per address;
+//! an unknown name costs the same Argon2 work as a wrong password; at most two hashes run at
+//! once, so a flood of logins cannot take the memory), sessions left open (idle and absolute
+//! expiry; logout removes the cookie; `Secure` behind HTTPS), and requests forged by another
+//! page (every state-changing request must carry its session's form token: the guard adds it to
+//! the `action` of every `method="post"` form of the pages it serves, and refuses a POST
+//! without it).
 
-use crate::auth::{LoginForm, Sessions, User, log_in, session_token};
+use crate::auth::{LoginForm, SessionPolicy, Sessions, User, check_login, session_token};
 use crate::html_escape;
+use crate::throttle::Throttle;
 use axum::Router;
-use axum::extract::{Form, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Form, FromRequest, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Wraps a body (HTML) in a whole page with the given title, in the side's own look.
 pub type PageFn = fn(title: &str, body: &str) -> String;
@@ -20,10 +31,23 @@ pub type PageFn = fn(title: &str, body: &str) -> String;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoggedIn(pub String);
 
+/// The query parameter (or `X-CSRF-Token` header) that carries a session's form token.
+pub const FORM_TOKEN: &str = "csrf";
+/// Password hashes computed at once (Argon2 holds about 19 MiB each).
+const HASHING_AT_ONCE: usize = 2;
+/// How long a login waits for its turn to be checked before it is told to try again.
+const HASHING_WAIT: Duration = Duration::from_secs(10);
+/// Largest login form.
+const LOGIN_BODY_LIMIT: usize = 4096;
+/// Largest page the guard adds form tokens to (larger responses pass untouched).
+const PAGE_LIMIT: usize = 16 << 20;
+
 /// Accounts, sessions and how a side asks for a login.
 pub struct Login {
     users: Vec<User>,
     sessions: Sessions,
+    throttle: Throttle,
+    hashing: tokio::sync::Semaphore,
     open_without_accounts: bool,
     page: PageFn,
 }
@@ -32,20 +56,28 @@ impl Login {
     /// Every guarded route needs a login, even with no accounts (the appliance, which makes
     /// its first account itself).
     pub fn required(users: Vec<User>, page: PageFn) -> Arc<Self> {
-        Arc::new(Login {
-            users,
-            sessions: Sessions::default(),
-            open_without_accounts: false,
-            page,
-        })
+        Self::build(users, page, false, SessionPolicy::default())
     }
 
     /// A login is needed only where accounts are configured (central, which otherwise sits on
     /// the loopback address or behind the lab's authenticating proxy).
     pub fn where_accounts(users: Vec<User>, page: PageFn) -> Arc<Self> {
+        Self::build(users, page, true, SessionPolicy::default())
+    }
+
+    /// As [`Login::required`], with its own session policy.
+    pub fn with_policy(users: Vec<User>, page: PageFn, policy: SessionPolicy) -> Arc<Self> {
+        Self::build(users, page, false, policy)
+    }
+
+    fn build(users: Vec<User>, page: PageFn, open_without_accounts: bool, policy: SessionPolicy) -> Arc<Self> {
         Arc::new(Login {
-            open_without_accounts: true,
-            ..Arc::into_inner(Self::required(users, page)).expect("just made")
+            users,
+            sessions: Sessions::with_policy(policy),
+            throttle: Throttle::default(),
+            hashing: tokio::sync::Semaphore::new(HASHING_AT_ONCE),
+            open_without_accounts,
+            page,
         })
     }
 
@@ -65,6 +97,7 @@ impl Login {
         Router::new()
             .route("/login", get(login_page).post(login))
             .route("/logout", post(logout))
+            .layer(DefaultBodyLimit::max(LOGIN_BODY_LIMIT))
             .with_state(self.clone())
     }
 
@@ -95,17 +128,103 @@ fn token_of(headers: &HeaderMap) -> Option<String> {
     session_token(headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()))
 }
 
+/// The form token a request carries: `?csrf=` in its URL, or the `X-CSRF-Token` header.
+fn form_token_of(req: &Request) -> Option<String> {
+    let from_query = req.uri().query().and_then(|q| {
+        q.split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == FORM_TOKEN)
+            .map(|(_, v)| v.to_string())
+    });
+    from_query.or_else(|| {
+        req.headers()
+            .get("x-csrf-token")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    })
+}
+
+/// Adds `csrf=<token>` to the `action` of every `method="post"` form of a page.
+pub fn with_form_token(html: &str, token: &str) -> String {
+    let mut out = String::with_capacity(html.len() + 256);
+    let mut rest = html;
+    while let Some(i) = rest.find("<form") {
+        let Some(end) = rest[i..].find('>').map(|e| i + e) else {
+            break;
+        };
+        let tag = &rest[i..end];
+        out.push_str(&rest[..i]);
+        let post = tag.to_ascii_lowercase().contains("method=\"post\"");
+        match (post, tag.find("action=\"")) {
+            (true, Some(a)) => {
+                let value_start = a + "action=\"".len();
+                let close = tag[value_start..].find('"').map_or(tag.len(), |c| value_start + c);
+                let sep = if tag[value_start..close].contains('?') {
+                    "&amp;"
+                } else {
+                    "?"
+                };
+                out.push_str(&tag[..close]);
+                out.push_str(&format!("{sep}{FORM_TOKEN}={token}"));
+                out.push_str(&tag[close..]);
+            }
+            _ => out.push_str(tag),
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 async fn require_login(State(l): State<Arc<Login>>, mut req: Request, next: Next) -> Response {
     if l.open_without_accounts && !l.has_accounts() {
         return next.run(req).await;
     }
-    match l.user(req.headers()) {
-        Some(u) => {
-            req.extensions_mut().insert(LoggedIn(u));
-            next.run(req).await
+    let Some(session) = token_of(req.headers()) else {
+        return not_logged_in(&req);
+    };
+    let (Some(user), Some(form_token)) = (l.sessions.user(&session), l.sessions.form_token(&session)) else {
+        return not_logged_in(&req);
+    };
+    if !matches!(*req.method(), Method::GET | Method::HEAD)
+        && form_token_of(&req).as_deref() != Some(form_token.as_str())
+    {
+        tracing::warn!(user = %user, path = %req.uri().path(), "a request without its session's form token was refused");
+        return (
+            StatusCode::FORBIDDEN,
+            Html((l.page)(
+                "Not done",
+                "<p class=\"error\" id=\"error\">The form was out of date or came from another page. Go back, reload the page and try again; nothing was changed.</p>",
+            )),
+        )
+            .into_response();
+    }
+    req.extensions_mut().insert(LoggedIn(user));
+    let response = next.run(req).await;
+    let html = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html"));
+    if !html {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    match axum::body::to_bytes(body, PAGE_LIMIT).await {
+        Ok(bytes) => {
+            let page = with_form_token(&String::from_utf8_lossy(&bytes), &form_token);
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Response::from_parts(parts, axum::body::Body::from(page))
         }
-        None if req.uri().path().starts_with("/api/") => (StatusCode::UNAUTHORIZED, "log in first").into_response(),
-        None => Redirect::to("/login").into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("page too large: {e}")).into_response(),
+    }
+}
+
+fn not_logged_in(req: &Request) -> Response {
+    if req.uri().path().starts_with("/api/") {
+        (StatusCode::UNAUTHORIZED, "log in first").into_response()
+    } else {
+        Redirect::to("/login").into_response()
     }
 }
 
@@ -113,17 +232,63 @@ async fn login_page(State(l): State<Arc<Login>>) -> Html<String> {
     l.form("")
 }
 
-async fn login(State(l): State<Arc<Login>>, Form(f): Form<LoginForm>) -> Response {
+/// Whether the page was asked for over HTTPS (directly, or through a proxy that says so).
+fn over_https(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("https"))
+}
+
+async fn login(State(l): State<Arc<Login>>, req: Request) -> Response {
+    let address = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
+    let secure = over_https(req.headers());
+    let f = match Form::<LoginForm>::from_request(req, &()).await {
+        Ok(Form(f)) => f,
+        Err(r) => return (r.status(), l.form("The login form was not filled in as it should be.")).into_response(),
+    };
+    let keys: Vec<String> = [Some(format!("user:{}", f.user)), address.map(|a| format!("addr:{a}"))]
+        .into_iter()
+        .flatten()
+        .collect();
+    let now = Instant::now();
+    if let Some(wait) = keys.iter().filter_map(|k| l.throttle.wait(k, now)).max() {
+        let secs = wait.as_secs().max(1);
+        tracing::warn!(user = %f.user, "login refused: too many failures");
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, HeaderValue::from(secs))],
+            l.form(&format!("Too many failed logins. Try again in {secs} seconds.")),
+        )
+            .into_response();
+    }
+    // Argon2 takes tens of milliseconds and ~19 MiB: a few at a time, off the async workers.
+    let Ok(Ok(_permit)) = tokio::time::timeout(HASHING_WAIT, l.hashing.acquire()).await else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            l.form("The device is busy; try again in a moment."),
+        )
+            .into_response();
+    };
     let (login, name) = (l.clone(), f.user.clone());
-    // Argon2 takes tens of milliseconds: off the async workers.
-    let cookie = tokio::task::spawn_blocking(move || log_in(&login.users, &login.sessions, &f))
+    let user = tokio::task::spawn_blocking(move || check_login(&login.users, &f))
         .await
         .ok()
-        .flatten()
-        .and_then(|c| HeaderValue::from_str(&c).ok());
-    match cookie {
-        Some(c) => ([(header::SET_COOKIE, c)], Redirect::to("/")).into_response(),
+        .flatten();
+    match user {
+        Some(u) => {
+            keys.iter().for_each(|k| l.throttle.succeeded(k));
+            let cookie = Sessions::cookie(&l.sessions.start(&u), secure);
+            match HeaderValue::from_str(&cookie) {
+                Ok(c) => ([(header::SET_COOKIE, c)], Redirect::to("/")).into_response(),
+                Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+            }
+        }
         None => {
+            keys.iter().for_each(|k| l.throttle.failed(k, Instant::now()));
             tracing::warn!(user = %name, "failed login");
             (StatusCode::UNAUTHORIZED, l.form("Wrong user or password.")).into_response()
         }
@@ -134,7 +299,8 @@ async fn logout(State(l): State<Arc<Login>>, headers: HeaderMap) -> Response {
     if let Some(t) = token_of(&headers) {
         l.sessions.end(&t);
     }
-    Redirect::to("/login").into_response()
+    let clear = HeaderValue::from_str(&Sessions::clear_cookie()).expect("a plain header value");
+    ([(header::SET_COOKIE, clear)], Redirect::to("/login")).into_response()
 }
 
 #[cfg(test)]
@@ -159,11 +325,22 @@ mod tests {
                     }
                 }),
             )
-            .route("/api/x", get(|| async { "data" }));
+            .route("/api/x", get(|| async { "data" }))
+            .route(
+                "/form",
+                get(|| async {
+                    Html("<form method=\"post\" action=\"/do\"><button>Go</button></form><form action=\"/search\">")
+                }),
+            )
+            .route("/do", post(|| async { "done" }));
         let app: Router = Router::new().merge(login.routes()).merge(login.guard(private));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        tokio::spawn(async move {
+            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .await
+                .unwrap()
+        });
         addr
     }
 
@@ -212,6 +389,72 @@ mod tests {
 
         http(addr, "POST", "/logout", &cookie, "").await;
         assert!(http(addr, "GET", "/", &cookie, "").await.contains("location: /login"));
+    }
+
+    async fn log_in(addr: SocketAddr) -> String {
+        let ok = http(addr, "POST", "/login", "", "user=tech&password=slide").await;
+        ok.lines()
+            .find_map(|l| l.strip_prefix("set-cookie: "))
+            .expect("a session cookie")
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn a_post_needs_its_sessions_form_token_which_the_pages_forms_carry() {
+        let addr = serve(Login::required(users(), page)).await;
+        let (a, b) = (log_in(addr).await, log_in(addr).await);
+        let form = http(addr, "GET", "/form", &a, "").await;
+        let token = form
+            .split("action=\"/do?csrf=")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .expect("the post form carries the token")
+            .to_string();
+        assert!(
+            form.contains("<form action=\"/search\">"),
+            "a GET form is left alone: {form}"
+        );
+        // Another page (another port of localhost is the same site) posting with the cookie alone.
+        assert!(http(addr, "POST", "/do", &a, "").await.starts_with("HTTP/1.1 403"));
+        assert!(
+            http(addr, "POST", &format!("/do?csrf={token}"), &a, "")
+                .await
+                .ends_with("done")
+        );
+        let other = http(addr, "POST", &format!("/do?csrf={token}"), &b, "").await;
+        assert!(
+            other.starts_with("HTTP/1.1 403"),
+            "one session's token is not another's"
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_logins_wait_and_logout_removes_the_cookie() {
+        let addr = serve(Login::required(users(), page)).await;
+        for _ in 0..crate::throttle::FREE_FAILURES {
+            let r = http(addr, "POST", "/login", "", "user=tech&password=nope").await;
+            assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+        }
+        let r = http(addr, "POST", "/login", "", "user=tech&password=slide").await;
+        assert!(
+            r.starts_with("HTTP/1.1 429") && r.contains("retry-after: "),
+            "even the right password waits: {r}"
+        );
+        // A login form of megabytes is refused unread.
+        let huge = format!("user=tech&password={}", "x".repeat(1 << 20));
+        assert!(
+            http(addr, "POST", "/login", "", &huge)
+                .await
+                .starts_with("HTTP/1.1 413")
+        );
+
+        let addr = serve(Login::required(users(), page)).await;
+        let cookie = log_in(addr).await;
+        let out = http(addr, "POST", "/logout", &cookie, "").await;
+        assert!(out.contains("Max-Age=0"), "{out}");
     }
 
     #[tokio::test]
