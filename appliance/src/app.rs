@@ -486,13 +486,7 @@ pub(crate) mod tests {
         // Thirteen cells: three full CPU runs and a last run of one, each fixture at a
         // different place in its run than when it comes round again.
         let classifier = classifier();
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/cells");
-        let mut names: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
-            .collect();
-        names.sort();
+        let names = fixture_cells();
         assert_eq!(names.len(), 7);
         let images: Vec<_> = names
             .iter()
@@ -586,9 +580,8 @@ pub(crate) mod tests {
         assert_eq!(app.cell_picture(&blast.field().id, 1).unwrap(), None);
     }
 
-    /// The fixture cells turned and mirrored: 56 different images of real cells.
-    fn site_cells() -> Vec<Vec<u8>> {
-        use image::imageops::{flip_horizontal, rotate90};
+    /// The fixture cell images, by name.
+    fn fixture_cells() -> Vec<std::path::PathBuf> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/cells");
         let mut names: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
@@ -596,6 +589,13 @@ pub(crate) mod tests {
             .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
             .collect();
         names.sort();
+        names
+    }
+
+    /// The fixture cells turned and mirrored: 56 different images of real cells.
+    fn site_cells() -> Vec<Vec<u8>> {
+        use image::imageops::{flip_horizontal, rotate90};
+        let names = fixture_cells();
         let mut out = Vec::new();
         for p in names {
             let mut img = image::open(p).unwrap().to_rgb8();
