@@ -61,6 +61,15 @@ pub enum ImageError {
     /// cut short, whose missing part a decoder would fill with grey.
     #[error("image is truncated: the file ends before the image does")]
     Truncated,
+    /// Decoded, and converted to 8-bit RGB, it would hold more memory than allowed (a 16-bit
+    /// or alpha image near the limit).
+    #[error("the image would need {needed} bytes of memory to convert, over the limit of {limit}")]
+    TooMuchMemory {
+        /// Bytes the decoded image and its conversion need together.
+        needed: u64,
+        /// Limit.
+        limit: u64,
+    },
     /// The image has no pixels.
     #[error("image is empty ({width}x{height})")]
     Empty {
@@ -105,6 +114,16 @@ pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Image
             width: img.width(),
             height: img.height(),
         });
+    }
+    // The conversion is part of the decoding's memory: both buffers live at once.
+    if !matches!(img, DynamicImage::ImageRgb8(_)) {
+        let needed = img.as_bytes().len() as u64 + u64::from(img.width()) * u64::from(img.height()) * 3;
+        if needed > limits.max_alloc {
+            return Err(ImageError::TooMuchMemory {
+                needed,
+                limit: limits.max_alloc,
+            });
+        }
     }
     Ok(img.into_rgb8())
 }
@@ -264,6 +283,28 @@ mod tests {
         assert!(matches!(decode_rgb(&good, &small), Err(ImageError::TooLarge { .. })));
         let narrow = DecodeLimits { max_side: 16, ..limits };
         assert!(matches!(decode_rgb(&good, &narrow), Err(ImageError::Decode(_))));
+    }
+
+    #[test]
+    fn the_conversion_to_8_bit_rgb_counts_within_the_memory_limit() {
+        // 256 × 256 16-bit RGBA: 512 KiB decoded, and 192 KiB more as 8-bit RGB.
+        let img = image::ImageBuffer::<image::Rgba<u16>, Vec<u16>>::from_pixel(
+            256,
+            256,
+            image::Rgba([1000, 2000, 3000, 65535]),
+        );
+        let mut png = Vec::new();
+        image::DynamicImage::ImageRgba16(img)
+            .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let limits = |max_alloc| DecodeLimits {
+            max_alloc,
+            ..DecodeLimits::default()
+        };
+        let e = decode_rgb(&png, &limits(600 << 10)).unwrap_err();
+        assert!(matches!(e, ImageError::TooMuchMemory { needed: 720896, .. }), "{e}");
+        let rgb = decode_rgb(&png, &limits(1 << 20)).unwrap();
+        assert_eq!(rgb.get_pixel(0, 0).0, [4, 8, 12]);
     }
 
     #[test]
