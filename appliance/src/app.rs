@@ -49,6 +49,50 @@ pub struct AppSettings {
 /// The longest side of a cell's picture on the review pages, in pixels.
 pub const CELL_PICTURE_SIDE: u32 = 256;
 
+/// How many images may be decoded (and held decoded) at once: each may take up to the decode
+/// limit's memory, and one more than the model can work on only waits.
+pub const DECODES_AT_ONCE: usize = 2;
+
+/// A counting gate: at most `n` holders at a time, the others wait.
+#[derive(Debug)]
+pub struct Gate {
+    held: Mutex<usize>,
+    freed: std::sync::Condvar,
+    n: usize,
+}
+
+/// A place in a [`Gate`], given back when dropped.
+#[derive(Debug)]
+pub struct GateSeat<'a>(&'a Gate);
+
+impl Gate {
+    /// A gate of `n` seats (at least one).
+    pub fn new(n: usize) -> Self {
+        Gate {
+            held: Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            n: n.max(1),
+        }
+    }
+
+    /// Waits for a seat.
+    pub fn enter(&self) -> GateSeat<'_> {
+        let mut held = self.held.lock().expect("gate lock");
+        while *held >= self.n {
+            held = self.freed.wait(held).expect("gate lock");
+        }
+        *held += 1;
+        GateSeat(self)
+    }
+}
+
+impl Drop for GateSeat<'_> {
+    fn drop(&mut self) {
+        *self.0.held.lock().expect("gate lock") -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
 /// The models on disk, which decide which classifier runs.
 pub type ModelStore = crate::models::Models<Arc<Classifier>>;
 
@@ -63,6 +107,8 @@ pub struct App {
     camera: Mutex<Option<Box<dyn crate::capture::FrameSource>>>,
     /// Serialises ingestion, so that two copies of one image never race into two fields.
     ingest_lock: Mutex<()>,
+    /// Bounds the images decoded at once ([`DECODES_AT_ONCE`]).
+    decodes: Gate,
     /// The kinds of flag last sent to central for the current slide.
     sent_flags: Mutex<Vec<String>>,
     /// Inbox files waiting for another try, as the inbox last reported them.
@@ -130,6 +176,7 @@ impl App {
             camera: Mutex::new(None),
             inbox_waiting: Mutex::new(Vec::new()),
             ingest_lock: Mutex::new(()),
+            decodes: Gate::new(DECODES_AT_ONCE),
             sent_flags: Mutex::new(Vec::new()),
         })
     }
@@ -249,6 +296,8 @@ impl App {
     /// the original in the current slide. The same image twice is one field. It returns once
     /// the field is on disk and queued for central; a nearly full disk refuses new fields.
     pub fn ingest(&self, bytes: &[u8], name: &str, source: &str, single_cell: bool) -> Result<Ingested> {
+        // Held to the end: a decoded image waiting for the model counts as much as one decoding.
+        let _seat = self.decodes.enter();
         let img = decode_rgb(bytes, &self.settings.limits)
             .map_err(|e| Unusable(format!("{name}: not a usable image: {e}")))?;
         let (id, sha) = field_id(bytes);
@@ -319,7 +368,8 @@ impl App {
                 .ok()?;
             Some(jpeg)
         });
-        if !self.store.add_field_with(&field, Some(bytes), bodies)? {
+        let pictures = review_pictures(&img, &field);
+        if !self.store.add_field_with(&field, Some(bytes), &pictures, bodies)? {
             let f = self.store.field(&id)?.context("field vanished")?;
             return Ok(Ingested::Duplicate(f));
         }
@@ -389,23 +439,32 @@ impl App {
     /// The picture of one cell of a stored field, for the technician who reviews it: the
     /// square the classifier saw (three times the cell's box, padded with the field's mean
     /// colour beyond its edges; a single-cell image whole), at most [`CELL_PICTURE_SIDE`]
-    /// pixels across, as PNG. `None` when the field, the cell or the field's image is not kept.
+    /// pixels across, as JPEG. Made when the field is stored (and kept as long as it); for a
+    /// field stored before that, made for all its cells from one decoding of the original at
+    /// the first request. `None` when the field or the cell is not kept, or neither the
+    /// pictures nor the original are.
     pub fn cell_picture(&self, field_id: &str, cell: usize) -> Result<Option<Vec<u8>>> {
+        if let Some(p) = self.store.picture(field_id, cell)? {
+            return Ok(Some(p).filter(|p| !p.is_empty()));
+        }
         let Some(field) = self.store.field(field_id)? else {
             return Ok(None);
         };
-        let Some(c) = field.cells.get(cell) else {
+        if cell >= field.cells.len() {
             return Ok(None);
-        };
+        }
+        let _seat = self.decodes.enter();
+        // Another request may have made them while this one waited.
+        if let Some(p) = self.store.picture(field_id, cell)? {
+            return Ok(Some(p).filter(|p| !p.is_empty()));
+        }
         let Some(bytes) = self.store.image(field_id)? else {
             return Ok(None);
         };
         let img = decode_rgb(&bytes, &self.settings.limits).context("the field's stored image")?;
-        let crop = cell_picture(&img, c.result.bbox, field.single_cell, CELL_PICTURE_SIDE);
-        let mut png = Vec::new();
-        crop.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-            .context("encoding the cell's picture")?;
-        Ok(Some(png))
+        let mut pictures = review_pictures(&img, &field);
+        self.store.put_pictures(field_id, &pictures)?;
+        Ok(Some(pictures.swap_remove(cell)).filter(|p| !p.is_empty()))
     }
 
     /// Records a technician's review of one cell, next to the model's answer.
@@ -420,6 +479,24 @@ impl App {
             },
         )
     }
+}
+
+/// The review pages' picture of every cell of `field`, cut from its decoded image.
+fn review_pictures(img: &image::RgbImage, field: &FieldRecord) -> Vec<Vec<u8>> {
+    field
+        .cells
+        .iter()
+        .map(|c| {
+            let crop = cell_picture(img, c.result.bbox, field.single_cell, CELL_PICTURE_SIDE);
+            let mut jpeg = Vec::new();
+            // Encoding into memory fails only for an empty picture: then none is shown.
+            if let Err(e) = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90).encode_image(&crop) {
+                tracing::warn!(error = %e, field = %field.id, "a cell's review picture could not be made");
+                jpeg.clear();
+            }
+            jpeg
+        })
+        .collect()
 }
 
 fn slide_message(s: &SlideState, report: SlideReport) -> Body {
@@ -578,6 +655,60 @@ pub(crate) mod tests {
             "a 224-px single cell is shown whole"
         );
         assert_eq!(app.cell_picture(&blast.field().id, 1).unwrap(), None);
+    }
+
+    #[test]
+    fn review_pictures_are_made_once_and_outlive_the_original_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            image_max_age_days: 1,
+            result_max_age_days: 0,
+            ..Default::default()
+        };
+        let app = app_with(dir.path(), retention);
+        let field_bytes = fixture("tests/fixtures/fields/images/BloodImage_00000.jpg");
+        let field = app
+            .ingest(&field_bytes, "f.jpg", "upload", false)
+            .unwrap()
+            .field()
+            .clone();
+        assert!(!field.cells.is_empty());
+        // Two days on, the original image is gone; the pictures made with the field stay.
+        let later = now() + 2 * 86_400;
+        assert_eq!(app.store().prune(later).unwrap().images, 1);
+        assert_eq!(app.store().image(&field.id).unwrap(), None);
+        for i in 0..field.cells.len() {
+            let jpeg = app
+                .cell_picture(&field.id, i)
+                .unwrap()
+                .expect("the picture outlives the image");
+            let p = image::load_from_memory_with_format(&jpeg, image::ImageFormat::Jpeg).unwrap();
+            assert_eq!(p.width(), p.height(), "a square around the cell");
+        }
+
+        // A field an older build stored without pictures: the first request makes every
+        // cell's picture from one decoding of the original.
+        let other = tempfile::tempdir().unwrap();
+        let cell_bytes = fixture("shared/fixtures/cells/MYO_0024.jpg");
+        let mut old = app_with(other.path(), Retention::default())
+            .ingest(&cell_bytes, "myo.jpg", "upload", true)
+            .unwrap()
+            .field()
+            .clone();
+        old.slide_id = app.current_slide().id;
+        let mut second = old.cells[0].clone();
+        second.result.bbox = Some([10, 10, 100, 100]);
+        old.cells.push(second);
+        assert!(app.store().add_field(&old, Some(&cell_bytes)).unwrap());
+        assert_eq!(app.store().picture(&old.id, 0).unwrap(), None);
+        let first = app.cell_picture(&old.id, 0).unwrap().expect("made from the original");
+        assert_eq!(app.store().picture(&old.id, 0).unwrap().as_ref(), Some(&first), "kept");
+        assert_eq!(app.store().prune(later).unwrap().images, 1);
+        assert!(
+            app.cell_picture(&old.id, 1).unwrap().is_some(),
+            "the other cell's picture was made with the first"
+        );
+        assert_eq!(app.cell_picture(&old.id, 2).unwrap(), None, "no such cell");
     }
 
     /// The fixture cell images, by name.

@@ -523,7 +523,7 @@ async fn cell_picture(State(w): State<Arc<Web>>, Path((id, n)): Path<(String, us
     let app = w.app.clone();
     let field = id.clone();
     match tokio::task::spawn_blocking(move || app.cell_picture(&field, n)).await {
-        Ok(Ok(Some(png))) => ([(header::CONTENT_TYPE, "image/png")], png).into_response(),
+        Ok(Ok(Some(jpeg))) => ([(header::CONTENT_TYPE, "image/jpeg")], jpeg).into_response(),
         Ok(Ok(None)) => (StatusCode::NOT_FOUND, "no such cell, or its field's image is not kept").into_response(),
         Ok(Err(e)) => {
             tracing::error!(error = %format!("{e:#}"), field = %id, "cell picture");

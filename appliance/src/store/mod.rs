@@ -13,6 +13,7 @@
 //! | `slide_fields` | slide seq ‖ field seq | — |
 //! | `images` | field seq | original image bytes |
 //! | `image_meta` | field seq | stored at (u64) ‖ length (u64) |
+//! | `pictures` | field seq ‖ cell index (u32) | the cell's picture for the review pages (JPEG) |
 //! | `outbox` | message seq | field seq (u64, `u64::MAX` for none) ‖ [`Envelope`](wbc_protocol::uplink::Envelope) |
 //! | `meta` | name | the active model's version, … |
 //! | `site_features` | model version ‖ seq | a site cell's unadapted features (f32 LE) |
@@ -96,6 +97,7 @@ pub struct Store {
     slide_fields: Tree,
     images: Tree,
     image_meta: Tree,
+    pictures: Tree,
     outbox: Tree,
     quarantine: Tree,
     model_log: Tree,
@@ -114,6 +116,14 @@ pub struct Store {
     lock: std::sync::Mutex<()>,
     /// Wakes the uplink when something is queued.
     notify: tokio::sync::Notify,
+}
+
+/// The key of a field's cell in `reviews` and `pictures`: field seq ‖ cell index (u32).
+fn cell_key(field_seq: u64, cell: usize) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..8].copy_from_slice(&be(field_seq));
+    key[8..].copy_from_slice(&(cell as u32).to_be_bytes());
+    key
 }
 
 /// The store epoch's bits in a wire sequence number (above the 40-bit counter).
@@ -230,6 +240,7 @@ impl Store {
             slide_fields: t("slide_fields")?,
             images: t("images")?,
             image_meta: t("image_meta")?,
+            pictures: t("pictures")?,
             outbox: t("outbox")?,
             quarantine: t("outbox_quarantine")?,
             model_log: t("model_log")?,
@@ -262,12 +273,20 @@ impl Store {
     /// Stores a new field, its original image and one outbox message per cell as one durable
     /// step. A field whose id is already stored is left as it is (returns `false`).
     pub fn add_field(&self, field: &FieldRecord, image: Option<&[u8]>) -> Result<bool> {
-        self.add_field_with(field, image, Body::cells_of(field))
+        self.add_field_with(field, image, &[], Body::cells_of(field))
     }
 
-    /// [`Store::add_field`] with the field's cell messages made by the caller (with the
-    /// pictures of the cells that carry one, [`Body::cells_with_pictures`]).
-    pub fn add_field_with(&self, field: &FieldRecord, image: Option<&[u8]>, bodies: Vec<Body>) -> Result<bool> {
+    /// [`Store::add_field`] with the cells' pictures for the review pages (`pictures[i]` is
+    /// cell `i`'s; kept as long as the field, whatever becomes of the original image) and the
+    /// field's cell messages made by the caller (with the pictures of the cells that carry
+    /// one, [`Body::cells_with_pictures`]).
+    pub fn add_field_with(
+        &self,
+        field: &FieldRecord,
+        image: Option<&[u8]>,
+        pictures: &[Vec<u8>],
+        bodies: Vec<Body>,
+    ) -> Result<bool> {
         check_id(&field.id)?;
         check_id(&field.slide_id)?;
         let _g = self.lock.lock().expect("store lock");
@@ -285,9 +304,10 @@ impl Store {
             &self.slide_fields,
             &self.images,
             &self.image_meta,
+            &self.pictures,
             &self.outbox,
         )
-            .transaction(|(fields, ids, slide_fields, images, image_meta, outbox)| {
+            .transaction(|(fields, ids, slide_fields, images, image_meta, pics, outbox)| {
                 if ids.get(field.id.as_bytes())?.is_some() {
                     return Ok(false);
                 }
@@ -298,6 +318,9 @@ impl Store {
                 if let Some(img) = image {
                     images.insert(&be(seq), img)?;
                     image_meta.insert(&be(seq), &be2(now(), img.len() as u64))?;
+                }
+                for (i, p) in pictures.iter().enumerate().take(field.cells.len()) {
+                    pics.insert(&cell_key(seq, i), p.as_slice())?;
                 }
                 self.queue(outbox, Some(seq), &bodies)?;
                 Ok(true)
@@ -384,9 +407,7 @@ impl Store {
             index: cell as u32,
             review: review.clone(),
         });
-        let mut key = [0u8; 12];
-        key[..8].copy_from_slice(&be(seq));
-        key[8..].copy_from_slice(&(cell as u32).to_be_bytes());
+        let key = cell_key(seq, cell);
         let value = encode(review);
         (&self.reviews, &self.outbox)
             .transaction(|(reviews, outbox)| {
@@ -408,6 +429,32 @@ impl Store {
             return Ok(None);
         };
         Ok(self.images.get(be(seq))?.map(|v| v.to_vec()))
+    }
+
+    /// A cell's picture for the review pages, if it was made.
+    pub fn picture(&self, field_id: &str, cell: usize) -> Result<Option<Vec<u8>>> {
+        check_id(field_id)?;
+        let Some(seq) = self.field_seq(field_id)? else {
+            return Ok(None);
+        };
+        Ok(self.pictures.get(cell_key(seq, cell))?.map(|v| v.to_vec()))
+    }
+
+    /// Keeps the pictures of a field's cells made after it was stored (a field stored before
+    /// pictures were kept). Nothing happens for a field that is gone.
+    pub fn put_pictures(&self, field_id: &str, pictures: &[Vec<u8>]) -> Result<()> {
+        check_id(field_id)?;
+        let _g = self.lock.lock().expect("store lock");
+        let Some(seq) = self.field_seq(field_id)? else {
+            return Ok(());
+        };
+        let cells = self.load_field(seq)?.map_or(0, |f| f.cells.len());
+        let mut batch = sled::Batch::default();
+        for (i, p) in pictures.iter().enumerate().take(cells) {
+            batch.insert(&cell_key(seq, i), p.as_slice());
+        }
+        self.pictures.apply_batch(batch)?;
+        Ok(())
     }
 
     /// Writes a slide (new or changed) and queues `outbox` messages with it, durably.

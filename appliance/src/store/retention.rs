@@ -133,8 +133,9 @@ impl Store {
             &self.reviews,
             &self.images,
             &self.image_meta,
+            &self.pictures,
         )
-            .transaction(|(fields, ids, slide_fields, reviews, images, image_meta)| {
+            .transaction(|(fields, ids, slide_fields, reviews, images, image_meta, pictures)| {
                 fields.remove(&be(seq))?;
                 ids.remove(f.id.as_bytes())?;
                 if let Some(s) = slide {
@@ -145,6 +146,9 @@ impl Store {
                 }
                 images.remove(&be(seq))?;
                 image_meta.remove(&be(seq))?;
+                for i in 0..f.cells.len() {
+                    pictures.remove(&super::cell_key(seq, i))?;
+                }
                 Ok(())
             })
             .map_err(tx_error)
