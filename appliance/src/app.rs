@@ -3,6 +3,7 @@
 //! differential and flags; record the technician's reviews.
 
 use crate::classify_field_for_site;
+use crate::gate::Gate;
 use crate::store::{SlideState, Store};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
@@ -52,46 +53,6 @@ pub const CELL_PICTURE_SIDE: u32 = 256;
 /// How many images may be decoded (and held decoded) at once: each may take up to the decode
 /// limit's memory, and one more than the model can work on only waits.
 pub const DECODES_AT_ONCE: usize = 2;
-
-/// A counting gate: at most `n` holders at a time, the others wait.
-#[derive(Debug)]
-pub struct Gate {
-    held: Mutex<usize>,
-    freed: std::sync::Condvar,
-    n: usize,
-}
-
-/// A place in a [`Gate`], given back when dropped.
-#[derive(Debug)]
-pub struct GateSeat<'a>(&'a Gate);
-
-impl Gate {
-    /// A gate of `n` seats (at least one).
-    pub fn new(n: usize) -> Self {
-        Gate {
-            held: Mutex::new(0),
-            freed: std::sync::Condvar::new(),
-            n: n.max(1),
-        }
-    }
-
-    /// Waits for a seat.
-    pub fn enter(&self) -> GateSeat<'_> {
-        let mut held = self.held.lock().expect("gate lock");
-        while *held >= self.n {
-            held = self.freed.wait(held).expect("gate lock");
-        }
-        *held += 1;
-        GateSeat(self)
-    }
-}
-
-impl Drop for GateSeat<'_> {
-    fn drop(&mut self) {
-        *self.0.held.lock().expect("gate lock") -= 1;
-        self.0.freed.notify_one();
-    }
-}
 
 /// The models on disk, which decide which classifier runs.
 pub type ModelStore = crate::models::Models<Arc<Classifier>>;

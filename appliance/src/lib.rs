@@ -6,6 +6,7 @@ pub mod backend;
 pub mod capture;
 pub mod config;
 pub mod daemon;
+pub mod gate;
 pub mod inbox;
 pub mod models;
 pub mod site;

@@ -1,24 +1,30 @@
 //! The uplink to central: one task owns the MQTT connection and drains the store's outbox.
 //!
 //! Every result is in the outbox (on disk) before anything is sent. The task publishes the
-//! outbox in order with QoS 1, at most `inflight` messages unacknowledged at a time, and
-//! removes a message only when the broker's PUBACK for it arrives. A lost connection ends the
-//! session: the next one (after a back-off) starts again from the oldest message still in the
-//! outbox, so a message whose PUBACK was lost is sent again — with the same id, which central
-//! keeps once. The device's status is published retained (`online`, with the backlog) and the
-//! broker publishes `offline`, the connection's last will, when the device disappears.
+//! outbox in order with QoS 1, at most `inflight` messages unacknowledged at a time. The
+//! broker's PUBACK only marks a message as sent: it leaves the outbox when central's receipt
+//! (on `wbc-receipt/<clinic>/<device>`) names it, because a broker that crashes before saving,
+//! or an access list that silently drops a publish, acknowledges too. A message the broker
+//! took that central has not confirmed after `confirm_after_s` is sent again (then after twice
+//! as long each time, up to a day). A lost connection ends the session: the next one (after a
+//! back-off) starts again from the oldest message not yet taken by the broker, so a message
+//! whose PUBACK was lost is sent again — with the same id, which central keeps once and
+//! confirms again. The device's status is published retained (`online`, with the backlog) and
+//! the broker publishes `offline`, the connection's last will, when the device disappears.
 
 use crate::store::Store;
 use anyhow::{Context, Result};
 use rumqttc::{AsyncClient, Event, LastWill, Outgoing, Packet, QoS};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use wbc_protocol::mqtt::{Backoff, drive};
 use wbc_protocol::shutdown::Shutdown;
 use wbc_protocol::signed::{Announcement, announcement_topics};
-use wbc_protocol::uplink::{DeviceState, Kind, Status, UPLINK_SCHEMA_VERSION, device_identity, topic};
+use wbc_protocol::uplink::{
+    DeviceState, Kind, Receipt, Status, UPLINK_SCHEMA_VERSION, device_identity, receipt_topic, topic,
+};
 
 pub use wbc_config::UplinkConfig;
 
@@ -27,6 +33,8 @@ pub use wbc_config::UplinkConfig;
 pub struct UplinkState {
     connected: AtomicBool,
     delivered: AtomicU64,
+    confirmed: AtomicU64,
+    resent: AtomicU64,
     last_error: std::sync::Mutex<Option<String>>,
 }
 
@@ -39,6 +47,16 @@ impl UplinkState {
     /// Messages the broker acknowledged since the start.
     pub fn delivered(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Messages central confirmed since the start.
+    pub fn confirmed(&self) -> u64 {
+        self.confirmed.load(Ordering::Relaxed)
+    }
+
+    /// Messages sent again since the start because central had not confirmed them in time.
+    pub fn resent(&self) -> u64 {
+        self.resent.load(Ordering::Relaxed)
     }
 
     /// Why the last connection ended, if it failed.
@@ -99,19 +117,30 @@ impl Uplink {
         topic(&id.clinic, &id.device, Kind::Status)
     }
 
-    /// A message from the broker: an update announcement goes to the updater; anything else
-    /// is dropped (with a warning).
-    fn incoming(&self, id: &crate::store::Identity, topic: &str, payload: &[u8]) {
+    /// A message from the broker: central's receipt confirms messages; an update announcement
+    /// goes to the updater; anything else is dropped (with a warning).
+    fn incoming(&self, id: &crate::store::Identity, topic: &str, payload: &[u8]) -> Result<()> {
         let shown: String = topic.chars().take(200).collect();
+        if topic == receipt_topic(&id.clinic, &id.device) {
+            match Receipt::decode(payload) {
+                Ok(r) => {
+                    let n = self.store.confirmed(&r.seqs)?;
+                    self.state.confirmed.fetch_add(n as u64, Ordering::Relaxed);
+                    tracing::debug!(named = r.seqs.len(), confirmed = n, "central's receipt");
+                }
+                Err(e) => tracing::warn!(error = %e, "unusable receipt ignored"),
+            }
+            return Ok(());
+        }
         let tx = match &self.announcements {
             Some(tx) if announcement_topics(&id.clinic, &id.device).iter().any(|t| t == topic) => tx,
             _ => {
                 tracing::warn!(topic = %shown, "unexpected incoming message dropped");
-                return;
+                return Ok(());
             }
         };
         if payload.is_empty() {
-            return; // a withdrawn (cleared) announcement
+            return Ok(()); // a withdrawn (cleared) announcement
         }
         match Announcement::parse(payload) {
             Ok(a) => {
@@ -122,6 +151,7 @@ impl Uplink {
             }
             Err(e) => tracing::warn!(topic = %shown, error = %e, "unusable update announcement ignored"),
         }
+        Ok(())
     }
 
     /// Runs until `stop` is triggered: connects, drains, reconnects with back-off.
@@ -163,24 +193,44 @@ impl Uplink {
         ));
         let (client, events) = AsyncClient::new(opts, window * 2 + 8);
         let mut events = drive(events);
-        // Outbox sequence numbers (None: a status) in the order they were handed to the client,
-        // waiting for their packet id; then by packet id, waiting for their PUBACK.
-        let mut unsent: VecDeque<Option<u64>> = VecDeque::new();
-        let mut inflight: HashMap<u16, Option<u64>> = HashMap::new();
+        // Outbox messages (sequence number and wire number; None: a status) in the order they
+        // were handed to the client, waiting for their packet id; then by packet id, waiting
+        // for their PUBACK. `busy` holds the outbox keys among them.
+        let mut unsent: VecDeque<Option<(u64, u64)>> = VecDeque::new();
+        let mut inflight: HashMap<u16, Option<(u64, u64)>> = HashMap::new();
+        let mut busy: HashSet<u64> = HashSet::new();
+        // Messages central has not confirmed in time, to send again before new ones.
+        let mut resends: VecDeque<crate::store::Outgoing> = VecDeque::new();
         let mut cursor = 0u64;
         let mut connected = false;
         let mut status_tick = tokio::time::interval(Duration::from_secs(self.config.status_every_s));
+        let confirm_after = self.config.confirm_after_s.max(1);
+        let mut resend_tick = tokio::time::interval(Duration::from_secs(confirm_after.min(60)));
         loop {
             if connected {
                 let room = window.saturating_sub(unsent.len() + inflight.len());
-                if room > 0 {
-                    for o in self.store.outbox_from(cursor, room)? {
-                        client
-                            .publish(o.topic, QoS::AtLeastOnce, false, o.payload)
-                            .await
-                            .context("queueing a message for the broker")?;
-                        unsent.push_back(Some(o.seq));
-                        cursor = o.seq + 1;
+                let mut batch: Vec<(crate::store::Outgoing, bool)> = Vec::new();
+                while batch.len() < room
+                    && let Some(o) = resends.pop_front()
+                {
+                    batch.push((o, true));
+                }
+                if batch.len() < room {
+                    let (fresh, next) = self.store.unsent_from(cursor, room - batch.len())?;
+                    cursor = next;
+                    batch.extend(fresh.into_iter().map(|o| (o, false)));
+                }
+                for (o, again) in batch {
+                    if !busy.insert(o.seq) {
+                        continue;
+                    }
+                    client
+                        .publish(o.topic, QoS::AtLeastOnce, false, o.payload)
+                        .await
+                        .context("queueing a message for the broker")?;
+                    unsent.push_back(Some((o.seq, o.wire)));
+                    if again {
+                        self.state.resent.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -191,6 +241,7 @@ impl Uplink {
                         backoff.reset();
                         self.state.connected.store(true, Ordering::Relaxed);
                         tracing::info!(backlog = self.store.backlog(), "uplink connected");
+                        client.subscribe(receipt_topic(&id.clinic, &id.device), QoS::AtLeastOnce).await?;
                         client.publish(self.status_topic(), QoS::AtLeastOnce, true, self.status(DeviceState::Online)).await?;
                         unsent.push_back(None);
                         if self.announcements.is_some() {
@@ -205,17 +256,27 @@ impl Uplink {
                     }
                     Event::Incoming(Packet::PubAck(ack)) => {
                         match inflight.remove(&ack.pkid) {
-                            Some(Some(seq)) => {
-                                self.store.acknowledged(seq)?;
+                            Some(Some((seq, wire))) => {
+                                busy.remove(&seq);
+                                self.store.broker_has(seq, wire)?;
                                 self.state.delivered.fetch_add(1, Ordering::Relaxed);
                             }
                             Some(None) => {}
                             None => tracing::warn!(pkid = ack.pkid, "acknowledgement of nothing sent: ignored"),
                         }
                     }
-                    Event::Incoming(Packet::Publish(p)) => self.incoming(&id, &p.topic, &p.payload),
+                    Event::Incoming(Packet::Publish(p)) => self.incoming(&id, &p.topic, &p.payload)?,
                     _ => {}
                 },
+                _ = resend_tick.tick() => {
+                    if connected && resends.is_empty() {
+                        let due = self.store.overdue(crate::app::now(), confirm_after, window * 4)?;
+                        if !due.is_empty() {
+                            tracing::info!(messages = due.len(), "sending again what central has not confirmed");
+                        }
+                        resends.extend(due.into_iter().filter(|o| !busy.contains(&o.seq)));
+                    }
+                }
                 _ = self.store.queued() => {}
                 _ = status_tick.tick() => {
                     if connected {

@@ -42,15 +42,18 @@ impl Web {
         })
     }
 
-    /// The uplink in words: connected or not, messages waiting, messages set aside.
+    /// The uplink in words: connected or not, the two backlogs (not yet at the broker; at the
+    /// broker and not yet confirmed by central), messages set aside.
     fn uplink_text(&self) -> String {
         let store = self.app.store();
-        let backlog = store.backlog();
+        let (unsent, unconfirmed) = (store.unsent(), store.unconfirmed());
+        let waiting =
+            format!("{unsent} messages wait to be sent; {unconfirmed} sent wait for central to confirm them.");
         let state = match &self.uplink {
-            None => format!("No uplink configured; {backlog} messages wait in the outbox."),
-            Some(u) if u.connected() => format!("Connected to central; {backlog} messages waiting."),
+            None => format!("No uplink configured; {} messages wait in the outbox.", store.backlog()),
+            Some(u) if u.connected() => format!("Connected to the broker; {waiting}"),
             Some(u) => format!(
-                "Not connected to central ({}); {backlog} messages wait and will be sent.",
+                "Not connected to the broker ({}); {waiting} They are kept until central has them.",
                 u.last_error().unwrap_or_else(|| "connecting".into())
             ),
         };
@@ -143,6 +146,10 @@ async fn health(State(w): State<Arc<Web>>) -> Response {
             "configured": w.uplink.is_some(),
             "connected": w.uplink.as_ref().is_some_and(|u| u.connected()),
             "backlog": w.app.store().backlog(),
+            "unsent": w.app.store().unsent(),
+            "unconfirmed": w.app.store().unconfirmed(),
+            "confirmed_since_start": w.uplink.as_ref().map_or(0, |u| u.confirmed()),
+            "resent_since_start": w.uplink.as_ref().map_or(0, |u| u.resent()),
             "quarantined": w.app.store().quarantined(),
         },
         "adaptation": site_json(&w.app),

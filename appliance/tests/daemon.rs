@@ -269,6 +269,11 @@ fn nothing_but_health_is_served_without_a_login() {
     assert_eq!(health["status"], "ok");
     assert_eq!(health["model_version"], factory_version());
     assert!(health["backend"].as_str().unwrap().contains("CPU"));
+    // Both backlogs: not yet at the broker (without an uplink: all, the model's first event
+    // among them), and at the broker but not confirmed by central.
+    assert!(health["uplink"]["backlog"].as_u64().unwrap() >= 1, "{health}");
+    assert_eq!(health["uplink"]["unsent"], health["uplink"]["backlog"], "{health}");
+    assert_eq!(health["uplink"]["unconfirmed"], 0, "{health}");
     let r = d.agent().get(&format!("{}/", d.base)).call().unwrap();
     assert_eq!((r.status(), r.header("location")), (303, Some("/login")));
     for path in ["/review", "/field/abc/cell/0/image"] {

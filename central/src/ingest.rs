@@ -6,18 +6,24 @@
 //! again. Anything malformed or unexpected is recorded as rejected, logged, acknowledged (so it
 //! is not sent again forever) and otherwise ignored; so is a message the database refuses for
 //! its content. Only a database that is down (or full, or busy) stops ingest.
+//!
+//! Once a device's message is committed (or refused for good), central says so in a receipt
+//! on `wbc-receipt/<clinic>/<device>`, sent in batches: the device keeps every message until
+//! a receipt names it, since the broker's own acknowledgement does not mean central has it.
 
 use crate::db::{Applied, Db};
 use crate::sql::refused_for_content;
 use anyhow::{Context, Result};
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use wbc_protocol::mqtt::{Backoff, BrokerConfig, drive};
 use wbc_protocol::shutdown::Shutdown;
-use wbc_protocol::uplink::{ALL_DEVICES, Envelope, Kind, Status, parse_topic};
+use wbc_protocol::uplink::{
+    ALL_DEVICES, Envelope, Kind, MAX_RECEIPT_SEQS, Receipt, Status, parse_topic, receipt_topic,
+};
 
 /// Counters, for the API and the logs.
 #[derive(Debug, Default)]
@@ -32,10 +38,17 @@ pub struct Stats {
     pub rejected: AtomicU64,
     /// Status updates.
     pub statuses: AtomicU64,
+    /// Messages confirmed to their device in a receipt.
+    pub confirmed: AtomicU64,
 }
 
+/// A device's message central is done with, to confirm: clinic, device, sequence number.
+pub type Done = (String, String, u64);
+
 /// Handles one received message; never fails on bad input (only on a database error).
-pub fn handle(db: &Db, stats: &Stats, topic: &str, payload: &[u8]) -> Result<()> {
+/// Returns the device message to confirm: one stored now or before, or one whose content the
+/// database refuses (recorded as rejected: sending it again would not help).
+pub fn handle(db: &Db, stats: &Stats, topic: &str, payload: &[u8]) -> Result<Option<Done>> {
     let reject = |reason: String| -> Result<()> {
         tracing::warn!(topic = %topic.chars().take(200).collect::<String>(), %reason, "message rejected");
         stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -43,23 +56,25 @@ pub fn handle(db: &Db, stats: &Stats, topic: &str, payload: &[u8]) -> Result<()>
     };
     let kind = match parse_topic(topic) {
         Ok((_, _, k)) => k,
-        Err(e) => return reject(e.to_string()),
+        Err(e) => return reject(e.to_string()).map(|()| None),
     };
     if kind == Kind::Status {
         // An empty retained payload clears a status; nothing to store.
         if payload.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         return match Status::decode(topic, payload) {
             Ok(s) => match db.set_status(&s) {
                 Ok(()) => {
                     stats.statuses.fetch_add(1, Ordering::Relaxed);
-                    Ok(())
+                    Ok(None)
                 }
-                Err(err) if refused_for_content(&err) => reject(format!("the database refused its content: {err:#}")),
+                Err(err) if refused_for_content(&err) => {
+                    reject(format!("the database refused its content: {err:#}")).map(|()| None)
+                }
                 Err(err) => Err(err),
             },
-            Err(e) => reject(e.to_string()),
+            Err(e) => reject(e.to_string()).map(|()| None),
         };
     }
     match Envelope::decode(topic, payload) {
@@ -68,13 +83,47 @@ pub fn handle(db: &Db, stats: &Stats, topic: &str, payload: &[u8]) -> Result<()>
                 Ok(Applied::New) => stats.stored.fetch_add(1, Ordering::Relaxed),
                 Ok(Applied::Duplicate) => stats.duplicates.fetch_add(1, Ordering::Relaxed),
                 Err(err) if refused_for_content(&err) => {
-                    return reject(format!("the database refused its content: {err:#}"));
+                    reject(format!("the database refused its content: {err:#}"))?;
+                    0
                 }
                 Err(err) => return Err(err),
             };
-            Ok(())
+            Ok(Some((e.clinic, e.device, e.seq)))
         }
-        Err(e) => reject(e.to_string()),
+        Err(e) => reject(e.to_string()).map(|()| None),
+    }
+}
+
+/// Receipts waiting to be handed to the connection, per device.
+#[derive(Default)]
+struct Receipts(HashMap<(String, String), Vec<u64>>);
+
+impl Receipts {
+    fn add(&mut self, (clinic, device, seq): Done) {
+        self.0.entry((clinic, device)).or_default().push(seq);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Hands every waiting receipt to the client, as far as it takes them; the rest waits.
+    fn send(&mut self, client: &AsyncClient, stats: &Stats) {
+        self.0.retain(|(clinic, device), seqs| {
+            while !seqs.is_empty() {
+                let n = seqs.len().min(MAX_RECEIPT_SEQS);
+                let receipt = Receipt::new(seqs[..n].to_vec());
+                if client
+                    .try_publish(receipt_topic(clinic, device), QoS::AtLeastOnce, false, receipt.encode())
+                    .is_err()
+                {
+                    return true;
+                }
+                stats.confirmed.fetch_add(n as u64, Ordering::Relaxed);
+                seqs.drain(..n);
+            }
+            false
+        });
     }
 }
 
@@ -119,6 +168,8 @@ impl Ingest {
         // requests; waiting for room here would stop this loop from taking events, and the event
         // loop from taking acknowledgements. So acknowledgements queue here instead.
         let mut acks: VecDeque<Publish> = VecDeque::new();
+        let mut receipts = Receipts::default();
+        let mut receipt_tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             while let Some(p) = acks.front() {
                 if client.try_ack(p).is_err() {
@@ -143,14 +194,18 @@ impl Ingest {
                         let stats = self.stats.clone();
                         let topic = p.topic.clone();
                         let payload = p.payload.clone();
-                        tokio::task::spawn_blocking(move || handle(&db, &stats, &topic, &payload))
+                        let done = tokio::task::spawn_blocking(move || handle(&db, &stats, &topic, &payload))
                             .await
                             .context("message handler")??;
-                        // Only now, committed, may the broker forget it.
+                        // Only now, committed, may the broker forget it, and the device too.
                         acks.push_back(p);
+                        if let Some(d) = done {
+                            receipts.add(d);
+                        }
                     }
                     _ => {}
                 },
+                _ = receipt_tick.tick(), if !receipts.is_empty() => receipts.send(&client, &self.stats),
                 _ = tokio::time::sleep(std::time::Duration::from_millis(5)), if !acks.is_empty() => {}
                 _ = stop.wait() => {
                     let _ = client.try_disconnect();
@@ -181,7 +236,7 @@ mod tests {
         )
     }
 
-    fn send(db: &Db, stats: &Stats, e: &Envelope) -> Result<()> {
+    fn send(db: &Db, stats: &Stats, e: &Envelope) -> Result<Option<Done>> {
         handle(db, stats, &e.topic(), &serde_json::to_vec(e).unwrap())
     }
 

@@ -148,9 +148,10 @@ pub fn provision(p: &Provision, out: &Path) -> Result<()> {
     std::fs::write(
         out.join("mosquitto.acl"),
         format!(
-            "# Append to the lab broker's ACL file: {user} may write only under its own topics and\n\
-             # hears its clinic's and its own update announcements.\n\
-             user {user}\ntopic write wbc/{c}/{d}/#\ntopic read wbc-update/{c}\ntopic read wbc-update/{c}/{d}\n",
+            "# Append to the lab broker's ACL file: {user} may write only under its own topics,\n\
+             # hears its clinic's and its own update announcements, and central's receipts.\n\
+             user {user}\ntopic write wbc/{c}/{d}/#\ntopic read wbc-update/{c}\ntopic read wbc-update/{c}/{d}\n\
+             topic read wbc-receipt/{c}/{d}\n",
             c = p.clinic,
             d = p.device
         ),
@@ -222,7 +223,7 @@ mod tests {
         let acl = std::fs::read_to_string(dir.path().join("mosquitto.acl")).unwrap();
         assert!(acl.contains(
             "user clinic-07.scope-1\ntopic write wbc/clinic-07/scope-1/#\ntopic read wbc-update/clinic-07\n\
-             topic read wbc-update/clinic-07/scope-1\n"
+             topic read wbc-update/clinic-07/scope-1\ntopic read wbc-receipt/clinic-07/scope-1\n"
         ));
         assert!(
             provision(&p("clinic-07"), dir.path()).is_err(),

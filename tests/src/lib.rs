@@ -45,6 +45,7 @@ impl Account {
                 format!("topic write wbc/{clinic}/{device}/#"),
                 format!("topic read wbc-update/{clinic}"),
                 format!("topic read wbc-update/{clinic}/{device}"),
+                format!("topic read wbc-receipt/{clinic}/{device}"),
             ],
         }
     }
@@ -54,7 +55,11 @@ impl Account {
         Account {
             user: "central".into(),
             password: "pw-central".into(),
-            acl: vec!["topic read wbc/#".into(), "topic write wbc-update/#".into()],
+            acl: vec![
+                "topic read wbc/#".into(),
+                "topic write wbc-update/#".into(),
+                "topic write wbc-receipt/#".into(),
+            ],
         }
     }
 }
@@ -112,6 +117,16 @@ impl Broker {
     /// Starts a broker with these accounts plus raw password-file and ACL lines (as
     /// `firmware-config provision` writes them).
     pub fn start_with(accounts: &[Account], passwd_lines: &str, acl_lines: &str) -> Result<Self> {
+        Self::start_full(accounts, passwd_lines, acl_lines, 1)
+    }
+
+    /// Starts a broker with these accounts that saves its state only every `autosave_s`
+    /// seconds (and when stopped): a crash loses what it took since.
+    pub fn start_saving_every(accounts: &[Account], autosave_s: u32) -> Result<Self> {
+        Self::start_full(accounts, "", "", autosave_s)
+    }
+
+    fn start_full(accounts: &[Account], passwd_lines: &str, acl_lines: &str, autosave_s: u32) -> Result<Self> {
         let bin = mosquitto()?;
         let dir = tempfile::tempdir()?;
         let d = dir.path();
@@ -148,7 +163,7 @@ impl Broker {
             d.join("mosquitto.conf"),
             format!(
                 "per_listener_settings false\nallow_anonymous false\npassword_file {p}/passwd\nacl_file {p}/acl\n\
-                 persistence true\npersistence_location {p}/\nautosave_interval 1\nmax_queued_messages 0\nmax_packet_size 263168\n\
+                 persistence true\npersistence_location {p}/\nautosave_interval {autosave_s}\nmax_queued_messages 0\nmax_packet_size 263168\n\
                  user root\nlog_dest file {p}/mosquitto.log\n\
                  listener {port} 127.0.0.1\ncafile {p}/ca.pem\ncertfile {p}/server.pem\nkeyfile {p}/server.key\n\
                  listener {cert_port} 127.0.0.1\ncafile {p}/ca.pem\ncertfile {p}/server.pem\nkeyfile {p}/server.key\n\
@@ -192,6 +207,15 @@ impl Broker {
     pub fn stop(&mut self) -> Result<()> {
         if let Some(mut c) = self.child.take() {
             Command::new("kill").arg("-TERM").arg(c.id().to_string()).status()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Kills the broker as a crash or a power cut would (SIGKILL: it saves nothing).
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
             c.wait()?;
         }
         Ok(())

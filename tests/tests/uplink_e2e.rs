@@ -17,6 +17,9 @@ const PER_SLIDE: u64 = 25;
 struct Sim {
     child: Child,
     acked: Arc<Mutex<Vec<u64>>>,
+    /// The broker has every message.
+    sent: Arc<Mutex<bool>>,
+    /// Central has confirmed every message.
     drained: Arc<Mutex<bool>>,
 }
 
@@ -33,20 +36,31 @@ impl Sim {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let (acked, drained) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(false)));
+        let (acked, sent, drained) = (
+            Arc::new(Mutex::new(Vec::new())),
+            Arc::new(Mutex::new(false)),
+            Arc::new(Mutex::new(false)),
+        );
         let stdout = child.stdout.take().unwrap();
-        let (a, d) = (acked.clone(), drained.clone());
+        let (a, s, d) = (acked.clone(), sent.clone(), drained.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if let Some(k) = line.strip_prefix("ACK ") {
                     a.lock().unwrap().push(k.parse().unwrap());
+                } else if line == "SENT" {
+                    *s.lock().unwrap() = true;
                 } else if line == "DRAINED" {
                     *d.lock().unwrap() = true;
                 }
             }
         });
-        Sim { child, acked, drained }
+        Sim {
+            child,
+            acked,
+            sent,
+            drained,
+        }
     }
 
     fn acked(&self) -> usize {
@@ -96,6 +110,7 @@ fn uplink_file(dir: &Path, broker: &Broker, clinic: &str, device: &str) -> std::
         inflight: 16,
         status_every_s: 1,
         max_backoff_s: 1,
+        confirm_after_s: 5,
     };
     let p = dir.join("uplink.toml");
     std::fs::write(&p, toml::to_string(&config).unwrap()).unwrap();
@@ -376,15 +391,153 @@ fn central_catches_up_on_a_backlog_queued_while_it_was_down() {
         0,
     );
     wait_until("the outbox to drain into the broker", Duration::from_secs(120), || {
-        *sim.drained.lock().unwrap()
+        *sim.sent.lock().unwrap()
     });
+    assert!(!*sim.drained.lock().unwrap(), "kept until central confirms");
     let total: u64 = (0..N).map(|k| synthetic_field(k, PER_SLIDE).cells.len() as u64).sum();
     assert!(total > 2 * 1024, "more than central's request queue");
     let central = rt.block_on(central::start(&cfg)).unwrap();
     wait_until("central to hold the backlog", Duration::from_secs(120), || {
         central.db.message_count().unwrap() == total
     });
+    wait_until(
+        "central's receipts to empty the outbox",
+        Duration::from_secs(60),
+        || *sim.drained.lock().unwrap(),
+    );
     sim.kill();
+    rt.block_on(central.stop());
+}
+
+/// A store with `n` synthetic fields in their slides, and how many messages they make.
+fn filled_store(dir: &Path, n: u64) -> (Arc<appliance::store::Store>, u64) {
+    let s = wbc_integration_tests::open_store(dir, "clinic-a", "dev1").unwrap();
+    let mut messages = 0;
+    for k in 0..n {
+        if k % PER_SLIDE == 0 {
+            let slide = appliance::store::SlideState {
+                id: synthetic_slide(k, PER_SLIDE),
+                started_at: 1,
+                finished_at: None,
+            };
+            s.put_slide(&slide, &[]).unwrap();
+        }
+        let f = synthetic_field(k, PER_SLIDE);
+        messages += f.cells.len() as u64;
+        s.add_field(&f, None).unwrap();
+    }
+    (s, messages)
+}
+
+/// The real uplink on `store`, on `rt`, sending again after 2 s what central has not confirmed.
+fn start_uplink(
+    rt: &tokio::runtime::Runtime,
+    broker: &Broker,
+    account: &Account,
+    store: Arc<appliance::store::Store>,
+) -> (Arc<appliance::uplink::UplinkState>, wbc_protocol::shutdown::Shutdown) {
+    let config = appliance::uplink::UplinkConfig {
+        broker: broker.config_for(account).unwrap(),
+        max_backoff_s: 1,
+        confirm_after_s: 2,
+        ..Default::default()
+    };
+    let uplink = appliance::uplink::Uplink::new(store, config, 1);
+    let state = uplink.state();
+    let stop = wbc_protocol::shutdown::Shutdown::new();
+    rt.spawn(uplink.run(stop.clone()));
+    (state, stop)
+}
+
+#[test]
+fn results_a_crashing_broker_loses_after_acknowledging_them_are_sent_again_until_central_confirms_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Account::device("clinic-a", "dev1");
+    // The broker saves its state every 10 s: what it takes between two saves dies with it.
+    let mut broker = Broker::start_saving_every(&[device.clone(), Account::central()], 10).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cfg = central_config(dir.path(), &broker);
+    // Central subscribes, then is away: the broker holds the results for it, in memory.
+    let (_, central) = start_central(dir.path(), &broker);
+    rt.block_on(central.stop());
+    let (store, messages) = filled_store(&dir.path().join("store"), 60);
+    let (uplink, stop) = start_uplink(&rt, &broker, &device, store.clone());
+    wait_until("the broker's acknowledgements", Duration::from_secs(60), || {
+        uplink.delivered() >= messages
+    });
+    // Right after its acknowledgements, before its next save, the broker dies.
+    broker.kill().unwrap();
+    assert_eq!(store.backlog() as u64, messages, "nothing is confirmed: all kept");
+    assert_eq!(store.unconfirmed() as u64, messages);
+    broker.resume().unwrap();
+    let central = rt.block_on(central::start(&cfg)).unwrap();
+    wait_until("central to hold every result", Duration::from_secs(90), || {
+        central.db.message_count().unwrap() == messages
+    });
+    wait_until(
+        "central's receipts to empty the outbox",
+        Duration::from_secs(60),
+        || store.backlog() == 0,
+    );
+    assert_eq!(central.db.message_count().unwrap(), messages, "each stored once");
+    assert!(uplink.confirmed() >= messages);
+    stop.trigger();
+    rt.block_on(central.stop());
+}
+
+#[test]
+fn results_the_broker_acknowledges_and_nobody_receives_stay_unconfirmed_and_are_sent_again_until_central_has_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Account::device("clinic-a", "dev1");
+    let broker = Broker::start(&[device.clone(), Account::central()]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Central has never subscribed (a new lab, or its subscription lost): the broker takes the
+    // results, acknowledges them and drops them.
+    let (store, messages) = filled_store(&dir.path().join("store"), 30);
+    let (uplink, stop) = start_uplink(&rt, &broker, &device, store.clone());
+    wait_until("the broker's acknowledgements", Duration::from_secs(60), || {
+        uplink.delivered() >= messages
+    });
+    wait_until("a second sending", Duration::from_secs(30), || uplink.resent() >= 1);
+    assert_eq!(uplink.confirmed(), 0);
+    assert_eq!(store.backlog() as u64, messages, "every result kept");
+    assert_eq!(store.unsent(), 0);
+    assert_eq!(
+        store.unconfirmed() as u64,
+        messages,
+        "shown as waiting for central, not as delivered"
+    );
+    // Central comes: what is sent again reaches it, and its receipts empty the outbox.
+    let (_crt, central) = start_central(dir.path(), &broker);
+    wait_until(
+        "central's receipts to empty the outbox",
+        Duration::from_secs(90),
+        || store.backlog() == 0,
+    );
+    assert_eq!(central.db.message_count().unwrap(), messages);
+    stop.trigger();
+    _crt.block_on(central.stop());
+}
+
+#[test]
+fn a_device_whose_acl_block_is_missing_keeps_every_result_and_shows_it_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    // The device may log in, but nobody wrote its ACL block. (Mosquitto 2.0 then ends the
+    // connection at its first result; a broker that acknowledges and drops is the test above.)
+    let mut device = Account::device("clinic-a", "dev1");
+    device.acl.clear();
+    let broker = Broker::start(&[device.clone(), Account::central()]).unwrap();
+    let (rt, central) = start_central(dir.path(), &broker);
+    let (store, messages) = filled_store(&dir.path().join("store"), 10);
+    let (uplink, stop) = start_uplink(&rt, &broker, &device, store.clone());
+    wait_until("the uplink to fail", Duration::from_secs(30), || {
+        uplink.last_error().is_some()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(central.db.message_count().unwrap(), 0, "central never had them");
+    assert_eq!(uplink.confirmed(), 0);
+    assert_eq!(store.backlog() as u64, messages, "every result kept");
+    stop.trigger();
     rt.block_on(central.stop());
 }
 

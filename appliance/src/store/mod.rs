@@ -15,6 +15,7 @@
 //! | `image_meta` | field seq | stored at (u64) ‖ length (u64) |
 //! | `pictures` | field seq ‖ cell index (u32) | the cell's picture for the review pages (JPEG) |
 //! | `outbox` | message seq | field seq (u64, `u64::MAX` for none) ‖ [`Envelope`](wbc_protocol::uplink::Envelope) |
+//! | `sent` | message seq | sent at (u64) ‖ times sent (u64) ‖ wire seq (u64): the broker has it, central has not confirmed it |
 //! | `meta` | name | the active model's version, … |
 //! | `site_features` | model version ‖ seq | a site cell's unadapted features (f32 LE) |
 //! | `adaptations` | model version | [`StoredAdaptation`] |
@@ -27,8 +28,10 @@
 //! message's wire sequence number puts a 24-bit store epoch above the 40-bit counter; the epoch
 //! is new at every start (one more than the last, and at least the clock's minute since 2026),
 //! so that a wiped store, or one put back from a backup (whose counter is rewound), does not
-//! reuse message ids central has already seen, given a clock that is not set back. A message that cannot be read back (damaged, or
-//! written by a newer build) is moved to the `outbox_quarantine` tree, never deleted.
+//! reuse message ids central has already seen, given a clock that is not set back. A message
+//! that cannot be read back (damaged, or written by a newer build) is moved to the
+//! `outbox_quarantine` tree, never deleted. A message stays in the outbox until central's
+//! receipt names it; from the broker's acknowledgement on, `sent` says when it went.
 //!
 //! This file holds the trees, their keys and encodings, and the fields, reviews, slides and
 //! images; `outbox` the messages waiting for the broker; `model_log` the model log and the
@@ -99,6 +102,7 @@ pub struct Store {
     image_meta: Tree,
     pictures: Tree,
     outbox: Tree,
+    sent: Tree,
     quarantine: Tree,
     model_log: Tree,
     meta: Tree,
@@ -111,6 +115,8 @@ pub struct Store {
     /// Messages in the outbox (sled counts a tree by walking it). Signed: an acknowledgement
     /// can be counted a moment before the write that queued the message is.
     queued: std::sync::atomic::AtomicI64,
+    /// Of those, messages the broker has and central has not confirmed (the `sent` tree).
+    awaiting: std::sync::atomic::AtomicI64,
     /// Serialises read-modify-write of reviews and slides (sled transactions would retry; a
     /// lock keeps it simple).
     lock: std::sync::Mutex<()>,
@@ -242,6 +248,8 @@ impl Store {
             image_meta: t("image_meta")?,
             pictures: t("pictures")?,
             outbox: t("outbox")?,
+            awaiting: std::sync::atomic::AtomicI64::new(t("sent")?.len() as i64),
+            sent: t("sent")?,
             quarantine: t("outbox_quarantine")?,
             model_log: t("model_log")?,
             site_features: t("site_features")?,

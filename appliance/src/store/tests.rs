@@ -117,17 +117,64 @@ fn fields_slides_reviews_and_images_survive_reopening() {
 }
 
 #[test]
-fn acknowledged_messages_leave_the_outbox_and_the_rest_stays_in_order() {
+fn messages_stay_until_central_confirms_them_and_the_rest_keeps_its_order() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), Retention::default());
     s.put_slide(&slide("s", 1), &[]).unwrap();
     s.add_field(&field("a", "s", 1, 3), None).unwrap();
     let out = s.outbox_from(0, 10).unwrap();
-    s.acknowledged(out[1].seq).unwrap();
-    assert_eq!(s.backlog(), 2);
+    assert_eq!((s.backlog(), s.unsent(), s.unconfirmed()), (3, 3, 0));
+    // The broker took the second: it is not sent again, and still waits for central.
+    s.broker_has(out[1].seq, out[1].wire).unwrap();
+    assert_eq!((s.backlog(), s.unsent(), s.unconfirmed()), (3, 2, 1));
+    let (unsent, next) = s.unsent_from(0, 10).unwrap();
+    assert_eq!(
+        unsent.iter().map(|o| o.seq).collect::<Vec<_>>(),
+        [out[0].seq, out[2].seq]
+    );
+    assert_eq!(next, out[2].seq + 1);
+    assert_eq!(s.unsent_from(next, 10).unwrap().0, []);
+    // A receipt for another store's number, or a number this store never used, changes nothing.
+    assert_eq!(s.confirmed(&[out[1].wire ^ (1 << 40), out[2].wire + 1000]).unwrap(), 0);
+    // Central's receipt: it leaves; a second receipt for it is harmless.
+    assert_eq!(s.confirmed(&[out[1].wire]).unwrap(), 1);
+    assert_eq!(s.confirmed(&[out[1].wire]).unwrap(), 0);
+    assert_eq!((s.backlog(), s.unsent(), s.unconfirmed()), (2, 2, 0));
+    // A receipt may come before the broker's acknowledgement is handled.
+    assert_eq!(s.confirmed(&[out[2].wire]).unwrap(), 1);
+    s.broker_has(out[2].seq, out[2].wire).unwrap();
+    assert_eq!((s.backlog(), s.unconfirmed()), (1, 0));
     let rest: Vec<_> = s.outbox_from(0, 10).unwrap().into_iter().map(|o| o.seq).collect();
-    assert_eq!(rest, [out[0].seq, out[2].seq]);
-    assert_eq!(s.outbox_from(out[0].seq + 1, 10).unwrap()[0].seq, out[2].seq);
+    assert_eq!(rest, [out[0].seq]);
+}
+
+#[test]
+fn what_central_does_not_confirm_is_sent_again_later_and_later_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (o, t0) = {
+        let s = open(dir.path(), Retention::default());
+        s.put_slide(&slide("s", 1), &[]).unwrap();
+        s.add_field(&field("a", "s", 1, 1), None).unwrap();
+        let o = s.outbox_from(0, 1).unwrap().remove(0);
+        let t0 = now();
+        s.broker_has(o.seq, o.wire).unwrap();
+        s.flush().unwrap();
+        (o, t0)
+    };
+    let s = open(dir.path(), Retention::default());
+    assert_eq!((s.backlog(), s.unconfirmed()), (1, 1), "kept across a restart");
+    assert_eq!(s.unsent_from(0, 10).unwrap().0, [], "not sent again at once");
+    assert_eq!(s.overdue(t0 + 5, 600, 10).unwrap(), []);
+    let again = s.overdue(t0 + 601, 600, 10).unwrap();
+    assert_eq!(again, std::slice::from_ref(&o), "overdue after confirm_after_s");
+    // Sent a second time: the next wait is twice as long.
+    s.broker_has(o.seq, o.wire).unwrap();
+    let t1 = now();
+    assert_eq!(s.overdue(t1 + 601, 600, 10).unwrap(), []);
+    assert_eq!(s.overdue(t1 + 1201, 600, 10).unwrap(), std::slice::from_ref(&o));
+    assert_eq!(s.confirmed(&[o.wire]).unwrap(), 1);
+    assert_eq!(s.overdue(u64::MAX, 600, 10).unwrap(), []);
+    assert_eq!((s.backlog(), s.unconfirmed()), (0, 0));
 }
 
 #[test]
@@ -250,6 +297,7 @@ fn old_results_go_only_once_delivered() {
     .unwrap();
     assert_eq!(s.prune(now()).unwrap().fields, 0, "nothing delivered yet");
     // Central has everything of `old` (its two cells and the review), but not `old2`.
+    let mut of_old_wires = Vec::new();
     for o in s.outbox_from(0, 100).unwrap() {
         let e = Envelope::decode(&o.topic, &o.payload).unwrap();
         let of_old = match &e.body {
@@ -258,9 +306,16 @@ fn old_results_go_only_once_delivered() {
             _ => false,
         };
         if of_old {
-            s.acknowledged(o.seq).unwrap();
+            s.broker_has(o.seq, o.wire).unwrap();
+            of_old_wires.push(o.wire);
         }
     }
+    assert_eq!(
+        s.prune(now()).unwrap().fields,
+        0,
+        "the broker has them, central has not confirmed them"
+    );
+    assert_eq!(s.confirmed(&of_old_wires).unwrap(), 3);
     assert_eq!(s.prune(now()).unwrap().fields, 1);
     assert_eq!(s.field("old").unwrap(), None);
     assert_eq!(s.image("old").unwrap(), None);
@@ -393,7 +448,8 @@ mod model {
                     }
                     Op::Ack(n) => {
                         for o in s.outbox_from(0, n.into()).unwrap() {
-                            s.acknowledged(o.seq).unwrap();
+                            s.broker_has(o.seq, o.wire).unwrap();
+                            prop_assert_eq!(s.confirmed(&[o.wire]).unwrap(), 1);
                             m.outbox.pop_front();
                         }
                     }

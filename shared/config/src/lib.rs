@@ -275,6 +275,9 @@ pub struct UplinkConfig {
     pub status_every_s: u64,
     /// Longest wait between connection attempts, seconds.
     pub max_backoff_s: u64,
+    /// A message the broker took but central has not confirmed within this many seconds is
+    /// sent again (then after twice as long each time, up to a day).
+    pub confirm_after_s: u64,
 }
 
 impl Default for UplinkConfig {
@@ -284,6 +287,7 @@ impl Default for UplinkConfig {
             inflight: 32,
             status_every_s: 60,
             max_backoff_s: 60,
+            confirm_after_s: 600,
         }
     }
 }
@@ -299,9 +303,9 @@ impl UplinkConfig {
                 "uplink.inflight must be between 1 and 1000".to_string(),
             ));
         }
-        if self.status_every_s == 0 || self.max_backoff_s == 0 {
+        if self.status_every_s == 0 || self.max_backoff_s == 0 || self.confirm_after_s == 0 {
             return Err(ConfigError::Invalid(
-                "uplink.status_every_s and uplink.max_backoff_s must be at least 1".to_string(),
+                "uplink.status_every_s, uplink.max_backoff_s and uplink.confirm_after_s must be at least 1".to_string(),
             ));
         }
         Ok(())

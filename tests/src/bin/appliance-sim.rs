@@ -3,8 +3,9 @@
 //! write thousands of results quickly and kill the process at any moment).
 //!
 //! `appliance-sim --store DIR --count N [--per-slide P] [--pace-ms M] [--uplink FILE.toml]`
-//! prints `ACK <k>` once field `k` is durable, and `DRAINED` once the outbox is empty (with an
-//! uplink), then keeps running until killed. Fields already stored (a restart) are
+//! prints `ACK <k>` once field `k` is durable, and (with an uplink) `SENT` once the broker has
+//! every message and `DRAINED` once central has confirmed every one (the outbox is empty), then
+//! keeps running until killed. Fields already stored (a restart) are
 //! acknowledged again without being written twice.
 
 use anyhow::{Context, Result};
@@ -65,6 +66,11 @@ fn main() -> Result<()> {
         }
     }
     if a.uplink.is_some() {
+        while store.unsent() > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        writeln!(out, "SENT")?;
+        out.flush()?;
         while store.backlog() > 0 {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }

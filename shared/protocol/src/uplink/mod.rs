@@ -6,6 +6,11 @@
 //! stores each message in its outbox before sending it and resends it until the broker
 //! acknowledges it, so central sees some messages twice and keeps the first. The device status
 //! ([`Status`]) is published retained, with `offline` as the connection's last will.
+//!
+//! The broker's acknowledgement only says that the broker has a message; a broker that crashes
+//! before it saves it, or an access list that drops it, loses it. So central confirms what it
+//! has committed with a [`Receipt`] on `wbc-receipt/<clinic>/<device>`, and the appliance keeps
+//! every message until a receipt names it, sending again what stays unconfirmed.
 
 use crate::messages::{CellRecord, FieldHeader, FieldRecord, Review, SCHEMA_VERSION};
 use crate::slide::SlideReport;
@@ -543,7 +548,7 @@ pub struct Status {
     pub state: DeviceState,
     /// When, seconds since the Unix epoch (for the last will: when the device connected).
     pub at: u64,
-    /// Messages in the device's outbox, not yet acknowledged by the broker.
+    /// Messages in the device's outbox: not yet confirmed by central.
     #[serde(default)]
     pub backlog: Option<u64>,
     /// Active model version.
@@ -562,6 +567,55 @@ impl Status {
         let s: Status = decode_clean(payload)?;
         check_origin(&s.clinic, &s.device, &t)?;
         Ok(s)
+    }
+}
+
+/// Topic prefix of central's receipts.
+pub const RECEIPT_ROOT: &str = "wbc-receipt";
+
+/// Most sequence numbers one receipt names.
+pub const MAX_RECEIPT_SEQS: usize = 2000;
+
+/// The topic of central's receipts for one device.
+pub fn receipt_topic(clinic: &str, device: &str) -> String {
+    format!("{RECEIPT_ROOT}/{clinic}/{device}")
+}
+
+/// Central's word that it has committed (or for good refused) a device's messages: the
+/// appliance may forget them. Sent with QoS 1, not retained.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// [`UPLINK_SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// The messages' sequence numbers ([`Envelope::seq`]).
+    pub seqs: Vec<u64>,
+}
+
+impl Receipt {
+    /// A receipt for `seqs` (at most [`MAX_RECEIPT_SEQS`] of them).
+    pub fn new(seqs: Vec<u64>) -> Self {
+        Receipt {
+            schema_version: UPLINK_SCHEMA_VERSION,
+            seqs,
+        }
+    }
+
+    /// Its payload.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("serialising to memory")
+    }
+
+    /// Decodes a receipt: size, schema version, at most [`MAX_RECEIPT_SEQS`] numbers.
+    pub fn decode(payload: &[u8]) -> Result<Self, UplinkError> {
+        check_version(payload)?;
+        let r: Receipt = serde_json::from_slice(payload).map_err(|e| UplinkError::Invalid(e.to_string()))?;
+        if r.seqs.len() > MAX_RECEIPT_SEQS {
+            return Err(UplinkError::Invalid(format!(
+                "a receipt of {} messages (at most {MAX_RECEIPT_SEQS})",
+                r.seqs.len()
+            )));
+        }
+        Ok(r)
     }
 }
 

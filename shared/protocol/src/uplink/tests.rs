@@ -241,3 +241,16 @@ fn ids_that_could_escape_a_topic_level_are_invalid() {
         "an identity is never an id"
     );
 }
+
+#[test]
+fn receipts_round_trip_and_a_hostile_one_is_refused() {
+    let r = Receipt::new(vec![1, 5, u64::MAX]);
+    assert_eq!(Receipt::decode(&r.encode()).unwrap(), r);
+    assert_eq!(receipt_topic("north", "scope-1"), "wbc-receipt/north/scope-1");
+    let too_many = Receipt::new((0..MAX_RECEIPT_SEQS as u64 + 1).collect());
+    assert!(Receipt::decode(&too_many.encode()).is_err());
+    assert!(Receipt::decode(b"{\"schema_version\": 99, \"seqs\": []}").is_err());
+    assert!(Receipt::decode(b"{\"schema_version\": 1, \"seqs\": [-1]}").is_err());
+    assert!(Receipt::decode(&vec![b' '; MAX_PAYLOAD_BYTES + 1]).is_err());
+    assert!(Receipt::decode(b"").is_err());
+}
