@@ -32,6 +32,8 @@ pub struct Config {
     /// from `appliance hash-password`). With any, everything but `/health` needs a login;
     /// with none, nothing does (keep `listen` on loopback then).
     pub users: Vec<wbc_web::auth::User>,
+    /// How long message ids and rejected messages are kept (`[retention]`).
+    pub retention: db::Retention,
 }
 
 impl Default for Config {
@@ -42,6 +44,7 @@ impl Default for Config {
             client_id: "wbc-central".into(),
             broker: BrokerConfig::default(),
             users: Vec::new(),
+            retention: db::Retention::default(),
         }
     }
 }
@@ -104,6 +107,24 @@ pub async fn run(config: &Config, shutdown: impl std::future::Future<Output = ()
     Ok(())
 }
 
+/// Runs a retention pass at the start and every hour until `stop`.
+async fn retention(db: Arc<db::Db>, r: db::Retention, stop: Shutdown) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let (db, r) = (db.clone(), r.clone());
+                match tokio::task::spawn_blocking(move || db.prune(db::now(), &r)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "retention pass failed; tried again in an hour"),
+                    Err(e) => tracing::warn!(error = %e, "retention task failed"),
+                }
+            }
+            _ = stop.wait() => return,
+        }
+    }
+}
+
 /// Starts central on the current tokio runtime; [`Running::stop`] stops it.
 pub async fn start(config: &Config) -> Result<Running> {
     // Opening may block (a file, or a PostgreSQL connection with its own runtime).
@@ -129,6 +150,7 @@ pub async fn start(config: &Config) -> Result<Running> {
     }));
     let tasks = vec![
         tokio::spawn(ingest.run(stop.clone())),
+        tokio::spawn(retention(db.clone(), config.retention.clone(), stop.clone())),
         tokio::spawn(async move {
             let r = axum::serve(
                 listener,

@@ -2,11 +2,11 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `GET /` | dashboard: devices (online, backlog, model), slides with blasts first |
+//! | `GET /` | dashboard: devices (online, backlog, model), slides with blasts first (50 a page, `?offset=K`) |
 //! | `GET /health` | `{"status":"ok","broker_connected":…}` (open without a login) |
 //! | `GET`/`POST /login`, `POST /logout` | where `[[users]]` are configured, every other route needs a login |
 //! | `GET /api/devices` | every device: state, backlog, model version, last seen |
-//! | `GET /api/slides?clinic=C` | slides with differential and flags, blasts first |
+//! | `GET /api/slides?clinic=C&limit=N&offset=K` | slides with differential and flags, blasts first (a page: 100 unless `limit`, at most 1000) |
 //! | `GET /slide?clinic=C&device=D&slide=S` | one slide: flags, differential, every cell (those waiting for review first) |
 //! | `GET /api/slide?clinic=C&device=D&slide=S` | the same in JSON |
 //! | `GET /cell-picture?clinic=C&device=D&field=F&index=I` | a cell's picture (JPEG), for the cells sent with one |
@@ -96,7 +96,14 @@ async fn blocking<T: Send + 'static>(
 struct Filter {
     clinic: Option<String>,
     days: Option<u32>,
+    /// Slides per page (at most [`crate::db::MAX_PAGE`]).
+    limit: Option<u32>,
+    /// Slides skipped: the page's start.
+    offset: Option<u64>,
 }
+
+/// Slides on one page of the dashboard.
+const DASHBOARD_SLIDES: u32 = 50;
 
 async fn health(State(w): State<Arc<Web>>) -> Response {
     axum::Json(serde_json::json!({
@@ -115,7 +122,10 @@ async fn model_events(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Res
 }
 
 async fn slides(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Response {
-    json(&w, move |w| w.db.slides(f.clinic.as_deref())).await
+    json(&w, move |w| {
+        w.db.slides_page(f.clinic.as_deref(), f.limit.unwrap_or(100), f.offset.unwrap_or(0))
+    })
+    .await
 }
 
 /// Which slide: the three parts of its key.
@@ -308,14 +318,18 @@ fn when(t: u64) -> String {
 }
 
 async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Response {
+    let (clinic, offset) = (f.clinic.clone(), f.offset.unwrap_or(0));
     let fetched = blocking(&w, move |w| {
-        let c = f.clinic.as_deref();
-        Ok((w.db.devices()?, w.db.slides(c)?, w.db.model_events(c, 20)?))
+        let c = clinic.as_deref();
+        let page = w.db.slides_page(c, DASHBOARD_SLIDES + 1, offset)?;
+        Ok((w.db.devices()?, page, w.db.model_events(c, 20)?))
     });
-    let (devices, slides, events) = match fetched.await {
+    let (devices, mut slides, events) = match fetched.await {
         Ok(v) => v,
         Err(e) => return internal(e),
     };
+    let more = slides.len() > DASHBOARD_SLIDES as usize;
+    slides.truncate(DASHBOARD_SLIDES as usize);
     let mut b = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>WBC central</title><style>{STYLE}</style></head><body>\
          <h1>WBC differentials: central lab</h1>{logout}<h2>Devices</h2><table id=\"devices\"><tr><th>clinic</th><th>device</th>\
@@ -370,7 +384,34 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
             flags = flags.join("<br>")
         );
     }
-    b.push_str("</table><h2>Model updates (latest)</h2><table id=\"model-events\"><tr><th>clinic</th><th>device</th><th>when</th><th>event</th><th>version</th><th>detail</th></tr>");
+    b.push_str("</table>");
+    if offset > 0 || more {
+        let at = |o: u64| {
+            let o = o.to_string();
+            let q = match &f.clinic {
+                Some(c) => serde_urlencoded::to_string([("clinic", c.as_str()), ("offset", &o)]),
+                None => serde_urlencoded::to_string([("offset", &o)]),
+            };
+            esc(&format!("/?{}", q.unwrap_or_default()))
+        };
+        b.push_str("<p id=\"pages\">");
+        if offset > 0 {
+            let _ = write!(
+                b,
+                "<a href=\"{}\">Newer slides</a> ",
+                at(offset.saturating_sub(u64::from(DASHBOARD_SLIDES)))
+            );
+        }
+        if more {
+            let _ = write!(
+                b,
+                "<a href=\"{}\">Older slides</a>",
+                at(offset + u64::from(DASHBOARD_SLIDES))
+            );
+        }
+        b.push_str("</p>");
+    }
+    b.push_str("<h2>Model updates (latest)</h2><table id=\"model-events\"><tr><th>clinic</th><th>device</th><th>when</th><th>event</th><th>version</th><th>detail</th></tr>");
     for e in &events {
         let _ = write!(
             b,

@@ -218,7 +218,8 @@ mod tests {
         store.put_adaptation(&adaptation(4)).unwrap();
         drop(store);
 
-        let store = Store::open(dir.path(), identity(), Retention::default()).unwrap();
+        // Opened again as soon as sled lets go of it.
+        let store = crate::store::tests::open(dir.path(), Retention::default());
         assert_eq!(store.site_cells(4).unwrap().seen, 7);
         assert_eq!(store.adaptation(4).unwrap(), Some(adaptation(4)));
         assert_eq!(store.adaptation(5).unwrap(), None);

@@ -48,7 +48,7 @@ fn slide(id: &str, at: u64) -> SlideState {
 
 /// Opens the store; after a drop in this process sled's background flusher may hold the
 /// file lock a moment longer, so a refusal is retried for a while.
-fn open(dir: &Path, r: Retention) -> Store {
+pub(super) fn open(dir: &Path, r: Retention) -> Store {
     let t = std::time::Instant::now();
     loop {
         match Store::open(dir, identity(), r.clone()) {

@@ -79,6 +79,7 @@ impl Db {
                             (&e.id).into(),
                         ],
                     )?;
+                    Self::mark_slide(c, &e.clinic, &e.device, &m.field.slide_id)?;
                     let key = [
                         (&e.clinic).into(),
                         (&e.device).into(),
@@ -113,6 +114,7 @@ impl Db {
                             r.review.at.into(),
                         ],
                     )?;
+                    Self::mark_slide(c, &e.clinic, &e.device, &r.slide_id)?;
                 }
                 Body::Slide(m) => {
                     c.exec(
@@ -131,6 +133,7 @@ impl Db {
                             serde_json::to_string(&m.report)?.into(),
                         ],
                     )?;
+                    Self::mark_slide(c, &e.clinic, &e.device, &m.report.slide_id)?;
                 }
                 Body::Model(m) => {
                     c.exec(

@@ -7,8 +7,10 @@
 //! broker's acknowledgement to central is sent only after the commit.
 //!
 //! The work is split by what it does: `schema.rs` creates and opens the database, `apply.rs`
-//! stores the messages and statuses devices send, and `queries.rs` reads devices, slides,
-//! results and model events back for the web pages; the rows they return are defined here.
+//! stores the messages and statuses devices send, `queries.rs` reads devices, slides,
+//! results and model events back for the web pages, and `summaries.rs` keeps a summary per
+//! slide so that the slide list does not grow with the history, and removes what retention
+//! lets go; the rows they return are defined here.
 
 use crate::sql::Conn;
 use serde::Serialize;
@@ -20,6 +22,9 @@ use wbc_protocol::uplink::ModelEvent;
 mod apply;
 mod queries;
 mod schema;
+mod summaries;
+
+pub use summaries::{MAX_PAGE, Pruned, Retention};
 
 pub use wbc_protocol::clock::now;
 

@@ -12,7 +12,7 @@ use wbc_protocol::uplink::{FieldInfo, ModelEvent};
 /// A slide's fields as central holds them and, per field and cell, the cell's index in its
 /// field (cells may be missing) and whether central holds its picture.
 #[derive(Default)]
-struct SlideCells {
+pub(super) struct SlideCells {
     fields: Vec<wbc_protocol::messages::FieldRecord>,
     at: Vec<Vec<(u32, bool)>>,
 }
@@ -157,20 +157,11 @@ impl Db {
         Ok(wbc_protocol::uplink::decode_picture(&r[0].text()?))
     }
 
-    /// The slides of a clinic (every clinic with `None`), blasts first, then slides with
-    /// possible blasts waiting, then newest first.
-    pub fn slides(&self, clinic: Option<&str>) -> Result<Vec<SlideRow>> {
-        let mut out: Vec<SlideRow> = self.slide_rows(clinic, None)?.into_iter().map(|(row, _)| row).collect();
-        out.sort_by_key(|s| std::cmp::Reverse((s.blast, s.possible_blast, s.started_at)));
-        Ok(out)
-    }
-
     /// One slide with every cell central holds of it (reviews applied), the cells waiting for
     /// review first ([`review_queue`]: blasts, then possible blasts, then other cells set
     /// aside), then the rest in the order they came. `None` for a slide central never heard of.
     pub fn slide(&self, clinic: &str, device: &str, slide_id: &str) -> Result<Option<SlideDetail>> {
-        let Some((row, SlideCells { fields, at })) = self.slide_rows(Some(clinic), Some((device, slide_id)))?.pop()
-        else {
+        let Some((row, SlideCells { fields, at })) = self.slide_row(clinic, device, slide_id)? else {
             return Ok(None);
         };
         let cell = |fi: usize, ci: usize, waiting: Option<ReviewPriority>| {
@@ -201,40 +192,50 @@ impl Db {
         Ok(Some(SlideDetail { slide: row, cells }))
     }
 
-    /// Slides (of a clinic, or of one device's one slide) with the fields they are counted from.
-    fn slide_rows(&self, clinic: Option<&str>, only: Option<(&str, &str)>) -> Result<Vec<(SlideRow, SlideCells)>> {
-        let (device, slide) = (only.map(|o| o.0), only.map(|o| o.1));
-        let keys = self.conn.lock().expect("db lock").query(
-            "SELECT k.clinic, k.device, k.slide_id,
-                    COALESCE(s.started_at, (SELECT MIN(received_at) FROM cells c WHERE c.clinic = k.clinic
-                             AND c.device = k.device AND c.slide_id = k.slide_id), 0),
-                    s.finished_at
-             FROM (SELECT clinic, device, slide_id FROM cells UNION SELECT clinic, device, slide_id FROM slides) k
-             LEFT JOIN slides s ON s.clinic = k.clinic AND s.device = k.device AND s.slide_id = k.slide_id
-             WHERE (CAST($1 AS TEXT) IS NULL OR k.clinic = $1)
-               AND (CAST($2 AS TEXT) IS NULL OR k.device = $2)
-               AND (CAST($3 AS TEXT) IS NULL OR k.slide_id = $3)",
-            &[clinic.into(), device.into(), slide.into()],
-        )?;
-        let settings = SlideSettings::default();
-        let mut out = Vec::with_capacity(keys.len());
-        for r in keys {
-            let (c, d, s) = (r[0].text()?, r[1].text()?, r[2].text()?);
-            let finished = r[4].opt_int()?;
-            let cells = self.indexed_slide_fields(&c, &d, &s)?;
-            let report = report(&s, &cells.fields, &settings, finished.is_some());
-            let row = SlideRow {
-                blast: report.flags.iter().any(|f| f.urgent()),
-                possible_blast: report.flags.iter().any(|f| matches!(f, Flag::PossibleBlast { .. })),
-                clinic: c,
-                device: d,
-                started_at: r[3].int()? as u64,
-                finished_at: finished.map(|t| t as u64),
-                report,
+    /// One slide with the fields it is counted from, read by its key alone (its cells through
+    /// the `cells_slide` index). `None` for a slide central never heard of.
+    pub(super) fn slide_row(
+        &self,
+        clinic: &str,
+        device: &str,
+        slide_id: &str,
+    ) -> Result<Option<(SlideRow, SlideCells)>> {
+        let key = [clinic.into(), device.into(), slide_id.into()];
+        let (known, started, first_cell) = {
+            let mut conn = self.conn.lock().expect("db lock");
+            let known = conn.query(
+                "SELECT started_at, finished_at FROM slides WHERE clinic = $1 AND device = $2 AND slide_id = $3",
+                &key,
+            )?;
+            let first = conn.query(
+                "SELECT MIN(received_at), COUNT(*) FROM cells WHERE clinic = $1 AND device = $2 AND slide_id = $3",
+                &key,
+            )?;
+            let cells = first.first().map(|r| r[1].int()).transpose()?.unwrap_or(0);
+            let first_cell = match first.first() {
+                Some(r) if cells > 0 => Some(r[0].int()?),
+                _ => None,
             };
-            out.push((row, cells));
+            let started = known.first().map(|r| r[0].int()).transpose()?;
+            let finished = known.first().map(|r| r[1].opt_int()).transpose()?.flatten();
+            (known.first().map(|_| finished), started, first_cell)
+        };
+        if known.is_none() && first_cell.is_none() {
+            return Ok(None);
         }
-        Ok(out)
+        let finished = known.flatten();
+        let cells = self.indexed_slide_fields(clinic, device, slide_id)?;
+        let report = report(slide_id, &cells.fields, &SlideSettings::default(), finished.is_some());
+        let row = SlideRow {
+            blast: report.flags.iter().any(|f| f.urgent()),
+            possible_blast: report.flags.iter().any(|f| matches!(f, Flag::PossibleBlast { .. })),
+            clinic: clinic.into(),
+            device: device.into(),
+            started_at: started.or(first_cell).unwrap_or(0) as u64,
+            finished_at: finished.map(|t| t as u64),
+            report,
+        };
+        Ok(Some((row, cells)))
     }
 
     /// Cells per day (UTC) and class over the last `days` days.

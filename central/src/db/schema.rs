@@ -8,8 +8,9 @@ use anyhow::{Context, Result};
 use std::path::Path;
 use std::sync::Mutex;
 
-/// Schema version of the database.
-const DB_VERSION: i64 = 1;
+/// Schema version of the database (2: slide summaries; a version 1 database is brought up to
+/// it when opened).
+const DB_VERSION: i64 = 2;
 
 // Written in the SQL both SQLite and PostgreSQL accept (BIGINT is an integer in SQLite).
 const SCHEMA: &str = "
@@ -43,6 +44,28 @@ CREATE TABLE IF NOT EXISTS cell_pictures (
     clinic TEXT NOT NULL, device TEXT NOT NULL, field_id TEXT NOT NULL, idx BIGINT NOT NULL,
     jpeg_base64 TEXT NOT NULL,
     PRIMARY KEY (clinic, device, field_id, idx));
+CREATE TABLE IF NOT EXISTS slide_summaries (
+    clinic TEXT NOT NULL, device TEXT NOT NULL, slide_id TEXT NOT NULL,
+    started_at BIGINT NOT NULL, finished_at BIGINT, blast BIGINT NOT NULL, possible_blast BIGINT NOT NULL,
+    report_json TEXT NOT NULL, dirty BIGINT NOT NULL,
+    PRIMARY KEY (clinic, device, slide_id));
+CREATE INDEX IF NOT EXISTS slide_summaries_order ON slide_summaries (blast, possible_blast, started_at);
+CREATE INDEX IF NOT EXISTS slide_summaries_clinic ON slide_summaries (clinic, blast, possible_blast, started_at);
+CREATE INDEX IF NOT EXISTS slide_summaries_dirty ON slide_summaries (dirty);
+CREATE INDEX IF NOT EXISTS cells_received ON cells (received_at);
+CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at);
+CREATE INDEX IF NOT EXISTS rejected_at ON rejected (at);
+CREATE INDEX IF NOT EXISTS model_events_at ON model_events (at);
+";
+
+/// Brings a version 1 database to version 2: every slide gets a summary, computed at its
+/// first reading.
+const TO_V2: &str = "
+INSERT INTO slide_summaries (clinic, device, slide_id, started_at, finished_at, blast, possible_blast, report_json, dirty)
+SELECT clinic, device, slide_id, 0, NULL, 0, 0, '', 1
+FROM (SELECT clinic, device, slide_id FROM cells UNION SELECT clinic, device, slide_id FROM slides) k WHERE true
+ON CONFLICT (clinic, device, slide_id) DO NOTHING;
+UPDATE meta SET value = 2 WHERE key = 'db_version';
 ";
 
 impl Db {
@@ -61,6 +84,11 @@ impl Db {
                 )?;
             }
             Some(r) if r[0].int()? == DB_VERSION => {}
+            Some(r) if r[0].int()? == 1 => {
+                conn.transaction(|c| c.batch(TO_V2))
+                    .context("bringing the database to version 2")?;
+                tracing::info!("database brought to version 2: slide summaries");
+            }
             Some(r) => anyhow::bail!(
                 "{} is database version {}; this build knows {DB_VERSION}",
                 display(&name),

@@ -293,3 +293,112 @@ fn a_database_from_a_newer_build_is_refused() {
         assert!(e.contains("version 99") && !e.contains("secret"), "{e}");
     }
 }
+
+#[test]
+fn the_slide_list_comes_in_pages_and_only_changed_slides_are_computed_again() {
+    for (_guard, path) in databases() {
+        let db = Db::open(&path).unwrap();
+        let (neut, blast) = (CellClass::Neutrophil.index(), CellClass::Blast.index());
+        for k in 0..7u64 {
+            let classes: &[usize] = if k == 4 { &[neut, blast] } else { &[neut] };
+            let f = field(&format!("f{k}"), &format!("s{k}"), classes);
+            for m in envelopes(&format!("c{k}"), 1, Body::cells_of(&f)) {
+                db.apply(&m).unwrap();
+            }
+        }
+        let all = db.slides(None).unwrap();
+        assert_eq!(all.len(), 7);
+        assert_eq!(all[0].clinic, "c4", "the blast first");
+        assert_eq!(
+            db.refresh_summaries().unwrap(),
+            0,
+            "nothing changed since the last reading"
+        );
+        let mut paged = Vec::new();
+        for offset in [0, 3, 6] {
+            paged.extend(db.slides_page(None, 3, offset).unwrap());
+        }
+        assert_eq!(paged, all);
+        assert_eq!(db.slides_page(None, 3, 7).unwrap(), []);
+        assert_eq!(db.slides_page(Some("c2"), 3, 0).unwrap().len(), 1);
+        // A review changes one slide: only that one is computed again, and the list shows it.
+        let review = Envelope::new(
+            "c4",
+            "dev1",
+            9,
+            now(),
+            Body::Review(ReviewMessage {
+                field_id: "f4".into(),
+                slide_id: "s4".into(),
+                index: 1,
+                review: Review {
+                    class: Some(CellClass::Lymphocyte),
+                    by: "t".into(),
+                    at: now(),
+                },
+            }),
+        );
+        db.apply(&review).unwrap();
+        assert_eq!(db.refresh_summaries().unwrap(), 1);
+        let c4 = db.slides_page(Some("c4"), 10, 0).unwrap();
+        assert!(!c4[0].blast, "the review overrides the model");
+        assert_eq!(c4[0].report.per_class["Lymphocyte"].count, 1);
+        assert_eq!(db.slide("c4", "dev1", "s4").unwrap().unwrap().slide, c4[0]);
+    }
+}
+
+#[test]
+fn a_version_1_database_gets_a_summary_for_every_slide() {
+    for (_guard, path) in databases() {
+        let db = Db::open(&path).unwrap();
+        let f = field("f1", "s1", &[CellClass::Blast.index()]);
+        for m in envelopes("a", 1, Body::cells_of(&f)) {
+            db.apply(&m).unwrap();
+        }
+        drop(db);
+        // As a build before summaries left it.
+        let mut c = Conn::open(&path.to_string_lossy()).unwrap();
+        c.exec("DELETE FROM slide_summaries", &[]).unwrap();
+        c.exec("UPDATE meta SET value = 1 WHERE key = 'db_version'", &[])
+            .unwrap();
+        drop(c);
+        let db = Db::open(&path).unwrap();
+        let slides = db.slides(None).unwrap();
+        assert_eq!(slides.len(), 1);
+        assert!(slides[0].blast);
+        drop(db);
+        let mut c = Conn::open(&path.to_string_lossy()).unwrap();
+        let v = c.query("SELECT value FROM meta WHERE key = 'db_version'", &[]).unwrap();
+        assert_eq!(v[0][0].int().unwrap(), 2);
+    }
+}
+
+#[test]
+fn retention_removes_old_message_ids_and_rejections_and_a_late_resend_changes_nothing() {
+    for (_guard, path) in databases() {
+        let db = Db::open(&path).unwrap();
+        let f = field(
+            "f1",
+            "s1",
+            &[CellClass::Neutrophil.index(), CellClass::Monocyte.index()],
+        );
+        let msgs = envelopes("a", 1, Body::cells_of(&f));
+        for m in &msgs {
+            db.apply(m).unwrap();
+        }
+        db.note_rejected("wbc/x/y/cell", "garbage").unwrap();
+        let r = super::Retention::default();
+        assert_eq!(db.prune(now(), &r).unwrap(), super::Pruned::default(), "all young");
+        let later = now() + 100 * 86_400;
+        let p = db.prune(later, &r).unwrap();
+        assert_eq!((p.message_ids, p.rejected), (2, 1));
+        assert_eq!((db.message_count().unwrap(), db.rejected_count().unwrap()), (0, 0));
+        // A device sends one again after its id is forgotten: the cell is not counted twice.
+        db.apply(&msgs[0]).unwrap();
+        assert_eq!(
+            db.cell_counts().unwrap()[&("a".to_string(), "dev1".to_string(), "s1".to_string())],
+            2
+        );
+        assert_eq!(db.slides(None).unwrap()[0].report.classified, 2);
+    }
+}
