@@ -34,6 +34,8 @@ pub struct Config {
     pub users: Vec<wbc_web::auth::User>,
     /// How long message ids and rejected messages are kept (`[retention]`).
     pub retention: db::Retention,
+    /// When a clinic's agreement with its reviewers is flagged (`[agreement]`).
+    pub agreement: db::AgreementSettings,
 }
 
 impl Default for Config {
@@ -45,6 +47,7 @@ impl Default for Config {
             broker: BrokerConfig::default(),
             users: Vec::new(),
             retention: db::Retention::default(),
+            agreement: db::AgreementSettings::default(),
         }
     }
 }
@@ -62,6 +65,12 @@ impl Config {
             u.validate()
                 .map_err(anyhow::Error::msg)
                 .with_context(|| format!("{}: [[users]]", path.display()))?;
+        }
+        if !(0.0..=1.0).contains(&c.agreement.threshold) {
+            anyhow::bail!(
+                "{}: [agreement] threshold must be a share between 0 and 1 (0.85 is 85 %)",
+                path.display()
+            );
         }
         Ok(c)
     }
@@ -147,6 +156,7 @@ pub async fn start(config: &Config) -> Result<Running> {
         db: db.clone(),
         stats: stats.clone(),
         login: wbc_web::login::Login::where_accounts(config.users.clone(), web::login_page),
+        agreement: config.agreement.clone(),
     }));
     let tasks = vec![
         tokio::spawn(ingest.run(stop.clone())),
@@ -337,6 +347,13 @@ mod tests {
             let (head, html) = get(running.addr, "/");
             assert!(head.starts_with("HTTP/1.1 200"));
             assert!(html.contains("class=\"blast\"") && html.contains("URGENT"), "{html}");
+            assert!(
+                html.contains("id=\"agreement\""),
+                "the model against the reviews: {html}"
+            );
+            let (head, body) = get(running.addr, "/api/agreement?days=7");
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            assert_eq!(body, "[]", "no reviews yet");
             // Each slide links to its page, which lists its cells, those waiting for review first.
             let link = "/slide?clinic=clinic-a&amp;device=dev1&amp;slide=s1";
             assert!(html.contains(&format!("href=\"{link}\"")), "{html}");

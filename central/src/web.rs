@@ -12,6 +12,7 @@
 //! | `GET /cell-picture?clinic=C&device=D&field=F&index=I` | a cell's picture (JPEG), for the cells sent with one |
 //! | `GET /api/results?clinic=C&days=N` | cells per day and class |
 //! | `GET /api/stats` | messages stored, duplicates ignored, rejected |
+//! | `GET /api/agreement?clinic=C&days=N` | per clinic and model version: reviews that confirm the model, the classes changed, week by week, `low` below the threshold |
 
 use crate::db::Db;
 use crate::ingest::Stats;
@@ -34,6 +35,8 @@ pub struct Web {
     pub stats: Arc<Stats>,
     /// Accounts and sessions; with no accounts, no login is asked for.
     pub login: Arc<Login>,
+    /// When a clinic's agreement with its reviewers is flagged.
+    pub agreement: crate::db::AgreementSettings,
 }
 
 /// The routes: `/health` and `/login` always open; the rest behind the login where there are
@@ -48,7 +51,8 @@ pub fn router(w: Arc<Web>) -> Router {
         .route("/cell-picture", get(cell_picture))
         .route("/api/results", get(results))
         .route("/api/stats", get(stats))
-        .route("/api/model-events", get(model_events));
+        .route("/api/model-events", get(model_events))
+        .route("/api/agreement", get(agreement));
     Router::new()
         .route("/health", get(health))
         .merge(w.login.routes())
@@ -284,6 +288,61 @@ async fn results(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Response
     .await
 }
 
+async fn agreement(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Response {
+    json(&w, move |w| {
+        w.db.agreement(
+            f.clinic.as_deref(),
+            f.days.unwrap_or(30).min(3650),
+            &w.agreement,
+            crate::db::now(),
+        )
+    })
+    .await
+}
+
+/// The dashboard's table of the model against the reviews of the last 30 days.
+fn agreement_html(b: &mut String, rows: &[crate::db::Agreement], s: &crate::db::AgreementSettings) {
+    let _ = write!(
+        b,
+        "<h2>The model against the technicians' reviews (last 30 days)</h2>\
+         <p>Flagged below {:.0} % agreement over at least {} reviewed cells: the site may need adaptation or \
+         its stain a look.</p><table id=\"agreement\"><tr><th>clinic</th><th>model</th><th>reviewed</th>\
+         <th>confirmed</th><th>changed most</th><th>set aside, reviewed</th><th>week by week</th></tr>",
+        s.threshold * 100.0,
+        s.min_reviews
+    );
+    for a in rows {
+        let changes: Vec<String> = a
+            .changes
+            .iter()
+            .take(3)
+            .map(|c| format!("{} → {} ×{}", c.model, c.review, c.count))
+            .collect();
+        let weeks: Vec<String> = a
+            .weeks
+            .iter()
+            .map(|w| format!("{}: {}/{}", w.from, w.confirmed, w.reviewed))
+            .collect();
+        let _ = write!(
+            b,
+            "<tr class=\"{cls}\"><td><a href=\"/?clinic={c}\">{c}</a></td><td>{v}</td><td>{n}</td><td>{pct}</td>\
+             <td>{ch}</td><td>{sa}</td><td>{wk}</td></tr>",
+            cls = if a.low { "blast" } else { "" },
+            c = esc(&a.clinic),
+            v = a.model_version,
+            n = a.reviewed,
+            pct = a
+                .agreement
+                .map(|x| format!("{:.0} %{}", x * 100.0, if a.low { " (low)" } else { "" }))
+                .unwrap_or_default(),
+            ch = esc(&changes.join(", ")),
+            sa = a.set_aside_reviewed,
+            wk = esc(&weeks.join(", "))
+        );
+    }
+    b.push_str("</table>");
+}
+
 async fn stats(State(w): State<Arc<Web>>) -> Response {
     json(&w, |w| {
         let s = &w.stats;
@@ -322,9 +381,10 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
     let fetched = blocking(&w, move |w| {
         let c = clinic.as_deref();
         let page = w.db.slides_page(c, DASHBOARD_SLIDES + 1, offset)?;
-        Ok((w.db.devices()?, page, w.db.model_events(c, 20)?))
+        let agreement = w.db.agreement(c, 30, &w.agreement, crate::db::now())?;
+        Ok((w.db.devices()?, page, w.db.model_events(c, 20)?, agreement))
     });
-    let (devices, mut slides, events) = match fetched.await {
+    let (devices, mut slides, events, agreement) = match fetched.await {
         Ok(v) => v,
         Err(e) => return internal(e),
     };
@@ -411,6 +471,7 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
         }
         b.push_str("</p>");
     }
+    agreement_html(&mut b, &agreement, &w.agreement);
     b.push_str("<h2>Model updates (latest)</h2><table id=\"model-events\"><tr><th>clinic</th><th>device</th><th>when</th><th>event</th><th>version</th><th>detail</th></tr>");
     for e in &events {
         let _ = write!(
@@ -425,6 +486,6 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
             detail = esc(&e.detail)
         );
     }
-    b.push_str("</table><p>JSON: <a href=\"/api/devices\">devices</a>, <a href=\"/api/slides\">slides</a>, <a href=\"/api/results\">results over time</a>, <a href=\"/api/model-events\">model events</a>, <a href=\"/api/stats\">ingest</a>.</p></body></html>");
+    b.push_str("</table><p>JSON: <a href=\"/api/devices\">devices</a>, <a href=\"/api/slides\">slides</a>, <a href=\"/api/results\">results over time</a>, <a href=\"/api/model-events\">model events</a>, <a href=\"/api/agreement\">agreement with reviews</a>, <a href=\"/api/stats\">ingest</a>.</p></body></html>");
     Html(b).into_response()
 }

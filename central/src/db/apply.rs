@@ -38,7 +38,7 @@ impl Db {
 
     /// Applies a validated message once.
     pub fn apply(&self, e: &Envelope) -> Result<Applied> {
-        let mut conn = self.conn.lock().expect("db lock");
+        let mut conn = self.conn.lock();
         conn.transaction(|c| {
             let fresh = c.exec(
                 "INSERT INTO messages (id, clinic, device, seq, kind, sent_at, received_at)
@@ -165,7 +165,7 @@ impl Db {
     /// messages in order and publishes its last will after them (the will's `at` is when the
     /// connection began, so times cannot be compared).
     pub fn set_status(&self, s: &Status) -> Result<()> {
-        let mut conn = self.conn.lock().expect("db lock");
+        let mut conn = self.conn.lock();
         conn.transaction(|c| {
             Self::touch_device(c, &s.clinic, &s.device)?;
             let state = match s.state {
@@ -191,7 +191,7 @@ impl Db {
 
     /// Keeps a refused message's topic and reason (for the lab to see what devices send wrong).
     pub fn note_rejected(&self, topic: &str, reason: &str) -> Result<()> {
-        let mut conn = self.conn.lock().expect("db lock");
+        let mut conn = self.conn.lock();
         conn.exec(
             "INSERT INTO rejected (topic, reason, at) VALUES ($1, $2, $3)",
             &[

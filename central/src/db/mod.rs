@@ -10,20 +10,23 @@
 //! stores the messages and statuses devices send, `queries.rs` reads devices, slides,
 //! results and model events back for the web pages, and `summaries.rs` keeps a summary per
 //! slide so that the slide list does not grow with the history, and removes what retention
-//! lets go; the rows they return are defined here.
+//! lets go; `agreement.rs` sets the model against the technicians' reviews per clinic. The
+//! rows they return are defined here.
 
 use crate::sql::Conn;
+use parking_lot::Mutex;
 use serde::Serialize;
-use std::sync::Mutex;
 use wbc_protocol::messages::CellRecord;
 use wbc_protocol::slide::SlideReport;
 use wbc_protocol::uplink::ModelEvent;
 
+mod agreement;
 mod apply;
 mod queries;
 mod schema;
 mod summaries;
 
+pub use agreement::{Agreement, AgreementSettings, Change, NOT_A_WHITE_CELL, Week};
 pub use summaries::{MAX_PAGE, Pruned, Retention};
 
 pub use wbc_protocol::clock::now;
@@ -143,6 +146,8 @@ pub struct DayCount {
 
 /// Central's database.
 pub struct Db {
+    /// One connection for all. parking_lot's lock is eventually fair: a page being read waits
+    /// at most about half a millisecond behind a stream of ingest writes, never the whole stream.
     conn: Mutex<Conn>,
 }
 

@@ -17,7 +17,7 @@ pub(super) struct SlideCells {
     at: Vec<Vec<(u32, bool)>>,
 }
 
-fn unix_day(day: i64) -> String {
+pub(super) fn unix_day(day: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(day * 86_400)
         .ok()
         .and_then(|d| {
@@ -29,7 +29,7 @@ fn unix_day(day: i64) -> String {
 
 impl Db {
     fn count(&self, sql: &str) -> Result<u64> {
-        let mut conn = self.conn.lock().expect("db lock");
+        let mut conn = self.conn.lock();
         Ok(conn.query(sql, &[])?[0][0].int()? as u64)
     }
 
@@ -45,7 +45,7 @@ impl Db {
 
     /// Every device, by clinic.
     pub fn devices(&self) -> Result<Vec<DeviceRow>> {
-        let mut conn = self.conn.lock().expect("db lock");
+        let mut conn = self.conn.lock();
         conn.query(
             "SELECT clinic, device, state, backlog, model_version, last_seen FROM devices ORDER BY clinic, device",
             &[],
@@ -66,7 +66,7 @@ impl Db {
 
     /// Model events, newest first, at most `limit`, of one clinic or all.
     pub fn model_events(&self, clinic: Option<&str>, limit: u32) -> Result<Vec<ModelEventRow>> {
-        let mut conn = self.conn.lock().expect("db lock");
+        let mut conn = self.conn.lock();
         conn.query(
             "SELECT clinic, device, event, model_version, detail, at FROM model_events
              WHERE ($1 = '' OR clinic = $1) ORDER BY at DESC, message_id DESC LIMIT $2",
@@ -99,7 +99,7 @@ impl Db {
     /// [`Db::slide_fields`], with each cell's index in its field and whether central holds its
     /// picture.
     fn indexed_slide_fields(&self, clinic: &str, device: &str, slide_id: &str) -> Result<SlideCells> {
-        let rows = self.conn.lock().expect("db lock").query(
+        let rows = self.conn.lock().query(
             "SELECT c.field_id, c.idx, c.field_json, c.cell_json, r.review_json,
                     CASE WHEN p.idx IS NULL THEN 0 ELSE 1 END
              FROM cells c
@@ -147,7 +147,7 @@ impl Db {
 
     /// The JPEG of a cell's picture, where central holds one.
     pub fn cell_picture(&self, clinic: &str, device: &str, field_id: &str, idx: u32) -> Result<Option<Vec<u8>>> {
-        let rows = self.conn.lock().expect("db lock").query(
+        let rows = self.conn.lock().query(
             "SELECT jpeg_base64 FROM cell_pictures WHERE clinic = $1 AND device = $2 AND field_id = $3 AND idx = $4",
             &[clinic.into(), device.into(), field_id.into(), idx.into()],
         )?;
@@ -202,7 +202,7 @@ impl Db {
     ) -> Result<Option<(SlideRow, SlideCells)>> {
         let key = [clinic.into(), device.into(), slide_id.into()];
         let (known, started, first_cell) = {
-            let mut conn = self.conn.lock().expect("db lock");
+            let mut conn = self.conn.lock();
             let known = conn.query(
                 "SELECT started_at, finished_at FROM slides WHERE clinic = $1 AND device = $2 AND slide_id = $3",
                 &key,
@@ -243,7 +243,6 @@ impl Db {
         let since = now().saturating_sub(u64::from(days) * 86_400);
         self.conn
             .lock()
-            .expect("db lock")
             .query(
                 "SELECT received_at / 86400 AS day, class, COUNT(*) FROM cells
                  WHERE received_at >= $1 AND (CAST($2 AS TEXT) IS NULL OR clinic = $2)
@@ -265,7 +264,6 @@ impl Db {
     pub fn cell_counts(&self) -> Result<BTreeMap<(String, String, String), u64>> {
         self.conn
             .lock()
-            .expect("db lock")
             .query(
                 "SELECT clinic, device, slide_id, COUNT(*) FROM cells GROUP BY clinic, device, slide_id",
                 &[],

@@ -5,8 +5,8 @@
 use super::Db;
 use crate::sql::Conn;
 use anyhow::{Context, Result};
+use parking_lot::Mutex;
 use std::path::Path;
-use std::sync::Mutex;
 
 /// Schema version of the database (2: slide summaries; a version 1 database is brought up to
 /// it when opened).
@@ -56,6 +56,7 @@ CREATE INDEX IF NOT EXISTS cells_received ON cells (received_at);
 CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at);
 CREATE INDEX IF NOT EXISTS rejected_at ON rejected (at);
 CREATE INDEX IF NOT EXISTS model_events_at ON model_events (at);
+CREATE INDEX IF NOT EXISTS reviews_at ON reviews (at);
 ";
 
 /// Brings a version 1 database to version 2: every slide gets a summary, computed at its

@@ -5,7 +5,7 @@
 //! their age are removed.
 
 use super::{Db, SlideRow};
-use crate::sql::Conn;
+use crate::sql::{Conn, Val};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use wbc_protocol::slide::SlideReport;
@@ -59,7 +59,7 @@ impl Db {
     /// Recomputes the summaries of the slides changed since they were last read; returns how
     /// many. A slide changed again meanwhile stays marked.
     pub fn refresh_summaries(&self) -> Result<usize> {
-        let marked = self.conn.lock().expect("db lock").query(
+        let marked = self.conn.lock().query(
             "SELECT clinic, device, slide_id, dirty FROM slide_summaries WHERE dirty > 0",
             &[],
         )?;
@@ -69,7 +69,7 @@ impl Db {
             let Some((row, _)) = self.slide_row(&c, &d, &s)? else {
                 continue;
             };
-            done += self.conn.lock().expect("db lock").exec(
+            done += self.conn.lock().exec(
                 "UPDATE slide_summaries SET started_at = $4, finished_at = $5, blast = $6, possible_blast = $7,
                                             report_json = $8, dirty = 0
                  WHERE clinic = $1 AND device = $2 AND slide_id = $3 AND dirty = $9",
@@ -105,17 +105,21 @@ impl Db {
     }
 
     fn read_summaries(&self, clinic: Option<&str>, limit: i64, offset: u64) -> Result<Vec<SlideRow>> {
-        let rows = self.conn.lock().expect("db lock").query(
-            "SELECT clinic, device, started_at, finished_at, blast, possible_blast, report_json FROM slide_summaries
-             WHERE ($1 = '' OR clinic = $1)
-             ORDER BY blast DESC, possible_blast DESC, started_at DESC, clinic, device, slide_id
-             LIMIT $2 OFFSET $3",
-            &[
-                clinic.unwrap_or("").into(),
-                limit.into(),
-                offset.min(i64::MAX as u64).into(),
-            ],
-        )?;
+        // Two statements, so that each has its index (an `OR` on the clinic would have none).
+        const COLUMNS: &str = "SELECT clinic, device, started_at, finished_at, blast, possible_blast, report_json
+             FROM slide_summaries";
+        const ORDER: &str = "ORDER BY blast DESC, possible_blast DESC, started_at DESC, clinic, device, slide_id";
+        let (limit, offset): (Val, Val) = (limit.into(), offset.min(i64::MAX as u64).into());
+        let rows = match clinic {
+            Some(c) => self.conn.lock().query(
+                &format!("{COLUMNS} WHERE clinic = $1 {ORDER} LIMIT $2 OFFSET $3"),
+                &[c.into(), limit, offset],
+            )?,
+            None => self
+                .conn
+                .lock()
+                .query(&format!("{COLUMNS} {ORDER} LIMIT $1 OFFSET $2"), &[limit, offset])?,
+        };
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let report: SlideReport = match serde_json::from_str(&r[6].text()?) {
@@ -141,7 +145,7 @@ impl Db {
     /// One retention pass at time `now`.
     pub fn prune(&self, now: u64, r: &Retention) -> Result<Pruned> {
         let cutoff = |days: u32| now.saturating_sub(u64::from(days) * 86_400);
-        let mut conn = self.conn.lock().expect("db lock");
+        let mut conn = self.conn.lock();
         let p = Pruned {
             message_ids: conn.exec(
                 "DELETE FROM messages WHERE received_at < $1",

@@ -402,3 +402,97 @@ fn retention_removes_old_message_ids_and_rejections_and_a_late_resend_changes_no
         assert_eq!(db.slides(None).unwrap()[0].report.classified, 2);
     }
 }
+
+#[test]
+fn the_model_against_the_reviews_per_clinic_and_version_flags_a_clinic_whose_agreement_drops() {
+    for (_guard, path) in databases() {
+        let db = Db::open(&path).unwrap();
+        let (neut, mono, lymph) = (
+            CellClass::Neutrophil.index(),
+            CellClass::Monocyte.index(),
+            CellClass::Lymphocyte.index(),
+        );
+        // Clinic "good": 20 neutrophils, 19 confirmed, one called a band (not a white cell).
+        // Clinic "bad": 20 monocytes, 12 confirmed, 8 changed into lymphocytes.
+        let mut seq = 1;
+        let mut review = |clinic: &str, field: &str, slide: &str, index: u32, class: Option<CellClass>, at: u64| {
+            seq += 1;
+            let e = Envelope::new(
+                clinic,
+                "dev1",
+                1000 + seq,
+                at,
+                Body::Review(ReviewMessage {
+                    field_id: field.into(),
+                    slide_id: slide.into(),
+                    index,
+                    review: Review {
+                        class,
+                        by: "t".into(),
+                        at,
+                    },
+                }),
+            );
+            db.apply(&e).unwrap();
+        };
+        let t = now();
+        for (clinic, class, changed, into) in [("good", neut, 1, None), ("bad", mono, 8, Some(CellClass::Lymphocyte))] {
+            let f = field("f1", "s1", &[class; 20]);
+            for m in envelopes(clinic, 1, Body::cells_of(&f)) {
+                db.apply(&m).unwrap();
+            }
+            for i in 0..20u32 {
+                let c = if i < changed {
+                    into
+                } else {
+                    CellClass::from_index(class)
+                };
+                // Half of them a week earlier.
+                review(clinic, "f1", "s1", i, c, if i % 2 == 0 { t } else { t - 7 * 86_400 });
+            }
+        }
+        // An old review outside the window, and a set-aside cell the technician named.
+        let mut unsure = field("f2", "s2", &[lymph]);
+        unsure.cells[0].result.class = None;
+        for m in envelopes("bad", 50, Body::cells_of(&unsure)) {
+            db.apply(&m).unwrap();
+        }
+        review("bad", "f2", "s2", 0, Some(CellClass::Lymphocyte), t);
+        let a = db.agreement(None, 30, &super::AgreementSettings::default(), t).unwrap();
+        assert_eq!(a.len(), 2);
+        let bad = &a[0];
+        assert_eq!(
+            (bad.clinic.as_str(), bad.low),
+            ("bad", true),
+            "the flagged clinic first"
+        );
+        assert_eq!((bad.reviewed, bad.confirmed, bad.set_aside_reviewed), (20, 12, 1));
+        assert_eq!(bad.agreement, Some(0.6));
+        assert_eq!(bad.model_version, 1);
+        assert_eq!(
+            bad.changes[0],
+            super::Change {
+                model: "Monocyte".into(),
+                review: "Lymphocyte".into(),
+                count: 8
+            }
+        );
+        assert_eq!(bad.changes[1].model, "Unidentified");
+        assert_eq!(bad.weeks.len(), 2, "{:?}", bad.weeks);
+        assert_eq!(bad.weeks.iter().map(|w| w.reviewed).sum::<u64>(), 20);
+        let good = &a[1];
+        assert_eq!((good.reviewed, good.confirmed, good.low), (20, 19, false));
+        assert_eq!(good.changes[0].review, super::NOT_A_WHITE_CELL);
+        // Too few reviews say nothing; another window, another clinic.
+        let strict = super::AgreementSettings {
+            threshold: 0.99,
+            min_reviews: 21,
+        };
+        assert!(db.agreement(None, 30, &strict, t).unwrap().iter().all(|a| !a.low));
+        assert_eq!(db.agreement(Some("good"), 30, &strict, t).unwrap().len(), 1);
+        let recent = db
+            .agreement(Some("bad"), 3, &super::AgreementSettings::default(), t)
+            .unwrap();
+        assert_eq!(recent[0].reviewed, 10, "only the last 3 days' reviews");
+    }
+}
