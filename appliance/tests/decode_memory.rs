@@ -3,37 +3,13 @@
 
 use appliance::app::{App, AppSettings, DECODES_AT_ONCE, Ingested};
 use appliance::store::{Identity, Retention, Store};
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use wbc_cells::finder::FinderConfig;
 use wbc_cells::image::DecodeLimits;
 use wbc_models::classify::Classifier;
 use wbc_protocol::slide::SlideSettings;
 
-/// The system allocator, counting the bytes held now and the most held since the last reset.
-struct Counting;
-
-static HELD: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = HELD.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(p, layout) };
-        HELD.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
-
-#[global_allocator]
-static COUNTING: Counting = Counting;
+mod counting;
 
 /// A 4000 × 4000 PNG (48 MB once decoded, a few hundred KiB as a file).
 fn big_png() -> Vec<u8> {
@@ -74,8 +50,7 @@ fn eight_uploads_at_once_hold_at_most_two_decoded_images() {
         Ingested::New(_)
     ));
     let decoded = 4000 * 4000 * 3;
-    let base = HELD.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
+    let base = counting::reset();
     let threads: Vec<_> = (0..8)
         .map(|i| {
             let (app, png) = (app.clone(), png.clone());
@@ -85,7 +60,7 @@ fn eight_uploads_at_once_hold_at_most_two_decoded_images() {
     for t in threads {
         assert!(matches!(t.join().unwrap().unwrap(), Ingested::Duplicate(_)));
     }
-    let peak = PEAK.load(Ordering::Relaxed) - base;
+    let peak = counting::peak_since(base);
     // Eight decodes at once would hold 384 MB; the gate lets two through (and the decoder's
     // working memory on top).
     assert!(

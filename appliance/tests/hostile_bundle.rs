@@ -2,32 +2,8 @@
 //! binary, so that a counting allocator sees every allocation of the path under test.
 
 use appliance::models::{Factory, ModelPolicy, Models, Outcome};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The system allocator, counting the bytes held now and the most held since the last reset.
-struct Counting;
-
-static HELD: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = HELD.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(p, layout) };
-        HELD.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
-
-#[global_allocator]
-static COUNTING: Counting = Counting;
+mod counting;
 
 /// A 1 KiB file: a tar header for `name` claiming 7 GiB, and 512 bytes.
 fn liar(name: &str) -> Vec<u8> {
@@ -63,10 +39,9 @@ fn a_1_kib_file_whose_header_claims_7_gib_is_refused_in_little_memory_and_not_tr
     for name in ["manifest.json", "weights.safetensors"] {
         let file = dir.path().join(format!("{name}.bundle"));
         std::fs::write(&file, liar(name)).unwrap();
-        let before = HELD.load(Ordering::Relaxed);
-        PEAK.store(before, Ordering::Relaxed);
+        let before = counting::reset();
         let outcome = models.install(&file, "USB", &[]);
-        let peak = PEAK.load(Ordering::Relaxed) - before;
+        let peak = counting::peak_since(before);
         let Outcome::Rejected(why) = outcome else {
             panic!("{name}: {outcome:?}")
         };
