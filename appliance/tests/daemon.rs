@@ -694,6 +694,24 @@ impl Browser {
         v["value"].as_str().unwrap().to_string()
     }
 
+    /// Saves the page as a PNG under `$WBC_SCREENSHOTS`, when set (for a person to look at).
+    fn screenshot(&self, name: &str) {
+        let Ok(dir) = std::env::var("WBC_SCREENSHOTS") else {
+            return;
+        };
+        let v: Value = ureq::get(&format!("{}/screenshot", self.url))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        use base64::Engine as _;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(v["value"].as_str().unwrap())
+            .unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(std::path::Path::new(&dir).join(format!("{name}.png")), png).unwrap();
+    }
+
     fn wait_for_text(&self, text: &str) -> String {
         let mut src = String::new();
         wait_for(text, || {
@@ -758,6 +776,29 @@ fn a_technician_logs_in_uploads_a_field_and_reviews_a_cell_in_a_real_browser() {
         "the review counts in the differential: {home}"
     );
     assert!(home.contains("1 of 100 cells classified"), "{home}");
+
+    // The slide's gallery: the cell under the class it counts as, reviewed (green frame).
+    b.go(&format!("{}/gallery", d.base));
+    let gallery = b.wait_for_text("class=\"gallery\"");
+    b.screenshot("gallery");
+    assert!(gallery.contains("<h2>Eosinophil (1)</h2>"), "{gallery}");
+    assert!(gallery.contains("class=\"cell reviewed\""), "{gallery}");
+    // A key on the focused cell moves it: `l`, Lymphocyte; the differential follows.
+    let cell = b.find(".gallery figure.cell");
+    b.post(&format!("/element/{cell}/click"), json!({}));
+    b.post(&format!("/element/{cell}/value"), json!({ "text": "l" }));
+    let moved = b.wait_for_text("<h2>Lymphocyte (1)</h2>");
+    assert!(moved.contains("reviewed: Lymphocyte"), "{moved}");
+    assert!(!moved.contains("<h2>Eosinophil"), "{moved}");
+    // And a click on a button: Blast, which comes first and raises the flag.
+    b.click(".gallery figure.cell button[value=Blast]");
+    let blast = b.wait_for_text("<h2>Blast (1)</h2>");
+    assert!(blast.contains("class=\"urgent\""), "the blast flag is raised: {blast}");
+    b.go(&d.base);
+    let home = b.wait_for_text("id=\"differential\"");
+    assert!(home.contains("<td>Blast</td><td>1</td>"), "{home}");
+    assert!(home.contains("<td>Eosinophil</td><td>0</td>"), "{home}");
+
     // A file that is no image: a clear message in the page.
     let junk = dir.path().join("notes.txt");
     std::fs::write(&junk, "not an image").unwrap();

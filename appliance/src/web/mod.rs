@@ -1,6 +1,7 @@
 //! The local web UI, for the clinic's small screen: log in, upload a field or a cell image and
 //! see its cells (boxes, classes, probabilities, descriptions), the current slide's
-//! differential and flags, a review page to confirm or reclassify cells, and the model in use.
+//! differential and flags, a review page to confirm or reclassify cells, the slide's gallery
+//! (`gallery.rs`: every cell by class, moved with a click or a key), and the model in use.
 //! Nothing is served without a login except `/health`.
 
 use crate::app::{App, Ingested};
@@ -17,6 +18,8 @@ use wbc_protocol::classes::CellClass;
 use wbc_protocol::messages::FieldRecord;
 use wbc_protocol::slide::ReviewPriority;
 use wbc_web::login::{LoggedIn, Login};
+
+mod gallery;
 
 /// The web UI's state.
 pub struct Web {
@@ -75,6 +78,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/field/{id}/cell/{n}/review", post(review))
         .route("/field/{id}/cell/{n}/image", get(cell_picture))
         .route("/review", get(review_page))
+        .route("/gallery", get(gallery::gallery))
         .route("/api/config-schema", get(config_schema))
         .route("/models", get(models_page))
         .route("/api/models", get(api_models))
@@ -96,7 +100,7 @@ use wbc_web::html_escape as esc;
 fn page(title: &str, user: Option<&str>, body: &str) -> Html<String> {
     let nav = match user {
         Some(u) => format!(
-            "<nav><a href=\"/\">Slide</a> <a href=\"/review\">Review</a> <span class=\"who\">{}</span> \
+            "<nav><a href=\"/\">Slide</a> <a href=\"/gallery\">Gallery</a> <a href=\"/review\">Review</a> <span class=\"who\">{}</span> \
              <form method=\"post\" action=\"/logout\" class=\"inline\"><button>Log out</button></form></nav>",
             esc(u)
         ),
@@ -552,7 +556,8 @@ struct ReviewForm {
     /// A class name, `none` (not a white cell / cannot tell), or empty: nothing chosen.
     #[serde(default)]
     class: String,
-    /// Where to go afterwards: `review` (back to the review list), else the cell's field.
+    /// Where to go afterwards: `review` (back to the review list), `gallery` (back to the
+    /// cell in the slide's gallery), else the cell's field.
     #[serde(default)]
     next: Option<String>,
 }
@@ -580,6 +585,7 @@ async fn review(
     };
     match w.app.review(&id, n, class, &user) {
         Ok(_) if f.next.as_deref() == Some("review") => Redirect::to("/review").into_response(),
+        Ok(_) if f.next.as_deref() == Some("gallery") => Redirect::to(&format!("/gallery#g-{id}-{n}")).into_response(),
         Ok(_) => Redirect::to(&format!("/field/{id}#cell-{}", n + 1)).into_response(),
         Err(e) => error_page(StatusCode::BAD_REQUEST, Some(&user), &format!("{e:#}")),
     }
