@@ -338,6 +338,28 @@ fn the_review_list_shows_each_waiting_cell_and_takes_its_review_in_one_click() {
         .call()
         .unwrap();
     assert_eq!(r.header("content-type"), Some("image/jpeg"));
+    // The slide's report as a PDF, made without a browser.
+    let pdf = d
+        .agent()
+        .get(&format!("{}/slide/report.pdf", d.base))
+        .set("Cookie", &cookie)
+        .call()
+        .unwrap();
+    assert_eq!(pdf.header("content-type"), Some("application/pdf"));
+    assert!(
+        pdf.header("content-disposition")
+            .unwrap()
+            .starts_with("attachment; filename=\"slide-")
+    );
+    let mut bytes = Vec::new();
+    pdf.into_reader().read_to_end(&mut bytes).unwrap();
+    assert!(bytes.starts_with(b"%PDF-") && bytes.windows(12).any(|w| w == b"(Neutrophil)"));
+    let missing = d
+        .agent()
+        .get(&format!("{}/slide/report?slide=no-such-slide", d.base))
+        .set("Cookie", &cookie)
+        .call();
+    assert!(matches!(missing, Err(ureq::Error::Status(404, _))), "{missing:?}");
     let mut jpeg = Vec::new();
     r.into_reader().read_to_end(&mut jpeg).unwrap();
     let picture = image::load_from_memory_with_format(&jpeg, image::ImageFormat::Jpeg).unwrap();
@@ -798,6 +820,23 @@ fn a_technician_logs_in_uploads_a_field_and_reviews_a_cell_in_a_real_browser() {
     let home = b.wait_for_text("id=\"differential\"");
     assert!(home.contains("<td>Blast</td><td>1</td>"), "{home}");
     assert!(home.contains("<td>Eosinophil</td><td>0</td>"), "{home}");
+
+    // The slide report for the patient record, from the slide page.
+    b.click("#report-links a[href='/slide/report']");
+    let report = b.wait_for_text("id=\"disclaimer\"");
+    b.screenshot("report");
+    assert!(report.contains("<th>Clinic</th><td>unassigned</td>"), "{report}");
+    assert!(
+        report.contains("<tr><td>Blast</td><td>1</td><td>100.0</td><td>0–0</td><td>H</td></tr>"),
+        "{report}"
+    );
+    assert!(report.contains("URGENT: 1 blast"), "{report}");
+    assert!(
+        report.contains("1 cell reviewed by tech (0 confirmed, 1 changed)"),
+        "{report}"
+    );
+    assert!(report.contains("pre-classification"), "{report}");
+    b.go(&d.base);
 
     // A file that is no image: a clear message in the page.
     let junk = dir.path().join("notes.txt");

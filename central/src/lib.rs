@@ -364,6 +364,29 @@ mod tests {
                 "{page}"
             );
             assert!(page.contains("URGENT") && page.contains("<td>blast</td>"), "{page}");
+            // Its report for the patient record, printable and as PDF.
+            assert!(page.contains("id=\"report\""), "{page}");
+            let (head, report) = get(running.addr, "/slide/report?clinic=clinic-a&device=dev1&slide=s1");
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            assert!(
+                report.contains("URGENT") && report.contains("id=\"disclaimer\""),
+                "{report}"
+            );
+            assert!(report.contains("<td>clinic-a</td>"), "{report}");
+            let mut s = std::net::TcpStream::connect(running.addr).unwrap();
+            write!(
+                s,
+                "GET /slide/report.pdf?clinic=clinic-a&device=dev1&slide=s1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut r = Vec::new();
+            s.read_to_end(&mut r).unwrap();
+            let split = r.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+            let head = String::from_utf8_lossy(&r[..split]).to_lowercase();
+            assert!(head.contains("content-type: application/pdf"), "{head}");
+            assert!(r[split + 4..].starts_with(b"%PDF-"));
+            let (head, _) = get(running.addr, "/slide/report?clinic=clinic-a&device=dev1&slide=nope");
+            assert!(head.starts_with("HTTP/1.1 404"), "{head}");
             // The blast came with its picture, which the page shows.
             let src = "/cell-picture?clinic=clinic-a&amp;device=dev1&amp;field=f1&amp;index=0";
             assert!(page.contains(&format!("<img src=\"{src}\"")), "{page}");

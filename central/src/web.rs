@@ -9,6 +9,7 @@
 //! | `GET /api/slides?clinic=C&limit=N&offset=K` | slides with differential and flags, blasts first (a page: 100 unless `limit`, at most 1000) |
 //! | `GET /slide?clinic=C&device=D&slide=S` | one slide: flags, differential, every cell (those waiting for review first) |
 //! | `GET /api/slide?clinic=C&device=D&slide=S` | the same in JSON |
+//! | `GET /slide/report?…` and `/slide/report.pdf?…` (the same keys) | the slide report for the patient record, printable and as PDF |
 //! | `GET /cell-picture?clinic=C&device=D&field=F&index=I` | a cell's picture (JPEG), for the cells sent with one |
 //! | `GET /api/results?clinic=C&days=N` | cells per day and class |
 //! | `GET /api/stats` | messages stored, duplicates ignored, rejected |
@@ -47,6 +48,8 @@ pub fn router(w: Arc<Web>) -> Router {
         .route("/api/devices", get(devices))
         .route("/api/slides", get(slides))
         .route("/slide", get(slide_page))
+        .route("/slide/report", get(slide_report))
+        .route("/slide/report.pdf", get(slide_report_pdf))
         .route("/api/slide", get(slide_json))
         .route("/cell-picture", get(cell_picture))
         .route("/api/results", get(results))
@@ -190,6 +193,55 @@ async fn slide_json(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Res
     }
 }
 
+/// A slide's report for the patient record, as central holds the slide.
+async fn report_doc(w: &Arc<Web>, k: SlideKey) -> Result<wbc_web::report::SlideReportDoc, Response> {
+    let d = match blocking(w, move |w| w.db.slide(&k.clinic, &k.device, &k.slide)).await {
+        Ok(Some(d)) => d,
+        Ok(None) => return Err((StatusCode::NOT_FOUND, Html("<p>No such slide.</p>".to_string())).into_response()),
+        Err(e) => return Err(internal(e)),
+    };
+    let (model_versions, reviewed, changed, reviewers) =
+        wbc_web::report::review_summary(d.cells.iter().map(|c| &c.cell));
+    let s = d.slide;
+    Ok(wbc_web::report::SlideReportDoc {
+        slide_id: s.report.slide_id.clone(),
+        clinic: s.clinic,
+        device: s.device,
+        started_at: s.started_at,
+        finished_at: s.finished_at,
+        made_at: crate::db::now(),
+        report: s.report,
+        model_versions,
+        reviewed,
+        changed,
+        reviewers,
+    })
+}
+
+async fn slide_report(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Response {
+    match report_doc(&w, k).await {
+        Ok(d) => Html(d.html()).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn slide_report_pdf(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Response {
+    match report_doc(&w, k).await {
+        Ok(d) => (
+            [
+                (axum::http::header::CONTENT_TYPE, "application/pdf".to_string()),
+                (
+                    axum::http::header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"{}\"", d.file_name()),
+                ),
+            ],
+            d.pdf(),
+        )
+            .into_response(),
+        Err(r) => r,
+    }
+}
+
 async fn slide_page(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Response {
     let d = match blocking(&w, move |w| w.db.slide(&k.clinic, &k.device, &k.slide)).await {
         Ok(Some(d)) => d,
@@ -199,9 +251,11 @@ async fn slide_page(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Res
     let s = &d.slide;
     let mut b = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>Slide {id}</title><style>{STYLE}</style></head><body>\
-         <p><a href=\"/\">All slides</a></p><h1>Slide {id}</h1><p>{clinic}, device {device}; started {t}; {state}; \
+         <p><a href=\"/\">All slides</a> · <a id=\"report\" href=\"/slide/report?{q}\">Slide report (print)</a> · \
+         <a href=\"/slide/report.pdf?{q}\">PDF</a></p><h1>Slide {id}</h1><p>{clinic}, device {device}; started {t}; {state}; \
          {n} cells classified, {u} Unidentified, {e} cut by the edge.</p><ul id=\"flags\">",
         id = esc(&s.report.slide_id),
+        q = esc(&SlideKey::href(&s.clinic, &s.device, &s.report.slide_id)["/slide?".len()..]),
         clinic = esc(&s.clinic),
         device = esc(&s.device),
         t = when(s.started_at),

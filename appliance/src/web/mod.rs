@@ -1,7 +1,8 @@
 //! The local web UI, for the clinic's small screen: log in, upload a field or a cell image and
 //! see its cells (boxes, classes, probabilities, descriptions), the current slide's
 //! differential and flags, a review page to confirm or reclassify cells, the slide's gallery
-//! (`gallery.rs`: every cell by class, moved with a click or a key), and the model in use.
+//! (`gallery.rs`: every cell by class, moved with a click or a key), the slide report for the
+//! patient record (`report.rs`: printable HTML and PDF), and the model in use.
 //! Nothing is served without a login except `/health`.
 
 use crate::app::{App, Ingested};
@@ -20,6 +21,7 @@ use wbc_protocol::slide::ReviewPriority;
 use wbc_web::login::{LoggedIn, Login};
 
 mod gallery;
+mod report;
 
 /// The web UI's state.
 pub struct Web {
@@ -79,6 +81,8 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/field/{id}/cell/{n}/image", get(cell_picture))
         .route("/review", get(review_page))
         .route("/gallery", get(gallery::gallery))
+        .route("/slide/report", get(report::html))
+        .route("/slide/report.pdf", get(report::pdf))
         .route("/api/config-schema", get(config_schema))
         .route("/models", get(models_page))
         .route("/api/models", get(api_models))
@@ -211,7 +215,7 @@ fn differential_html(w: &Web) -> String {
 async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>) -> Response {
     let slide = w.app.current_slide();
     let mut body = format!(
-        "<p id=\"model\">Model version {} on {}{} (<a href=\"/models\">models and updates</a>). <span id=\"site\">{}</span></p><p id=\"uplink\">{}</p><h2>Slide {}</h2>{}",
+        "<p id=\"model\">Model version {} on {}{} (<a href=\"/models\">models and updates</a>). <span id=\"site\">{}</span></p><p id=\"uplink\">{}</p><h2>Slide {}</h2><p id=\"report-links\"><a href=\"/gallery\">Gallery</a> · <a href=\"/slide/report\">Slide report (print)</a> · <a href=\"/slide/report.pdf\">PDF</a></p>{}",
         w.app.model_version(),
         esc(&w.app.settings.backend),
         match w.app.models().map(|m| m.status()) {

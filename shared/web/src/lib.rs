@@ -1,11 +1,13 @@
 //! What the appliance's and central's web sides share: accounts (Argon2 hashes), sessions in an
 //! `HttpOnly` cookie, the one set of login routes and the guard both sides mount
-//! ([`login::Login`], feature `router`), and HTML escaping.
+//! ([`login::Login`], feature `router`), HTML escaping, and the slide report for the patient
+//! record ([`report`]).
 #![deny(missing_docs)]
 
 pub mod auth;
 #[cfg(feature = "router")]
 pub mod login;
+pub mod report;
 pub mod throttle;
 
 /// Escapes text for HTML element content and quoted attribute values (the appliance's and

@@ -1,0 +1,470 @@
+//! The slide report for the patient record: one page with the clinic, device, slide, dates,
+//! the differential against reference ranges, the flags in words, what the technicians
+//! reviewed, the model version, and the line that it is a pre-classification for a qualified
+//! person to confirm. As HTML with print styles (the browser prints it) and as a PDF made here,
+//! without a browser (a clinic's box has none to spare). The appliance and central serve the
+//! same report.
+
+use crate::html_escape as esc;
+use pdf_writer::{Content, Finish, Name, Pdf, Rect, Ref, Str};
+use std::fmt::Write;
+use wbc_protocol::classes::CellClass;
+use wbc_protocol::messages::FieldRecord;
+use wbc_protocol::slide::{ClassCount, SlideReport};
+
+/// Adult reference ranges of the differential, percent of white cells (low, high). Typical
+/// textbook values: each laboratory has its own, and the report says so.
+pub const REFERENCE: [(CellClass, f32, f32); 6] = [
+    (CellClass::Neutrophil, 40.0, 75.0),
+    (CellClass::Lymphocyte, 20.0, 45.0),
+    (CellClass::Monocyte, 2.0, 10.0),
+    (CellClass::Eosinophil, 1.0, 6.0),
+    (CellClass::Basophil, 0.0, 2.0),
+    (CellClass::Blast, 0.0, 0.0),
+];
+
+/// The line every report carries.
+pub const DISCLAIMER: &str = "This is a pre-classification by an automated system, not a diagnosis. \
+A qualified person must confirm it before it is used for a patient.";
+
+/// What a report says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlideReportDoc {
+    /// Clinic id.
+    pub clinic: String,
+    /// Device id.
+    pub device: String,
+    /// Slide id.
+    pub slide_id: String,
+    /// When the slide was started, seconds since the Unix epoch.
+    pub started_at: u64,
+    /// When it was finished, if it was.
+    pub finished_at: Option<u64>,
+    /// When the report was made.
+    pub made_at: u64,
+    /// The differential and flags.
+    pub report: SlideReport,
+    /// Model versions that classified the slide's cells.
+    pub model_versions: Vec<u64>,
+    /// Cells a technician reviewed.
+    pub reviewed: u32,
+    /// Of those, cells whose class the technician changed.
+    pub changed: u32,
+    /// Who reviewed.
+    pub reviewers: Vec<String>,
+}
+
+/// The review figures of a slide's fields: model versions, reviewed, changed, reviewers.
+pub fn review_summary<'a>(
+    cells: impl IntoIterator<Item = &'a wbc_protocol::messages::CellRecord>,
+) -> (Vec<u64>, u32, u32, Vec<String>) {
+    let (mut versions, mut reviewed, mut changed, mut who) = (Vec::new(), 0, 0, Vec::new());
+    for c in cells {
+        if !versions.contains(&c.result.model_version) {
+            versions.push(c.result.model_version);
+        }
+        if let Some(r) = &c.review {
+            reviewed += 1;
+            if r.class != c.result.class {
+                changed += 1;
+            }
+            if !who.contains(&r.by) {
+                who.push(r.by.clone());
+            }
+        }
+    }
+    versions.sort_unstable();
+    who.sort();
+    (versions, reviewed, changed, who)
+}
+
+/// [`review_summary`] of a slide's fields.
+pub fn fields_summary(fields: &[FieldRecord]) -> (Vec<u64>, u32, u32, Vec<String>) {
+    review_summary(fields.iter().flat_map(|f| f.cells.iter()))
+}
+
+fn when(t: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t as i64)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute] UTC"
+            ))
+            .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}
+
+/// One row of the differential: class, count, percent, reference, and `H`/`L` outside it.
+fn rows(r: &SlideReport) -> Vec<[String; 5]> {
+    REFERENCE
+        .iter()
+        .map(|&(c, lo, hi)| {
+            let cc = r
+                .per_class
+                .get(c.name())
+                .copied()
+                .unwrap_or(ClassCount { count: 0, percent: 0.0 });
+            let mark = if r.classified == 0 {
+                ""
+            } else if cc.percent > hi {
+                "H"
+            } else if cc.percent < lo {
+                "L"
+            } else {
+                ""
+            };
+            [
+                c.name().to_string(),
+                cc.count.to_string(),
+                format!("{:.1}", cc.percent),
+                format!("{lo:.0}–{hi:.0}"),
+                mark.to_string(),
+            ]
+        })
+        .collect()
+}
+
+impl SlideReportDoc {
+    /// The header lines: label and value.
+    fn header(&self) -> Vec<(&'static str, String)> {
+        let versions: Vec<String> = self.model_versions.iter().map(|v| v.to_string()).collect();
+        vec![
+            ("Clinic", self.clinic.clone()),
+            ("Device", self.device.clone()),
+            ("Slide", self.slide_id.clone()),
+            ("Started", when(self.started_at)),
+            (
+                "Finished",
+                self.finished_at
+                    .map_or("not yet (the count may still change)".to_string(), when),
+            ),
+            (
+                "Cells",
+                format!(
+                    "{} classified, {} unidentified, {} cut by a field's edge (not counted), {} fields",
+                    self.report.classified, self.report.unidentified, self.report.edge_cut, self.report.fields
+                ),
+            ),
+            (
+                "Model version",
+                if versions.is_empty() {
+                    "—".into()
+                } else {
+                    versions.join(", ")
+                },
+            ),
+        ]
+    }
+
+    fn flags(&self) -> Vec<String> {
+        if self.report.flags.is_empty() {
+            vec!["No flags.".into()]
+        } else {
+            self.report.flags.iter().map(|f| f.message()).collect()
+        }
+    }
+
+    fn reviews(&self) -> String {
+        if self.reviewed == 0 {
+            "No cell was reviewed by a technician.".into()
+        } else {
+            format!(
+                "{} cell{} reviewed by {} ({} confirmed, {} changed); the differential counts the technician's class.",
+                self.reviewed,
+                if self.reviewed == 1 { "" } else { "s" },
+                self.reviewers.join(", "),
+                self.reviewed - self.changed,
+                self.changed
+            )
+        }
+    }
+
+    /// A file name for the PDF: the slide id with anything but letters, digits, `-` and `_`
+    /// replaced.
+    pub fn file_name(&self) -> String {
+        let id: String = self
+            .slide_id
+            .chars()
+            .take(64)
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("{id}.pdf")
+    }
+
+    /// The report as one printable HTML page.
+    pub fn html(&self) -> String {
+        let mut s = String::from(
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Slide report</title><style>\
+             body{font-family:sans-serif;max-width:48em;margin:1em auto;font-size:14px}table{border-collapse:collapse;width:100%}\
+             td,th{border-bottom:1px solid #999;padding:.25em;text-align:left}.urgent{font-weight:bold;color:#c00}\
+             .disclaimer{border:1px solid #000;padding:.5em;margin-top:1em}.noprint{margin:1em 0}\
+             @media print{.noprint{display:none}body{margin:0;max-width:none}@page{size:A4;margin:15mm}}\
+             </style></head><body><h1>White blood cell differential</h1><table id=\"report-header\">",
+        );
+        for (k, v) in self.header() {
+            let _ = write!(s, "<tr><th>{k}</th><td>{}</td></tr>", esc(&v));
+        }
+        s.push_str(
+            "</table><h2>Differential</h2><table id=\"report-differential\"><tr><th>Class</th><th>Count</th>\
+             <th>%</th><th>Reference %</th><th></th></tr>",
+        );
+        for r in rows(&self.report) {
+            let _ = write!(
+                s,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                r[0], r[1], r[2], r[3], r[4]
+            );
+        }
+        s.push_str("</table><p>Reference ranges: typical adult values; use your laboratory's own.</p><h2>Flags</h2><ul id=\"report-flags\">");
+        for (f, m) in self
+            .report
+            .flags
+            .iter()
+            .map(Some)
+            .chain(std::iter::once(None))
+            .zip(self.flags())
+        {
+            let cls = if f.is_some_and(|f| f.urgent()) {
+                " class=\"urgent\""
+            } else {
+                ""
+            };
+            let _ = write!(s, "<li{cls}>{}</li>", esc(&m));
+        }
+        let _ = write!(
+            s,
+            "</ul><h2>Review</h2><p id=\"report-reviews\">{}</p><p class=\"disclaimer\" id=\"disclaimer\">{}</p>\
+             <p>Report made {}.</p><p class=\"noprint\"><button onclick=\"window.print()\">Print</button></p></body></html>",
+            esc(&self.reviews()),
+            esc(DISCLAIMER),
+            esc(&when(self.made_at))
+        );
+        s
+    }
+
+    /// The report as a one-page A4 PDF (Helvetica, WinAnsi: characters outside it print as `?`).
+    pub fn pdf(&self) -> Vec<u8> {
+        let (catalog, tree, page, font, bold, content_id) = (
+            Ref::new(1),
+            Ref::new(2),
+            Ref::new(3),
+            Ref::new(4),
+            Ref::new(5),
+            Ref::new(6),
+        );
+        let mut pdf = Pdf::new();
+        pdf.catalog(catalog).pages(tree);
+        pdf.pages(tree).kids([page]).count(1);
+        let mut p = pdf.page(page);
+        p.media_box(Rect::new(0.0, 0.0, 595.0, 842.0));
+        p.parent(tree);
+        p.contents(content_id);
+        let mut res = p.resources();
+        let mut fonts = res.fonts();
+        fonts.pair(Name(b"F1"), font);
+        fonts.pair(Name(b"F2"), bold);
+        fonts.finish();
+        res.finish();
+        p.finish();
+        for (id, name) in [(font, &b"Helvetica"[..]), (bold, &b"Helvetica-Bold"[..])] {
+            pdf.type1_font(id)
+                .base_font(Name(name))
+                .encoding_predefined(Name(b"WinAnsiEncoding"));
+        }
+        let mut c = Content::new();
+        let mut y = 800.0;
+        let text = |c: &mut Content, x: f32, y: f32, size: f32, bold: bool, s: &str| {
+            c.begin_text();
+            c.set_font(Name(if bold { b"F2" } else { b"F1" }), size);
+            c.next_line(x, y);
+            c.show(Str(&win_ansi(s)));
+            c.end_text();
+        };
+        text(&mut c, 50.0, y, 16.0, true, "White blood cell differential");
+        y -= 26.0;
+        for (k, v) in self.header() {
+            text(&mut c, 50.0, y, 10.0, true, k);
+            text(&mut c, 150.0, y, 10.0, false, &v);
+            y -= 14.0;
+        }
+        y -= 10.0;
+        text(&mut c, 50.0, y, 12.0, true, "Differential");
+        y -= 16.0;
+        let cols = [50.0, 170.0, 230.0, 290.0, 380.0];
+        for (i, h) in ["Class", "Count", "%", "Reference %", ""].iter().enumerate() {
+            text(&mut c, cols[i], y, 10.0, true, h);
+        }
+        y -= 14.0;
+        for r in rows(&self.report) {
+            for (i, v) in r.iter().enumerate() {
+                text(&mut c, cols[i], y, 10.0, i == 4, v);
+            }
+            y -= 14.0;
+        }
+        text(
+            &mut c,
+            50.0,
+            y,
+            8.0,
+            false,
+            "Reference ranges: typical adult values; use your laboratory's own.",
+        );
+        y -= 22.0;
+        text(&mut c, 50.0, y, 12.0, true, "Flags");
+        y -= 16.0;
+        for f in self.flags() {
+            for line in wrap(&f, 95) {
+                text(&mut c, 50.0, y, 10.0, f.starts_with("URGENT"), &line);
+                y -= 13.0;
+            }
+        }
+        y -= 10.0;
+        text(&mut c, 50.0, y, 12.0, true, "Review");
+        y -= 16.0;
+        for line in wrap(&self.reviews(), 95) {
+            text(&mut c, 50.0, y, 10.0, false, &line);
+            y -= 13.0;
+        }
+        y -= 14.0;
+        for line in wrap(DISCLAIMER, 90) {
+            text(&mut c, 50.0, y, 10.0, true, &line);
+            y -= 13.0;
+        }
+        y -= 10.0;
+        text(
+            &mut c,
+            50.0,
+            y,
+            8.0,
+            false,
+            &format!("Report made {}.", when(self.made_at)),
+        );
+        pdf.stream(content_id, &c.finish());
+        pdf.finish()
+    }
+}
+
+/// Text in Windows-1252 (what WinAnsiEncoding prints); other characters become `?`.
+fn win_ansi(s: &str) -> Vec<u8> {
+    s.chars()
+        .map(|ch| match ch {
+            '\u{20}'..='\u{7e}' | '\u{a0}'..='\u{ff}' => ch as u8,
+            '–' => 0x96,
+            '—' => 0x97,
+            '’' => 0x92,
+            '…' => 0x85,
+            _ => b'?',
+        })
+        .collect()
+}
+
+/// Splits text into lines of at most `width` characters, at spaces.
+fn wrap(s: &str, width: usize) -> Vec<String> {
+    let mut out = vec![String::new()];
+    for w in s.split_whitespace() {
+        let last = out.last_mut().expect("one line at least");
+        if !last.is_empty() && last.chars().count() + 1 + w.chars().count() > width {
+            out.push(w.to_string());
+        } else {
+            if !last.is_empty() {
+                last.push(' ');
+            }
+            last.push_str(w);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wbc_protocol::slide::{Flag, SlideSettings, report};
+
+    fn doc() -> SlideReportDoc {
+        let mut r = report("s-1", &[], &SlideSettings::default(), true);
+        r.classified = 100;
+        r.per_class.get_mut("Neutrophil").unwrap().count = 88;
+        r.per_class.get_mut("Neutrophil").unwrap().percent = 88.0;
+        r.per_class.get_mut("Blast").unwrap().count = 2;
+        r.per_class.get_mut("Blast").unwrap().percent = 2.0;
+        r.flags = vec![Flag::Blast { count: 2 }];
+        SlideReportDoc {
+            clinic: "clinic-<7>".into(),
+            device: "scope-1".into(),
+            slide_id: "s-1".into(),
+            started_at: 1_800_000_000,
+            finished_at: Some(1_800_003_600),
+            made_at: 1_800_007_200,
+            report: r,
+            model_versions: vec![4],
+            reviewed: 3,
+            changed: 1,
+            reviewers: vec!["tech".into()],
+        }
+    }
+
+    #[test]
+    fn the_html_report_says_what_the_patient_record_needs() {
+        let h = doc().html();
+        assert!(h.contains("clinic-&lt;7&gt;") && !h.contains("clinic-<7>"), "escaped");
+        assert!(
+            h.contains("<tr><td>Neutrophil</td><td>88</td><td>88.0</td><td>40–75</td><td>H</td></tr>"),
+            "{h}"
+        );
+        assert!(
+            h.contains("<tr><td>Blast</td><td>2</td><td>2.0</td><td>0–0</td><td>H</td></tr>"),
+            "{h}"
+        );
+        assert!(h.contains("class=\"urgent\">URGENT: 2 blasts"), "{h}");
+        assert!(h.contains("3 cells reviewed by tech (2 confirmed, 1 changed)"), "{h}");
+        assert!(h.contains("2027-01-15 08:00 UTC"), "started: {h}");
+        assert!(h.contains(DISCLAIMER) && h.contains("@media print"));
+    }
+
+    #[test]
+    fn the_pdf_report_is_a_pdf_with_the_same_content() {
+        let p = doc().pdf();
+        assert!(p.starts_with(b"%PDF-"));
+        assert!(p.ends_with(b"%%EOF\n") || p.ends_with(b"%%EOF"));
+        let text = String::from_utf8_lossy(&p);
+        for want in [
+            "(Neutrophil)",
+            "(88.0)",
+            "(Reference %)",
+            "(URGENT: 2 blasts",
+            "(scope-1)",
+            "(Model version)",
+        ] {
+            // Text with a character beyond ASCII (the flag's dash) is written in hex.
+            let hex: String = want[1..].bytes().map(|b| format!("{b:02X}")).collect();
+            assert!(
+                text.contains(want) || text.to_uppercase().contains(&format!("<{hex}")),
+                "{want} in the PDF"
+            );
+        }
+        assert!(text.contains("/BaseFont /Helvetica"));
+    }
+
+    #[test]
+    fn the_pdf_file_name_is_safe_in_a_header() {
+        let mut d = doc();
+        d.slide_id = "s\"; x=\r\n../1".into();
+        assert_eq!(d.file_name(), "s___x______1.pdf");
+    }
+
+    #[test]
+    fn text_outside_win_ansi_prints_as_a_question_mark_and_lines_wrap() {
+        assert_eq!(
+            win_ansi("Éosinophile – 2 µm ✓"),
+            b"\xc9osinophile \x96 2 \xb5m ?".to_vec()
+        );
+        assert_eq!(wrap("a bb ccc dddd", 6), ["a bb", "ccc", "dddd"]);
+    }
+}
