@@ -838,6 +838,22 @@ fn a_technician_logs_in_uploads_a_field_and_reviews_a_cell_in_a_real_browser() {
     assert!(report.contains("pre-classification"), "{report}");
     b.go(&d.base);
 
+    // Two images at once: sent one after the other with how far it has got, then the slide
+    // lists both.
+    let cells = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/cells");
+    let second = fixture_field("BloodImage_00338.jpg").canonicalize().unwrap();
+    let third = cells.join("MYO_0024.jpg").canonicalize().unwrap();
+    b.wait_for_text("id=\"upload-progress\"");
+    b.type_into("#image", &format!("{}\n{}", second.display(), third.display()));
+    b.click("#upload");
+    b.wait_for_text("Done: 2 of 2 images classified");
+    let home = b.wait_for_text("MYO_0024.jpg</a>");
+    assert!(home.contains("BloodImage_00338.jpg</a>"), "{home}");
+    // An image arriving by the inbox shows on the open page without a reload by hand.
+    let inbox = dir.path().join("data").join("inbox");
+    std::fs::copy(cells.join("EO_100884.jpg"), inbox.join("from-the-stick.jpg")).unwrap();
+    b.wait_for_text("from-the-stick.jpg</a>");
+
     // A file that is no image: a clear message in the page.
     let junk = dir.path().join("notes.txt");
     std::fs::write(&junk, "not an image").unwrap();
