@@ -360,6 +360,26 @@ fn the_review_list_shows_each_waiting_cell_and_takes_its_review_in_one_click() {
         .set("Cookie", &cookie)
         .call();
     assert!(matches!(missing, Err(ureq::Error::Status(404, _))), "{missing:?}");
+    // In the clinic's language: French, and a language the appliance does not know.
+    let fr = d
+        .agent()
+        .get(&format!("{}/slide/report?lang=fr", d.base))
+        .set("Cookie", &cookie)
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        fr.contains("<html lang=\"fr\"") && fr.contains("Formule leucocytaire"),
+        "{fr}"
+    );
+    assert!(fr.contains("pré-classification"), "{fr}");
+    let unknown = d
+        .agent()
+        .get(&format!("{}/slide/report?lang=xx", d.base))
+        .set("Cookie", &cookie)
+        .call();
+    assert!(matches!(unknown, Err(ureq::Error::Status(400, _))), "{unknown:?}");
     let mut jpeg = Vec::new();
     r.into_reader().read_to_end(&mut jpeg).unwrap();
     let picture = image::load_from_memory_with_format(&jpeg, image::ImageFormat::Jpeg).unwrap();

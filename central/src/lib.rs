@@ -36,6 +36,8 @@ pub struct Config {
     pub retention: db::Retention,
     /// When a clinic's agreement with its reviewers is flagged (`[agreement]`).
     pub agreement: db::AgreementSettings,
+    /// Language of the slide reports (`en`, `fr`, `pt`; `?lang=` for one report).
+    pub language: String,
 }
 
 impl Default for Config {
@@ -48,6 +50,7 @@ impl Default for Config {
             users: Vec::new(),
             retention: db::Retention::default(),
             agreement: db::AgreementSettings::default(),
+            language: "en".into(),
         }
     }
 }
@@ -65,6 +68,9 @@ impl Config {
             u.validate()
                 .map_err(anyhow::Error::msg)
                 .with_context(|| format!("{}: [[users]]", path.display()))?;
+        }
+        if wbc_web::i18n::Lang::from_code(&c.language).is_none() {
+            anyhow::bail!("{}: language {:?} is not one of en, fr, pt", path.display(), c.language);
         }
         if !(0.0..=1.0).contains(&c.agreement.threshold) {
             anyhow::bail!(
@@ -157,6 +163,7 @@ pub async fn start(config: &Config) -> Result<Running> {
         stats: stats.clone(),
         login: wbc_web::login::Login::where_accounts(config.users.clone(), web::login_page),
         agreement: config.agreement.clone(),
+        language: wbc_web::i18n::Lang::from_code(&config.language).unwrap_or_default(),
     }));
     let tasks = vec![
         tokio::spawn(ingest.run(stop.clone())),
@@ -385,6 +392,19 @@ mod tests {
             let head = String::from_utf8_lossy(&r[..split]).to_lowercase();
             assert!(head.contains("content-type: application/pdf"), "{head}");
             assert!(r[split + 4..].starts_with(b"%PDF-"));
+            let (_, fr) = get(
+                running.addr,
+                "/slide/report?clinic=clinic-a&device=dev1&slide=s1&lang=fr",
+            );
+            assert!(
+                fr.contains("Formule leucocytaire") && fr.contains("URGENT : 1 blaste"),
+                "{fr}"
+            );
+            let (head, _) = get(
+                running.addr,
+                "/slide/report?clinic=clinic-a&device=dev1&slide=s1&lang=xx",
+            );
+            assert!(head.starts_with("HTTP/1.1 400"), "{head}");
             let (head, _) = get(running.addr, "/slide/report?clinic=clinic-a&device=dev1&slide=nope");
             assert!(head.starts_with("HTTP/1.1 404"), "{head}");
             // The blast came with its picture, which the page shows.

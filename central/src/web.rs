@@ -38,6 +38,14 @@ pub struct Web {
     pub login: Arc<Login>,
     /// When a clinic's agreement with its reviewers is flagged.
     pub agreement: crate::db::AgreementSettings,
+    /// The slide report's language unless a request asks for another (`?lang=`).
+    pub language: wbc_web::i18n::Lang,
+}
+
+/// `?lang=en|fr|pt`.
+#[derive(Deserialize)]
+struct LangParam {
+    lang: Option<String>,
 }
 
 /// The routes: `/health` and `/login` always open; the rest behind the login where there are
@@ -194,7 +202,12 @@ async fn slide_json(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Res
 }
 
 /// A slide's report for the patient record, as central holds the slide.
-async fn report_doc(w: &Arc<Web>, k: SlideKey) -> Result<wbc_web::report::SlideReportDoc, Response> {
+async fn report_doc(w: &Arc<Web>, k: SlideKey, l: LangParam) -> Result<wbc_web::report::SlideReportDoc, Response> {
+    let lang = match l.lang.as_deref().map(wbc_web::i18n::Lang::from_code) {
+        None => w.language,
+        Some(Some(lang)) => lang,
+        Some(None) => return Err((StatusCode::BAD_REQUEST, "Unknown language: en, fr or pt.").into_response()),
+    };
     let d = match blocking(w, move |w| w.db.slide(&k.clinic, &k.device, &k.slide)).await {
         Ok(Some(d)) => d,
         Ok(None) => return Err((StatusCode::NOT_FOUND, Html("<p>No such slide.</p>".to_string())).into_response()),
@@ -215,18 +228,23 @@ async fn report_doc(w: &Arc<Web>, k: SlideKey) -> Result<wbc_web::report::SlideR
         reviewed,
         changed,
         reviewers,
+        lang,
     })
 }
 
-async fn slide_report(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Response {
-    match report_doc(&w, k).await {
+async fn slide_report(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>, Query(l): Query<LangParam>) -> Response {
+    match report_doc(&w, k, l).await {
         Ok(d) => Html(d.html()).into_response(),
         Err(r) => r,
     }
 }
 
-async fn slide_report_pdf(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Response {
-    match report_doc(&w, k).await {
+async fn slide_report_pdf(
+    State(w): State<Arc<Web>>,
+    Query(k): Query<SlideKey>,
+    Query(l): Query<LangParam>,
+) -> Response {
+    match report_doc(&w, k, l).await {
         Ok(d) => (
             [
                 (axum::http::header::CONTENT_TYPE, "application/pdf".to_string()),

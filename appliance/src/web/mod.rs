@@ -29,6 +29,8 @@ pub struct Web {
     login: Arc<Login>,
     max_upload_bytes: usize,
     uplink: Option<Arc<crate::uplink::UplinkState>>,
+    /// The slide report's language unless a request asks for another.
+    language: wbc_web::i18n::Lang,
 }
 
 impl Web {
@@ -44,7 +46,19 @@ impl Web {
             login: Login::required(users, |title, body| page(title, None, body).0),
             max_upload_bytes,
             uplink,
+            language: wbc_web::i18n::Lang::En,
         })
+    }
+
+    /// The same UI with the slide report in `language` by default.
+    pub fn with_language(self: Arc<Self>, language: wbc_web::i18n::Lang) -> Arc<Self> {
+        match Arc::try_unwrap(self) {
+            Ok(mut w) => {
+                w.language = language;
+                Arc::new(w)
+            }
+            Err(shared) => shared,
+        }
     }
 
     /// The uplink in words: connected or not, the two backlogs (not yet at the broker; at the

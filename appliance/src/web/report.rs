@@ -1,5 +1,6 @@
 //! The slide report for the patient record (`wbc_web::report`), of the current slide or of one
-//! named by `?slide=ID`: `/slide/report` as a printable page, `/slide/report.pdf` as a PDF.
+//! named by `?slide=ID`: `/slide/report` as a printable page, `/slide/report.pdf` as a PDF;
+//! in `[web] language`, or `?lang=en|fr|pt`.
 
 use super::{LoggedIn, Web, error_page};
 use axum::extract::{Query, State};
@@ -7,15 +8,18 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 use std::sync::Arc;
+use wbc_web::i18n::Lang;
 use wbc_web::report::{SlideReportDoc, fields_summary};
 
 /// Which slide: the current one without `slide`.
 #[derive(Deserialize)]
 pub(super) struct Which {
     slide: Option<String>,
+    /// `en`, `fr` or `pt`; the configured language otherwise.
+    lang: Option<String>,
 }
 
-fn doc(w: &Web, slide: Option<String>) -> anyhow::Result<Option<SlideReportDoc>> {
+fn doc(w: &Web, slide: Option<String>, lang: Lang) -> anyhow::Result<Option<SlideReportDoc>> {
     let store = w.app.store();
     let state = match slide {
         None => w.app.current_slide(),
@@ -40,11 +44,23 @@ fn doc(w: &Web, slide: Option<String>) -> anyhow::Result<Option<SlideReportDoc>>
         reviewed,
         changed,
         reviewers,
+        lang,
     }))
 }
 
-async fn made(w: Arc<Web>, user: &str, slide: Option<String>) -> Result<SlideReportDoc, Response> {
-    match tokio::task::spawn_blocking(move || doc(&w, slide)).await {
+async fn made(w: Arc<Web>, user: &str, q: Which) -> Result<SlideReportDoc, Response> {
+    let lang = match q.lang.as_deref().map(Lang::from_code) {
+        None => w.language,
+        Some(Some(l)) => l,
+        Some(None) => {
+            return Err(error_page(
+                StatusCode::BAD_REQUEST,
+                Some(user),
+                "Unknown language: en, fr or pt.",
+            ));
+        }
+    };
+    match tokio::task::spawn_blocking(move || doc(&w, q.slide, lang)).await {
         Ok(Ok(Some(d))) => Ok(d),
         Ok(Ok(None)) => Err(error_page(StatusCode::NOT_FOUND, Some(user), "No such slide.")),
         Ok(Err(e)) => Err(error_page(
@@ -66,7 +82,7 @@ pub(super) async fn html(
     axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>,
     Query(q): Query<Which>,
 ) -> Response {
-    match made(w, &user, q.slide).await {
+    match made(w, &user, q).await {
         Ok(d) => Html(d.html()).into_response(),
         Err(r) => r,
     }
@@ -78,7 +94,7 @@ pub(super) async fn pdf(
     axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>,
     Query(q): Query<Which>,
 ) -> Response {
-    match made(w, &user, q.slide).await {
+    match made(w, &user, q).await {
         Ok(d) => (
             [
                 (header::CONTENT_TYPE, "application/pdf".to_string()),

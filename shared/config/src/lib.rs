@@ -48,6 +48,8 @@ pub struct WebConfig {
     pub users: Vec<User>,
     /// Largest upload accepted, bytes.
     pub max_upload_bytes: usize,
+    /// Language of the slide report (`en`, `fr`, `pt`); `?lang=` chooses another for one report.
+    pub language: String,
 }
 
 impl Default for WebConfig {
@@ -56,6 +58,7 @@ impl Default for WebConfig {
             listen: "127.0.0.1:8080".into(),
             users: Vec::new(),
             max_upload_bytes: 64 << 20,
+            language: "en".into(),
         }
     }
 }
@@ -156,6 +159,12 @@ impl Config {
         }
         if self.inbox_poll_ms == 0 {
             return Err(ConfigError::Invalid("inbox_poll_ms must be at least 1".to_string()));
+        }
+        if wbc_web::i18n::Lang::from_code(&self.web.language).is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "web.language {:?} is not one of en, fr, pt",
+                self.web.language
+            )));
         }
         self.slide.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         for (key, id) in [("clinic", &self.clinic), ("device", &self.device)] {
@@ -451,6 +460,11 @@ mod tests {
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "").unwrap();
         assert_eq!(Config::load(&p).unwrap(), Config::default());
+        std::fs::write(&p, "[web]\nlanguage = \"pt-BR\"\n").unwrap();
+        assert_eq!(Config::load(&p).unwrap().web.language, "pt-BR");
+        std::fs::write(&p, "[web]\nlanguage = \"klingon\"\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("web.language"), "{e}");
         std::fs::write(
             &p,
             "data_dir = \"d\"\n[slide]\ntarget = 200\nmin_cells = 150\n[slide.reference_ranges]\nBlast = [0.0, 0.0]\n",

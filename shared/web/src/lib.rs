@@ -1,10 +1,11 @@
 //! What the appliance's and central's web sides share: accounts (Argon2 hashes), sessions in an
 //! `HttpOnly` cookie, the one set of login routes and the guard both sides mount
 //! ([`login::Login`], feature `router`), HTML escaping, and the slide report for the patient
-//! record ([`report`]).
+//! record ([`report`]) in the clinic's language ([`i18n`]).
 #![deny(missing_docs)]
 
 pub mod auth;
+pub mod i18n;
 #[cfg(feature = "router")]
 pub mod login;
 pub mod report;

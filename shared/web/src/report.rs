@@ -6,6 +6,7 @@
 //! same report.
 
 use crate::html_escape as esc;
+use crate::i18n::Lang;
 use pdf_writer::{Content, Finish, Name, Pdf, Rect, Ref, Str};
 use std::fmt::Write;
 use wbc_protocol::classes::CellClass;
@@ -22,10 +23,6 @@ pub const REFERENCE: [(CellClass, f32, f32); 6] = [
     (CellClass::Basophil, 0.0, 2.0),
     (CellClass::Blast, 0.0, 0.0),
 ];
-
-/// The line every report carries.
-pub const DISCLAIMER: &str = "This is a pre-classification by an automated system, not a diagnosis. \
-A qualified person must confirm it before it is used for a patient.";
 
 /// What a report says.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +49,8 @@ pub struct SlideReportDoc {
     pub changed: u32,
     /// Who reviewed.
     pub reviewers: Vec<String>,
+    /// The language it is written in.
+    pub lang: Lang,
 }
 
 /// The review figures of a slide's fields: model versions, reviewed, changed, reviewers.
@@ -96,7 +95,7 @@ fn when(t: u64) -> String {
 }
 
 /// One row of the differential: class, count, percent, reference, and `H`/`L` outside it.
-fn rows(r: &SlideReport) -> Vec<[String; 5]> {
+fn rows(r: &SlideReport, lang: Lang) -> Vec<[String; 5]> {
     REFERENCE
         .iter()
         .map(|&(c, lo, hi)| {
@@ -115,7 +114,7 @@ fn rows(r: &SlideReport) -> Vec<[String; 5]> {
                 ""
             };
             [
-                c.name().to_string(),
+                lang.class(c),
                 cc.count.to_string(),
                 format!("{:.1}", cc.percent),
                 format!("{lo:.0}–{hi:.0}"),
@@ -127,27 +126,33 @@ fn rows(r: &SlideReport) -> Vec<[String; 5]> {
 
 impl SlideReportDoc {
     /// The header lines: label and value.
-    fn header(&self) -> Vec<(&'static str, String)> {
+    fn header(&self) -> Vec<(String, String)> {
+        let l = self.lang;
         let versions: Vec<String> = self.model_versions.iter().map(|v| v.to_string()).collect();
+        let r = &self.report;
         vec![
-            ("Clinic", self.clinic.clone()),
-            ("Device", self.device.clone()),
-            ("Slide", self.slide_id.clone()),
-            ("Started", when(self.started_at)),
+            (l.t("clinic", &[]), self.clinic.clone()),
+            (l.t("device", &[]), self.device.clone()),
+            (l.t("slide", &[]), self.slide_id.clone()),
+            (l.t("started", &[]), when(self.started_at)),
             (
-                "Finished",
-                self.finished_at
-                    .map_or("not yet (the count may still change)".to_string(), when),
+                l.t("finished", &[]),
+                self.finished_at.map_or_else(|| l.t("not_finished", &[]), when),
             ),
             (
-                "Cells",
-                format!(
-                    "{} classified, {} unidentified, {} cut by a field's edge (not counted), {} fields",
-                    self.report.classified, self.report.unidentified, self.report.edge_cut, self.report.fields
+                l.t("cells", &[]),
+                l.t(
+                    "cells_line",
+                    &[
+                        ("classified", &r.classified as &dyn std::fmt::Display),
+                        ("unidentified", &r.unidentified),
+                        ("edge_cut", &r.edge_cut),
+                        ("fields", &r.fields),
+                    ],
                 ),
             ),
             (
-                "Model version",
+                l.t("model_version", &[]),
                 if versions.is_empty() {
                     "—".into()
                 } else {
@@ -159,25 +164,40 @@ impl SlideReportDoc {
 
     fn flags(&self) -> Vec<String> {
         if self.report.flags.is_empty() {
-            vec!["No flags.".into()]
+            vec![self.lang.t("no_flags", &[])]
         } else {
-            self.report.flags.iter().map(|f| f.message()).collect()
+            self.report.flags.iter().map(|f| self.lang.flag(f)).collect()
         }
     }
 
     fn reviews(&self) -> String {
-        if self.reviewed == 0 {
-            "No cell was reviewed by a technician.".into()
-        } else {
-            format!(
-                "{} cell{} reviewed by {} ({} confirmed, {} changed); the differential counts the technician's class.",
-                self.reviewed,
-                if self.reviewed == 1 { "" } else { "s" },
-                self.reviewers.join(", "),
-                self.reviewed - self.changed,
-                self.changed
-            )
+        let who = self.reviewers.join(", ");
+        let confirmed = self.reviewed - self.changed;
+        match self.reviewed {
+            0 => self.lang.t("no_reviews", &[]),
+            1 => self.lang.t(
+                "reviewed_one",
+                &[
+                    ("who", &who as &dyn std::fmt::Display),
+                    ("confirmed", &confirmed),
+                    ("changed", &self.changed),
+                ],
+            ),
+            n => self.lang.t(
+                "reviewed_many",
+                &[
+                    ("n", &n),
+                    ("who", &who as &dyn std::fmt::Display),
+                    ("confirmed", &confirmed),
+                    ("changed", &self.changed),
+                ],
+            ),
         }
+    }
+
+    /// The line every report carries, in its language.
+    pub fn disclaimer(&self) -> String {
+        self.lang.t("disclaimer", &[])
     }
 
     /// A file name for the PDF: the slide id with anything but letters, digits, `-` and `_`
@@ -200,57 +220,73 @@ impl SlideReportDoc {
 
     /// The report as one printable HTML page.
     pub fn html(&self) -> String {
-        let mut s = String::from(
-            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Slide report</title><style>\
-             body{font-family:sans-serif;max-width:48em;margin:1em auto;font-size:14px}table{border-collapse:collapse;width:100%}\
-             td,th{border-bottom:1px solid #999;padding:.25em;text-align:left}.urgent{font-weight:bold;color:#c00}\
-             .disclaimer{border:1px solid #000;padding:.5em;margin-top:1em}.noprint{margin:1em 0}\
-             @media print{.noprint{display:none}body{margin:0;max-width:none}@page{size:A4;margin:15mm}}\
-             </style></head><body><h1>White blood cell differential</h1><table id=\"report-header\">",
+        let l = self.lang;
+        let t = |k: &str| esc(&l.t(k, &[]));
+        let mut s = format!(
+            "<!doctype html><html lang=\"{code}\"><head><meta charset=\"utf-8\"><title>{title}</title><style>\
+             body{{font-family:sans-serif;max-width:48em;margin:1em auto;font-size:14px}}table{{border-collapse:collapse;width:100%}}\
+             td,th{{border-bottom:1px solid #999;padding:.25em;text-align:left}}.urgent{{font-weight:bold;color:#c00}}\
+             .disclaimer{{border:1px solid #000;padding:.5em;margin-top:1em}}.noprint{{margin:1em 0}}\
+             @media print{{.noprint{{display:none}}body{{margin:0;max-width:none}}@page{{size:A4;margin:15mm}}}}\
+             </style></head><body><h1>{title}</h1><table id=\"report-header\">",
+            code = l.code(),
+            title = t("title"),
         );
         for (k, v) in self.header() {
-            let _ = write!(s, "<tr><th>{k}</th><td>{}</td></tr>", esc(&v));
+            let _ = write!(s, "<tr><th>{}</th><td>{}</td></tr>", esc(&k), esc(&v));
         }
-        s.push_str(
-            "</table><h2>Differential</h2><table id=\"report-differential\"><tr><th>Class</th><th>Count</th>\
-             <th>%</th><th>Reference %</th><th></th></tr>",
+        let _ = write!(
+            s,
+            "</table><h2>{}</h2><table id=\"report-differential\"><tr><th>{}</th><th>{}</th>\
+             <th>%</th><th>{}</th><th></th></tr>",
+            t("differential"),
+            t("class_column"),
+            t("count"),
+            t("reference")
         );
-        for r in rows(&self.report) {
+        for r in rows(&self.report, l) {
             let _ = write!(
                 s,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                r[0], r[1], r[2], r[3], r[4]
+                esc(&r[0]),
+                r[1],
+                r[2],
+                r[3],
+                r[4]
             );
         }
-        s.push_str("</table><p>Reference ranges: typical adult values; use your laboratory's own.</p><h2>Flags</h2><ul id=\"report-flags\">");
-        for (f, m) in self
+        let _ = write!(
+            s,
+            "</table><p>{}</p><h2>{}</h2><ul id=\"report-flags\">",
+            t("reference_note"),
+            t("flags")
+        );
+        let urgent = self
             .report
             .flags
             .iter()
-            .map(Some)
-            .chain(std::iter::once(None))
-            .zip(self.flags())
-        {
-            let cls = if f.is_some_and(|f| f.urgent()) {
-                " class=\"urgent\""
-            } else {
-                ""
-            };
+            .map(|f| f.urgent())
+            .chain(std::iter::once(false));
+        for (u, m) in urgent.zip(self.flags()) {
+            let cls = if u { " class=\"urgent\"" } else { "" };
             let _ = write!(s, "<li{cls}>{}</li>", esc(&m));
         }
         let _ = write!(
             s,
-            "</ul><h2>Review</h2><p id=\"report-reviews\">{}</p><p class=\"disclaimer\" id=\"disclaimer\">{}</p>\
-             <p>Report made {}.</p><p class=\"noprint\"><button onclick=\"window.print()\">Print</button></p></body></html>",
+            "</ul><h2>{}</h2><p id=\"report-reviews\">{}</p><p class=\"disclaimer\" id=\"disclaimer\">{}</p>\
+             <p>{}</p><p class=\"noprint\"><button onclick=\"window.print()\">{}</button></p></body></html>",
+            t("review"),
             esc(&self.reviews()),
-            esc(DISCLAIMER),
-            esc(&when(self.made_at))
+            esc(&self.disclaimer()),
+            esc(&l.t("made", &[("when", &when(self.made_at))])),
+            t("print")
         );
         s
     }
 
     /// The report as a one-page A4 PDF (Helvetica, WinAnsi: characters outside it print as `?`).
     pub fn pdf(&self) -> Vec<u8> {
+        let l = self.lang;
         let (catalog, tree, page, font, bold, content_id) = (
             Ref::new(1),
             Ref::new(2),
@@ -287,53 +323,61 @@ impl SlideReportDoc {
             c.show(Str(&win_ansi(s)));
             c.end_text();
         };
-        text(&mut c, 50.0, y, 16.0, true, "White blood cell differential");
+        text(&mut c, 50.0, y, 16.0, true, &l.t("title", &[]));
         y -= 26.0;
         for (k, v) in self.header() {
-            text(&mut c, 50.0, y, 10.0, true, k);
+            text(&mut c, 50.0, y, 10.0, true, &k);
             text(&mut c, 150.0, y, 10.0, false, &v);
             y -= 14.0;
         }
         y -= 10.0;
-        text(&mut c, 50.0, y, 12.0, true, "Differential");
+        text(&mut c, 50.0, y, 12.0, true, &l.t("differential", &[]));
         y -= 16.0;
         let cols = [50.0, 170.0, 230.0, 290.0, 380.0];
-        for (i, h) in ["Class", "Count", "%", "Reference %", ""].iter().enumerate() {
+        for (i, h) in [
+            l.t("class_column", &[]),
+            l.t("count", &[]),
+            "%".into(),
+            l.t("reference", &[]),
+            String::new(),
+        ]
+        .iter()
+        .enumerate()
+        {
             text(&mut c, cols[i], y, 10.0, true, h);
         }
         y -= 14.0;
-        for r in rows(&self.report) {
+        for r in rows(&self.report, self.lang) {
             for (i, v) in r.iter().enumerate() {
                 text(&mut c, cols[i], y, 10.0, i == 4, v);
             }
             y -= 14.0;
         }
-        text(
-            &mut c,
-            50.0,
-            y,
-            8.0,
-            false,
-            "Reference ranges: typical adult values; use your laboratory's own.",
-        );
+        text(&mut c, 50.0, y, 8.0, false, &l.t("reference_note", &[]));
         y -= 22.0;
-        text(&mut c, 50.0, y, 12.0, true, "Flags");
+        text(&mut c, 50.0, y, 12.0, true, &l.t("flags", &[]));
         y -= 16.0;
-        for f in self.flags() {
+        let urgent_flags = self
+            .report
+            .flags
+            .iter()
+            .map(|f| f.urgent())
+            .chain(std::iter::once(false));
+        for (urgent, f) in urgent_flags.zip(self.flags()) {
             for line in wrap(&f, 95) {
-                text(&mut c, 50.0, y, 10.0, f.starts_with("URGENT"), &line);
+                text(&mut c, 50.0, y, 10.0, urgent, &line);
                 y -= 13.0;
             }
         }
         y -= 10.0;
-        text(&mut c, 50.0, y, 12.0, true, "Review");
+        text(&mut c, 50.0, y, 12.0, true, &l.t("review", &[]));
         y -= 16.0;
         for line in wrap(&self.reviews(), 95) {
             text(&mut c, 50.0, y, 10.0, false, &line);
             y -= 13.0;
         }
         y -= 14.0;
-        for line in wrap(DISCLAIMER, 90) {
+        for line in wrap(&self.disclaimer(), 90) {
             text(&mut c, 50.0, y, 10.0, true, &line);
             y -= 13.0;
         }
@@ -344,7 +388,7 @@ impl SlideReportDoc {
             y,
             8.0,
             false,
-            &format!("Report made {}.", when(self.made_at)),
+            &l.t("made", &[("when", &when(self.made_at))]),
         );
         pdf.stream(content_id, &c.finish());
         pdf.finish()
@@ -407,6 +451,7 @@ mod tests {
             reviewed: 3,
             changed: 1,
             reviewers: vec!["tech".into()],
+            lang: Lang::En,
         }
     }
 
@@ -425,7 +470,8 @@ mod tests {
         assert!(h.contains("class=\"urgent\">URGENT: 2 blasts"), "{h}");
         assert!(h.contains("3 cells reviewed by tech (2 confirmed, 1 changed)"), "{h}");
         assert!(h.contains("2027-01-15 08:00 UTC"), "started: {h}");
-        assert!(h.contains(DISCLAIMER) && h.contains("@media print"));
+        assert!(h.contains(&doc().disclaimer()) && h.contains("@media print"));
+        assert!(h.contains("pre-classification"));
     }
 
     #[test]
@@ -450,6 +496,38 @@ mod tests {
             );
         }
         assert!(text.contains("/BaseFont /Helvetica"));
+    }
+
+    #[test]
+    fn the_report_speaks_the_clinics_language() {
+        let mut d = doc();
+        d.lang = Lang::Fr;
+        let h = d.html();
+        assert!(
+            h.contains("<html lang=\"fr\"") && h.contains("<h1>Formule leucocytaire</h1>"),
+            "{h}"
+        );
+        assert!(h.contains("<tr><td>Neutrophile</td><td>88</td>"), "{h}");
+        assert!(h.contains("URGENT : 2 blastes trouvés"), "{h}");
+        assert!(
+            h.contains("3 cellules relues par tech (2 confirmées, 1 modifiées)"),
+            "{h}"
+        );
+        assert!(h.contains("pré-classification") && h.contains("Imprimer"), "{h}");
+        d.lang = Lang::Pt;
+        let h = d.html();
+        assert!(
+            h.contains("Contagem diferencial de leucócitos") && h.contains("Neutrófilo"),
+            "{h}"
+        );
+        // The PDF in French: its accents in WinAnsi.
+        d.lang = Lang::Fr;
+        let p = d.pdf();
+        let hex: String = win_ansi("Éosinophile").iter().map(|b| format!("{b:02X}")).collect();
+        assert!(
+            String::from_utf8_lossy(&p).to_uppercase().contains(&hex),
+            "Éosinophile in the PDF"
+        );
     }
 
     #[test]
