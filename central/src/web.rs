@@ -228,6 +228,8 @@ async fn report_doc(w: &Arc<Web>, k: SlideKey, l: LangParam) -> Result<wbc_web::
         reviewed,
         changed,
         reviewers,
+        // The ranges central's own flags use (it computes reports with the default settings).
+        reference_ranges: wbc_protocol::slide::SlideSettings::default().reference_ranges,
         lang,
     })
 }

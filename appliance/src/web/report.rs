@@ -44,6 +44,7 @@ fn doc(w: &Web, slide: Option<String>, lang: Lang) -> anyhow::Result<Option<Slid
         reviewed,
         changed,
         reviewers,
+        reference_ranges: w.app.settings.slide.reference_ranges.clone(),
         lang,
     }))
 }

@@ -8,20 +8,20 @@
 use crate::html_escape as esc;
 use crate::i18n::Lang;
 use pdf_writer::{Content, Finish, Name, Pdf, Rect, Ref, Str};
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use wbc_protocol::classes::CellClass;
 use wbc_protocol::messages::FieldRecord;
 use wbc_protocol::slide::{ClassCount, SlideReport};
 
-/// Adult reference ranges of the differential, percent of white cells (low, high). Typical
-/// textbook values: each laboratory has its own, and the report says so.
-pub const REFERENCE: [(CellClass, f32, f32); 6] = [
-    (CellClass::Neutrophil, 40.0, 75.0),
-    (CellClass::Lymphocyte, 20.0, 45.0),
-    (CellClass::Monocyte, 2.0, 10.0),
-    (CellClass::Eosinophil, 1.0, 6.0),
-    (CellClass::Basophil, 0.0, 2.0),
-    (CellClass::Blast, 0.0, 0.0),
+/// The order the differential is read in.
+const ORDER: [CellClass; 6] = [
+    CellClass::Neutrophil,
+    CellClass::Lymphocyte,
+    CellClass::Monocyte,
+    CellClass::Eosinophil,
+    CellClass::Basophil,
+    CellClass::Blast,
 ];
 
 /// What a report says.
@@ -49,6 +49,9 @@ pub struct SlideReportDoc {
     pub changed: u32,
     /// Who reviewed.
     pub reviewers: Vec<String>,
+    /// The reference ranges, percent (low, high), as the slide's flags use them
+    /// (`[slide] reference_ranges`); a class without one shows none.
+    pub reference_ranges: BTreeMap<CellClass, [f32; 2]>,
     /// The language it is written in.
     pub lang: Lang,
 }
@@ -95,29 +98,35 @@ fn when(t: u64) -> String {
 }
 
 /// One row of the differential: class, count, percent, reference, and `H`/`L` outside it.
-fn rows(r: &SlideReport, lang: Lang) -> Vec<[String; 5]> {
-    REFERENCE
+fn rows(r: &SlideReport, ranges: &BTreeMap<CellClass, [f32; 2]>, lang: Lang) -> Vec<[String; 5]> {
+    ORDER
         .iter()
-        .map(|&(c, lo, hi)| {
+        .map(|&c| {
             let cc = r
                 .per_class
                 .get(c.name())
                 .copied()
                 .unwrap_or(ClassCount { count: 0, percent: 0.0 });
-            let mark = if r.classified == 0 {
-                ""
-            } else if cc.percent > hi {
-                "H"
-            } else if cc.percent < lo {
-                "L"
-            } else {
-                ""
+            let (range, mark) = match ranges.get(&c) {
+                Some(&[lo, hi]) => (
+                    format!("{lo}–{hi}"),
+                    if r.classified == 0 {
+                        ""
+                    } else if cc.percent > hi {
+                        "H"
+                    } else if cc.percent < lo {
+                        "L"
+                    } else {
+                        ""
+                    },
+                ),
+                None => ("—".to_string(), ""),
             };
             [
                 lang.class(c),
                 cc.count.to_string(),
                 format!("{:.1}", cc.percent),
-                format!("{lo:.0}–{hi:.0}"),
+                range,
                 mark.to_string(),
             ]
         })
@@ -244,7 +253,7 @@ impl SlideReportDoc {
             t("count"),
             t("reference")
         );
-        for r in rows(&self.report, l) {
+        for r in rows(&self.report, &self.reference_ranges, l) {
             let _ = write!(
                 s,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -347,7 +356,7 @@ impl SlideReportDoc {
             text(&mut c, cols[i], y, 10.0, true, h);
         }
         y -= 14.0;
-        for r in rows(&self.report, self.lang) {
+        for r in rows(&self.report, &self.reference_ranges, self.lang) {
             for (i, v) in r.iter().enumerate() {
                 text(&mut c, cols[i], y, 10.0, i == 4, v);
             }
@@ -451,6 +460,7 @@ mod tests {
             reviewed: 3,
             changed: 1,
             reviewers: vec!["tech".into()],
+            reference_ranges: SlideSettings::default().reference_ranges,
             lang: Lang::En,
         }
     }
@@ -496,6 +506,22 @@ mod tests {
             );
         }
         assert!(text.contains("/BaseFont /Helvetica"));
+    }
+
+    #[test]
+    fn the_report_uses_the_reference_ranges_the_flags_use() {
+        let mut d = doc();
+        d.reference_ranges.insert(CellClass::Neutrophil, [40.0, 90.0]);
+        d.reference_ranges.remove(&CellClass::Basophil);
+        let h = d.html();
+        assert!(
+            h.contains("<tr><td>Neutrophil</td><td>88</td><td>88.0</td><td>40–90</td><td></td></tr>"),
+            "{h}"
+        );
+        assert!(
+            h.contains("<tr><td>Basophil</td><td>0</td><td>0.0</td><td>—</td><td></td></tr>"),
+            "{h}"
+        );
     }
 
     #[test]
