@@ -882,3 +882,49 @@ fn a_technician_logs_in_uploads_a_field_and_reviews_a_cell_in_a_real_browser() {
     let err = b.wait_for_text("id=\"error\"");
     assert!(err.contains("notes.txt was not classified"), "{err}");
 }
+
+#[test]
+fn a_clinic_that_speaks_french_gets_its_slide_page_gallery_and_report_in_french_in_a_real_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path());
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("[web]\n", "[web]\nlanguage = \"fr\"\n")).unwrap();
+    let d = Daemon::start(&path);
+    let b = Browser::start();
+    b.go(&d.base);
+    b.wait_for_text("id=\"password\"");
+    b.type_into("#user", USER);
+    b.type_into("#password", PASSWORD);
+    b.click("#login");
+    let home = b.wait_for_text("id=\"differential\"");
+    b.screenshot("slide-fr");
+    assert!(home.contains("<html lang=\"fr\""), "{home}");
+    for want in [
+        "Formule leucocytaire",
+        "Ajouter une image",
+        "Terminer cette lame et commencer la suivante",
+        "<th>Classe</th><th>Nombre</th>",
+        "<td>Éosinophile</td>",
+        "Se déconnecter",
+    ] {
+        assert!(home.contains(want), "{want}: {home}");
+    }
+    let path = fixture_field("BloodImage_00000.jpg").canonicalize().unwrap();
+    b.type_into("#image", path.to_str().unwrap());
+    b.click("#upload");
+    b.wait_for_text("id=\"cells\"");
+    b.go(&format!("{}/gallery", d.base));
+    let gallery = b.wait_for_text("class=\"gallery\"");
+    b.screenshot("gallery-fr");
+    assert!(
+        gallery.contains("Galerie") && gallery.contains("modèle : "),
+        "{gallery}"
+    );
+    assert!(gallery.contains(">Pas une cellule</button>"), "{gallery}");
+    b.go(&format!("{}/slide/report", d.base));
+    let report = b.wait_for_text("id=\"disclaimer\"");
+    assert!(
+        report.contains("pré-classification") && report.contains("<th>Lame</th>"),
+        "{report}"
+    );
+}

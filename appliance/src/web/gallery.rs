@@ -5,13 +5,14 @@
 //! Neutrophil, `x` Blast, `0` not a white cell). A move is a review, as on the field page: the
 //! differential follows it.
 
-use super::{LoggedIn, Web, esc, page};
+use super::{LoggedIn, Web, esc, page_in};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use std::fmt::Write;
 use std::sync::Arc;
 use wbc_protocol::classes::CellClass;
 use wbc_protocol::messages::{CellRecord, ReviewReason};
+use wbc_web::i18n::Lang;
 
 /// The groups, in the order shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -42,14 +43,14 @@ impl Group {
         }
     }
 
-    fn title(self) -> &'static str {
+    fn title(self, lang: Lang) -> String {
         match self {
-            Group::Blast => "Blast",
-            Group::PossibleBlast => "Possible blasts (set aside, Blast most probable)",
-            Group::SetAside => "Unidentified (set aside for review)",
-            Group::Class(i) => SHOWN[i].name(),
-            Group::NotAWhiteCell => "Not a white cell / cannot tell",
-            Group::EdgeCut => "Cut by the field's edge (not counted)",
+            Group::Blast => lang.class(CellClass::Blast),
+            Group::PossibleBlast => lang.t("group_possible", &[]),
+            Group::SetAside => lang.t("group_set_aside", &[]),
+            Group::Class(i) => lang.class(SHOWN[i]),
+            Group::NotAWhiteCell => lang.t("group_not_cell", &[]),
+            Group::EdgeCut => lang.t("group_edge_cut", &[]),
         }
     }
 }
@@ -67,15 +68,15 @@ fn order(k: CellClass) -> usize {
     SHOWN.iter().position(|&c| c == k).unwrap_or(0)
 }
 
-/// The one-click moves: value, button text, key.
-const MOVES: [(&str, &str, &str); 7] = [
-    ("Neutrophil", "Neutrophil", "n"),
-    ("Lymphocyte", "Lymphocyte", "l"),
-    ("Monocyte", "Monocyte", "m"),
-    ("Eosinophil", "Eosinophil", "e"),
-    ("Basophil", "Basophil", "b"),
-    ("Blast", "Blast", "x"),
-    ("none", "Not a cell", "0"),
+/// The one-click moves: class (none: not a white cell) and key.
+const MOVES: [(Option<CellClass>, &str); 7] = [
+    (Some(CellClass::Neutrophil), "n"),
+    (Some(CellClass::Lymphocyte), "l"),
+    (Some(CellClass::Monocyte), "m"),
+    (Some(CellClass::Eosinophil), "e"),
+    (Some(CellClass::Basophil), "b"),
+    (Some(CellClass::Blast), "x"),
+    (None, "0"),
 ];
 
 const GALLERY_CSS: &str = ".gallery{display:flex;flex-wrap:wrap;gap:.4em}.gallery figure{margin:0;width:140px;\
@@ -111,13 +112,11 @@ pub(super) async fn gallery(
         }
     }
     cells.sort();
+    let lang = w.language;
     let mut body = format!(
-        "<style>{GALLERY_CSS}</style>{}<p>Every cell of slide {} by what it counts as. Move a wrong cell with its \
-         button, or focus it (Tab or a click on its picture) and press a key: <kbd>n</kbd> Neutrophil, <kbd>l</kbd> \
-         Lymphocyte, <kbd>m</kbd> Monocyte, <kbd>e</kbd> Eosinophil, <kbd>b</kbd> Basophil, <kbd>x</kbd> Blast, \
-         <kbd>0</kbd> not a white cell. Reviewed cells have a green frame.</p>",
+        "<style>{GALLERY_CSS}</style>{}<p>{}</p>",
         super::differential_html(&w),
-        esc(&slide.id)
+        esc(&lang.t("gallery_intro", &[("id", &slide.id)]))
     );
     let mut current = None;
     for &(g, fi, ci) in &cells {
@@ -126,14 +125,19 @@ pub(super) async fn gallery(
                 body.push_str("</div>");
             }
             let n = cells.iter().filter(|c| c.0 == g).count();
-            let _ = write!(body, "<h2>{} ({n})</h2><div class=\"gallery\">", esc(g.title()));
+            let _ = write!(body, "<h2>{} ({n})</h2><div class=\"gallery\">", esc(&g.title(lang)));
             current = Some(g);
         }
         let (f, c) = (&fields[fi], &fields[fi].cells[ci]);
         let id = esc(&f.id);
         let anchor = format!("g-{id}-{ci}");
         let mut buttons = String::new();
-        for (value, text, key) in MOVES {
+        for (class, key) in MOVES {
+            let (value, text) = match class {
+                Some(c) => (c.name(), lang.class(c)),
+                None => ("none", lang.t("not_a_cell", &[])),
+            };
+            let text = esc(&text);
             let _ = write!(
                 buttons,
                 "<button name=\"class\" value=\"{value}\" data-key=\"{key}\" title=\"{text} (key {key})\">{text}</button>"
@@ -148,13 +152,16 @@ pub(super) async fn gallery(
             body,
             "<figure class=\"cell{frame}\" id=\"{anchor}\" tabindex=\"0\"><img src=\"/field/{id}/cell/{ci}/image\" \
              alt=\"cell {k} of {name}\" width=\"136\" height=\"136\" loading=\"lazy\"><figcaption><a href=\"/field/{id}#cell-{k}\">\
-             {name} {k}</a>: model {model}{rev}</figcaption><form method=\"post\" action=\"/field/{id}/cell/{ci}/review\">\
+             {name} {k}</a>: {model}{rev}</figcaption><form method=\"post\" action=\"/field/{id}/cell/{ci}/review\">\
              <input type=\"hidden\" name=\"next\" value=\"gallery\">{buttons}</form></figure>",
             k = ci + 1,
             name = esc(&f.name),
-            model = esc(c.result.class_name()),
+            model = esc(&lang.t("model_said", &[("class", &class_name(lang, c.result.class))])),
             rev = match &c.review {
-                Some(r) => format!(", reviewed: {}", esc(r.class.map_or("not a white cell", |k| k.name()))),
+                Some(r) => format!(
+                    ", {}",
+                    esc(&lang.t("reviewed_as", &[("class", &review_name(lang, r.class))]))
+                ),
                 None => String::new(),
             },
         );
@@ -162,8 +169,18 @@ pub(super) async fn gallery(
     if current.is_some() {
         body.push_str("</div>");
     } else {
-        body.push_str("<p>No cells on this slide yet.</p>");
+        let _ = write!(body, "<p>{}</p>", esc(&lang.t("no_cells", &[])));
     }
     let _ = write!(body, "<script>{GALLERY_JS}</script>");
-    page("Gallery", Some(&user), &body).into_response()
+    page_in(lang, &lang.t("gallery_title", &[]), Some(&user), &body).into_response()
+}
+
+/// The model's class in words (`Unidentified` for none).
+fn class_name(lang: Lang, c: Option<CellClass>) -> String {
+    c.map_or_else(|| lang.t("unidentified", &[]), |c| lang.class(c))
+}
+
+/// A reviewer's class in words (not a white cell for none).
+fn review_name(lang: Lang, c: Option<CellClass>) -> String {
+    c.map_or_else(|| lang.t("not_a_cell", &[]), |c| lang.class(c))
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use wbc_protocol::classes::CellClass;
 use wbc_protocol::messages::FieldRecord;
 use wbc_protocol::slide::ReviewPriority;
+use wbc_web::i18n::Lang;
 use wbc_web::login::{LoggedIn, Login};
 
 mod gallery;
@@ -149,20 +150,32 @@ pub fn router(web: Arc<Web>) -> Router {
 use wbc_web::html_escape as esc;
 
 fn page(title: &str, user: Option<&str>, body: &str) -> Html<String> {
+    page_in(Lang::En, title, user, body)
+}
+
+/// A page in `lang` (its navigation; the body is the caller's).
+fn page_in(lang: Lang, title: &str, user: Option<&str>, body: &str) -> Html<String> {
+    let t = |k: &str| esc(&lang.t(k, &[]));
     let nav = match user {
         Some(u) => format!(
-            "<nav><a href=\"/\">Slide</a> <a href=\"/gallery\">Gallery</a> <a href=\"/review\">Review</a> <span class=\"who\">{}</span> \
-             <form method=\"post\" action=\"/logout\" class=\"inline\"><button>Log out</button></form></nav>",
-            esc(u)
+            "<nav><a href=\"/\">{}</a> <a href=\"/gallery\">{}</a> <a href=\"/review\">{}</a> <span class=\"who\">{}</span> \
+             <form method=\"post\" action=\"/logout\" class=\"inline\"><button>{}</button></form></nav>",
+            t("nav_slide"),
+            t("nav_gallery"),
+            t("nav_review"),
+            esc(u),
+            t("logout")
         ),
         None => String::new(),
     };
     Html(format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+        "<!doctype html><html lang=\"{code}\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{t} — WBC differential</title><style>{CSS}</style></head>\
+         <title>{t} — {app}</title><style>{CSS}</style></head>\
          <body><header><h1>{t}</h1>{nav}</header><main>{body}</main></body></html>",
-        t = esc(title)
+        t = esc(title),
+        app = esc(&lang.t("app_title", &[])),
+        code = lang.code()
     ))
 }
 
@@ -230,27 +243,43 @@ fn differential_html(w: &Web) -> String {
             esc(&f.reason)
         );
     }
+    let lang = w.language;
     for f in &r.flags {
         let class = if f.urgent() { "urgent" } else { "flag" };
-        let _ = write!(s, "<p class=\"{class}\">{}</p>", esc(&f.message()));
+        let _ = write!(s, "<p class=\"{class}\">{}</p>", esc(&lang.flag(f)));
     }
+    let complete = if r.complete {
+        lang.t("target_reached", &[])
+    } else {
+        String::new()
+    };
     let _ = write!(
         s,
-        "<p id=\"progress\">{} of {} cells classified{}; {} Unidentified (for review), {} cut by the field's edge, in {} fields.</p>",
-        r.classified,
-        w.app.settings.slide.target,
-        if r.complete { " — target reached" } else { "" },
-        r.unidentified,
-        r.edge_cut,
-        r.fields
+        "<p id=\"progress\">{}</p>",
+        esc(&lang.t(
+            "progress_line",
+            &[
+                ("classified", &r.classified as &dyn std::fmt::Display),
+                ("target", &w.app.settings.slide.target),
+                ("complete", &complete),
+                ("unidentified", &r.unidentified),
+                ("edge_cut", &r.edge_cut),
+                ("fields", &r.fields),
+            ]
+        ))
     );
-    s.push_str("<table id=\"differential\"><tr><th>Class</th><th>Count</th><th>%</th></tr>");
+    let _ = write!(
+        s,
+        "<table id=\"differential\"><tr><th>{}</th><th>{}</th><th>%</th></tr>",
+        esc(&lang.t("class_column", &[])),
+        esc(&lang.t("count", &[]))
+    );
     for c in CellClass::ALL {
         let cc = &r.per_class[c.name()];
         let _ = write!(
             s,
             "<tr><td>{}</td><td>{}</td><td>{:.1}</td></tr>",
-            c.name(),
+            esc(&lang.class(c)),
             cc.count,
             cc.percent
         );
@@ -262,7 +291,7 @@ fn differential_html(w: &Web) -> String {
 async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>) -> Response {
     let slide = w.app.current_slide();
     let mut body = format!(
-        "<p id=\"model\">Model version {} on {}{} (<a href=\"/models\">models and updates</a>). <span id=\"site\">{}</span></p><p id=\"uplink\">{}</p><h2>Slide {}</h2><p id=\"report-links\"><a href=\"/gallery\">Gallery</a> · <a href=\"/slide/report\">Slide report (print)</a> · <a href=\"/slide/report.pdf\">PDF</a></p>{}",
+        "<p id=\"model\">Model version {} on {}{} (<a href=\"/models\">models and updates</a>). <span id=\"site\">{}</span></p><p id=\"uplink\">{}</p><h2>{}</h2><p id=\"report-links\"><a href=\"/gallery\">{}</a> · <a href=\"/slide/report\">{}</a> · <a href=\"/slide/report.pdf\">PDF</a></p>{}",
         w.app.model_version(),
         esc(&w.app.settings.backend),
         match w.app.models().map(|m| m.status()) {
@@ -275,7 +304,9 @@ async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum:
         },
         esc(&site_text(&w.app)),
         esc(&w.uplink_text()),
-        esc(&slide.id),
+        esc(&w.language.t("slide_heading", &[("id", &slide.id)])),
+        esc(&w.language.t("nav_gallery", &[])),
+        esc(&w.language.t("report_print", &[])),
         differential_html(&w)
     );
     let camera = match w.app.camera() {
@@ -297,29 +328,34 @@ async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum:
         )),
         Err(_) => String::new(),
     };
+    let t = |k: &str| esc(&w.language.t(k, &[]));
     let _ = write!(
         body,
-        "<h2>Add an image</h2><form method=\"post\" action=\"/upload\" enctype=\"multipart/form-data\">\
+        "<h2>{add}</h2><form method=\"post\" action=\"/upload\" enctype=\"multipart/form-data\">\
          <p><input type=\"file\" name=\"image\" id=\"image\" accept=\"image/*\" multiple></p>\
-         <p><label><input type=\"checkbox\" name=\"single_cell\" id=\"single_cell\"> one centred cell (not a field)</label></p>\
-         <p><button id=\"upload\">Classify</button> <span id=\"upload-progress\" aria-live=\"polite\"></span></p></form>\
+         <p><label><input type=\"checkbox\" name=\"single_cell\" id=\"single_cell\"> {one}</label></p>\
+         <p><button id=\"upload\">{classify}</button> <span id=\"upload-progress\" aria-live=\"polite\"></span></p></form>\
          <span id=\"slide-state\" hidden>{state}</span><script>{UPLOAD_JS}</script>\
-         {camera}<form method=\"post\" action=\"/slide/finish\"><p><button id=\"finish\">Finish this slide and start the next</button></p></form>"
+         {camera}<form method=\"post\" action=\"/slide/finish\"><p><button id=\"finish\">{finish}</button></p></form>",
+        add = t("add_image"),
+        one = t("one_cell"),
+        classify = t("classify"),
+        finish = t("finish"),
     );
     if let Ok(fields) = w.app.store().fields_of_slide(&slide.id) {
-        body.push_str("<h2>Fields of this slide</h2><ul>");
+        let _ = write!(body, "<h2>{}</h2><ul>", t("fields_of_slide"));
         for f in fields.iter().rev().take(50) {
             let _ = write!(
                 body,
-                "<li><a href=\"/field/{id}\">{name}</a> — {n} cells</li>",
+                "<li><a href=\"/field/{id}\">{name}</a> — {n}</li>",
                 id = esc(&f.id),
                 name = esc(&f.name),
-                n = f.cells.len()
+                n = esc(&w.language.t("n_cells", &[("n", &f.cells.len())]))
             );
         }
         body.push_str("</ul>");
     }
-    page("WBC differential", Some(&user), &body).into_response()
+    page_in(w.language, &w.language.t("app_title", &[]), Some(&user), &body).into_response()
 }
 
 /// The models page: the active model, its fallback, the trusted keys and the model log (every
