@@ -89,33 +89,7 @@ impl Web {
 /// classified. And the page follows new fields (the inbox, the camera, another screen): every
 /// 5 s it asks `/api/slide` and reloads when the slide changed, unless the technician is in a
 /// form field.
-const UPLOAD_JS: &str = r#"(function(){
-var input=document.getElementById('image'),form=input.form,btn=document.getElementById('upload'),
-p=document.getElementById('upload-progress'),busy=false;
-form.addEventListener('submit',function(e){
- var files=input.files;if(!files||files.length===0)return;busy=true;btn.disabled=true;
- if(files.length===1){p.textContent='Classifying '+files[0].name+'…';return;}
- e.preventDefault();var single=document.getElementById('single_cell').checked,i=0,failed=[];
- function next(){
-  if(i>=files.length){p.textContent='Done: '+(files.length-failed.length)+' of '+files.length+' images classified'+
-   (failed.length?'; not classified: '+failed.join('; '):'')+'.';setTimeout(function(){location.reload();},failed.length?6000:1000);return;}
-  var f=files[i];p.textContent='Classifying image '+(i+1)+' of '+files.length+': '+f.name+'…';
-  var d=new FormData();d.append('image',f);if(single)d.append('single_cell','on');
-  fetch(form.action,{method:'POST',body:d,credentials:'same-origin'}).then(function(r){
-   if(!r.ok)return r.text().then(function(t){var el=new DOMParser().parseFromString(t,'text/html').getElementById('error');
-    failed.push(el?el.textContent:f.name+' ('+r.status+')');});
-  }).catch(function(){failed.push(f.name+' (no answer)');}).then(function(){i++;next();});
- }
- next();
-});
-var st=document.getElementById('slide-state'),seen=st?st.textContent:null;
-setInterval(function(){
- var a=document.activeElement;if(busy||(a&&/^(INPUT|SELECT|TEXTAREA)$/.test(a.tagName)&&a.type!=='submit'))return;
- fetch('/api/slide',{credentials:'same-origin'}).then(function(r){return r.json();}).then(function(s){
-  var k=[s.slide_id,s.fields,s.classified,s.unidentified,s.flags.length].join('/');if(seen!==null&&k!==seen)location.reload();seen=k;
- }).catch(function(){});
-},5000);
-})();"#;
+const UPLOAD_JS: &str = include_str!("upload.js");
 
 /// The router: `/health` and `/login` open, everything else behind the login.
 pub fn router(web: Arc<Web>) -> Router {
