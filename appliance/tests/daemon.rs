@@ -912,7 +912,18 @@ fn a_clinic_that_speaks_french_gets_its_slide_page_gallery_and_report_in_french_
     let path = fixture_field("BloodImage_00000.jpg").canonicalize().unwrap();
     b.type_into("#image", path.to_str().unwrap());
     b.click("#upload");
-    b.wait_for_text("id=\"cells\"");
+    let field = b.wait_for_text("id=\"cells\"");
+    assert!(
+        field.contains("Retour à la lame") && field.contains("Choisissez la classe…"),
+        "{field}"
+    );
+    assert!(
+        field.contains("<th>Détails</th>") && field.contains(">Enregistrer</button>"),
+        "{field}"
+    );
+    b.go(&format!("{}/review", d.base));
+    let review = b.wait_for_text("id=\"to-review\"");
+    assert!(review.contains("<h1>Relecture</h1>"), "{review}");
     b.go(&format!("{}/gallery", d.base));
     let gallery = b.wait_for_text("class=\"gallery\"");
     b.screenshot("gallery-fr");

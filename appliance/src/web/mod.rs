@@ -8,19 +8,18 @@
 use crate::app::{App, Ingested};
 use crate::config::User;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Form, Multipart, Path, State};
+use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use serde::Deserialize;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use wbc_protocol::classes::CellClass;
 use wbc_protocol::messages::FieldRecord;
-use wbc_protocol::slide::ReviewPriority;
 use wbc_web::i18n::Lang;
 use wbc_web::login::{LoggedIn, Login};
 
+mod cells;
 mod gallery;
 mod report;
 
@@ -97,11 +96,11 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/", get(index))
         .route("/upload", post(upload))
         .route("/capture", post(capture))
-        .route("/field/{id}", get(field_page))
+        .route("/field/{id}", get(cells::field_page))
         .route("/field/{id}/image", get(field_image))
-        .route("/field/{id}/cell/{n}/review", post(review))
+        .route("/field/{id}/cell/{n}/review", post(cells::review))
         .route("/field/{id}/cell/{n}/image", get(cell_picture))
-        .route("/review", get(review_page))
+        .route("/review", get(cells::review_page))
         .route("/gallery", get(gallery::gallery))
         .route("/slide/report", get(report::html))
         .route("/slide/report.pdf", get(report::pdf))
@@ -477,117 +476,6 @@ fn load_field(w: &Web, id: &str) -> Result<FieldRecord, StatusCode> {
     }
 }
 
-/// The review choices. `chosen`: the reviewer's earlier answer (`Some(None)`: not a white cell);
-/// with none, nothing is chosen and the form cannot be saved until a choice is made, so that a
-/// hurried "save" never records an answer nobody gave.
-fn class_options(chosen: Option<Option<CellClass>>) -> String {
-    let mut s = format!(
-        "<option value=\"\" disabled{}>Choose the class…</option>",
-        if chosen.is_none() { " selected" } else { "" }
-    );
-    for c in CellClass::ALL {
-        let sel = if chosen == Some(Some(c)) { " selected" } else { "" };
-        let _ = write!(s, "<option value=\"{}\"{sel}>{}</option>", c.name(), c.name());
-    }
-    let _ = write!(
-        s,
-        "<option value=\"none\"{}>Not a white cell / cannot tell</option>",
-        if chosen == Some(None) { " selected" } else { "" }
-    );
-    s
-}
-
-async fn field_page(
-    State(w): State<Arc<Web>>,
-    axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>,
-    Path(id): Path<String>,
-) -> Response {
-    let f = match load_field(&w, &id) {
-        Ok(f) => f,
-        Err(s) => return error_page(s, Some(&user), "No such field."),
-    };
-    let mut body = format!(
-        "<p>{} — {}×{} px, {} ({}), received from {}.</p>",
-        esc(&f.name),
-        f.width,
-        f.height,
-        if f.single_cell { "one cell" } else { "field" },
-        if f.single_cell {
-            String::new()
-        } else {
-            format!("{} µm per pixel", f.microns_per_pixel)
-        },
-        esc(&f.source)
-    );
-    let _ = write!(
-        body,
-        "<svg id=\"boxes\" viewBox=\"0 0 {w} {h}\" width=\"{w}\" height=\"{h}\"><image href=\"/field/{id}/image\" width=\"{w}\" height=\"{h}\"/>",
-        w = f.width,
-        h = f.height,
-        id = esc(&f.id)
-    );
-    for (i, c) in f.cells.iter().enumerate() {
-        if let Some([x0, y0, x1, y1]) = c.result.bbox {
-            let colour = match c.result.class {
-                Some(CellClass::Blast) => "#e00",
-                Some(_) => "#0a0",
-                None => "#f80",
-            };
-            let _ = write!(
-                body,
-                "<rect x=\"{x0}\" y=\"{y0}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"3\"/>\
-                 <text x=\"{}\" y=\"{}\" fill=\"{colour}\" font-size=\"20\">{} {}</text>",
-                x1.saturating_sub(x0),
-                y1.saturating_sub(y0),
-                x0 + 4,
-                y0 + 20,
-                i + 1,
-                esc(c.result.class_name())
-            );
-        }
-    }
-    body.push_str("</svg>");
-    if f.cells.is_empty() {
-        body.push_str("<p id=\"nocells\">No white cells found in this image.</p>");
-    }
-    body.push_str("<table id=\"cells\"><tr><th>#</th><th>Class</th><th>Details</th><th>Review</th></tr>");
-    for (i, c) in f.cells.iter().enumerate() {
-        let r = &c.result;
-        let probs: Vec<String> = CellClass::ALL
-            .iter()
-            .filter_map(|k| {
-                r.probabilities
-                    .get(k.name())
-                    .map(|p| format!("{} {:.3}", k.abbreviation(), p))
-            })
-            .collect();
-        let reviewed = match &c.review {
-            Some(rv) => format!(
-                "<p>Reviewed by {}: <b>{}</b></p>",
-                esc(&rv.by),
-                rv.class.map(|c| c.name()).unwrap_or("not a white cell / cannot tell")
-            ),
-            None => String::new(),
-        };
-        let _ = write!(
-            body,
-            "<tr class=\"cell\" id=\"cell-{n}\"><td>{n}<br><img class=\"cell-picture\" src=\"/field/{id}/cell/{i}/image\" alt=\"cell {n}\" width=\"96\" height=\"96\" loading=\"lazy\"></td><td class=\"class\"><b>{class}</b><br>confidence {conf:.3}</td>\
-             <td><span class=\"probs\">{probs}</span><p class=\"description\">{desc}</p></td>\
-             <td>{reviewed}<form method=\"post\" action=\"/field/{id}/cell/{i}/review\"><select name=\"class\" required>{opts}</select> \
-             <button>Save</button></form></td></tr>",
-            n = i + 1,
-            class = esc(r.class_name()),
-            conf = r.confidence,
-            probs = esc(&probs.join("  ")),
-            desc = esc(&r.description),
-            id = esc(&f.id),
-            opts = class_options(c.review.as_ref().map(|v| v.class)),
-        );
-    }
-    body.push_str("</table><p><a href=\"/\">Back to the slide</a></p>");
-    page("Field", Some(&user), &body).into_response()
-}
-
 async fn field_image(State(w): State<Arc<Web>>, Path(id): Path<String>) -> Response {
     match w.app.store().image(&id) {
         Ok(Some(bytes)) => {
@@ -623,101 +511,6 @@ async fn cell_picture(State(w): State<Arc<Web>>, Path((id, n)): Path<(String, us
                 .into_response()
         }
     }
-}
-
-#[derive(Deserialize)]
-struct ReviewForm {
-    /// A class name, `none` (not a white cell / cannot tell), or empty: nothing chosen.
-    #[serde(default)]
-    class: String,
-    /// Where to go afterwards: `review` (back to the review list), `gallery` (back to the
-    /// cell in the slide's gallery), else the cell's field.
-    #[serde(default)]
-    next: Option<String>,
-}
-
-async fn review(
-    State(w): State<Arc<Web>>,
-    axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>,
-    Path((id, n)): Path<(String, usize)>,
-    Form(f): Form<ReviewForm>,
-) -> Response {
-    if f.class.is_empty() {
-        return error_page(
-            StatusCode::BAD_REQUEST,
-            Some(&user),
-            "Choose the cell's class, or \"Not a white cell / cannot tell\", before saving. Nothing was changed.",
-        );
-    }
-    let class = if f.class == "none" {
-        None
-    } else {
-        match f.class.parse::<CellClass>() {
-            Ok(c) => Some(c),
-            Err(_) => return error_page(StatusCode::BAD_REQUEST, Some(&user), "Unknown class."),
-        }
-    };
-    match w.app.review(&id, n, class, &user) {
-        Ok(_) if f.next.as_deref() == Some("review") => Redirect::to("/review").into_response(),
-        Ok(_) if f.next.as_deref() == Some("gallery") => Redirect::to(&format!("/gallery#g-{id}-{n}")).into_response(),
-        Ok(_) => Redirect::to(&format!("/field/{id}#cell-{}", n + 1)).into_response(),
-        Err(e) => error_page(StatusCode::BAD_REQUEST, Some(&user), &format!("{e:#}")),
-    }
-}
-
-async fn review_page(
-    State(w): State<Arc<Web>>,
-    axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>,
-) -> Response {
-    let slide = w.app.current_slide();
-    let fields = w.app.store().fields_of_slide(&slide.id).unwrap_or_default();
-    let mut body = String::from(
-        "<p>Cells the model left for review or called Blast, not yet reviewed: blasts first, then possible blasts. Open one to confirm or reclassify it.</p><ul id=\"to-review\">",
-    );
-    let queue = wbc_protocol::slide::review_queue(&fields);
-    for &(priority, fi, ci) in &queue {
-        let (f, c) = (&fields[fi], &fields[fi].cells[ci]);
-        // One click for the model's two likeliest classes; the full list for anything else.
-        let likeliest = c.result.likeliest();
-        let action = format!("/field/{}/cell/{ci}/review", esc(&f.id));
-        let mut quick = String::new();
-        for (k, p) in likeliest.iter().take(2) {
-            let _ = write!(
-                quick,
-                "<form method=\"post\" action=\"{action}\" class=\"quick\"><input type=\"hidden\" name=\"next\" value=\"review\">\
-                 <button name=\"class\" value=\"{k}\">{k} ({p:.2})</button></form> ",
-                k = k.name()
-            );
-        }
-        let _ = write!(
-            body,
-            "<li{cls} id=\"wait-{id}-{k}\"><img class=\"cell-picture\" src=\"/field/{id}/cell/{ci}/image\" alt=\"cell {k} of {name}\" width=\"128\" height=\"128\" loading=\"lazy\"> \
-             <a href=\"/field/{id}#cell-{k}\">{name}, cell {k}</a>: {class}{possible} — {desc}<br>{quick}\
-             <form method=\"post\" action=\"{action}\" class=\"quick\"><input type=\"hidden\" name=\"next\" value=\"review\">\
-             <select name=\"class\" required>{opts}</select> <button>Save</button></form></li>",
-            cls = match priority {
-                ReviewPriority::Blast => " class=\"urgent\"",
-                ReviewPriority::PossibleBlast => " class=\"flag\"",
-                ReviewPriority::Other => "",
-            },
-            id = esc(&f.id),
-            k = ci + 1,
-            name = esc(&f.name),
-            class = esc(c.result.class_name()),
-            possible = if priority == ReviewPriority::PossibleBlast {
-                " (possible blast)"
-            } else {
-                ""
-            },
-            desc = esc(&c.result.description),
-            opts = class_options(None),
-        );
-    }
-    body.push_str("</ul>");
-    if queue.is_empty() {
-        body.push_str("<p>Nothing waits for review.</p>");
-    }
-    page("Review", Some(&user), &body).into_response()
 }
 
 async fn finish_slide(
