@@ -27,6 +27,7 @@ use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use wbc_web::login::Login;
+use wbc_web::utc_minute as when;
 
 /// What the handlers share.
 pub struct Web {
@@ -437,18 +438,6 @@ use wbc_web::html_escape as esc;
 const STYLE: &str = "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}\
     td,th{border:1px solid #bbb;padding:.25em .5em}tr.blast,li.blast{background:#fdd}\
     tr.possible-blast,li.flag{background:#ffe8cc}.offline{color:#a00}.online{color:#070}";
-
-fn when(t: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t as i64)
-        .ok()
-        .and_then(|d| {
-            d.format(&time::macros::format_description!(
-                "[year]-[month]-[day] [hour]:[minute]"
-            ))
-            .ok()
-        })
-        .unwrap_or_else(|| t.to_string())
-}
 
 async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Response {
     let (clinic, offset) = (f.clinic.clone(), f.offset.unwrap_or(0));

@@ -115,7 +115,16 @@ pub(super) async fn gallery(
     let lang = w.language;
     let mut body = format!(
         "<style>{GALLERY_CSS}</style>{}<p>{}</p>",
-        super::differential_html(&w),
+        super::differential_html(
+            &w,
+            // From the fields already read, as `App::report_of` would read them again.
+            &Ok(wbc_protocol::slide::report(
+                &slide.id,
+                &fields,
+                &w.app.settings.slide,
+                slide.finished_at.is_some()
+            ))
+        ),
         esc(&lang.t("gallery_intro", &[("id", &slide.id)]))
     );
     let mut current = None;

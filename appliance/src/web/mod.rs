@@ -201,8 +201,10 @@ async fn health(State(w): State<Arc<Web>>) -> Response {
     .into_response()
 }
 
-fn differential_html(w: &Web) -> String {
-    let r = match w.app.report() {
+/// The current slide's flags, progress and differential, from its report (read once by the
+/// caller).
+fn differential_html(w: &Web, report: &anyhow::Result<wbc_protocol::slide::SlideReport>) -> String {
+    let r = match report {
         Ok(r) => r,
         Err(e) => return format!("<p class=\"error\">{}</p>", esc(&format!("{e:#}"))),
     };
@@ -263,6 +265,7 @@ fn differential_html(w: &Web) -> String {
 
 async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>) -> Response {
     let slide = w.app.current_slide();
+    let report = w.app.report();
     let mut body = format!(
         "<p id=\"model\">Model version {} on {}{} (<a href=\"/models\">models and updates</a>). <span id=\"site\">{}</span></p><p id=\"uplink\">{}</p><h2>{}</h2><p id=\"report-links\"><a href=\"/gallery\">{}</a> · <a href=\"/slide/report\">{}</a> · <a href=\"/slide/report.pdf\">PDF</a></p>{}",
         w.app.model_version(),
@@ -280,7 +283,7 @@ async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum:
         esc(&w.language.t("slide_heading", &[("id", &slide.id)])),
         esc(&w.language.t("nav_gallery", &[])),
         esc(&w.language.t("report_print", &[])),
-        differential_html(&w)
+        differential_html(&w, &report)
     );
     let camera = match w.app.camera() {
         Some(c) => format!(
@@ -290,7 +293,7 @@ async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum:
         None => String::new(),
     };
     // What the script compares with `/api/slide` to see that the slide changed.
-    let state = match w.app.report() {
+    let state = match &report {
         Ok(r) => esc(&format!(
             "{}/{}/{}/{}/{}",
             r.slide_id,

@@ -7,6 +7,7 @@
 
 use crate::html_escape as esc;
 use crate::i18n::Lang;
+use crate::utc_minute as when;
 use pdf_writer::{Content, Finish, Name, Pdf, Rect, Ref, Str};
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -83,18 +84,6 @@ pub fn review_summary<'a>(
 /// [`review_summary`] of a slide's fields.
 pub fn fields_summary(fields: &[FieldRecord]) -> (Vec<u64>, u32, u32, Vec<String>) {
     review_summary(fields.iter().flat_map(|f| f.cells.iter()))
-}
-
-fn when(t: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t as i64)
-        .ok()
-        .and_then(|d| {
-            d.format(&time::macros::format_description!(
-                "[year]-[month]-[day] [hour]:[minute] UTC"
-            ))
-            .ok()
-        })
-        .unwrap_or_else(|| t.to_string())
 }
 
 /// One row of the differential: class, count, percent, reference, and `H`/`L` outside it.
