@@ -430,6 +430,13 @@ impl App {
 
     /// Records a technician's review of one cell, next to the model's answer.
     pub fn review(&self, field_id: &str, cell: usize, class: Option<CellClass>, by: &str) -> Result<FieldRecord> {
+        // The review travels with the cell's picture (the clinic's teaching material); a field
+        // stored before pictures were kept gets them now. Without one the review still counts.
+        if class.is_some()
+            && let Err(e) = self.cell_picture(field_id, cell)
+        {
+            tracing::warn!(error = %format!("{e:#}"), field = field_id, cell, "no picture for a reviewed cell");
+        }
         self.store.put_review(
             field_id,
             cell,

@@ -245,6 +245,9 @@ const ADAPT_CHUNK: usize = 64;
 /// first (at the given pixel size). Unreadable files are skipped with a warning; the images are
 /// read a few at a time.
 pub fn adapt_to_site(classifier: &Classifier, dir: &Path, fields: Option<(f32, &FinderConfig)>) -> Result<Adaptation> {
+    if let Some(clinic) = classifier.taught_for() {
+        bail!("this model was taught the reviewed cells of clinic {clinic}; it is not adapted further without labels");
+    }
     let mut paths = Vec::new();
     collect_images(dir, &mut paths).with_context(|| format!("reading {}", dir.display()))?;
     paths.sort();

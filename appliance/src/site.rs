@@ -27,6 +27,12 @@ pub enum SiteStatus {
     Off,
     /// The model in use cannot be adapted (no bank of training cells' features).
     Unavailable,
+    /// The model in use was taught this clinic's reviewed cells (a site bundle): it answers
+    /// as taught, without a further adaptation.
+    Taught {
+        /// The clinic it was made for.
+        clinic: String,
+    },
     /// Collecting the site's cells before the first fit.
     Collecting {
         /// Cells seen by this model at the site.
@@ -53,6 +59,9 @@ pub enum SiteStatus {
 pub fn status(store: &Store, classifier: &Classifier, config: &AdaptationConfig) -> Result<SiteStatus> {
     if !config.enabled {
         return Ok(SiteStatus::Off);
+    }
+    if let Some(clinic) = classifier.taught_for() {
+        return Ok(SiteStatus::Taught { clinic: clinic.into() });
     }
     if !classifier.can_adapt() {
         return Ok(SiteStatus::Unavailable);

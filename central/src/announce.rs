@@ -52,6 +52,20 @@ pub fn announcement(bundle: &Path, url: &str, keys: Option<&Path>, rollback: Opt
     Ok(a)
 }
 
+/// Refuses to announce a site bundle (one `trainer adapt` made for one clinic) to another
+/// clinic: its devices would refuse it anyway, and the lab has mixed up two clinics.
+pub fn check_clinic(bundle: &Path, clinic: &str) -> Result<()> {
+    let b = UnverifiedBundle::read_file(bundle, &ReadLimits::default())
+        .with_context(|| format!("{} is not a model bundle", bundle.display()))?;
+    match b.claimed_manifest()?.clinic {
+        Some(c) if c != clinic => anyhow::bail!(
+            "{} was made for clinic {c:?} from its reviewed cells; it is not for clinic {clinic:?}",
+            bundle.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Publishes `payload` retained with QoS 1 on `topic` and returns once the broker has
 /// acknowledged it (an empty payload withdraws what was retained there).
 pub async fn publish_retained(broker: &BrokerConfig, client_id: &str, topic: &str, payload: Vec<u8>) -> Result<()> {
@@ -105,7 +119,7 @@ mod tests {
             "min_appliance_version": "0.1.0", "created_at": "", "training": {}, "metrics": {}, "parts": {}
         }))
         .unwrap();
-        let bytes = wbc_protocol::bundle::BundleBuilder::new(manifest)
+        let bytes = wbc_protocol::bundle::BundleBuilder::new(manifest.clone())
             .part("w", vec![1; 100])
             .unwrap()
             .finish(&k)
@@ -116,6 +130,21 @@ mod tests {
         assert_eq!(a.size, bytes.len() as u64);
         assert_eq!(a.sha256, wbc_protocol::bundle::sha256_hex(&bytes));
         assert!(announcement(&p, "http://lab.example/m.bundle", None, None).is_err());
+        check_clinic(&p, "any-clinic").unwrap();
+        let site = |clinic: &str| {
+            let mut m = manifest.clone();
+            m.clinic = Some(clinic.into());
+            let bytes = wbc_protocol::bundle::BundleBuilder::new(m)
+                .part("w", vec![1; 100])
+                .unwrap()
+                .finish(&k)
+                .unwrap();
+            std::fs::write(&p, bytes).unwrap();
+        };
+        site("clinic-a");
+        check_clinic(&p, "clinic-a").unwrap();
+        let e = check_clinic(&p, "clinic-b").unwrap_err().to_string();
+        assert!(e.contains("made for clinic \"clinic-a\""), "{e}");
         std::fs::write(&p, b"not a bundle").unwrap();
         assert!(announcement(&p, "https://lab.example/m.bundle", None, None).is_err());
     }

@@ -4,6 +4,7 @@
 
 pub mod announce;
 pub mod db;
+pub mod export;
 pub mod ingest;
 pub mod sql;
 pub mod web;

@@ -52,6 +52,20 @@ enum Command {
         #[arg(long)]
         rollback: Option<PathBuf>,
     },
+    /// Writes the cells a clinic's technicians reviewed, each with the picture it was reviewed
+    /// on, and `reviews.csv` (`path,label,…`) for `trainer adapt`: the clinic's site bundle is
+    /// made from them.
+    ExportReviews {
+        /// Configuration file (TOML), for the database.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Clinic id.
+        #[arg(long)]
+        clinic: String,
+        /// A new (or empty) folder to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Withdraws the announcement on a clinic's (or device's) topic.
     Withdraw {
         /// Configuration file (TOML), for the broker.
@@ -101,11 +115,26 @@ fn main() -> Result<()> {
             rollback,
         } => {
             let topic = central::announce::topic(&clinic, device.as_deref())?;
+            central::announce::check_clinic(&bundle, &clinic)?;
             let a = central::announce::announcement(&bundle, &url, keys.as_deref(), rollback.as_deref())?;
             publish(config, &topic, serde_json::to_vec(&a)?)?;
             println!(
                 "announced model version {} ({} bytes, sha256 {}) on {topic}",
                 a.model_version, a.size, a.sha256
+            );
+            Ok(())
+        }
+        Command::ExportReviews { config, clinic, out } => {
+            let db = central::db::Db::open(&load(config)?.db)?;
+            let e = central::export::export_reviews(&db, &clinic, &out)?;
+            let classes: Vec<String> = e.per_class.iter().map(|(c, n)| format!("{c} {n}")).collect();
+            println!(
+                "{} reviewed cells of clinic {clinic} written to {} ({}); central holds {} reviews of the clinic \
+                 (the others say \"not a white cell\" or came without a picture)",
+                e.cells(),
+                out.join("reviews.csv").display(),
+                classes.join(", "),
+                e.reviews
             );
             Ok(())
         }

@@ -40,6 +40,14 @@ pub enum Cmd {
     /// other-site figures, self-test. For when the review rules change and the model does not;
     /// no training and no backbone checkpoint needed.
     Recalibrate(RecalibrateArgs),
+    /// Teach a compact bundle one clinic's cells: fine-tune its class head on the cells the
+    /// clinic's technicians reviewed (`central export-reviews`), with replay of the bundle's
+    /// own training cells so that the in-domain answers hold; add those cells to the
+    /// familiarity bank; with `--val`, fit the calibration again and refuse a bundle that costs
+    /// in-domain val more than `--max-val-drop`. The signed backbone is kept byte for byte.
+    /// The bundle names its clinic; other clinics' appliances refuse it. Ship it with `central
+    /// announce --clinic` or on a USB stick.
+    Adapt(AdaptArgs),
     /// Sign a trusted key list (key rotation or revocation) with a key the devices trust now.
     /// The devices then trust exactly the listed keys. Put the file on a USB stick or send it
     /// with `central announce --keys`.
@@ -251,6 +259,84 @@ pub struct RecalibrateArgs {
     pub cal: CalibrationArgs,
 }
 
+/// Arguments of `trainer adapt`.
+#[derive(clap::Args)]
+pub struct AdaptArgs {
+    /// The compact bundle the clinic runs now (verified against the trusted keys first).
+    #[arg(long)]
+    pub bundle: PathBuf,
+    /// Trusted public key (PEM); may repeat. Default: the project's default-bundle key ring.
+    #[arg(long)]
+    pub trust: Vec<PathBuf>,
+    /// The reviewed cells: a CSV with `path` and `label` columns at least (paths relative to
+    /// it; `microns_per_pixel` and `clinic` are read when present).
+    #[arg(long)]
+    pub csv: PathBuf,
+    /// Private signing key (PKCS#8 PEM).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Model version of the site bundle (above the bundle's).
+    #[arg(long)]
+    pub model_version: u64,
+    /// Bundle file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The clinic the bundle is for (default: the CSV's `clinic` column). Without one, every
+    /// clinic's appliance would take it.
+    #[arg(long)]
+    pub clinic: Option<String>,
+    /// In-domain labelled val CSV: the calibration is fitted again on it and its figures are
+    /// measured before and after.
+    #[arg(long)]
+    pub val: Option<PathBuf>,
+    /// Largest loss of in-domain val macro F1, in points, that the site bundle may cost (with
+    /// `--val`).
+    #[arg(long, default_value_t = 0.5)]
+    pub max_val_drop: f64,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 300)]
+    pub steps: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+    /// Share of the loss carried by the clinic's cells (the rest replays training cells).
+    #[arg(long, default_value_t = 0.5)]
+    pub site_share: f64,
+    /// Pull towards the signed head (weight of the squared distance).
+    #[arg(long, default_value_t = 1e-3)]
+    pub anchor: f64,
+    /// Views of each reviewed cell (1–8: itself, flipped, rotated).
+    #[arg(long, default_value_t = 4)]
+    pub views: usize,
+    /// Views of each reviewed cell that join the familiarity bank (1 to `--views`).
+    #[arg(long, default_value_t = 4)]
+    pub bank_views: usize,
+    /// Turn on the cell normalisation's dark-nucleus rule in the site bundle: for a stain that
+    /// colours the red cells like the nucleus (LISC's), so that the view is centred and scaled on
+    /// the nucleus rather than on everything stained.
+    #[arg(long)]
+    pub dark_nucleus: bool,
+    /// Training sample list to replay while the backbone's last blocks learn the clinic too
+    /// (without it only the class head learns). Needs `--val`.
+    #[arg(long)]
+    pub replay: Option<PathBuf>,
+    /// Training images per class replayed (evenly spaced within each class).
+    #[arg(long, default_value_t = 100)]
+    pub replay_per_class: usize,
+    /// With `--replay`: first backbone block (0-18) that learns.
+    #[arg(long, default_value_t = 14)]
+    pub tune_from: usize,
+    /// With `--replay`: epochs.
+    #[arg(long, default_value_t = 6)]
+    pub tune_epochs: usize,
+    /// With `--replay`: peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub tune_lr: f64,
+    /// With `--replay`: augmented views of each reviewed cell.
+    #[arg(long, default_value_t = 8)]
+    pub tune_views: usize,
+}
+
 /// Arguments of `trainer sign-keys`.
 #[derive(clap::Args)]
 pub struct SignKeysArgs {
@@ -330,7 +416,6 @@ pub struct KeygenArgs {
     pub out: PathBuf,
 }
 
-/// The model families `train` can fine-tune.
 /// What a bundle's calibration and figures are made from, for `export` and `recalibrate`.
 #[derive(clap::Args)]
 pub struct CalibrationArgs {
@@ -390,6 +475,7 @@ impl CalibrationArgs {
     }
 }
 
+/// The model families `train` can fine-tune.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ModelFamily {
     /// The compact CNN.

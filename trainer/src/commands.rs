@@ -238,6 +238,58 @@ pub fn recalibrate(a: RecalibrateArgs) -> Result<()> {
     Ok(())
 }
 
+/// `trainer adapt`.
+pub fn adapt(a: AdaptArgs) -> Result<()> {
+    let key = keys::read_private(&a.key)?;
+    let b = Bundle::open(&a.bundle, &trusted(&a.trust)?).with_context(|| format!("opening {}", a.bundle.display()))?;
+    let o = trainer::compact::site::SiteOptions {
+        clinic: a.clinic,
+        val: a.val.as_deref(),
+        max_val_drop: a.max_val_drop,
+        steps: a.steps,
+        lr: a.lr,
+        site_share: a.site_share,
+        anchor: a.anchor,
+        views: a.views,
+        dark_nucleus: a.dark_nucleus,
+        bank_views: a.bank_views,
+        replay: a.replay.as_deref(),
+        replay_per_class: a.replay_per_class,
+        tune: trainer::compact::site_tune::TuneSettings {
+            tune_from: a.tune_from,
+            epochs: a.tune_epochs,
+            lr: a.tune_lr,
+            site_views: a.tune_views,
+            ..Default::default()
+        },
+        ..trainer::compact::site::SiteOptions::new(&b, &a.csv, &key, &a.out, a.model_version)
+    };
+    let r = trainer::compact::site::adapt(&o)?;
+    let m = r.manifest.as_ref().context("written")?;
+    let total: usize = r.reviewed.iter().sum();
+    println!(
+        "wrote {} (model version {}, from {}, for {}): {total} reviewed cells; reported as reviewed before {}, after {}; training cells replayed {} (head right before {}, after {})",
+        a.out.display(),
+        m.model_version,
+        b.manifest.model_version,
+        m.clinic
+            .as_deref()
+            .map_or("every clinic".to_string(), |c| format!("clinic {c}")),
+        r.reviewed_right_before,
+        r.reviewed_right_after,
+        r.replayed,
+        r.replay_right_before,
+        r.replay_right_after,
+    );
+    if let Some((before, after)) = r.val_macro_f1 {
+        println!("in-domain val macro F1 (reported answers): {before:.4} before, {after:.4} after");
+    }
+    if m.clinic.is_none() {
+        eprintln!("warning: the bundle names no clinic; every clinic's appliance would install it");
+    }
+    Ok(())
+}
+
 /// `trainer crop-fields`.
 pub fn crop_fields(a: CropFieldsArgs) -> Result<()> {
     let CropFieldsArgs {

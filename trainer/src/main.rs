@@ -23,6 +23,7 @@ fn main() -> Result<()> {
         },
         Cmd::Eval(a) => commands::eval(a),
         Cmd::Recalibrate(a) => commands::recalibrate(a),
+        Cmd::Adapt(a) => commands::adapt(a),
         Cmd::CropFields(a) => commands::crop_fields(a),
         Cmd::Normalise(a) => commands::normalise(a),
         Cmd::SignKeys(a) => commands::sign_keys(a),

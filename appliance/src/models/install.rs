@@ -250,6 +250,16 @@ impl<T> Models<T> {
                 format!("it needs appliance {needs} or newer; this appliance is {ours}"),
             ));
         }
+        if let Some(clinic) = m.clinic.as_deref().filter(|c| *c != self.clinic) {
+            return Err(refuse(
+                &sha,
+                v,
+                format!(
+                    "it was made for clinic {clinic:?} from that clinic's reviewed cells; this appliance belongs to clinic {:?}",
+                    self.clinic
+                ),
+            ));
+        }
         let instructed = if v <= active.model_version {
             if rollbacks.is_empty() {
                 return Err(refuse(

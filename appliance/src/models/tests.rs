@@ -230,6 +230,14 @@ fn wrong_damaged_old_or_failing_bundles_are_refused_and_change_nothing() {
             "needs appliance 99.0.0",
         ),
         (
+            "another-clinics",
+            bundle(v0 + 1, &key(1), |mut b| {
+                b.manifest_mut().clinic = Some("clinic-2".into());
+                b
+            }),
+            "made for clinic \"clinic-2\"",
+        ),
+        (
             "fails-self-test",
             bundle(v0 + 2, &key(1), |b| {
                 let spec: SelfTest = serde_json::from_slice(default_bundle().part(SELFTEST_PART).unwrap()).unwrap();
@@ -269,6 +277,20 @@ fn wrong_damaged_old_or_failing_bundles_are_refused_and_change_nothing() {
     // The good one still goes in after all that.
     let p = f.file("good.bundle", &good);
     assert_eq!(active(m.install(&p, "good", &[])).model_version, v0 + 1);
+}
+
+#[test]
+fn a_bundle_made_for_this_clinic_installs() {
+    let f = Fixture::new();
+    let v0 = factory_version();
+    let (m, _) = f.open();
+    let ours = bundle(v0 + 1, &key(1), |mut b| {
+        b.manifest_mut().clinic = Some("clinic-1".into());
+        b
+    });
+    let c = active(m.install(&f.file("ours.bundle", &ours), "usb", &[]));
+    assert_eq!(c.model_version, v0 + 1);
+    assert_eq!(m.status().active.model_version, v0 + 1);
 }
 
 #[test]

@@ -46,7 +46,7 @@ use sled::{Transactional, Tree};
 use std::path::{Path, PathBuf};
 use wbc_protocol::clock::now;
 use wbc_protocol::messages::{FieldRecord, Review};
-use wbc_protocol::uplink::{Body, ReviewMessage, valid_id};
+use wbc_protocol::uplink::{Body, CellMessage, MAX_PICTURE_BYTES, ReviewMessage, valid_id};
 
 mod model_log;
 mod outbox;
@@ -398,7 +398,9 @@ impl Store {
         Ok(out)
     }
 
-    /// Records a technician's review of one cell (replacing an earlier one) and queues it.
+    /// Records a technician's review of one cell (replacing an earlier one) and queues it; a
+    /// review that names a class travels with the cell's picture, when the store has one that
+    /// fits a message (the clinic's teaching material: `central export-reviews`).
     pub fn put_review(&self, field_id: &str, cell: usize, review: &Review) -> Result<FieldRecord> {
         check_id(field_id)?;
         let _g = self.lock.lock().expect("store lock");
@@ -409,13 +411,21 @@ impl Store {
         if cell >= f.cells.len() {
             bail!("field {field_id} has no cell {cell}");
         }
+        let key = cell_key(seq, cell);
+        let picture = match review.class {
+            Some(_) => self
+                .pictures
+                .get(key)?
+                .filter(|p| !p.is_empty() && p.len() <= MAX_PICTURE_BYTES),
+            None => None,
+        };
         let body = Body::Review(ReviewMessage {
             field_id: field_id.into(),
             slide_id: f.slide_id.clone(),
             index: cell as u32,
             review: review.clone(),
+            picture: picture.map(|p| CellMessage::encode_picture(&p)),
         });
-        let key = cell_key(seq, cell);
         let value = encode(review);
         (&self.reviews, &self.outbox)
             .transaction(|(reviews, outbox)| {

@@ -149,6 +149,40 @@ fn messages_stay_until_central_confirms_them_and_the_rest_keeps_its_order() {
 }
 
 #[test]
+fn a_review_that_names_a_class_travels_with_the_cells_picture_and_others_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), Retention::default());
+    s.put_slide(&slide("s", 1), &[]).unwrap();
+    let jpeg = [&[0xFF, 0xD8, 0xFF][..], &[7; 100]].concat();
+    let huge = [&[0xFF, 0xD8, 0xFF][..], &vec![7; MAX_PICTURE_BYTES]].concat();
+    let f = field("a", "s", 1, 3);
+    s.add_field_with(&f, None, &[jpeg.clone(), jpeg.clone(), huge], Body::cells_of(&f))
+        .unwrap();
+    let review = |class| Review {
+        class,
+        by: "t".into(),
+        at: 5,
+    };
+    s.put_review("a", 0, &review(Some(wbc_protocol::classes::CellClass::Monocyte)))
+        .unwrap();
+    s.put_review("a", 1, &review(None)).unwrap();
+    s.put_review("a", 2, &review(Some(wbc_protocol::classes::CellClass::Monocyte)))
+        .unwrap();
+    let pictures: Vec<Option<Vec<u8>>> = s
+        .outbox_from(0, 10)
+        .unwrap()
+        .iter()
+        .filter_map(|o| match Envelope::decode(&o.topic, &o.payload).unwrap().body {
+            Body::Review(r) => Some(r.picture_jpeg()),
+            _ => None,
+        })
+        .collect();
+    // The class review carries the picture; "not a white cell" needs none; a picture too big
+    // for a message stays home.
+    assert_eq!(pictures, [Some(jpeg), None, None]);
+}
+
+#[test]
 fn what_central_does_not_confirm_is_sent_again_later_and_later_and_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (o, t0) = {
@@ -441,6 +475,8 @@ mod model {
                                     slide_id: m.fields[&fid].slide_id.clone(),
                                     index: cell.into(),
                                     review,
+                                    // The model's fields have no pictures.
+                                    picture: None,
                                 }));
                             }
                             None => prop_assert!(r.is_err()),

@@ -565,6 +565,9 @@ fn site_text(app: &App) -> String {
     match app.site_status() {
         Ok(SiteStatus::Off) => "Adaptation to this site is turned off.".into(),
         Ok(SiteStatus::Unavailable) => "This model cannot adapt to the site.".into(),
+        Ok(SiteStatus::Taught { clinic }) => {
+            format!("This model was taught the cells reviewed at clinic {clinic}; it answers as taught.")
+        }
         Ok(SiteStatus::Collecting { seen, needed }) => {
             format!("Learning this site: {seen} of {needed} cells seen before the model adapts.")
         }

@@ -7,11 +7,12 @@ use crate::sql::Conn;
 use anyhow::Result;
 use wbc_protocol::uplink::{Body, CellMessage, DeviceState, Envelope, ModelEvent, Status, clean_text};
 
-/// The JPEG of a cell message's picture when it is one central keeps: valid base64, within
-/// [`MAX_PICTURE_BYTES`](wbc_protocol::uplink::MAX_PICTURE_BYTES), and a JPEG that decodes to at
-/// most 512 pixels across. Anything else is dropped (the cell is kept without it).
-fn valid_picture(m: &CellMessage) -> Option<Vec<u8>> {
-    let jpeg = m.picture_jpeg()?;
+/// A picture (a cell's, or a reviewed cell's) when it is one central keeps: valid base64,
+/// within [`MAX_PICTURE_BYTES`](wbc_protocol::uplink::MAX_PICTURE_BYTES), and a JPEG that
+/// decodes to at most 512 pixels across. Anything else is dropped (the message is kept
+/// without it).
+fn valid_picture(jpeg: Option<Vec<u8>>, field: &str, index: u32) -> Option<Vec<u8>> {
+    let jpeg = jpeg?;
     let limits = wbc_cells::image::DecodeLimits {
         max_bytes: wbc_protocol::uplink::MAX_PICTURE_BYTES as u64,
         max_side: 512,
@@ -20,7 +21,7 @@ fn valid_picture(m: &CellMessage) -> Option<Vec<u8>> {
     match wbc_cells::image::decode_rgb(&jpeg, &limits) {
         Ok(_) => Some(jpeg),
         Err(e) => {
-            tracing::warn!(error = %e, field = %m.field.id, index = m.index, "dropping a cell picture that does not decode");
+            tracing::warn!(error = %e, field, index, "dropping a picture that does not decode");
             None
         }
     }
@@ -86,7 +87,7 @@ impl Db {
                         (&m.field.id).into(),
                         m.index.into(),
                     ];
-                    match valid_picture(m) {
+                    match valid_picture(m.picture_jpeg(), &m.field.id, m.index) {
                         Some(jpeg) => c.exec(
                             "INSERT INTO cell_pictures (clinic, device, field_id, idx, jpeg_base64)
                              VALUES ($1, $2, $3, $4, $5)
@@ -114,6 +115,22 @@ impl Db {
                             r.review.at.into(),
                         ],
                     )?;
+                    // What the technician saw, kept for the clinic's teaching
+                    // (`central export-reviews`); a review without one keeps an earlier one.
+                    if let Some(jpeg) = valid_picture(r.picture_jpeg(), &r.field_id, r.index) {
+                        c.exec(
+                            "INSERT INTO review_pictures (clinic, device, field_id, idx, jpeg_base64)
+                             VALUES ($1, $2, $3, $4, $5)
+                             ON CONFLICT (clinic, device, field_id, idx) DO UPDATE SET jpeg_base64 = excluded.jpeg_base64",
+                            &[
+                                (&e.clinic).into(),
+                                (&e.device).into(),
+                                (&r.field_id).into(),
+                                r.index.into(),
+                                CellMessage::encode_picture(&jpeg).into(),
+                            ],
+                        )?;
+                    }
                     Self::mark_slide(c, &e.clinic, &e.device, &r.slide_id)?;
                 }
                 Body::Slide(m) => {

@@ -10,7 +10,8 @@
 //! stores the messages and statuses devices send, `queries.rs` reads devices, slides,
 //! results and model events back for the web pages, and `summaries.rs` keeps a summary per
 //! slide so that the slide list does not grow with the history, and removes what retention
-//! lets go; `agreement.rs` sets the model against the technicians' reviews per clinic. The
+//! lets go; `agreement.rs` sets the model against the technicians' reviews per clinic;
+//! `reviews.rs` reads the reviewed cells with their pictures for a clinic's teaching. The
 //! rows they return are defined here.
 
 use crate::sql::Conn;
@@ -23,10 +24,12 @@ use wbc_protocol::uplink::ModelEvent;
 mod agreement;
 mod apply;
 mod queries;
+mod reviews;
 mod schema;
 mod summaries;
 
 pub use agreement::{Agreement, AgreementSettings, Change, NOT_A_WHITE_CELL, Week};
+pub use reviews::{ReviewKey, ReviewedCell};
 pub use summaries::{MAX_PAGE, Pruned, Retention};
 
 pub use wbc_protocol::clock::now;

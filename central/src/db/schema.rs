@@ -44,6 +44,10 @@ CREATE TABLE IF NOT EXISTS cell_pictures (
     clinic TEXT NOT NULL, device TEXT NOT NULL, field_id TEXT NOT NULL, idx BIGINT NOT NULL,
     jpeg_base64 TEXT NOT NULL,
     PRIMARY KEY (clinic, device, field_id, idx));
+CREATE TABLE IF NOT EXISTS review_pictures (
+    clinic TEXT NOT NULL, device TEXT NOT NULL, field_id TEXT NOT NULL, idx BIGINT NOT NULL,
+    jpeg_base64 TEXT NOT NULL,
+    PRIMARY KEY (clinic, device, field_id, idx));
 CREATE TABLE IF NOT EXISTS slide_summaries (
     clinic TEXT NOT NULL, device TEXT NOT NULL, slide_id TEXT NOT NULL,
     started_at BIGINT NOT NULL, finished_at BIGINT, blast BIGINT NOT NULL, possible_blast BIGINT NOT NULL,

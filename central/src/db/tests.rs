@@ -82,6 +82,7 @@ fn counts_once(path: &Path) {
                 by: "t".into(),
                 at: now(),
             },
+            picture: None,
         }),
     );
     db.apply(&review).unwrap();
@@ -336,6 +337,7 @@ fn the_slide_list_comes_in_pages_and_only_changed_slides_are_computed_again() {
                     by: "t".into(),
                     at: now(),
                 },
+                picture: None,
             }),
         );
         db.apply(&review).unwrap();
@@ -431,6 +433,7 @@ fn the_model_against_the_reviews_per_clinic_and_version_flags_a_clinic_whose_agr
                         by: "t".into(),
                         at,
                     },
+                    picture: None,
                 }),
             );
             db.apply(&e).unwrap();

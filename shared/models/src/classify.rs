@@ -76,6 +76,8 @@ pub struct Classifier {
     source: Option<std::sync::Arc<SourceStats>>,
     /// The site adaptation in use, if any.
     adaptation: Option<Adaptation>,
+    /// The clinic whose reviewed cells taught this model (a site bundle's manifest names it).
+    taught_for: Option<String>,
     /// Model version from the bundle manifest.
     pub model_version: u64,
     /// Below this top probability a cell is reported as Unidentified.
@@ -102,6 +104,7 @@ impl Classifier {
                 knn: None,
                 source: None,
                 adaptation: None,
+                taught_for: None,
                 model_version: bundle.manifest.model_version,
                 min_confidence: 0.0,
                 microns_per_pixel: None,
@@ -136,6 +139,7 @@ impl Classifier {
         };
         let mut classifier = classifier.with_calibration(cal, knn)?;
         classifier.source = source;
+        classifier.taught_for = bundle.manifest.clinic.clone();
         Ok(classifier)
     }
 
@@ -183,6 +187,7 @@ impl Classifier {
             knn: None,
             source: None,
             adaptation: None,
+            taught_for: None,
             model_version,
             min_confidence: 0.0,
             microns_per_pixel: None,
@@ -250,9 +255,15 @@ impl Classifier {
     }
 
     /// Whether this model can adapt to a site (a compact model with a bank of training cells'
-    /// features).
+    /// features, not already taught a clinic's cells: a site bundle's head and bank were fitted
+    /// to the site's own features, which an adaptation would move).
     pub fn can_adapt(&self) -> bool {
-        self.source.is_some() && matches!(self.model, Engine::Compact(_))
+        self.source.is_some() && matches!(self.model, Engine::Compact(_)) && self.taught_for.is_none()
+    }
+
+    /// The clinic whose reviewed cells taught this model (`trainer adapt`), if any.
+    pub fn taught_for(&self) -> Option<&str> {
+        self.taught_for.as_deref()
     }
 
     /// Fits a site adaptation to the unadapted features of the site's cells (from

@@ -99,13 +99,13 @@ impl<'a> ExportOptions<'a> {
 }
 
 /// What the raw model gives for a set of labelled cells.
-struct RawOutputs {
-    logits: Vec<[f32; NUM_CLASSES]>,
+pub(crate) struct RawOutputs {
+    pub logits: Vec<[f32; NUM_CLASSES]>,
     /// `n × FEATURES`, row-major.
-    features: Vec<f32>,
-    labels: Vec<usize>,
+    pub features: Vec<f32>,
+    pub labels: Vec<usize>,
     /// Nucleus extent (µm) where the cell was found and its pixel size is known.
-    nucleus_um: Vec<Option<f32>>,
+    pub nucleus_um: Vec<Option<f32>>,
 }
 
 /// The size a Blast call's nucleus must reach: the `1 − keep` quantile of the nucleus extents
@@ -135,7 +135,7 @@ pub fn blast_nucleus_threshold(
 /// At most `per_class` samples of each class, evenly spaced within the class (and so across its
 /// sources, which the lists keep together): deterministic and representative. A class with
 /// fewer gives all it has and no other class takes its place.
-fn stratified(samples: &[crate::dataset::Sample], per_class: usize) -> Vec<crate::dataset::Sample> {
+pub(crate) fn stratified(samples: &[crate::dataset::Sample], per_class: usize) -> Vec<crate::dataset::Sample> {
     let mut keep = Vec::new();
     for c in CellClass::ALL {
         let of: Vec<_> = samples.iter().filter(|s| s.label == Some(c)).collect();
@@ -153,7 +153,7 @@ fn stratified(samples: &[crate::dataset::Sample], per_class: usize) -> Vec<crate
 
 /// Logits, features and labels of the labelled cells of a sample list, through a classifier
 /// (uncalibrated: the raw model); at most `per_class` cells per class when it is not 0.
-fn raw_outputs(classifier: &Classifier, list: &Path, per_class: usize) -> Result<RawOutputs> {
+pub(crate) fn raw_outputs(classifier: &Classifier, list: &Path, per_class: usize) -> Result<RawOutputs> {
     let mut samples: Vec<_> = crate::dataset::read_samples(list)?
         .into_iter()
         .filter(|s| s.label.is_some())
@@ -288,6 +288,7 @@ fn merge_run(
         }),
         metrics: serde_json::Value::Null,
         parts: Default::default(),
+        clinic: None,
     };
     Ok((model, weights_bytes, manifest))
 }
@@ -314,44 +315,8 @@ fn finish(
         if logits.is_empty() {
             bail!("{}: no labelled val images to calibrate on", val.display());
         }
-        let t = fit_temperature(&logits, &labels);
-        let probs = |t: f32| -> Vec<[f32; NUM_CLASSES]> { logits.iter().map(|l| softmax_t(l, t)).collect() };
-        let (before, after) = (ece(&probs(1.0), &labels, 15), ece(&probs(t), &labels, 15));
-        tracing::info!(
-            temperature = t,
-            ece_before = before,
-            ece_after = after,
-            "temperature fitted"
-        );
-        calibration_metrics.insert("temperature".into(), t.into());
-        calibration_metrics.insert("ece_uncalibrated".into(), before.into());
-        calibration_metrics.insert("ece_calibrated".into(), after.into());
-        // Blast calls: as sure as the val blasts the model gets right, bar the least sure
-        // `blast_keep` share of them.
-        let mut blast_p: Vec<f32> = logits
-            .iter()
-            .zip(&labels)
-            .map(|(l, &y)| (softmax_t(l, t), y))
-            .filter(|(p, y)| *y == CellClass::Blast.index() && argmax(p) == *y)
-            .map(|(p, _)| p[CellClass::Blast.index()])
-            .collect();
-        blast_p.sort_by(f32::total_cmp);
-        let blast_min_confidence = if blast_p.is_empty() {
-            0.0
-        } else {
-            quantile(&blast_p, 1.0 - o.blast_keep)
-        };
-        tracing::info!(blast_min_confidence, "blast call threshold");
-        calibration_metrics.insert("blast_min_confidence".into(), blast_min_confidence.into());
-        let blast_min_nucleus_um = blast_nucleus_threshold(&probs(t), &labels, &nucleus_um, o.blast_size_keep);
-        tracing::info!(blast_min_nucleus_um, "blast size check");
-        calibration_metrics.insert("blast_min_nucleus_um".into(), blast_min_nucleus_um.into());
-        let mut cal = Calibration {
-            temperature: t,
-            ood: None,
-            blast_min_confidence,
-            blast_min_nucleus_um,
-        };
+        let (mut cal, metrics) = val_rules(&logits, &labels, &nucleus_um, o.blast_keep, o.blast_size_keep);
+        calibration_metrics = metrics;
         let mut knn = None;
         if let Some(train) = o.train {
             tracing::info!(
@@ -362,25 +327,16 @@ fn finish(
             let bank = train_out.features;
             let bank_labels: Vec<u8> = train_out.labels.into_iter().map(|l| l as u8).collect();
             let bank_bytes = KnnBank::to_safetensors(&bank, &bank_labels)?;
-            // Score val through the bank exactly as the appliance will: from the stored f16.
-            let (f, l) = KnnBank::from_safetensors(&bank_bytes)?;
-            let bank = KnnBank::new(f, l, o.knn_k, device)?;
-            let scores: Vec<f32> = bank.scores(&features).iter().map(|s| s.score).collect();
-            let threshold = quantile(&scores, o.ood_quantile);
-            tracing::info!(
-                threshold,
-                quantile = o.ood_quantile,
-                cells = bank.len(),
-                "familiarity threshold"
-            );
-            calibration_metrics.insert("ood_threshold".into(), threshold.into());
-            cal.ood = Some(OodConfig {
-                k: o.knn_k,
-                threshold,
-                quantile: o.ood_quantile,
-                bank_size: bank.len(),
-                require_agreement: o.require_agreement,
-            });
+            let (ood, bank) = familiarity(
+                &bank_bytes,
+                &features,
+                o.knn_k,
+                o.ood_quantile,
+                o.require_agreement,
+                device,
+            )?;
+            calibration_metrics.insert("ood_threshold".into(), ood.threshold.into());
+            cal.ood = Some(ood);
             knn = Some(bank);
             calibration_parts.push((OOD_BANK_PART, bank_bytes));
         }
@@ -443,15 +399,102 @@ fn finish(
     for (name, bytes) in selftest_images {
         builder = builder.part(&name, bytes)?;
     }
-    let bytes = builder.finish(o.key)?;
-    // Check what we are about to ship: it verifies and passes its own self-test.
-    let bundle = Bundle::from_bytes(&bytes, &[o.key.verifying_key()])?;
-    let n = Classifier::from_bundle(&bundle, device)?.self_test(&bundle)?;
-    tracing::info!(cases = n, "exported bundle passes its self-test");
-    let tmp = o.out.with_extension("bundle.partial");
-    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, o.out).with_context(|| format!("renaming to {}", o.out.display()))?;
+    let bundle = sign_and_write(builder, o.key, o.out, device)?;
     Ok(bundle.manifest)
+}
+
+/// The temperature and the blast rules fitted on the raw val outputs of a model, and the
+/// figures that go into the manifest's `calibration`. No familiarity model yet.
+pub(crate) fn val_rules(
+    logits: &[[f32; NUM_CLASSES]],
+    labels: &[usize],
+    nucleus_um: &[Option<f32>],
+    blast_keep: f64,
+    blast_size_keep: f64,
+) -> (Calibration, serde_json::Map<String, serde_json::Value>) {
+    let mut metrics = serde_json::Map::new();
+    let t = fit_temperature(logits, labels);
+    let probs = |t: f32| -> Vec<[f32; NUM_CLASSES]> { logits.iter().map(|l| softmax_t(l, t)).collect() };
+    let (before, after) = (ece(&probs(1.0), labels, 15), ece(&probs(t), labels, 15));
+    tracing::info!(
+        temperature = t,
+        ece_before = before,
+        ece_after = after,
+        "temperature fitted"
+    );
+    metrics.insert("temperature".into(), t.into());
+    metrics.insert("ece_uncalibrated".into(), before.into());
+    metrics.insert("ece_calibrated".into(), after.into());
+    // Blast calls: as sure as the val blasts the model gets right, bar the least sure
+    // `blast_keep` share of them.
+    let mut blast_p: Vec<f32> = logits
+        .iter()
+        .zip(labels)
+        .map(|(l, &y)| (softmax_t(l, t), y))
+        .filter(|(p, y)| *y == CellClass::Blast.index() && argmax(p) == *y)
+        .map(|(p, _)| p[CellClass::Blast.index()])
+        .collect();
+    blast_p.sort_by(f32::total_cmp);
+    let blast_min_confidence = if blast_p.is_empty() {
+        0.0
+    } else {
+        quantile(&blast_p, 1.0 - blast_keep)
+    };
+    tracing::info!(blast_min_confidence, "blast call threshold");
+    metrics.insert("blast_min_confidence".into(), blast_min_confidence.into());
+    let blast_min_nucleus_um = blast_nucleus_threshold(&probs(t), labels, nucleus_um, blast_size_keep);
+    tracing::info!(blast_min_nucleus_um, "blast size check");
+    metrics.insert("blast_min_nucleus_um".into(), blast_min_nucleus_um.into());
+    let cal = Calibration {
+        temperature: t,
+        ood: None,
+        blast_min_confidence,
+        blast_min_nucleus_um,
+    };
+    (cal, metrics)
+}
+
+/// The familiarity model of a bank (as stored in a bundle): its threshold is the `quantile`
+/// of the val cells' scores, measured exactly as the appliance will, from the stored f16.
+pub(crate) fn familiarity(
+    bank_bytes: &[u8],
+    val_features: &[f32],
+    k: usize,
+    quantile_at: f64,
+    require_agreement: bool,
+    device: &Device,
+) -> Result<(OodConfig, KnnBank)> {
+    let (f, l) = KnnBank::from_safetensors(bank_bytes)?;
+    let bank = KnnBank::new(f, l, k, device)?;
+    let scores: Vec<f32> = bank.scores(val_features).iter().map(|s| s.score).collect();
+    let threshold = quantile(&scores, quantile_at);
+    tracing::info!(
+        threshold,
+        quantile = quantile_at,
+        cells = bank.len(),
+        "familiarity threshold"
+    );
+    let ood = OodConfig {
+        k,
+        threshold,
+        quantile: quantile_at,
+        bank_size: bank.len(),
+        require_agreement,
+    };
+    Ok((ood, bank))
+}
+
+/// Signs a bundle, checks that what is about to ship verifies and passes its own self-test,
+/// and writes it (through a `.partial` file, so a crash leaves no half bundle under `out`).
+pub(crate) fn sign_and_write(builder: BundleBuilder, key: &SigningKey, out: &Path, device: &Device) -> Result<Bundle> {
+    let bytes = builder.finish(key)?;
+    let bundle = Bundle::from_bytes(&bytes, &[key.verifying_key()])?;
+    let n = Classifier::from_bundle(&bundle, device)?.self_test(&bundle)?;
+    tracing::info!(cases = n, "the bundle passes its self-test");
+    let tmp = out.with_extension("bundle.partial");
+    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
+    Ok(bundle)
 }
 
 #[cfg(test)]

@@ -6,4 +6,6 @@ pub mod adversary;
 pub mod amplitude;
 pub mod export;
 pub mod mixstyle;
+pub mod site;
+pub mod site_tune;
 pub mod train;

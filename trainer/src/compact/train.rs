@@ -268,7 +268,7 @@ struct Batch {
     attr_mask: Vec<[f32; NUM_ATTRIBUTES]>,
 }
 
-fn targets(s: &Sample) -> ([i64; NUM_ATTRIBUTES], [f32; NUM_ATTRIBUTES]) {
+pub(crate) fn targets(s: &Sample) -> ([i64; NUM_ATTRIBUTES], [f32; NUM_ATTRIBUTES]) {
     let mut t = [0i64; NUM_ATTRIBUTES];
     let mut m = [0f32; NUM_ATTRIBUTES];
     for i in 0..NUM_ATTRIBUTES {
@@ -281,7 +281,7 @@ fn targets(s: &Sample) -> ([i64; NUM_ATTRIBUTES], [f32; NUM_ATTRIBUTES]) {
 }
 
 /// Weighted cross-entropy `-Σ w[y]·log p[y] / Σ w[y]` (PyTorch's weighted mean).
-fn class_loss(logits: Tensor<2>, labels: Tensor<1, Int>, class_weights: Tensor<1>) -> Tensor<1> {
+pub(crate) fn class_loss(logits: Tensor<2>, labels: Tensor<1, Int>, class_weights: Tensor<1>) -> Tensor<1> {
     let [b, _] = logits.dims();
     let logp = log_softmax(logits, 1);
     let picked = logp.gather(1, labels.clone().reshape([b, 1])).reshape([b]);
@@ -290,7 +290,7 @@ fn class_loss(logits: Tensor<2>, labels: Tensor<1, Int>, class_weights: Tensor<1
 }
 
 /// Mean over attributes of the masked cross-entropy of each attribute head.
-fn attribute_loss(logits: Tensor<2>, t: Tensor<2, Int>, mask: Tensor<2>) -> Tensor<1> {
+pub(crate) fn attribute_loss(logits: Tensor<2>, t: Tensor<2, Int>, mask: Tensor<2>) -> Tensor<1> {
     let [b, _] = logits.dims();
     let mut total: Option<Tensor<1>> = None;
     let mut off = 0;

@@ -120,6 +120,7 @@ pub fn export(
         training: serde_json::json!({"family": "mllama", "lora": lora, "quantization": {"bits": 4, "group": group}}),
         metrics: serde_json::json!({"max_probability_difference_exported_vs_trained": worst, "compared_val_cells": compared}),
         parts: Default::default(),
+        clinic: None,
     };
     let n_cases = cases.len();
     let mut b = BundleBuilder::new(manifest)

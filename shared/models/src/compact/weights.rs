@@ -144,6 +144,53 @@ impl Weights {
         safetensors::serialize(views, Some(meta)).map_err(|e| WeightError::Format(e.to_string()))
     }
 
+    /// `bytes` (safetensors) with the f32 tensors named in `replace` put in their place (same
+    /// shape), every other tensor and the metadata kept byte for byte: a new head on a backbone
+    /// that must stay exactly as it was signed (`trainer adapt`).
+    pub fn replace_f32(bytes: &[u8], replace: &Weights) -> Result<Vec<u8>, WeightError> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| WeightError::Format(e.to_string()))?;
+        let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| WeightError::Format(e.to_string()))?;
+        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (name, view) in st.tensors() {
+            let Some(t) = replace.0.get(&name) else {
+                owned.push((name, view.dtype(), view.shape().to_vec(), view.data().to_vec()));
+                continue;
+            };
+            if view.dtype() != Dtype::F32 {
+                return Err(WeightError::Format(format!(
+                    "tensor {name:?} is stored as {:?}; only f32 tensors can be replaced",
+                    view.dtype()
+                )));
+            }
+            if view.shape() != t.shape.as_slice() {
+                return Err(WeightError::Shape {
+                    name,
+                    expected: view.shape().to_vec(),
+                    found: t.shape.clone(),
+                });
+            }
+            owned.push((
+                name,
+                Dtype::F32,
+                t.shape.clone(),
+                t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ));
+        }
+        if let Some(missing) = replace.0.keys().find(|n| !owned.iter().any(|(o, ..)| o == *n)) {
+            return Err(WeightError::Missing(missing.clone()));
+        }
+        let views: Vec<(String, TensorView<'_>)> = owned
+            .iter()
+            .map(|(n, d, s, b)| {
+                Ok((
+                    n.clone(),
+                    TensorView::new(*d, s.clone(), b).map_err(|e| WeightError::Format(e.to_string()))?,
+                ))
+            })
+            .collect::<Result<_, WeightError>>()?;
+        safetensors::serialize(views, metadata.metadata().clone()).map_err(|e| WeightError::Format(e.to_string()))
+    }
+
     /// Reads safetensors written by [`Weights::to_safetensors`], dequantizing 4-bit tensors.
     pub fn from_safetensors(bytes: &[u8]) -> Result<Weights, WeightError> {
         let st = SafeTensors::deserialize(bytes).map_err(|e| WeightError::Format(e.to_string()))?;
@@ -253,6 +300,54 @@ mod tests {
             },
         );
         w
+    }
+
+    #[test]
+    fn replacing_a_head_keeps_every_other_tensor_byte_for_byte() {
+        let w = sample();
+        let bytes = w.to_safetensors(32).unwrap();
+        let mut head = Weights::default();
+        head.insert(
+            "head.weight".into(),
+            NamedTensor {
+                shape: vec![2, 2],
+                values: vec![-1.0, 0.5, 0.25, 8.0],
+            },
+        );
+        let new = Weights::replace_f32(&bytes, &head).unwrap();
+        let (old_st, new_st) = (
+            SafeTensors::deserialize(&bytes).unwrap(),
+            SafeTensors::deserialize(&new).unwrap(),
+        );
+        for name in ["a.weight.q4", "a.weight.q4scale", "dw.weight", "a.bias"] {
+            assert_eq!(
+                old_st.tensor(name).unwrap().data(),
+                new_st.tensor(name).unwrap().data(),
+                "{name}"
+            );
+        }
+        let back = Weights::from_safetensors(&new).unwrap();
+        assert_eq!(back.get("head.weight").unwrap(), head.get("head.weight").unwrap());
+        assert_eq!(
+            back.get("a.weight").unwrap(),
+            Weights::from_safetensors(&bytes).unwrap().get("a.weight").unwrap()
+        );
+        // A tensor of another shape, an absent one, or a 4-bit one cannot be put in.
+        let bad = |name: &str, shape: Vec<usize>| {
+            let mut r = Weights::default();
+            let n = shape.iter().product();
+            r.insert(
+                name.into(),
+                NamedTensor {
+                    shape,
+                    values: vec![0.0; n],
+                },
+            );
+            Weights::replace_f32(&bytes, &r).unwrap_err()
+        };
+        assert!(matches!(bad("head.weight", vec![4]), WeightError::Shape { .. }));
+        assert!(matches!(bad("head.other", vec![2]), WeightError::Missing(_)));
+        assert!(matches!(bad("dw.weight", vec![2, 1, 3, 3]), WeightError::Format(_)));
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub struct Manifest {
     pub metrics: serde_json::Value,
     /// Every other part of the bundle: name to hash and size.
     pub parts: BTreeMap<String, PartEntry>,
+    /// The clinic a site bundle was made for (`trainer adapt`, from that clinic's reviewed
+    /// cells): the appliances of every other clinic refuse it. `None` for a bundle any clinic
+    /// may run. Older appliances refuse a manifest that names a clinic (they know no such
+    /// field), which is the safe answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clinic: Option<String>,
 }
 
 /// Signature file contents.

@@ -15,6 +15,7 @@ fn manifest() -> Manifest {
         training: serde_json::json!({}),
         metrics: serde_json::json!({"macro_f1": 0.5}),
         parts: BTreeMap::new(),
+        clinic: None,
     }
 }
 

@@ -214,6 +214,18 @@ pub struct ReviewMessage {
     pub index: u32,
     /// The review.
     pub review: Review,
+    /// The cell's picture as the technician saw it (JPEG, base64, at most
+    /// [`MAX_PICTURE_BYTES`]), sent with a review that names a class: the clinic's teaching
+    /// material (`central export-reviews`, then `trainer adapt`). Older centrals ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub picture: Option<String>,
+}
+
+impl ReviewMessage {
+    /// The picture's JPEG bytes, when it has a valid one ([`decode_picture`]).
+    pub fn picture_jpeg(&self) -> Option<Vec<u8>> {
+        decode_picture(self.picture.as_deref()?)
+    }
 }
 
 /// A slide's report: sent when a flag appears and when the slide is finished.
