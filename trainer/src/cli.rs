@@ -332,6 +332,14 @@ pub struct AdaptArgs {
     /// With `--replay`: peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub tune_lr: f64,
+    /// How many times another class a replayed training blast weighs (a clinic rarely reviews
+    /// a blast; the replay keeps the training blasts flagged).
+    #[arg(long, default_value_t = 3.0)]
+    pub blast_replay_weight: f64,
+    /// With `--val`: the share of the val blasts the site bundle must flag (reported Blast, or
+    /// set aside with Blast the most probable class); below it nothing is written.
+    #[arg(long, default_value_t = 0.97)]
+    pub min_blasts_flagged: f64,
     /// With `--replay`: augmented views of each reviewed cell.
     #[arg(long, default_value_t = 8)]
     pub tune_views: usize,

@@ -253,6 +253,8 @@ pub fn adapt(a: AdaptArgs) -> Result<()> {
         views: a.views,
         dark_nucleus: a.dark_nucleus,
         bank_views: a.bank_views,
+        blast_replay_weight: a.blast_replay_weight,
+        min_blasts_flagged: a.min_blasts_flagged,
         replay: a.replay.as_deref(),
         replay_per_class: a.replay_per_class,
         tune: trainer::compact::site_tune::TuneSettings {
@@ -283,6 +285,9 @@ pub fn adapt(a: AdaptArgs) -> Result<()> {
     );
     if let Some((before, after)) = r.val_macro_f1 {
         println!("in-domain val macro F1 (reported answers): {before:.4} before, {after:.4} after");
+    }
+    if let Some((before, after, blasts)) = r.val_blasts_flagged {
+        println!("val blasts flagged: {before} of {blasts} before, {after} after");
     }
     if m.clinic.is_none() {
         eprintln!("warning: the bundle names no clinic; every clinic's appliance would install it");

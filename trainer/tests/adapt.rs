@@ -236,8 +236,32 @@ fn what_adapt_refuses() {
     .unwrap();
     let (ok, out) = site.adapt("broken.csv", v + 1, "e.bundle", &[]);
     assert!(!ok && out.contains("no readable labelled cells"), "{out}");
+    // The in-domain checks, with the fixture cells as val (one blast among them): a bundle
+    // that would cost more val macro F1, or flag fewer val blasts, than allowed is not written
+    // (here the bars are set where nothing can pass them).
+    let val = s(&repo().join("shared/fixtures/cells/cells.csv"));
+    let (ok, out) = site.adapt(
+        "reviewed.csv",
+        v + 1,
+        "g.bundle",
+        &["--val", &val, "--max-val-drop=-101"],
+    );
+    assert!(!ok && out.contains("points of in-domain val macro F1"), "{out}");
+    let (ok, out) = site.adapt(
+        "reviewed.csv",
+        v + 1,
+        "h.bundle",
+        &["--val", &val, "--min-blasts-flagged", "1.01"],
+    );
+    assert!(
+        !ok && out.contains("val blasts") && out.contains("not written"),
+        "{out}"
+    );
+    // Tuning the backbone with nothing to check it against is refused.
+    let (ok, out) = site.adapt("reviewed.csv", v + 1, "i.bundle", &["--replay", &val]);
+    assert!(!ok && out.contains("--val is needed"), "{out}");
     // No bundle was written by any of them.
-    for f in ["a", "b", "c", "d", "e"] {
+    for f in ["a", "b", "c", "d", "e", "g", "h", "i"] {
         assert!(!site.path(&format!("{f}.bundle")).exists(), "{f}");
     }
     // The clinic comes from the CSV when --clinic is not given.

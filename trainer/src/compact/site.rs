@@ -76,6 +76,11 @@ pub struct SiteOptions<'a> {
     pub replay_per_class: usize,
     /// How the backbone is tuned, with `replay`.
     pub tune: crate::compact::site_tune::TuneSettings,
+    /// How many times another class a replayed blast weighs.
+    pub blast_replay_weight: f64,
+    /// With `val`: the share of the val blasts the site bundle must flag (reported Blast, or
+    /// set aside with Blast the most probable class); below it nothing is written.
+    pub min_blasts_flagged: f64,
 }
 
 impl<'a> SiteOptions<'a> {
@@ -100,6 +105,8 @@ impl<'a> SiteOptions<'a> {
             replay: None,
             replay_per_class: 100,
             tune: Default::default(),
+            blast_replay_weight: 3.0,
+            min_blasts_flagged: 0.97,
         }
     }
 }
@@ -126,6 +133,9 @@ pub struct SiteReport {
     /// In-domain val macro F1 (reported answers, Unidentified a miss) before and after, with
     /// `--val`.
     pub val_macro_f1: Option<(f64, f64)>,
+    /// Val blasts flagged (reported Blast, or set aside with Blast most probable) before and
+    /// after, and val blasts, with `--val`.
+    pub val_blasts_flagged: Option<(usize, usize, usize)>,
     /// The written bundle's manifest.
     #[serde(skip)]
     pub manifest: Option<Manifest>,
@@ -230,6 +240,27 @@ fn head_classes(w: &[f32], b: &[f32], x: &[f32]) -> Vec<usize> {
         .collect()
 }
 
+/// Each replayed training cell's weight: `share` spread over the classes present, a blast
+/// class counting `blast_weight` times another, and each class's part over its cells. A clinic
+/// rarely reviews a blast, so its cells pull the boundaries of the classes it does review into
+/// blast territory; the replay is what keeps the training blasts flagged.
+pub(crate) fn replay_weights(labels: &[usize], share: f64, blast_weight: f64) -> Vec<f32> {
+    let mut counts = [0usize; NUM_CLASSES];
+    labels.iter().for_each(|&y| counts[y] += 1);
+    let class_weight = |c: usize| {
+        if c == CellClass::Blast.index() {
+            blast_weight
+        } else {
+            1.0
+        }
+    };
+    let total: f64 = (0..NUM_CLASSES).filter(|&c| counts[c] > 0).map(class_weight).sum();
+    labels
+        .iter()
+        .map(|&y| (share * class_weight(y) / total / counts[y] as f64) as f32)
+        .collect()
+}
+
 /// Training cells per class in a bank rebuilt from `--replay` (as `export` builds it).
 const BANK_PER_CLASS: usize = 200;
 
@@ -259,15 +290,17 @@ fn head_only<'a>(
         y.extend(labels);
     }
     // Weights: the site's share spread evenly over its classes (technicians review many more
-    // neutrophils than basophils), the replay's over its cells (the bank is stratified).
+    // neutrophils than basophils), the replay's over its classes, blasts weighing more.
     let present = reviewed.iter().filter(|&&n| n > 0).count() as f64;
     let mut w: Vec<f32> = y
         .iter()
         .map(|&c| (o.site_share / present / (reviewed[c] * o.views) as f64) as f32)
         .collect();
-    w.extend(std::iter::repeat_n(
-        ((1.0 - o.site_share) / bank_y.len() as f64) as f32,
-        bank_y.len(),
+    let replay_labels: Vec<usize> = bank_y.iter().map(|&l| l as usize).collect();
+    w.extend(replay_weights(
+        &replay_labels,
+        1.0 - o.site_share,
+        o.blast_replay_weight,
     ));
     x.extend(bank_x);
     y.extend(bank_y.iter().map(|&l| l as usize));
@@ -299,6 +332,27 @@ fn head_only<'a>(
         Weights::replace_f32(o.bundle.part(WEIGHTS_PART)?, &head)?,
         Replay::Bank { before, after },
     ))
+}
+
+/// Of the labelled blasts of a list, how many a classifier flags (reports as Blast, or sets
+/// aside with Blast the most probable class), and how many there are.
+fn blasts_flagged(c: &Classifier, list: &Path) -> Result<(usize, usize)> {
+    let blasts: Vec<Sample> = read_samples(list)?
+        .into_iter()
+        .filter(|s| s.label == Some(CellClass::Blast))
+        .collect();
+    let (loaded, _) = load_images(blasts, &DecodeLimits::default());
+    let (samples, images): (Vec<Sample>, Vec<RgbImage>) = loaded.into_iter().unzip();
+    let scales: Vec<Option<f32>> = samples.iter().map(|s| s.microns_per_pixel).collect();
+    let flagged = c
+        .predict_at(&images, &scales)
+        .iter()
+        .filter(|p| {
+            let r = c.result(p);
+            r.class == Some(CellClass::Blast) || (r.class.is_none() && argmax(&p.probs) == CellClass::Blast.index())
+        })
+        .count();
+    Ok((flagged, images.len()))
 }
 
 /// Reviewed cells that a classifier reports as their reviewed class.
@@ -399,6 +453,7 @@ pub fn adapt(o: &SiteOptions) -> Result<SiteReport> {
             tracing::info!(replayed = rs.len(), "training cells read for replay");
             let tune = crate::compact::site_tune::TuneSettings {
                 site_share: o.site_share,
+                blast_replay_weight: o.blast_replay_weight,
                 ..o.tune.clone()
             };
             let merged =
@@ -481,6 +536,7 @@ pub fn adapt(o: &SiteOptions) -> Result<SiteReport> {
         replay_right_after,
         replayed,
         val_macro_f1: None,
+        val_blasts_flagged: None,
         manifest: None,
     };
 
@@ -499,6 +555,18 @@ pub fn adapt(o: &SiteOptions) -> Result<SiteReport> {
                 b,
                 a,
                 o.max_val_drop
+            );
+        }
+        let (flagged_before, blasts) = blasts_flagged(&original, val)?;
+        let (flagged_after, _) = blasts_flagged(&adapted, val)?;
+        report.val_blasts_flagged = Some((flagged_before, flagged_after, blasts));
+        tracing::info!(flagged_before, flagged_after, blasts, "val blasts flagged");
+        if blasts > 0 && (flagged_after as f64) < o.min_blasts_flagged * blasts as f64 {
+            bail!(
+                "the site bundle would flag {flagged_after} of {blasts} val blasts ({:.1} %; the bundle it replaces flags \
+                 {flagged_before}; at least {:.0} % required): not written. Raise --blast-replay-weight or lower --site-share",
+                100.0 * flagged_after as f64 / blasts as f64,
+                100.0 * o.min_blasts_flagged
             );
         }
         metrics = after.summary();

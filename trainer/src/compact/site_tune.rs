@@ -49,6 +49,8 @@ pub struct TuneSettings {
     pub replay_views: usize,
     /// Weight of the attribute loss (replayed cells with attributes).
     pub attr_weight: f64,
+    /// How many times another class a replayed blast weighs.
+    pub blast_replay_weight: f64,
     /// Random seed.
     pub seed: u64,
 }
@@ -65,6 +67,7 @@ impl Default for TuneSettings {
             site_views: 8,
             replay_views: 1,
             attr_weight: 0.3,
+            blast_replay_weight: 3.0,
             seed: 7,
         }
     }
@@ -135,7 +138,15 @@ pub fn tune(
         }
     }
     let replay_scales: Vec<Option<f32>> = replay_samples.iter().map(|r| r.microns_per_pixel).collect();
-    let replay_weight = ((1.0 - s.site_share) / (replay_samples.len() * s.replay_views).max(1) as f64) as f32;
+    let replay_labels: Vec<usize> = replay_samples
+        .iter()
+        .map(|r| r.label.map_or(0, |l| l.index()))
+        .collect();
+    let replay_weight = crate::compact::site::replay_weights(
+        &replay_labels,
+        (1.0 - s.site_share) / s.replay_views as f64,
+        s.blast_replay_weight,
+    );
     for v in 0..s.replay_views {
         let views = prepare_all(
             pre,
@@ -146,10 +157,10 @@ pub fn tune(
         );
         let (x, _) = prefix_activations(&backbone, pre, &views, s.tune_from, &device, &pb);
         rows.x.extend(x);
-        for r in replay_samples {
+        for (r, w) in replay_samples.iter().zip(&replay_weight) {
             rows.labels.push(r.label.map_or(0, |l| l.index() as i64));
             rows.attrs.push(targets(r));
-            rows.weight.push(replay_weight);
+            rows.weight.push(*w);
         }
     }
     let per: usize = rows.shape.iter().product();
