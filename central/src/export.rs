@@ -98,33 +98,11 @@ mod tests {
     use crate::db::tests::jpeg;
     use crate::sql::databases;
     use wbc_protocol::classes::CellClass;
-    use wbc_protocol::messages::{CellRecord, CellResult, FieldHeader, FieldRecord, Review, SCHEMA_VERSION};
+    use wbc_protocol::messages::{FieldRecord, Review};
     use wbc_protocol::uplink::{Body, CellMessage, Envelope, ReviewMessage};
 
     fn field(id: &str, cells: usize) -> FieldRecord {
-        let mut p = [0.0; 6];
-        p[CellClass::Neutrophil.index()] = 1.0;
-        FieldRecord {
-            schema_version: SCHEMA_VERSION,
-            header: FieldHeader {
-                id: id.into(),
-                slide_id: "s".into(),
-                received_at: 1,
-                source: "camera".into(),
-                name: "f.jpg".into(),
-                image_sha256: "00".into(),
-                width: 10,
-                height: 10,
-                single_cell: false,
-                microns_per_pixel: 0.1,
-            },
-            cells: (0..cells)
-                .map(|_| CellRecord {
-                    result: CellResult::from_probabilities(&p, &Default::default(), "d".into(), 0.5, 1),
-                    review: None,
-                })
-                .collect(),
-        }
+        crate::db::tests::field(id, "s", &vec![CellClass::Neutrophil.index(); cells])
     }
 
     struct Sender<'a> {

@@ -12,7 +12,8 @@ use wbc_protocol::uplink::{
     UPLINK_SCHEMA_VERSION,
 };
 
-fn field(id: &str, slide: &str, classes: &[usize]) -> FieldRecord {
+/// A field of slide `slide` whose cells the model called `classes` (label ids).
+pub(crate) fn field(id: &str, slide: &str, classes: &[usize]) -> FieldRecord {
     FieldRecord {
         schema_version: SCHEMA_VERSION,
         header: wbc_protocol::messages::FieldHeader {

@@ -109,7 +109,7 @@ impl Weights {
         group: usize,
         storage: impl Fn(&str, &[usize]) -> Storage,
     ) -> Result<Vec<u8>, WeightError> {
-        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut owned: Vec<Owned> = Vec::new();
         let mut meta = HashMap::new();
         for (name, t) in &self.0 {
             let kind = storage(name, &t.shape);
@@ -132,16 +132,7 @@ impl Weights {
                 owned.push((name.clone(), Dtype::F32, t.shape.clone(), bytes));
             }
         }
-        let views: Vec<(String, TensorView<'_>)> = owned
-            .iter()
-            .map(|(n, d, s, b)| {
-                Ok((
-                    n.clone(),
-                    TensorView::new(*d, s.clone(), b).map_err(|e| WeightError::Format(e.to_string()))?,
-                ))
-            })
-            .collect::<Result<_, WeightError>>()?;
-        safetensors::serialize(views, Some(meta)).map_err(|e| WeightError::Format(e.to_string()))
+        serialize(&owned, Some(meta))
     }
 
     /// `bytes` (safetensors) with the f32 tensors named in `replace` put in their place (same
@@ -150,7 +141,7 @@ impl Weights {
     pub fn replace_f32(bytes: &[u8], replace: &Weights) -> Result<Vec<u8>, WeightError> {
         let st = SafeTensors::deserialize(bytes).map_err(|e| WeightError::Format(e.to_string()))?;
         let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| WeightError::Format(e.to_string()))?;
-        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut owned: Vec<Owned> = Vec::new();
         for (name, view) in st.tensors() {
             let Some(t) = replace.0.get(&name) else {
                 owned.push((name, view.dtype(), view.shape().to_vec(), view.data().to_vec()));
@@ -179,16 +170,7 @@ impl Weights {
         if let Some(missing) = replace.0.keys().find(|n| !owned.iter().any(|(o, ..)| o == *n)) {
             return Err(WeightError::Missing(missing.clone()));
         }
-        let views: Vec<(String, TensorView<'_>)> = owned
-            .iter()
-            .map(|(n, d, s, b)| {
-                Ok((
-                    n.clone(),
-                    TensorView::new(*d, s.clone(), b).map_err(|e| WeightError::Format(e.to_string()))?,
-                ))
-            })
-            .collect::<Result<_, WeightError>>()?;
-        safetensors::serialize(views, metadata.metadata().clone()).map_err(|e| WeightError::Format(e.to_string()))
+        serialize(&owned, metadata.metadata().clone())
     }
 
     /// Reads safetensors written by [`Weights::to_safetensors`], dequantizing 4-bit tensors.
@@ -262,6 +244,23 @@ impl Weights {
         }
         Ok(out)
     }
+}
+
+/// A tensor about to be written: name, dtype, shape, bytes.
+type Owned = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// Writes tensors and metadata as safetensors.
+fn serialize(owned: &[Owned], meta: Option<HashMap<String, String>>) -> Result<Vec<u8>, WeightError> {
+    let views: Vec<(String, TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            Ok((
+                n.clone(),
+                TensorView::new(*d, s.clone(), b).map_err(|e| WeightError::Format(e.to_string()))?,
+            ))
+        })
+        .collect::<Result<_, WeightError>>()?;
+    safetensors::serialize(views, meta).map_err(|e| WeightError::Format(e.to_string()))
 }
 
 #[cfg(test)]
