@@ -43,6 +43,7 @@ pub fn users_or_first_run(config: &Config) -> Result<(Vec<User>, Option<std::pat
     let users = vec![User {
         name: "admin".into(),
         password_hash: hash_password(&password)?,
+        language: None,
     }];
     std::fs::create_dir_all(&config.data_dir)?;
     // The password goes to a file only its owner reads, never to the log (which a journal
@@ -81,12 +82,14 @@ mod tests {
         let u = User {
             name: "t".into(),
             password_hash: h,
+            language: None,
         };
         assert!(verify_password(&u, "s3cret"));
         assert!(!verify_password(&u, "S3cret"));
         let broken = User {
             name: "t".into(),
             password_hash: "nonsense".into(),
+            language: None,
         };
         assert!(!verify_password(&broken, ""));
     }

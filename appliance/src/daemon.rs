@@ -122,10 +122,10 @@ pub fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Sen
     let web = crate::web::Web::new(
         app,
         users,
+        wbc_web::i18n::Lang::from_code(&config.web.language).unwrap_or_default(),
         config.web.max_upload_bytes,
         uplink.as_ref().map(|u| u.1.clone()),
-    )
-    .with_language(wbc_web::i18n::Lang::from_code(&config.web.language).unwrap_or_default());
+    );
     let served = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&config.web.listen)
             .await

@@ -888,11 +888,22 @@ fn a_clinic_that_speaks_french_gets_its_slide_page_gallery_and_report_in_french_
     let dir = tempfile::tempdir().unwrap();
     let path = config(dir.path());
     let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, text.replace("[web]\n", "[web]\nlanguage = \"fr\"\n")).unwrap();
+    // The clinic speaks French; one technician reads Portuguese.
+    let hash = appliance::config::hash_password("lâmina").unwrap();
+    std::fs::write(
+        &path,
+        text.replace("[web]\n", "[web]\nlanguage = \"fr\"\n")
+            + &format!("[[web.users]]\nname = \"ana\"\npassword_hash = \"{hash}\"\nlanguage = \"pt\"\n"),
+    )
+    .unwrap();
     let d = Daemon::start(&path);
     let b = Browser::start();
     b.go(&d.base);
-    b.wait_for_text("id=\"password\"");
+    let login = b.wait_for_text("id=\"password\"");
+    assert!(
+        login.contains("<html lang=\"fr\"") && login.contains("Mot de passe"),
+        "{login}"
+    );
     b.type_into("#user", USER);
     b.type_into("#password", PASSWORD);
     b.click("#login");
@@ -921,6 +932,12 @@ fn a_clinic_that_speaks_french_gets_its_slide_page_gallery_and_report_in_french_
         field.contains("<th>Détails</th>") && field.contains(">Enregistrer</button>"),
         "{field}"
     );
+    b.screenshot("field-fr");
+    // The cells' descriptions too: rendered in French, not the model's English.
+    assert!(field.contains("class=\"description\""), "{field}");
+    for english in ["Consistent with", "left for review", "Unidentified"] {
+        assert!(!field.contains(english), "{english}: {field}");
+    }
     b.go(&format!("{}/review", d.base));
     let review = b.wait_for_text("id=\"to-review\"");
     assert!(review.contains("<h1>Relecture</h1>"), "{review}");
@@ -937,5 +954,48 @@ fn a_clinic_that_speaks_french_gets_its_slide_page_gallery_and_report_in_french_
     assert!(
         report.contains("pré-classification") && report.contains("<th>Lame</th>"),
         "{report}"
+    );
+    b.go(&format!("{}/models", d.base));
+    let models = b.wait_for_text("id=\"model-log\"");
+    b.screenshot("models-fr");
+    for want in [
+        "<h1>Modèles</h1>",
+        "Journal des modèles",
+        "Oublier l'adaptation au site",
+        "quand (UTC)",
+    ] {
+        assert!(models.contains(want), "{want}: {models}");
+    }
+    // The upload script's texts: several images at once, counted in French.
+    b.go(&d.base);
+    b.wait_for_text("id=\"differential\"");
+    let two = [
+        fixture_field("BloodImage_00000.jpg"),
+        fixture_field("BloodImage_00000.jpg"),
+    ]
+    .map(|p| p.canonicalize().unwrap().to_str().unwrap().to_string())
+    .join("\n");
+    b.type_into("#image", &two);
+    b.click("#upload");
+    b.wait_for_text("Terminé : 2 images classées sur 2.");
+
+    // A user with a language of their own reads every page in it.
+    let agent = d.agent();
+    let r = agent
+        .post(&format!("{}/login", d.base))
+        .send_form(&[("user", "ana"), ("password", "lâmina")])
+        .unwrap();
+    let cookie = r.header("set-cookie").unwrap().split(';').next().unwrap().to_string();
+    let home = d.page(&cookie, "/");
+    assert!(
+        home.contains("<html lang=\"pt\"") && home.contains("Adicionar uma imagem"),
+        "{home}"
+    );
+    let models = d.page(&cookie, "/models");
+    assert!(models.contains("Registo dos modelos"), "{models}");
+    let gallery = d.page(&cookie, "/gallery");
+    assert!(
+        gallery.contains("Galeria") && gallery.contains("(tecla n)"),
+        "{gallery}"
     );
 }

@@ -37,7 +37,8 @@ pub struct Config {
     pub retention: db::Retention,
     /// When a clinic's agreement with its reviewers is flagged (`[agreement]`).
     pub agreement: db::AgreementSettings,
-    /// Language of the slide reports (`en`, `fr`, `pt`; `?lang=` for one report).
+    /// Language of the pages and the slide reports (`en`, `fr`, `pt`; a user's own `language`
+    /// wins, and `?lang=` for one report).
     pub language: String,
 }
 
@@ -162,9 +163,12 @@ pub async fn start(config: &Config) -> Result<Running> {
     let app = web::router(Arc::new(web::Web {
         db: db.clone(),
         stats: stats.clone(),
-        login: wbc_web::login::Login::where_accounts(config.users.clone(), web::login_page),
+        login: wbc_web::login::Login::where_accounts(
+            config.users.clone(),
+            web::login_page,
+            wbc_web::i18n::Lang::from_code(&config.language).unwrap_or_default(),
+        ),
         agreement: config.agreement.clone(),
-        language: wbc_web::i18n::Lang::from_code(&config.language).unwrap_or_default(),
     }));
     let tasks = vec![
         tokio::spawn(ingest.run(stop.clone())),
@@ -252,6 +256,7 @@ mod tests {
             users: vec![wbc_web::auth::User {
                 name: "lab".into(),
                 password_hash: wbc_web::auth::hash_password("microscope").unwrap(),
+                language: None,
             }],
             ..Default::default()
         };
@@ -305,6 +310,123 @@ mod tests {
         rt.block_on(running.stop());
     }
 
+    /// A field of slide `s1` with one cell, a blast, in a file with a hostile name.
+    fn blast_field() -> FieldRecord {
+        let mut p = [0.0f32; 6];
+        p[wbc_protocol::CellClass::Blast.index()] = 1.0;
+        FieldRecord {
+            schema_version: SCHEMA_VERSION,
+            header: wbc_protocol::messages::FieldHeader {
+                id: "f1".into(),
+                slide_id: "s1".into(),
+                received_at: db::now(),
+                source: "camera".into(),
+                name: "<script>.jpg".into(),
+                image_sha256: String::new(),
+                width: 1,
+                height: 1,
+                single_cell: false,
+                microns_per_pixel: 0.1,
+            },
+            cells: vec![CellRecord {
+                result: CellResult::from_probabilities(&p, &Default::default(), "d".into(), 0.5, 1),
+                review: None,
+            }],
+        }
+    }
+
+    /// Logs in; returns the cookie header to send.
+    fn log_in(a: std::net::SocketAddr, user: &str, password: &str) -> String {
+        let form = "Content-Type: application/x-www-form-urlencoded\r\n";
+        let (head, _) = request(a, "POST", "/login", form, &format!("user={user}&password={password}"));
+        assert!(head.starts_with("HTTP/1.1 303"), "{head}");
+        let cookie = head
+            .lines()
+            .find_map(|l| l.strip_prefix("set-cookie: "))
+            .and_then(|c| c.split(';').next())
+            .unwrap();
+        format!("Cookie: {cookie}\r\n")
+    }
+
+    #[test]
+    fn the_lab_reads_its_pages_in_its_language_and_each_user_in_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let hash = wbc_web::auth::hash_password("microscope").unwrap();
+        let user = |name: &str, language: Option<&str>| wbc_web::auth::User {
+            name: name.into(),
+            password_hash: hash.clone(),
+            language: language.map(String::from),
+        };
+        let config = Config {
+            db: dir.path().join("c.sqlite"),
+            listen: "127.0.0.1:0".into(),
+            broker: BrokerConfig {
+                host: "127.0.0.1".into(),
+                port: Some(1),
+                ..Default::default()
+            },
+            users: vec![user("lab", None), user("ana", Some("pt"))],
+            language: "fr".into(),
+            ..Default::default()
+        };
+        let running = rt.block_on(start(&config)).unwrap();
+        let a = running.addr;
+        for b in Body::cells_with_pictures(&blast_field(), |_| None) {
+            running.db.apply(&Envelope::new("clinic-a", "dev1", 1, 1, b)).unwrap();
+        }
+        let (_, form) = get(a, "/login");
+        assert!(
+            form.contains("<html lang=\"fr\"") && form.contains("Mot de passe"),
+            "{form}"
+        );
+        let lab = log_in(a, "lab", "microscope");
+        let (_, html) = request(a, "GET", "/", &lab, "");
+        for want in [
+            "<html lang=\"fr\"",
+            "Formules leucocytaires : laboratoire central",
+            "<h2>Appareils</h2>",
+            "Lames (blastes d&#39;abord)",
+            "URGENT : 1 blaste",
+            "Blaste 100 %",
+            "Le modèle face aux relectures des techniciens",
+            ">Se déconnecter</button>",
+        ] {
+            assert!(html.contains(want), "{want}: {html}");
+        }
+        assert!(!html.contains("Slides (blasts first)"), "{html}");
+        let slide = "/slide?clinic=clinic-a&device=dev1&slide=s1";
+        let (_, page) = request(a, "GET", slide, &lab, "");
+        for want in [
+            "Toutes les lames",
+            "<h1>Lame s1</h1>",
+            "<td>Blaste</td>",
+            "C&#39;est un blaste",
+            "en cours",
+        ] {
+            assert!(page.contains(want), "{want}: {page}");
+        }
+        let (_, report) = request(a, "GET", "/slide/report?clinic=clinic-a&device=dev1&slide=s1", &lab, "");
+        assert!(report.contains("pré-classification"), "{report}");
+        let ana = log_in(a, "ana", "microscope");
+        let (_, html) = request(a, "GET", "/", &ana, "");
+        assert!(
+            html.contains("<html lang=\"pt\"") && html.contains("Lâminas (blastos primeiro)"),
+            "{html}"
+        );
+        let (_, page) = request(a, "GET", slide, &ana, "");
+        assert!(
+            page.contains("É um blasto") && page.contains("Todas as lâminas"),
+            "{page}"
+        );
+        let (head, missing) = request(a, "GET", "/slide?clinic=clinic-a&device=dev1&slide=nope", &ana, "");
+        assert!(
+            head.starts_with("HTTP/1.1 404") && missing.contains("Esta lâmina não existe."),
+            "{missing}"
+        );
+        rt.block_on(running.stop());
+    }
+
     #[test]
     fn the_api_and_dashboard_serve_what_the_database_holds_on_every_database() {
         for (_guard, db) in sql::databases() {
@@ -321,27 +443,7 @@ mod tests {
                 ..Default::default()
             };
             let running = rt.block_on(start(&config)).unwrap();
-            let mut p = [0.0f32; 6];
-            p[wbc_protocol::CellClass::Blast.index()] = 1.0;
-            let field = FieldRecord {
-                schema_version: SCHEMA_VERSION,
-                header: wbc_protocol::messages::FieldHeader {
-                    id: "f1".into(),
-                    slide_id: "s1".into(),
-                    received_at: db::now(),
-                    source: "camera".into(),
-                    name: "<script>.jpg".into(),
-                    image_sha256: String::new(),
-                    width: 1,
-                    height: 1,
-                    single_cell: false,
-                    microns_per_pixel: 0.1,
-                },
-                cells: vec![CellRecord {
-                    result: CellResult::from_probabilities(&p, &Default::default(), "d".into(), 0.5, 1),
-                    review: None,
-                }],
-            };
+            let field = blast_field();
             let picture = db::tests::jpeg(32);
             for b in Body::cells_with_pictures(&field, |_| Some(picture.clone())) {
                 running.db.apply(&Envelope::new("clinic-a", "dev1", 1, 1, b)).unwrap();
@@ -371,7 +473,10 @@ mod tests {
                 page.contains("&lt;script&gt;.jpg") && !page.contains("<script>"),
                 "{page}"
             );
-            assert!(page.contains("URGENT") && page.contains("<td>blast</td>"), "{page}");
+            assert!(
+                page.contains("URGENT") && page.contains("<tr class=\"blast\"><td>Blast</td>"),
+                "{page}"
+            );
             // Its report for the patient record, printable and as PDF.
             assert!(page.contains("id=\"report\""), "{page}");
             let (head, report) = get(running.addr, "/slide/report?clinic=clinic-a&device=dev1&slide=s1");

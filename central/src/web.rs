@@ -26,7 +26,9 @@ use serde::Deserialize;
 use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use wbc_web::login::Login;
+use wbc_protocol::classes::CellClass;
+use wbc_web::i18n::Lang;
+use wbc_web::login::{LoggedIn, Login};
 use wbc_web::utc_minute as when;
 
 /// What the handlers share.
@@ -35,12 +37,22 @@ pub struct Web {
     pub db: Arc<Db>,
     /// Ingest counters.
     pub stats: Arc<Stats>,
-    /// Accounts and sessions; with no accounts, no login is asked for.
+    /// Accounts and sessions, and the lab's language (a user's own where set); with no
+    /// accounts, no login is asked for.
     pub login: Arc<Login>,
     /// When a clinic's agreement with its reviewers is flagged.
     pub agreement: crate::db::AgreementSettings,
-    /// The slide report's language unless a request asks for another (`?lang=`).
-    pub language: wbc_web::i18n::Lang,
+}
+
+/// The logged-in user, where there are accounts.
+type User = Option<axum::Extension<LoggedIn>>;
+
+impl Web {
+    /// The language of a user's pages (the lab's where the user has none, or where there are
+    /// no accounts).
+    fn lang(&self, user: &User) -> Lang {
+        self.login.language(user.as_ref().map(|u| u.0.0.as_str()))
+    }
 }
 
 /// `?lang=en|fr|pt`.
@@ -73,10 +85,19 @@ pub fn router(w: Arc<Web>) -> Router {
 }
 
 /// A page in central's look around the login form (for [`Login`]).
-pub fn login_page(title: &str, body: &str) -> String {
+pub fn login_page(lang: Lang, title: &str, body: &str) -> String {
     format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>WBC central: {t}</title><style>{STYLE}</style></head>\
-         <body><h1>WBC central</h1>{body}</body></html>",
+        "{}<h1>{}</h1>{body}</body></html>",
+        head(lang, title),
+        esc(&lang.t("c_title", &[]))
+    )
+}
+
+/// A page's start, up to its `<body>`.
+fn head(lang: Lang, title: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"{code}\"><head><meta charset=\"utf-8\"><title>{t}</title><style>{STYLE}</style></head><body>",
+        code = lang.code(),
         t = esc(title)
     )
 }
@@ -203,15 +224,20 @@ async fn slide_json(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Res
 }
 
 /// A slide's report for the patient record, as central holds the slide.
-async fn report_doc(w: &Arc<Web>, k: SlideKey, l: LangParam) -> Result<wbc_web::report::SlideReportDoc, Response> {
-    let lang = match l.lang.as_deref().map(wbc_web::i18n::Lang::from_code) {
-        None => w.language,
+async fn report_doc(
+    w: &Arc<Web>,
+    user: &User,
+    k: SlideKey,
+    l: LangParam,
+) -> Result<wbc_web::report::SlideReportDoc, Response> {
+    let lang = match l.lang.as_deref().map(Lang::from_code) {
+        None => w.lang(user),
         Some(Some(lang)) => lang,
-        Some(None) => return Err((StatusCode::BAD_REQUEST, "Unknown language: en, fr or pt.").into_response()),
+        Some(None) => return Err((StatusCode::BAD_REQUEST, w.lang(user).t("unknown_language", &[])).into_response()),
     };
     let d = match blocking(w, move |w| w.db.slide(&k.clinic, &k.device, &k.slide)).await {
         Ok(Some(d)) => d,
-        Ok(None) => return Err((StatusCode::NOT_FOUND, Html("<p>No such slide.</p>".to_string())).into_response()),
+        Ok(None) => return Err(no_slide(lang)),
         Err(e) => return Err(internal(e)),
     };
     let (model_versions, reviewed, changed, reviewers) =
@@ -235,8 +261,23 @@ async fn report_doc(w: &Arc<Web>, k: SlideKey, l: LangParam) -> Result<wbc_web::
     })
 }
 
-async fn slide_report(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>, Query(l): Query<LangParam>) -> Response {
-    match report_doc(&w, k, l).await {
+/// The page for a slide central does not hold.
+fn no_slide(lang: Lang) -> Response {
+    let text = lang.t("no_such_slide", &[]);
+    (
+        StatusCode::NOT_FOUND,
+        Html(format!("{}<p>{}</p></body></html>", head(lang, &text), esc(&text))),
+    )
+        .into_response()
+}
+
+async fn slide_report(
+    State(w): State<Arc<Web>>,
+    user: User,
+    Query(k): Query<SlideKey>,
+    Query(l): Query<LangParam>,
+) -> Response {
+    match report_doc(&w, &user, k, l).await {
         Ok(d) => Html(d.html()).into_response(),
         Err(r) => r,
     }
@@ -244,10 +285,11 @@ async fn slide_report(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>, Quer
 
 async fn slide_report_pdf(
     State(w): State<Arc<Web>>,
+    user: User,
     Query(k): Query<SlideKey>,
     Query(l): Query<LangParam>,
 ) -> Response {
-    match report_doc(&w, k, l).await {
+    match report_doc(&w, &user, k, l).await {
         Ok(d) => (
             [
                 (axum::http::header::CONTENT_TYPE, "application/pdf".to_string()),
@@ -263,49 +305,76 @@ async fn slide_report_pdf(
     }
 }
 
-async fn slide_page(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Response {
+async fn slide_page(State(w): State<Arc<Web>>, user: User, Query(k): Query<SlideKey>) -> Response {
+    let lang = w.lang(&user);
     let d = match blocking(&w, move |w| w.db.slide(&k.clinic, &k.device, &k.slide)).await {
         Ok(Some(d)) => d,
-        Ok(None) => return (StatusCode::NOT_FOUND, Html("<p>No such slide.</p>".to_string())).into_response(),
+        Ok(None) => return no_slide(lang),
         Err(e) => return internal(e),
     };
+    let t = |k: &str| esc(&lang.t(k, &[]));
     let s = &d.slide;
+    let heading = lang.t("slide_heading", &[("id", &s.report.slide_id)]);
     let mut b = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Slide {id}</title><style>{STYLE}</style></head><body>\
-         <p><a href=\"/\">All slides</a> · <a id=\"report\" href=\"/slide/report?{q}\">Slide report (print)</a> · \
-         <a href=\"/slide/report.pdf?{q}\">PDF</a></p><h1>Slide {id}</h1><p>{clinic}, device {device}; started {t}; {state}; \
-         {n} cells classified, {u} Unidentified, {e} cut by the edge.</p><ul id=\"flags\">",
-        id = esc(&s.report.slide_id),
+        "{head}<p><a href=\"/\">{all}</a> · <a id=\"report\" href=\"/slide/report?{q}\">{print}</a> · \
+         <a href=\"/slide/report.pdf?{q}\">PDF</a></p><h1>{h}</h1><p>{line}</p><ul id=\"flags\">",
+        head = head(lang, &heading),
+        all = t("c_all_slides"),
+        print = t("report_print"),
+        h = esc(&heading),
         q = esc(&SlideKey::href(&s.clinic, &s.device, &s.report.slide_id)["/slide?".len()..]),
-        clinic = esc(&s.clinic),
-        device = esc(&s.device),
-        t = when(s.started_at),
-        state = s.state(),
-        n = s.report.classified,
-        u = s.report.unidentified,
-        e = s.report.edge_cut,
+        line = esc(&lang.t(
+            "c_slide_line",
+            &[
+                ("clinic", &s.clinic),
+                ("device", &s.device),
+                ("when", &when(s.started_at)),
+                ("state", &lang.term(s.state())),
+                ("n", &s.report.classified),
+                ("u", &s.report.unidentified),
+                ("e", &s.report.edge_cut),
+            ]
+        )),
     );
     for f in &s.report.flags {
         let _ = write!(
             b,
             "<li class=\"{}\">{}</li>",
             if f.urgent() { "blast" } else { "flag" },
-            esc(&f.message())
+            esc(&lang.flag(f))
         );
     }
-    b.push_str("</ul><table id=\"differential\"><tr><th>class</th><th>cells</th><th>%</th></tr>");
+    let _ = write!(
+        b,
+        "</ul><table id=\"differential\"><tr><th>{}</th><th>{}</th><th>%</th></tr>",
+        t("class_column"),
+        t("count")
+    );
     for (class, c) in &s.report.per_class {
+        let shown = class
+            .parse::<CellClass>()
+            .map_or_else(|_| class.clone(), |k| lang.class(k));
         let _ = write!(
             b,
             "<tr><td>{}</td><td>{}</td><td>{:.1}</td></tr>",
-            esc(class),
+            esc(&shown),
             c.count,
             c.percent
         );
     }
-    b.push_str(
-        "</table><h2>Cells (those waiting for review first)</h2><table id=\"cells\"><tr><th>waiting</th><th>field</th>\
-         <th>box</th><th>picture</th><th>model</th><th>likeliest</th><th>description</th><th>technician</th></tr>",
+    let _ = write!(
+        b,
+        "</table><h2>{}</h2><table id=\"cells\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th>\
+         <th>{}</th><th>{}</th></tr>",
+        t("c_cells_title"),
+        t("c_waiting"),
+        t("c_field"),
+        t("c_box"),
+        t("c_picture"),
+        t("c_model"),
+        t("c_likeliest"),
+        t("c_description"),
+        t("c_technician"),
     );
     for c in &d.cells {
         let r = &c.cell.result;
@@ -313,7 +382,7 @@ async fn slide_page(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Res
             .likeliest()
             .iter()
             .take(3)
-            .map(|(k, p)| format!("{} {p:.2}", k.name()))
+            .map(|(k, p)| format!("{} {p:.2}", lang.class(*k)))
             .collect();
         let bbox = r
             .bbox
@@ -322,7 +391,7 @@ async fn slide_page(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Res
         let review = match &c.cell.review {
             Some(v) => format!(
                 "{} ({})",
-                v.class.map(|k| k.name()).unwrap_or("not a white cell / cannot tell"),
+                v.class.map_or_else(|| lang.t("reviewed_none", &[]), |k| lang.class(k)),
                 v.by
             ),
             None => String::new(),
@@ -333,8 +402,9 @@ async fn slide_page(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Res
              <td>{likeliest}</td><td>{desc}</td><td>{review}</td></tr>",
             picture = if c.picture {
                 format!(
-                    "<img src=\"{}\" alt=\"the cell\" width=\"128\" height=\"128\">",
-                    esc(&CellKey::href(&s.clinic, &s.device, &c.field_id, c.index))
+                    "<img src=\"{}\" alt=\"{}\" width=\"128\" height=\"128\">",
+                    esc(&CellKey::href(&s.clinic, &s.device, &c.field_id, c.index)),
+                    t("c_the_cell")
                 )
             } else {
                 String::new()
@@ -344,11 +414,16 @@ async fn slide_page(State(w): State<Arc<Web>>, Query(k): Query<SlideKey>) -> Res
                 Some("possible_blast") => "possible-blast",
                 _ => "",
             },
-            waiting = c.waiting.unwrap_or("").replace('_', " "),
+            waiting = match c.waiting {
+                Some("blast") => esc(&lang.class(CellClass::Blast)),
+                Some("possible_blast") => t("c_possible_blast"),
+                Some(other) => esc(&other.replace('_', " ")),
+                None => String::new(),
+            },
             field = esc(&c.field_name),
-            class = esc(r.class_name()),
+            class = esc(&r.class.map_or_else(|| lang.t("unidentified", &[]), |k| lang.class(k))),
             likeliest = esc(&likeliest.join(", ")),
-            desc = esc(&r.description),
+            desc = esc(&lang.description(r)),
             review = esc(&review),
         );
     }
@@ -376,22 +451,37 @@ async fn agreement(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
 }
 
 /// The dashboard's table of the model against the reviews of the last 30 days.
-fn agreement_html(b: &mut String, rows: &[crate::db::Agreement], s: &crate::db::AgreementSettings) {
+fn agreement_html(b: &mut String, lang: Lang, rows: &[crate::db::Agreement], s: &crate::db::AgreementSettings) {
+    let t = |k: &str| esc(&lang.t(k, &[]));
     let _ = write!(
         b,
-        "<h2>The model against the technicians' reviews (last 30 days)</h2>\
-         <p>Flagged below {:.0} % agreement over at least {} reviewed cells: the site may need adaptation or \
-         its stain a look.</p><table id=\"agreement\"><tr><th>clinic</th><th>model</th><th>reviewed</th>\
-         <th>confirmed</th><th>changed most</th><th>set aside, reviewed</th><th>week by week</th></tr>",
-        s.threshold * 100.0,
-        s.min_reviews
+        "<h2>{}</h2><p>{}</p><table id=\"agreement\"><tr><th>{}</th><th>{}</th><th>{}</th>\
+         <th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
+        t("c_agreement_title"),
+        esc(&lang.t(
+            "c_agreement_note",
+            &[("pct", &format!("{:.0}", s.threshold * 100.0)), ("n", &s.min_reviews)]
+        )),
+        t("c_clinic"),
+        t("c_model"),
+        t("c_reviewed"),
+        t("c_confirmed"),
+        t("c_changed_most"),
+        t("c_set_aside_reviewed"),
+        t("c_weeks"),
     );
+    let class = |name: &str| match name.parse::<CellClass>() {
+        Ok(k) => lang.class(k),
+        Err(_) if name == crate::db::NOT_A_WHITE_CELL => lang.t("not_a_cell", &[]),
+        Err(_) if name == "Unidentified" => lang.t("unidentified", &[]),
+        Err(_) => name.to_string(),
+    };
     for a in rows {
         let changes: Vec<String> = a
             .changes
             .iter()
             .take(3)
-            .map(|c| format!("{} → {} ×{}", c.model, c.review, c.count))
+            .map(|c| format!("{} → {} ×{}", class(&c.model), class(&c.review), c.count))
             .collect();
         let weeks: Vec<String> = a
             .weeks
@@ -408,7 +498,14 @@ fn agreement_html(b: &mut String, rows: &[crate::db::Agreement], s: &crate::db::
             n = a.reviewed,
             pct = a
                 .agreement
-                .map(|x| format!("{:.0} %{}", x * 100.0, if a.low { " (low)" } else { "" }))
+                .map(|x| {
+                    let low = if a.low {
+                        format!(" {}", lang.t("c_low", &[]))
+                    } else {
+                        String::new()
+                    };
+                    esc(&format!("{:.0} %{low}", x * 100.0))
+                })
                 .unwrap_or_default(),
             ch = esc(&changes.join(", ")),
             sa = a.set_aside_reviewed,
@@ -439,7 +536,9 @@ const STYLE: &str = "body{font-family:sans-serif;margin:1.5em}table{border-colla
     td,th{border:1px solid #bbb;padding:.25em .5em}tr.blast,li.blast{background:#fdd}\
     tr.possible-blast,li.flag{background:#ffe8cc}.offline{color:#a00}.online{color:#070}";
 
-async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Response {
+async fn dashboard(State(w): State<Arc<Web>>, user: User, Query(f): Query<Filter>) -> Response {
+    let lang = w.lang(&user);
+    let t = |k: &str| esc(&lang.t(k, &[]));
     let (clinic, offset) = (f.clinic.clone(), f.offset.unwrap_or(0));
     let fetched = blocking(&w, move |w| {
         let c = clinic.as_deref();
@@ -454,38 +553,66 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
     let more = slides.len() > DASHBOARD_SLIDES as usize;
     slides.truncate(DASHBOARD_SLIDES as usize);
     let mut b = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>WBC central</title><style>{STYLE}</style></head><body>\
-         <h1>WBC differentials: central lab</h1>{logout}<h2>Devices</h2><table id=\"devices\"><tr><th>clinic</th><th>device</th>\
-         <th>state</th><th>waiting to send</th><th>model</th><th>last heard</th></tr>",
+        "{head}<h1>{title}</h1>{logout}<h2>{devices}</h2><table id=\"devices\"><tr><th>{clinic}</th><th>{device}</th>\
+         <th>{state}</th><th>{backlog}</th><th>{model}</th><th>{heard}</th></tr>",
+        head = head(lang, &lang.t("c_title", &[])),
+        title = t("c_title"),
         logout = if !w.login.has_accounts() {
-            ""
+            String::new()
         } else {
-            "<form method=\"post\" action=\"/logout\"><button id=\"logout\">Log out</button></form>"
-        }
+            format!(
+                "<form method=\"post\" action=\"/logout\"><button id=\"logout\">{}</button></form>",
+                t("logout")
+            )
+        },
+        devices = t("c_devices"),
+        clinic = t("c_clinic"),
+        device = t("c_device"),
+        state = t("c_state"),
+        backlog = t("c_backlog"),
+        model = t("c_model"),
+        heard = t("c_last_heard"),
     );
     for d in &devices {
         let _ = write!(
             b,
-            "<tr><td><a href=\"/?clinic={c}\">{c}</a></td><td>{dev}</td><td class=\"{st}\">{st}</td><td>{bl}</td>\
+            "<tr><td><a href=\"/?clinic={c}\">{c}</a></td><td>{dev}</td><td class=\"{st}\">{shown}</td><td>{bl}</td>\
              <td>{m}</td><td>{seen}</td></tr>",
             c = esc(&d.clinic),
             dev = esc(&d.device),
             st = esc(&d.state),
+            shown = esc(&lang.term(&d.state)),
             bl = d.backlog.map(|b| b.to_string()).unwrap_or_default(),
             m = d.model_version.map(|m| m.to_string()).unwrap_or_default(),
             seen = when(d.last_seen)
         );
     }
-    b.push_str("</table><h2>Slides (blasts first)</h2><table id=\"slides\"><tr><th>clinic</th><th>device</th><th>slide</th><th>started</th><th>state</th><th>cells</th><th>differential</th><th>flags</th></tr>");
+    let _ = write!(
+        b,
+        "</table><h2>{}</h2><table id=\"slides\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th>\
+         <th>{}</th><th>{}</th></tr>",
+        t("c_slides"),
+        t("c_clinic"),
+        t("c_device"),
+        t("c_slide"),
+        t("c_started"),
+        t("c_state"),
+        t("c_cells"),
+        t("c_differential"),
+        t("c_flags"),
+    );
     for s in &slides {
         let diff: Vec<String> = s
             .report
             .per_class
             .iter()
             .filter(|(_, c)| c.count > 0)
-            .map(|(k, c)| format!("{k} {:.0} %", c.percent))
+            .map(|(k, c)| {
+                let shown = k.parse::<CellClass>().map_or_else(|_| k.clone(), |k| lang.class(k));
+                format!("{shown} {:.0} %", c.percent)
+            })
             .collect();
-        let flags: Vec<String> = s.report.flags.iter().map(|f| esc(&f.message())).collect();
+        let flags: Vec<String> = s.report.flags.iter().map(|f| esc(&lang.flag(f))).collect();
         let _ = write!(
             b,
             "<tr class=\"{cls}\"><td>{c}</td><td>{d}</td><td><a href=\"{href}\">{id}</a></td><td>{t}</td><td>{st}</td><td>{n}</td><td>{diff}</td><td>{flags}</td></tr>",
@@ -501,7 +628,7 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
             d = esc(&s.device),
             id = esc(&s.report.slide_id),
             t = when(s.started_at),
-            st = s.state(),
+            st = esc(&lang.term(s.state())),
             n = s.report.classified,
             diff = esc(&diff.join(", ")),
             flags = flags.join("<br>")
@@ -521,21 +648,33 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
         if offset > 0 {
             let _ = write!(
                 b,
-                "<a href=\"{}\">Newer slides</a> ",
-                at(offset.saturating_sub(u64::from(DASHBOARD_SLIDES)))
+                "<a href=\"{}\">{}</a> ",
+                at(offset.saturating_sub(u64::from(DASHBOARD_SLIDES))),
+                t("c_newer")
             );
         }
         if more {
             let _ = write!(
                 b,
-                "<a href=\"{}\">Older slides</a>",
-                at(offset + u64::from(DASHBOARD_SLIDES))
+                "<a href=\"{}\">{}</a>",
+                at(offset + u64::from(DASHBOARD_SLIDES)),
+                t("c_older")
             );
         }
         b.push_str("</p>");
     }
-    agreement_html(&mut b, &agreement, &w.agreement);
-    b.push_str("<h2>Model updates (latest)</h2><table id=\"model-events\"><tr><th>clinic</th><th>device</th><th>when</th><th>event</th><th>version</th><th>detail</th></tr>");
+    agreement_html(&mut b, lang, &agreement, &w.agreement);
+    let _ = write!(
+        b,
+        "<h2>{}</h2><table id=\"model-events\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
+        t("c_updates"),
+        t("c_clinic"),
+        t("c_device"),
+        t("c_when"),
+        t("log_event"),
+        t("log_version"),
+        t("log_detail"),
+    );
     for e in &events {
         let _ = write!(
             b,
@@ -544,11 +683,12 @@ async fn dashboard(State(w): State<Arc<Web>>, Query(f): Query<Filter>) -> Respon
             c = esc(&e.clinic),
             d = esc(&e.device),
             t = when(e.at),
-            ev = e.event,
+            ev = esc(&lang.term(e.event.as_str())),
             v = e.model_version,
             detail = esc(&e.detail)
         );
     }
+    // The API's names are the API's: they stay in English.
     b.push_str("</table><p>JSON: <a href=\"/api/devices\">devices</a>, <a href=\"/api/slides\">slides</a>, <a href=\"/api/results\">results over time</a>, <a href=\"/api/model-events\">model events</a>, <a href=\"/api/agreement\">agreement with reviews</a>, <a href=\"/api/stats\">ingest</a>.</p></body></html>");
     Html(b).into_response()
 }

@@ -47,9 +47,9 @@ pub(super) async fn field_page(
 ) -> Response {
     let f = match load_field(&w, &id) {
         Ok(f) => f,
-        Err(s) => return error_page(s, Some(&user), "No such field."),
+        Err(s) => return error_page(&w, s, &user, &w.lang(&user).t("no_such_field", &[])),
     };
-    let lang = w.language;
+    let lang = w.lang(&user);
     let scale = if f.single_cell {
         String::new()
     } else {
@@ -68,7 +68,7 @@ pub(super) async fn field_page(
                     &lang.t(if f.single_cell { "kind_cell" } else { "kind_field" }, &[])
                 ),
                 ("scale", &scale),
-                ("source", &f.source),
+                ("source", &lang.term(&f.source)),
             ]
         ))
     );
@@ -95,7 +95,10 @@ pub(super) async fn field_page(
                 x0 + 4,
                 y0 + 20,
                 i + 1,
-                esc(c.result.class_name())
+                esc(&c
+                    .result
+                    .class
+                    .map_or_else(|| lang.t("unidentified", &[]), |k| lang.class(k)))
             );
         }
     }
@@ -130,16 +133,17 @@ pub(super) async fn field_page(
         };
         let _ = write!(
             body,
-            "<tr class=\"cell\" id=\"cell-{n}\"><td>{n}<br><img class=\"cell-picture\" src=\"/field/{id}/cell/{i}/image\" alt=\"cell {n}\" width=\"96\" height=\"96\" loading=\"lazy\"></td><td class=\"class\"><b>{class}</b><br>{confidence}</td>\
+            "<tr class=\"cell\" id=\"cell-{n}\"><td>{n}<br><img class=\"cell-picture\" src=\"/field/{id}/cell/{i}/image\" alt=\"{alt}\" width=\"96\" height=\"96\" loading=\"lazy\"></td><td class=\"class\"><b>{class}</b><br>{confidence}</td>\
              <td><span class=\"probs\">{probs}</span><p class=\"description\">{desc}</p></td>\
              <td>{reviewed}<form method=\"post\" action=\"/field/{id}/cell/{i}/review\"><select name=\"class\" required>{opts}</select> \
              <button>{save}</button></form></td></tr>",
             n = i + 1,
+            alt = esc(&lang.t("cell_alt", &[("k", &(i + 1)), ("name", &f.name)])),
             class = esc(&r.class.map_or_else(|| lang.t("unidentified", &[]), |k| lang.class(k))),
             confidence = esc(&lang.t("confidence", &[("c", &format!("{:.3}", r.confidence))])),
             save = esc(&lang.t("save", &[])),
             probs = esc(&probs.join("  ")),
-            desc = esc(&r.description),
+            desc = esc(&lang.description(r)),
             id = esc(&f.id),
             opts = class_options(lang, c.review.as_ref().map(|v| v.class)),
         );
@@ -171,9 +175,10 @@ pub(super) async fn review(
 ) -> Response {
     if f.class.is_empty() {
         return error_page(
+            &w,
             StatusCode::BAD_REQUEST,
-            Some(&user),
-            "Choose the cell's class, or \"Not a white cell / cannot tell\", before saving. Nothing was changed.",
+            &user,
+            &w.lang(&user).t("choose_first", &[]),
         );
     }
     let class = if f.class == "none" {
@@ -181,14 +186,21 @@ pub(super) async fn review(
     } else {
         match f.class.parse::<CellClass>() {
             Ok(c) => Some(c),
-            Err(_) => return error_page(StatusCode::BAD_REQUEST, Some(&user), "Unknown class."),
+            Err(_) => {
+                return error_page(
+                    &w,
+                    StatusCode::BAD_REQUEST,
+                    &user,
+                    &w.lang(&user).t("unknown_class", &[]),
+                );
+            }
         }
     };
     match w.app.review(&id, n, class, &user) {
         Ok(_) if f.next.as_deref() == Some("review") => Redirect::to("/review").into_response(),
         Ok(_) if f.next.as_deref() == Some("gallery") => Redirect::to(&format!("/gallery#g-{id}-{n}")).into_response(),
         Ok(_) => Redirect::to(&format!("/field/{id}#cell-{}", n + 1)).into_response(),
-        Err(e) => error_page(StatusCode::BAD_REQUEST, Some(&user), &format!("{e:#}")),
+        Err(e) => error_page(&w, StatusCode::BAD_REQUEST, &user, &format!("{e:#}")),
     }
 }
 
@@ -198,7 +210,7 @@ pub(super) async fn review_page(
 ) -> Response {
     let slide = w.app.current_slide();
     let fields = w.app.store().fields_of_slide(&slide.id).unwrap_or_default();
-    let lang = w.language;
+    let lang = w.lang(&user);
     let mut body = format!("<p>{}</p><ul id=\"to-review\">", esc(&lang.t("review_intro", &[])));
     let queue = wbc_protocol::slide::review_queue(&fields);
     for &(priority, fi, ci) in &queue {
@@ -218,11 +230,12 @@ pub(super) async fn review_page(
         }
         let _ = write!(
             body,
-            "<li{cls} id=\"wait-{id}-{k}\"><img class=\"cell-picture\" src=\"/field/{id}/cell/{ci}/image\" alt=\"cell {k} of {name}\" width=\"128\" height=\"128\" loading=\"lazy\"> \
+            "<li{cls} id=\"wait-{id}-{k}\"><img class=\"cell-picture\" src=\"/field/{id}/cell/{ci}/image\" alt=\"{alt}\" width=\"128\" height=\"128\" loading=\"lazy\"> \
              <a href=\"/field/{id}#cell-{k}\">{cell_of}</a>: {class}{possible} — {desc}<br>{quick}\
              <form method=\"post\" action=\"{action}\" class=\"quick\"><input type=\"hidden\" name=\"next\" value=\"review\">\
              <select name=\"class\" required>{opts}</select> <button>{save}</button></form></li>",
             cell_of = esc(&lang.t("cell_of", &[("name", &f.name), ("k", &(ci + 1))])),
+            alt = esc(&lang.t("cell_alt", &[("k", &(ci + 1)), ("name", &f.name)])),
             save = esc(&lang.t("save", &[])),
             cls = match priority {
                 ReviewPriority::Blast => " class=\"urgent\"",
@@ -231,7 +244,6 @@ pub(super) async fn review_page(
             },
             id = esc(&f.id),
             k = ci + 1,
-            name = esc(&f.name),
             class = esc(&c
                 .result
                 .class
@@ -241,7 +253,7 @@ pub(super) async fn review_page(
             } else {
                 String::new()
             },
-            desc = esc(&c.result.description),
+            desc = esc(&lang.description(&c.result)),
             opts = class_options(lang, None),
         );
     }

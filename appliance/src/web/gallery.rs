@@ -98,11 +98,7 @@ pub(super) async fn gallery(
     let fields = match w.app.store().fields_of_slide(&slide.id) {
         Ok(f) => f,
         Err(e) => {
-            return super::error_page(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                Some(&user),
-                &format!("{e:#}"),
-            );
+            return super::internal_error(&w, &user, &format!("{e:#}"));
         }
     };
     let mut cells: Vec<(Group, usize, usize)> = Vec::new();
@@ -112,11 +108,12 @@ pub(super) async fn gallery(
         }
     }
     cells.sort();
-    let lang = w.language;
+    let lang = w.lang(&user);
     let mut body = format!(
         "<style>{GALLERY_CSS}</style>{}<p>{}</p>",
         super::differential_html(
             &w,
+            lang,
             // From the fields already read, as `App::report_of` would read them again.
             &Ok(wbc_protocol::slide::report(
                 &slide.id,
@@ -146,10 +143,11 @@ pub(super) async fn gallery(
                 Some(c) => (c.name(), lang.class(c)),
                 None => ("none", lang.t("not_a_cell", &[])),
             };
+            let hint = esc(&lang.t("key_hint", &[("class", &text), ("key", &key)]));
             let text = esc(&text);
             let _ = write!(
                 buttons,
-                "<button name=\"class\" value=\"{value}\" data-key=\"{key}\" title=\"{text} (key {key})\">{text}</button>"
+                "<button name=\"class\" value=\"{value}\" data-key=\"{key}\" title=\"{hint}\">{text}</button>"
             );
         }
         let frame = match (&c.review, g) {
@@ -160,11 +158,12 @@ pub(super) async fn gallery(
         let _ = write!(
             body,
             "<figure class=\"cell{frame}\" id=\"{anchor}\" tabindex=\"0\"><img src=\"/field/{id}/cell/{ci}/image\" \
-             alt=\"cell {k} of {name}\" width=\"136\" height=\"136\" loading=\"lazy\"><figcaption><a href=\"/field/{id}#cell-{k}\">\
+             alt=\"{alt}\" width=\"136\" height=\"136\" loading=\"lazy\"><figcaption><a href=\"/field/{id}#cell-{k}\">\
              {name} {k}</a>: {model}{rev}</figcaption><form method=\"post\" action=\"/field/{id}/cell/{ci}/review\">\
              <input type=\"hidden\" name=\"next\" value=\"gallery\">{buttons}</form></figure>",
             k = ci + 1,
             name = esc(&f.name),
+            alt = esc(&lang.t("cell_alt", &[("k", &(ci + 1)), ("name", &f.name)])),
             model = esc(&lang.t("model_said", &[("class", &class_name(lang, c.result.class))])),
             rev = match &c.review {
                 Some(r) => format!(

@@ -29,56 +29,56 @@ pub struct Web {
     login: Arc<Login>,
     max_upload_bytes: usize,
     uplink: Option<Arc<crate::uplink::UplinkState>>,
-    /// The slide report's language unless a request asks for another.
-    language: wbc_web::i18n::Lang,
 }
 
 impl Web {
-    /// A web UI over an appliance, with its accounts and, where configured, its uplink.
+    /// A web UI over an appliance, with its accounts, the clinic's language (each account may
+    /// have its own) and, where configured, its uplink.
     pub fn new(
         app: Arc<App>,
         users: Vec<User>,
+        language: Lang,
         max_upload_bytes: usize,
         uplink: Option<Arc<crate::uplink::UplinkState>>,
     ) -> Arc<Self> {
         Arc::new(Web {
             app,
-            login: Login::required(users, |title, body| page(title, None, body).0),
+            login: Login::required(users, |lang, title, body| page_in(lang, title, None, body).0, language),
             max_upload_bytes,
             uplink,
-            language: wbc_web::i18n::Lang::En,
         })
     }
 
-    /// The same UI with the slide report in `language` by default.
-    pub fn with_language(self: Arc<Self>, language: wbc_web::i18n::Lang) -> Arc<Self> {
-        match Arc::try_unwrap(self) {
-            Ok(mut w) => {
-                w.language = language;
-                Arc::new(w)
-            }
-            Err(shared) => shared,
-        }
+    /// The language of a user's pages.
+    fn lang(&self, user: &str) -> Lang {
+        self.login.language(Some(user))
     }
 
     /// The uplink in words: connected or not, the two backlogs (not yet at the broker; at the
     /// broker and not yet confirmed by central), messages set aside.
-    fn uplink_text(&self) -> String {
+    fn uplink_text(&self, lang: Lang) -> String {
         let store = self.app.store();
-        let (unsent, unconfirmed) = (store.unsent(), store.unconfirmed());
-        let waiting =
-            format!("{unsent} messages wait to be sent; {unconfirmed} sent wait for central to confirm them.");
+        let waiting = lang.t(
+            "uplink_waiting",
+            &[("unsent", &store.unsent()), ("unconfirmed", &store.unconfirmed())],
+        );
         let state = match &self.uplink {
-            None => format!("No uplink configured; {} messages wait in the outbox.", store.backlog()),
-            Some(u) if u.connected() => format!("Connected to the broker; {waiting}"),
-            Some(u) => format!(
-                "Not connected to the broker ({}); {waiting} They are kept until central has them.",
-                u.last_error().unwrap_or_else(|| "connecting".into())
+            None => lang.t("uplink_none", &[("n", &store.backlog())]),
+            Some(u) if u.connected() => lang.t("uplink_connected", &[("waiting", &waiting)]),
+            Some(u) => lang.t(
+                "uplink_disconnected",
+                &[
+                    (
+                        "why",
+                        &u.last_error().unwrap_or_else(|| lang.t("uplink_connecting", &[])),
+                    ),
+                    ("waiting", &waiting),
+                ],
             ),
         };
         match store.quarantined() {
             0 => state,
-            n => format!("{state} {n} stored messages could not be read back and are set aside: call maintenance."),
+            n => lang.t("uplink_quarantined", &[("state", &state), ("n", &n)]),
         }
     }
 }
@@ -122,10 +122,6 @@ pub fn router(web: Arc<Web>) -> Router {
 /// Escapes text for HTML.
 use wbc_web::html_escape as esc;
 
-fn page(title: &str, user: Option<&str>, body: &str) -> Html<String> {
-    page_in(Lang::En, title, user, body)
-}
-
 /// A page in `lang` (its navigation; the body is the caller's).
 fn page_in(lang: Lang, title: &str, user: Option<&str>, body: &str) -> Html<String> {
     let t = |k: &str| esc(&lang.t(k, &[]));
@@ -159,15 +155,25 @@ main{padding:.8em;max-width:60em}table{border-collapse:collapse;width:100%}td,th
 .error{background:#fdd;padding:.5em}.inline{display:inline}svg{max-width:100%;height:auto}button{font-size:1em}\
 .probs{font-size:.85em;color:#444}";
 
-fn error_page(status: StatusCode, user: Option<&str>, message: &str) -> Response {
+/// An error page for what went wrong inside the appliance (the cause as it was written).
+fn internal_error(w: &Web, user: &str, why: &dyn std::fmt::Display) -> Response {
+    let message = w.lang(user).t("internal_error", &[("why", why)]);
+    error_page(w, StatusCode::INTERNAL_SERVER_ERROR, user, &message)
+}
+
+/// A page that says what was not done and why (`message`, already in the user's language).
+fn error_page(w: &Web, status: StatusCode, user: &str, message: &str) -> Response {
+    let lang = w.lang(user);
     (
         status,
-        page(
-            "Not done",
-            user,
+        page_in(
+            lang,
+            &lang.t("not_done", &[]),
+            Some(user),
             &format!(
-                "<p class=\"error\" id=\"error\">{}</p><p><a href=\"/\">Back</a></p>",
-                esc(message)
+                "<p class=\"error\" id=\"error\">{}</p><p><a href=\"/\">{}</a></p>",
+                esc(message),
+                esc(&lang.t("back", &[]))
             ),
         ),
     )
@@ -203,7 +209,7 @@ async fn health(State(w): State<Arc<Web>>) -> Response {
 
 /// The current slide's flags, progress and differential, from its report (read once by the
 /// caller).
-fn differential_html(w: &Web, report: &anyhow::Result<wbc_protocol::slide::SlideReport>) -> String {
+fn differential_html(w: &Web, lang: Lang, report: &anyhow::Result<wbc_protocol::slide::SlideReport>) -> String {
     let r = match report {
         Ok(r) => r,
         Err(e) => return format!("<p class=\"error\">{}</p>", esc(&format!("{e:#}"))),
@@ -212,13 +218,13 @@ fn differential_html(w: &Web, report: &anyhow::Result<wbc_protocol::slide::Slide
     for f in w.app.inbox_waiting() {
         let _ = write!(
             s,
-            "<p class=\"flag\">Inbox image {} not processed yet ({} tries; it will be tried again): {}</p>",
-            esc(&f.name),
-            f.failures,
-            esc(&f.reason)
+            "<p class=\"flag\">{}</p>",
+            esc(&lang.t(
+                "inbox_waiting",
+                &[("name", &f.name), ("tries", &f.failures), ("reason", &f.reason)]
+            ))
         );
     }
-    let lang = w.language;
     for f in &r.flags {
         let class = if f.urgent() { "urgent" } else { "flag" };
         let _ = write!(s, "<p class=\"{class}\">{}</p>", esc(&lang.flag(f)));
@@ -264,31 +270,40 @@ fn differential_html(w: &Web, report: &anyhow::Result<wbc_protocol::slide::Slide
 }
 
 async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>) -> Response {
+    let lang = w.lang(&user);
     let slide = w.app.current_slide();
     let report = w.app.report();
+    let probation = match w.app.models().map(|m| m.status()) {
+        Some(crate::models::Status {
+            probation: Some(p),
+            probation_fields,
+            ..
+        }) => lang.t("probation_note", &[("ok", &p.fields_ok), ("needed", &probation_fields)]),
+        _ => String::new(),
+    };
     let mut body = format!(
-        "<p id=\"model\">Model version {} on {}{} (<a href=\"/models\">models and updates</a>). <span id=\"site\">{}</span></p><p id=\"uplink\">{}</p><h2>{}</h2><p id=\"report-links\"><a href=\"/gallery\">{}</a> · <a href=\"/slide/report\">{}</a> · <a href=\"/slide/report.pdf\">PDF</a></p>{}",
-        w.app.model_version(),
-        esc(&w.app.settings.backend),
-        match w.app.models().map(|m| m.status()) {
-            Some(crate::models::Status {
-                probation: Some(p),
-                probation_fields,
-                ..
-            }) => format!(", new: on probation, {} of {probation_fields} fields", p.fields_ok),
-            _ => String::new(),
-        },
-        esc(&site_text(&w.app)),
-        esc(&w.uplink_text()),
-        esc(&w.language.t("slide_heading", &[("id", &slide.id)])),
-        esc(&w.language.t("nav_gallery", &[])),
-        esc(&w.language.t("report_print", &[])),
-        differential_html(&w, &report)
+        "<p id=\"model\">{} (<a href=\"/models\">{}</a>). <span id=\"site\">{}</span></p><p id=\"uplink\">{}</p><h2>{}</h2><p id=\"report-links\"><a href=\"/gallery\">{}</a> · <a href=\"/slide/report\">{}</a> · <a href=\"/slide/report.pdf\">PDF</a></p>{}",
+        esc(&lang.t(
+            "model_line",
+            &[
+                ("version", &w.app.model_version()),
+                ("backend", &w.app.settings.backend),
+                ("probation", &probation),
+            ]
+        )),
+        esc(&lang.t("models_link", &[])),
+        esc(&site_text(&w.app, lang)),
+        esc(&w.uplink_text(lang)),
+        esc(&lang.t("slide_heading", &[("id", &slide.id)])),
+        esc(&lang.t("nav_gallery", &[])),
+        esc(&lang.t("report_print", &[])),
+        differential_html(&w, lang, &report)
     );
     let camera = match w.app.camera() {
         Some(c) => format!(
-            "<form method=\"post\" action=\"/capture\"><p><button id=\"capture\">Capture this field</button> from {}</p></form>",
-            esc(&c)
+            "<form method=\"post\" action=\"/capture\"><p><button id=\"capture\">{}</button> {}</p></form>",
+            esc(&lang.t("capture", &[])),
+            esc(&lang.t("capture_from", &[("camera", &c)]))
         ),
         None => String::new(),
     };
@@ -304,19 +319,20 @@ async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum:
         )),
         Err(_) => String::new(),
     };
-    let t = |k: &str| esc(&w.language.t(k, &[]));
+    let t = |k: &str| esc(&lang.t(k, &[]));
     let _ = write!(
         body,
         "<h2>{add}</h2><form method=\"post\" action=\"/upload\" enctype=\"multipart/form-data\">\
          <p><input type=\"file\" name=\"image\" id=\"image\" accept=\"image/*\" multiple></p>\
          <p><label><input type=\"checkbox\" name=\"single_cell\" id=\"single_cell\"> {one}</label></p>\
          <p><button id=\"upload\">{classify}</button> <span id=\"upload-progress\" aria-live=\"polite\"></span></p></form>\
-         <span id=\"slide-state\" hidden>{state}</span><script>{UPLOAD_JS}</script>\
+         <span id=\"slide-state\" hidden>{state}</span><script>var T={texts};{UPLOAD_JS}</script>\
          {camera}<form method=\"post\" action=\"/slide/finish\"><p><button id=\"finish\">{finish}</button></p></form>",
         add = t("add_image"),
         one = t("one_cell"),
         classify = t("classify"),
         finish = t("finish"),
+        texts = script_texts(lang),
     );
     if let Ok(fields) = w.app.store().fields_of_slide(&slide.id) {
         let _ = write!(body, "<h2>{}</h2><ul>", t("fields_of_slide"));
@@ -326,12 +342,29 @@ async fn index(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axum:
                 "<li><a href=\"/field/{id}\">{name}</a> — {n}</li>",
                 id = esc(&f.id),
                 name = esc(&f.name),
-                n = esc(&w.language.t("n_cells", &[("n", &f.cells.len())]))
+                n = esc(&lang.t("n_cells", &[("n", &f.cells.len())]))
             );
         }
         body.push_str("</ul>");
     }
-    page_in(w.language, &w.language.t("app_title", &[]), Some(&user), &body).into_response()
+    page_in(lang, &lang.t("app_title", &[]), Some(&user), &body).into_response()
+}
+
+/// The texts of the upload script in the user's language, as a JavaScript object (`T`); the
+/// script fills in `{name}`-style placeholders itself.
+fn script_texts(lang: Lang) -> String {
+    let texts: serde_json::Map<String, serde_json::Value> = [
+        "js_classifying_one",
+        "js_classifying",
+        "js_done",
+        "js_done_failed",
+        "js_no_answer",
+    ]
+    .into_iter()
+    .map(|k| (k.to_string(), lang.t(k, &[]).into()))
+    .collect();
+    // Inside <script>, "</" could end the element: JSON allows it written as "<\/".
+    serde_json::Value::Object(texts).to_string().replace("</", "<\\/")
 }
 
 /// The models page: the active model, its fallback, the trusted keys and the model log (every
@@ -340,26 +373,34 @@ async fn models_page(
     State(w): State<Arc<Web>>,
     axum::Extension(LoggedIn(user)): axum::Extension<LoggedIn>,
 ) -> Response {
-    let mut body = String::from("<h2>Models</h2>");
+    let lang = w.lang(&user);
+    let t = |k: &str| esc(&lang.t(k, &[]));
+    let mut body = String::new();
     if let Some(m) = w.app.models() {
+        // The status in detail (versions, hashes, files) is for maintenance: it stays as the
+        // model manager writes it, in English.
         let _ = write!(
             body,
-            "<pre id=\"model-status\">{}</pre>",
+            "<h2>{}</h2><pre id=\"model-status\" lang=\"en\">{}</pre>",
+            t("model_status"),
             esc(&crate::models::describe(&m.status()))
         );
-    }
-    if let Some(m) = w.app.models() {
         let withdrawn = m.withdrawn();
         if !withdrawn.is_empty() {
-            body.push_str("<h2>Withdrawn by the lab</h2><ul id=\"withdrawn\">");
+            let _ = write!(body, "<h2>{}</h2><ul id=\"withdrawn\">", t("withdrawn_title"));
             for (sha, x) in withdrawn {
                 let _ = write!(
                     body,
-                    "<li>version {} ({}…), {}: {}</li>",
-                    x.model_version,
-                    esc(&sha[..sha.len().min(12)]),
-                    utc(x.at),
-                    esc(&x.reason)
+                    "<li>{}</li>",
+                    esc(&lang.t(
+                        "withdrawn_line",
+                        &[
+                            ("version", &x.model_version),
+                            ("sha", &&sha[..sha.len().min(12)]),
+                            ("when", &utc(x.at)),
+                            ("reason", &x.reason),
+                        ]
+                    ))
                 );
             }
             body.push_str("</ul>");
@@ -367,16 +408,21 @@ async fn models_page(
     }
     let _ = write!(
         body,
-        "<h2>Adaptation to this site</h2><p id=\"site-status\">{}</p>\
-         <p>The appliance learns this clinic's stain and camera from the cells it classifies, \
-         without labels: it moves what the model measures of a cell onto what it measured of its \
-         training cells, never changing the signed model. Forget it when the stain protocol, the \
-         camera or the microscope changes; it is learnt again from the next cells.</p>\
-         <form method=\"post\" action=\"/site/reset\"><p><button id=\"site-reset\">Forget the site adaptation</button></p></form>",
-        esc(&site_text(&w.app))
+        "<h2>{}</h2><p id=\"site-status\">{}</p><p>{}</p>\
+         <form method=\"post\" action=\"/site/reset\"><p><button id=\"site-reset\">{}</button></p></form>",
+        t("site_title"),
+        esc(&site_text(&w.app, lang)),
+        t("site_explain"),
+        t("site_reset"),
     );
-    body.push_str(
-        "<h2>Model log</h2><table id=\"model-log\"><tr><th>when (UTC)</th><th>event</th><th>version</th><th>detail</th></tr>",
+    let _ = write!(
+        body,
+        "<h2>{}</h2><table id=\"model-log\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
+        t("model_log"),
+        t("log_when"),
+        t("log_event"),
+        t("log_version"),
+        t("log_detail")
     );
     for e in w.app.store().model_log(100).unwrap_or_default() {
         let _ = write!(
@@ -384,18 +430,13 @@ async fn models_page(
             "<tr class=\"{cls}\"><td>{t}</td><td>{ev}</td><td>{v}</td><td>{d}</td></tr>",
             cls = e.message.event,
             t = utc(e.at),
-            ev = e.message.event,
+            ev = esc(&lang.term(e.message.event.as_str())),
             v = e.message.model_version,
             d = esc(&e.message.detail)
         );
     }
-    body.push_str(
-        "</table><p>Updates come from central over the network, or from a USB stick labelled \
-         WBC-UPDATE holding <code>*.bundle</code>, <code>*.keys.json</code> or \
-         <code>*.rollback.json</code> files. Nothing becomes active before its signature, its \
-         contents and its self-test have been checked.</p>",
-    );
-    page("Models", Some(&user), &body).into_response()
+    let _ = write!(body, "</table><p>{}</p>", t("updates_explain"));
+    page_in(lang, &lang.t("models_title", &[]), Some(&user), &body).into_response()
 }
 
 async fn api_models(State(w): State<Arc<Web>>) -> Response {
@@ -423,7 +464,8 @@ async fn upload(
                     match f.bytes().await {
                         Ok(b) => bytes = Some(b),
                         Err(e) => {
-                            return error_page(e.status(), Some(&user), &format!("upload failed: {}", e.body_text()));
+                            let why = w.lang(&user).t("upload_failed", &[("why", &e.body_text())]);
+                            return error_page(&w, e.status(), &user, &why);
                         }
                     }
                 }
@@ -431,15 +473,14 @@ async fn upload(
                 _ => {}
             },
             Ok(None) => break,
-            Err(e) => return error_page(e.status(), Some(&user), &format!("upload failed: {}", e.body_text())),
+            Err(e) => {
+                let why = w.lang(&user).t("upload_failed", &[("why", &e.body_text())]);
+                return error_page(&w, e.status(), &user, &why);
+            }
         }
     }
     let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
-        return error_page(
-            StatusCode::BAD_REQUEST,
-            Some(&user),
-            "No image was chosen, or the file is empty.",
-        );
+        return error_page(&w, StatusCode::BAD_REQUEST, &user, &w.lang(&user).t("no_image", &[]));
     };
     let app = w.app.clone();
     let shown = name.clone();
@@ -447,15 +488,13 @@ async fn upload(
     match r {
         Ok(Ok(Ingested::New(f) | Ingested::Duplicate(f))) => Redirect::to(&format!("/field/{}", f.id)).into_response(),
         Ok(Err(e)) => error_page(
+            &w,
             StatusCode::BAD_REQUEST,
-            Some(&user),
-            &format!("{shown} was not classified: {e:#}"),
+            &user,
+            &w.lang(&user)
+                .t("not_classified", &[("name", &shown), ("why", &format!("{e:#}"))]),
         ),
-        Err(e) => error_page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Some(&user),
-            &format!("internal error: {e}"),
-        ),
+        Err(e) => internal_error(&w, &user, &e),
     }
 }
 
@@ -463,12 +502,13 @@ async fn capture(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axu
     let app = w.app.clone();
     match tokio::task::spawn_blocking(move || app.capture()).await {
         Ok(Ok(Ingested::New(f) | Ingested::Duplicate(f))) => Redirect::to(&format!("/field/{}", f.id)).into_response(),
-        Ok(Err(e)) => error_page(StatusCode::BAD_REQUEST, Some(&user), &format!("capture failed: {e:#}")),
-        Err(e) => error_page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Some(&user),
-            &format!("internal error: {e}"),
+        Ok(Err(e)) => error_page(
+            &w,
+            StatusCode::BAD_REQUEST,
+            &user,
+            &w.lang(&user).t("capture_failed", &[("why", &format!("{e:#}"))]),
         ),
+        Err(e) => internal_error(&w, &user, &e),
     }
 }
 
@@ -525,7 +565,7 @@ async fn finish_slide(
             tracing::info!(slide = %r.slide_id, by = %user, classified = r.classified, flags = r.flags.len(), "slide finished");
             Redirect::to("/").into_response()
         }
-        Err(e) => error_page(StatusCode::INTERNAL_SERVER_ERROR, Some(&user), &format!("{e:#}")),
+        Err(e) => internal_error(&w, &user, &format!("{e:#}")),
     }
 }
 
@@ -538,8 +578,8 @@ async fn reset_site(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): 
             tracing::info!(by = %user, "site adaptation reset");
             Redirect::to("/models").into_response()
         }
-        Ok(Err(e)) => error_page(StatusCode::INTERNAL_SERVER_ERROR, Some(&user), &format!("{e:#}")),
-        Err(e) => error_page(StatusCode::INTERNAL_SERVER_ERROR, Some(&user), &e.to_string()),
+        Ok(Err(e)) => internal_error(&w, &user, &format!("{e:#}")),
+        Err(e) => internal_error(&w, &user, &e),
     }
 }
 
@@ -560,24 +600,22 @@ fn site_json(app: &App) -> serde_json::Value {
 }
 
 /// Where the adaptation to the site stands, in words.
-fn site_text(app: &App) -> String {
+fn site_text(app: &App, lang: Lang) -> String {
     use crate::site::SiteStatus;
     match app.site_status() {
-        Ok(SiteStatus::Off) => "Adaptation to this site is turned off.".into(),
-        Ok(SiteStatus::Unavailable) => "This model cannot adapt to the site.".into(),
-        Ok(SiteStatus::Taught { clinic }) => {
-            format!("This model was taught the cells reviewed at clinic {clinic}; it answers as taught.")
-        }
+        Ok(SiteStatus::Off) => lang.t("site_off", &[]),
+        Ok(SiteStatus::Unavailable) => lang.t("site_unavailable", &[]),
+        Ok(SiteStatus::Taught { clinic }) => lang.t("site_taught", &[("clinic", &clinic)]),
         Ok(SiteStatus::Collecting { seen, needed }) => {
-            format!("Learning this site: {seen} of {needed} cells seen before the model adapts.")
+            lang.t("site_collecting", &[("seen", &seen), ("needed", &needed)])
         }
         Ok(SiteStatus::Adapted {
             cells, fitted_at, seen, ..
-        }) => format!(
-            "Adapted to this site on {cells} cells ({seen} seen), {}.",
-            utc(fitted_at)
+        }) => lang.t(
+            "site_adapted",
+            &[("cells", &cells), ("seen", &seen), ("when", &utc(fitted_at))],
         ),
-        Err(e) => format!("The site adaptation cannot be read: {e:#}"),
+        Err(e) => lang.t("site_error", &[("error", &format!("{e:#}"))]),
     }
 }
 

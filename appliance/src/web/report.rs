@@ -2,7 +2,7 @@
 //! named by `?slide=ID`: `/slide/report` as a printable page, `/slide/report.pdf` as a PDF;
 //! in `[web] language`, or `?lang=en|fr|pt`.
 
-use super::{LoggedIn, Web, error_page};
+use super::{LoggedIn, Web, error_page, internal_error};
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -51,29 +51,24 @@ fn doc(w: &Web, slide: Option<String>, lang: Lang) -> anyhow::Result<Option<Slid
 
 async fn made(w: Arc<Web>, user: &str, q: Which) -> Result<SlideReportDoc, Response> {
     let lang = match q.lang.as_deref().map(Lang::from_code) {
-        None => w.language,
+        None => w.lang(user),
         Some(Some(l)) => l,
         Some(None) => {
-            return Err(error_page(
-                StatusCode::BAD_REQUEST,
-                Some(user),
-                "Unknown language: en, fr or pt.",
-            ));
+            let why = w.lang(user).t("unknown_language", &[]);
+            return Err(error_page(&w, StatusCode::BAD_REQUEST, user, &why));
         }
     };
-    match tokio::task::spawn_blocking(move || doc(&w, q.slide, lang)).await {
+    let web = w.clone();
+    match tokio::task::spawn_blocking(move || doc(&web, q.slide, lang)).await {
         Ok(Ok(Some(d))) => Ok(d),
-        Ok(Ok(None)) => Err(error_page(StatusCode::NOT_FOUND, Some(user), "No such slide.")),
-        Ok(Err(e)) => Err(error_page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Some(user),
-            &format!("{e:#}"),
+        Ok(Ok(None)) => Err(error_page(
+            &w,
+            StatusCode::NOT_FOUND,
+            user,
+            &w.lang(user).t("no_such_slide", &[]),
         )),
-        Err(e) => Err(error_page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Some(user),
-            &format!("{e}"),
-        )),
+        Ok(Err(e)) => Err(internal_error(&w, user, &format!("{e:#}"))),
+        Err(e) => Err(internal_error(&w, user, &e)),
     }
 }
 

@@ -1,20 +1,22 @@
-// The slide page's script (see UPLOAD_JS in mod.rs).
+// The slide page's script (see UPLOAD_JS in mod.rs). Its texts come in the user's language
+// as T (script_texts in mod.rs), with {name}-style placeholders that f fills in.
 (function(){
+function f(s,o){return s.replace(/\{(\w+)\}/g,function(m,k){return k in o?o[k]:m;});}
 var input=document.getElementById('image'),form=input.form,btn=document.getElementById('upload'),
 p=document.getElementById('upload-progress'),busy=false;
 form.addEventListener('submit',function(e){
  var files=input.files;if(!files||files.length===0)return;busy=true;btn.disabled=true;
- if(files.length===1){p.textContent='Classifying '+files[0].name+'…';return;}
+ if(files.length===1){p.textContent=f(T.js_classifying_one,{name:files[0].name});return;}
  e.preventDefault();var single=document.getElementById('single_cell').checked,i=0,failed=[];
  function next(){
-  if(i>=files.length){p.textContent='Done: '+(files.length-failed.length)+' of '+files.length+' images classified'+
-   (failed.length?'; not classified: '+failed.join('; '):'')+'.';setTimeout(function(){location.reload();},failed.length?6000:1000);return;}
-  var f=files[i];p.textContent='Classifying image '+(i+1)+' of '+files.length+': '+f.name+'…';
-  var d=new FormData();d.append('image',f);if(single)d.append('single_cell','on');
+  if(i>=files.length){var o={ok:files.length-failed.length,n:files.length,failed:failed.join('; ')};
+   p.textContent=f(failed.length?T.js_done_failed:T.js_done,o);setTimeout(function(){location.reload();},failed.length?6000:1000);return;}
+  var file=files[i];p.textContent=f(T.js_classifying,{i:i+1,n:files.length,name:file.name});
+  var d=new FormData();d.append('image',file);if(single)d.append('single_cell','on');
   fetch(form.action,{method:'POST',body:d,credentials:'same-origin'}).then(function(r){
    if(!r.ok)return r.text().then(function(t){var el=new DOMParser().parseFromString(t,'text/html').getElementById('error');
-    failed.push(el?el.textContent:f.name+' ('+r.status+')');});
-  }).catch(function(){failed.push(f.name+' (no answer)');}).then(function(){i++;next();});
+    failed.push(el?el.textContent:file.name+' ('+r.status+')');});
+  }).catch(function(){failed.push(f(T.js_no_answer,{name:file.name}));}).then(function(){i++;next();});
  }
  next();
 });

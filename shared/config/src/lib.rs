@@ -48,7 +48,8 @@ pub struct WebConfig {
     pub users: Vec<User>,
     /// Largest upload accepted, bytes.
     pub max_upload_bytes: usize,
-    /// Language of the slide report (`en`, `fr`, `pt`); `?lang=` chooses another for one report.
+    /// Language of the pages and the slide report (`en`, `fr`, `pt`); a user's own `language`
+    /// wins for their pages, and `?lang=` chooses another for one report.
     pub language: String,
 }
 

@@ -22,6 +22,9 @@ pub struct User {
     pub name: String,
     /// Argon2 PHC string (`appliance hash-password` makes one); never the password itself.
     pub password_hash: String,
+    /// The language of this user's pages (`en`, `fr`, `pt`); the side's own where absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
 }
 
 /// Why an account cannot be used or a password not hashed.
@@ -38,17 +41,35 @@ pub enum AccountError {
         /// What the PHC parser said.
         reason: String,
     },
+    /// The account asks for a language the pages are not written in.
+    #[error("web user {user}: language {language:?} is not one of en, fr, pt")]
+    UnknownLanguage {
+        /// The account.
+        user: String,
+        /// What it asked for.
+        language: String,
+    },
     /// Argon2 refused to hash.
     #[error("hashing: {0}")]
     Hashing(String),
 }
 
 impl User {
-    /// Refuses an account that could never log in: an empty name, or a hash that is not a PHC
-    /// string (a password pasted in its place, say).
+    /// Refuses an account that could never log in: an empty name, a hash that is not a PHC
+    /// string (a password pasted in its place, say), or a language the pages do not have.
     pub fn validate(&self) -> Result<(), AccountError> {
         if self.name.is_empty() {
             return Err(AccountError::EmptyName);
+        }
+        if let Some(l) = self
+            .language
+            .as_deref()
+            .filter(|l| crate::i18n::Lang::from_code(l).is_none())
+        {
+            return Err(AccountError::UnknownLanguage {
+                user: self.name.clone(),
+                language: l.to_string(),
+            });
         }
         PasswordHash::new(&self.password_hash)
             .map(|_| ())
@@ -94,6 +115,7 @@ pub fn check_login(users: &[User], form: &LoginForm) -> Option<String> {
         DUMMY.get_or_init(|| User {
             name: String::new(),
             password_hash: hash_password("no such user").expect("hashing in memory"),
+            language: None,
         })
     });
     let ok = verify_password(against, &form.password);
@@ -256,11 +278,22 @@ mod tests {
         let user = User {
             name: "tech".into(),
             password_hash: hash_password("correct horse").unwrap(),
+            language: None,
         };
         assert!(user.password_hash.starts_with("$argon2"));
         assert_eq!(user.validate(), Ok(()));
         assert!(verify_password(&user, "correct horse"));
         assert!(!verify_password(&user, "correct horse "));
+        let french = User {
+            language: Some("fr-FR".into()),
+            ..user.clone()
+        };
+        assert_eq!(french.validate(), Ok(()));
+        let klingon = User {
+            language: Some("tlh".into()),
+            ..user.clone()
+        };
+        assert!(klingon.validate().unwrap_err().to_string().contains("language \"tlh\""));
         let broken = User {
             password_hash: "not a hash".into(),
             ..user
@@ -279,6 +312,7 @@ mod tests {
         let users = vec![User {
             name: "lab".into(),
             password_hash: hash_password("microscope").unwrap(),
+            language: None,
         }];
         let s = Sessions::default();
         let form = |user: &str, password: &str| LoginForm {
@@ -343,6 +377,7 @@ mod tests {
         let users = vec![User {
             name: "tech".into(),
             password_hash: hash_password("slide").unwrap(),
+            language: None,
         }];
         let form = |u: &str, p: &str| LoginForm {
             user: u.into(),

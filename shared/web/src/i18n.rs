@@ -1,7 +1,9 @@
 //! The languages of the clinics: English, French and Portuguese. The texts live in
 //! `shared/web/locales/<code>.toml`, one file per language with the same keys, for a translator
-//! to edit without touching the code; they are built into the program. So far they cover the
-//! slide report (`report.rs`), the class names and the flags.
+//! to edit without touching the code; they are built into the program. They cover every page of
+//! the appliance and central, the login, the slide report (`report.rs`), the class names, the
+//! flags and the cells' descriptions (`describe.rs`). Each side has a language in its
+//! configuration, and each account may have its own (`language` of a `[[users]]` entry).
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -49,6 +51,11 @@ impl Lang {
         &all[Self::ALL.iter().position(|(l, _)| *l == self).unwrap_or(0)]
     }
 
+    /// The text of `key` in this language, if the file has it (no fallback).
+    pub(crate) fn lookup(self, key: &str) -> Option<&'static str> {
+        self.texts().get(key).map(String::as_str)
+    }
+
     /// The text of `key`, with `{name}` placeholders filled from `args`. A key missing from
     /// this language falls back to English, then to the key itself (the tests keep both from
     /// happening).
@@ -61,6 +68,13 @@ impl Lang {
             .unwrap_or_else(|| key.to_string());
         args.iter()
             .fold(text, |t, (name, v)| t.replace(&format!("{{{name}}}"), &v.to_string()))
+    }
+
+    /// A word the program shows as it is in English (a device's state, a model event, a
+    /// slide's state) in this language; an unknown word as it came.
+    pub fn term(self, word: &str) -> String {
+        self.lookup(&format!("term.{word}"))
+            .map_or_else(|| word.to_string(), str::to_string)
     }
 
     /// A class's name.

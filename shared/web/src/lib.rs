@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod auth;
+mod describe;
 pub mod i18n;
 #[cfg(feature = "router")]
 pub mod login;

@@ -12,6 +12,7 @@
 
 use crate::auth::{LoginForm, SessionPolicy, Sessions, User, check_login, session_token};
 use crate::html_escape;
+use crate::i18n::Lang;
 use crate::throttle::Throttle;
 use axum::Router;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Form, FromRequest, Request, State};
@@ -23,8 +24,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Wraps a body (HTML) in a whole page with the given title, in the side's own look.
-pub type PageFn = fn(title: &str, body: &str) -> String;
+/// Wraps a body (HTML) in a whole page in a language with the given title, in the side's own
+/// look.
+pub type PageFn = fn(lang: Lang, title: &str, body: &str) -> String;
 
 /// The logged-in user, set by the guard as a request extension (absent where the side is open
 /// without accounts).
@@ -50,27 +52,35 @@ pub struct Login {
     hashing: tokio::sync::Semaphore,
     open_without_accounts: bool,
     page: PageFn,
+    /// The side's language: the login page's, and every user's without one of their own.
+    lang: Lang,
 }
 
 impl Login {
     /// Every guarded route needs a login, even with no accounts (the appliance, which makes
     /// its first account itself).
-    pub fn required(users: Vec<User>, page: PageFn) -> Arc<Self> {
-        Self::build(users, page, false, SessionPolicy::default())
+    pub fn required(users: Vec<User>, page: PageFn, lang: Lang) -> Arc<Self> {
+        Self::build(users, page, lang, false, SessionPolicy::default())
     }
 
     /// A login is needed only where accounts are configured (central, which otherwise sits on
     /// the loopback address or behind the lab's authenticating proxy).
-    pub fn where_accounts(users: Vec<User>, page: PageFn) -> Arc<Self> {
-        Self::build(users, page, true, SessionPolicy::default())
+    pub fn where_accounts(users: Vec<User>, page: PageFn, lang: Lang) -> Arc<Self> {
+        Self::build(users, page, lang, true, SessionPolicy::default())
     }
 
     /// As [`Login::required`], with its own session policy.
-    pub fn with_policy(users: Vec<User>, page: PageFn, policy: SessionPolicy) -> Arc<Self> {
-        Self::build(users, page, false, policy)
+    pub fn with_policy(users: Vec<User>, page: PageFn, lang: Lang, policy: SessionPolicy) -> Arc<Self> {
+        Self::build(users, page, lang, false, policy)
     }
 
-    fn build(users: Vec<User>, page: PageFn, open_without_accounts: bool, policy: SessionPolicy) -> Arc<Self> {
+    fn build(
+        users: Vec<User>,
+        page: PageFn,
+        lang: Lang,
+        open_without_accounts: bool,
+        policy: SessionPolicy,
+    ) -> Arc<Self> {
         Arc::new(Login {
             users,
             sessions: Sessions::with_policy(policy),
@@ -78,7 +88,17 @@ impl Login {
             hashing: tokio::sync::Semaphore::new(HASHING_AT_ONCE),
             open_without_accounts,
             page,
+            lang,
         })
+    }
+
+    /// The language of a user's pages: their own where their account names one, else the
+    /// side's (also for no user: a side open without accounts).
+    pub fn language(&self, user: Option<&str>) -> Lang {
+        user.and_then(|name| self.users.iter().find(|u| u.name == name))
+            .and_then(|u| u.language.as_deref())
+            .and_then(Lang::from_code)
+            .unwrap_or(self.lang)
     }
 
     /// Whether any account is configured.
@@ -106,22 +126,34 @@ impl Login {
         private.layer(middleware::from_fn_with_state(self.clone(), require_login))
     }
 
-    fn form(&self, message: &str) -> Html<String> {
-        let msg = if message.is_empty() {
-            String::new()
-        } else {
-            format!("<p class=\"error\" id=\"error\">{}</p>", html_escape(message))
+    /// The login form in the side's language, with a message (its key and arguments) above it.
+    fn form(&self, message: Option<Message<'_>>) -> Html<String> {
+        let lang = self.lang;
+        let t = |k: &str| html_escape(&lang.t(k, &[]));
+        let msg = match message {
+            None => String::new(),
+            Some((key, args)) => format!(
+                "<p class=\"error\" id=\"error\">{}</p>",
+                html_escape(&lang.t(key, args))
+            ),
         };
         Html((self.page)(
-            "Log in",
+            lang,
+            &lang.t("login_title", &[]),
             &format!(
-                "{msg}<form method=\"post\" action=\"/login\"><p><label>User <input name=\"user\" id=\"user\" autocomplete=\"username\"></label></p>\
-                 <p><label>Password <input type=\"password\" name=\"password\" id=\"password\" autocomplete=\"current-password\"></label></p>\
-                 <p><button id=\"login\">Log in</button></p></form>"
+                "{msg}<form method=\"post\" action=\"/login\"><p><label>{user} <input name=\"user\" id=\"user\" autocomplete=\"username\"></label></p>\
+                 <p><label>{password} <input type=\"password\" name=\"password\" id=\"password\" autocomplete=\"current-password\"></label></p>\
+                 <p><button id=\"login\">{button}</button></p></form>",
+                user = t("login_user"),
+                password = t("login_password"),
+                button = t("login_button"),
             ),
         ))
     }
 }
+
+/// A message of the login form: its text's key and the text's arguments.
+type Message<'a> = (&'a str, &'a [(&'a str, &'a dyn std::fmt::Display)]);
 
 /// The session token a request carries.
 fn token_of(headers: &HeaderMap) -> Option<String> {
@@ -190,11 +222,16 @@ async fn require_login(State(l): State<Arc<Login>>, mut req: Request, next: Next
         && form_token_of(&req).as_deref() != Some(form_token.as_str())
     {
         tracing::warn!(user = %user, path = %req.uri().path(), "a request without its session's form token was refused");
+        let lang = l.language(Some(&user));
         return (
             StatusCode::FORBIDDEN,
             Html((l.page)(
-                "Not done",
-                "<p class=\"error\" id=\"error\">The form was out of date or came from another page. Go back, reload the page and try again; nothing was changed.</p>",
+                lang,
+                &lang.t("not_done", &[]),
+                &format!(
+                    "<p class=\"error\" id=\"error\">{}</p>",
+                    html_escape(&lang.t("form_stale", &[]))
+                ),
             )),
         )
             .into_response();
@@ -229,7 +266,7 @@ fn not_logged_in(req: &Request) -> Response {
 }
 
 async fn login_page(State(l): State<Arc<Login>>) -> Html<String> {
-    l.form("")
+    l.form(None)
 }
 
 /// Whether the page was asked for over HTTPS (directly, or through a proxy that says so).
@@ -248,7 +285,7 @@ async fn login(State(l): State<Arc<Login>>, req: Request) -> Response {
     let secure = over_https(req.headers());
     let f = match Form::<LoginForm>::from_request(req, &()).await {
         Ok(Form(f)) => f,
-        Err(r) => return (r.status(), l.form("The login form was not filled in as it should be.")).into_response(),
+        Err(r) => return (r.status(), l.form(Some(("login_bad_form", &[])))).into_response(),
     };
     let keys: Vec<String> = [Some(format!("user:{}", f.user)), address.map(|a| format!("addr:{a}"))]
         .into_iter()
@@ -261,17 +298,13 @@ async fn login(State(l): State<Arc<Login>>, req: Request) -> Response {
         return (
             StatusCode::TOO_MANY_REQUESTS,
             [(header::RETRY_AFTER, HeaderValue::from(secs))],
-            l.form(&format!("Too many failed logins. Try again in {secs} seconds.")),
+            l.form(Some(("login_too_many", &[("secs", &secs)]))),
         )
             .into_response();
     }
     // Argon2 takes tens of milliseconds and ~19 MiB: a few at a time, off the async workers.
     let Ok(Ok(_permit)) = tokio::time::timeout(HASHING_WAIT, l.hashing.acquire()).await else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            l.form("The device is busy; try again in a moment."),
-        )
-            .into_response();
+        return (StatusCode::SERVICE_UNAVAILABLE, l.form(Some(("login_busy", &[])))).into_response();
     };
     let (login, name) = (l.clone(), f.user.clone());
     let user = tokio::task::spawn_blocking(move || check_login(&login.users, &f))
@@ -290,7 +323,7 @@ async fn login(State(l): State<Arc<Login>>, req: Request) -> Response {
         None => {
             keys.iter().for_each(|k| l.throttle.failed(k, Instant::now()));
             tracing::warn!(user = %name, "failed login");
-            (StatusCode::UNAUTHORIZED, l.form("Wrong user or password.")).into_response()
+            (StatusCode::UNAUTHORIZED, l.form(Some(("login_wrong", &[])))).into_response()
         }
     }
 }
@@ -309,8 +342,8 @@ mod tests {
     use crate::auth::hash_password;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn page(title: &str, body: &str) -> String {
-        format!("<title>{title}</title>{body}")
+    fn page(lang: Lang, title: &str, body: &str) -> String {
+        format!("<html lang=\"{}\"><title>{title}</title>{body}", lang.code())
     }
 
     /// Serves `login` in front of `/` and `/api/x` on a free port.
@@ -362,12 +395,13 @@ mod tests {
         vec![User {
             name: "tech".into(),
             password_hash: hash_password("slide").unwrap(),
+            language: None,
         }]
     }
 
     #[tokio::test]
     async fn guarded_routes_need_a_session_that_logout_ends() {
-        let addr = serve(Login::required(users(), page)).await;
+        let addr = serve(Login::required(users(), page, Lang::En)).await;
         assert!(http(addr, "GET", "/", "", "").await.contains("location: /login"));
         assert!(http(addr, "GET", "/api/x", "", "").await.starts_with("HTTP/1.1 401"));
         let form = http(addr, "GET", "/login", "", "").await;
@@ -391,6 +425,29 @@ mod tests {
         assert!(http(addr, "GET", "/", &cookie, "").await.contains("location: /login"));
     }
 
+    #[tokio::test]
+    async fn the_login_speaks_the_sides_language_and_each_user_may_have_their_own() {
+        let mut accounts = users();
+        accounts.push(User {
+            name: "ana".into(),
+            password_hash: accounts[0].password_hash.clone(),
+            language: Some("pt-BR".into()),
+        });
+        let login = Login::required(accounts, page, Lang::Fr);
+        assert_eq!(login.language(Some("ana")), Lang::Pt);
+        assert_eq!(login.language(Some("tech")), Lang::Fr);
+        assert_eq!(login.language(Some("nobody")), Lang::Fr);
+        assert_eq!(login.language(None), Lang::Fr);
+        let addr = serve(login).await;
+        let form = http(addr, "GET", "/login", "", "").await;
+        assert!(
+            form.contains("<html lang=\"fr\"><title>Connexion</title>") && form.contains("Mot de passe"),
+            "{form}"
+        );
+        let wrong = http(addr, "POST", "/login", "", "user=tech&password=nope").await;
+        assert!(wrong.contains("Utilisateur ou mot de passe incorrect."), "{wrong}");
+    }
+
     async fn log_in(addr: SocketAddr) -> String {
         let ok = http(addr, "POST", "/login", "", "user=tech&password=slide").await;
         ok.lines()
@@ -404,7 +461,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_post_needs_its_sessions_form_token_which_the_pages_forms_carry() {
-        let addr = serve(Login::required(users(), page)).await;
+        let addr = serve(Login::required(users(), page, Lang::En)).await;
         let (a, b) = (log_in(addr).await, log_in(addr).await);
         let form = http(addr, "GET", "/form", &a, "").await;
         let token = form
@@ -433,7 +490,7 @@ mod tests {
 
     #[tokio::test]
     async fn failed_logins_wait_and_logout_removes_the_cookie() {
-        let addr = serve(Login::required(users(), page)).await;
+        let addr = serve(Login::required(users(), page, Lang::En)).await;
         for _ in 0..crate::throttle::FREE_FAILURES {
             let r = http(addr, "POST", "/login", "", "user=tech&password=nope").await;
             assert!(r.starts_with("HTTP/1.1 401"), "{r}");
@@ -451,7 +508,7 @@ mod tests {
                 .starts_with("HTTP/1.1 413")
         );
 
-        let addr = serve(Login::required(users(), page)).await;
+        let addr = serve(Login::required(users(), page, Lang::En)).await;
         let cookie = log_in(addr).await;
         let out = http(addr, "POST", "/logout", &cookie, "").await;
         assert!(out.contains("Max-Age=0"), "{out}");
@@ -459,15 +516,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_side_open_without_accounts_asks_for_a_login_once_it_has_one() {
-        let open = serve(Login::where_accounts(Vec::new(), page)).await;
+        let open = serve(Login::where_accounts(Vec::new(), page, Lang::En)).await;
         assert!(http(open, "GET", "/", "", "").await.ends_with("hello anyone"));
-        let appliance_without_accounts = serve(Login::required(Vec::new(), page)).await;
+        let appliance_without_accounts = serve(Login::required(Vec::new(), page, Lang::En)).await;
         assert!(
             http(appliance_without_accounts, "GET", "/", "", "")
                 .await
                 .contains("location: /login")
         );
-        let with_accounts = serve(Login::where_accounts(users(), page)).await;
+        let with_accounts = serve(Login::where_accounts(users(), page, Lang::En)).await;
         assert!(
             http(with_accounts, "GET", "/api/x", "", "")
                 .await
