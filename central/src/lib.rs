@@ -225,6 +225,22 @@ mod tests {
         (head.to_string(), body.to_string())
     }
 
+    /// A central on `db` with these accounts, on any free port, with no broker (ingest keeps
+    /// retrying while the API serves).
+    fn serving(db: std::path::PathBuf, users: Vec<wbc_web::auth::User>) -> Config {
+        Config {
+            db,
+            listen: "127.0.0.1:0".into(),
+            broker: BrokerConfig {
+                host: "127.0.0.1".into(),
+                port: Some(1),
+                ..Default::default()
+            },
+            users,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn an_account_that_could_never_log_in_is_refused_at_load() {
         let dir = tempfile::tempdir().unwrap();
@@ -245,21 +261,14 @@ mod tests {
     fn with_accounts_everything_but_health_needs_a_login() {
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let config = Config {
-            db: dir.path().join("c.sqlite"),
-            listen: "127.0.0.1:0".into(),
-            broker: BrokerConfig {
-                host: "127.0.0.1".into(),
-                port: Some(1),
-                ..Default::default()
-            },
-            users: vec![wbc_web::auth::User {
+        let config = serving(
+            dir.path().join("c.sqlite"),
+            vec![wbc_web::auth::User {
                 name: "lab".into(),
                 password_hash: wbc_web::auth::hash_password("microscope").unwrap(),
                 language: None,
             }],
-            ..Default::default()
-        };
+        );
         let running = rt.block_on(start(&config)).unwrap();
         let a = running.addr;
         let (head, _) = get(a, "/health");
@@ -359,16 +368,11 @@ mod tests {
             language: language.map(String::from),
         };
         let config = Config {
-            db: dir.path().join("c.sqlite"),
-            listen: "127.0.0.1:0".into(),
-            broker: BrokerConfig {
-                host: "127.0.0.1".into(),
-                port: Some(1),
-                ..Default::default()
-            },
-            users: vec![user("lab", None), user("ana", Some("pt"))],
             language: "fr".into(),
-            ..Default::default()
+            ..serving(
+                dir.path().join("c.sqlite"),
+                vec![user("lab", None), user("ana", Some("pt"))],
+            )
         };
         let running = rt.block_on(start(&config)).unwrap();
         let a = running.addr;
@@ -431,17 +435,7 @@ mod tests {
     fn the_api_and_dashboard_serve_what_the_database_holds_on_every_database() {
         for (_guard, db) in sql::databases() {
             let rt = tokio::runtime::Runtime::new().unwrap();
-            let config = Config {
-                db,
-                listen: "127.0.0.1:0".into(),
-                // No broker: ingest keeps retrying while the API serves.
-                broker: BrokerConfig {
-                    host: "127.0.0.1".into(),
-                    port: Some(1),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
+            let config = serving(db, Vec::new());
             let running = rt.block_on(start(&config)).unwrap();
             let field = blast_field();
             let picture = db::tests::jpeg(32);

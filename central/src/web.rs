@@ -93,6 +93,15 @@ pub fn login_page(lang: Lang, title: &str, body: &str) -> String {
     )
 }
 
+/// A table's start: its id and its header row, the columns' texts by key.
+fn table(lang: Lang, id: &str, columns: &[&str]) -> String {
+    let heads: String = columns
+        .iter()
+        .map(|k| format!("<th>{}</th>", esc(&lang.t(k, &[]))))
+        .collect();
+    format!("<table id=\"{id}\"><tr>{heads}</tr>")
+}
+
 /// A page's start, up to its `<body>`.
 fn head(lang: Lang, title: &str) -> String {
     format!(
@@ -344,12 +353,8 @@ async fn slide_page(State(w): State<Arc<Web>>, user: User, Query(k): Query<Slide
             esc(&lang.flag(f))
         );
     }
-    let _ = write!(
-        b,
-        "</ul><table id=\"differential\"><tr><th>{}</th><th>{}</th><th>%</th></tr>",
-        t("class_column"),
-        t("count")
-    );
+    b.push_str("</ul>");
+    b.push_str(&table(lang, "differential", &["class_column", "count", "percent"]));
     for (class, c) in &s.report.per_class {
         let shown = class
             .parse::<CellClass>()
@@ -362,20 +367,21 @@ async fn slide_page(State(w): State<Arc<Web>>, user: User, Query(k): Query<Slide
             c.percent
         );
     }
-    let _ = write!(
-        b,
-        "</table><h2>{}</h2><table id=\"cells\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th>\
-         <th>{}</th><th>{}</th></tr>",
-        t("c_cells_title"),
-        t("c_waiting"),
-        t("c_field"),
-        t("c_box"),
-        t("c_picture"),
-        t("c_model"),
-        t("c_likeliest"),
-        t("c_description"),
-        t("c_technician"),
-    );
+    let _ = write!(b, "</table><h2>{}</h2>", t("c_cells_title"));
+    b.push_str(&table(
+        lang,
+        "cells",
+        &[
+            "c_waiting",
+            "c_field",
+            "c_box",
+            "c_picture",
+            "c_model",
+            "c_likeliest",
+            "c_description",
+            "c_technician",
+        ],
+    ));
     for c in &d.cells {
         let r = &c.cell.result;
         let likeliest: Vec<String> = r
@@ -455,20 +461,25 @@ fn agreement_html(b: &mut String, lang: Lang, rows: &[crate::db::Agreement], s: 
     let t = |k: &str| esc(&lang.t(k, &[]));
     let _ = write!(
         b,
-        "<h2>{}</h2><p>{}</p><table id=\"agreement\"><tr><th>{}</th><th>{}</th><th>{}</th>\
-         <th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
+        "<h2>{}</h2><p>{}</p>{}",
         t("c_agreement_title"),
         esc(&lang.t(
             "c_agreement_note",
             &[("pct", &format!("{:.0}", s.threshold * 100.0)), ("n", &s.min_reviews)]
         )),
-        t("c_clinic"),
-        t("c_model"),
-        t("c_reviewed"),
-        t("c_confirmed"),
-        t("c_changed_most"),
-        t("c_set_aside_reviewed"),
-        t("c_weeks"),
+        table(
+            lang,
+            "agreement",
+            &[
+                "c_clinic",
+                "c_model",
+                "c_reviewed",
+                "c_confirmed",
+                "c_changed_most",
+                "c_set_aside_reviewed",
+                "c_weeks"
+            ]
+        ),
     );
     let class = |name: &str| match name.parse::<CellClass>() {
         Ok(k) => lang.class(k),
@@ -553,8 +564,7 @@ async fn dashboard(State(w): State<Arc<Web>>, user: User, Query(f): Query<Filter
     let more = slides.len() > DASHBOARD_SLIDES as usize;
     slides.truncate(DASHBOARD_SLIDES as usize);
     let mut b = format!(
-        "{head}<h1>{title}</h1>{logout}<h2>{devices}</h2><table id=\"devices\"><tr><th>{clinic}</th><th>{device}</th>\
-         <th>{state}</th><th>{backlog}</th><th>{model}</th><th>{heard}</th></tr>",
+        "{head}<h1>{title}</h1>{logout}<h2>{devices}</h2>{table}",
         head = head(lang, &lang.t("c_title", &[])),
         title = t("c_title"),
         logout = if !w.login.has_accounts() {
@@ -566,12 +576,18 @@ async fn dashboard(State(w): State<Arc<Web>>, user: User, Query(f): Query<Filter
             )
         },
         devices = t("c_devices"),
-        clinic = t("c_clinic"),
-        device = t("c_device"),
-        state = t("c_state"),
-        backlog = t("c_backlog"),
-        model = t("c_model"),
-        heard = t("c_last_heard"),
+        table = table(
+            lang,
+            "devices",
+            &[
+                "c_clinic",
+                "c_device",
+                "c_state",
+                "c_backlog",
+                "c_model",
+                "c_last_heard"
+            ]
+        ),
     );
     for d in &devices {
         let _ = write!(
@@ -587,20 +603,21 @@ async fn dashboard(State(w): State<Arc<Web>>, user: User, Query(f): Query<Filter
             seen = when(d.last_seen)
         );
     }
-    let _ = write!(
-        b,
-        "</table><h2>{}</h2><table id=\"slides\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th>\
-         <th>{}</th><th>{}</th></tr>",
-        t("c_slides"),
-        t("c_clinic"),
-        t("c_device"),
-        t("c_slide"),
-        t("c_started"),
-        t("c_state"),
-        t("c_cells"),
-        t("c_differential"),
-        t("c_flags"),
-    );
+    let _ = write!(b, "</table><h2>{}</h2>", t("c_slides"));
+    b.push_str(&table(
+        lang,
+        "slides",
+        &[
+            "c_clinic",
+            "c_device",
+            "c_slide",
+            "c_started",
+            "c_state",
+            "c_cells",
+            "c_differential",
+            "c_flags",
+        ],
+    ));
     for s in &slides {
         let diff: Vec<String> = s
             .report
@@ -664,17 +681,19 @@ async fn dashboard(State(w): State<Arc<Web>>, user: User, Query(f): Query<Filter
         b.push_str("</p>");
     }
     agreement_html(&mut b, lang, &agreement, &w.agreement);
-    let _ = write!(
-        b,
-        "<h2>{}</h2><table id=\"model-events\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
-        t("c_updates"),
-        t("c_clinic"),
-        t("c_device"),
-        t("c_when"),
-        t("log_event"),
-        t("log_version"),
-        t("log_detail"),
-    );
+    let _ = write!(b, "<h2>{}</h2>", t("c_updates"));
+    b.push_str(&table(
+        lang,
+        "model-events",
+        &[
+            "c_clinic",
+            "c_device",
+            "c_when",
+            "log_event",
+            "log_version",
+            "log_detail",
+        ],
+    ));
     for e in &events {
         let _ = write!(
             b,
