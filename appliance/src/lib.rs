@@ -412,6 +412,20 @@ pub struct FinderReport {
     pub microns_per_pixel: f32,
     /// Where it came from: `given` or `red_cells` (the annotated red cells' median size).
     pub pixel_size_from: String,
+    /// The fields where the finder was wrong: what it found that matches no annotated cell,
+    /// and the annotated cells it missed.
+    pub errors: Vec<FinderErrors>,
+}
+
+/// Where the finder was wrong in one field.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FinderErrors {
+    /// The field's image file.
+    pub field: String,
+    /// Found cells that match no annotated one.
+    pub false_cells: Vec<wbc_cells::finder::FoundCell>,
+    /// Annotated boxes no found cell matches.
+    pub missed: Vec<[f32; 4]>,
 }
 
 /// Runs the finder over a folder with `images/` and `annotations/` (Pascal VOC, `WBC` boxes)
@@ -446,6 +460,7 @@ pub fn evaluate_finder(
         precision: 0.0,
         microns_per_pixel: um,
         pixel_size_from: from.into(),
+        errors: Vec::new(),
     };
     for v in images {
         let path = fields.join("images").join(&v.filename);
@@ -464,7 +479,18 @@ pub fn evaluate_finder(
         r.annotated += truth.len();
         r.found += found.len();
         r.edge_cut += found.iter().filter(|c| c.edge_cut).count();
-        r.matches.add(wbc_cells::finder::match_boxes(&boxes, &truth, min_iou));
+        let (m, extra, missed) = wbc_cells::finder::match_detail(&boxes, &truth, min_iou);
+        for (j, c) in found.iter().enumerate() {
+            tracing::debug!(field = %v.filename, matched = !extra.contains(&j), cell = ?c, "found");
+        }
+        r.matches.add(m);
+        if !extra.is_empty() || !missed.is_empty() {
+            r.errors.push(FinderErrors {
+                field: v.filename.clone(),
+                false_cells: extra.iter().map(|&j| found[j].clone()).collect(),
+                missed: missed.iter().map(|&i| truth[i]).collect(),
+            });
+        }
     }
     if r.fields == 0 {
         bail!("{}: no readable fields", fields.display());

@@ -311,6 +311,14 @@ fn main() -> Result<()> {
                     r.microns_per_pixel,
                     r.pixel_size_from
                 );
+                for e in &r.errors {
+                    println!(
+                        "  {}: {} found that match no annotated cell, {} annotated missed",
+                        e.field,
+                        e.false_cells.len(),
+                        e.missed.len()
+                    );
+                }
             }
         }
     }

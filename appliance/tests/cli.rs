@@ -197,6 +197,35 @@ fn the_finder_is_measured_on_annotated_fields() {
     assert_eq!(r["pixel_size_from"], "red_cells");
     let um = r["microns_per_pixel"].as_f64().unwrap();
     assert!((0.06..0.09).contains(&um), "{um}");
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    // A field whose annotation lacks its white cell: the report names it and what was found.
+    let copy = tempfile::tempdir().unwrap();
+    for sub in ["images", "annotations"] {
+        std::fs::create_dir(copy.path().join(sub)).unwrap();
+        for f in std::fs::read_dir(fields().join(sub)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, copy.path().join(sub).join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let xml = copy.path().join("annotations/BloodImage_00000.xml");
+    let text = std::fs::read_to_string(&xml).unwrap();
+    let start = text
+        .find("<name>WBC</name>")
+        .and_then(|i| text[..i].rfind("<object>"))
+        .unwrap();
+    let end = start + text[start..].find("</object>").unwrap() + "</object>".len();
+    std::fs::write(&xml, format!("{}{}", &text[..start], &text[end..])).unwrap();
+    let out = appliance(&["eval-finder", "--json", "--fields", copy.path().to_str().unwrap()]);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["precision"], 0.5, "{r}");
+    assert_eq!(r["errors"][0]["field"], "BloodImage_00000.jpg", "{r}");
+    assert_eq!(r["errors"][0]["false_cells"].as_array().unwrap().len(), 1, "{r}");
+    let out = appliance(&["eval-finder", "--fields", copy.path().to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("BloodImage_00000.jpg: 1 found that match no annotated cell, 0 annotated missed"),
+        "{text}"
+    );
     // A folder without annotations is a clear error.
     let empty = tempfile::tempdir().unwrap();
     let out = appliance(&["eval-finder", "--fields", empty.path().to_str().unwrap()]);
