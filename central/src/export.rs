@@ -29,11 +29,13 @@ impl Exported {
 /// Writes `clinic`'s reviewed cells into `out`, a folder that must not exist yet or be empty
 /// (an export never mixes with another). The CSV is written last, through a temporary name:
 /// a folder without `reviews.csv` is an export that did not finish.
-pub fn export_reviews(db: &Db, clinic: &str, out: &Path) -> Result<Exported> {
-    export_paged(db, clinic, out, PAGE)
+/// With `since` (seconds since the Unix epoch), only the cells reviewed then or later: the
+/// reviews that came in since the last export.
+pub fn export_reviews(db: &Db, clinic: &str, out: &Path, since: Option<u64>) -> Result<Exported> {
+    export_paged(db, clinic, out, since, PAGE)
 }
 
-fn export_paged(db: &Db, clinic: &str, out: &Path, page: usize) -> Result<Exported> {
+fn export_paged(db: &Db, clinic: &str, out: &Path, since: Option<u64>, page: usize) -> Result<Exported> {
     if !wbc_protocol::uplink::valid_id(clinic) {
         bail!("{clinic:?} is not a clinic id");
     }
@@ -60,7 +62,7 @@ fn export_paged(db: &Db, clinic: &str, out: &Path, page: usize) -> Result<Export
     let mut after: Option<ReviewKey> = None;
     loop {
         let (cells, next) = db.reviewed_cells(clinic, after.as_ref(), page)?;
-        for c in cells {
+        for c in cells.into_iter().filter(|c| since.is_none_or(|s| c.at >= s)) {
             n += 1;
             // Numbered names: nothing a device sent becomes part of a path.
             let name = format!("cells/{n:06}.jpg");
@@ -176,7 +178,7 @@ mod tests {
             s.review(b1, 0, Some(CellClass::Blast), 10, pic(50)); // another clinic's
             let dir = tempfile::tempdir().unwrap();
             let out = dir.path().join("export");
-            let e = export_paged(&db, "a", &out, 2).unwrap();
+            let e = export_paged(&db, "a", &out, None, 2).unwrap();
             assert_eq!(e.cells(), 5);
             assert_eq!(e.reviews, 8);
             let mut rdr = csv::Reader::from_path(out.join("reviews.csv")).unwrap();
@@ -217,11 +219,18 @@ mod tests {
             }
             assert!(!out.join("reviews.csv.partial").exists());
             // An export never mixes with another, and a hostile clinic id goes nowhere.
-            let again = export_reviews(&db, "a", &out).unwrap_err().to_string();
+            let again = export_reviews(&db, "a", &out, None).unwrap_err().to_string();
             assert!(again.contains("not empty"), "{again}");
-            assert!(export_reviews(&db, "../a", &dir.path().join("x")).is_err());
+            assert!(export_reviews(&db, "../a", &dir.path().join("x"), None).is_err());
+            // Only what was reviewed since a time: the later review of a1's first cell.
+            let recent = dir.path().join("recent");
+            let e = export_paged(&db, "a", &recent, Some(15), 2).unwrap();
+            assert_eq!(e.per_class, [("Monocyte".to_string(), 1)].into());
+            let csv = std::fs::read_to_string(recent.join("reviews.csv")).unwrap();
+            assert_eq!(csv.lines().count(), 2, "{csv}");
+            assert!(csv.contains("cells/000001.jpg,Monocyte,a,dev1,f1,0,"), "{csv}");
             // A clinic without reviews gives an empty, readable CSV.
-            let none = export_reviews(&db, "c", &dir.path().join("c")).unwrap();
+            let none = export_reviews(&db, "c", &dir.path().join("c"), None).unwrap();
             assert_eq!((none.cells(), none.reviews), (0, 0));
         }
     }

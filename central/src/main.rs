@@ -65,6 +65,10 @@ enum Command {
         /// A new (or empty) folder to write.
         #[arg(long)]
         out: PathBuf,
+        /// Only cells reviewed on or after this day (`YYYY-MM-DD`, UTC) or time (seconds since
+        /// the Unix epoch): what came in since the last export.
+        #[arg(long, value_parser = since_arg)]
+        since: Option<u64>,
     },
     /// Withdraws the announcement on a clinic's (or device's) topic.
     Withdraw {
@@ -124,9 +128,14 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::ExportReviews { config, clinic, out } => {
+        Command::ExportReviews {
+            config,
+            clinic,
+            out,
+            since,
+        } => {
             let db = central::db::Db::open(&load(config)?.db)?;
-            let e = central::export::export_reviews(&db, &clinic, &out)?;
+            let e = central::export::export_reviews(&db, &clinic, &out, since)?;
             let classes: Vec<String> = e.per_class.iter().map(|(c, n)| format!("{c} {n}")).collect();
             println!(
                 "{} reviewed cells of clinic {clinic} written to {} ({}); central holds {} reviews of the clinic \
@@ -148,6 +157,44 @@ fn main() -> Result<()> {
             let config = load(config)?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(central::run(&config, wbc_protocol::shutdown::signal()))
+        }
+    }
+}
+
+/// `--since`: a day (`YYYY-MM-DD`, its start in UTC) or seconds since the Unix epoch.
+fn since_arg(s: &str) -> Result<u64, String> {
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(secs);
+    }
+    let bad = || format!("{s:?} is neither a day (YYYY-MM-DD) nor seconds since 1970");
+    let parts: Vec<&str> = s.split('-').collect();
+    let [y, m, d] = parts[..] else { return Err(bad()) };
+    let (y, m, d) = (
+        y.parse::<i32>().map_err(|_| bad())?,
+        m.parse::<u8>().map_err(|_| bad())?,
+        d.parse::<u8>().map_err(|_| bad())?,
+    );
+    let month = time::Month::try_from(m).map_err(|_| bad())?;
+    let day = time::Date::from_calendar_date(y, month, d).map_err(|_| bad())?;
+    u64::try_from(day.midnight().assume_utc().unix_timestamp()).map_err(|_| format!("{s} is before 1970"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn since_is_a_day_in_utc_or_seconds_and_nothing_else() {
+        assert_eq!(super::since_arg("2027-01-15"), Ok(1_800_000_000 - 8 * 3600));
+        assert_eq!(super::since_arg("1800000000"), Ok(1_800_000_000));
+        for bad in [
+            "2027-13-01",
+            "2027-02-30",
+            "yesterday",
+            "2027-01",
+            "-5",
+            "1969-12-31",
+            "",
+        ] {
+            assert!(super::since_arg(bad).is_err(), "{bad}");
         }
     }
 }
