@@ -66,8 +66,7 @@ impl Lang {
             .or_else(|| Lang::En.texts().get(key))
             .cloned()
             .unwrap_or_else(|| key.to_string());
-        args.iter()
-            .fold(text, |t, (name, v)| t.replace(&format!("{{{name}}}"), &v.to_string()))
+        fill(&text, args)
     }
 
     /// A word the program shows as it is in English (a device's state, a model event, a
@@ -110,6 +109,35 @@ impl Lang {
             Flag::Unknown => self.t("flag_unknown", &[]),
         }
     }
+}
+
+/// `{name}` placeholders of a text filled in one pass: what an argument says (a file name
+/// holding `{reason}`, say) is never read as a placeholder itself. A placeholder without an
+/// argument stays as it is.
+fn fill(text: &str, args: &[(&str, &dyn std::fmt::Display)]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let arg = after.find('}').and_then(|close| {
+            args.iter()
+                .find(|(n, _)| *n == &after[..close])
+                .map(|(_, v)| (v, close))
+        });
+        match arg {
+            Some((v, close)) => {
+                out.push_str(&v.to_string());
+                rest = &after[close + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A locale file as flat keys (`[class] Blast` becomes `class.Blast`).
@@ -200,5 +228,14 @@ mod tests {
         );
         assert_eq!(Lang::En.flag(&f), f.message());
         assert_eq!(Lang::En.t("no such key", &[]), "no such key");
+        // An argument is never read as a placeholder, and an unknown placeholder stays.
+        assert_eq!(
+            Lang::En.t(
+                "inbox_waiting",
+                &[("name", &"{reason}.jpg"), ("tries", &2), ("reason", &"disk full")]
+            ),
+            "Inbox image {reason}.jpg not processed yet (2 tries; it will be tried again): disk full"
+        );
+        assert_eq!(fill("{a} {b} {", &[("a", &"{b}")]), "{b} {b} {");
     }
 }
