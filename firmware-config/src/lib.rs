@@ -33,6 +33,8 @@ pub struct Provision {
     /// The lab's update signing keys (public, PEM): the device trusts them for updates (until
     /// a signed key list replaces them). None: the release key alone.
     pub update_keys: Vec<PathBuf>,
+    /// The language of the device's pages and slide reports (`en`, `fr`, `pt`).
+    pub language: String,
 }
 
 /// Where the udev rule mounts a USB update stick, and the appliance looks for updates.
@@ -124,6 +126,10 @@ pub fn provision(p: &Provision, out: &Path) -> Result<()> {
             },
             ..Default::default()
         }),
+        web: wbc_config::WebConfig {
+            language: p.language.clone(),
+            ..Default::default()
+        },
         ..Default::default()
     };
     config.validate()?;
@@ -190,6 +196,7 @@ mod tests {
             broker_port: 8883,
             install_dir: "/etc/wbc".into(),
             update_keys: Vec::new(),
+            language: "en".into(),
         }
     }
 
@@ -283,6 +290,22 @@ mod tests {
         let e = provision(&prov, &dir.path().join("out2")).unwrap_err();
         assert!(format!("{e:#}").contains("bad.pub"), "{e:#}");
         assert!(!dir.path().join("out2/appliance.toml").exists());
+    }
+
+    #[test]
+    fn a_device_is_provisioned_in_its_clinics_language_and_only_a_known_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut prov = p("clinic-07");
+        prov.language = "pt-BR".into();
+        provision(&prov, &dir.path().join("pt")).unwrap();
+        assert_eq!(
+            check(&dir.path().join("pt/appliance.toml")).unwrap().web.language,
+            "pt-BR"
+        );
+        prov.language = "tlh".into();
+        let e = format!("{:#}", provision(&prov, &dir.path().join("tlh")).unwrap_err());
+        assert!(e.contains("web.language"), "{e}");
+        assert!(!dir.path().join("tlh/appliance.toml").exists());
     }
 
     #[test]

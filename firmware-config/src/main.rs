@@ -49,6 +49,10 @@ enum Command {
         /// Without one the device trusts only the release key for updates.
         #[arg(long)]
         update_key: Vec<PathBuf>,
+        /// The language of its pages and slide reports: en, fr or pt (each web account may
+        /// choose its own).
+        #[arg(long, default_value = "en")]
+        language: String,
     },
 }
 
@@ -73,6 +77,7 @@ fn main() -> Result<()> {
             broker_port,
             install_dir,
             update_key,
+            language,
         } => {
             let no_keys = update_key.is_empty();
             firmware_config::provision(
@@ -83,6 +88,7 @@ fn main() -> Result<()> {
                     broker_port,
                     install_dir,
                     update_keys: update_key,
+                    language,
                 },
                 &out,
             )?;

@@ -583,6 +583,7 @@ fn a_provisioned_device_logs_in_with_its_generated_credentials_and_only_under_it
             broker_port: 8883,
             install_dir: "/etc/wbc".into(),
             update_keys: Vec::new(),
+            language: "en".into(),
         },
         &out,
     )
