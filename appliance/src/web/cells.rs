@@ -47,7 +47,7 @@ pub(super) async fn field_page(
 ) -> Response {
     let f = match load_field(&w, &id) {
         Ok(f) => f,
-        Err(s) => return error_page(&w, s, &user, &w.lang(&user).t("no_such_field", &[])),
+        Err(s) => return error_page(&w, s, &user, "no_such_field", &[]),
     };
     let lang = w.lang(&user);
     let scale = if f.single_cell {
@@ -174,33 +174,27 @@ pub(super) async fn review(
     Form(f): Form<ReviewForm>,
 ) -> Response {
     if f.class.is_empty() {
-        return error_page(
-            &w,
-            StatusCode::BAD_REQUEST,
-            &user,
-            &w.lang(&user).t("choose_first", &[]),
-        );
+        return error_page(&w, StatusCode::BAD_REQUEST, &user, "choose_first", &[]);
     }
     let class = if f.class == "none" {
         None
     } else {
         match f.class.parse::<CellClass>() {
             Ok(c) => Some(c),
-            Err(_) => {
-                return error_page(
-                    &w,
-                    StatusCode::BAD_REQUEST,
-                    &user,
-                    &w.lang(&user).t("unknown_class", &[]),
-                );
-            }
+            Err(_) => return error_page(&w, StatusCode::BAD_REQUEST, &user, "unknown_class", &[]),
         }
     };
     match w.app.review(&id, n, class, &user) {
         Ok(_) if f.next.as_deref() == Some("review") => Redirect::to("/review").into_response(),
         Ok(_) if f.next.as_deref() == Some("gallery") => Redirect::to(&format!("/gallery#g-{id}-{n}")).into_response(),
         Ok(_) => Redirect::to(&format!("/field/{id}#cell-{}", n + 1)).into_response(),
-        Err(e) => error_page(&w, StatusCode::BAD_REQUEST, &user, &format!("{e:#}")),
+        Err(e) => error_page(
+            &w,
+            StatusCode::BAD_REQUEST,
+            &user,
+            "not_saved",
+            &[("why", &format!("{e:#}"))],
+        ),
     }
 }
 

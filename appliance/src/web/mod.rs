@@ -157,13 +157,20 @@ main{padding:.8em;max-width:60em}table{border-collapse:collapse;width:100%}td,th
 
 /// An error page for what went wrong inside the appliance (the cause as it was written).
 fn internal_error(w: &Web, user: &str, why: &dyn std::fmt::Display) -> Response {
-    let message = w.lang(user).t("internal_error", &[("why", why)]);
-    error_page(w, StatusCode::INTERNAL_SERVER_ERROR, user, &message)
+    error_page(
+        w,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        user,
+        "internal_error",
+        &[("why", why)],
+    )
 }
 
-/// A page that says what was not done and why (`message`, already in the user's language).
-fn error_page(w: &Web, status: StatusCode, user: &str, message: &str) -> Response {
+/// A page that says what was not done and why: the text `key` in the user's language, filled
+/// from `args`.
+fn error_page(w: &Web, status: StatusCode, user: &str, key: &str, args: &[(&str, &dyn std::fmt::Display)]) -> Response {
     let lang = w.lang(user);
+    let message = lang.t(key, args);
     (
         status,
         page_in(
@@ -172,7 +179,7 @@ fn error_page(w: &Web, status: StatusCode, user: &str, message: &str) -> Respons
             Some(user),
             &format!(
                 "<p class=\"error\" id=\"error\">{}</p><p><a href=\"/\">{}</a></p>",
-                esc(message),
+                esc(&message),
                 esc(&lang.t("back", &[]))
             ),
         ),
@@ -464,8 +471,7 @@ async fn upload(
                     match f.bytes().await {
                         Ok(b) => bytes = Some(b),
                         Err(e) => {
-                            let why = w.lang(&user).t("upload_failed", &[("why", &e.body_text())]);
-                            return error_page(&w, e.status(), &user, &why);
+                            return error_page(&w, e.status(), &user, "upload_failed", &[("why", &e.body_text())]);
                         }
                     }
                 }
@@ -473,14 +479,11 @@ async fn upload(
                 _ => {}
             },
             Ok(None) => break,
-            Err(e) => {
-                let why = w.lang(&user).t("upload_failed", &[("why", &e.body_text())]);
-                return error_page(&w, e.status(), &user, &why);
-            }
+            Err(e) => return error_page(&w, e.status(), &user, "upload_failed", &[("why", &e.body_text())]),
         }
     }
     let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
-        return error_page(&w, StatusCode::BAD_REQUEST, &user, &w.lang(&user).t("no_image", &[]));
+        return error_page(&w, StatusCode::BAD_REQUEST, &user, "no_image", &[]);
     };
     let app = w.app.clone();
     let shown = name.clone();
@@ -491,8 +494,8 @@ async fn upload(
             &w,
             StatusCode::BAD_REQUEST,
             &user,
-            &w.lang(&user)
-                .t("not_classified", &[("name", &shown), ("why", &format!("{e:#}"))]),
+            "not_classified",
+            &[("name", &shown), ("why", &format!("{e:#}"))],
         ),
         Err(e) => internal_error(&w, &user, &e),
     }
@@ -506,7 +509,8 @@ async fn capture(State(w): State<Arc<Web>>, axum::Extension(LoggedIn(user)): axu
             &w,
             StatusCode::BAD_REQUEST,
             &user,
-            &w.lang(&user).t("capture_failed", &[("why", &format!("{e:#}"))]),
+            "capture_failed",
+            &[("why", &format!("{e:#}"))],
         ),
         Err(e) => internal_error(&w, &user, &e),
     }

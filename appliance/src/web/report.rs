@@ -53,20 +53,12 @@ async fn made(w: Arc<Web>, user: &str, q: Which) -> Result<SlideReportDoc, Respo
     let lang = match q.lang.as_deref().map(Lang::from_code) {
         None => w.lang(user),
         Some(Some(l)) => l,
-        Some(None) => {
-            let why = w.lang(user).t("unknown_language", &[]);
-            return Err(error_page(&w, StatusCode::BAD_REQUEST, user, &why));
-        }
+        Some(None) => return Err(error_page(&w, StatusCode::BAD_REQUEST, user, "unknown_language", &[])),
     };
     let web = w.clone();
     match tokio::task::spawn_blocking(move || doc(&web, q.slide, lang)).await {
         Ok(Ok(Some(d))) => Ok(d),
-        Ok(Ok(None)) => Err(error_page(
-            &w,
-            StatusCode::NOT_FOUND,
-            user,
-            &w.lang(user).t("no_such_slide", &[]),
-        )),
+        Ok(Ok(None)) => Err(error_page(&w, StatusCode::NOT_FOUND, user, "no_such_slide", &[])),
         Ok(Err(e)) => Err(internal_error(&w, user, &format!("{e:#}"))),
         Err(e) => Err(internal_error(&w, user, &e)),
     }
