@@ -340,6 +340,11 @@ pub struct AdaptArgs {
     /// set aside with Blast the most probable class); below it nothing is written.
     #[arg(long, default_value_t = 0.97)]
     pub min_blasts_flagged: f64,
+    /// With `--val`: no blast guard. By default the signed model is kept beside the taught one
+    /// and a cell it calls Blast is held back as a possible blast when the taught model still
+    /// gives Blast some probability (fitted on the val blasts)
+    #[arg(long)]
+    pub no_blast_guard: bool,
     /// With `--replay`: augmented views of each reviewed cell.
     #[arg(long, default_value_t = 8)]
     pub tune_views: usize,

@@ -255,6 +255,7 @@ pub fn adapt(a: AdaptArgs) -> Result<()> {
         bank_views: a.bank_views,
         blast_replay_weight: a.blast_replay_weight,
         min_blasts_flagged: a.min_blasts_flagged,
+        blast_guard: !a.no_blast_guard,
         replay: a.replay.as_deref(),
         replay_per_class: a.replay_per_class,
         tune: trainer::compact::site_tune::TuneSettings {
@@ -288,6 +289,14 @@ pub fn adapt(a: AdaptArgs) -> Result<()> {
     }
     if let Some((before, after, blasts)) = r.val_blasts_flagged {
         println!("val blasts flagged: {before} of {blasts} before, {after} after");
+    }
+    if let Some(g) = &r.guard {
+        println!(
+            "blast guard (the signed model beside the taught one): holds a cell back when the taught model gives Blast at least {:.4}; \
+             without it {} val blasts flagged ({} that the signed model calls Blast lost); it holds back {} of the {total} reviewed cells \
+             as possible blasts (more of the clinic's other cells: --no-blast-guard turns it off)",
+            g.min_taught_blast, g.val_blasts_flagged_without, g.val_blasts_lost, g.reviewed_held
+        );
     }
     if m.clinic.is_none() {
         eprintln!("warning: the bundle names no clinic; every clinic's appliance would install it");

@@ -268,3 +268,124 @@ fn what_adapt_refuses() {
     let (ok, out) = site.adapt("one.csv", v + 1, "f.bundle", &["--steps", "20"]);
     assert!(ok && out.contains("for clinic a"), "{out}");
 }
+
+#[test]
+fn a_site_bundle_checked_on_val_keeps_the_signed_model_beside_it_as_a_blast_guard() {
+    use wbc_models::calibrate::GUARD_PART;
+    use wbc_protocol::messages::ReviewReason;
+    let site = Site::new();
+    let old = default_bundle();
+    let v = old.manifest.model_version;
+    let val = s(&repo().join("shared/fixtures/cells/cells.csv"));
+    let (ok, out) = site.adapt(
+        "reviewed.csv",
+        v + 1,
+        "site.bundle",
+        &[
+            "--val",
+            &val,
+            "--max-val-drop",
+            "100",
+            "--min-blasts-flagged",
+            "0",
+            "--clinic",
+            "c",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("blast guard"), "{out}");
+    let public = keys::trusted(&[site.path("lab.key.pub")], "").unwrap();
+    let b = Bundle::open(&site.path("site.bundle"), &public).unwrap();
+    // The guard is the signed model, byte for byte.
+    assert_eq!(b.part(GUARD_PART).unwrap(), old.part(WEIGHTS_PART).unwrap());
+    let device = Device::flex();
+    let (signed, taught) = (
+        Classifier::from_bundle(&old, &device).unwrap(),
+        Classifier::from_bundle(&b, &device).unwrap(),
+    );
+    let guard = taught.calibration().guard.clone().expect("a guard in the calibration");
+    assert_eq!(guard.from_model_version, v);
+    assert_eq!(guard.temperature, signed.calibration().temperature);
+    assert!((0.0..=1.0).contains(&guard.min_taught_blast), "{guard:?}");
+    assert!(b.manifest.training["site_adaptation"]["blast_guard"]["min_taught_blast"].is_number());
+
+    // Beside each answer of the taught model, the signed model's own logits.
+    let home: Vec<RgbImage> = cells().iter().map(|(n, _)| load(n)).collect();
+    for (p, q) in taught.predict(&home).iter().zip(signed.predict(&home)) {
+        let g = p.guard_logits.expect("the guard's logits");
+        for (a, b) in g.iter().zip(q.logits) {
+            assert!((a - b).abs() < 1e-3, "{g:?} against {:?}", q.logits);
+        }
+    }
+
+    // A cell the taught model calls a monocyte and the signed model a blast is held back as a
+    // possible blast, with the signed model's probabilities, once the taught model gives Blast
+    // what the guard needs; below that, the taught answer stands.
+    let mut cal = taught.calibration().clone();
+    cal.guard.as_mut().unwrap().min_taught_blast = 0.25;
+    cal.ood = None;
+    let strict = taught.clone().with_calibration(cal, None).unwrap();
+    let mut p = taught.predict(&home[..1]).remove(0);
+    p.guard_logits = Some([0.0, 0.0, 0.0, 1.0, 0.0, 4.0]);
+    p.probs = [0.0, 0.0, 0.0, 0.8, 0.0, 0.2];
+    let r = strict.result(&p);
+    assert_eq!(r.class, Some(CellClass::Monocyte), "{r:?}");
+    p.probs = [0.0, 0.0, 0.0, 0.7, 0.0, 0.3];
+    let r = strict.result(&p);
+    assert_eq!(r.class, None);
+    assert_eq!(r.review_reason, Some(ReviewReason::LowConfidence));
+    assert!(r.possible_blast(), "{r:?}");
+    // Shown with the signed model's probabilities (at its own temperature): Blast leads.
+    assert_eq!(r.most_probable(), Some(CellClass::Blast), "{r:?}");
+    assert!(r.confidence > 0.5 && r.description.contains("taught from"), "{r:?}");
+    // The signed model calling it a monocyte too: nothing to guard.
+    p.guard_logits = Some([0.0, 0.0, 0.0, 4.0, 0.0, 1.0]);
+    assert_eq!(strict.result(&p).class, Some(CellClass::Monocyte));
+
+    // A guard's settings without its weights (or weights without settings) do not load.
+    let mut cal = signed.calibration().clone();
+    cal.guard = Some(guard);
+    let bank = signed.bank().cloned();
+    assert!(signed.clone().with_calibration(cal, bank).is_err());
+
+    // Taught again, the site bundle keeps the signed model as its guard; without --val it
+    // cannot (the guard's threshold is fitted on val), and nothing is written.
+    let again = |out: &str, extra: &[&str]| {
+        let (bundle, trust) = (s(&site.path("site.bundle")), s(&site.path("lab.key.pub")));
+        let (csv, key, out) = (
+            s(&site.path("reviewed.csv")),
+            s(&site.path("lab.key")),
+            s(&site.path(out)),
+        );
+        let version = (v + 2).to_string();
+        let mut args = vec![
+            "adapt",
+            "--bundle",
+            &bundle,
+            "--trust",
+            &trust,
+            "--csv",
+            &csv,
+            "--key",
+            &key,
+            "--model-version",
+            &version,
+            "--out",
+            &out,
+        ];
+        args.extend(extra);
+        trainer(&args)
+    };
+    let (ok, out) = again("bare.bundle", &[]);
+    assert!(!ok && out.contains("must keep"), "{out}");
+    assert!(!site.path("bare.bundle").exists());
+    let (ok, out) = again(
+        "again.bundle",
+        &["--val", &val, "--max-val-drop", "100", "--min-blasts-flagged", "0"],
+    );
+    assert!(ok, "{out}");
+    let b2 = Bundle::open(&site.path("again.bundle"), &public).unwrap();
+    assert_eq!(b2.part(GUARD_PART).unwrap(), old.part(WEIGHTS_PART).unwrap());
+    let c2 = Classifier::from_bundle(&b2, &device).unwrap();
+    assert_eq!(c2.calibration().guard.as_ref().unwrap().from_model_version, v);
+}

@@ -47,6 +47,34 @@ pub struct Calibration {
     /// bundles without the check stay readable by older appliances.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub blast_min_nucleus_um: f32,
+    /// A site bundle's blast guard: the signed model it was taught from, kept beside it to
+    /// hold back the blasts that what the clinic taught would call something else. Older
+    /// appliances refuse a calibration that has one (unknown field), so that a site bundle
+    /// never runs without its guard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<BlastGuard>,
+}
+
+/// Name of the part that holds a blast guard's weights (the signed model's, byte for byte).
+pub const GUARD_PART: &str = "guard.safetensors";
+
+/// The signed model's blast call, consulted beside a site bundle's taught one.
+///
+/// A clinic teaches its model the cells it reviews, nearly never a blast, and that moves the
+/// taught classes' boundaries into blast territory: a few blasts the signed model flagged
+/// become monocytes. A cell is held back for review as a possible blast when the signed
+/// model's most probable class is Blast and the taught model still gives Blast at least
+/// `min_taught_blast`: the second condition keeps the signed model's false blasts at the site
+/// (cells the clinic taught otherwise) out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlastGuard {
+    /// The signed model's temperature.
+    pub temperature: f32,
+    /// The taught model's (calibrated) Blast probability the guard needs as well.
+    pub min_taught_blast: f32,
+    /// Model version of the signed model.
+    pub from_model_version: u64,
 }
 
 fn is_zero(v: &f32) -> bool {
@@ -60,6 +88,7 @@ impl Default for Calibration {
             ood: None,
             blast_min_confidence: 0.0,
             blast_min_nucleus_um: 0.0,
+            guard: None,
         }
     }
 }

@@ -168,6 +168,21 @@ impl Classifier {
                 "a familiarity threshold needs its feature bank and vice versa".into(),
             ));
         }
+        let has_guard = matches!(&self.model, Engine::Compact(m) if m.has_guard());
+        if cal.guard.is_some() != has_guard {
+            return Err(ModelError::Config(format!(
+                "a blast guard needs both its settings in the calibration and its weights ({})",
+                crate::calibrate::GUARD_PART
+            )));
+        }
+        if let Some(g) = &cal.guard
+            && !(g.temperature.is_finite() && g.temperature > 0.0 && (0.0..=1.0).contains(&g.min_taught_blast))
+        {
+            return Err(ModelError::Config(format!(
+                "blast guard: temperature {} or taught blast probability {} out of range",
+                g.temperature, g.min_taught_blast
+            )));
+        }
         self.calibration = cal;
         self.knn = knn;
         Ok(self)
@@ -176,6 +191,11 @@ impl Classifier {
     /// Calibration in use.
     pub fn calibration(&self) -> &Calibration {
         &self.calibration
+    }
+
+    /// The familiarity bank in use, where the bundle has one.
+    pub fn bank(&self) -> Option<&KnnBank> {
+        self.knn.as_ref()
     }
 
     /// A classifier around a model that is already loaded (e.g. one being exported).
@@ -349,6 +369,7 @@ impl Classifier {
                     .zip(adapted)
                     .map(|(raw, mut p)| {
                         p.unadapted_features = Some(raw.features);
+                        p.guard_logits = raw.guard_logits;
                         p
                     })
                     .collect();
@@ -445,8 +466,50 @@ impl Classifier {
             r.class = None;
         }
         r.review_reason = reason;
+        if let Some(signed) = guard_holds_back(p, best, reason, &self.calibration) {
+            let g = self.calibration.guard.as_ref().expect("a guard held the cell back");
+            let blast = wbc_protocol::classes::CellClass::Blast;
+            r.description = format!(
+                "Unidentified: possibly a blast. The model this clinic's model was taught from (version {}) calls it a blast \
+                 (probability {:.2}); this clinic's model says {} ({:.2}; Blast {:.3}). Held back for review as a possible blast. {}",
+                g.from_model_version,
+                signed[blast.index()],
+                class.name(),
+                p.probs[best],
+                p.probs[blast.index()],
+                describe(class, &attributes)
+            );
+            r.probabilities = wbc_protocol::classes::CellClass::ALL
+                .iter()
+                .map(|c| (c.name().to_string(), signed[c.index()]))
+                .collect();
+            r.confidence = signed[blast.index()];
+            r.class = None;
+            r.review_reason = Some(ReviewReason::LowConfidence);
+        }
         r
     }
+}
+
+/// The signed model's probabilities, where a site bundle's blast guard holds the cell back as
+/// a possible blast: the taught model neither calls it a blast nor holds it back as one, the
+/// signed model's most probable class is Blast, and the taught model gives Blast at least the
+/// guard's `min_taught_blast` (see [`crate::calibrate::BlastGuard`]). A picture without a cell
+/// stays what it is.
+pub fn guard_holds_back(
+    p: &Prediction,
+    best: usize,
+    reason: Option<ReviewReason>,
+    cal: &Calibration,
+) -> Option<[f32; NUM_CLASSES]> {
+    let blast = wbc_protocol::classes::CellClass::Blast.index();
+    let (g, logits) = (cal.guard.as_ref()?, p.guard_logits?);
+    if best == blast || reason == Some(ReviewReason::NoCell) || p.probs[blast] < g.min_taught_blast {
+        return None;
+    }
+    let signed = crate::compact::softmax_t(&logits, g.temperature);
+    let top = (0..NUM_CLASSES).max_by(|&a, &b| signed[a].total_cmp(&signed[b]))?;
+    (top == blast).then_some(signed)
 }
 
 /// The nucleus extent (µm) of a cell whose nucleus is too small for a Blast call under `cal`'s
@@ -578,7 +641,57 @@ mod tests {
             neighbour_class: Some(5),
             attributes: None,
             description: None,
+            guard_logits: None,
         }
+    }
+
+    #[test]
+    fn the_blast_guard_holds_back_what_the_signed_model_calls_blast_and_the_taught_one_still_doubts() {
+        let cal = Calibration {
+            guard: Some(crate::calibrate::BlastGuard {
+                temperature: 2.0,
+                min_taught_blast: 0.1,
+                from_model_version: 4,
+            }),
+            ..Calibration::default()
+        };
+        let monocyte = |blast: f32, guard: [f32; NUM_CLASSES]| {
+            let mut probs = [0.0; NUM_CLASSES];
+            probs[3] = 1.0 - blast;
+            probs[5] = blast;
+            let mut p = prediction(probs);
+            p.guard_logits = Some(guard);
+            p
+        };
+        let signed_blast = [0.0, 0.0, 0.0, 1.0, 0.0, 3.0];
+        let held = guard_holds_back(&monocyte(0.15, signed_blast), 3, None, &cal).expect("held back");
+        // The signed model's probabilities at its own temperature.
+        // logits / 2 = [0, 0, 0, 0.5, 0, 1.5]: four classes at e^0.
+        let (mono, blast) = ((0.5f32).exp(), (1.5f32).exp());
+        assert!((held[5] - blast / (4.0 + mono + blast)).abs() < 1e-5, "{held:?}");
+        // The taught model gives Blast less than the guard needs.
+        assert_eq!(guard_holds_back(&monocyte(0.05, signed_blast), 3, None, &cal), None);
+        // The signed model does not call it a blast.
+        assert_eq!(
+            guard_holds_back(&monocyte(0.4, [0.0, 0.0, 0.0, 3.0, 0.0, 1.0]), 3, None, &cal),
+            None
+        );
+        // The taught model's own answer is Blast: its rules decide.
+        assert_eq!(guard_holds_back(&monocyte(0.6, signed_blast), 5, None, &cal), None);
+        // No cell in the picture; no guard; no guard logits.
+        assert_eq!(
+            guard_holds_back(&monocyte(0.15, signed_blast), 3, Some(ReviewReason::NoCell), &cal),
+            None
+        );
+        assert_eq!(
+            guard_holds_back(&monocyte(0.15, signed_blast), 3, None, &Calibration::default()),
+            None
+        );
+        let mut bare = monocyte(0.15, signed_blast);
+        bare.guard_logits = None;
+        assert_eq!(guard_holds_back(&bare, 3, None, &cal), None);
+        // A set-aside cell (unfamiliar) is held back as a possible blast too.
+        assert!(guard_holds_back(&monocyte(0.15, signed_blast), 3, Some(ReviewReason::Unfamiliar), &cal).is_some());
     }
 
     #[test]
@@ -637,6 +750,7 @@ mod tests {
             }),
             blast_min_confidence: 0.9,
             blast_min_nucleus_um: 0.0,
+            guard: None,
         };
         let blast = |p: f32| {
             let mut probs = [(1.0 - p) / 5.0; NUM_CLASSES];

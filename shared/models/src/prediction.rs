@@ -32,6 +32,9 @@ pub struct Prediction {
     pub attributes: Option<AttributeScores>,
     /// A description the model wrote itself (the mllama family generates one).
     pub description: Option<String>,
+    /// The class logits of a site bundle's blast guard (the signed model it was taught
+    /// from), where it has one.
+    pub guard_logits: Option<[f32; NUM_CLASSES]>,
 }
 
 /// A cell's size as the cell normalisation measured it.
@@ -82,6 +85,7 @@ impl Prediction {
             neighbour_class: None,
             attributes: None,
             description,
+            guard_logits: None,
         }
     }
 }

@@ -450,6 +450,7 @@ pub(crate) fn val_rules(
         ood: None,
         blast_min_confidence,
         blast_min_nucleus_um,
+        guard: None,
     };
     (cal, metrics)
 }

@@ -28,8 +28,8 @@ use ed25519_dalek::SigningKey;
 use image::RgbImage;
 use std::path::Path;
 use wbc_cells::image::DecodeLimits;
-use wbc_models::calibrate::{CALIBRATION_PART, KnnBank, OOD_BANK_PART};
-use wbc_models::classify::{Classifier, SELFTEST_PART, SelfTest};
+use wbc_models::calibrate::{BlastGuard, CALIBRATION_PART, Calibration, GUARD_PART, KnnBank, OOD_BANK_PART};
+use wbc_models::classify::{Classifier, SELFTEST_PART, SelfTest, guard_holds_back};
 use wbc_models::compact::mobilenet::FEATURES;
 use wbc_models::compact::weights::{NamedTensor, Weights};
 use wbc_models::compact::{CompactModel, WEIGHTS_PART};
@@ -81,6 +81,9 @@ pub struct SiteOptions<'a> {
     /// With `val`: the share of the val blasts the site bundle must flag (reported Blast, or
     /// set aside with Blast the most probable class); below it nothing is written.
     pub min_blasts_flagged: f64,
+    /// With `val`: keep the signed model beside the taught one as a blast guard
+    /// ([`wbc_models::calibrate::BlastGuard`]), its threshold fitted on the val blasts.
+    pub blast_guard: bool,
 }
 
 impl<'a> SiteOptions<'a> {
@@ -107,6 +110,7 @@ impl<'a> SiteOptions<'a> {
             tune: Default::default(),
             blast_replay_weight: 3.0,
             min_blasts_flagged: 0.97,
+            blast_guard: true,
         }
     }
 }
@@ -136,10 +140,45 @@ pub struct SiteReport {
     /// Val blasts flagged (reported Blast, or set aside with Blast most probable) before and
     /// after, and val blasts, with `--val`.
     pub val_blasts_flagged: Option<(usize, usize, usize)>,
+    /// With a blast guard: the taught model's Blast probability it needs, and how many val
+    /// blasts the taught model alone would flag.
+    pub guard: Option<GuardReport>,
     /// The written bundle's manifest.
     #[serde(skip)]
     pub manifest: Option<Manifest>,
 }
+
+/// How the blast guard was fitted.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GuardReport {
+    /// The taught model's Blast probability the guard needs.
+    pub min_taught_blast: f32,
+    /// Val blasts the taught model flags alone.
+    pub val_blasts_flagged_without: usize,
+    /// Val blasts the signed model calls Blast that the taught model does not flag: those the
+    /// guard is for.
+    pub val_blasts_lost: usize,
+    /// Of the clinic's reviewed cells (none a blast, as a rule), how many the guard holds back
+    /// as possible blasts: what it will cost at the clinic, as far as its reviews tell (the
+    /// taught model learnt these cells, so at the clinic it will hold back more).
+    pub reviewed_held: usize,
+}
+
+/// What share of the smallest taught Blast probability among the val blasts the guard is
+/// fitted on it needs: the blasts a site will see are not the val blasts, so the threshold
+/// stays well below the least sure of them.
+const GUARD_MARGIN: f32 = 0.5;
+
+/// The guard's threshold from the taught model's Blast probability of the val blasts that the
+/// signed model calls Blast and the taught one does not flag (`lost`); with none lost, of all
+/// the val blasts the signed model calls Blast (`called`), so that a site's blasts that go the
+/// same way are still caught.
+pub(crate) fn guard_threshold(lost: &[f32], called: &[f32]) -> f32 {
+    let least = |v: &[f32]| v.iter().copied().filter(|p| p.is_finite()).reduce(f32::min);
+    least(lost).or_else(|| least(called)).map_or(0.0, |p| p * GUARD_MARGIN)
+}
+
+const GUARD_KEPT: &str = "the bundle carries a blast guard, which a site bundle taught from it must keep: give --val (and not --no-blast-guard)";
 
 /// The `i`-th view of a cell: itself, mirrored, flipped, rotated.
 fn view(img: &RgbImage, i: usize) -> RgbImage {
@@ -334,25 +373,107 @@ fn head_only<'a>(
     ))
 }
 
-/// Of the labelled blasts of a list, how many a classifier flags (reports as Blast, or sets
-/// aside with Blast the most probable class), and how many there are.
-fn blasts_flagged(c: &Classifier, list: &Path) -> Result<(usize, usize)> {
+/// The labelled blasts of a list: pictures and pixel sizes.
+fn val_blasts(list: &Path) -> Result<(Vec<RgbImage>, Vec<Option<f32>>)> {
     let blasts: Vec<Sample> = read_samples(list)?
         .into_iter()
         .filter(|s| s.label == Some(CellClass::Blast))
         .collect();
     let (loaded, _) = load_images(blasts, &DecodeLimits::default());
     let (samples, images): (Vec<Sample>, Vec<RgbImage>) = loaded.into_iter().unzip();
-    let scales: Vec<Option<f32>> = samples.iter().map(|s| s.microns_per_pixel).collect();
+    Ok((images, samples.iter().map(|s| s.microns_per_pixel).collect()))
+}
+
+/// Whether a result flags a blast: reported Blast, or set aside with Blast the most probable
+/// class (the probabilities the result shows).
+fn flags_blast(r: &wbc_protocol::messages::CellResult) -> bool {
+    r.class == Some(CellClass::Blast) || (r.class.is_none() && r.most_probable() == Some(CellClass::Blast))
+}
+
+/// Of the labelled blasts of a list, how many a classifier flags, and how many there are.
+fn blasts_flagged(c: &Classifier, list: &Path) -> Result<(usize, usize)> {
+    let (images, scales) = val_blasts(list)?;
     let flagged = c
         .predict_at(&images, &scales)
         .iter()
-        .filter(|p| {
-            let r = c.result(p);
-            r.class == Some(CellClass::Blast) || (r.class.is_none() && argmax(&p.probs) == CellClass::Blast.index())
-        })
+        .filter(|p| flags_blast(&c.result(p)))
         .count();
     Ok((flagged, images.len()))
+}
+
+/// The taught classifier with the signed model beside it as a blast guard, its threshold
+/// fitted on the val blasts (see [`guard_threshold`]).
+fn with_guard(
+    o: &SiteOptions,
+    taught: &Classifier,
+    (model, own): (CompactModel, &Weights),
+    val: &Path,
+    (reviewed, reviewed_scales): (&[RgbImage], &[Option<f32>]),
+) -> Result<(Classifier, GuardReport)> {
+    let old = &o.bundle.manifest;
+    // A site bundle taught again keeps the signed model it came from as its guard.
+    let signed_cal: Calibration = serde_json::from_slice(o.bundle.part(CALIBRATION_PART)?)?;
+    let (signed, guard) = match signed_cal.guard {
+        Some(g) => (o.bundle.part(GUARD_PART)?, g),
+        None => (
+            o.bundle.part(WEIGHTS_PART)?,
+            BlastGuard {
+                temperature: signed_cal.temperature,
+                min_taught_blast: 0.0,
+                from_model_version: old.model_version,
+            },
+        ),
+    };
+    let model = model.with_guard(own, &Weights::from_safetensors(signed)?)?;
+    let mut cal = taught.calibration().clone();
+    cal.guard = Some(guard);
+    let guarded = Classifier::new(model, taught.preprocess().clone(), o.model_version)
+        .with_calibration(cal.clone(), taught.bank().cloned())?;
+    let (images, scales) = val_blasts(val)?;
+    let (mut lost, mut called, mut flagged) = (Vec::new(), Vec::new(), 0);
+    let blast = CellClass::Blast.index();
+    for p in guarded.predict_at(&images, &scales) {
+        let alone = taught.result(&p);
+        flagged += usize::from(flags_blast(&alone));
+        let signed_blast = p.guard_logits.is_some_and(|l| argmax(&l) == blast);
+        if signed_blast {
+            called.push(p.probs[blast]);
+            if !flags_blast(&alone) {
+                lost.push(p.probs[blast]);
+            }
+        }
+    }
+    let min_taught_blast = guard_threshold(&lost, &called);
+    tracing::info!(
+        min_taught_blast,
+        lost = lost.len(),
+        flagged_without_guard = flagged,
+        "blast guard fitted"
+    );
+    cal.guard.as_mut().expect("set above").min_taught_blast = min_taught_blast;
+    let guarded = guarded.with_calibration(cal, taught.bank().cloned())?;
+    let reviewed_held = guarded
+        .predict_at(reviewed, reviewed_scales)
+        .iter()
+        .filter(|p| {
+            let best = argmax(&p.probs);
+            guard_holds_back(p, best, taught.result(p).review_reason, guarded.calibration()).is_some()
+        })
+        .count();
+    tracing::info!(
+        reviewed_held,
+        reviewed = reviewed.len(),
+        "reviewed cells the guard holds back"
+    );
+    Ok((
+        guarded,
+        GuardReport {
+            min_taught_blast,
+            val_blasts_flagged_without: flagged,
+            val_blasts_lost: lost.len(),
+            reviewed_held,
+        },
+    ))
 }
 
 /// Reviewed cells that a classifier reports as their reviewed class.
@@ -382,6 +503,10 @@ pub fn adapt(o: &SiteOptions) -> Result<SiteReport> {
     }
     if !(1..=8).contains(&o.views) || !(0.0..1.0).contains(&o.site_share) || o.steps == 0 {
         bail!("--views must be 1 to 8, --site-share in [0, 1), --steps above 0");
+    }
+    // Checked before any work: a site bundle taught again keeps its blast guard.
+    if old.parts.contains_key(GUARD_PART) && (o.val.is_none() || !o.blast_guard) {
+        bail!(GUARD_KEPT);
     }
     let clinic = match (o.clinic.clone(), csv_clinic(o.reviewed)?) {
         (Some(c), Some(f)) if c != f => bail!(
@@ -461,7 +586,7 @@ pub fn adapt(o: &SiteOptions) -> Result<SiteReport> {
             (merged.to_safetensors(config.q4_group)?, Replay::Images(list))
         }
     };
-    let model = CompactModel::from_weights(config, &Weights::from_safetensors(&weights_bytes)?, &device)?;
+    let model = CompactModel::from_weights(config.clone(), &Weights::from_safetensors(&weights_bytes)?, &device)?;
     let bare = Classifier::new(model, signed.manifest.preprocess.clone(), o.model_version);
 
     // The familiarity bank: training cells as the new model sees them (the bundle's own bank
@@ -524,6 +649,16 @@ pub fn adapt(o: &SiteOptions) -> Result<SiteReport> {
     };
     let bank = KnnBank::new(new_bank_x, new_bank_y, old_ood.k, &device)?;
     let adapted = bare.with_calibration(cal.clone(), Some(bank))?;
+    let (adapted, cal, guard) = match o.val.filter(|_| o.blast_guard) {
+        Some(val) => {
+            let own = Weights::from_safetensors(&weights_bytes)?;
+            let model = CompactModel::from_weights(config.clone(), &own, &device)?;
+            let (guarded, report) = with_guard(o, &adapted, (model, &own), val, (&images, &scales))?;
+            let cal = guarded.calibration().clone();
+            (guarded, cal, Some(report))
+        }
+        None => (adapted, cal, None),
+    };
 
     let reviewed_right_before = reported_right(&original, &images, &scales, &labels);
     let reviewed_right_after = reported_right(&adapted, &images, &scales, &labels);
@@ -537,6 +672,7 @@ pub fn adapt(o: &SiteOptions) -> Result<SiteReport> {
         replayed,
         val_macro_f1: None,
         val_blasts_flagged: None,
+        guard,
         manifest: None,
     };
 
@@ -587,6 +723,7 @@ pub fn adapt(o: &SiteOptions) -> Result<SiteReport> {
                 "replayed_training_cells": replayed,
                 "backbone_tuned": o.replay.map(|_| serde_json::json!({"replay_per_class": o.replay_per_class, "settings": o.tune})),
                 "val_checked": o.val.is_some(),
+                "blast_guard": report.guard,
             }),
         );
     }
@@ -612,7 +749,13 @@ pub fn adapt(o: &SiteOptions) -> Result<SiteReport> {
         cases,
     };
 
-    let mut builder = BundleBuilder::from_bundle(&signed)
+    let mut builder = BundleBuilder::from_bundle(&signed);
+    if cal.guard.is_some() && !signed.manifest.parts.contains_key(GUARD_PART) {
+        builder = builder.part(GUARD_PART, o.bundle.part(WEIGHTS_PART)?.to_vec())?;
+    } else if cal.guard.is_none() && signed.manifest.parts.contains_key(GUARD_PART) {
+        bail!(GUARD_KEPT);
+    }
+    let mut builder = builder
         .replace_part(WEIGHTS_PART, weights_bytes)?
         .replace_part(OOD_BANK_PART, new_bank)?
         .replace_part(CALIBRATION_PART, serde_json::to_vec_pretty(&cal)?)?
@@ -627,4 +770,17 @@ pub fn adapt(o: &SiteOptions) -> Result<SiteReport> {
     let bundle = sign_and_write(builder, o.key, o.out, &device)?;
     report.manifest = Some(bundle.manifest);
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guard_needs_half_the_least_sure_lost_blast_or_else_half_the_least_sure_blast_the_signed_model_calls() {
+        assert_eq!(guard_threshold(&[0.3, 0.1, f32::NAN], &[0.9, 0.1]), 0.05);
+        assert_eq!(guard_threshold(&[], &[0.8, 0.4]), 0.2);
+        // Nothing known: every cell the signed model calls Blast is held back.
+        assert_eq!(guard_threshold(&[], &[]), 0.0);
+    }
 }

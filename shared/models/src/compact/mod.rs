@@ -201,6 +201,33 @@ pub struct CompactModel {
     attr_w: Tensor<2>,
     attr_b: Tensor<1>,
     device: Device,
+    guard: Option<Box<GuardTail>>,
+}
+
+/// A site bundle's blast guard on the device: the signed model's blocks from the first one
+/// the site changed, and its class head. The blocks before `fork` are the same in both, so
+/// they run once.
+#[derive(Debug, Clone)]
+struct GuardTail {
+    backbone: Backbone,
+    fork: usize,
+    class_w: Tensor<2>,
+    class_b: Tensor<1>,
+}
+
+/// The first backbone block whose weights differ between `a` and `b` (the number of blocks
+/// when none does).
+fn first_changed_block(a: &Weights, b: &Weights) -> usize {
+    mobilenet::mobilenet_v2_spec()
+        .iter()
+        .position(|block| {
+            block.units.iter().any(|u| {
+                ["weight", "bias"]
+                    .iter()
+                    .any(|k| a.0.get(&format!("{}.{k}", u.conv)) != b.0.get(&format!("{}.{k}", u.conv)))
+            })
+        })
+        .unwrap_or(mobilenet::mobilenet_v2_spec().len())
 }
 
 impl CompactModel {
@@ -223,7 +250,30 @@ impl CompactModel {
             attr_b: t1("head.attrs.bias", aw)?,
             config,
             device: device.clone(),
+            guard: None,
         })
+    }
+
+    /// The model with a blast guard: `signed` are the weights of the model this one was taught
+    /// from, and `own` this model's (to find the first block the site changed).
+    pub fn with_guard(mut self, own: &Weights, signed: &Weights) -> Result<Self, ModelError> {
+        let head = |name: &str, shape: &[usize]| -> Result<Vec<f32>, WeightError> {
+            Ok(signed.get_shaped(name, shape)?.values.clone())
+        };
+        let class_w = head("head.class.weight", &[FEATURES, NUM_CLASSES])?;
+        let class_b = head("head.class.bias", &[NUM_CLASSES])?;
+        self.guard = Some(Box::new(GuardTail {
+            backbone: Backbone::new(signed, &self.device)?,
+            fork: first_changed_block(own, signed),
+            class_w: Tensor::from_data(TensorData::new(class_w, [FEATURES, NUM_CLASSES]), &self.device),
+            class_b: Tensor::from_data(TensorData::new(class_b, [NUM_CLASSES]), &self.device),
+        }));
+        Ok(self)
+    }
+
+    /// Whether the model carries a blast guard.
+    pub fn has_guard(&self) -> bool {
+        self.guard.is_some()
     }
 
     /// Loads the model from a verified bundle.
@@ -234,7 +284,12 @@ impl CompactModel {
         let config: CompactConfig = serde_json::from_value(bundle.manifest.model_config.clone())
             .map_err(|e| ModelError::Config(e.to_string()))?;
         let w = Weights::from_safetensors(bundle.part(WEIGHTS_PART)?)?;
-        Self::from_weights(config, &w, device)
+        let model = Self::from_weights(config, &w, device)?;
+        if !bundle.manifest.parts.contains_key(crate::calibrate::GUARD_PART) {
+            return Ok(model);
+        }
+        let signed = Weights::from_safetensors(bundle.part(crate::calibrate::GUARD_PART)?)?;
+        model.with_guard(&w, &signed)
     }
 
     /// Device the model runs on.
@@ -264,7 +319,21 @@ impl CompactModel {
     /// One forward pass over `n` images.
     fn predict_run(&self, data: Vec<f32>, n: usize, side: usize) -> Vec<Prediction> {
         let x = Tensor::<4>::from_data(TensorData::new(data, [n, 3, side, side]), &self.device);
-        self.predict_features(to_vec(self.backbone.features(x).into_data()), n)
+        let Some(g) = &self.guard else {
+            return self.predict_features(to_vec(self.backbone.features(x).into_data()), n);
+        };
+        let blocks = self.backbone.num_blocks();
+        let trunk = self.backbone.forward_blocks(x, 0, g.fork, None);
+        let own = pool(self.backbone.forward_blocks(trunk.clone(), g.fork, blocks, None));
+        let signed = pool(g.backbone.forward_blocks(trunk, g.fork, blocks, None));
+        let guard = to_vec((signed.matmul(g.class_w.clone()) + g.class_b.clone().unsqueeze()).into_data());
+        let mut preds = self.predict_features(to_vec(own.into_data()), n);
+        for (p, l) in preds.iter_mut().zip(guard.chunks_exact(NUM_CLASSES)) {
+            let mut logits = [0f32; NUM_CLASSES];
+            logits.copy_from_slice(l);
+            p.guard_logits = Some(logits);
+        }
+        preds
     }
 
     /// Predictions from pooled features (`n × FEATURES`, row-major): the heads alone, for
@@ -296,6 +365,7 @@ impl CompactModel {
                         confidence: attribute_confidence,
                     }),
                     description: None,
+                    guard_logits: None,
                 }
             })
             .collect()
