@@ -7,6 +7,7 @@ use burn::tensor::Device;
 use image::RgbImage;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use wbc_cells::Prepare;
 use wbc_models::classify::Classifier;
 use wbc_models::compact::WEIGHTS_PART;
 use wbc_protocol::bundle::{Bundle, keys};
@@ -39,6 +40,27 @@ fn load(name: &str) -> RgbImage {
     image::open(repo().join("shared/fixtures/cells").join(name))
         .unwrap()
         .to_rgb8()
+}
+
+/// A smear whose stain colours the red cells blue-violet like the nucleus (as at LISC): lavender
+/// plasma, violet red cells, one white cell with a dark nucleus in the middle.
+fn violet_smear() -> RgbImage {
+    let (c, wbc, rbc) = (112.0f32, 80.0f32, 34.0f32);
+    RgbImage::from_fn(224, 224, |x, y| {
+        let (x, y) = (x as f32, y as f32);
+        let d = ((x - c).powi(2) + (y - c).powi(2)).sqrt();
+        let (gx, gy) = ((x / (rbc * 1.15)).fract() - 0.5, (y / (rbc * 1.15)).fract() - 0.5);
+        let in_rbc = (gx * gx + gy * gy).sqrt() * rbc * 1.15 < rbc / 2.0;
+        image::Rgb(if d < wbc * 0.3 {
+            [90, 50, 150]
+        } else if d < wbc / 2.0 {
+            [215, 200, 210]
+        } else if in_rbc && d > wbc / 2.0 + rbc / 2.0 {
+            [170, 160, 215]
+        } else {
+            [235, 215, 205]
+        })
+    })
 }
 
 /// A clinic whose pictures the model has never seen the like of: the negative of each picture
@@ -290,6 +312,7 @@ fn a_site_bundle_checked_on_val_keeps_the_signed_model_beside_it_as_a_blast_guar
             "0",
             "--clinic",
             "c",
+            "--dark-nucleus",
         ],
     );
     assert!(ok, "{out}");
@@ -309,14 +332,25 @@ fn a_site_bundle_checked_on_val_keeps_the_signed_model_beside_it_as_a_blast_guar
     assert!((0.0..=1.0).contains(&guard.min_taught_blast), "{guard:?}");
     assert!(b.manifest.training["site_adaptation"]["blast_guard"]["min_taught_blast"].is_number());
 
-    // Beside each answer of the taught model, the signed model's own logits.
-    let home: Vec<RgbImage> = cells().iter().map(|(n, _)| load(n)).collect();
+    // Beside each answer of the taught model, the signed model's own logits, on the signed
+    // bundle's own view of the cell: the site turned the dark-nucleus rule on, the guard did
+    // not, and on a smear whose stain colours the red cells the two views differ.
+    assert!(!guard.dark_nucleus);
+    let mut home: Vec<RgbImage> = cells().iter().map(|(n, _)| load(n)).collect();
+    home.push(violet_smear());
+    let view = |c: &Classifier| c.preprocess().prepare(home.last().unwrap(), None, None).0;
+    assert_ne!(
+        view(&taught),
+        view(&signed),
+        "the dark-nucleus rule changes this smear's view"
+    );
     for (p, q) in taught.predict(&home).iter().zip(signed.predict(&home)) {
         let g = p.guard_logits.expect("the guard's logits");
         for (a, b) in g.iter().zip(q.logits) {
             assert!((a - b).abs() < 1e-3, "{g:?} against {:?}", q.logits);
         }
     }
+    home.pop();
 
     // A cell the taught model calls a monocyte and the signed model a blast is held back as a
     // possible blast, with the signed model's probabilities, once the taught model gives Blast

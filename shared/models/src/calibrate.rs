@@ -75,6 +75,12 @@ pub struct BlastGuard {
     pub min_taught_blast: f32,
     /// Model version of the signed model.
     pub from_model_version: u64,
+    /// The signed model's own cell-normalisation setting of the dark-nucleus rule
+    /// ([`wbc_protocol::preprocess::CellNorm::dark_nucleus`]): the guard sees each cell as the
+    /// signed bundle would have shown it to its model, so that a site bundle holds back every
+    /// cell the signed bundle calls Blast (that the taught model still doubts), whatever the
+    /// site turned on.
+    pub dark_nucleus: bool,
 }
 
 fn is_zero(v: &f32) -> bool {

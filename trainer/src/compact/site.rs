@@ -421,6 +421,8 @@ fn with_guard(
                 temperature: signed_cal.temperature,
                 min_taught_blast: 0.0,
                 from_model_version: old.model_version,
+                // The guard sees cells as the signed bundle does, whatever this site turns on.
+                dark_nucleus: old.preprocess.cell.as_ref().is_some_and(|c| c.dark_nucleus),
             },
         ),
     };

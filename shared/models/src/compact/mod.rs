@@ -301,31 +301,63 @@ impl CompactModel {
     ///
     /// On the CPU the batch runs [`CPU_CELLS_PER_RUN`] cells at a time; a GPU takes it whole.
     pub fn predict(&self, data: Vec<f32>, n: usize, side: usize) -> Vec<Prediction> {
+        self.predict_guarded(data, None, n, side)
+    }
+
+    /// As [`CompactModel::predict`], with the blast guard (if the model has one) seeing
+    /// `guard_views` instead of `data` where given (the same layout): the signed model's own
+    /// preprocessing, where a site changed it. Without them the guard shares the first blocks.
+    pub fn predict_guarded(
+        &self,
+        data: Vec<f32>,
+        guard_views: Option<Vec<f32>>,
+        n: usize,
+        side: usize,
+    ) -> Vec<Prediction> {
         let cell = 3 * side * side;
         assert_eq!(data.len(), n * cell, "{n} images of 3×{side}×{side} floats");
+        if let Some(g) = &guard_views {
+            assert_eq!(g.len(), data.len(), "the guard's views are laid out as the model's");
+        }
         let per_run = if self.device == Device::flex() {
             CPU_CELLS_PER_RUN
         } else {
             n
         };
         if n <= per_run {
-            return self.predict_run(data, n, side);
+            return self.predict_run(data, guard_views, n, side);
         }
+        let mut guard_runs = guard_views.as_ref().map(|g| g.chunks(per_run * cell));
         data.chunks(per_run * cell)
-            .flat_map(|run| self.predict_run(run.to_vec(), run.len() / cell, side))
+            .flat_map(|run| {
+                let guard = guard_runs.as_mut().and_then(|g| g.next()).map(<[f32]>::to_vec);
+                self.predict_run(run.to_vec(), guard, run.len() / cell, side)
+            })
             .collect()
     }
 
     /// One forward pass over `n` images.
-    fn predict_run(&self, data: Vec<f32>, n: usize, side: usize) -> Vec<Prediction> {
+    fn predict_run(&self, data: Vec<f32>, guard_views: Option<Vec<f32>>, n: usize, side: usize) -> Vec<Prediction> {
         let x = Tensor::<4>::from_data(TensorData::new(data, [n, 3, side, side]), &self.device);
         let Some(g) = &self.guard else {
             return self.predict_features(to_vec(self.backbone.features(x).into_data()), n);
         };
         let blocks = self.backbone.num_blocks();
-        let trunk = self.backbone.forward_blocks(x, 0, g.fork, None);
-        let own = pool(self.backbone.forward_blocks(trunk.clone(), g.fork, blocks, None));
-        let signed = pool(g.backbone.forward_blocks(trunk, g.fork, blocks, None));
+        let (own, signed) = match guard_views {
+            None => {
+                let trunk = self.backbone.forward_blocks(x, 0, g.fork, None);
+                let own = self.backbone.forward_blocks(trunk.clone(), g.fork, blocks, None);
+                (own, g.backbone.forward_blocks(trunk, g.fork, blocks, None))
+            }
+            Some(v) => {
+                let y = Tensor::<4>::from_data(TensorData::new(v, [n, 3, side, side]), &self.device);
+                (
+                    self.backbone.forward_blocks(x, 0, blocks, None),
+                    g.backbone.forward_blocks(y, 0, blocks, None),
+                )
+            }
+        };
+        let (own, signed) = (pool(own), pool(signed));
         let guard = to_vec((signed.matmul(g.class_w.clone()) + g.class_b.clone().unsqueeze()).into_data());
         let mut preds = self.predict_features(to_vec(own.into_data()), n);
         for (p, l) in preds.iter_mut().zip(guard.chunks_exact(NUM_CLASSES)) {
