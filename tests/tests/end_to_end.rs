@@ -160,6 +160,7 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
         &EvalOptions {
             resamples: 50,
             minilm: None,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -216,6 +217,7 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
         &EvalOptions {
             resamples: 10,
             minilm: None,
+            ..Default::default()
         },
     )
     .unwrap();

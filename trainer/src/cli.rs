@@ -222,6 +222,12 @@ pub struct EvalArgs {
     /// was reported and why, measured size.
     #[arg(long)]
     pub cells: Option<PathBuf>,
+    /// Where each cell's predicted class comes from: `score` (the most probable class) or, for
+    /// mllama bundles, `generate` (the first class name in the generated description, as the
+    /// reference study read its answers; answers that name none are counted and scored as
+    /// misses).
+    #[arg(long, value_enum, default_value_t = trainer::eval::Predict::Score)]
+    pub predict: trainer::eval::Predict,
 }
 
 /// Arguments of `trainer export`.

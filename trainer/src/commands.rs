@@ -160,6 +160,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         minilm,
         resamples,
         cells,
+        predict,
         ..
     } = a;
     let b = Bundle::open(&bundle, &trusted(&trust)?).with_context(|| format!("opening {}", bundle.display()))?;
@@ -167,7 +168,15 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let minilm = minilm.or_else(|| {
         Some(default_weights_dir().join("all-MiniLM-L6-v2")).filter(|p| p.join("model.safetensors").is_file())
     });
-    let report = evaluate_classifier(&classifier, &csv, &EvalOptions { resamples, minilm })?;
+    let report = evaluate_classifier(
+        &classifier,
+        &csv,
+        &EvalOptions {
+            resamples,
+            minilm,
+            predict,
+        },
+    )?;
     print!("{}", report.text());
     if let Some(cells) = cells {
         report.write_cells(&cells)?;
@@ -176,7 +185,10 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", json.display()))?;
         if let Some(cm) = &report.confusion_matrix {
-            let names: Vec<&str> = wbc_protocol::CellClass::ALL.iter().map(|c| c.name()).collect();
+            let mut names: Vec<&str> = wbc_protocol::CellClass::ALL.iter().map(|c| c.name()).collect();
+            if cm.len() > names.len() {
+                names.push(trainer::eval::NO_CLASS_NAMED);
+            }
             trainer::plot::confusion(&names, cm, &json.with_extension("png"))?;
         }
     }

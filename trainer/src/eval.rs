@@ -15,6 +15,23 @@ use wbc_protocol::classes::{CellClass, NUM_CLASSES};
 
 const UNIDENTIFIED: &str = "Unidentified";
 
+/// What a generated answer that names no class is counted as.
+pub const NO_CLASS_NAMED: &str = "No class named";
+
+/// Where the predicted class of a cell comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Predict {
+    /// The most probable class of the model's class scores (for mllama: the likelihood of each
+    /// class name as the answer's start).
+    #[default]
+    Score,
+    /// The first class name in the generated description, as the reference study read its
+    /// model's answers (mllama bundles only); an answer that names none counts against its
+    /// class's recall.
+    Generate,
+}
+
 /// Evaluation settings.
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
@@ -22,6 +39,8 @@ pub struct EvalOptions {
     pub resamples: usize,
     /// Folder of all-MiniLM-L6-v2 for description similarity (skipped when `None`).
     pub minilm: Option<PathBuf>,
+    /// Where the predicted class comes from.
+    pub predict: Predict,
 }
 
 impl Default for EvalOptions {
@@ -29,8 +48,33 @@ impl Default for EvalOptions {
         EvalOptions {
             resamples: 1000,
             minilm: None,
+            predict: Predict::Score,
         }
     }
+}
+
+/// The first class named in a generated answer (a whole word, any case, singular or plural:
+/// "Neutrophils" names Neutrophil, "basophilic" names nothing).
+pub fn first_class_named(text: &str) -> Option<CellClass> {
+    let lower = text.to_lowercase();
+    let bytes = lower.as_bytes();
+    let is_word = |b: u8| b.is_ascii_alphanumeric();
+    CellClass::ALL
+        .iter()
+        .filter_map(|c| {
+            let name = c.name().to_lowercase();
+            lower.match_indices(&name).find_map(|(i, _)| {
+                let mut end = i + name.len();
+                if bytes.get(end) == Some(&b's') {
+                    end += 1;
+                }
+                let starts = i == 0 || !is_word(bytes[i - 1]);
+                let ends = bytes.get(end).is_none_or(|&b| !is_word(b));
+                (starts && ends).then_some((i, *c))
+            })
+        })
+        .min_by_key(|&(i, _)| i)
+        .map(|(_, c)| c)
 }
 
 /// Per-class row of the JSON report.
@@ -77,6 +121,10 @@ pub struct EvalReport {
     pub predicted_distribution: BTreeMap<String, f64>,
     /// Cosine similarity of generated and reference descriptions.
     pub description_similarity: Option<MeanSd>,
+    /// Where the predicted class came from.
+    pub predict: Predict,
+    /// With `--predict generate`: the cells whose generated answer named no class.
+    pub no_class_named: Option<usize>,
     /// What the classifier reports once review rules apply (familiarity, confidence, no cell):
     /// the fraction of cells reported as each class or as Unidentified.
     pub called_distribution: BTreeMap<String, f64>,
@@ -250,11 +298,34 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
     let (samples, images): (Vec<Sample>, Vec<_>) = loaded.into_iter().unzip();
     let scales: Vec<_> = samples.iter().map(|s| s.microns_per_pixel).collect();
     let preds = classifier.predict_at(&images, &scales);
-    let predicted: Vec<usize> = preds.iter().map(|p| argmax(&p.probs)).collect();
+    // The class each cell is predicted as; with generated answers, index NUM_CLASSES is an
+    // answer that names no class (a column of its own in the confusion matrix).
+    let generate = opts.predict == Predict::Generate;
+    if generate && !classifier.generates_text() {
+        bail!(
+            "--predict generate needs a bundle whose model writes its answers (mllama); this one scores classes only"
+        );
+    }
+    let predicted: Vec<usize> = if generate {
+        preds
+            .iter()
+            .map(|p| {
+                let named = p.description.as_deref().and_then(first_class_named);
+                named.map_or(NUM_CLASSES, |c| c.index())
+            })
+            .collect()
+    } else {
+        preds.iter().map(|p| argmax(&p.probs)).collect()
+    };
+    let columns = NUM_CLASSES + usize::from(generate);
+    let no_class_named = generate.then(|| predicted.iter().filter(|&&p| p == NUM_CLASSES).count());
     let mut dist = BTreeMap::new();
     for c in CellClass::ALL {
         let n = predicted.iter().filter(|&&p| p == c.index()).count();
         dist.insert(c.name().to_string(), n as f64 / predicted.len() as f64);
+    }
+    if let Some(n) = no_class_named {
+        dist.insert(NO_CLASS_NAMED.to_string(), n as f64 / predicted.len() as f64);
     }
     let results: Vec<_> = preds.iter().map(|p| classifier.result(p)).collect();
     let n_all = results.len() as f64;
@@ -280,7 +351,10 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
             cell_size: p.cell_size,
         });
     }
-    let names: Vec<&str> = CellClass::ALL.iter().map(|c| c.name()).collect();
+    let mut names: Vec<&str> = CellClass::ALL.iter().map(|c| c.name()).collect();
+    if generate {
+        names.push(NO_CLASS_NAMED);
+    }
     let labelled = samples.iter().all(|s| s.label.is_some());
     let mut report = EvalReport {
         evaluated: samples.len(),
@@ -299,6 +373,8 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
         per_source: BTreeMap::new(),
         predicted_distribution: dist,
         description_similarity: None,
+        predict: opts.predict,
+        no_class_named,
         called_distribution: called,
         unidentified_by_reason: reasons,
         recall_with_review: BTreeMap::new(),
@@ -310,10 +386,17 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
     };
     if labelled {
         let truth: Vec<usize> = samples.iter().map(|s| s.label.expect("labelled").index()).collect();
-        let cm = ConfusionMatrix::from_labels(NUM_CLASSES, &truth, &predicted);
-        let r = cm.report();
-        let boot = bootstrap(NUM_CLASSES, &truth, &predicted, opts.resamples, 0);
+        let cm = ConfusionMatrix::from_labels(columns, &truth, &predicted);
+        let r = cm.report_over(NUM_CLASSES);
+        let mut boot = bootstrap(columns, &truth, &predicted, opts.resamples, 0);
+        boot.truncate(NUM_CLASSES);
         report.text = render_tables(&names, &r, &boot, &cm);
+        if let Some(n) = no_class_named {
+            report.text.push_str(&format!(
+                "Predicted from the generated answers: {n} of {} named no class (counted as misses)\n",
+                truth.len()
+            ));
+        }
         report.accuracy = Some(r.accuracy);
         report.macro_f1 = Some(r.macro_avg.f1);
         report.weighted_f1 = Some(r.weighted_avg.f1);
@@ -362,7 +445,7 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
         for (src, (t, p)) in by_source {
             report
                 .per_source
-                .insert(src, ConfusionMatrix::from_labels(NUM_CLASSES, &t, &p).counts);
+                .insert(src, ConfusionMatrix::from_labels(columns, &t, &p).counts);
         }
         for (src, m) in &report.per_source {
             report.text.push_str(&format!(
@@ -448,6 +531,22 @@ pub fn evaluate_classifier(classifier: &Classifier, csv: &Path, opts: &EvalOptio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_generated_answer_names_its_first_class_as_a_whole_word() {
+        let named = |t: &str| first_class_named(t);
+        assert_eq!(named("This is a Neutrophil, segmented."), Some(CellClass::Neutrophil));
+        assert_eq!(named("neutrophils and one blast"), Some(CellClass::Neutrophil));
+        assert_eq!(named("Looks like a BLAST, not a lymphocyte"), Some(CellClass::Blast));
+        assert_eq!(named("A monocyte-like cell"), Some(CellClass::Monocyte));
+        assert_eq!(named("Eosinophil"), Some(CellClass::Eosinophil));
+        // Inside a longer word it names nothing.
+        assert_eq!(named("basophilic stippling in a prolymphocyte"), None);
+        assert_eq!(named("blasts"), Some(CellClass::Blast));
+        assert_eq!(named("blastic"), None);
+        assert_eq!(named(""), None);
+        assert_eq!(named("ööö lymphocyte"), Some(CellClass::Lymphocyte));
+    }
 
     #[test]
     fn unidentified_cells_cost_recall_not_precision() {

@@ -12,6 +12,18 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
 }
 
+/// The fixture cells listed in `cells.csv`, in its order.
+fn cell_images() -> Vec<image::RgbImage> {
+    let csv = std::fs::read_to_string(fixtures().join("cells/cells.csv")).unwrap();
+    csv.lines()
+        .skip(1)
+        .map(|l| {
+            let name = l.split(',').next().unwrap();
+            image::open(fixtures().join("cells").join(name)).unwrap().to_rgb8()
+        })
+        .collect()
+}
+
 #[test]
 fn lora_fine_tuning_on_real_cells_lowers_the_answer_loss_and_keeps_the_best_adapters() {
     let dir = tempfile::tempdir().unwrap();
@@ -113,6 +125,66 @@ fn lora_fine_tuning_on_real_cells_lowers_the_answer_loss_and_keeps_the_best_adap
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert!(v.to_string().contains("macro"), "{v}");
+    assert_eq!(v["predict"], "score");
+    assert_eq!(v["confusion_matrix"][0].as_array().unwrap().len(), 6);
+    // As the reference study read its model: the first class named in the generated answer;
+    // answers that name none are counted, in a column of their own, as misses.
+    let eval = |predict: &str, bundle: &std::path::Path, json: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args(["eval", "--resamples", "20", "--predict", predict, "--bundle"])
+            .arg(bundle)
+            .arg("--csv")
+            .arg(&cells)
+            .arg("--trust")
+            .arg(dir.path().join("lab.pem.pub"))
+            .arg("--trust")
+            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../appliance/keys/default.pub"))
+            .arg("--json")
+            .arg(json)
+            .env("WBC_WEIGHTS_DIR", dir.path())
+            .output()
+            .unwrap()
+    };
+    let generated = dir.path().join("generate.json");
+    let out = eval("generate", &bundle_path, &generated);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let g: serde_json::Value = serde_json::from_slice(&std::fs::read(&generated).unwrap()).unwrap();
+    assert_eq!(g["predict"], "generate");
+    let none = g["no_class_named"]
+        .as_u64()
+        .expect("a count of answers naming no class");
+    let cm = g["confusion_matrix"].as_array().unwrap();
+    assert_eq!(cm[0].as_array().unwrap().len(), 7);
+    let last: u64 = cm.iter().map(|row| row[6].as_u64().unwrap()).sum();
+    assert_eq!(last, none);
+    let total: u64 = cm
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|x| x.as_u64().unwrap())
+        .sum();
+    let images = cell_images();
+    assert_eq!(total, images.len() as u64);
+    // Each cell's generated answer, read the same way, gives the same count.
+    let named = c
+        .predict(&images)
+        .iter()
+        .filter(|p| {
+            p.description
+                .as_deref()
+                .and_then(trainer::eval::first_class_named)
+                .is_none()
+        })
+        .count() as u64;
+    assert_eq!(named, none);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("named no class"));
+    // A bundle that only scores classes has no answers to read.
+    let out = eval(
+        "generate",
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../appliance/models/default.bundle"),
+        &dir.path().join("compact.json"),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--predict generate needs"));
     // 4-bit projections and f16 embeddings: well under half the f32 checkpoint.
     let f32_bytes = std::fs::metadata(base.join("model.safetensors")).unwrap().len() as usize;
     assert!(r.bytes * 2 < f32_bytes, "{} vs {f32_bytes}", r.bytes);

@@ -240,6 +240,12 @@ impl Classifier {
         self
     }
 
+    /// Whether the model writes its answers (mllama: a generated description with each cell),
+    /// rather than only scoring the classes.
+    pub fn generates_text(&self) -> bool {
+        matches!(self.model, Engine::Mllama(_))
+    }
+
     /// Preprocessing of this model.
     pub fn preprocess(&self) -> &Preprocess {
         &self.pre

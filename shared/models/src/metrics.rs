@@ -49,10 +49,19 @@ impl ConfusionMatrix {
 
     /// The full report derived from the matrix.
     pub fn report(&self) -> Report {
+        self.report_over(self.n())
+    }
+
+    /// The report over the first `k` classes only, as scikit-learn's `labels=` argument gives
+    /// it: the answers in the other columns (say, a generated answer that names no class) count
+    /// against their row's recall and against no class's precision, and the averages run over
+    /// the `k` classes.
+    pub fn report_over(&self, k: usize) -> Report {
         let n = self.n();
+        let k = k.min(n);
         let total = self.total();
-        let mut per_class = Vec::with_capacity(n);
-        for c in 0..n {
+        let mut per_class = Vec::with_capacity(k);
+        for c in 0..k {
             let tp = self.counts[c][c] as f64;
             let support: u64 = self.counts[c].iter().sum();
             let predicted: u64 = (0..n).map(|r| self.counts[r][c]).sum();
@@ -70,16 +79,17 @@ impl ConfusionMatrix {
                 support,
             });
         }
-        let correct: u64 = (0..n).map(|c| self.counts[c][c]).sum();
+        let correct: u64 = (0..k).map(|c| self.counts[c][c]).sum();
         let accuracy = if total == 0 { 0.0 } else { correct as f64 / total as f64 };
+        let supported: u64 = per_class.iter().map(|m| m.support).sum();
         let avg = |f: &dyn Fn(&ClassMetrics) -> f64, weighted: bool| -> f64 {
             if weighted {
-                if total == 0 {
+                if supported == 0 {
                     return 0.0;
                 }
-                per_class.iter().map(|m| f(m) * m.support as f64).sum::<f64>() / total as f64
+                per_class.iter().map(|m| f(m) * m.support as f64).sum::<f64>() / supported as f64
             } else {
-                per_class.iter().map(f).sum::<f64>() / n.max(1) as f64
+                per_class.iter().map(f).sum::<f64>() / k.max(1) as f64
             }
         };
         let macro_avg = Averages {
@@ -322,6 +332,28 @@ mod tests {
         close(r.macro_avg.f1, 0.6944);
         close(r.weighted_avg.f1, 0.7083);
         close(r.weighted_avg.precision, 0.8);
+    }
+
+    // scikit-learn's `classification_report(t, p, labels=[0, 1, 2])` where class 3 is an answer
+    // that names no class: y_true = [0,0,0,1,1,2,2,2,2,2], y_pred = [0,0,3,1,1,2,2,3,0,1].
+    #[test]
+    fn a_report_over_some_classes_counts_the_other_answers_as_misses() {
+        let t = [0, 0, 0, 1, 1, 2, 2, 2, 2, 2];
+        let p = [0, 0, 3, 1, 1, 2, 2, 3, 0, 1];
+        let r = ConfusionMatrix::from_labels(4, &t, &p).report_over(3);
+        let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        assert_eq!(r.per_class.len(), 3);
+        close(r.accuracy, 0.6);
+        close(r.per_class[0].recall, 0.6667);
+        close(r.per_class[1].precision, 0.6667);
+        close(r.per_class[1].f1, 0.8);
+        close(r.per_class[2].recall, 0.4);
+        close(r.per_class[2].f1, 0.5714);
+        close(r.macro_avg.precision, 0.7778);
+        close(r.macro_avg.f1, 0.6794);
+        close(r.weighted_avg.precision, 0.8333);
+        close(r.weighted_avg.f1, 0.6457);
+        assert_eq!(r.total, 10);
     }
 
     #[test]
