@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use trainer::compact::export::ExportOptions;
+use trainer::device::DeviceChoice;
 
 /// The command line.
 #[derive(Parser)]
@@ -77,6 +78,9 @@ pub struct TrainArgs {
     /// Model family.
     #[arg(long, value_enum, default_value_t = ModelFamily::Compact)]
     pub model: ModelFamily,
+    /// mllama: where the model trains (the compact model trains on the CPU).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    pub device: DeviceChoice,
     /// mllama: the base checkpoint directory (config.json, safetensors, tokenizer.json).
     #[arg(long, required_if_eq("model", "mllama"))]
     pub base: Option<PathBuf>,
@@ -228,6 +232,9 @@ pub struct EvalArgs {
     /// misses).
     #[arg(long, value_enum, default_value_t = trainer::eval::Predict::Score)]
     pub predict: trainer::eval::Predict,
+    /// Where the model runs.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    pub device: DeviceChoice,
 }
 
 /// Arguments of `trainer export`.
@@ -242,6 +249,9 @@ pub struct ExportArgs {
     /// mllama: the base checkpoint the run was trained on.
     #[arg(long, required_if_eq("model", "mllama"))]
     pub base: Option<PathBuf>,
+    /// mllama: where the model is merged and checked (the compact model exports on the CPU).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    pub device: DeviceChoice,
     /// mllama: 4-bit group size of the exported projections.
     #[arg(long, default_value_t = 32)]
     pub q4_group: usize,
@@ -425,6 +435,9 @@ pub struct CheckHfArgs {
     /// Reference inputs and outputs (safetensors).
     #[arg(long)]
     pub io: PathBuf,
+    /// Where the model runs.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    pub device: DeviceChoice,
 }
 
 /// Arguments of `trainer keygen`.

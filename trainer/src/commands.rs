@@ -37,6 +37,7 @@ pub fn train_mllama(a: TrainArgs) -> Result<()> {
         rank,
         max_per_class,
         seed,
+        device,
         ..
     } = a;
     let (train, val) = if data.join("train.csv").is_file() {
@@ -59,6 +60,7 @@ pub fn train_mllama(a: TrainArgs) -> Result<()> {
         max_per_class: (max_per_class > 0).then_some(max_per_class),
         seed,
         base_block,
+        device,
     };
     let r = trainer::mllama::train(&settings, &train, &val, &out)?;
     println!(
@@ -161,10 +163,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         resamples,
         cells,
         predict,
+        device,
         ..
     } = a;
     let b = Bundle::open(&bundle, &trusted(&trust)?).with_context(|| format!("opening {}", bundle.display()))?;
-    let classifier = Classifier::from_bundle(&b, &burn::tensor::Device::flex())?;
+    let classifier = Classifier::from_bundle(&b, &device.device()?)?;
     let minilm = minilm.or_else(|| {
         Some(default_weights_dir().join("all-MiniLM-L6-v2")).filter(|p| p.join("model.safetensors").is_file())
     });
@@ -202,12 +205,19 @@ pub fn export_mllama(a: ExportArgs) -> Result<()> {
         base,
         q4_group,
         cal,
+        device,
         ..
     } = a;
     let key = keys::read_private(&cal.key)?;
     let base = base.context("--base is needed with --model mllama")?;
     let version = cal.model_version;
-    let r = trainer::mllama::export(&base, &run, &cal.val, &key, version, q4_group, &cal.out)?;
+    let to = trainer::mllama::ExportTo {
+        key: &key,
+        model_version: version,
+        group: q4_group,
+        out: &cal.out,
+    };
+    let r = trainer::mllama::export(&base, &run, &cal.val, &to, &device.device()?)?;
     println!(
         "wrote {} ({} bytes, model version {version}): {} self-test cases; class probabilities within {:.4} of the trained model on {} val cells",
         cal.out.display(),
@@ -410,8 +420,8 @@ pub fn resign(a: ResignArgs) -> Result<()> {
 
 /// `trainer check-hf`.
 pub fn check_hf(a: CheckHfArgs) -> Result<()> {
-    let CheckHfArgs { model, io, .. } = a;
-    let p = wbc_models::mllama::check_parity(&model, &io, &burn::tensor::Device::flex())?;
+    let CheckHfArgs { model, io, device } = a;
+    let p = wbc_models::mllama::check_parity(&model, &io, &device.device()?)?;
     let show = |what: &str, d: &wbc_models::mllama::Difference| {
         println!("{what}: max abs error {:.3e}, relative {:.3e}", d.max_abs, d.relative)
     };

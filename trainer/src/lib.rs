@@ -5,6 +5,7 @@
 pub mod augment;
 pub mod compact;
 pub mod dataset;
+pub mod device;
 pub mod eval;
 pub mod mllama;
 pub mod plot;

@@ -8,17 +8,25 @@ use anyhow::Result;
 use clap::Parser;
 use cli::{Cli, Cmd, ModelFamily};
 
+/// The compact model trains and exports on the CPU (its cached-prefix training runs there).
+fn cpu_only(what: &str, device: trainer::device::DeviceChoice) -> Result<()> {
+    if device != trainer::device::DeviceChoice::Cpu {
+        anyhow::bail!("`trainer {what}` of the compact model runs on the CPU; --device is for --model mllama");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().cmd {
         Cmd::Train(a) => match a.model {
-            ModelFamily::Compact => commands::train_compact(a),
+            ModelFamily::Compact => cpu_only("train", a.device).and_then(|()| commands::train_compact(a)),
             ModelFamily::Mllama => commands::train_mllama(a),
         },
         Cmd::Export(a) => match a.model {
-            ModelFamily::Compact => commands::export_compact(a),
+            ModelFamily::Compact => cpu_only("export", a.device).and_then(|()| commands::export_compact(a)),
             ModelFamily::Mllama => commands::export_mllama(a),
         },
         Cmd::Eval(a) => commands::eval(a),

@@ -11,12 +11,17 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn check_hf(model: &Path, io: &Path) -> (bool, String) {
+    check_hf_on(model, io, "cpu")
+}
+
+fn check_hf_on(model: &Path, io: &Path, device: &str) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
         .arg("check-hf")
         .arg("--model")
         .arg(model)
         .arg("--io")
         .arg(io)
+        .args(["--device", device])
         .output()
         .unwrap();
     let text = format!(
@@ -62,4 +67,16 @@ fn a_checkpoint_that_computes_something_else_fails() {
     // Another configuration's reference: shapes differ, said so.
     let (ok, text) = check_hf(&src, &fixture("mha-bf16-sharded").join("io.safetensors"));
     assert!(!ok && text.contains("shape"), "{text}");
+}
+
+/// A GPU backend this build lacks is refused with how to build it, not run on the CPU instead.
+#[cfg(not(feature = "wgpu"))]
+#[test]
+fn a_device_the_build_lacks_is_refused_with_how_to_build_it() {
+    let dir = fixture("gqa-llama3");
+    let (ok, text) = check_hf_on(&dir, &dir.join("io.safetensors"), "wgpu");
+    assert!(!ok, "{text}");
+    assert!(text.contains("--features wgpu") && !text.contains("parity"), "{text}");
+    let (ok, text) = check_hf_on(&dir, &dir.join("io.safetensors"), "tpu");
+    assert!(!ok && text.contains("invalid value"), "{text}");
 }

@@ -50,6 +50,7 @@ fn lora_fine_tuning_on_real_cells_lowers_the_answer_loss_and_keeps_the_best_adap
         seed: 5,
         // Every weight of this configuration divides into blocks of 8: the whole base in 4 bits.
         base_block: 8,
+        device: trainer::device::DeviceChoice::Cpu,
     };
     let cells = fixtures().join("cells/cells.csv");
     let run = dir.path().join("run");
@@ -85,7 +86,13 @@ fn lora_fine_tuning_on_real_cells_lowers_the_answer_loss_and_keeps_the_best_adap
     let key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
     let bundle_path = dir.path().join("mllama.bundle");
     assert_eq!(trainer::mllama::run_lora(&run).unwrap(), lora);
-    let r = trainer::mllama::export(&base, &run, &cells, &key, 7, 16, &bundle_path).unwrap();
+    let to = trainer::mllama::ExportTo {
+        key: &key,
+        model_version: 7,
+        group: 16,
+        out: &bundle_path,
+    };
+    let r = trainer::mllama::export(&base, &run, &cells, &to, &device).unwrap();
     eprintln!("{r:?}");
     assert_eq!(r.selftest_cases, 6, "one per class");
     assert!(

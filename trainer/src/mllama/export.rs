@@ -28,24 +28,36 @@ pub struct MllamaExportReport {
 /// Largest probability difference allowed between the trained and the exported model.
 pub const EXPORT_TOLERANCE: f32 = 0.05;
 
+/// What an export writes: a bundle signed with `key` as `model_version`, its projections in
+/// 4 bits in groups of `group`, at `out`.
+#[derive(Clone, Copy)]
+pub struct ExportTo<'a> {
+    /// Signing key.
+    pub key: &'a ed25519_dalek::SigningKey,
+    /// Model version of the bundle.
+    pub model_version: u64,
+    /// Values per 4-bit scale.
+    pub group: usize,
+    /// Bundle file to write.
+    pub out: &'a Path,
+}
+
 /// Merges a run's adapters into the base in f32, quantizes the projections to 4 bits (groups of
 /// `group`, f16 scales; embeddings in f16, norms, gates and biases in f32), adds one self-test
 /// image per class from `val` with the exported model's probabilities, signs the bundle and
 /// checks that it verifies and passes its self-test.
-pub fn export(
-    base: &Path,
-    run: &Path,
-    val: &Path,
-    key: &ed25519_dalek::SigningKey,
-    model_version: u64,
-    group: usize,
-    out: &Path,
-) -> Result<MllamaExportReport> {
+pub fn export(base: &Path, run: &Path, val: &Path, to: &ExportTo, device: &Device) -> Result<MllamaExportReport> {
     use wbc_models::classify::{SELFTEST_PART, SelfTest, SelfTestCase};
     use wbc_models::compact::weights::Storage;
     use wbc_models::mllama::cell::{classify, parts};
     use wbc_protocol::bundle::{Bundle, BundleBuilder, Family, Manifest};
-    let device = Device::flex();
+    let ExportTo {
+        key,
+        model_version,
+        group,
+        out,
+    } = *to;
+    let device = device.clone();
     let lora = run_lora(run)?;
     let (p, mut tuned) = load_tuned(base, run, &lora, &device)?;
     let mut w = Checkpoint::open(base)?.all()?;

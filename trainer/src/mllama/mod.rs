@@ -23,7 +23,7 @@ use wbc_protocol::classes::CellClass;
 pub mod export;
 pub mod train;
 
-pub use export::{EXPORT_TOLERANCE, MllamaExportReport, export};
+pub use export::{EXPORT_TOLERANCE, ExportTo, MllamaExportReport, export};
 pub use train::{MllamaReport, MllamaSettings, train};
 
 /// The answer the model learns for a cell: the class name, then its description.

@@ -6,7 +6,6 @@ use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
 use burn::store::{ModuleSnapshot, SafetensorsStore};
-use burn::tensor::Device;
 use image::RgbImage;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -39,6 +38,9 @@ pub struct MllamaSettings {
     /// The frozen base's linear weights are held in 4 bits with one scale per this many values
     /// (0: kept in f32); a weight whose output dimension does not divide stays in f32.
     pub base_block: u8,
+    /// Where the model trains.
+    #[serde(default)]
+    pub device: crate::device::DeviceChoice,
 }
 
 /// What a run measured.
@@ -63,7 +65,7 @@ pub fn train(s: &MllamaSettings, train_csv: &Path, val_csv: &Path, out: &Path) -
     std::fs::create_dir_all(out)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed);
     let p = Prompting::load(&s.base)?;
-    let device = Device::flex();
+    let device = s.device.device()?;
     let ad = device.clone().autodiff();
     let base = Mllama::load(&p.cfg, &Checkpoint::open(&s.base)?, &ad)
         .with_context(|| format!("loading {}", s.base.display()))?;
