@@ -80,17 +80,23 @@ pub fn train(s: &MllamaSettings, train_csv: &Path, val_csv: &Path, out: &Path) -
         base
     };
     let mut model = base.with_lora(&s.lora, &ad);
-    let encode = |set: Vec<(Sample, RgbImage)>| -> Result<Vec<(CellClass, Encoded)>> {
+    // Each sample keeps its decoded cell image and answer; the conversation and the image's
+    // tiles are made when the sample is used. Kept encoded, the tiles alone (up to 4 × 3 × 560²
+    // floats, 15 MB a cell) would hold about 130 GB for the training and val sets.
+    let answers = |set: Vec<(Sample, RgbImage)>| -> Vec<(CellClass, RgbImage, String)> {
         set.into_iter()
             .map(|(sample, img)| {
                 let class = sample.label.expect("labelled");
-                Ok((class, p.encode(&img, Some(&answer_text(class, &sample)))?))
+                let answer = answer_text(class, &sample);
+                (class, img, answer)
             })
             .collect()
     };
-    let train_set = encode(labelled(train_csv, s.max_per_class, &mut rng)?)?;
-    let val_set = encode(labelled(val_csv, None, &mut rng)?)?;
-    tracing::info!(train = train_set.len(), val = val_set.len(), "samples encoded");
+    let train_set = answers(labelled(train_csv, s.max_per_class, &mut rng)?);
+    let val_set = answers(labelled(val_csv, None, &mut rng)?);
+    tracing::info!(train = train_set.len(), val = val_set.len(), "samples read");
+    let encode =
+        |(_, img, answer): &(CellClass, RgbImage, String)| -> Result<Encoded> { Ok(p.encode(img, Some(answer))?) };
     let candidates = p.class_candidates()?;
     let mut optim = AdamWConfig::new().init();
     let mut report = MllamaReport {
@@ -107,7 +113,7 @@ pub fn train(s: &MllamaSettings, train_csv: &Path, val_csv: &Path, out: &Path) -
         let mut acc = GradientsAccumulator::new();
         let (mut total, mut pending) = (0f64, 0usize);
         for (k, &i) in order.iter().enumerate() {
-            let e = &train_set[i].1;
+            let e = &encode(&train_set[i])?;
             let loss = model.answer_loss(p.inputs(e, None, &ad), e.answer_from) / s.accumulate as f64;
             let v = f64::from(loss.clone().into_scalar::<f32>()) * s.accumulate as f64;
             if !v.is_finite() {
@@ -123,7 +129,8 @@ pub fn train(s: &MllamaSettings, train_csv: &Path, val_csv: &Path, out: &Path) -
         }
         let valid = model.valid();
         let (mut vloss, mut right) = (0f64, 0usize);
-        for (class, e) in &val_set {
+        for sample in &val_set {
+            let (class, e) = (sample.0, &encode(sample)?);
             vloss += f64::from(
                 valid
                     .answer_loss(p.inputs(e, None, &device), e.answer_from)
