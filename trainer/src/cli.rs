@@ -96,6 +96,10 @@ pub struct TrainArgs {
     /// mllama: samples per optimiser step (gradient accumulation).
     #[arg(long, default_value_t = 8)]
     pub accumulate: usize,
+    /// mllama: optimiser steps of linear warm-up before the cosine decay of the learning rate
+    /// (default: 5 % of all steps).
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
     /// mllama: the frozen base is held in 4 bits, one scale per this many values (0: f32).
     #[arg(long, default_value_t = 32)]
     pub base_block: u8,

@@ -38,6 +38,7 @@ pub fn train_mllama(a: TrainArgs) -> Result<()> {
         max_per_class,
         seed,
         device,
+        warmup_steps,
         ..
     } = a;
     let (train, val) = if data.join("train.csv").is_file() {
@@ -49,6 +50,7 @@ pub fn train_mllama(a: TrainArgs) -> Result<()> {
         base: base.context("--base is needed with --model mllama")?,
         epochs,
         lr,
+        warmup_steps,
         accumulate,
         lora: wbc_models::mllama::LoraConfig {
             rank,

@@ -44,6 +44,7 @@ fn lora_fine_tuning_on_real_cells_lowers_the_answer_loss_and_keeps_the_best_adap
         base: base.clone(),
         epochs: 3,
         lr: 1e-2,
+        warmup_steps: Some(1),
         accumulate: 2,
         lora,
         max_per_class: None,

@@ -25,8 +25,12 @@ pub struct MllamaSettings {
     pub base: PathBuf,
     /// Epochs.
     pub epochs: usize,
-    /// Learning rate (AdamW).
+    /// Peak learning rate (AdamW), reached after the warm-up and brought down to zero along a
+    /// cosine by the last optimiser step.
     pub lr: f64,
+    /// Optimiser steps of linear warm-up (`None`: 5 % of all steps, at least one).
+    #[serde(default)]
+    pub warmup_steps: Option<usize>,
     /// Samples per optimiser step (gradient accumulation).
     pub accumulate: usize,
     /// LoRA rank, alpha, dropout and targets.
@@ -54,6 +58,17 @@ pub struct MllamaReport {
     pub val_accuracy: Vec<f64>,
     /// Epoch whose adapters were kept (lowest validation loss).
     pub best_epoch: usize,
+}
+
+/// The learning rate of optimiser step `step` (from 0) of `total`: a linear warm-up over
+/// `warmup` steps to `peak`, then half a cosine down to zero at the last step.
+pub fn scheduled_lr(peak: f64, step: usize, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let rest = total.saturating_sub(warmup).max(1) as f64;
+    let t = ((step - warmup) as f64 / rest).min(1.0);
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
 }
 
 /// Fine-tunes with LoRA; writes `adapters.safetensors`, `curves.csv`, `curves.png` and
@@ -108,6 +123,9 @@ pub fn train(s: &MllamaSettings, train_csv: &Path, val_csv: &Path, out: &Path) -
     let mut curves = std::fs::File::create(out.join("curves.csv"))?;
     writeln!(curves, "epoch,train_loss,val_loss,val_accuracy")?;
     let mut order: Vec<usize> = (0..train_set.len()).collect();
+    let total_steps = s.epochs * train_set.len().div_ceil(s.accumulate);
+    let warmup = s.warmup_steps.unwrap_or((total_steps / 20).max(1));
+    let mut step = 0usize;
     for epoch in 1..=s.epochs {
         order.shuffle(&mut rng);
         let mut acc = GradientsAccumulator::new();
@@ -123,7 +141,8 @@ pub fn train(s: &MllamaSettings, train_csv: &Path, val_csv: &Path, out: &Path) -
             acc.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
             pending += 1;
             if pending == s.accumulate || k + 1 == order.len() {
-                model = optim.step(s.lr, model, acc.grads());
+                model = optim.step(scheduled_lr(s.lr, step, warmup, total_steps), model, acc.grads());
+                step += 1;
                 pending = 0;
             }
         }
@@ -163,4 +182,29 @@ pub fn train(s: &MllamaSettings, train_csv: &Path, val_csv: &Path, out: &Path) -
         serde_json::to_vec_pretty(&serde_json::json!({"settings": s, "report": report}))?,
     )?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_learning_rate_warms_up_then_falls_along_a_cosine() {
+        let lr = |step| scheduled_lr(1e-3, step, 4, 20);
+        assert_eq!(lr(0), 0.25e-3);
+        assert_eq!(lr(3), 1e-3);
+        assert!(
+            (lr(12) - 0.5e-3).abs() < 1e-12,
+            "half way down at the middle of the decay"
+        );
+        assert!(lr(19) < 0.02e-3 && lr(19) > 0.0);
+        assert!(
+            (4..19).all(|s| lr(s + 1) < lr(s)),
+            "falls at every step after the warm-up"
+        );
+        assert!(
+            scheduled_lr(1e-3, 5, 10, 5) > 0.0,
+            "more warm-up than steps still trains"
+        );
+    }
 }
