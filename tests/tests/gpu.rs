@@ -76,18 +76,26 @@ fn an_exported_4_bit_mllama_bundle_runs_on_the_gpu_backend_with_the_cpu_backends
         base: base.clone(),
         epochs: 1,
         lr: 1e-2,
+        warmup_steps: Some(1),
         accumulate: 2,
         lora,
         max_per_class: None,
         seed: 5,
         base_block: 8,
+        device: trainer::device::DeviceChoice::Cpu,
     };
     let cells = fixtures.join("cells/cells.csv");
     let run = dir.path().join("run");
     trainer::mllama::train(&settings, &cells, &cells, &run).unwrap();
     let key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
     let path = dir.path().join("mllama.bundle");
-    trainer::mllama::export(&base, &run, &cells, &key, 7, 16, &path).unwrap();
+    let to = trainer::mllama::ExportTo {
+        key: &key,
+        model_version: 7,
+        group: 16,
+        out: &path,
+    };
+    trainer::mllama::export(&base, &run, &cells, &to, &burn::tensor::Device::flex()).unwrap();
     let bundle = wbc_protocol::bundle::Bundle::open(&path, &[key.verifying_key()]).unwrap();
 
     let gpu = select(BackendChoice::Gpu).expect("a wgpu adapter (install mesa-vulkan-drivers without a GPU)");
