@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds, on the development machine, everything bench/gpu.sh runs on the GPU machine (which has
 # no Rust toolchain and no network):
-#   bench/bin/peers, bench/bin/mllama_step: the two bench executables, release, with the GPU
-#     features (default `appliance/wgpu,trainer/wgpu`; WBC_GPU_FEATURES to change, e.g. with
-#     `cuda` where burn's CUDA backend builds offline), stripped;
+#   bench/bin/peers.xz, bench/bin/mllama_step.xz: the two bench executables, release, with the
+#     GPU features (default `appliance/wgpu,trainer/wgpu`; WBC_GPU_FEATURES to change, e.g. with
+#     `cuda` where burn's CUDA backend builds offline), stripped and xz-compressed (with wgpu
+#     they are 67 and 59 MB stripped, 14 and 9 MB compressed: only compressed do they travel);
 #   .gl/*.deb: the Vulkan loader's Debian packages (amd64), for a machine whose image lacks it;
 #   the MobileNetV2 weights the PyTorch peer loads (scripts/fetch-weights.sh).
 # All three are ignored by git: name them in the device call's `carry`
@@ -33,6 +34,7 @@ if missing:
 for name, exe in found.items():
     shutil.copy(exe, f"bench/bin/{name}")
     subprocess.run(["strip", f"bench/bin/{name}"], check=True)
+    subprocess.run(["xz", "-T0", "-9", "-f", f"bench/bin/{name}"], check=True)
 PY
 echo "${features:-none}" > bench/bin/features
 if [ -z "${WBC_GPU_NO_LOADER:-}" ] && command -v apt-get >/dev/null; then

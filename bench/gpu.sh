@@ -23,6 +23,11 @@ py="${WBC_BENCH_PYTHON:-python3}"
 bin="${WBC_GPU_BIN:-bench/bin}"
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
 for b in peers mllama_step; do
+  # Carried xz-compressed (see gpu-build.sh); Python's lzma unpacks them where xz is missing.
+  if [ ! -x "$bin/$b" ] && [ -f "$bin/$b.xz" ]; then
+    "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$bin/$b.xz" "$bin/$b"
+    chmod +x "$bin/$b"
+  fi
   [ -x "$bin/$b" ] || { log "$bin/$b is missing: run bench/gpu-build.sh on the development machine and carry $bin"; exit 2; }
 done
 log "executables built with features: $(cat "$bin/features" 2>/dev/null || echo unknown)"
