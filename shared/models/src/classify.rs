@@ -360,8 +360,11 @@ impl Classifier {
                     let (view, cell) = self.pre.prepare(img, None, *um);
                     let mut values = Vec::with_capacity(3 * s * s);
                     self.pre.normalise_into(&view, &mut values);
-                    // The guard's own view, only where it is not the taught model's.
-                    let guard = self.guard_pre.as_ref().and_then(|g| {
+                    // The guard's own view, only where it is not the taught model's: with the
+                    // rule on for the site and off for the guard, where the rule fired.
+                    let site_rule = self.pre.cell.as_ref().is_some_and(|c| c.dark_nucleus);
+                    let differs = !site_rule || cell.as_ref().is_some_and(|c| c.dark_split);
+                    let guard = self.guard_pre.as_ref().filter(|_| differs).and_then(|g| {
                         let (view, _) = g.prepare(img, None, *um);
                         let mut v = Vec::with_capacity(3 * s * s);
                         g.normalise_into(&view, &mut v);

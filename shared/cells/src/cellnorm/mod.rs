@@ -59,6 +59,9 @@ pub struct NormalisedCell {
     /// Pixel size of the input image (µm): the one given, else the reference scale; `None`
     /// where neither is known.
     pub microns_per_pixel: Option<f32>,
+    /// Whether the dark-nucleus rule changed what was taken as the nucleus (the view differs
+    /// from the one without the rule only then).
+    pub dark_split: bool,
 }
 
 impl NormalisedCell {
@@ -150,6 +153,7 @@ impl Normalise for CellNorm {
             nucleus_px: nucleus,
             touches_edge: touches,
             microns_per_pixel: self.pixel_size(microns_per_pixel),
+            dark_split: found.as_ref().is_some_and(|f| f.dark_split),
         }
     }
 }

@@ -13,6 +13,8 @@ pub(super) struct Found {
     pub(super) radius: f32,
     pub(super) nucleus_radius: f32,
     pub(super) touches_edge: bool,
+    /// Whether the dark-nucleus rule took only the dark part of what the threshold kept.
+    pub(super) dark_split: bool,
 }
 
 /// A copy of `img` reduced by `scale` (≤ 1; at least 1 × 1 pixel), for segmentation.
@@ -147,7 +149,8 @@ const LEAKY_SHARE: f32 = 0.25;
 /// training sources almost never meet both conditions. Behind `CellNorm::dark_nucleus`: the
 /// nucleus it finds at such a site is the right size, and the model must have been trained to
 /// answer for what it then sees (BENCHMARKS.md, issue 22).
-fn dark_part_of_a_leaky_stain(work: &RgbImage, nucleus: &mut [bool]) {
+/// Returns whether it did.
+fn dark_part_of_a_leaky_stain(work: &RgbImage, nucleus: &mut [bool]) -> bool {
     let kept: Vec<f32> = work
         .pixels()
         .zip(nucleus.iter())
@@ -155,16 +158,17 @@ fn dark_part_of_a_leaky_stain(work: &RgbImage, nucleus: &mut [bool]) {
         .map(|(p, _)| p[1] as f32)
         .collect();
     if (kept.len() as f32) <= LEAKY_SHARE * nucleus.len() as f32 {
-        return;
+        return false;
     }
     let t = otsu(&kept);
     let dark = kept.iter().filter(|&&g| g < t).count();
     if dark * 2 >= kept.len() {
-        return;
+        return false;
     }
     for (n, p) in nucleus.iter_mut().zip(work.pixels()) {
         *n = *n && (p[1] as f32) < t;
     }
+    true
 }
 
 /// Finds the white cell nearest `hint` in a working copy (with `dark_nucleus`, see
@@ -185,9 +189,7 @@ pub(super) fn segment(work: &RgbImage, hint: [f32; 2], dark_nucleus: bool) -> Op
         return None;
     }
     let mut nucleus: Vec<bool> = stain.iter().map(|&s| s > hi).collect();
-    if dark_nucleus {
-        dark_part_of_a_leaky_stain(work, &mut nucleus);
-    }
+    let dark_split = dark_nucleus && dark_part_of_a_leaky_stain(work, &mut nucleus);
     // Close small gaps so that the lobes of one nucleus form one component.
     let joined = dilate(&nucleus, w, h, 2);
     let (label, n) = components(&joined, w, h);
@@ -262,5 +264,6 @@ pub(super) fn segment(work: &RgbImage, hint: [f32; 2], dark_nucleus: bool) -> Op
         radius,
         nucleus_radius,
         touches_edge,
+        dark_split,
     })
 }

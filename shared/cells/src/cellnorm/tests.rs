@@ -241,6 +241,7 @@ fn a_stain_that_colours_the_red_cells_too_still_gives_the_nucleus_its_size() {
     };
     let on = norm.apply(&violet_smear(), None, None);
     assert!(on.found);
+    assert!(on.dark_split && !off.dark_split);
     assert!((on.nucleus_px - 0.6 * 48.0).abs() < 4.0, "nucleus {}", on.nucleus_px);
     assert!(
         (on.centre[0] - 130.0).abs() < 3.0 && (on.centre[1] - 90.0).abs() < 3.0,
@@ -258,4 +259,5 @@ fn a_stain_that_colours_the_red_cells_too_still_gives_the_nucleus_its_size() {
         (b.nucleus_px, b.diameter_px, b.centre)
     );
     assert_eq!(a.image, b.image);
+    assert!(!b.dark_split, "the rule did not fire");
 }
