@@ -38,8 +38,11 @@ use colour::equalisation;
 pub use colour::{from_lab, reinhard, to_lab};
 pub(crate) use segment::{components, dilate, erode, otsu, percentile, working_copy};
 
+mod border;
 mod colour;
 mod segment;
+
+pub use border::content_rect;
 
 /// A normalised cell and what was measured on the way.
 #[derive(Debug, Clone)]
@@ -91,70 +94,92 @@ pub trait Normalise {
 
 impl Normalise for CellNorm {
     fn apply(&self, img: &RgbImage, hint: Option<[f32; 2]>, microns_per_pixel: Option<f32>) -> NormalisedCell {
-        let (w, h) = img.dimensions();
-        let scale = (WORK_SIDE as f32 / w.max(h).max(1) as f32).min(1.0);
-        let work = working_copy(img, scale);
-        let (ww, wh) = work.dimensions();
-        let hint_w = hint
-            .map(|[x, y]| [x * scale, y * scale])
-            .unwrap_or([ww as f32 / 2.0, wh as f32 / 2.0]);
-        let found = segment::segment(&work, hint_w, self.dark_nucleus);
-        let (centre, diameter, nucleus, touches, ok) = match &found {
-            Some(f) => (
-                [f.centre[0] / scale, f.centre[1] / scale],
-                2.0 * f.radius / scale,
-                2.0 * f.nucleus_radius / scale,
-                f.touches_edge,
-                true,
-            ),
-            None => {
-                let side = w.min(h) as f32;
-                let n = side * self.nucleus_fraction;
-                ([w as f32 / 2.0, h as f32 / 2.0], n, n, false, false)
-            }
-        };
-        let side = self.crop_side(nucleus, microns_per_pixel);
-        let mut out = if self.detail_side > 0 && self.detail_side < self.output_size {
-            let low = crop_square(img, centre, side, self.detail_side, None);
-            let s = self.output_size;
-            image::imageops::resize(&low, s, s, FilterType::Triangle)
+        // Black bars padding the picture are not slide: work inside them (`border.rs`).
+        let [x0, y0, cw, ch] = content_rect(img);
+        if (cw, ch) == img.dimensions() {
+            return normalise(self, img, hint, microns_per_pixel);
+        }
+        let inner = image::imageops::crop_imm(img, x0, y0, cw, ch).to_image();
+        let (dx, dy) = (x0 as f32, y0 as f32);
+        // The cell is where it was framed: the whole picture's centre, not the content's.
+        let [hx, hy] = hint.unwrap_or([img.width() as f32 / 2.0, img.height() as f32 / 2.0]);
+        let hint = [(hx - dx).clamp(0.0, cw as f32), (hy - dy).clamp(0.0, ch as f32)];
+        let mut n = normalise(self, &inner, Some(hint), microns_per_pixel);
+        n.centre = [n.centre[0] + dx, n.centre[1] + dy];
+        n
+    }
+}
+
+/// [`Normalise::apply`] on a picture without bars.
+fn normalise(
+    norm: &CellNorm,
+    img: &RgbImage,
+    hint: Option<[f32; 2]>,
+    microns_per_pixel: Option<f32>,
+) -> NormalisedCell {
+    let (w, h) = img.dimensions();
+    let scale = (WORK_SIDE as f32 / w.max(h).max(1) as f32).min(1.0);
+    let work = working_copy(img, scale);
+    let (ww, wh) = work.dimensions();
+    let hint_w = hint
+        .map(|[x, y]| [x * scale, y * scale])
+        .unwrap_or([ww as f32 / 2.0, wh as f32 / 2.0]);
+    let found = segment::segment(&work, hint_w, norm.dark_nucleus);
+    let (centre, diameter, nucleus, touches, ok) = match &found {
+        Some(f) => (
+            [f.centre[0] / scale, f.centre[1] / scale],
+            2.0 * f.radius / scale,
+            2.0 * f.nucleus_radius / scale,
+            f.touches_edge,
+            true,
+        ),
+        None => {
+            let side = w.min(h) as f32;
+            let n = side * norm.nucleus_fraction;
+            ([w as f32 / 2.0, h as f32 / 2.0], n, n, false, false)
+        }
+    };
+    let side = norm.crop_side(nucleus, microns_per_pixel);
+    let mut out = if norm.detail_side > 0 && norm.detail_side < norm.output_size {
+        let low = crop_square(img, centre, side, norm.detail_side, None);
+        let s = norm.output_size;
+        image::imageops::resize(&low, s, s, FilterType::Triangle)
+    } else {
+        crop_square(img, centre, side, norm.output_size, None)
+    };
+    reinhard(&mut out, norm.stain_mean, norm.stain_std);
+    if norm.grey {
+        let ys: Vec<u8> = out
+            .pixels()
+            .map(|p| (0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32).round() as u8)
+            .collect();
+        let map = if norm.equalise {
+            equalisation(&ys)
         } else {
-            crop_square(img, centre, side, self.output_size, None)
+            std::array::from_fn(|i| i as u8)
         };
-        reinhard(&mut out, self.stain_mean, self.stain_std);
-        if self.grey {
-            let ys: Vec<u8> = out
-                .pixels()
-                .map(|p| (0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32).round() as u8)
-                .collect();
-            let map = if self.equalise {
-                equalisation(&ys)
-            } else {
-                std::array::from_fn(|i| i as u8)
-            };
-            for (p, y) in out.pixels_mut().zip(ys) {
-                let v = map[y as usize];
-                *p = Rgb([v, v, v]);
-            }
+        for (p, y) in out.pixels_mut().zip(ys) {
+            let v = map[y as usize];
+            *p = Rgb([v, v, v]);
         }
-        if self.mask_background && ok {
-            let px = self.output_size as f32 / side;
-            // Pale cytoplasm can leak into the plasma: never keep more than 1.6 × the nucleus.
-            let r_cell = (diameter * self.mask_margin).clamp(nucleus * 1.2, nucleus * 1.6) / 2.0;
-            let r_out = (r_cell * px).min(self.output_size as f32 / 2.0);
-            let bg = from_lab([self.stain_mean[0] + 1.5 * self.stain_std[0], 0.0, 0.0]);
-            mask_disc(&mut out, r_out, bg);
-        }
-        NormalisedCell {
-            image: out,
-            found: ok,
-            centre,
-            diameter_px: diameter,
-            nucleus_px: nucleus,
-            touches_edge: touches,
-            microns_per_pixel: self.pixel_size(microns_per_pixel),
-            dark_split: found.as_ref().is_some_and(|f| f.dark_split),
-        }
+    }
+    if norm.mask_background && ok {
+        let px = norm.output_size as f32 / side;
+        // Pale cytoplasm can leak into the plasma: never keep more than 1.6 × the nucleus.
+        let r_cell = (diameter * norm.mask_margin).clamp(nucleus * 1.2, nucleus * 1.6) / 2.0;
+        let r_out = (r_cell * px).min(norm.output_size as f32 / 2.0);
+        let bg = from_lab([norm.stain_mean[0] + 1.5 * norm.stain_std[0], 0.0, 0.0]);
+        mask_disc(&mut out, r_out, bg);
+    }
+    NormalisedCell {
+        image: out,
+        found: ok,
+        centre,
+        diameter_px: diameter,
+        nucleus_px: nucleus,
+        touches_edge: touches,
+        microns_per_pixel: norm.pixel_size(microns_per_pixel),
+        dark_split: found.as_ref().is_some_and(|f| f.dark_split),
     }
 }
 

@@ -261,3 +261,55 @@ fn a_stain_that_colours_the_red_cells_too_still_gives_the_nucleus_its_size() {
     assert_eq!(a.image, b.image);
     assert!(!b.dark_split, "the rule did not fire");
 }
+
+#[test]
+fn black_bars_padding_a_picture_change_neither_the_cell_nor_its_view() {
+    let img = smear(200, 200, 100.0, 100.0, 48.0, 24.0);
+    // Cut near a field's edge and padded to a square: bars on the left and at the bottom.
+    let mut padded = RgbImage::new(260, 230);
+    image::imageops::replace(&mut padded, &img, 60, 0);
+    let norm = CellNorm::default();
+    let (a, b) = (norm.apply(&img, None, None), norm.apply(&padded, None, None));
+    assert!(b.found);
+    assert!(
+        (b.centre[0] - 160.0).abs() < 3.0 && (b.centre[1] - 100.0).abs() < 3.0,
+        "{:?}",
+        b.centre
+    );
+    assert!(
+        (a.nucleus_px - b.nucleus_px).abs() < 2.0,
+        "{} {}",
+        a.nucleus_px,
+        b.nucleus_px
+    );
+    let diff = |p: &RgbImage, q: &RgbImage| {
+        p.pixels()
+            .zip(q.pixels())
+            .map(|(x, y)| (x[0] as f64 - y[0] as f64).abs())
+            .sum::<f64>()
+            / (224.0 * 224.0)
+    };
+    assert!(
+        diff(&a.image, &b.image) < 3.0,
+        "views differ by {}",
+        diff(&a.image, &b.image)
+    );
+    // The view reaches past the picture: what fills it is mirrored smear, never the bar.
+    let far = CellNorm {
+        nucleus_fraction: 0.1,
+        ..Default::default()
+    };
+    let (c, d) = (far.apply(&img, None, None), far.apply(&padded, None, None));
+    assert!(
+        c.image == d.image,
+        "the padded picture's view is its content's: they differ by {}",
+        diff(&c.image, &d.image)
+    );
+    // Without the trimming, the bar would have filled part of the view and shifted its stain.
+    let untrimmed = normalise(&far, &padded, None, None);
+    assert!(
+        diff(&untrimmed.image, &d.image) > 10.0,
+        "{}",
+        diff(&untrimmed.image, &d.image)
+    );
+}
