@@ -365,6 +365,11 @@ pub struct AdaptArgs {
     /// gives Blast some probability (fitted on the val blasts)
     #[arg(long)]
     pub no_blast_guard: bool,
+    /// With `--val`: fit the familiarity threshold on val alone. By default the reviewed cells
+    /// (each against the bank without its own views) may raise it, so that the site's cells,
+    /// which lie farther from the training cells than val's do, are not all set aside
+    #[arg(long)]
+    pub no_site_familiarity: bool,
     /// With `--replay`: augmented views of each reviewed cell.
     #[arg(long, default_value_t = 8)]
     pub tune_views: usize,

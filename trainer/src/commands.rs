@@ -280,6 +280,7 @@ pub fn adapt(a: AdaptArgs) -> Result<()> {
         blast_replay_weight: a.blast_replay_weight,
         min_blasts_flagged: a.min_blasts_flagged,
         blast_guard: !a.no_blast_guard,
+        site_familiarity: !a.no_site_familiarity,
         replay: a.replay.as_deref(),
         replay_per_class: a.replay_per_class,
         tune: trainer::compact::site_tune::TuneSettings {
@@ -313,6 +314,12 @@ pub fn adapt(a: AdaptArgs) -> Result<()> {
     }
     if let Some((before, after, blasts)) = r.val_blasts_flagged {
         println!("val blasts flagged: {before} of {blasts} before, {after} after");
+    }
+    if let Some((val, site)) = r.familiarity {
+        println!(
+            "familiarity threshold: {:.4} ({val:.4} from val, {site:.4} from the reviewed cells; --no-site-familiarity keeps val's)",
+            val.max(site)
+        );
     }
     if let Some(g) = &r.guard {
         println!(

@@ -331,6 +331,16 @@ fn a_site_bundle_checked_on_val_keeps_the_signed_model_beside_it_as_a_blast_guar
     assert_eq!(guard.temperature, signed.calibration().temperature);
     assert!((0.0..=1.0).contains(&guard.min_taught_blast), "{guard:?}");
     assert!(b.manifest.training["site_adaptation"]["blast_guard"]["min_taught_blast"].is_number());
+    // The familiarity threshold is the larger of val's and the reviewed cells' (each reviewed
+    // cell measured against the bank without its own views).
+    let fam = &b.manifest.metrics["site_adaptation"]["familiarity"];
+    let (from_val, from_site) = (fam[0].as_f64().unwrap() as f32, fam[1].as_f64().unwrap() as f32);
+    assert_eq!(
+        taught.calibration().ood.as_ref().unwrap().threshold,
+        from_val.max(from_site),
+        "{fam}"
+    );
+    assert!(from_site > 0.0 && out.contains("from the reviewed cells"), "{out}");
 
     // Beside each answer of the taught model, the signed model's own logits, on the signed
     // bundle's own view of the cell: the site turned the dark-nucleus rule on, the guard did

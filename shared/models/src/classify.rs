@@ -378,6 +378,7 @@ impl Classifier {
                                 nucleus_px: c.nucleus_px,
                                 microns_per_pixel: c.microns_per_pixel,
                             },
+                            c.cut_by_border,
                         )
                     });
                     (values, guard, found)
@@ -425,6 +426,7 @@ impl Classifier {
                 p.neighbour_class = scores.as_ref().map(|s| s[i].vote);
                 p.cell_found = found[i].map(|f| f.0);
                 p.cell_size = found[i].map(|f| f.1);
+                p.cell_cut = found[i].map(|f| f.2);
             }
             out.extend(preds);
         }
@@ -491,6 +493,14 @@ impl Classifier {
                 self.calibration.blast_min_nucleus_um,
                 r.description
             ),
+            Some(ReviewReason::LowConfidence)
+                if class == wbc_protocol::classes::CellClass::Blast && p.cell_cut == Some(true) =>
+            {
+                format!(
+                    "Unidentified: possibly a blast, but the cell is cut by the edge of its field (its picture was padded there), so its size cannot be judged; held back for review as a possible blast. {}",
+                    r.description
+                )
+            }
             Some(ReviewReason::LowConfidence) if class == wbc_protocol::classes::CellClass::Blast => format!(
                 "Unidentified: possibly a blast (probability {:.2}, below the {:.2} a blast call needs); held back for review as a possible blast. {}",
                 r.confidence, self.calibration.blast_min_confidence, r.description
@@ -559,8 +569,8 @@ pub fn small_for_a_blast(p: &Prediction, cal: &Calibration) -> Option<f32> {
 
 /// Why a prediction whose most probable class is `best` must go to review, if it must; the
 /// first rule that applies wins: no cell found, unfamiliar, neighbours disagree, a blast below
-/// the blast threshold or with a nucleus too small for one, below the general review
-/// threshold.
+/// the blast threshold, with a nucleus too small for one or cut by a bar padding its picture
+/// (mirrored, half a cell looks like a large one), below the general review threshold.
 pub fn review_reason(p: &Prediction, best: usize, cal: &Calibration, min_confidence: f32) -> Option<ReviewReason> {
     let confidence = p.probs[best];
     let ood = cal.ood.as_ref();
@@ -574,7 +584,7 @@ pub fn review_reason(p: &Prediction, best: usize, cal: &Calibration, min_confide
     {
         Some(ReviewReason::NeighboursDisagree)
     } else if (best == wbc_protocol::classes::CellClass::Blast.index()
-        && (confidence < cal.blast_min_confidence || small_for_a_blast(p, cal).is_some()))
+        && (confidence < cal.blast_min_confidence || small_for_a_blast(p, cal).is_some() || p.cell_cut == Some(true)))
         || confidence < min_confidence
     {
         Some(ReviewReason::LowConfidence)

@@ -26,6 +26,9 @@ pub struct Prediction {
     pub cell_found: Option<bool>,
     /// The cell's size as the normalisation measured it (`None` without normalisation).
     pub cell_size: Option<CellSize>,
+    /// Whether the cell is cut by a black bar padding its picture: it lay at its field's edge,
+    /// and no Blast call is made on it (`None` without normalisation).
+    pub cell_cut: Option<bool>,
     /// Majority class of the most similar training cells, where the bundle has a bank.
     pub neighbour_class: Option<usize>,
     /// The morphology attributes, where the family has attribute heads (compact).
@@ -82,6 +85,7 @@ impl Prediction {
             ood_score: None,
             cell_found: None,
             cell_size: None,
+            cell_cut: None,
             neighbour_class: None,
             attributes: None,
             description,

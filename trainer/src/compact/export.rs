@@ -13,7 +13,7 @@ use wbc_models::calibrate::{
     CALIBRATION_PART, Calibration, KnnBank, OOD_BANK_PART, OodConfig, ece, fit_temperature, quantile,
 };
 use wbc_models::classify::{Classifier, SELFTEST_PART, SelfTest, SelfTestCase};
-use wbc_models::compact::mobilenet::Backbone;
+use wbc_models::compact::mobilenet::{Backbone, FEATURES};
 use wbc_models::compact::weights::Weights;
 use wbc_models::compact::{CompactModel, WEIGHTS_PART, softmax_t};
 use wbc_protocol::bundle::{Bundle, BundleBuilder, Family, Manifest};
@@ -485,6 +485,32 @@ pub(crate) fn familiarity(
     Ok((ood, bank))
 }
 
+/// Each of some bank cells' familiarity score against the bank without that cell's own rows
+/// (leave one cell out): `cells[i]` lists cell i's rows, the first of them its query. A
+/// reviewed cell's score says how far the site's cells lie from the rest of the bank.
+pub(crate) fn leave_out_scores(
+    features: &[f32],
+    labels: &[u8],
+    cells: &[Vec<usize>],
+    k: usize,
+    device: &Device,
+) -> Result<Vec<f32>> {
+    cells
+        .iter()
+        .map(|rows| {
+            let query = *rows.first().context("a cell without rows")?;
+            let keep: Vec<usize> = (0..labels.len()).filter(|j| !rows.contains(j)).collect();
+            let x = keep
+                .iter()
+                .flat_map(|&j| &features[j * FEATURES..(j + 1) * FEATURES])
+                .copied()
+                .collect();
+            let bank = KnnBank::new(x, keep.iter().map(|&j| labels[j]).collect(), k, device)?;
+            Ok(bank.scores(&features[query * FEATURES..(query + 1) * FEATURES])[0].score)
+        })
+        .collect()
+}
+
 /// Signs a bundle, checks that what is about to ship verifies and passes its own self-test,
 /// and writes it (through a `.partial` file, so a crash leaves no half bundle under `out`).
 pub(crate) fn sign_and_write(builder: BundleBuilder, key: &SigningKey, out: &Path, device: &Device) -> Result<Bundle> {
@@ -502,6 +528,34 @@ pub(crate) fn sign_and_write(builder: BundleBuilder, key: &SigningKey, out: &Pat
 mod tests {
     use super::*;
     use crate::dataset::Sample;
+
+    #[test]
+    fn a_cell_left_out_of_the_bank_is_measured_against_the_other_cells_only() {
+        let row = |v: &[(usize, f32)]| {
+            let mut r = vec![0.0f32; FEATURES];
+            v.iter().for_each(|&(i, x)| r[i] = x);
+            r
+        };
+        // Cell A has two views (rows 0 and 1, the same); row 2 is far from it, row 3 halfway.
+        let x: Vec<f32> = [
+            row(&[(0, 1.0)]),
+            row(&[(0, 1.0)]),
+            row(&[(1, 1.0)]),
+            row(&[(0, 1.0), (1, 1.0)]),
+        ]
+        .concat();
+        let y = [1u8, 1, 2, 1];
+        let device = Device::flex();
+        let half = 1.0 - std::f32::consts::FRAC_1_SQRT_2;
+        let s = leave_out_scores(&x, &y, &[vec![0, 1], vec![2], vec![3]], 1, &device).unwrap();
+        for (got, want) in s.iter().zip([half, half, half]) {
+            assert!((got - want).abs() < 1e-4, "{s:?}");
+        }
+        // Without leaving its second view out, cell A would look perfectly familiar.
+        let s = leave_out_scores(&x, &y, &[vec![0]], 1, &device).unwrap();
+        assert!(s[0].abs() < 1e-4, "{s:?}");
+        assert!(leave_out_scores(&x, &y, &[vec![]], 1, &device).is_err());
+    }
 
     #[test]
     fn the_blast_size_check_lets_through_its_share_of_the_val_blasts_it_calls() {

@@ -7,5 +7,6 @@ pub mod amplitude;
 pub mod export;
 pub mod mixstyle;
 pub mod site;
+pub mod site_guard;
 pub mod site_tune;
 pub mod train;

@@ -15,7 +15,8 @@
 //!
 //! The bundle names its clinic; the appliances of other clinics refuse it.
 
-use crate::compact::export::{RawOutputs, familiarity, raw_outputs, sign_and_write, val_rules};
+use crate::compact::export::{RawOutputs, familiarity, leave_out_scores, raw_outputs, sign_and_write, val_rules};
+use crate::compact::site_guard::{GuardReport, blasts_flagged, with_guard};
 use crate::dataset::{Sample, load_images, read_samples};
 use crate::eval::{EvalOptions, argmax, evaluate_classifier};
 use anyhow::{Context, Result, bail};
@@ -28,8 +29,8 @@ use ed25519_dalek::SigningKey;
 use image::RgbImage;
 use std::path::Path;
 use wbc_cells::image::DecodeLimits;
-use wbc_models::calibrate::{BlastGuard, CALIBRATION_PART, Calibration, GUARD_PART, KnnBank, OOD_BANK_PART};
-use wbc_models::classify::{Classifier, SELFTEST_PART, SelfTest, guard_holds_back};
+use wbc_models::calibrate::{CALIBRATION_PART, GUARD_PART, KnnBank, OOD_BANK_PART, quantile};
+use wbc_models::classify::{Classifier, SELFTEST_PART, SelfTest};
 use wbc_models::compact::mobilenet::FEATURES;
 use wbc_models::compact::weights::{NamedTensor, Weights};
 use wbc_models::compact::{CompactModel, WEIGHTS_PART};
@@ -84,6 +85,10 @@ pub struct SiteOptions<'a> {
     /// With `val`: keep the signed model beside the taught one as a blast guard
     /// ([`wbc_models::calibrate::BlastGuard`]), its threshold fitted on the val blasts.
     pub blast_guard: bool,
+    /// With `val`: the familiarity threshold is also fitted on the reviewed cells (each against
+    /// the bank without its own views), and the larger of that and val's is kept: the site's
+    /// own confirmed cells define how far a familiar cell of this site may lie from the bank.
+    pub site_familiarity: bool,
 }
 
 impl<'a> SiteOptions<'a> {
@@ -111,6 +116,7 @@ impl<'a> SiteOptions<'a> {
             blast_replay_weight: 3.0,
             min_blasts_flagged: 0.97,
             blast_guard: true,
+            site_familiarity: true,
         }
     }
 }
@@ -143,39 +149,12 @@ pub struct SiteReport {
     /// With a blast guard: the taught model's Blast probability it needs, and how many val
     /// blasts the taught model alone would flag.
     pub guard: Option<GuardReport>,
+    /// The familiarity threshold fitted on val and the one fitted on the reviewed cells (the
+    /// bundle keeps the larger), with `--val` and the site's familiarity on.
+    pub familiarity: Option<(f32, f32)>,
     /// The written bundle's manifest.
     #[serde(skip)]
     pub manifest: Option<Manifest>,
-}
-
-/// How the blast guard was fitted.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct GuardReport {
-    /// The taught model's Blast probability the guard needs.
-    pub min_taught_blast: f32,
-    /// Val blasts the taught model flags alone.
-    pub val_blasts_flagged_without: usize,
-    /// Val blasts the signed model calls Blast that the taught model does not flag: those the
-    /// guard is for.
-    pub val_blasts_lost: usize,
-    /// Of the clinic's reviewed cells (none a blast, as a rule), how many the guard holds back
-    /// as possible blasts: what it will cost at the clinic, as far as its reviews tell (the
-    /// taught model learnt these cells, so at the clinic it will hold back more).
-    pub reviewed_held: usize,
-}
-
-/// What share of the smallest taught Blast probability among the val blasts the guard is
-/// fitted on it needs: the blasts a site will see are not the val blasts, so the threshold
-/// stays well below the least sure of them.
-const GUARD_MARGIN: f32 = 0.5;
-
-/// The guard's threshold from the taught model's Blast probability of the val blasts that the
-/// signed model calls Blast and the taught one does not flag (`lost`); with none lost, of all
-/// the val blasts the signed model calls Blast (`called`), so that a site's blasts that go the
-/// same way are still caught.
-pub(crate) fn guard_threshold(lost: &[f32], called: &[f32]) -> f32 {
-    let least = |v: &[f32]| v.iter().copied().filter(|p| p.is_finite()).reduce(f32::min);
-    least(lost).or_else(|| least(called)).map_or(0.0, |p| p * GUARD_MARGIN)
 }
 
 const GUARD_KEPT: &str = "the bundle carries a blast guard, which a site bundle taught from it must keep: give --val (and not --no-blast-guard)";
@@ -373,111 +352,6 @@ fn head_only<'a>(
     ))
 }
 
-/// The labelled blasts of a list: pictures and pixel sizes.
-fn val_blasts(list: &Path) -> Result<(Vec<RgbImage>, Vec<Option<f32>>)> {
-    let blasts: Vec<Sample> = read_samples(list)?
-        .into_iter()
-        .filter(|s| s.label == Some(CellClass::Blast))
-        .collect();
-    let (loaded, _) = load_images(blasts, &DecodeLimits::default());
-    let (samples, images): (Vec<Sample>, Vec<RgbImage>) = loaded.into_iter().unzip();
-    Ok((images, samples.iter().map(|s| s.microns_per_pixel).collect()))
-}
-
-/// Whether a result flags a blast: reported Blast, or set aside with Blast the most probable
-/// class (the probabilities the result shows).
-fn flags_blast(r: &wbc_protocol::messages::CellResult) -> bool {
-    r.class == Some(CellClass::Blast) || (r.class.is_none() && r.most_probable() == Some(CellClass::Blast))
-}
-
-/// Of the labelled blasts of a list, how many a classifier flags, and how many there are.
-fn blasts_flagged(c: &Classifier, list: &Path) -> Result<(usize, usize)> {
-    let (images, scales) = val_blasts(list)?;
-    let flagged = c
-        .predict_at(&images, &scales)
-        .iter()
-        .filter(|p| flags_blast(&c.result(p)))
-        .count();
-    Ok((flagged, images.len()))
-}
-
-/// The taught classifier with the signed model beside it as a blast guard, its threshold
-/// fitted on the val blasts (see [`guard_threshold`]).
-fn with_guard(
-    o: &SiteOptions,
-    taught: &Classifier,
-    (model, own): (CompactModel, &Weights),
-    val: &Path,
-    (reviewed, reviewed_scales): (&[RgbImage], &[Option<f32>]),
-) -> Result<(Classifier, GuardReport)> {
-    let old = &o.bundle.manifest;
-    // A site bundle taught again keeps the signed model it came from as its guard.
-    let signed_cal: Calibration = serde_json::from_slice(o.bundle.part(CALIBRATION_PART)?)?;
-    let (signed, guard) = match signed_cal.guard {
-        Some(g) => (o.bundle.part(GUARD_PART)?, g),
-        None => (
-            o.bundle.part(WEIGHTS_PART)?,
-            BlastGuard {
-                temperature: signed_cal.temperature,
-                min_taught_blast: 0.0,
-                from_model_version: old.model_version,
-                // The guard sees cells as the signed bundle does, whatever this site turns on.
-                dark_nucleus: old.preprocess.cell.as_ref().is_some_and(|c| c.dark_nucleus),
-            },
-        ),
-    };
-    let model = model.with_guard(own, &Weights::from_safetensors(signed)?)?;
-    let mut cal = taught.calibration().clone();
-    cal.guard = Some(guard);
-    let guarded = Classifier::new(model, taught.preprocess().clone(), o.model_version)
-        .with_calibration(cal.clone(), taught.bank().cloned())?;
-    let (images, scales) = val_blasts(val)?;
-    let (mut lost, mut called, mut flagged) = (Vec::new(), Vec::new(), 0);
-    let blast = CellClass::Blast.index();
-    for p in guarded.predict_at(&images, &scales) {
-        let alone = taught.result(&p);
-        flagged += usize::from(flags_blast(&alone));
-        let signed_blast = p.guard_logits.is_some_and(|l| argmax(&l) == blast);
-        if signed_blast {
-            called.push(p.probs[blast]);
-            if !flags_blast(&alone) {
-                lost.push(p.probs[blast]);
-            }
-        }
-    }
-    let min_taught_blast = guard_threshold(&lost, &called);
-    tracing::info!(
-        min_taught_blast,
-        lost = lost.len(),
-        flagged_without_guard = flagged,
-        "blast guard fitted"
-    );
-    cal.guard.as_mut().expect("set above").min_taught_blast = min_taught_blast;
-    let guarded = guarded.with_calibration(cal, taught.bank().cloned())?;
-    let reviewed_held = guarded
-        .predict_at(reviewed, reviewed_scales)
-        .iter()
-        .filter(|p| {
-            let best = argmax(&p.probs);
-            guard_holds_back(p, best, taught.result(p).review_reason, guarded.calibration()).is_some()
-        })
-        .count();
-    tracing::info!(
-        reviewed_held,
-        reviewed = reviewed.len(),
-        "reviewed cells the guard holds back"
-    );
-    Ok((
-        guarded,
-        GuardReport {
-            min_taught_blast,
-            val_blasts_flagged_without: flagged,
-            val_blasts_lost: lost.len(),
-            reviewed_held,
-        },
-    ))
-}
-
 /// Reviewed cells that a classifier reports as their reviewed class.
 fn reported_right(c: &Classifier, images: &[RgbImage], scales: &[Option<f32>], labels: &[usize]) -> usize {
     c.predict_at(images, scales)
@@ -607,18 +481,25 @@ pub fn adapt(o: &SiteOptions) -> Result<SiteReport> {
             (fresh.features, y, before, after, n)
         }
     };
-    for v in 0..o.bank_views.min(o.views) {
+    let (trained_rows, bank_views) = (new_bank_y.len(), o.bank_views.min(o.views));
+    for v in 0..bank_views {
         let imgs: Vec<RgbImage> = images.iter().map(|i| view(i, v)).collect();
         new_bank_x.extend(bare.predict_at(&imgs, &scales).into_iter().flat_map(|p| p.features));
         new_bank_y.extend(labels.iter().map(|&l| l as u8));
     }
     let new_bank = KnnBank::to_safetensors(&new_bank_x, &new_bank_y)?;
+    // Reviewed cell i's views sit at `trained_rows + v · n + i` (view 0 is its query).
+    let n = labels.len();
+    let rows: Vec<Vec<usize>> = (0..n)
+        .map(|i| (0..bank_views).map(|v| trained_rows + v * n + i).collect())
+        .collect();
 
     let old_cal = classifier.calibration().clone();
     let old_ood = old_cal
         .ood
         .clone()
         .context("the bundle's calibration has no familiarity model")?;
+    let mut site_familiarity = None;
     let (cal, cal_metrics, val_before) = match o.val {
         Some(val) => {
             let before = evaluate_classifier(&original, val, &EvalOptions::default())?;
@@ -629,7 +510,7 @@ pub fn adapt(o: &SiteOptions) -> Result<SiteReport> {
                 nucleus_um,
             } = raw_outputs(&bare, val, 0)?;
             let (mut cal, mut metrics) = val_rules(&logits, &labels, &nucleus_um, 0.98, 0.99);
-            let (ood, _) = familiarity(
+            let (mut ood, _) = familiarity(
                 &new_bank,
                 &features,
                 old_ood.k,
@@ -637,6 +518,17 @@ pub fn adapt(o: &SiteOptions) -> Result<SiteReport> {
                 old_ood.require_agreement,
                 &device,
             )?;
+            if o.site_familiarity && bank_views > 0 {
+                let site = quantile(
+                    &leave_out_scores(&new_bank_x, &new_bank_y, &rows, old_ood.k, &device)?,
+                    old_ood.quantile,
+                );
+                tracing::info!(val = ood.threshold, reviewed = site, "familiarity thresholds");
+                metrics.insert("ood_threshold_val".into(), ood.threshold.into());
+                metrics.insert("ood_threshold_reviewed".into(), site.into());
+                site_familiarity = Some((ood.threshold, site));
+                ood.threshold = ood.threshold.max(site);
+            }
             metrics.insert("ood_threshold".into(), ood.threshold.into());
             cal.ood = Some(ood);
             (cal, metrics, Some(before))
@@ -675,6 +567,7 @@ pub fn adapt(o: &SiteOptions) -> Result<SiteReport> {
         val_macro_f1: None,
         val_blasts_flagged: None,
         guard,
+        familiarity: site_familiarity,
         manifest: None,
     };
 
@@ -772,17 +665,4 @@ pub fn adapt(o: &SiteOptions) -> Result<SiteReport> {
     let bundle = sign_and_write(builder, o.key, o.out, &device)?;
     report.manifest = Some(bundle.manifest);
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_guard_needs_half_the_least_sure_lost_blast_or_else_half_the_least_sure_blast_the_signed_model_calls() {
-        assert_eq!(guard_threshold(&[0.3, 0.1, f32::NAN], &[0.9, 0.1]), 0.05);
-        assert_eq!(guard_threshold(&[], &[0.8, 0.4]), 0.2);
-        // Nothing known: every cell the signed model calls Blast is held back.
-        assert_eq!(guard_threshold(&[], &[]), 0.0);
-    }
 }

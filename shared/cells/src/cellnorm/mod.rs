@@ -65,6 +65,9 @@ pub struct NormalisedCell {
     /// Whether the dark-nucleus rule changed what was taken as the nucleus (the view differs
     /// from the one without the rule only then).
     pub dark_split: bool,
+    /// Whether the cell reaches a black bar that pads the picture: it lay at its field's edge
+    /// and is cut there (what field mode reports as `edge_cut`).
+    pub cut_by_border: bool,
 }
 
 impl NormalisedCell {
@@ -105,6 +108,14 @@ impl Normalise for CellNorm {
         let [hx, hy] = hint.unwrap_or([img.width() as f32 / 2.0, img.height() as f32 / 2.0]);
         let hint = [(hx - dx).clamp(0.0, cw as f32), (hy - dy).clamp(0.0, ch as f32)];
         let mut n = normalise(self, &inner, Some(hint), microns_per_pixel);
+        // The cell's box against the sides that had a bar (within a pixel).
+        let [bx0, by0, bx1, by1] = n.bbox();
+        let (w, h) = img.dimensions();
+        n.cut_by_border = n.found
+            && ((x0 > 0 && bx0 <= 1.0)
+                || (y0 > 0 && by0 <= 1.0)
+                || (x0 + cw < w && bx1 >= cw as f32 - 1.0)
+                || (y0 + ch < h && by1 >= ch as f32 - 1.0));
         n.centre = [n.centre[0] + dx, n.centre[1] + dy];
         n
     }
@@ -180,6 +191,7 @@ fn normalise(
         touches_edge: touches,
         microns_per_pixel: norm.pixel_size(microns_per_pixel),
         dark_split: found.as_ref().is_some_and(|f| f.dark_split),
+        cut_by_border: false,
     }
 }
 

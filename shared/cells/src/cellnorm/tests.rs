@@ -270,7 +270,7 @@ fn black_bars_padding_a_picture_change_neither_the_cell_nor_its_view() {
     image::imageops::replace(&mut padded, &img, 60, 0);
     let norm = CellNorm::default();
     let (a, b) = (norm.apply(&img, None, None), norm.apply(&padded, None, None));
-    assert!(b.found);
+    assert!(b.found && !a.cut_by_border && !b.cut_by_border);
     assert!(
         (b.centre[0] - 160.0).abs() < 3.0 && (b.centre[1] - 100.0).abs() < 3.0,
         "{:?}",
@@ -312,4 +312,22 @@ fn black_bars_padding_a_picture_change_neither_the_cell_nor_its_view() {
         "{}",
         diff(&untrimmed.image, &d.image)
     );
+}
+
+#[test]
+fn a_cell_that_reaches_a_bar_is_cut_by_its_fields_edge() {
+    // The cell runs off the picture's left side, where the picture was padded.
+    let img = smear(200, 200, 18.0, 100.0, 48.0, 24.0);
+    let mut padded = RgbImage::new(240, 200);
+    image::imageops::replace(&mut padded, &img, 40, 0);
+    let n = CellNorm::default().apply(&padded, Some([58.0, 100.0]), None);
+    assert!(n.found && n.cut_by_border, "{n:?}");
+    // The same cell on a picture without bars: cut by the picture's edge, not by a bar (a tight
+    // crop touches its edges all the time).
+    let n = CellNorm::default().apply(&img, Some([18.0, 100.0]), None);
+    assert!(n.touches_edge && !n.cut_by_border);
+    // Padded on the other side, away from the cell: not cut.
+    let mut right = RgbImage::new(240, 200);
+    image::imageops::replace(&mut right, &smear(200, 200, 100.0, 100.0, 48.0, 24.0), 0, 0);
+    assert!(!CellNorm::default().apply(&right, None, None).cut_by_border);
 }

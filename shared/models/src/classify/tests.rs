@@ -12,6 +12,7 @@ fn prediction(probs: [f32; NUM_CLASSES]) -> Prediction {
         ood_score: Some(0.1),
         cell_found: Some(true),
         cell_size: None,
+        cell_cut: None,
         neighbour_class: Some(5),
         attributes: None,
         description: None,
@@ -137,6 +138,15 @@ fn review_rules_apply_in_order() {
         None,
         "a sure, familiar blast"
     );
+    // Cut by a bar padding its picture: no Blast call (it goes to review as a possible blast),
+    // but other classes are still reported.
+    let mut cut = blast(0.95);
+    cut.cell_cut = Some(true);
+    assert_eq!(review_reason(&cut, 5, &cal, 0.5), Some(ReviewReason::LowConfidence));
+    let mut cut_lym = prediction([0.0, 0.0, 0.95, 0.05, 0.0, 0.0]);
+    cut_lym.neighbour_class = Some(2);
+    cut_lym.cell_cut = Some(true);
+    assert_eq!(review_reason(&cut_lym, 2, &cal, 0.5), None);
     assert_eq!(
         review_reason(&blast(0.85), 5, &cal, 0.5),
         Some(ReviewReason::LowConfidence),

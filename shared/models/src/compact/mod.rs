@@ -391,6 +391,7 @@ impl CompactModel {
                     ood_score: None,
                     cell_found: None,
                     cell_size: None,
+                    cell_cut: None,
                     neighbour_class: None,
                     attributes: Some(AttributeScores {
                         values: attributes,
