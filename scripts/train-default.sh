@@ -8,6 +8,12 @@
 # VOC boxes) to ../shared/data/fields, skipped if absent. Writes runs/default/ and
 # appliance/models/default.bundle, then evaluates the bundle on val (runs/default/val.json)
 # and on the other-site white cells (runs/default/other-site.json).
+#
+# TEACHING_BASE=1 trains the colour view instead (`trainer train --colour`) and writes
+# runs/teaching-base/ and runs/teaching-base.bundle, signed with the same key: the base a lab
+# teaches a clinic's reviews to (`trainer adapt --bundle runs/teaching-base.bundle`). It is not
+# an appliance's default (at another site it calls small lymphocytes blasts), but what it learns
+# from a site's reviews travels further than the grey default's (BENCHMARKS.md, issue 22 §3).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DATA="${1:-../shared/data/wbc}"
@@ -33,13 +39,17 @@ if [ -d "$FIELDS/annotations" ]; then
   "$TRAINER" crop-fields --fields "$FIELDS" --out runs/other-site --source other-site
   OTHER=(--other-site "other-site=runs/other-site/cells.csv")
 fi
-"$TRAINER" train --data "$DATA" --out runs/default
-"$TRAINER" export --run runs/default --key "$KEY" --val "$DATA/val.csv" --train "$DATA/train.csv" \
-  "${OTHER[@]}" --model-version "$VERSION" --out appliance/models/default.bundle
+RUN=runs/default OUT=appliance/models/default.bundle VIEW=()
+if [ "${TEACHING_BASE:-0}" = 1 ]; then
+  RUN=runs/teaching-base OUT=runs/teaching-base.bundle VIEW=(--colour)
+fi
+"$TRAINER" train --data "$DATA" --out "$RUN" "${VIEW[@]}"
+"$TRAINER" export --run "$RUN" --key "$KEY" --val "$DATA/val.csv" --train "$DATA/train.csv" \
+  "${OTHER[@]}" --model-version "$VERSION" --out "$OUT"
 echo "trained and exported in $(( $(date +%s) - start )) s"
-"$TRAINER" eval --bundle appliance/models/default.bundle --trust appliance/keys/default.pub \
-  --csv "$DATA/val.csv" --json runs/default/val.json
+"$TRAINER" eval --bundle "$OUT" --trust appliance/keys/default.pub \
+  --csv "$DATA/val.csv" --json "$RUN/val.json"
 if [ ${#OTHER[@]} -gt 0 ]; then
-  "$TRAINER" eval --bundle appliance/models/default.bundle --trust appliance/keys/default.pub \
-    --csv runs/other-site/cells.csv --json runs/default/other-site.json
+  "$TRAINER" eval --bundle "$OUT" --trust appliance/keys/default.pub \
+    --csv runs/other-site/cells.csv --json "$RUN/other-site.json"
 fi
