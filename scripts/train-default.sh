@@ -19,7 +19,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DATA="${1:-../shared/data/wbc}"
 KEY="${2:-.cache/keys/default-signing.pem}"
 FIELDS="${3:-../shared/data/fields}"
-VERSION="${MODEL_VERSION:-5}"
+VERSION="${MODEL_VERSION:-6}"
 
 scripts/fetch-weights.sh >/dev/null
 cargo build --release -p trainer

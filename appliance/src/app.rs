@@ -6,6 +6,7 @@ use crate::classify_field_for_site;
 use crate::gate::Gate;
 use crate::store::{SlideState, Store};
 use anyhow::{Context, Result, bail};
+use image::RgbImage;
 use sha2::{Digest, Sha256};
 use std::sync::{Arc, Mutex, RwLock};
 use wbc_cells::finder::{FinderConfig, cell_picture};
@@ -194,8 +195,8 @@ impl App {
 
     /// Learns the site from cells `classifier` has just classified; a new adaptation is put to
     /// use when its model is still the one in use. Never fails a field: a failure is logged.
-    fn learn_site(&self, classifier: &Classifier, features: &[f32]) {
-        match crate::site::learn(&self.store, classifier, &self.settings.adaptation, features) {
+    fn learn_site(&self, classifier: &Classifier, features: &[f32], pictures: &[(&RgbImage, Option<f32>)]) {
+        match crate::site::learn(&self.store, classifier, &self.settings.adaptation, features, pictures) {
             Ok(Some(_)) => {
                 let c = self.classifier();
                 if c.model_version == classifier.model_version {
@@ -278,12 +279,12 @@ impl App {
                 let p = classifier.predict(std::slice::from_ref(&img));
                 let mut r = classifier.result(&p[0]);
                 r.bbox = Some([0, 0, w, h]);
-                (vec![r], p[0].site_features().to_vec())
+                (vec![r], p[0].site_features().to_vec(), Vec::new())
             } else {
                 classify_field_for_site(&classifier, &img, um, &self.settings.finder)
             }
         }));
-        let (cells, site_features): (Vec<CellResult>, Vec<f32>) = match run {
+        let (cells, site_features, crops): (Vec<CellResult>, Vec<f32>, Vec<RgbImage>) = match run {
             Ok(c) => {
                 self.probation(classifier.model_version, true, "");
                 c
@@ -335,7 +336,13 @@ impl App {
             return Ok(Ingested::Duplicate(f));
         }
         tracing::info!(field = %id, source, cells = field.cells.len(), "field stored");
-        self.learn_site(&classifier, &site_features);
+        // The pictures the site's cells were classified from: a single-cell image at the
+        // model's reference scale, a field's crops at the camera's.
+        let pictures: Vec<(&RgbImage, Option<f32>)> = match single_cell {
+            true => vec![(&img, classifier.microns_per_pixel)],
+            false => crops.iter().map(|c| (c, Some(um))).collect(),
+        };
+        self.learn_site(&classifier, &site_features, &pictures);
         self.send_new_flags()?;
         Ok(Ingested::New(field))
     }

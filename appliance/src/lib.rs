@@ -182,13 +182,14 @@ pub fn classify_field(
 }
 
 /// As [`classify_field`], and the unadapted pooled features of the cells it classified (row
-/// after row; empty for a model without them): what the appliance learns its site from.
+/// after row; empty for a model without them) with the crops they were classified from: what
+/// the appliance learns its site from.
 pub fn classify_field_for_site(
     classifier: &Classifier,
     field: &RgbImage,
     microns_per_pixel: f32,
     finder: &FinderConfig,
-) -> (Vec<CellResult>, Vec<f32>) {
+) -> (Vec<CellResult>, Vec<f32>, Vec<RgbImage>) {
     let found = find_cells(field, microns_per_pixel, finder);
     let pad = mean_colour(field);
     let whole: Vec<_> = found.iter().filter(|c| !c.edge_cut).collect();
@@ -210,7 +211,7 @@ pub fn classify_field_for_site(
             }
         })
         .collect();
-    (cells, features)
+    (cells, features, crops)
 }
 
 /// Classifies each image as a microscope field: every white cell found in it.
@@ -254,39 +255,64 @@ pub fn adapt_to_site(classifier: &Classifier, dir: &Path, fields: Option<(f32, &
     if paths.is_empty() {
         bail!("{} holds no images to adapt to", dir.display());
     }
-    let mut features = Vec::new();
+    // The backbone first (where the bundle can): on an evenly spaced share of the images.
     let mut unreadable = 0;
+    let norm = if classifier.can_adapt_backbone() {
+        let step = paths.len().div_ceil(wbc_models::classify::MAX_NORM_CELLS).max(1);
+        let some: Vec<PathBuf> = paths.iter().step_by(step).cloned().collect();
+        let (cells, scales) = site_cells(classifier, &some, fields, &mut unreadable);
+        classifier.fit_site_norm(&cells, &scales)?
+    } else {
+        None
+    };
+    let normed = classifier.clone().with_site_norm(norm.as_ref())?;
+    unreadable = 0;
+    let mut features = Vec::new();
     for chunk in paths.chunks(ADAPT_CHUNK) {
-        let mut cells = Vec::new();
-        let mut scales = Vec::new();
-        for p in chunk {
-            let img = match load_rgb(p, &DecodeLimits::default()) {
-                Ok(img) => img,
-                Err(e) => {
-                    tracing::warn!(path = %p.display(), error = %e, "not used for the site adaptation");
-                    unreadable += 1;
-                    continue;
-                }
-            };
-            match fields {
-                None => {
-                    cells.push(img);
-                    scales.push(classifier.microns_per_pixel);
-                }
-                Some((um, finder)) => {
-                    let pad = mean_colour(&img);
-                    for c in find_cells(&img, um, finder).iter().filter(|c| !c.edge_cut) {
-                        cells.push(cell_crop(&img, c.bbox, pad));
-                        scales.push(Some(um));
-                    }
+        let (cells, scales) = site_cells(classifier, chunk, fields, &mut unreadable);
+        features.extend(normed.site_features(&cells, &scales)?);
+    }
+    let mut adaptation = normed.fit_adaptation(&features)?;
+    adaptation.units = norm;
+    tracing::info!(cells = adaptation.cells, unreadable, class_mix = ?adaptation.class_mix, "adapted to the site");
+    Ok(adaptation)
+}
+
+/// The cells of some site images with their pixel sizes: each image a cell, or, with
+/// `fields`, the whole white cells the finder cuts from it. Unreadable files are counted and
+/// skipped with a warning.
+fn site_cells(
+    classifier: &Classifier,
+    paths: &[PathBuf],
+    fields: Option<(f32, &FinderConfig)>,
+    unreadable: &mut usize,
+) -> (Vec<RgbImage>, Vec<Option<f32>>) {
+    let mut cells = Vec::new();
+    let mut scales = Vec::new();
+    for p in paths {
+        let img = match load_rgb(p, &DecodeLimits::default()) {
+            Ok(img) => img,
+            Err(e) => {
+                tracing::warn!(path = %p.display(), error = %e, "not used for the site adaptation");
+                *unreadable += 1;
+                continue;
+            }
+        };
+        match fields {
+            None => {
+                cells.push(img);
+                scales.push(classifier.microns_per_pixel);
+            }
+            Some((um, finder)) => {
+                let pad = mean_colour(&img);
+                for c in find_cells(&img, um, finder).iter().filter(|c| !c.edge_cut) {
+                    cells.push(cell_crop(&img, c.bbox, pad));
+                    scales.push(Some(um));
                 }
             }
         }
-        features.extend(classifier.site_features(&cells, &scales)?);
     }
-    let adaptation = classifier.fit_adaptation(&features)?;
-    tracing::info!(cells = adaptation.cells, unreadable, class_mix = ?adaptation.class_mix, "adapted to the site");
-    Ok(adaptation)
+    (cells, scales)
 }
 
 /// A class mix in words: `Basophil 12 %, Eosinophil 3 %, …`.

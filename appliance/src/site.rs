@@ -3,15 +3,20 @@
 //! classifier's features are moved onto the training cells' statistics
 //! ([`wbc_models::adapt`]); fitted again after each further batch of cells, kept in the store
 //! for the model version it was fitted for, started over by a new model, reported to central
-//! as a model event. The signed weights never change. `appliance classify --adapt-to` fits
-//! with the same [`Classifier::fit_adaptation`].
+//! as a model event. A bundle with its training cells' unit moments adapts its backbone too
+//! ([`wbc_models::compact::site_norm`]): the daemon then keeps the last cells' pictures
+//! ([`MAX_NORM_CELLS`] at most) and fits the backbone on them first, then the pooled features
+//! as that backbone computes them. The signed weights never change. `appliance classify
+//! --adapt-to` fits with the same [`Classifier::fit_site_norm`] and
+//! [`Classifier::fit_adaptation`].
 
 use crate::store::{SiteCells, Store, StoredAdaptation};
 use anyhow::Result;
+use image::RgbImage;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use wbc_models::classify::Classifier;
+use wbc_models::classify::{Classifier, MAX_NORM_CELLS};
 use wbc_models::compact::mobilenet::FEATURES;
 use wbc_protocol::classes::CellClass;
 use wbc_protocol::clock::now;
@@ -116,19 +121,35 @@ pub fn adapted(store: &Store, classifier: Arc<Classifier>, config: &AdaptationCo
 }
 
 /// Keeps the unadapted features of cells `classifier` has just classified (`features`, row
-/// after row) and, when enough new cells have come since the last fit, fits the adaptation
-/// again, keeps it, and tells central. Returns the new adaptation.
+/// after row) and, for a model that adapts its backbone, their pictures (`pictures`, one per
+/// row, with the pixel size they were classified at); when enough new cells have come since
+/// the last fit, fits the adaptation again, keeps it, and tells central. Returns the new
+/// adaptation.
 pub fn learn(
     store: &Store,
     classifier: &Classifier,
     config: &AdaptationConfig,
     features: &[f32],
+    pictures: &[(&RgbImage, Option<f32>)],
 ) -> Result<Option<StoredAdaptation>> {
     if !config.enabled || !classifier.can_adapt() || features.is_empty() {
         return Ok(None);
     }
     let v = classifier.model_version;
     let cells = store.add_site_features(v, features, FEATURES, config.keep_cells)?;
+    if classifier.can_adapt_backbone() {
+        let png: Vec<(Vec<u8>, Option<f32>)> = pictures
+            .iter()
+            .filter_map(|(img, um)| {
+                let mut png = Vec::new();
+                img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                    .map_err(|e| tracing::warn!(error = %e, "a site cell's picture could not be kept"))
+                    .ok()?;
+                Some((png, *um))
+            })
+            .collect();
+        store.add_site_pictures(v, &png, config.keep_cells.min(MAX_NORM_CELLS))?;
+    }
     let last = store.adaptation(v)?;
     let due_at = last.as_ref().map_or(0, |a| a.seen_at_fit) + config.after_cells as u64;
     if cells.seen < due_at {
@@ -139,8 +160,16 @@ pub fn learn(
 
 fn fit(store: &Store, classifier: &Classifier, cells: SiteCells) -> Result<StoredAdaptation> {
     let started = std::time::Instant::now();
-    let features = store.site_features(cells.model_version, FEATURES)?;
-    let adaptation = classifier.fit_adaptation(&features)?;
+    let adaptation = match backbone_site_cells(store, classifier, cells.model_version)? {
+        Some((pictures, scales)) => {
+            let norm = classifier.fit_site_norm(&pictures, &scales)?;
+            let normed = classifier.clone().with_site_norm(norm.as_ref())?;
+            let mut a = normed.fit_adaptation(&normed.site_features(&pictures, &scales)?)?;
+            a.units = norm;
+            a
+        }
+        None => classifier.fit_adaptation(&store.site_features(cells.model_version, FEATURES)?)?,
+    };
     let stored = StoredAdaptation {
         adaptation,
         fitted_at: now(),
@@ -165,6 +194,31 @@ fn fit(store: &Store, classifier: &Classifier, cells: SiteCells) -> Result<Store
         detail,
     })?;
     Ok(stored)
+}
+
+/// The kept pictures of the site's cells, decoded, where the model adapts its backbone and
+/// enough of them are readable; `None` otherwise (the pooled features alone are fitted).
+fn backbone_site_cells(
+    store: &Store,
+    classifier: &Classifier,
+    version: u64,
+) -> Result<Option<(Vec<RgbImage>, Vec<Option<f32>>)>> {
+    if !classifier.can_adapt_backbone() {
+        return Ok(None);
+    }
+    let limits = wbc_cells::image::DecodeLimits::default();
+    let (pictures, scales): (Vec<RgbImage>, Vec<Option<f32>>) = store
+        .site_pictures(version)?
+        .into_iter()
+        .filter_map(|(png, um)| match wbc_cells::image::decode_rgb(&png, &limits) {
+            Ok(img) => Some((img, um)),
+            Err(e) => {
+                tracing::warn!(error = %e, "a kept site picture is unreadable; not used");
+                None
+            }
+        })
+        .unzip();
+    Ok((pictures.len() >= wbc_models::adapt::MIN_CELLS).then_some((pictures, scales)))
 }
 
 /// Forgets the site adaptation of model `version` and the cells kept for it (a technician's

@@ -269,10 +269,41 @@ fn the_appliance_adapts_to_its_site_after_enough_cells_keeps_it_and_starts_over_
     );
     let after = adapted.predict(std::slice::from_ref(&probe))[0].clone();
     assert_ne!(after.features, before.features, "the heads see adapted features");
-    assert_eq!(
-        after.site_features(),
-        &before.features[..],
-        "the unadapted ones are kept to learn from"
+    // The default bundle has its training cells' unit moments: the backbone adapted too, on
+    // the pictures the daemon kept, as `--adapt-to` fits it on the same cells.
+    let v = adapted.model_version;
+    let kept = app.store().site_pictures(v).unwrap();
+    assert_eq!(kept.len(), 30);
+    let fitted = adapted
+        .adaptation()
+        .and_then(|a| a.units.clone())
+        .expect("the backbone adapted");
+    assert!(
+        fitted.dark_nucleus,
+        "the site's pictures are read with the dark-nucleus rule"
+    );
+    let pictures: Vec<_> = cells[..30]
+        .iter()
+        .map(|b| image::load_from_memory(b).unwrap().to_rgb8())
+        .collect();
+    let again = classifier()
+        .fit_site_norm(&pictures, &vec![None; 30])
+        .unwrap()
+        .expect("a bundle with unit moments");
+    let gap = fitted
+        .scale
+        .iter()
+        .flatten()
+        .zip(again.scale.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        gap < 1e-3,
+        "the daemon's fit and a fit on the same pictures differ by {gap}"
+    );
+    assert!(
+        after.unadapted_features.is_some(),
+        "the features before the pooled adaptation are kept"
     );
     // Central hears of it.
     let events: Vec<_> = app

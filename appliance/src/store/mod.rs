@@ -18,6 +18,7 @@
 //! | `sent` | message seq | sent at (u64) ‖ times sent (u64) ‖ wire seq (u64): the broker has it, central has not confirmed it |
 //! | `meta` | name | the active model's version, … |
 //! | `site_features` | model version ‖ seq | a site cell's unadapted features (f32 LE) |
+//! | `site_pictures` | model version ‖ seq | a site cell's picture (PNG) and pixel size, for models that adapt their backbone |
 //! | `adaptations` | model version | [`StoredAdaptation`] |
 //!
 //! Every change that carries results is one transaction over the trees it touches, followed
@@ -107,6 +108,7 @@ pub struct Store {
     model_log: Tree,
     meta: Tree,
     site_features: Tree,
+    site_pictures: Tree,
     adaptations: Tree,
     /// This start's epoch, above the counter in wire sequence numbers.
     epoch: u64,
@@ -253,6 +255,7 @@ impl Store {
             quarantine: t("outbox_quarantine")?,
             model_log: t("model_log")?,
             site_features: t("site_features")?,
+            site_pictures: t("site_pictures")?,
             adaptations: t("adaptations")?,
             queued: std::sync::atomic::AtomicI64::new(outbox_len as i64),
             meta,

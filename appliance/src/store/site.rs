@@ -1,6 +1,7 @@
 //! What the appliance has learnt of its site: the unadapted pooled features of the last cells
-//! it classified (a window of the newest, for the model version that computed them) and the
-//! site adaptation fitted on them, per model version.
+//! it classified (a window of the newest, for the model version that computed them), for a
+//! model that adapts its backbone too the pictures of the last cells (a smaller window), and
+//! the site adaptation fitted on them, per model version.
 //!
 //! A new model computes other features: the window starts over when the model version
 //! changes, and an adaptation is only ever used with the version it was fitted for. Neither is
@@ -15,6 +16,8 @@ use wbc_models::adapt::Adaptation;
 
 /// Format version of a stored feature row.
 const ROW_VERSION: u8 = 1;
+/// Format version of a stored site picture.
+const PICTURE_VERSION: u8 = 1;
 /// Adaptations of this many model versions are kept (a rollback finds its model's).
 const ADAPTATIONS_KEPT: usize = 8;
 
@@ -52,6 +55,7 @@ impl Store {
         let mut cells = self.site_cells_unlocked(version)?;
         if cells.model_version != version {
             self.site_features.clear()?;
+            self.site_pictures.clear()?;
             cells = SiteCells {
                 model_version: version,
                 ..Default::default()
@@ -145,6 +149,47 @@ impl Store {
         Ok(out)
     }
 
+    /// Keeps the pictures of newly classified cells (PNG, with the pixel size they were
+    /// classified at) for model `version`, after [`Store::add_site_features`] has counted
+    /// them: a window of the newest `keep`.
+    pub fn add_site_pictures(&self, version: u64, pictures: &[(Vec<u8>, Option<f32>)], keep: usize) -> Result<()> {
+        let _g = self.lock.lock().expect("store lock");
+        let mut batch = sled::Batch::default();
+        for (png, um) in pictures {
+            let mut v = Vec::with_capacity(5 + png.len());
+            v.push(PICTURE_VERSION);
+            v.extend_from_slice(&um.unwrap_or(f32::NAN).to_le_bytes());
+            v.extend_from_slice(png);
+            batch.insert(&be2(version, self.db.generate_id()?), v);
+        }
+        self.site_pictures.apply_batch(batch)?;
+        let mut kept = self.site_pictures.len();
+        while kept > keep {
+            let Some((k, _)) = self.site_pictures.first()? else {
+                break;
+            };
+            self.site_pictures.remove(k)?;
+            kept -= 1;
+        }
+        Ok(())
+    }
+
+    /// The kept pictures of model `version`'s site cells (PNG) and their pixel sizes, oldest
+    /// first (a damaged record is skipped).
+    pub fn site_pictures(&self, version: u64) -> Result<Vec<(Vec<u8>, Option<f32>)>> {
+        let mut out = Vec::new();
+        for r in self.site_pictures.scan_prefix(be(version)) {
+            let (_, v) = r.context("reading the site's cell pictures")?;
+            if v.first() != Some(&PICTURE_VERSION) || v.len() < 6 {
+                tracing::warn!("a damaged site picture record is not used");
+                continue;
+            }
+            let um = f32::from_le_bytes(v[1..5].try_into().expect("4 bytes"));
+            out.push((v[5..].to_vec(), um.is_finite().then_some(um)));
+        }
+        Ok(out)
+    }
+
     /// Keeps an adaptation (for its model version; the oldest versions' are dropped).
     pub fn put_adaptation(&self, a: &StoredAdaptation) -> Result<()> {
         self.adaptations.insert(be(a.adaptation.model_version), encode(a))?;
@@ -179,6 +224,7 @@ impl Store {
         let _g = self.lock.lock().expect("store lock");
         self.adaptations.remove(be(version))?;
         self.site_features.clear()?;
+        self.site_pictures.clear()?;
         self.meta.insert(SITE_VERSION, &be(version))?;
         self.meta.insert(SITE_SEEN, &be(0))?;
         self.flush()
@@ -194,6 +240,7 @@ mod tests {
     fn adaptation(version: u64) -> StoredAdaptation {
         StoredAdaptation {
             adaptation: Adaptation {
+                units: None,
                 model_version: version,
                 cells: 30,
                 class_mix: [0.0, 0.0, 0.3, 0.1, 0.6, 0.0],
@@ -242,6 +289,30 @@ mod tests {
                 kept: 0
             }
         );
+    }
+
+    #[test]
+    fn the_site_pictures_keep_a_window_go_with_their_model_and_skip_damaged_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), identity(), Retention::default()).unwrap();
+        let pics = |from: u8, n: u8| -> Vec<(Vec<u8>, Option<f32>)> {
+            (from..from + n)
+                .map(|i| (vec![i; 3], (i % 2 == 0).then_some(0.1)))
+                .collect()
+        };
+        store.add_site_features(4, &[0.0; 6], 2, 10).unwrap();
+        store.add_site_pictures(4, &pics(0, 3), 2).unwrap();
+        assert_eq!(store.site_pictures(4).unwrap(), pics(1, 2), "the newest two");
+        // A damaged record is skipped, the others are read.
+        store.site_pictures.insert(be2(4, u64::MAX), &b"\x09junk"[..]).unwrap();
+        assert_eq!(store.site_pictures(4).unwrap(), pics(1, 2));
+        // Another model starts over; a reset forgets them.
+        store.add_site_features(5, &[0.0; 2], 2, 10).unwrap();
+        assert!(store.site_pictures(4).unwrap().is_empty());
+        store.add_site_pictures(5, &pics(7, 1), 2).unwrap();
+        assert_eq!(store.site_pictures(5).unwrap(), pics(7, 1));
+        store.reset_site(5).unwrap();
+        assert!(store.site_pictures(5).unwrap().is_empty());
     }
 
     #[test]

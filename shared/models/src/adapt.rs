@@ -34,6 +34,14 @@ const EPS: f64 = 1e-4;
 /// Share of blasts assumed at the start of the EM (a site's slides are mostly normal).
 const START_BLAST_SHARE: f64 = 0.02;
 
+/// The class mix a site is assumed to have before anything is known of it: normal cells of
+/// every class alike, and a few blasts.
+pub fn start_mix() -> [f64; NUM_CLASSES] {
+    let mut mix = [(1.0 - START_BLAST_SHARE) / (NUM_CLASSES - 1) as f64; NUM_CLASSES];
+    mix[BLAST] = START_BLAST_SHARE;
+    mix
+}
+
 /// Per-class first and second moments of the training cells' features (from the bundle's
 /// familiarity bank, which holds training cells of every class).
 #[derive(Debug, Clone, PartialEq)]
@@ -103,6 +111,10 @@ pub struct Adaptation {
     pub scale: Vec<f32>,
     /// Per-channel shift.
     pub shift: Vec<f32>,
+    /// The backbone's own adaptation, unit by unit (bundles with the training cells' unit
+    /// moments); the pooled features above are then those of the adapted backbone.
+    #[serde(default)]
+    pub units: Option<crate::compact::site_norm::SiteNorm>,
 }
 
 /// Why an adaptation could not be fitted.
@@ -121,6 +133,9 @@ pub enum AdaptError {
     /// family without pooled features).
     #[error("this model has no feature bank of training cells to adapt to a site against")]
     NoBank,
+    /// A backbone adaptation was given for a bundle without its training cells' unit moments.
+    #[error("this model's bundle has no unit moments of training cells to adapt its backbone against")]
+    NoUnitMoments,
     /// The stored adaptation does not fit this model.
     #[error("the adaptation was fitted for model version {fitted}, not {model}")]
     OtherModel {
@@ -160,14 +175,14 @@ impl Adaptation {
         second.iter_mut().for_each(|v| *v /= m as f64);
         let var: Vec<f64> = second.iter().zip(&mean).map(|(s, m)| (s - m * m).max(0.0)).collect();
 
-        let mut mix = [(1.0 - START_BLAST_SHARE) / (NUM_CLASSES - 1) as f64; NUM_CLASSES];
-        mix[BLAST] = START_BLAST_SHARE;
+        let mut mix = start_mix();
         let mut adaptation = Adaptation {
             model_version,
             cells: m,
             class_mix: [0.0; NUM_CLASSES],
             scale: vec![1.0; FEATURES],
             shift: vec![0.0; FEATURES],
+            units: None,
         };
         let mut adapted = vec![0f32; site.len()];
         for _ in 0..ROUNDS {

@@ -17,7 +17,7 @@ use wbc_protocol::messages::{CellResult, ReviewReason};
 
 /// Images preprocessed together and handed to the model in one call (a GPU runs them in one
 /// forward pass; the CPU in runs of [`crate::compact::CPU_CELLS_PER_RUN`]).
-const BATCH: usize = 32;
+pub(crate) const BATCH: usize = 32;
 
 /// Llama 3.2 Vision behind the classifier: classes scored by the likelihood of their names as
 /// the answer's start, the description generated.
@@ -76,6 +76,14 @@ pub struct Classifier {
     source: Option<std::sync::Arc<SourceStats>>,
     /// The site adaptation in use, if any.
     adaptation: Option<Adaptation>,
+    /// The training cells' per-class moments of every backbone unit (a bundle's
+    /// `unit-moments` part), to adapt the backbone itself to a site.
+    unit_reference: Option<std::sync::Arc<crate::compact::site_norm::UnitReference>>,
+    /// The signed model, kept while `model` is a copy whose backbone a site adaptation changed.
+    signed: Option<Box<CompactModel>>,
+    /// The bundle's preprocessing, kept while a site adaptation reads the site's pictures
+    /// otherwise (the dark-nucleus rule).
+    signed_pre: Option<Preprocess>,
     /// The clinic whose reviewed cells taught this model (a site bundle's manifest names it).
     taught_for: Option<String>,
     /// A blast guard's own preprocessing, where it differs from the taught model's (the site
@@ -107,6 +115,9 @@ impl Classifier {
                 knn: None,
                 source: None,
                 adaptation: None,
+                unit_reference: None,
+                signed: None,
+                signed_pre: None,
                 taught_for: None,
                 guard_pre: None,
                 model_version: bundle.manifest.model_version,
@@ -143,6 +154,7 @@ impl Classifier {
         };
         let mut classifier = classifier.with_calibration(cal, knn)?;
         classifier.source = source;
+        classifier.unit_reference = site_norm::unit_reference(bundle, &classifier.model)?;
         classifier.taught_for = bundle.manifest.clinic.clone();
         Ok(classifier)
     }
@@ -220,6 +232,9 @@ impl Classifier {
             knn: None,
             source: None,
             adaptation: None,
+            unit_reference: None,
+            signed: None,
+            signed_pre: None,
             taught_for: None,
             guard_pre: None,
             model_version,
@@ -276,6 +291,7 @@ impl Classifier {
             }
             a.check(self.model_version)?;
         }
+        self = self.with_site_norm(adaptation.as_ref().and_then(|a| a.units.as_ref()))?;
         self.adaptation = adaptation;
         Ok(self)
     }
@@ -672,5 +688,7 @@ impl Classifier {
     }
 }
 
+mod site_norm;
+pub use site_norm::{MAX_NORM_CELLS, NORM_BLOCKS};
 #[cfg(test)]
 mod tests;

@@ -14,6 +14,7 @@ use wbc_models::calibrate::{
 };
 use wbc_models::classify::{Classifier, SELFTEST_PART, SelfTest, SelfTestCase};
 use wbc_models::compact::mobilenet::{Backbone, FEATURES};
+use wbc_models::compact::site_norm::{UNIT_MOMENTS_PART, UnitReference};
 use wbc_models::compact::weights::Weights;
 use wbc_models::compact::{CompactModel, WEIGHTS_PART, softmax_t};
 use wbc_protocol::bundle::{Bundle, BundleBuilder, Family, Manifest};
@@ -154,18 +155,7 @@ pub(crate) fn stratified(samples: &[crate::dataset::Sample], per_class: usize) -
 /// Logits, features and labels of the labelled cells of a sample list, through a classifier
 /// (uncalibrated: the raw model); at most `per_class` cells per class when it is not 0.
 pub(crate) fn raw_outputs(classifier: &Classifier, list: &Path, per_class: usize) -> Result<RawOutputs> {
-    let mut samples: Vec<_> = crate::dataset::read_samples(list)?
-        .into_iter()
-        .filter(|s| s.label.is_some())
-        .collect();
-    if per_class > 0 {
-        samples = stratified(&samples, per_class);
-    }
-    let (loaded, rejected) = crate::dataset::load_images(samples, &DecodeLimits::default());
-    for r in &rejected {
-        tracing::warn!(path = %r.path.display(), reason = %r.reason, "skipping image");
-    }
-    let (samples, images): (Vec<_>, Vec<_>) = loaded.into_iter().unzip();
+    let (samples, images) = load_labelled(list, per_class)?;
     let scales: Vec<_> = samples.iter().map(|s| s.microns_per_pixel).collect();
     let preds = classifier.predict_at(&images, &scales);
     let labels = samples.iter().map(|s| s.label.expect("labelled").index()).collect();
@@ -185,6 +175,42 @@ pub(crate) fn raw_outputs(classifier: &Classifier, list: &Path, per_class: usize
         labels,
         nucleus_um,
     })
+}
+
+/// The labelled samples of a list and their images (unreadable ones skipped with a warning);
+/// at most `per_class` of each class when it is not 0.
+fn load_labelled(list: &Path, per_class: usize) -> Result<(Vec<crate::dataset::Sample>, Vec<image::RgbImage>)> {
+    let mut samples: Vec<_> = crate::dataset::read_samples(list)?
+        .into_iter()
+        .filter(|s| s.label.is_some())
+        .collect();
+    if per_class > 0 {
+        samples = stratified(&samples, per_class);
+    }
+    let (loaded, rejected) = crate::dataset::load_images(samples, &DecodeLimits::default());
+    for r in &rejected {
+        tracing::warn!(path = %r.path.display(), reason = %r.reason, "skipping image");
+    }
+    Ok(loaded.into_iter().unzip())
+}
+
+/// The moments of every backbone unit over the bank's training cells, class by class: what a
+/// site adapts the backbone towards (`appliance classify --adapt-to`).
+fn unit_reference(classifier: &Classifier, train: &Path, per_class: usize) -> Result<UnitReference> {
+    let (samples, images) = load_labelled(train, per_class)?;
+    let mut classes = vec![None; NUM_CLASSES];
+    for (c, slot) in classes.iter_mut().enumerate() {
+        let (imgs, scales): (Vec<_>, Vec<_>) = samples
+            .iter()
+            .zip(&images)
+            .filter(|(s, _)| s.label.map(|l| l.index()) == Some(c))
+            .map(|(s, i)| (i.clone(), s.microns_per_pixel))
+            .unzip();
+        if !imgs.is_empty() {
+            *slot = Some(classifier.unit_moments(&imgs, &scales)?);
+        }
+    }
+    Ok(UnitReference::new(classes))
 }
 
 /// Writes a signed bundle and returns its manifest.
@@ -339,6 +365,9 @@ fn finish(
             cal.ood = Some(ood);
             knn = Some(bank);
             calibration_parts.push((OOD_BANK_PART, bank_bytes));
+            tracing::info!("measuring the backbone's units on the bank's training cells");
+            let reference = unit_reference(&classifier, train, o.bank_per_class)?;
+            calibration_parts.push((UNIT_MOMENTS_PART, reference.to_safetensors()?));
         }
         calibration_parts.push((CALIBRATION_PART, serde_json::to_vec_pretty(&cal)?));
         classifier = classifier.with_calibration(cal, knn)?;

@@ -201,12 +201,22 @@ pub fn fold_torchvision(pth: &std::path::Path) -> Result<Weights, WeightError> {
 pub struct FrozenConv {
     /// Static description.
     pub spec: UnitSpec,
-    weight: Tensor<4>,
-    bias: Tensor<1>,
+    pub(super) weight: Tensor<4>,
+    pub(super) bias: Tensor<1>,
 }
 
 impl FrozenConv {
-    fn forward(&self, x: Tensor<4>, lora: Option<&LoraPw>) -> Tensor<4> {
+    /// The convolution and its bias, before any ReLU6 (where a site adaptation measures).
+    pub(super) fn pre_activation(&self, x: Tensor<4>) -> Tensor<4> {
+        let s = &self.spec;
+        if s.is_depthwise() {
+            return super::depthwise::depthwise3x3(x, self.weight.clone(), self.bias.clone(), s.stride, false);
+        }
+        let opts = ConvOptions::new([s.stride; 2], [s.kernel / 2; 2], [1, 1], s.groups);
+        conv2d(x, self.weight.clone(), Some(self.bias.clone()), opts)
+    }
+
+    pub(super) fn forward(&self, x: Tensor<4>, lora: Option<&LoraPw>) -> Tensor<4> {
         let s = &self.spec;
         if s.is_depthwise() {
             debug_assert!(lora.is_none(), "adapters go on pointwise units only");
@@ -226,7 +236,7 @@ impl FrozenConv {
 /// The frozen backbone on a device: plain tensors, no parameters, no gradients.
 #[derive(Debug, Clone)]
 pub struct Backbone {
-    blocks: Vec<(Vec<FrozenConv>, bool)>,
+    pub(super) blocks: Vec<(Vec<FrozenConv>, bool)>,
 }
 
 impl Backbone {

@@ -7,6 +7,7 @@ pub mod depthwise;
 pub mod lora;
 pub mod mobilenet;
 pub mod relu6;
+pub mod site_norm;
 pub mod weights;
 
 use burn::module::Module;
@@ -269,6 +270,18 @@ impl CompactModel {
             class_b: Tensor::from_data(TensorData::new(class_b, [NUM_CLASSES]), &self.device),
         }));
         Ok(self)
+    }
+
+    /// The backbone.
+    pub fn backbone(&self) -> &Backbone {
+        &self.backbone
+    }
+
+    /// A copy whose backbone carries a site's norm (the signed weights stay as they are).
+    pub fn with_site_norm(&self, norm: &site_norm::SiteNorm) -> CompactModel {
+        let mut m = self.clone();
+        m.backbone = self.backbone.with_site_norm(norm);
+        m
     }
 
     /// Whether the model carries a blast guard.
