@@ -60,7 +60,9 @@ pub type ModelStore = crate::models::Models<Arc<Classifier>>;
 
 /// The appliance: a classifier, a store and the current slide.
 pub struct App {
-    classifier: RwLock<Arc<Classifier>>,
+    classifier: Arc<RwLock<Arc<Classifier>>>,
+    /// The site adaptation being fitted in the background, if any.
+    site_fit: Mutex<Option<std::thread::JoinHandle<()>>>,
     models: Option<Arc<ModelStore>>,
     store: Arc<Store>,
     /// Settings.
@@ -130,7 +132,8 @@ impl App {
         };
         let classifier = crate::site::adapted(&store, classifier, &settings.adaptation);
         Ok(App {
-            classifier: RwLock::new(classifier),
+            classifier: Arc::new(RwLock::new(classifier)),
+            site_fit: Mutex::new(None),
             models: None,
             store,
             settings,
@@ -187,25 +190,62 @@ impl App {
     /// until it has seen enough cells to adapt again.
     pub fn reset_site(&self, by: &str) -> Result<()> {
         let _g = self.ingest_lock.lock().expect("ingest lock");
+        // A fit under way would store what the reset forgets.
+        self.wait_for_site_fit();
         let c = self.classifier();
         crate::site::reset(&self.store, c.model_version, by)?;
         self.set_classifier(c);
         Ok(())
     }
 
-    /// Learns the site from cells `classifier` has just classified; a new adaptation is put to
-    /// use when its model is still the one in use. Never fails a field: a failure is logged.
-    fn learn_site(&self, classifier: &Classifier, features: &[f32], pictures: &[(&RgbImage, Option<f32>)]) {
-        match crate::site::learn(&self.store, classifier, &self.settings.adaptation, features, pictures) {
-            Ok(Some(_)) => {
-                let c = self.classifier();
-                if c.model_version == classifier.model_version {
-                    *self.classifier.write().expect("classifier lock") =
-                        crate::site::adapted(&self.store, c, &self.settings.adaptation);
+    /// Learns the site from cells `classifier` has just classified: keeps them and, when a fit
+    /// is due, fits the adaptation in the background (fitting a backbone takes tens of seconds
+    /// on a mini-PC; fields go on meanwhile with the adaptation in use). The new adaptation is
+    /// put to use when its model is still the one in use. Never fails a field: a failure is
+    /// logged.
+    fn learn_site(&self, classifier: &Arc<Classifier>, features: &[f32], pictures: &[(&RgbImage, Option<f32>)]) {
+        let config = &self.settings.adaptation;
+        let due = match crate::site::keep(&self.store, classifier, config, features, pictures) {
+            Ok(Some(cells)) => cells,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not keep the site's cells");
+                return;
+            }
+        };
+        let mut running = self.site_fit.lock().expect("site fit lock");
+        if running.as_ref().is_some_and(|h| !h.is_finished()) {
+            // The fit under way is as good as this one; the next cells ask again after it.
+            return;
+        }
+        let (store, lock, fitted_for, config) = (
+            self.store.clone(),
+            self.classifier.clone(),
+            classifier.clone(),
+            config.clone(),
+        );
+        let fit = move || match crate::site::fit(&store, &fitted_for, due) {
+            Ok(_) => {
+                let mut in_use = lock.write().expect("classifier lock");
+                if in_use.model_version == fitted_for.model_version {
+                    *in_use = crate::site::adapted(&store, in_use.clone(), &config);
                 }
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not learn from the site's cells"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not adapt to the site"),
+        };
+        match std::thread::Builder::new().name("site-fit".into()).spawn(fit) {
+            Ok(h) => *running = Some(h),
+            Err(e) => tracing::warn!(error = %e, "could not start fitting the site adaptation"),
+        }
+    }
+
+    /// Waits for the site adaptation being fitted, if any.
+    pub fn wait_for_site_fit(&self) {
+        let handle = self.site_fit.lock().expect("site fit lock").take();
+        if let Some(h) = handle
+            && h.join().is_err()
+        {
+            tracing::warn!("fitting the site adaptation failed");
         }
     }
 

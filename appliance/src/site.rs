@@ -57,6 +57,8 @@ pub enum SiteStatus {
         next_fit_at: u64,
         /// The site's class mix as the adapted model sees it.
         class_mix: BTreeMap<String, f32>,
+        /// The backbone adapted too (not only the pooled features).
+        backbone: bool,
     },
 }
 
@@ -84,6 +86,7 @@ pub fn status(store: &Store, classifier: &Classifier, config: &AdaptationConfig)
             seen: cells.seen,
             next_fit_at: a.seen_at_fit + config.after_cells as u64,
             class_mix: mix_by_name(&a.adaptation.class_mix),
+            backbone: a.adaptation.units.is_some(),
         },
     })
 }
@@ -122,16 +125,15 @@ pub fn adapted(store: &Store, classifier: Arc<Classifier>, config: &AdaptationCo
 
 /// Keeps the unadapted features of cells `classifier` has just classified (`features`, row
 /// after row) and, for a model that adapts its backbone, their pictures (`pictures`, one per
-/// row, with the pixel size they were classified at); when enough new cells have come since
-/// the last fit, fits the adaptation again, keeps it, and tells central. Returns the new
-/// adaptation.
-pub fn learn(
+/// row, with the pixel size they were classified at). Returns the site's cells when enough
+/// new ones have come since the last fit for [`fit`] to be due.
+pub fn keep(
     store: &Store,
     classifier: &Classifier,
     config: &AdaptationConfig,
     features: &[f32],
     pictures: &[(&RgbImage, Option<f32>)],
-) -> Result<Option<StoredAdaptation>> {
+) -> Result<Option<SiteCells>> {
     if !config.enabled || !classifier.can_adapt() || features.is_empty() {
         return Ok(None);
     }
@@ -152,13 +154,11 @@ pub fn learn(
     }
     let last = store.adaptation(v)?;
     let due_at = last.as_ref().map_or(0, |a| a.seen_at_fit) + config.after_cells as u64;
-    if cells.seen < due_at {
-        return Ok(None);
-    }
-    fit(store, classifier, cells).map(Some)
+    Ok((cells.seen >= due_at).then_some(cells))
 }
 
-fn fit(store: &Store, classifier: &Classifier, cells: SiteCells) -> Result<StoredAdaptation> {
+/// Fits the adaptation to the site's kept cells, keeps it, and tells central.
+pub fn fit(store: &Store, classifier: &Classifier, cells: SiteCells) -> Result<StoredAdaptation> {
     let started = std::time::Instant::now();
     let adaptation = match backbone_site_cells(store, classifier, cells.model_version)? {
         Some((pictures, scales)) => {
@@ -176,8 +176,12 @@ fn fit(store: &Store, classifier: &Classifier, cells: SiteCells) -> Result<Store
         seen_at_fit: cells.seen,
     };
     store.put_adaptation(&stored)?;
+    let backbone = match &stored.adaptation.units {
+        Some(n) => format!(" (the backbone's {} blocks too)", n.blocks),
+        None => String::new(),
+    };
     let detail = format!(
-        "fitted on the site's last {} cells (of {} seen); their class mix as the adapted model sees it: {}",
+        "fitted on the site's last {} cells (of {} seen){backbone}; their class mix as the adapted model sees it: {}",
         stored.adaptation.cells,
         cells.seen,
         crate::render_mix(&stored.adaptation.class_mix)
@@ -237,5 +241,67 @@ mod tests {
     #[test]
     fn the_configuration_and_the_model_agree_on_the_fewest_cells() {
         assert_eq!(wbc_config::MIN_ADAPTATION_CELLS, wbc_models::adapt::MIN_CELLS);
+    }
+}
+
+#[cfg(test)]
+mod backbone_tests {
+    use wbc_models::adapt::AdaptError;
+    use wbc_models::compact::site_norm::SiteNorm;
+
+    fn classifier() -> wbc_models::classify::Classifier {
+        let bundle = crate::open_bundle(None, &crate::trusted_keys(&[]).unwrap()).unwrap();
+        let device = crate::backend::select(crate::backend::BackendChoice::Cpu)
+            .unwrap()
+            .device;
+        wbc_models::classify::Classifier::from_bundle(&bundle, &device).unwrap()
+    }
+
+    fn cells() -> Vec<image::RgbImage> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/cells");
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+            .collect();
+        names.sort();
+        names.iter().map(|p| image::open(p).unwrap().to_rgb8()).collect()
+    }
+
+    #[test]
+    fn a_backbone_norm_is_used_only_where_it_fits_and_taking_it_away_restores_the_signed_model() {
+        let c = classifier();
+        assert!(
+            c.can_adapt_backbone(),
+            "the default bundle carries its training cells' unit moments"
+        );
+        let cells = cells();
+        let signed = c.predict(&cells);
+        // 7 fixture cells, each five times: a site at home.
+        let site: Vec<_> = cells.iter().cycle().take(35).cloned().collect();
+        let norm = c.fit_site_norm(&site, &[None; 35]).unwrap().expect("a norm");
+        assert!(norm.dark_nucleus && norm.blocks == wbc_models::classify::NORM_BLOCKS);
+        let normed = c.clone().with_site_norm(Some(&norm)).unwrap();
+        let moved = normed.predict(&cells);
+        assert_ne!(moved[0].features, signed[0].features, "the norm changes the features");
+        // Taken away again: the signed model and its own preprocessing, exactly.
+        let back = normed.with_site_norm(None).unwrap().predict(&cells);
+        for (a, b) in back.iter().zip(&signed) {
+            assert_eq!(a.probs, b.probs);
+        }
+        // Too few cells; a norm of another shape (a damaged store, another model's).
+        assert_eq!(
+            c.fit_site_norm(&site[..20], &[None; 20]).unwrap_err(),
+            AdaptError::TooFewCells { got: 20 }
+        );
+        let mut bad: SiteNorm = norm.clone();
+        bad.scale[3].pop();
+        assert_eq!(
+            c.clone().with_site_norm(Some(&bad)).unwrap_err(),
+            AdaptError::BadFeatures
+        );
+        let mut a = c.fit_adaptation(&c.site_features(&site, &[None; 35]).unwrap()).unwrap();
+        a.units = Some(bad);
+        assert_eq!(c.clone().with_adaptation(Some(a)).unwrap_err(), AdaptError::BadFeatures);
     }
 }

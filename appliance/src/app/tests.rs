@@ -250,17 +250,21 @@ fn the_appliance_adapts_to_its_site_after_enough_cells_keeps_it_and_starts_over_
     let before = app.classifier().predict(std::slice::from_ref(&probe))[0].clone();
 
     ingest(&app, 29);
+    // The fit runs in the background; fields go on meanwhile.
+    app.wait_for_site_fit();
     let SiteStatus::Adapted {
         cells: fitted,
         seen,
         next_fit_at,
         class_mix,
+        backbone,
         ..
     } = app.site_status().unwrap()
     else {
         panic!("adapted after 30 cells: {:?}", app.site_status());
     };
     assert_eq!((fitted, seen, next_fit_at), (30, 30, 60));
+    assert!(backbone, "the default bundle adapts its backbone too");
     assert!((class_mix.values().sum::<f32>() - 1.0).abs() < 1e-3, "{class_mix:?}");
     let adapted = app.classifier();
     assert_eq!(
