@@ -257,23 +257,22 @@ pub fn adapt_to_site(classifier: &Classifier, dir: &Path, fields: Option<(f32, &
     }
     // The backbone first (where the bundle can): on an evenly spaced share of the images.
     let mut unreadable = 0;
-    let norm = if classifier.can_adapt_backbone() {
+    let norm_cells = if classifier.can_adapt_backbone() {
         let step = paths.len().div_ceil(wbc_models::classify::MAX_NORM_CELLS).max(1);
         let some: Vec<PathBuf> = paths.iter().step_by(step).cloned().collect();
-        let (cells, scales) = site_cells(classifier, &some, fields, &mut unreadable);
-        classifier.fit_site_norm(&cells, &scales)?
+        Some(site_cells(classifier, &some, fields, &mut unreadable))
     } else {
         None
     };
-    let normed = classifier.clone().with_site_norm(norm.as_ref())?;
-    unreadable = 0;
-    let mut features = Vec::new();
-    for chunk in paths.chunks(ADAPT_CHUNK) {
-        let (cells, scales) = site_cells(classifier, chunk, fields, &mut unreadable);
-        features.extend(normed.site_features(&cells, &scales)?);
-    }
-    let mut adaptation = normed.fit_adaptation(&features)?;
-    adaptation.units = norm;
+    let adaptation = crate::site::fit_to(classifier, norm_cells.as_ref(), |normed| {
+        unreadable = 0;
+        let mut features = Vec::new();
+        for chunk in paths.chunks(ADAPT_CHUNK) {
+            let (cells, scales) = site_cells(classifier, chunk, fields, &mut unreadable);
+            features.extend(normed.site_features(&cells, &scales)?);
+        }
+        Ok(features)
+    })?;
     tracing::info!(cells = adaptation.cells, unreadable, class_mix = ?adaptation.class_mix, "adapted to the site");
     Ok(adaptation)
 }

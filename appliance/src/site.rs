@@ -16,6 +16,7 @@ use image::RgbImage;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use wbc_models::adapt::Adaptation;
 use wbc_models::classify::{Classifier, MAX_NORM_CELLS};
 use wbc_models::compact::mobilenet::FEATURES;
 use wbc_protocol::classes::CellClass;
@@ -161,13 +162,9 @@ pub fn keep(
 pub fn fit(store: &Store, classifier: &Classifier, cells: SiteCells) -> Result<StoredAdaptation> {
     let started = std::time::Instant::now();
     let adaptation = match backbone_site_cells(store, classifier, cells.model_version)? {
-        Some((pictures, scales)) => {
-            let norm = classifier.fit_site_norm(&pictures, &scales)?;
-            let normed = classifier.clone().with_site_norm(norm.as_ref())?;
-            let mut a = normed.fit_adaptation(&normed.site_features(&pictures, &scales)?)?;
-            a.units = norm;
-            a
-        }
+        Some(kept) => fit_to(classifier, Some(&kept), |normed| {
+            Ok(normed.site_features(&kept.0, &kept.1)?)
+        })?,
         None => classifier.fit_adaptation(&store.site_features(cells.model_version, FEATURES)?)?,
     };
     let stored = StoredAdaptation {
@@ -198,6 +195,34 @@ pub fn fit(store: &Store, classifier: &Classifier, cells: SiteCells) -> Result<S
         detail,
     })?;
     Ok(stored)
+}
+
+/// Fits a site adaptation, the daemon's and `classify --adapt-to`'s alike. With `norm_cells`
+/// (site cell pictures and their pixel sizes, for a model that adapts its backbone) the
+/// backbone is fitted first towards the training cells in the starting class mix, then the
+/// pooled features as it computes them (`features` gives them for a classifier); then both
+/// again, the backbone towards the normal classes as that first fit estimated them (at home
+/// this keeps the adaptation from moving cells the reference mix does not have; blasts stay
+/// at the starting share). Without, the pooled features alone, once.
+pub fn fit_to(
+    classifier: &Classifier,
+    norm_cells: Option<&(Vec<RgbImage>, Vec<Option<f32>>)>,
+    mut features: impl FnMut(&Classifier) -> Result<Vec<f32>>,
+) -> Result<Adaptation> {
+    let Some((cells, scales)) = norm_cells else {
+        return Ok(classifier.fit_adaptation(&features(classifier)?)?);
+    };
+    let mut mix = wbc_models::adapt::start_mix();
+    let mut fitted = None;
+    for _ in 0..2 {
+        let norm = classifier.fit_site_norm_for(cells, scales, &mix)?;
+        let normed = classifier.clone().with_site_norm(norm.as_ref())?;
+        let mut a = normed.fit_adaptation(&features(&normed)?)?;
+        a.units = norm;
+        mix = wbc_models::adapt::normal_mix(&a.class_mix);
+        fitted = Some(a);
+    }
+    Ok(fitted.expect("two fits"))
 }
 
 /// The kept pictures of the site's cells, decoded, where the model adapts its backbone and

@@ -42,6 +42,25 @@ pub fn start_mix() -> [f64; NUM_CLASSES] {
     mix
 }
 
+/// The mix a backbone adaptation's second fit is made towards: the site's normal classes as a
+/// first adaptation estimated them, and blasts at the starting share whatever was estimated (a
+/// site whose cells the network reads as blasts must not pull the reference towards blasts).
+pub fn normal_mix(estimated: &[f32; NUM_CLASSES]) -> [f64; NUM_CLASSES] {
+    let normal: f64 = (0..NUM_CLASSES)
+        .filter(|&c| c != BLAST)
+        .map(|c| estimated[c] as f64)
+        .sum();
+    if !(normal.is_finite() && normal > 0.0) {
+        return start_mix();
+    }
+    let mut mix = [0f64; NUM_CLASSES];
+    for c in (0..NUM_CLASSES).filter(|&c| c != BLAST) {
+        mix[c] = estimated[c] as f64 / normal * (1.0 - START_BLAST_SHARE);
+    }
+    mix[BLAST] = START_BLAST_SHARE;
+    mix
+}
+
 /// Per-class first and second moments of the training cells' features (from the bundle's
 /// familiarity bank, which holds training cells of every class).
 #[derive(Debug, Clone, PartialEq)]
@@ -240,6 +259,17 @@ impl Adaptation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_second_fits_mix_keeps_the_normal_classes_estimated_and_blasts_at_the_start_share() {
+        let mix = normal_mix(&[0.1, 0.2, 0.0, 0.1, 0.2, 0.4]);
+        assert!((mix[BLAST] - START_BLAST_SHARE).abs() < 1e-12);
+        assert!((mix.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!((mix[1] / mix[0] - 2.0).abs() < 1e-6 && mix[2] == 0.0, "{mix:?}");
+        // Nothing normal estimated (or garbage): the start mix.
+        assert_eq!(normal_mix(&[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]), start_mix());
+        assert_eq!(normal_mix(&[f32::NAN; NUM_CLASSES]), start_mix());
+    }
 
     /// Two classes whose features sit at different places; the "site" sees them shifted and
     /// shrunk by a stain: after adaptation each site cell lies where its class's training cells

@@ -92,6 +92,16 @@ impl Classifier {
     /// Fits the backbone's adaptation to a site's cell images (each with its pixel size), on
     /// at most [`MAX_NORM_CELLS`] of them; `None` where the bundle has no unit moments.
     pub fn fit_site_norm(&self, images: &[RgbImage], scales: &[Option<f32>]) -> Result<Option<SiteNorm>, AdaptError> {
+        self.fit_site_norm_for(images, scales, &start_mix())
+    }
+
+    /// As [`Classifier::fit_site_norm`], towards the training cells mixed as `mix` says.
+    pub fn fit_site_norm_for(
+        &self,
+        images: &[RgbImage],
+        scales: &[Option<f32>],
+        mix: &[f64; wbc_protocol::classes::NUM_CLASSES],
+    ) -> Result<Option<SiteNorm>, AdaptError> {
         let (Some(reference), Engine::Compact(m)) = (&self.unit_reference, &self.model) else {
             return Ok(None);
         };
@@ -114,9 +124,7 @@ impl Classifier {
             c.dark_nucleus = true;
         }
         let runs = self.input_runs(&pre, m.device(), &imgs, &um);
-        let mut norm = m
-            .backbone()
-            .fit_site_norm(runs, &reference.mixture(&start_mix()), NORM_BLOCKS);
+        let mut norm = m.backbone().fit_site_norm(runs, &reference.mixture(mix), NORM_BLOCKS);
         norm.dark_nucleus = dark_nucleus;
         Ok(Some(norm))
     }
