@@ -197,6 +197,9 @@ pub fn fit(store: &Store, classifier: &Classifier, cells: SiteCells) -> Result<S
     Ok(stored)
 }
 
+/// Site cell pictures and the pixel size each was classified at.
+pub type SitePictures = (Vec<RgbImage>, Vec<Option<f32>>);
+
 /// Fits a site adaptation, the daemon's and `classify --adapt-to`'s alike. With `norm_cells`
 /// (site cell pictures and their pixel sizes, for a model that adapts its backbone) the
 /// backbone is fitted first towards the training cells in the starting class mix, then the
@@ -206,7 +209,7 @@ pub fn fit(store: &Store, classifier: &Classifier, cells: SiteCells) -> Result<S
 /// at the starting share). Without, the pooled features alone, once.
 pub fn fit_to(
     classifier: &Classifier,
-    norm_cells: Option<&(Vec<RgbImage>, Vec<Option<f32>>)>,
+    norm_cells: Option<&SitePictures>,
     mut features: impl FnMut(&Classifier) -> Result<Vec<f32>>,
 ) -> Result<Adaptation> {
     let Some((cells, scales)) = norm_cells else {
@@ -227,11 +230,7 @@ pub fn fit_to(
 
 /// The kept pictures of the site's cells, decoded, where the model adapts its backbone and
 /// enough of them are readable; `None` otherwise (the pooled features alone are fitted).
-fn backbone_site_cells(
-    store: &Store,
-    classifier: &Classifier,
-    version: u64,
-) -> Result<Option<(Vec<RgbImage>, Vec<Option<f32>>)>> {
+fn backbone_site_cells(store: &Store, classifier: &Classifier, version: u64) -> Result<Option<SitePictures>> {
     if !classifier.can_adapt_backbone() {
         return Ok(None);
     }
