@@ -274,7 +274,7 @@ fn the_appliance_adapts_to_its_site_after_enough_cells_keeps_it_and_starts_over_
     let after = adapted.predict(std::slice::from_ref(&probe))[0].clone();
     assert_ne!(after.features, before.features, "the heads see adapted features");
     // The default bundle has its training cells' unit moments: the backbone adapted too, on
-    // the pictures the daemon kept, as `--adapt-to` fits it on the same cells.
+    // the pictures the daemon kept (PNG in the store), as `--adapt-to` fits it on the same cells.
     let v = adapted.model_version;
     let kept = app.store().site_pictures(v).unwrap();
     assert_eq!(kept.len(), 30);
@@ -290,10 +290,13 @@ fn the_appliance_adapts_to_its_site_after_enough_cells_keeps_it_and_starts_over_
         .iter()
         .map(|b| image::load_from_memory(b).unwrap().to_rgb8())
         .collect();
-    let again = classifier()
-        .fit_site_norm(&pictures, &vec![None; 30])
-        .unwrap()
-        .expect("a bundle with unit moments");
+    let kept_cells = (pictures, vec![None; 30]);
+    let again = crate::site::fit_to(&classifier(), Some(&kept_cells), |normed| {
+        Ok(normed.site_features(&kept_cells.0, &kept_cells.1)?)
+    })
+    .unwrap()
+    .units
+    .expect("a bundle with unit moments");
     let gap = fitted
         .scale
         .iter()

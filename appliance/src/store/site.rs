@@ -77,14 +77,7 @@ impl Store {
                 Ok(())
             })
             .map_err(tx_error)?;
-        let mut kept = self.site_features.len();
-        while kept > keep {
-            let Some((k, _)) = self.site_features.first()? else {
-                break;
-            };
-            self.site_features.remove(k)?;
-            kept -= 1;
-        }
+        let kept = keep_newest(&self.site_features, keep)?;
         Ok(SiteCells {
             model_version: version,
             seen: cells.seen + n as u64,
@@ -163,14 +156,7 @@ impl Store {
             batch.insert(&be2(version, self.db.generate_id()?), v);
         }
         self.site_pictures.apply_batch(batch)?;
-        let mut kept = self.site_pictures.len();
-        while kept > keep {
-            let Some((k, _)) = self.site_pictures.first()? else {
-                break;
-            };
-            self.site_pictures.remove(k)?;
-            kept -= 1;
-        }
+        keep_newest(&self.site_pictures, keep)?;
         Ok(())
     }
 
@@ -229,6 +215,20 @@ impl Store {
         self.meta.insert(SITE_SEEN, &be(0))?;
         self.flush()
     }
+}
+
+/// Drops the oldest records of a window (keys in the order they were added) beyond the
+/// newest `keep`; returns how many are kept.
+fn keep_newest(tree: &sled::Tree, keep: usize) -> Result<usize> {
+    let mut kept = tree.len();
+    while kept > keep {
+        let Some((k, _)) = tree.first()? else {
+            break;
+        };
+        tree.remove(k)?;
+        kept -= 1;
+    }
+    Ok(kept)
 }
 
 #[cfg(test)]
