@@ -110,6 +110,14 @@ pub fn field_id(bytes: &[u8]) -> (String, String) {
     (sha[..20].to_string(), sha)
 }
 
+impl Drop for App {
+    /// A fit under way finishes (its adaptation and central's event are stored together)
+    /// before the store can be closed.
+    fn drop(&mut self) {
+        self.wait_for_site_fit();
+    }
+}
+
 fn new_slide_id() -> String {
     format!("slide-{}-{:08x}", now(), rand::random::<u32>())
 }
@@ -177,8 +185,10 @@ impl App {
     /// on the one they started with.
     pub fn set_classifier(&self, c: Arc<Classifier>) {
         tracing::info!(model_version = c.model_version, "model switched");
-        let c = crate::site::adapted(&self.store, c, &self.settings.adaptation);
-        *self.classifier.write().expect("classifier lock") = c;
+        // Under the lock: a background fit that finishes meanwhile puts its adaptation to use
+        // under the same lock, so neither overwrites the other with a stale one.
+        let mut in_use = self.classifier.write().expect("classifier lock");
+        *in_use = crate::site::adapted(&self.store, c, &self.settings.adaptation);
     }
 
     /// Where the adaptation to the site stands for the model in use.

@@ -87,7 +87,8 @@ pub fn status(store: &Store, classifier: &Classifier, config: &AdaptationConfig)
             seen: cells.seen,
             next_fit_at: a.seen_at_fit + config.after_cells as u64,
             class_mix: mix_by_name(&a.adaptation.class_mix),
-            backbone: a.adaptation.units.is_some(),
+            // What the classifier in use has: a stored norm that no longer fits is not used.
+            backbone: classifier.adaptation().is_some_and(|a| a.units.is_some()),
         },
     })
 }
@@ -144,11 +145,12 @@ pub fn keep(
         let png: Vec<(Vec<u8>, Option<f32>)> = pictures
             .iter()
             .filter_map(|(img, um)| {
+                let (img, um) = kept_picture(img, *um);
                 let mut png = Vec::new();
                 img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
                     .map_err(|e| tracing::warn!(error = %e, "a site cell's picture could not be kept"))
                     .ok()?;
-                Some((png, *um))
+                Some((png, um))
             })
             .collect();
         store.add_site_pictures(v, &png, config.keep_cells.min(MAX_NORM_CELLS))?;
@@ -156,6 +158,30 @@ pub fn keep(
     let last = store.adaptation(v)?;
     let due_at = last.as_ref().map_or(0, |a| a.seen_at_fit) + config.after_cells as u64;
     Ok((cells.seen >= due_at).then_some(cells))
+}
+
+/// Longest side of a site picture as kept: a whole single-cell upload may be a large image,
+/// and the model's view of a cell is 224 px.
+const KEPT_PICTURE_SIDE: u32 = 448;
+
+/// A site cell's picture as it is kept: shrunk to [`KEPT_PICTURE_SIDE`] where larger, its
+/// pixel size (where known) scaled alike.
+fn kept_picture(img: &RgbImage, um: Option<f32>) -> (std::borrow::Cow<'_, RgbImage>, Option<f32>) {
+    let (w, h) = img.dimensions();
+    let side = w.max(h);
+    if side <= KEPT_PICTURE_SIDE {
+        return (std::borrow::Cow::Borrowed(img), um);
+    }
+    let f = KEPT_PICTURE_SIDE as f32 / side as f32;
+    let (nw, nh) = (
+        ((w as f32 * f).round() as u32).max(1),
+        ((h as f32 * f).round() as u32).max(1),
+    );
+    let small = image::imageops::resize(img, nw, nh, image::imageops::FilterType::Triangle);
+    (
+        std::borrow::Cow::Owned(small),
+        um.map(|u| u * side as f32 / KEPT_PICTURE_SIDE as f32),
+    )
 }
 
 /// Fits the adaptation to the site's kept cells, keeps it, and tells central.
@@ -228,8 +254,11 @@ pub fn fit_to(
     Ok(fitted.expect("two fits"))
 }
 
-/// The kept pictures of the site's cells, decoded, where the model adapts its backbone and
-/// enough of them are readable; `None` otherwise (the pooled features alone are fitted).
+/// The kept pictures of the site's cells, decoded, where the model adapts its backbone; `None`
+/// for a model that does not (its pooled features alone are fitted, on the kept features). An
+/// error where too few are readable: the features kept beside them came from an adapted
+/// backbone, so a pooled-only fit on them would not fit the signed one; the adaptation in use
+/// stays.
 fn backbone_site_cells(store: &Store, classifier: &Classifier, version: u64) -> Result<Option<SitePictures>> {
     if !classifier.can_adapt_backbone() {
         return Ok(None);
@@ -246,7 +275,14 @@ fn backbone_site_cells(store: &Store, classifier: &Classifier, version: u64) -> 
             }
         })
         .unzip();
-    Ok((pictures.len() >= wbc_models::adapt::MIN_CELLS).then_some((pictures, scales)))
+    if pictures.len() < wbc_models::adapt::MIN_CELLS {
+        anyhow::bail!(
+            "only {} of the site's kept pictures are readable (at least {} are needed); the adaptation in use stays",
+            pictures.len(),
+            wbc_models::adapt::MIN_CELLS
+        );
+    }
+    Ok(Some((pictures, scales)))
 }
 
 /// Forgets the site adaptation of model `version` and the cells kept for it (a technician's
@@ -293,6 +329,23 @@ mod backbone_tests {
     }
 
     #[test]
+    fn a_large_picture_is_kept_shrunk_with_its_pixel_size_scaled_alike() {
+        let big = image::RgbImage::new(1000, 500);
+        let (kept, um) = super::kept_picture(&big, Some(0.1));
+        assert_eq!(kept.dimensions(), (448, 224));
+        assert!((um.unwrap() - 0.1 * 1000.0 / 448.0).abs() < 1e-6);
+        let (_, none) = super::kept_picture(&big, None);
+        assert_eq!(none, None, "an unknown pixel size stays unknown");
+        let small = image::RgbImage::new(300, 200);
+        let (kept, um) = super::kept_picture(&small, Some(0.1));
+        assert_eq!(
+            (kept.dimensions(), um),
+            ((300, 200), Some(0.1)),
+            "a cell's crop is kept as it is"
+        );
+    }
+
+    #[test]
     fn a_backbone_norm_is_used_only_where_it_fits_and_taking_it_away_restores_the_signed_model() {
         let c = classifier();
         assert!(
@@ -326,6 +379,9 @@ mod backbone_tests {
         );
         let mut a = c.fit_adaptation(&c.site_features(&site, &[None; 35]).unwrap()).unwrap();
         a.units = Some(bad);
-        assert_eq!(c.clone().with_adaptation(Some(a)).unwrap_err(), AdaptError::BadFeatures);
+        assert_eq!(
+            c.clone().with_adaptation(Some(a)).unwrap_err(),
+            AdaptError::NormDoesNotFit
+        );
     }
 }

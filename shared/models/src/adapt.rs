@@ -152,6 +152,9 @@ pub enum AdaptError {
     /// family without pooled features).
     #[error("this model has no feature bank of training cells to adapt to a site against")]
     NoBank,
+    /// A backbone adaptation does not fit this model's backbone (another model's, or damaged).
+    #[error("the backbone adaptation does not fit this model's backbone")]
+    NormDoesNotFit,
     /// A backbone adaptation was given for a bundle without its training cells' unit moments.
     #[error("this model's bundle has no unit moments of training cells to adapt its backbone against")]
     NoUnitMoments,

@@ -296,8 +296,9 @@ impl Classifier {
         Ok(self)
     }
 
-    /// The pooled features of cell images as the signed model computes them, unadapted
-    /// (`images.len() × FEATURES`, row-major): what a site adaptation is fitted on.
+    /// The pooled features of cell images before the pooled adaptation (`images.len() ×
+    /// FEATURES`, row-major), from the backbone in use (the signed one, or a copy a site norm
+    /// adapted): what the pooled adaptation is fitted on.
     /// `scales` has one pixel size per image, as for [`Classifier::predict_at`].
     pub fn site_features(&self, images: &[RgbImage], scales: &[Option<f32>]) -> Result<Vec<f32>, AdaptError> {
         if self.source.is_none() {

@@ -16,8 +16,10 @@ pub struct Prediction {
     pub logits: [f32; NUM_CLASSES],
     /// Pooled backbone features (the space the out-of-distribution score is measured in).
     pub features: Vec<f32>,
-    /// The pooled features as the signed model computed them, where a site adaptation moved
-    /// `features` (what the next adaptation is fitted on); `None` when they are `features`.
+    /// The pooled features before the pooled adaptation moved them into `features` (from the
+    /// backbone in use: a site norm's copy where one is in use); `None` when they are
+    /// `features`. A model that adapts only its pooled features fits the next adaptation on
+    /// these.
     pub unadapted_features: Option<Vec<f32>>,
     /// How unlike the training cells this cell is (higher = less familiar), where the bundle
     /// has an out-of-distribution model.
@@ -68,8 +70,8 @@ pub struct AttributeScores {
 }
 
 impl Prediction {
-    /// The pooled features as the signed model computed them, before any site adaptation
-    /// (empty for a family without pooled features).
+    /// The pooled features before the pooled adaptation (see `unadapted_features`; empty for
+    /// a family without pooled features).
     pub fn site_features(&self) -> &[f32] {
         self.unadapted_features.as_deref().unwrap_or(&self.features)
     }

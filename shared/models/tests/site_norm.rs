@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use wbc_models::adapt::start_mix;
 use wbc_models::compact::mobilenet::{Backbone, pool};
 use wbc_models::compact::site_norm::{SiteNorm, UnitReference};
+use wbc_models::compact::weights::{NamedTensor, Storage, Weights};
 
 mod common;
 use common::random_backbone;
@@ -114,10 +115,23 @@ fn only_the_first_blocks_are_adapted_when_asked() {
     let train = cells(4, 6);
     let reference = reference(&backbone, &train).mixture(&start_mix());
     let site: Vec<Tensor<4>> = train.iter().map(|x| x.clone() * 2.0).collect();
-    let norm = backbone.fit_site_norm(site, &reference, 3);
+    let norm = backbone.fit_site_norm(site.clone(), &reference, 3);
     assert_eq!(norm.blocks, 3);
     assert_eq!(norm.scale.len(), backbone.units_of(3).count());
     assert!(norm.fits(&backbone));
+    // The first three blocks changed, the later ones did not.
+    let adapted = backbone.with_site_norm(&norm);
+    let x = site[0].clone();
+    let v = |t: Tensor<4>| t.into_data().try_into_vec_as::<f32>().unwrap();
+    assert_ne!(
+        v(adapted.forward_blocks(x.clone(), 0, 3, None)),
+        v(backbone.forward_blocks(x.clone(), 0, 3, None))
+    );
+    let entering = backbone.forward_blocks(x, 0, 3, None);
+    assert_eq!(
+        v(adapted.forward_blocks(entering.clone(), 3, BLOCKS, None)),
+        v(backbone.forward_blocks(entering, 3, BLOCKS, None))
+    );
 }
 
 #[test]
@@ -150,4 +164,26 @@ fn the_unit_moments_part_round_trips_and_refuses_what_does_not_fit() {
     assert!(!norm.fits(&backbone));
     norm.shift[0].push(f32::NAN);
     assert!(!norm.fits(&backbone));
+    // Scales no fit gives (zero, negative, huge) are refused too.
+    for bad in [0.0, -1.0, 1e6] {
+        let mut n = SiteNorm {
+            dark_nucleus: false,
+            blocks: 1,
+            scale: vec![vec![1.0; 32]],
+            shift: vec![vec![0.0; 32]],
+        };
+        n.scale[0][5] = bad;
+        assert!(!n.fits(&backbone), "scale {bad}");
+    }
+    // A class whose cell count is not one number is a damaged part, not an absent class.
+    let mut w = Weights::from_safetensors(&bytes).unwrap();
+    w.insert(
+        "class4.cells".into(),
+        NamedTensor {
+            shape: vec![2],
+            values: vec![1.0, 2.0],
+        },
+    );
+    let damaged = w.to_safetensors_by(0, |_, _| Storage::F32).unwrap();
+    assert!(UnitReference::from_safetensors(&damaged, &backbone).is_err());
 }

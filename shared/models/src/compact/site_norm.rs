@@ -153,9 +153,11 @@ impl UnitReference {
         let widths: Vec<usize> = backbone.units().map(|u| u.c_out).collect();
         let mut classes = vec![None; NUM_CLASSES];
         for (c, slot) in classes.iter_mut().enumerate() {
-            let Ok(cells) = w.get_shaped(&format!("class{c}.cells"), &[1]) else {
+            let name = format!("class{c}.cells");
+            if !w.0.contains_key(&name) {
                 continue;
-            };
+            }
+            let cells = w.get_shaped(&name, &[1])?;
             let cells = cells.values[0];
             if !(cells.is_finite() && cells >= 1.0) {
                 return Err(ReferenceError::Shape(format!("class {c} has {cells} cells")));
@@ -201,18 +203,18 @@ pub struct SiteNorm {
 }
 
 impl SiteNorm {
-    /// Checks that the norm fits `backbone` (unit count and widths) and is finite.
+    /// Checks that the norm fits `backbone` (unit count and widths), that its shifts are finite
+    /// and its scales within what a fit can give (¼–4).
     pub fn fits(&self, backbone: &Backbone) -> bool {
         let widths: Vec<usize> = backbone.units_of(self.blocks).map(|u| u.c_out).collect();
+        let range = (1.0 / MAX_SCALE) as f32 * 0.999..=MAX_SCALE as f32 * 1.001;
+        let unit_fits = |((s, t), &w): ((&Vec<f32>, &Vec<f32>), &usize)| {
+            s.len() == w && t.len() == w && s.iter().all(|v| range.contains(v)) && t.iter().all(|v| v.is_finite())
+        };
         self.blocks <= backbone.num_blocks()
             && self.scale.len() == widths.len()
             && self.shift.len() == widths.len()
-            && self
-                .scale
-                .iter()
-                .zip(&self.shift)
-                .zip(&widths)
-                .all(|((s, t), &w)| s.len() == w && t.len() == w && s.iter().chain(t).all(|v| v.is_finite()))
+            && self.scale.iter().zip(&self.shift).zip(&widths).all(unit_fits)
     }
 }
 
