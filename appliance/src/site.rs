@@ -375,7 +375,7 @@ mod backbone_tests {
         bad.scale[3].pop();
         assert_eq!(
             c.clone().with_site_norm(Some(&bad)).unwrap_err(),
-            AdaptError::BadFeatures
+            AdaptError::NormDoesNotFit
         );
         let mut a = c.fit_adaptation(&c.site_features(&site, &[None; 35]).unwrap()).unwrap();
         a.units = Some(bad);
