@@ -302,31 +302,6 @@ mod tests {
     fn the_configuration_and_the_model_agree_on_the_fewest_cells() {
         assert_eq!(wbc_config::MIN_ADAPTATION_CELLS, wbc_models::adapt::MIN_CELLS);
     }
-}
-
-#[cfg(test)]
-mod backbone_tests {
-    use wbc_models::adapt::AdaptError;
-    use wbc_models::compact::site_norm::SiteNorm;
-
-    fn classifier() -> wbc_models::classify::Classifier {
-        let bundle = crate::open_bundle(None, &crate::trusted_keys(&[]).unwrap()).unwrap();
-        let device = crate::backend::select(crate::backend::BackendChoice::Cpu)
-            .unwrap()
-            .device;
-        wbc_models::classify::Classifier::from_bundle(&bundle, &device).unwrap()
-    }
-
-    fn cells() -> Vec<image::RgbImage> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/cells");
-        let mut names: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
-            .collect();
-        names.sort();
-        names.iter().map(|p| image::open(p).unwrap().to_rgb8()).collect()
-    }
 
     #[test]
     fn a_large_picture_is_kept_shrunk_with_its_pixel_size_scaled_alike() {
@@ -342,46 +317,6 @@ mod backbone_tests {
             (kept.dimensions(), um),
             ((300, 200), Some(0.1)),
             "a cell's crop is kept as it is"
-        );
-    }
-
-    #[test]
-    fn a_backbone_norm_is_used_only_where_it_fits_and_taking_it_away_restores_the_signed_model() {
-        let c = classifier();
-        assert!(
-            c.can_adapt_backbone(),
-            "the default bundle carries its training cells' unit moments"
-        );
-        let cells = cells();
-        let signed = c.predict(&cells);
-        // 7 fixture cells, each five times: a site at home.
-        let site: Vec<_> = cells.iter().cycle().take(35).cloned().collect();
-        let norm = c.fit_site_norm(&site, &[None; 35]).unwrap().expect("a norm");
-        assert!(norm.dark_nucleus && norm.blocks == wbc_models::classify::NORM_BLOCKS);
-        let normed = c.clone().with_site_norm(Some(&norm)).unwrap();
-        let moved = normed.predict(&cells);
-        assert_ne!(moved[0].features, signed[0].features, "the norm changes the features");
-        // Taken away again: the signed model and its own preprocessing, exactly.
-        let back = normed.with_site_norm(None).unwrap().predict(&cells);
-        for (a, b) in back.iter().zip(&signed) {
-            assert_eq!(a.probs, b.probs);
-        }
-        // Too few cells; a norm of another shape (a damaged store, another model's).
-        assert_eq!(
-            c.fit_site_norm(&site[..20], &[None; 20]).unwrap_err(),
-            AdaptError::TooFewCells { got: 20 }
-        );
-        let mut bad: SiteNorm = norm.clone();
-        bad.scale[3].pop();
-        assert_eq!(
-            c.clone().with_site_norm(Some(&bad)).unwrap_err(),
-            AdaptError::NormDoesNotFit
-        );
-        let mut a = c.fit_adaptation(&c.site_features(&site, &[None; 35]).unwrap()).unwrap();
-        a.units = Some(bad);
-        assert_eq!(
-            c.clone().with_adaptation(Some(a)).unwrap_err(),
-            AdaptError::NormDoesNotFit
         );
     }
 }

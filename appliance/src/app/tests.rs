@@ -350,3 +350,46 @@ fn the_appliance_adapts_to_its_site_after_enough_cells_keeps_it_and_starts_over_
         SiteStatus::Collecting { seen: 0, needed: 300 }
     );
 }
+
+#[test]
+fn a_backbone_norm_is_used_only_where_it_fits_and_taking_it_away_restores_the_signed_model() {
+    let c = classifier();
+    assert!(
+        c.can_adapt_backbone(),
+        "the default bundle carries its training cells' unit moments"
+    );
+    let cells: Vec<_> = fixture_cells()
+        .iter()
+        .map(|p| image::open(p).unwrap().to_rgb8())
+        .collect();
+    let signed = c.predict(&cells);
+    // 7 fixture cells, each five times: a site at home.
+    let site: Vec<_> = cells.iter().cycle().take(35).cloned().collect();
+    let norm = c.fit_site_norm(&site, &[None; 35]).unwrap().expect("a norm");
+    assert!(norm.dark_nucleus && norm.blocks == wbc_models::classify::NORM_BLOCKS);
+    let normed = c.clone().with_site_norm(Some(&norm)).unwrap();
+    let moved = normed.predict(&cells);
+    assert_ne!(moved[0].features, signed[0].features, "the norm changes the features");
+    // Taken away again: the signed model and its own preprocessing, exactly.
+    let back = normed.with_site_norm(None).unwrap().predict(&cells);
+    for (a, b) in back.iter().zip(&signed) {
+        assert_eq!(a.probs, b.probs);
+    }
+    // Too few cells; a norm of another shape (a damaged store, another model's).
+    assert_eq!(
+        c.fit_site_norm(&site[..20], &[None; 20]).unwrap_err(),
+        wbc_models::adapt::AdaptError::TooFewCells { got: 20 }
+    );
+    let mut bad = norm.clone();
+    bad.scale[3].pop();
+    assert_eq!(
+        c.clone().with_site_norm(Some(&bad)).unwrap_err(),
+        wbc_models::adapt::AdaptError::NormDoesNotFit
+    );
+    let mut a = c.fit_adaptation(&c.site_features(&site, &[None; 35]).unwrap()).unwrap();
+    a.units = Some(bad);
+    assert_eq!(
+        c.clone().with_adaptation(Some(a)).unwrap_err(),
+        wbc_models::adapt::AdaptError::NormDoesNotFit
+    );
+}

@@ -223,13 +223,11 @@ impl FrozenConv {
             // One pass over the output on the CPU.
             return super::depthwise::depthwise3x3(x, self.weight.clone(), self.bias.clone(), s.stride, s.relu6);
         }
-        let pad = self.spec.kernel / 2;
-        let opts = ConvOptions::new([self.spec.stride; 2], [pad; 2], [1, 1], self.spec.groups);
-        let mut y = conv2d(x.clone(), self.weight.clone(), Some(self.bias.clone()), opts);
-        if let Some(l) = lora {
-            y = y + l.forward(x);
-        }
-        if self.spec.relu6 { super::relu6::relu6(y) } else { y }
+        let y = match lora {
+            Some(l) => self.pre_activation(x.clone()) + l.forward(x),
+            None => self.pre_activation(x),
+        };
+        if s.relu6 { super::relu6::relu6(y) } else { y }
     }
 }
 
