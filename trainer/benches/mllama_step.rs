@@ -7,11 +7,15 @@
 //! with the model at rest and at the step's peak, and the process's peak resident set over the
 //! step (the kernel's high-water mark, reset once the model is built; it also counts what the C
 //! allocator keeps after freeing the f32 weights the random model was built from).
+//!
+//! `WBC_MLLAMA_CHECKPOINT=DIR` loads a checkpoint instead (e.g. `trainer synth-mllama`'s reduced
+//! full-width one), streamed into 4 bits (`Mllama::load_quantized`; with block 0, in f32), and
+//! reports the load's time, heap peak and peak resident set first.
 
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::time::Instant;
-use wbc_models::mllama::{Inputs, LoraConfig, LoraTargets, Mllama, MllamaConfig};
+use wbc_models::mllama::{Checkpoint, Inputs, LoraConfig, LoraTargets, Mllama, MllamaConfig};
 
 #[global_allocator]
 static HEAP: wbc_models::heap::Counting = wbc_models::heap::Counting;
@@ -34,8 +38,15 @@ fn device() -> Device {
 }
 
 fn main() {
-    let scale = std::env::var("WBC_MLLAMA_SCALE").unwrap_or_else(|_| "medium".into());
-    let cfg = MllamaConfig::bench_scale(&scale).expect("WBC_MLLAMA_SCALE: small, medium, large or 11b");
+    let checkpoint = std::env::var_os("WBC_MLLAMA_CHECKPOINT").map(std::path::PathBuf::from);
+    let scale = match &checkpoint {
+        Some(d) => d.display().to_string(),
+        None => std::env::var("WBC_MLLAMA_SCALE").unwrap_or_else(|_| "medium".into()),
+    };
+    let cfg = match &checkpoint {
+        Some(d) => MllamaConfig::load(d).expect("the checkpoint's config.json"),
+        None => MllamaConfig::bench_scale(&scale).expect("WBC_MLLAMA_SCALE: small, medium, large or 11b"),
+    };
     cfg.validate().expect("a valid configuration");
     let params = cfg.parameter_count();
     let device = device();
@@ -45,12 +56,35 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(32);
     let before = rss_mib();
-    let mut base = Mllama::random(&cfg, 1, &ad);
     let mut quantized = (0, 0);
-    if block > 0 {
-        let (q4, done, total) = base.quantize_base(block);
-        (base, quantized) = (q4, (done, total));
-    }
+    let base = if let Some(dir) = &checkpoint {
+        reset_peak();
+        let started = Instant::now();
+        let (base, heap) = wbc_models::heap::peak_during(|| {
+            let ck = Checkpoint::open(dir).expect("the checkpoint");
+            if block > 0 {
+                Mllama::load_quantized(&cfg, &ck, &ad, block)
+            } else {
+                Mllama::load(&cfg, &ck, &ad)
+            }
+            .expect("the checkpoint loads")
+        });
+        println!(
+            "{}",
+            serde_json::json!({"bench": "mllama/load", "checkpoint": scale, "block": block,
+                "parameters": params.total, "s": started.elapsed().as_secs_f64(),
+                "heap_peak_mib": heap as f64 / MIB, "heap_at_rest_mib": wbc_models::heap::live() as f64 / MIB,
+                "peak_rss_mib": peak_rss_mib(), "rss_before_mib": before})
+        );
+        base
+    } else {
+        let mut base = Mllama::random(&cfg, 1, &ad);
+        if block > 0 {
+            let (q4, done, total) = base.quantize_base(block);
+            (base, quantized) = (q4, (done, total));
+        }
+        base
+    };
     let model = base.with_lora(
         &LoraConfig {
             rank: 16,
@@ -113,7 +147,9 @@ fn main() {
     } else {
         times[0]
     };
-    let base_form = if block > 0 {
+    let base_form = if block > 0 && checkpoint.is_some() {
+        format!("4-bit base streamed from the checkpoint, blocks of {block}")
+    } else if block > 0 {
         format!(
             "4-bit base ({} of {} linear weights, blocks of {block})",
             quantized.0, quantized.1

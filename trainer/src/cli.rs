@@ -65,6 +65,13 @@ pub enum Cmd {
     /// cross_attention_mask) and compares with its `logits` (and `vision_output` if present).
     /// Exits 0 only when the relative error is at most 1e-4.
     CheckHf(CheckHfArgs),
+    /// Write a synthetic mllama checkpoint: random weights (seeded) under the published tensor
+    /// names, bf16 shards with an index, `config.json` and (with `--tokenizer`) the tokenizer.
+    /// `--shape 11b` is Llama 3.2 11B Vision's published configuration (21 GB); `reduced`
+    /// keeps every width and has `--text-layers` decoder layers (the last cross-attention) and
+    /// `--vision-layers` local vision layers: for measuring memory and time per layer on a
+    /// small machine.
+    SynthMllama(SynthMllamaArgs),
     /// Create an ed25519 signing key pair (private key written with mode 0600).
     Keygen(KeygenArgs),
 }
@@ -447,6 +454,32 @@ pub struct CheckHfArgs {
     /// Where the model runs.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
     pub device: DeviceChoice,
+}
+
+/// Arguments of `trainer synth-mllama`.
+#[derive(clap::Args)]
+pub struct SynthMllamaArgs {
+    /// Directory to write (created).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// `11b` (published) or `reduced` (published widths, fewer layers).
+    #[arg(long, default_value = "reduced")]
+    pub shape: String,
+    /// `reduced`: decoder layers (the last is a cross-attention layer).
+    #[arg(long, default_value_t = 4)]
+    pub text_layers: usize,
+    /// `reduced`: local vision layers (two global ones follow).
+    #[arg(long, default_value_t = 8)]
+    pub vision_layers: usize,
+    /// Seed of the weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// About this many GB per shard (the published checkpoint uses 5).
+    #[arg(long, default_value_t = 5.0)]
+    pub shard_gb: f64,
+    /// tokenizer.json to copy in (`scripts/fetch-weights.sh` unpacks the published one).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// Arguments of `trainer keygen`.

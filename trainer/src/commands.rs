@@ -428,6 +428,30 @@ pub fn resign(a: ResignArgs) -> Result<()> {
 }
 
 /// `trainer check-hf`.
+pub fn synth_mllama(a: SynthMllamaArgs) -> Result<()> {
+    use wbc_models::mllama::MllamaConfig;
+    let cfg = match a.shape.as_str() {
+        "11b" => MllamaConfig::llama_3_2_11b_vision(),
+        "reduced" => MllamaConfig::llama_3_2_11b_reduced(a.text_layers, a.vision_layers),
+        other => anyhow::bail!("--shape {other:?}: expected 11b or reduced"),
+    };
+    let start = std::time::Instant::now();
+    let w = wbc_models::mllama::write_synthetic_checkpoint(&cfg, &a.out, a.seed, (a.shard_gb * 1e9) as u64)?;
+    if let Some(t) = &a.tokenizer {
+        std::fs::copy(t, a.out.join("tokenizer.json")).with_context(|| format!("copying {}", t.display()))?;
+    }
+    println!(
+        "{}: {} parameters, {} tensors, {:.2} GB in {} shards, {:.1} s",
+        a.out.display(),
+        cfg.parameter_count().total,
+        w.tensors,
+        w.bytes as f64 / 1e9,
+        w.shards.len(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 pub fn check_hf(a: CheckHfArgs) -> Result<()> {
     let CheckHfArgs { model, io, device } = a;
     let p = wbc_models::mllama::check_parity(&model, &io, &device.device()?)?;

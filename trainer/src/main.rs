@@ -38,6 +38,7 @@ fn main() -> Result<()> {
         Cmd::SignRollback(a) => commands::sign_rollback(a),
         Cmd::Resign(a) => commands::resign(a),
         Cmd::CheckHf(a) => commands::check_hf(a),
+        Cmd::SynthMllama(a) => commands::synth_mllama(a),
         Cmd::Keygen(a) => commands::keygen(a),
     }
 }

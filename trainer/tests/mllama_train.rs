@@ -71,7 +71,8 @@ fn lora_fine_tuning_on_real_cells_lowers_the_answer_loss_and_keeps_the_best_adap
     assert!(adapters_path(&run).is_file());
 
     let device = burn::tensor::Device::flex();
-    let (p, model) = load_tuned(&base, &run, &lora, &device).unwrap();
+    // The base in f32 here (block 0), to merge the adapters into it below.
+    let (p, model) = load_tuned(&base, &run, &lora, 0, &device).unwrap();
     let img = image::open(fixtures().join("cells/EO_100884.jpg")).unwrap().to_rgb8();
     let probs = classify(&model, &p, &img, &device).unwrap();
     assert_eq!(probs.len(), 6);
@@ -86,7 +87,8 @@ fn lora_fine_tuning_on_real_cells_lowers_the_answer_loss_and_keeps_the_best_adap
     // stated distance of the model as trained.
     let key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
     let bundle_path = dir.path().join("mllama.bundle");
-    assert_eq!(trainer::mllama::run_lora(&run).unwrap(), lora);
+    // The run records its 4-bit base: the export compares against the model as it trained.
+    assert_eq!(trainer::mllama::run_lora(&run).unwrap(), (lora, 8));
     let to = trainer::mllama::ExportTo {
         key: &key,
         model_version: 7,

@@ -148,17 +148,67 @@ impl Q4Tensor {
     /// Dequantizes to f32 values in row-major order.
     pub fn dequantize(&self) -> Result<Vec<f32>, QuantError> {
         self.validate()?;
-        let (_, cols, gpr) = layout(&self.shape, self.group)?;
-        let n = self.len();
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let byte = self.packed[i / 2];
-            let nib = if i % 2 == 0 { byte & 0x0f } else { byte >> 4 };
-            let (row, col) = (i / cols, i % cols);
-            let s = self.scales[row * gpr + col / self.group].to_f32();
-            out.push((nib as i32 - 8) as f32 * s);
-        }
+        let (rows, cols, gpr) = layout(&self.shape, self.group)?;
+        let mut out = Vec::with_capacity(rows * cols);
+        dequantize_into(
+            &self.packed,
+            |k| self.scales[k].to_f32(),
+            cols,
+            gpr,
+            self.group,
+            0..rows,
+            &mut out,
+        );
         Ok(out)
+    }
+}
+
+/// Rows `rows` of a 4-bit tensor of `shape` (groups of `group` along its rows) straight from
+/// its stored parts: `packed` nibbles and `scales` as little-endian f16 bytes. Nothing else of
+/// the tensor is unpacked, so a large weight can be read a band of rows at a time.
+pub fn dequantize_rows(
+    shape: &[usize],
+    group: usize,
+    packed: &[u8],
+    scales: &[u8],
+    rows: std::ops::Range<usize>,
+    out: &mut Vec<f32>,
+) -> Result<(), QuantError> {
+    let (n_rows, cols, gpr) = layout(shape, group)?;
+    let (expected_packed, expected_scales) = ((n_rows * cols).div_ceil(2), n_rows * gpr);
+    if packed.len() != expected_packed || scales.len() != 2 * expected_scales || rows.end > n_rows {
+        return Err(QuantError::SizeMismatch {
+            shape: shape.to_vec(),
+            group,
+            expected_packed,
+            expected_scales,
+            packed: packed.len(),
+            scales: scales.len() / 2,
+        });
+    }
+    let scale = |k: usize| f16::from_le_bytes([scales[2 * k], scales[2 * k + 1]]).to_f32();
+    dequantize_into(packed, scale, cols, gpr, group, rows, out);
+    Ok(())
+}
+
+/// Appends rows `rows` (sizes already checked) to `out`.
+fn dequantize_into(
+    packed: &[u8],
+    scale: impl Fn(usize) -> f32,
+    cols: usize,
+    gpr: usize,
+    group: usize,
+    rows: std::ops::Range<usize>,
+    out: &mut Vec<f32>,
+) {
+    out.reserve(rows.len() * cols);
+    for row in rows {
+        for col in 0..cols {
+            let i = row * cols + col;
+            let byte = packed[i / 2];
+            let nib = if i % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+            out.push((nib as i32 - 8) as f32 * scale(row * gpr + col / group));
+        }
     }
 }
 
@@ -187,6 +237,23 @@ mod tests {
         let d = Q4Tensor::quantize(&v, &[2, 1, 3, 3], 32).dequantize().unwrap();
         assert!((d[0] - 0.001).abs() < 2e-4);
         assert!((d[9] - 100.0).abs() < 0.1);
+    }
+
+    #[test]
+    fn rows_read_from_the_stored_parts_equal_the_whole_tensor_dequantized() {
+        // An odd row length: rows share bytes.
+        let shape = [5, 7];
+        let values: Vec<f32> = (0..35).map(|i| (i as f32 * 0.37).sin()).collect();
+        let q = Q4Tensor::quantize(&values, &shape, 4);
+        let whole = q.dequantize().unwrap();
+        let scales: Vec<u8> = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let mut got = Vec::new();
+        for r in [0..2, 2..3, 3..5] {
+            dequantize_rows(&shape, 4, &q.packed, &scales, r, &mut got).unwrap();
+        }
+        assert_eq!(got, whole);
+        assert!(dequantize_rows(&shape, 4, &q.packed[1..], &scales, 0..1, &mut got).is_err());
+        assert!(dequantize_rows(&shape, 4, &q.packed, &scales, 4..6, &mut got).is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use burn::tensor::Device;
 use rand::SeedableRng;
 use serde::Serialize;
 use std::path::Path;
-use wbc_models::mllama::{Checkpoint, Mllama};
+use wbc_models::mllama::Checkpoint;
 use wbc_protocol::classes::CellClass;
 
 use super::*;
@@ -42,13 +42,33 @@ pub struct ExportTo<'a> {
     pub out: &'a Path,
 }
 
+/// How an exported tensor is stored: projections (and the LM head and projector) in 4 bits,
+/// embeddings in f16, norms, gates and biases in f32.
+fn storage_of(name: &str, shape: &[usize]) -> wbc_models::compact::weights::Storage {
+    use wbc_models::compact::weights::Storage;
+    let projection = shape.len() == 2
+        && name.ends_with(".weight")
+        && (name.ends_with("_proj.weight")
+            || name.ends_with("fc1.weight")
+            || name.ends_with("fc2.weight")
+            || name.ends_with("lm_head.weight")
+            || name == "multi_modal_projector.weight");
+    if projection {
+        Storage::Q4
+    } else if name.ends_with("embed_tokens.weight") || name.contains("embedding") {
+        Storage::F16
+    } else {
+        Storage::F32
+    }
+}
+
 /// Merges a run's adapters into the base in f32, quantizes the projections to 4 bits (groups of
 /// `group`, f16 scales; embeddings in f16, norms, gates and biases in f32), adds one self-test
 /// image per class from `val` with the exported model's probabilities, signs the bundle and
 /// checks that it verifies and passes its self-test.
 pub fn export(base: &Path, run: &Path, val: &Path, to: &ExportTo, device: &Device) -> Result<MllamaExportReport> {
     use wbc_models::classify::{SELFTEST_PART, SelfTest, SelfTestCase};
-    use wbc_models::compact::weights::Storage;
+    use wbc_models::compact::weights::{NamedTensor, SafetensorsWriter};
     use wbc_models::mllama::cell::{classify, parts};
     use wbc_protocol::bundle::{Bundle, BundleBuilder, Family, Manifest};
     let ExportTo {
@@ -58,36 +78,25 @@ pub fn export(base: &Path, run: &Path, val: &Path, to: &ExportTo, device: &Devic
         out,
     } = *to;
     let device = device.clone();
-    let lora = run_lora(run)?;
-    let (p, mut tuned) = load_tuned(base, run, &lora, &device)?;
-    let mut w = Checkpoint::open(base)?.all()?;
-    for (name, delta) in tuned.lora_deltas() {
-        let t =
-            w.0.get_mut(&format!("{name}.weight"))
-                .with_context(|| format!("{name}.weight"))?;
-        t.values.iter_mut().zip(&delta).for_each(|(v, d)| *v += d);
-    }
-    let weights = w.to_safetensors_by(group, |name, shape| {
-        let projection = shape.len() == 2
-            && name.ends_with(".weight")
-            && (name.ends_with("_proj.weight")
-                || name.ends_with("fc1.weight")
-                || name.ends_with("fc2.weight")
-                || name.ends_with("lm_head.weight")
-                || name == "multi_modal_projector.weight");
-        if projection {
-            Storage::Q4
-        } else if name.ends_with("embed_tokens.weight") || name.contains("embedding") {
-            Storage::F16
-        } else {
-            Storage::F32
+    let (lora, base_block) = run_lora(run)?;
+    let (p, mut tuned) = load_tuned(base, run, &lora, base_block, &device)?;
+    // Tensor by tensor: read from the checkpoint, the adapter's delta added (formed for this
+    // projection alone), encoded; the f32 model is never whole.
+    let deltas = tuned.lora_deltas();
+    let ck = Checkpoint::open(base)?;
+    let mut writer = SafetensorsWriter::new(group);
+    for name in ck.names() {
+        let shape = ck.shape(name)?;
+        let mut values = ck.tensor(name, &shape)?;
+        if let Some(delta) = name.strip_suffix(".weight").and_then(&deltas) {
+            values.iter_mut().zip(&delta).for_each(|(v, d)| *v += d);
         }
-    })?;
-    let exported = Mllama::from_weights(
-        &p.cfg,
-        &wbc_models::compact::weights::Weights::from_safetensors(&weights)?,
-        &device,
-    )?;
+        let kind = storage_of(name, &shape);
+        writer.push(name, &NamedTensor { shape, values }, kind);
+    }
+    drop(deltas);
+    let weights = writer.finish()?;
+    let exported = wbc_models::mllama::cell::model_from_weights(&p.cfg, &weights, &device)?;
     // Val cells: the first readable one of each class is a self-test case; all are compared.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let cells = labelled(val, None, &mut rng)?;

@@ -82,18 +82,18 @@ pub fn train(s: &MllamaSettings, train_csv: &Path, val_csv: &Path, out: &Path) -
     let p = Prompting::load(&s.base)?;
     let device = s.device.device()?;
     let ad = device.clone().autodiff();
-    let base = Mllama::load(&p.cfg, &Checkpoint::open(&s.base)?, &ad)
-        .with_context(|| format!("loading {}", s.base.display()))?;
+    let ck = Checkpoint::open(&s.base)?;
+    // With --base-block the base is quantized as it streams in: no f32 copy of it is ever held.
     let base = if s.base_block > 0 {
-        let (q4, done, total) = base.quantize_base(s.base_block);
-        tracing::info!(
-            block = s.base_block,
-            "frozen base: {done} of {total} linear weights in 4 bits"
-        );
-        q4
+        Mllama::load_quantized(&p.cfg, &ck, &ad, s.base_block)
     } else {
-        base
-    };
+        Mllama::load(&p.cfg, &ck, &ad)
+    }
+    .with_context(|| format!("loading {}", s.base.display()))?;
+    drop(ck);
+    if s.base_block > 0 {
+        tracing::info!(block = s.base_block, "frozen base streamed into 4 bits");
+    }
     let mut model = base.with_lora(&s.lora, &ad);
     // Each sample keeps its decoded cell image and answer; the conversation and the image's
     // tiles are made when the sample is used. Kept encoded, the tiles alone (up to 4 × 3 × 560²

@@ -109,30 +109,11 @@ impl Weights {
         group: usize,
         storage: impl Fn(&str, &[usize]) -> Storage,
     ) -> Result<Vec<u8>, WeightError> {
-        let mut owned: Vec<Owned> = Vec::new();
-        let mut meta = HashMap::new();
+        let mut w = SafetensorsWriter::new(group);
         for (name, t) in &self.0 {
-            let kind = storage(name, &t.shape);
-            if kind == Storage::F16 {
-                let bytes = t
-                    .values
-                    .iter()
-                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                    .collect();
-                owned.push((name.clone(), Dtype::F16, t.shape.clone(), bytes));
-            } else if kind == Storage::Q4 {
-                let q = Q4Tensor::quantize(&t.values, &t.shape, group);
-                let shape_s: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
-                meta.insert(format!("q4:{name}"), format!("{};{}", shape_s.join(","), group));
-                owned.push((format!("{name}.q4"), Dtype::U8, vec![q.packed.len()], q.packed));
-                let scales: Vec<u8> = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-                owned.push((format!("{name}.q4scale"), Dtype::F16, vec![q.scales.len()], scales));
-            } else {
-                let bytes = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                owned.push((name.clone(), Dtype::F32, t.shape.clone(), bytes));
-            }
+            w.push(name, t, storage(name, &t.shape));
         }
-        serialize(&owned, Some(meta))
+        w.finish()
     }
 
     /// `bytes` (safetensors) with the f32 tensors named in `replace` put in their place (same
@@ -175,39 +156,85 @@ impl Weights {
 
     /// Reads safetensors written by [`Weights::to_safetensors`], dequantizing 4-bit tensors.
     pub fn from_safetensors(bytes: &[u8]) -> Result<Weights, WeightError> {
+        let view = WeightsView::new(bytes)?;
+        let mut out = Weights::default();
+        for name in view.names() {
+            out.insert(name.to_string(), view.get(name)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Safetensors in the form [`Weights::to_safetensors_by`] writes, filled one tensor at a time:
+/// what it holds is the encoded tensors (4 bits where asked), never the f32 set.
+pub struct SafetensorsWriter {
+    group: usize,
+    owned: Vec<Owned>,
+    meta: HashMap<String, String>,
+}
+
+impl SafetensorsWriter {
+    /// 4-bit tensors in groups of `group` along their rows.
+    pub fn new(group: usize) -> Self {
+        SafetensorsWriter {
+            group,
+            owned: Vec::new(),
+            meta: HashMap::new(),
+        }
+    }
+
+    /// Encodes `t` as `kind` under `name`.
+    pub fn push(&mut self, name: &str, t: &NamedTensor, kind: Storage) {
+        let name = name.to_string();
+        match kind {
+            Storage::F16 => {
+                let bytes = t
+                    .values
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect();
+                self.owned.push((name, Dtype::F16, t.shape.clone(), bytes));
+            }
+            Storage::Q4 => {
+                let q = Q4Tensor::quantize(&t.values, &t.shape, self.group);
+                let shape_s: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
+                self.meta
+                    .insert(format!("q4:{name}"), format!("{};{}", shape_s.join(","), self.group));
+                self.owned
+                    .push((format!("{name}.q4"), Dtype::U8, vec![q.packed.len()], q.packed));
+                let scales: Vec<u8> = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+                self.owned
+                    .push((format!("{name}.q4scale"), Dtype::F16, vec![q.scales.len()], scales));
+            }
+            Storage::F32 => {
+                let bytes = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                self.owned.push((name, Dtype::F32, t.shape.clone(), bytes));
+            }
+        }
+    }
+
+    /// The safetensors bytes.
+    pub fn finish(self) -> Result<Vec<u8>, WeightError> {
+        serialize(&self.owned, Some(self.meta))
+    }
+}
+
+/// Weights in safetensors written by [`Weights::to_safetensors`], read one tensor at a time:
+/// a 4-bit tensor is dequantized only when asked for, so a model can be built from them while
+/// holding no more f32 values than one tensor's.
+pub struct WeightsView<'a> {
+    st: SafeTensors<'a>,
+    /// Logical name of each 4-bit tensor: its shape and group.
+    q4: BTreeMap<String, (Vec<usize>, usize)>,
+}
+
+impl<'a> WeightsView<'a> {
+    /// Parses the header and the 4-bit layouts (no tensor is converted).
+    pub fn new(bytes: &'a [u8]) -> Result<Self, WeightError> {
         let st = SafeTensors::deserialize(bytes).map_err(|e| WeightError::Format(e.to_string()))?;
         let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| WeightError::Format(e.to_string()))?;
         let meta = metadata.metadata().clone().unwrap_or_default();
-        let mut out = Weights::default();
-        for (name, view) in st.tensors() {
-            if name.ends_with(".q4") || name.ends_with(".q4scale") {
-                continue;
-            }
-            let values = match view.dtype() {
-                Dtype::F32 => view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-                Dtype::F16 => view
-                    .data()
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                other => {
-                    return Err(WeightError::Format(format!(
-                        "tensor {name:?} is {other:?}, expected F32 or F16"
-                    )));
-                }
-            };
-            out.insert(
-                name,
-                NamedTensor {
-                    shape: view.shape().to_vec(),
-                    values,
-                },
-            );
-        }
+        let mut q4 = BTreeMap::new();
         for (key, layout) in meta.iter().filter(|(k, _)| k.starts_with("q4:")) {
             let name = &key[3..];
             let bad = || WeightError::Format(format!("bad 4-bit layout {layout:?} for {name:?}"));
@@ -217,32 +244,108 @@ impl Weights {
                 .map(|d| d.parse().map_err(|_| bad()))
                 .collect::<Result<_, _>>()?;
             let group: usize = group_s.parse().map_err(|_| bad())?;
-            let packed = st
-                .tensor(&format!("{name}.q4"))
-                .map_err(|_| WeightError::Missing(format!("{name}.q4")))?;
-            let scales = st
-                .tensor(&format!("{name}.q4scale"))
-                .map_err(|_| WeightError::Missing(format!("{name}.q4scale")))?;
-            if packed.dtype() != Dtype::U8 || scales.dtype() != Dtype::F16 {
-                return Err(bad());
-            }
-            let q = Q4Tensor {
-                shape: shape.clone(),
-                group,
-                packed: packed.data().to_vec(),
-                scales: scales
-                    .data()
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]))
-                    .collect(),
-            };
-            let values = q.dequantize().map_err(|source| WeightError::Quant {
-                name: name.to_string(),
-                source,
-            })?;
-            out.insert(name.to_string(), NamedTensor { shape, values });
+            q4.insert(name.to_string(), (shape, group));
         }
-        Ok(out)
+        Ok(WeightsView { st, q4 })
+    }
+
+    /// Every logical tensor name (4-bit tensors under their own name, not their parts).
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .st
+            .names()
+            .into_iter()
+            .filter(|n| !(n.ends_with(".q4") || n.ends_with(".q4scale")))
+            .collect();
+        names.extend(self.q4.keys().map(String::as_str));
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// The shape of `name`.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>, WeightError> {
+        if let Some((shape, _)) = self.q4.get(name) {
+            return Ok(shape.clone());
+        }
+        let view = self
+            .st
+            .tensor(name)
+            .map_err(|_| WeightError::Missing(name.to_string()))?;
+        Ok(view.shape().to_vec())
+    }
+
+    /// The tensor `name` in f32, a band of about `rows_per_piece` rows (of its first dimension)
+    /// at a time: `f` gets each band's values. A 4-bit tensor is unpacked band by band.
+    pub fn rows(&self, name: &str, rows_per_piece: usize, f: &mut dyn FnMut(&[f32])) -> Result<(), WeightError> {
+        let Some((shape, group)) = self.q4.get(name) else {
+            f(&self.get(name)?.values);
+            return Ok(());
+        };
+        let part = |suffix: &str, dtype: Dtype| -> Result<&'a [u8], WeightError> {
+            let v = self
+                .st
+                .tensor(&format!("{name}{suffix}"))
+                .map_err(|_| WeightError::Missing(format!("{name}{suffix}")))?;
+            if v.dtype() != dtype {
+                return Err(WeightError::Format(format!(
+                    "4-bit tensor {name:?}: {suffix} is {:?}",
+                    v.dtype()
+                )));
+            }
+            Ok(v.data())
+        };
+        let (packed, scales) = (part(".q4", Dtype::U8)?, part(".q4scale", Dtype::F16)?);
+        let quant = |source| WeightError::Quant {
+            name: name.to_string(),
+            source,
+        };
+        let n = shape.first().copied().unwrap_or(0);
+        let mut band = Vec::new();
+        for r0 in (0..n).step_by(rows_per_piece.max(1)) {
+            band.clear();
+            let r1 = (r0 + rows_per_piece.max(1)).min(n);
+            crate::quant::dequantize_rows(shape, *group, packed, scales, r0..r1, &mut band).map_err(quant)?;
+            f(&band);
+        }
+        Ok(())
+    }
+
+    /// The tensor `name` in f32.
+    pub fn get(&self, name: &str) -> Result<NamedTensor, WeightError> {
+        if let Some((shape, _)) = self.q4.get(name) {
+            let mut values = Vec::new();
+            self.rows(name, usize::MAX, &mut |v| values.extend_from_slice(v))?;
+            return Ok(NamedTensor {
+                shape: shape.clone(),
+                values,
+            });
+        }
+        let view = self
+            .st
+            .tensor(name)
+            .map_err(|_| WeightError::Missing(name.to_string()))?;
+        let values = match view.dtype() {
+            Dtype::F32 => view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => view
+                .data()
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(WeightError::Format(format!(
+                    "tensor {name:?} is {other:?}, expected F32 or F16"
+                )));
+            }
+        };
+        Ok(NamedTensor {
+            shape: view.shape().to_vec(),
+            values,
+        })
     }
 }
 

@@ -189,15 +189,24 @@ pub mod parts {
     pub const WEIGHTS: &str = "model.safetensors";
 }
 
+/// Values per scale of the 4-bit weights a bundle's model holds on its device.
+pub const RESIDENT_BLOCK: u8 = 32;
+
+/// The model from a bundle's weights part (safetensors, projections in 4 bits): its base stays
+/// in 4 bits on `device` ([`RESIDENT_BLOCK`]), built one tensor at a time. The exporter checks
+/// its bundle with this same function, so the self-test's probabilities are this model's.
+pub fn model_from_weights(cfg: &MllamaConfig, weights: &[u8], device: &Device) -> Result<Mllama, MllamaError> {
+    let view = crate::compact::weights::WeightsView::new(weights).map_err(|e| MllamaError::Other(e.to_string()))?;
+    Ok(Mllama::from_packed(cfg, &view, device, RESIDENT_BLOCK)?)
+}
+
 /// The model and its prompting from a verified bundle of the mllama family.
 pub fn from_bundle(bundle: &wbc_protocol::bundle::Bundle, device: &Device) -> Result<(Prompting, Mllama), MllamaError> {
     let part = |n: &str| bundle.part(n).map_err(|e| MllamaError::Other(e.to_string()));
     let config =
         std::str::from_utf8(part(parts::CONFIG)?).map_err(|_| MllamaError::Other("config.json is not text".into()))?;
     let p = Prompting::from_parts(config, part(parts::TOKENIZER)?, Some(part(parts::PREPROCESSOR)?))?;
-    let w = crate::compact::weights::Weights::from_safetensors(part(parts::WEIGHTS)?)
-        .map_err(|e| MllamaError::Other(e.to_string()))?;
-    let model = Mllama::from_weights(&p.cfg, &w, device)?;
+    let model = model_from_weights(&p.cfg, part(parts::WEIGHTS)?, device)?;
     Ok((p, model))
 }
 

@@ -5,7 +5,7 @@
 //! `multi_modal_projector.…`) and as transformers 5 names its modules (`model.language_model.…`,
 //! `lm_head.weight`, `model.vision_model.…`, `model.multi_modal_projector.…`).
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -63,13 +63,97 @@ pub fn canonical_name(name: &str) -> String {
     }
 }
 
-/// An open checkpoint.
+/// Where a tensor's values lie in a shard.
+#[derive(Debug, Clone)]
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte offset in the file (after the header) and length.
+    start: u64,
+    len: u64,
+}
+
+/// A shard's header, read when one of its tensors is first asked for.
+struct Shard {
+    file: std::fs::File,
+    tensors: HashMap<String, Entry>,
+}
+
+/// Largest header accepted (as the safetensors crate).
+const MAX_HEADER: u64 = 100 << 20;
+
+/// Values converted per read: a tensor is read in pieces of about this many bytes, so that
+/// reading holds one piece of the file beside what it is converted into.
+pub const READ_CHUNK: usize = 16 << 20;
+
+impl Shard {
+    /// Reads `path`'s header and checks that every tensor lies inside the file.
+    fn open(path: &Path) -> Result<Self, CheckpointError> {
+        use std::io::Read;
+        let bad = |m: String| CheckpointError::Format(format!("{}: {m}", path.display()));
+        let mut file = std::fs::File::open(path).map_err(io(path))?;
+        let size = file.metadata().map_err(io(path))?.len();
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n)
+            .map_err(|_| bad("shorter than a safetensors header".into()))?;
+        let n = u64::from_le_bytes(n);
+        if n > MAX_HEADER || 8 + n > size {
+            return Err(bad(format!("header of {n} bytes in a file of {size}")));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header).map_err(io(path))?;
+        let header: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+        let data = size - 8 - n;
+        let mut tensors = HashMap::new();
+        for (name, v) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let info: RawInfo = serde_json::from_value(v).map_err(|e| bad(format!("tensor {name:?}: {e}")))?;
+            let dtype = info.dtype;
+            let [begin, end] = info.data_offsets;
+            let count = info
+                .shape
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .and_then(|c| c.checked_mul(dtype.bitsize() as u64))
+                .map(|bits| bits.div_ceil(8));
+            if begin > end || end > data || count != Some(end - begin) {
+                return Err(bad(format!(
+                    "tensor {name:?} (shape {:?}, {:?}) at bytes {begin}..{end} of {data}",
+                    info.shape, dtype
+                )));
+            }
+            tensors.insert(
+                name,
+                Entry {
+                    dtype,
+                    shape: info.shape.iter().map(|&d| d as usize).collect(),
+                    start: 8 + n + begin,
+                    len: end - begin,
+                },
+            );
+        }
+        Ok(Shard { file, tensors })
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct RawInfo {
+    dtype: Dtype,
+    shape: Vec<u64>,
+    data_offsets: [u64; 2],
+}
+
+/// An open checkpoint. Shards are opened when first used and tensors read from them piece by
+/// piece: nothing holds a whole file, and a tensor's raw bytes live only while converted.
 pub struct Checkpoint {
     dir: PathBuf,
     files: Vec<String>,
     /// Canonical name to (file index, name as stored).
     index: BTreeMap<String, (usize, String)>,
-    loaded: RefCell<HashMap<usize, Vec<u8>>>,
+    shards: Vec<std::cell::OnceCell<Shard>>,
     used: RefCell<BTreeSet<String>>,
 }
 
@@ -86,6 +170,7 @@ impl Checkpoint {
         let index_path = dir.join("model.safetensors.index.json");
         let mut files = Vec::new();
         let mut index = BTreeMap::new();
+        let mut first = None;
         if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(io(&index_path))?;
             let v: serde_json::Value = serde_json::from_str(&text)
@@ -110,30 +195,122 @@ impl Checkpoint {
             }
         } else {
             let p = dir.join("model.safetensors");
-            let bytes = std::fs::read(&p).map_err(io(&p))?;
-            let st = SafeTensors::deserialize(&bytes)
-                .map_err(|e| CheckpointError::Format(format!("{}: {e}", p.display())))?;
-            for name in st.names() {
-                index.insert(canonical_name(name), (0, name.to_string()));
+            let shard = Shard::open(&p)?;
+            for name in shard.tensors.keys() {
+                index.insert(canonical_name(name), (0, name.clone()));
             }
             files.push("model.safetensors".into());
-            let cp = Checkpoint {
-                dir: dir.to_path_buf(),
-                files,
-                index,
-                loaded: RefCell::default(),
-                used: RefCell::default(),
-            };
-            cp.loaded.borrow_mut().insert(0, bytes);
-            return Ok(cp);
+            first = Some(shard);
+        }
+        let shards: Vec<std::cell::OnceCell<Shard>> = files.iter().map(|_| std::cell::OnceCell::new()).collect();
+        if let Some(s) = first {
+            let _ = shards[0].set(s);
         }
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             files,
             index,
-            loaded: RefCell::default(),
+            shards,
             used: RefCell::default(),
         })
+    }
+
+    /// The canonical names of every tensor.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// Where `name` (canonical) lies, its shard opened if it was not yet.
+    fn entry(&self, name: &str) -> Result<(&Shard, &Entry, usize), CheckpointError> {
+        let (file, stored) = self
+            .index
+            .get(name)
+            .ok_or_else(|| CheckpointError::Missing(name.to_string()))?;
+        let shard = match self.shards[*file].get() {
+            Some(s) => s,
+            None => {
+                let s = Shard::open(&self.dir.join(&self.files[*file]))?;
+                self.shards[*file].get_or_init(|| s)
+            }
+        };
+        let e = shard.tensors.get(stored).ok_or_else(|| {
+            CheckpointError::Format(format!(
+                "{}: the index names {stored:?}, which it lacks",
+                self.files[*file]
+            ))
+        })?;
+        Ok((shard, e, *file))
+    }
+
+    /// The shape of `name` (canonical) as stored.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>, CheckpointError> {
+        Ok(self.entry(name)?.1.shape.clone())
+    }
+
+    /// Reads the float tensor `name` (canonical), which must have `shape` when given, in pieces
+    /// of whole rows (`rows_per_piece` rows of the last dimension, at least one): `f` gets each
+    /// piece's first row and its values as f32.
+    pub fn read_rows(
+        &self,
+        name: &str,
+        shape: Option<&[usize]>,
+        rows_per_piece: usize,
+        f: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<Vec<usize>, CheckpointError> {
+        use std::os::unix::fs::FileExt;
+        let (shard, e, file) = self.entry(name)?;
+        if shape.is_some_and(|s| e.shape != s) {
+            return Err(CheckpointError::Shape {
+                name: name.to_string(),
+                expected: shape.unwrap_or_default().to_vec(),
+                found: e.shape.clone(),
+            });
+        }
+        if !matches!(e.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+            return Err(CheckpointError::Dtype {
+                name: name.to_string(),
+                dtype: format!("{:?}", e.dtype),
+            });
+        }
+        let width = e.dtype.bitsize() / 8;
+        let row = e.shape.last().copied().unwrap_or(1).max(1);
+        let rows = (e.len as usize / width).div_ceil(row);
+        let per = rows_per_piece.max(1);
+        let mut raw = Vec::new();
+        let mut values = Vec::new();
+        for r0 in (0..rows).step_by(per) {
+            let n = per.min(rows - r0) * row;
+            raw.resize(n * width, 0u8);
+            shard
+                .file
+                .read_exact_at(&mut raw, e.start + (r0 * row * width) as u64)
+                .map_err(io(&self.dir.join(&self.files[file])))?;
+            values.clear();
+            match e.dtype {
+                Dtype::F32 => values.extend(
+                    raw.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                ),
+                Dtype::BF16 => values.extend(
+                    raw.chunks_exact(2)
+                        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+                ),
+                _ => values.extend(
+                    raw.chunks_exact(2)
+                        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                ),
+            }
+            f(r0, &values);
+        }
+        self.used.borrow_mut().insert(name.to_string());
+        Ok(e.shape.clone())
+    }
+
+    /// Rows of `name` that fit in about [`READ_CHUNK`] bytes.
+    pub fn rows_per_piece(&self, name: &str) -> Result<usize, CheckpointError> {
+        let e = self.entry(name)?.1;
+        let row = e.shape.last().copied().unwrap_or(1).max(1) * (e.dtype.bitsize() / 8).max(1);
+        Ok((READ_CHUNK / row).max(1))
     }
 
     /// The tensor `name` (canonical) as f32, which must have `shape`.
@@ -143,55 +320,10 @@ impl Checkpoint {
 
     /// The tensor `name` (canonical) with its shape, which must be `shape` when given.
     fn read(&self, name: &str, shape: Option<&[usize]>) -> Result<(Vec<usize>, Vec<f32>), CheckpointError> {
-        let (file, stored) = self
-            .index
-            .get(name)
-            .ok_or_else(|| CheckpointError::Missing(name.to_string()))?
-            .clone();
-        let mut loaded = self.loaded.borrow_mut();
-        if let std::collections::hash_map::Entry::Vacant(e) = loaded.entry(file) {
-            let p = self.dir.join(&self.files[file]);
-            e.insert(std::fs::read(&p).map_err(io(&p))?);
-        }
-        let bytes = &loaded[&file];
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| CheckpointError::Format(format!("{}: {e}", self.files[file])))?;
-        let view = st.tensor(&stored).map_err(|_| {
-            CheckpointError::Format(format!(
-                "{}: the index names {stored:?}, which it lacks",
-                self.files[file]
-            ))
-        })?;
-        if shape.is_some_and(|s| view.shape() != s) {
-            return Err(CheckpointError::Shape {
-                name: name.to_string(),
-                expected: shape.unwrap_or_default().to_vec(),
-                found: view.shape().to_vec(),
-            });
-        }
-        let data = view.data();
-        let values = match view.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(CheckpointError::Dtype {
-                    name: name.to_string(),
-                    dtype: format!("{other:?}"),
-                });
-            }
-        };
-        self.used.borrow_mut().insert(name.to_string());
-        Ok((view.shape().to_vec(), values))
+        let mut out = Vec::new();
+        let per = self.rows_per_piece(name)?;
+        let shape = self.read_rows(name, shape, per, &mut |_, v| out.extend_from_slice(v))?;
+        Ok((shape, out))
     }
 
     /// Every tensor, by its published name, as f32.

@@ -43,7 +43,7 @@ fn default_silu() -> String {
 }
 
 /// `vision_config`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 pub struct VisionConfig {
     /// Width of the vision transformer.
     pub hidden_size: usize,
@@ -419,6 +419,64 @@ impl MllamaConfig {
         Some(c)
     }
 
+    /// The configuration as `config.json` (transformers' keys, the published checkpoints'
+    /// layout): what [`from_json`](Self::from_json) reads back to the same configuration.
+    pub fn to_hf_json(&self) -> Value {
+        let t = &self.text;
+        let rope_scaling = t.rope.llama3.map(|l| {
+            serde_json::json!({
+                "rope_type": "llama3",
+                "factor": l.factor,
+                "low_freq_factor": l.low_freq_factor,
+                "high_freq_factor": l.high_freq_factor,
+                "original_max_position_embeddings": l.original_max_position_embeddings,
+            })
+        });
+        serde_json::json!({
+            "architectures": ["MllamaForConditionalGeneration"],
+            "model_type": "mllama",
+            "image_token_index": self.image_token_index,
+            "torch_dtype": "bfloat16",
+            "vision_config": self.vision,
+            "text_config": {
+                "model_type": "mllama_text_model",
+                "vocab_size": t.vocab_size,
+                "hidden_size": t.hidden_size,
+                "num_attention_heads": t.num_attention_heads,
+                "num_key_value_heads": t.num_key_value_heads,
+                "intermediate_size": t.intermediate_size,
+                "num_hidden_layers": t.num_hidden_layers,
+                "cross_attention_layers": t.cross_attention_layers,
+                "rms_norm_eps": t.rms_norm_eps,
+                "rope_theta": t.rope.theta,
+                "rope_scaling": rope_scaling,
+                "max_position_embeddings": t.max_position_embeddings,
+                "hidden_act": t.hidden_act,
+                "tie_word_embeddings": t.tie_word_embeddings,
+                "bos_token_id": t.bos_token_id,
+                "eos_token_id": t.eos_token_ids,
+                "pad_token_id": t.pad_token_id,
+            },
+        })
+    }
+
+    /// The published configuration at reduced depth: every width as published (vocabulary,
+    /// hidden sizes, heads, MLPs, vision output), with `text_layers` decoder layers (the last a
+    /// cross-attention layer, as layer 3 is in the published model when `text_layers` is 4)
+    /// and `vision_layers` local and 2 global vision layers. Each kind of layer is its
+    /// full-size self, so time and memory per layer carry over to the 11B model.
+    pub fn llama_3_2_11b_reduced(text_layers: usize, vision_layers: usize) -> Self {
+        let mut c = Self::llama_3_2_11b_vision();
+        let (tl, vl) = (text_layers.max(2), vision_layers.max(5));
+        c.text.num_hidden_layers = tl;
+        c.text.cross_attention_layers = vec![tl - 1];
+        c.vision.num_hidden_layers = vl;
+        c.vision.num_global_layers = 2;
+        // Five intermediate layers as published (the vision output keeps its 7,680 width).
+        c.vision.intermediate_layers_indices = (0..5).map(|i| i * (vl - 1) / 4).collect();
+        c
+    }
+
     /// The published configuration of Llama 3.2 11B Vision (and Instruct).
     pub fn llama_3_2_11b_vision() -> Self {
         MllamaConfig {
@@ -471,6 +529,22 @@ impl MllamaConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_configuration_written_as_json_reads_back_the_same() {
+        for c in [
+            MllamaConfig::llama_3_2_11b_vision(),
+            MllamaConfig::llama_3_2_11b_reduced(4, 8),
+            MllamaConfig::bench_scale("small").unwrap(),
+        ] {
+            let back = MllamaConfig::from_json(&c.to_hf_json().to_string()).unwrap();
+            assert_eq!(back, c);
+        }
+        let r = MllamaConfig::llama_3_2_11b_reduced(4, 8);
+        assert_eq!(r.vision.intermediate_layers_indices, vec![0, 1, 3, 5, 7]);
+        assert_eq!(r.text.cross_attention_layers, vec![3]);
+        assert_eq!(r.vision.vision_output_dim, 7680);
+    }
 
     #[test]
     fn the_11b_configuration_has_the_published_parameter_count() {

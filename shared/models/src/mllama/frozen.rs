@@ -18,7 +18,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::tensor::{FloatTensor, QuantizedTensor};
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::nn::Linear;
-use burn::tensor::quantization::{QuantScheme, QuantValue, ScaleDtype};
+use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
 use burn::tensor::{DType, FloatDType, Tensor};
 
 use super::q4::QuantMatmul;
@@ -137,5 +137,133 @@ pub fn dequantize(l: &mut Linear) {
     let w = l.weight.val();
     if is_quantized(&w) {
         l.weight = burn::module::Param::from_tensor(w.dequantize()).set_require_grad(false);
+    }
+}
+
+/// Builds a frozen base weight in 4 bits straight from the rows of its checkpoint form
+/// (`[out, in]`, PyTorch's layout), one band of `block` rows at a time: the same tensor as
+/// transposing the f32 weight and quantizing it with [`q4_scheme`], without ever holding the
+/// f32 weight (what it holds is one byte per value and the scales until [`finish`]).
+///
+/// [`finish`]: RowQuantizer::finish
+pub struct RowQuantizer {
+    d_out: usize,
+    d_in: usize,
+    block: usize,
+    /// `[in, out]`, one value per byte.
+    q: Vec<i8>,
+    /// `[in, out / block]`.
+    scales: Vec<f32>,
+    /// The band being filled: up to `block` rows of `in` values.
+    band: Vec<f32>,
+    /// Rows pushed so far.
+    rows: usize,
+}
+
+impl RowQuantizer {
+    /// For a weight of `d_out` rows of `d_in` values; `block` must divide `d_out`.
+    pub fn new(d_out: usize, d_in: usize, block: u8) -> Self {
+        let block = block as usize;
+        assert!(
+            block > 0 && d_out.is_multiple_of(block),
+            "{d_out} rows do not divide into blocks of {block}"
+        );
+        let n = d_in * d_out;
+        // Room for the scales too: burn appends them to the values' buffer, and the tensor keeps
+        // that buffer; without the room it would grow it (to twice the values' size).
+        let mut q = Vec::with_capacity(n + 4 * (n / block) + 64);
+        q.resize(n, 0);
+        RowQuantizer {
+            d_out,
+            d_in,
+            block,
+            q,
+            scales: vec![0.0; d_in * (d_out / block)],
+            band: Vec::with_capacity(block * d_in),
+            rows: 0,
+        }
+    }
+
+    /// The next whole rows, in order.
+    pub fn push(&mut self, mut values: &[f32]) {
+        assert!(values.len().is_multiple_of(self.d_in.max(1)), "pushed a partial row");
+        while !values.is_empty() {
+            let take = (self.block * self.d_in - self.band.len()).min(values.len());
+            self.band.extend_from_slice(&values[..take]);
+            values = &values[take..];
+            if self.band.len() == self.block * self.d_in {
+                self.quantize_band();
+                self.band.clear();
+            }
+        }
+    }
+
+    /// Quantizes the full band: for each input `i`, the block of `block` output values, as
+    /// burn's symmetric block quantization does it (scale `2·max|x| / (b − a)`, values
+    /// `round(x / scale)` clamped to `[a, b]`).
+    fn quantize_band(&mut self) {
+        use rayon::prelude::*;
+        let (a, b) = QuantValue::Q4S.range();
+        let (d_in, d_out, block) = (self.d_in, self.d_out, self.block);
+        let j0 = self.rows;
+        let bi = j0 / block;
+        let nb = d_out / block;
+        let band = &self.band;
+        self.q
+            .par_chunks_mut(d_out)
+            .zip(self.scales.par_chunks_mut(nb))
+            .enumerate()
+            .with_min_len(256)
+            .for_each(|(i, (qrow, srow))| {
+                let m = (0..block).fold(0f32, |m, k| m.max(band[k * d_in + i].abs()));
+                let mut s = m * 2.0 / (b - a);
+                if !(s > 0.0 && s.is_finite()) {
+                    s = f32::MIN_POSITIVE;
+                }
+                let inv = 1.0 / s;
+                for k in 0..block {
+                    qrow[j0 + k] = (band[k * d_in + i] * inv).round().clamp(a, b) as i8;
+                }
+                srow[bi] = s;
+            });
+        self.rows += block;
+    }
+
+    /// The quantized `[in, out]` weight on `device`, frozen.
+    pub fn finish(self, device: &burn::tensor::Device) -> Tensor<2> {
+        assert!(
+            self.rows == self.d_out && self.band.is_empty(),
+            "{} of {} rows pushed",
+            self.rows + self.band.len() / self.d_in.max(1),
+            self.d_out
+        );
+        let scheme = q4_scheme(self.block as u8);
+        let t = if device.clone().without_autodiff() == burn::tensor::Device::flex() {
+            // flex holds quantized values one per byte ("native"): handed over as they are.
+            let data = burn::tensor::TensorData::quantized(
+                self.q,
+                [self.d_in, self.d_out],
+                scheme.with_store(QuantStore::Native),
+                &self.scales,
+                None,
+            );
+            Tensor::from_data(data, device)
+        } else {
+            // The GPU backends pack values their own way: this one weight goes over in f32 (its
+            // values already on the 4-bit grid, so quantizing them there gives them back) and is
+            // quantized on the device.
+            let block = self.block;
+            let values: Vec<f32> = self
+                .q
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| f32::from(v) * self.scales[i / block])
+                .collect();
+            drop(self.q);
+            let w: Tensor<2> =
+                Tensor::from_data(burn::tensor::TensorData::new(values, [self.d_in, self.d_out]), device);
+            w.quantize_dynamic(&scheme)
+        };
+        t.set_require_grad(false)
     }
 }

@@ -7,6 +7,7 @@
 
 use super::checkpoint::{Checkpoint, CheckpointError};
 use super::config::MllamaConfig;
+use super::frozen::RowQuantizer;
 use super::lora::Proj;
 use super::model::Mllama;
 use super::text::{
@@ -17,13 +18,18 @@ use super::vision::{
 };
 use burn::module::Param;
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear, RmsNorm};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 
 impl Mllama {
     /// Builds the model from `src`, every tensor read under its published name, in a fixed
     /// order (a [`RandomInit`] draws its values in that order).
-    pub(super) fn build(cfg: &MllamaConfig, src: &dyn Source, device: &Device) -> Result<Self, CheckpointError> {
-        let l = Loader { src, device };
+    pub(super) fn build(
+        cfg: &MllamaConfig,
+        src: &dyn Source,
+        device: &Device,
+        quant: Option<u8>,
+    ) -> Result<Self, CheckpointError> {
+        let l = Loader { src, device, quant };
         let (v, t) = (&cfg.vision, &cfg.text);
         let vd = v.hidden_size;
         let vision_layer = |p: &str, gated: bool| -> Result<VisionLayer, CheckpointError> {
@@ -148,13 +154,22 @@ impl Mllama {
                 })
             });
         }
-        let embed_tokens = l.embedding(&format!("{pt}.embed_tokens.weight"), t.vocab_size + 8, h)?;
+        let embed_tokens = l.token_embedding(&format!("{pt}.embed_tokens.weight"), t.vocab_size + 8, h)?;
         let lm_head = if t.tie_word_embeddings {
-            let w = embed_tokens.weight.val().slice([0..t.vocab_size, 0..h]).transpose();
-            Linear {
+            let w = embed_tokens
+                .weight
+                .val()
+                .slice([0..t.vocab_size, 0..h])
+                .cast(FloatDType::F32)
+                .transpose();
+            let mut lm_head = Linear {
                 weight: Param::from_tensor(w),
                 bias: None,
+            };
+            if let Some(block) = quant {
+                super::frozen::quantize(&mut lm_head, block);
             }
+            lm_head
         } else {
             l.linear("language_model.lm_head", h, t.vocab_size, false)?
         };
@@ -204,11 +219,24 @@ fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 pub trait Source {
     /// The tensor `name` (published naming), of `shape`, as f32.
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError>;
+
+    /// The same values in pieces of whole rows (of the last dimension), in order: a source
+    /// that can read a piece at a time never holds the whole tensor in f32.
+    fn rows(&self, name: &str, shape: &[usize], f: &mut dyn FnMut(&[f32])) -> Result<(), CheckpointError> {
+        f(&self.tensor(name, shape)?);
+        Ok(())
+    }
 }
 
 impl Source for Checkpoint {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError> {
         Checkpoint::tensor(self, name, shape)
+    }
+
+    fn rows(&self, name: &str, shape: &[usize], f: &mut dyn FnMut(&[f32])) -> Result<(), CheckpointError> {
+        let per = self.rows_per_piece(name)?;
+        self.read_rows(name, Some(shape), per, &mut |_, v| f(v))?;
+        Ok(())
     }
 }
 
@@ -226,6 +254,36 @@ impl Source for crate::compact::weights::Weights {
             });
         }
         Ok(t.values.clone())
+    }
+}
+
+fn weight_error(e: crate::compact::weights::WeightError) -> CheckpointError {
+    use crate::compact::weights::WeightError;
+    match e {
+        WeightError::Missing(n) => CheckpointError::Missing(n),
+        other => CheckpointError::Format(other.to_string()),
+    }
+}
+
+impl Source for crate::compact::weights::WeightsView<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        let mut out = Vec::new();
+        Source::rows(self, name, shape, &mut |v| out.extend_from_slice(v))?;
+        Ok(out)
+    }
+
+    fn rows(&self, name: &str, shape: &[usize], f: &mut dyn FnMut(&[f32])) -> Result<(), CheckpointError> {
+        let found = self.shape(name).map_err(weight_error)?;
+        if found != shape {
+            return Err(CheckpointError::Shape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found,
+            });
+        }
+        let row: usize = shape.iter().skip(1).product::<usize>().max(1);
+        let per = (super::checkpoint::READ_CHUNK / (4 * row)).max(1);
+        crate::compact::weights::WeightsView::rows(self, name, per, f).map_err(weight_error)
     }
 }
 
@@ -298,7 +356,7 @@ pub fn write_random_weights(cfg: &MllamaConfig, path: &std::path::Path, seed: u6
         inner: RandomInit::new(seed),
         seen: Default::default(),
     };
-    Mllama::build(cfg, &rec, &Device::flex())?;
+    Mllama::build(cfg, &rec, &Device::flex(), None)?;
     let seen = rec.seen.into_inner();
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = seen
         .into_iter()
@@ -323,6 +381,9 @@ pub fn write_random_weights(cfg: &MllamaConfig, path: &std::path::Path, seed: u6
 struct Loader<'a> {
     src: &'a dyn Source,
     device: &'a Device,
+    /// Build the base's linear weights in 4 bits (blocks of this many output values) as they
+    /// are read, and the token embedding in f16.
+    quant: Option<u8>,
 }
 
 impl Loader<'_> {
@@ -352,9 +413,20 @@ impl Loader<'_> {
     }
 
     fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear, CheckpointError> {
-        let w = self.values(&format!("{prefix}.weight"), &[d_out, d_in])?;
+        let name = format!("{prefix}.weight");
+        let weight = match self.quant {
+            Some(block) if block > 0 && d_out.is_multiple_of(block as usize) => {
+                let mut q = RowQuantizer::new(d_out, d_in, block);
+                self.src.rows(&name, &[d_out, d_in], &mut |v| q.push(v))?;
+                Param::from_tensor(q.finish(self.device)).set_require_grad(false)
+            }
+            _ => {
+                let w = self.values(&name, &[d_out, d_in])?;
+                Param::from_tensor(self.tensor2(transpose(&w, d_out, d_in), [d_in, d_out]))
+            }
+        };
         Ok(Linear {
-            weight: Param::from_tensor(self.tensor2(transpose(&w, d_out, d_in), [d_in, d_out])),
+            weight,
             bias: if bias {
                 Some(self.param1(&format!("{prefix}.bias"), d_out)?)
             } else {
@@ -373,6 +445,22 @@ impl Loader<'_> {
     fn embedding(&self, name: &str, n: usize, d: usize) -> Result<Embedding, CheckpointError> {
         Ok(Embedding {
             weight: Param::from_tensor(self.load2(name, [n, d])?),
+        })
+    }
+
+    /// The token embedding: in f16 when the base is quantized (half the bytes of f32; rows are
+    /// looked up and widened to f32 a few at a time), else in f32.
+    fn token_embedding(&self, name: &str, n: usize, d: usize) -> Result<Embedding, CheckpointError> {
+        if self.quant.is_none() {
+            return self.embedding(name, n, d);
+        }
+        let mut halves: Vec<half::f16> = Vec::with_capacity(n * d);
+        self.src.rows(name, &[n, d], &mut |v| {
+            halves.extend(v.iter().map(|&x| half::f16::from_f32(x)))
+        })?;
+        let t: Tensor<2> = Tensor::from_data(TensorData::new(halves, [n, d]), self.device);
+        Ok(Embedding {
+            weight: Param::from_tensor(t).set_require_grad(false),
         })
     }
 }

@@ -12,6 +12,7 @@ pub mod model;
 pub mod processor;
 pub mod q4;
 pub mod rowvec;
+pub mod synthetic;
 
 // The parts of `model` (split as candle and mistral.rs split mllama); their public items are
 // re-exported from `model` under the paths they had when `model.rs` held them all.
@@ -26,6 +27,7 @@ pub use config::{ConfigError, MllamaConfig};
 pub use generate::{Prompted, Sampling, generate, probabilities, score};
 pub use model::{Cache, Inputs, LoraConfig, LoraTargets, Mllama, write_random_weights};
 pub use processor::{ImageProcessor, Processed};
+pub use synthetic::write_synthetic_checkpoint;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};

@@ -13,7 +13,7 @@ use super::layers::MASKED;
 use super::text::{LayerCache, causal_mask, rope_tables};
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{DType, Device, FloatDType, Int, Tensor};
 
 pub use super::loading::{RandomInit, Source, write_random_weights};
 pub use super::lora::{LoraAdapter, LoraConfig, LoraTargets, Proj};
@@ -95,14 +95,30 @@ impl Mllama {
     /// Builds the model from a checkpoint; every tensor must be there with the shape the
     /// configuration implies, and no other.
     pub fn load(cfg: &MllamaConfig, ck: &Checkpoint, device: &Device) -> Result<Self, CheckpointError> {
-        let model = Self::build(cfg, ck, device)?;
+        let model = Self::build(cfg, ck, device, None)?;
+        ck.check_all_used()?;
+        Ok(model)
+    }
+
+    /// Builds the model from a checkpoint with the base already in 4 bits, as
+    /// [`load`](Self::load) followed by [`quantize_base`](Self::quantize_base)`(block)` would
+    /// leave it, but streamed: each weight is read in pieces and quantized as it arrives, so no
+    /// f32 copy of the model (nor of a whole weight) is ever held; the token embedding is kept
+    /// in f16.
+    pub fn load_quantized(
+        cfg: &MllamaConfig,
+        ck: &Checkpoint,
+        device: &Device,
+        block: u8,
+    ) -> Result<Self, CheckpointError> {
+        let model = Self::build(cfg, ck, device, Some(block))?;
         ck.check_all_used()?;
         Ok(model)
     }
 
     /// A randomly initialised model (seeded), for tests and benchmarks.
     pub fn random(cfg: &MllamaConfig, seed: u64, device: &Device) -> Self {
-        Self::build(cfg, &RandomInit::new(seed), device).expect("random tensors have the asked shapes")
+        Self::build(cfg, &RandomInit::new(seed), device, None).expect("random tensors have the asked shapes")
     }
 
     /// Every adaptable projection with whether `targets` selects it.
@@ -180,18 +196,24 @@ impl Mllama {
             .collect()
     }
 
-    /// Every adapter's weight delta `(α/r)·(A·B)ᵀ` in the checkpoint's layout `[out, in]`, by
-    /// the projection's checkpoint name (`….q_proj`).
-    pub fn lora_deltas(&mut self) -> Vec<(String, Vec<f32>)> {
+    /// Every adapter's weight delta, by the projection's checkpoint name (`….q_proj`): a
+    /// function of the name giving `(α/r)·(A·B)ᵀ` in the checkpoint's layout `[out, in]`, formed
+    /// when asked for (one projection's delta at a time, never all of them).
+    pub fn lora_deltas(&mut self) -> impl Fn(&str) -> Option<Vec<f32>> + use<> {
         let all = LoraTargets::ALL;
-        self.projections_mut(&all)
+        let factors: std::collections::HashMap<String, (Tensor<2>, Tensor<2>, f64)> = self
+            .projections_mut(&all)
             .into_iter()
             .filter_map(|p| {
                 let l = p.lora.as_ref()?;
-                let delta = (l.a.val().matmul(l.b.val()) * l.scale).transpose();
-                Some((p.name.clone(), delta.into_data().try_to_vec::<f32>().expect("f32")))
+                Some((p.name.clone(), (l.a.val(), l.b.val(), l.scale)))
             })
-            .collect()
+            .collect();
+        move |name| {
+            let (a, b, scale) = factors.get(name)?;
+            let delta = (a.clone().matmul(b.clone()) * *scale).transpose();
+            Some(delta.into_data().try_to_vec::<f32>().expect("f32"))
+        }
     }
 
     /// Builds the model from named tensors in the checkpoint's naming and layout.
@@ -200,7 +222,20 @@ impl Mllama {
         w: &crate::compact::weights::Weights,
         device: &Device,
     ) -> Result<Self, CheckpointError> {
-        Self::build(cfg, w, device)
+        Self::build(cfg, w, device, None)
+    }
+
+    /// Builds the model from an exported bundle's weights (safetensors with 4-bit projections)
+    /// with the base held in 4 bits on `device` (blocks of `block` output values) and the token
+    /// embedding in f16: each tensor is unpacked alone and quantized for the device as it
+    /// comes, so the model is never whole in f32.
+    pub fn from_packed(
+        cfg: &MllamaConfig,
+        w: &crate::compact::weights::WeightsView<'_>,
+        device: &Device,
+        block: u8,
+    ) -> Result<Self, CheckpointError> {
+        Self::build(cfg, w, device, Some(block))
     }
 
     /// Folds every adapter into its base weight (f32).
@@ -215,7 +250,15 @@ impl Mllama {
     /// The projected vision states `[B, I·T·P, hidden]` of the images.
     pub fn cross_states(&self, pixels: Tensor<6>, ratio_ids: Tensor<2, Int>, ratio_mask: Tensor<3>) -> Tensor<3> {
         let [b, ..] = pixels.dims();
-        let v = self.vision_model.forward(pixels, ratio_ids, ratio_mask);
+        let frozen_vision = !self.vision_model.projections().iter().any(|p| p.lora.is_some());
+        let v = if pixels.device().is_autodiff() && frozen_vision {
+            // Nothing in the encoder trains: it runs off the autodiff graph, on the inference
+            // path (fused attention, no [S, S] mask: 2.6 GB a layer at 4 tiles of 560 px).
+            let inner = self.vision_model.valid();
+            Tensor::from_inner(inner.forward(pixels.inner(), ratio_ids.inner(), ratio_mask.inner()))
+        } else {
+            self.vision_model.forward(pixels, ratio_ids, ratio_mask)
+        };
         let [_, i, t, p, od] = v.dims();
         frozen::linear(&self.multi_modal_projector, v.reshape([b, i * t * p, od]))
     }
@@ -309,6 +352,9 @@ impl Mllama {
         let (cos, sin) = rope_tables(&self.inv_freq, start, s, &device);
         let causal = causal_mask(start, s, &device);
         let mut x = self.language_model.embed_tokens.forward(ids);
+        if x.dtype() != DType::F32 {
+            x = x.cast(FloatDType::F32); // an f16 embedding (a streamed 4-bit base)
+        }
         for (i, layer) in self.language_model.layers.iter().enumerate() {
             if layer.is_cross() && cross.is_none() {
                 continue;

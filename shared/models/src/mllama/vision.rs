@@ -230,6 +230,17 @@ impl VisionModel {
     }
 
     /// The projections of every layer, local then global: per layer q, k, v, o, fc1, fc2.
+    pub(super) fn projections(&self) -> Vec<&Proj> {
+        let mut out: Vec<&Proj> = Vec::new();
+        for l in self.transformer.iter().chain(self.global_transformer.iter()) {
+            let a = &l.self_attn;
+            out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]);
+            out.extend([&l.mlp.fc1, &l.mlp.fc2]);
+        }
+        out
+    }
+
+    /// The projections of every layer, local then global: per layer q, k, v, o, fc1, fc2.
     pub(super) fn projections_mut(&mut self) -> Vec<&mut Proj> {
         let mut out: Vec<&mut Proj> = Vec::new();
         for l in self.transformer.iter_mut().chain(self.global_transformer.iter_mut()) {
