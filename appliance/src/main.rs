@@ -169,12 +169,14 @@ fn main() -> Result<()> {
             let mut classifier = Classifier::from_bundle(&bundle, &device)?
                 .with_min_confidence(min_confidence)
                 .with_microns_per_pixel(microns_per_pixel);
+            // The model is built: the bundle's bytes (several GB for a full-size model) go.
+            let manifest = bundle.manifest.clone();
+            drop(bundle);
             let paths = expand_inputs(&inputs)?;
             let field_um = || match microns_per_pixel {
                 Some(um) => um,
                 None => {
-                    let um = bundle
-                        .manifest
+                    let um = manifest
                         .preprocess
                         .cell
                         .as_ref()

@@ -10,7 +10,8 @@
 //!
 //! `WBC_MLLAMA_CHECKPOINT=DIR` loads a checkpoint instead (e.g. `trainer synth-mllama`'s reduced
 //! full-width one), streamed into 4 bits (`Mllama::load_quantized`; with block 0, in f32), and
-//! reports the load's time, heap peak and peak resident set first.
+//! reports the load's time, heap peak and peak resident set first (`WBC_MLLAMA_LOAD_ONLY=1`:
+//! only that).
 
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -76,6 +77,9 @@ fn main() {
                 "heap_peak_mib": heap as f64 / MIB, "heap_at_rest_mib": wbc_models::heap::live() as f64 / MIB,
                 "peak_rss_mib": peak_rss_mib(), "rss_before_mib": before})
         );
+        if std::env::var_os("WBC_MLLAMA_LOAD_ONLY").is_some() {
+            return;
+        }
         base
     } else {
         let mut base = Mllama::random(&cfg, 1, &ad);

@@ -206,7 +206,7 @@ fn dequantize_into(
         for col in 0..cols {
             let i = row * cols + col;
             let byte = packed[i / 2];
-            let nib = if i % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+            let nib = if i.is_multiple_of(2) { byte & 0x0f } else { byte >> 4 };
             out.push((nib as i32 - 8) as f32 * scale(row * gpr + col / group));
         }
     }

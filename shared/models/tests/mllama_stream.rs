@@ -16,7 +16,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn values(t: Tensor<2>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
 }
 
 #[test]
@@ -51,7 +51,7 @@ fn rows_quantized_as_they_arrive_equal_burns_quantization_of_the_transposed_weig
 fn logits(model: &Mllama, dir: &Path, device: &Device) -> Vec<f32> {
     let r = Reference::open(&dir.join("io.safetensors")).unwrap();
     let l = model.forward(reference_inputs(&r, device).unwrap());
-    l.into_data().to_vec::<f32>().unwrap()
+    l.into_data().try_to_vec::<f32>().unwrap()
 }
 
 #[test]

@@ -80,9 +80,20 @@ pub fn export(base: &Path, run: &Path, val: &Path, to: &ExportTo, device: &Devic
     let device = device.clone();
     let (lora, base_block) = run_lora(run)?;
     let (p, mut tuned) = load_tuned(base, run, &lora, base_block, &device)?;
+    // Val cells: up to 32 compared, the first readable one of each class a self-test case. The
+    // tuned model answers first and is dropped before the exported one is built: the two
+    // models are never held at once.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let cells = labelled(val, None, &mut rng)?;
+    let cells = &cells[..cells.len().min(32)];
+    let as_trained = cells
+        .iter()
+        .map(|(_, img)| classify(&tuned, &p, img, &device))
+        .collect::<Result<Vec<_>, _>>()?;
     // Tensor by tensor: read from the checkpoint, the adapter's delta added (formed for this
     // projection alone), encoded; the f32 model is never whole.
     let deltas = tuned.lora_deltas();
+    drop(tuned);
     let ck = Checkpoint::open(base)?;
     let mut writer = SafetensorsWriter::new(group);
     for name in ck.names() {
@@ -97,15 +108,11 @@ pub fn export(base: &Path, run: &Path, val: &Path, to: &ExportTo, device: &Devic
     drop(deltas);
     let weights = writer.finish()?;
     let exported = wbc_models::mllama::cell::model_from_weights(&p.cfg, &weights, &device)?;
-    // Val cells: the first readable one of each class is a self-test case; all are compared.
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let cells = labelled(val, None, &mut rng)?;
     let mut cases = Vec::new();
     let mut parts_out: Vec<(String, Vec<u8>)> = Vec::new();
     let mut worst = 0f32;
     let mut seen = [false; 6];
-    for (sample, img) in cells.iter().take(32) {
-        let a = classify(&tuned, &p, img, &device)?;
+    for ((sample, img), a) in cells.iter().zip(&as_trained) {
         let b = classify(&exported, &p, img, &device)?;
         worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(worst, f32::max);
         let c = sample.label.expect("labelled").index();
@@ -122,7 +129,8 @@ pub fn export(base: &Path, run: &Path, val: &Path, to: &ExportTo, device: &Devic
             });
         }
     }
-    let compared = cells.len().min(32);
+    drop(exported);
+    let compared = cells.len();
     let cfg_json: serde_json::Value = serde_json::from_slice(&std::fs::read(base.join("config.json"))?)?;
     let manifest = Manifest {
         format_version: 0,
@@ -157,11 +165,25 @@ pub fn export(base: &Path, run: &Path, val: &Path, to: &ExportTo, device: &Devic
         b = b.part(&name, bytes)?;
     }
     let bytes = b.finish(key)?;
-    // What we ship verifies and passes its own self-test.
-    let bundle = Bundle::from_bytes(&bytes, &[key.verifying_key()])?;
-    let (bp, bm) = wbc_models::mllama::cell::from_bundle(&bundle, &device)?;
-    let checked = wbc_models::mllama::cell::self_test(&bm, &bp, &bundle, &device)?;
-    std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    let size = bytes.len();
+    // What we ship verifies and passes its own self-test, read back as the appliance reads it;
+    // it takes its name only then (the bytes written are dropped before the check).
+    let checking = out.with_extension("bundle.part");
+    std::fs::write(&checking, &bytes).with_context(|| format!("writing {}", checking.display()))?;
+    drop(bytes);
+    let checked = (|| -> Result<usize> {
+        let bundle = Bundle::open(&checking, &[key.verifying_key()])?;
+        let (bp, bm) = wbc_models::mllama::cell::from_bundle(&bundle, &device)?;
+        Ok(wbc_models::mllama::cell::self_test(&bm, &bp, &bundle, &device)?)
+    })();
+    let checked = match checked {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_file(&checking);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&checking, out).with_context(|| format!("writing {}", out.display()))?;
     tracing::info!(
         cases = checked,
         max_probability_difference = worst,
@@ -171,6 +193,6 @@ pub fn export(base: &Path, run: &Path, val: &Path, to: &ExportTo, device: &Devic
         max_probability_difference: worst,
         compared,
         selftest_cases: n_cases,
-        bytes: bytes.len(),
+        bytes: size,
     })
 }

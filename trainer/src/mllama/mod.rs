@@ -174,7 +174,7 @@ mod tests {
         values[at] = "unsegmented-indented";
         let attrs = AttributeSet::from_strs(&values).unwrap();
         let with: Vec<String> = (0..40)
-            .map(|i| answer_text(CellClass::Monocyte, &sample(&format!("MO_{i}.jpg"), attrs.clone())))
+            .map(|i| answer_text(CellClass::Monocyte, &sample(&format!("MO_{i}.jpg"), attrs)))
             .collect();
         let own = format!("Monocyte. {}", describe(CellClass::Monocyte, &attrs));
         let n = with.iter().filter(|a| **a == own).count();

@@ -51,3 +51,12 @@ pub(super) fn merge_heads(x: Tensor<4>) -> Tensor<3> {
 pub(super) fn tanh_gate(g: &Param<Tensor<1>>) -> Tensor<3> {
     g.val().tanh().reshape([1, 1, 1])
 }
+
+/// Looked-up rows in f32 (an embedding a streamed 4-bit model keeps in f16).
+pub(super) fn f32_rows<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if x.dtype() == burn::tensor::DType::F32 {
+        x
+    } else {
+        x.cast(burn::tensor::FloatDType::F32)
+    }
+}

@@ -18,7 +18,7 @@ use super::vision::{
 };
 use burn::module::Param;
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear, RmsNorm};
-use burn::tensor::{Device, FloatDType, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 
 impl Mllama {
     /// Builds the model from `src`, every tensor read under its published name, in a fixed
@@ -77,7 +77,7 @@ impl Mllama {
             gated_positional_embedding: GatedPositionEmbedding {
                 embedding: Param::from_tensor(l.load2(&format!("{pv}.gated_positional_embedding.embedding"), [p, vd])?),
                 gate: l.param1(&format!("{pv}.gated_positional_embedding.gate"), 1)?,
-                tile_embedding: l.embedding(
+                tile_embedding: l.half_embedding(
                     &format!("{pv}.gated_positional_embedding.tile_embedding.weight"),
                     ratios,
                     tiles * p * vd,
@@ -154,7 +154,7 @@ impl Mllama {
                 })
             });
         }
-        let embed_tokens = l.token_embedding(&format!("{pt}.embed_tokens.weight"), t.vocab_size + 8, h)?;
+        let embed_tokens = l.half_embedding(&format!("{pt}.embed_tokens.weight"), t.vocab_size + 8, h)?;
         let lm_head = if t.tie_word_embeddings {
             let w = embed_tokens
                 .weight
@@ -448,9 +448,10 @@ impl Loader<'_> {
         })
     }
 
-    /// The token embedding: in f16 when the base is quantized (half the bytes of f32; rows are
-    /// looked up and widened to f32 a few at a time), else in f32.
-    fn token_embedding(&self, name: &str, n: usize, d: usize) -> Result<Embedding, CheckpointError> {
+    /// A large embedding (the tokens', the vision tiles' positions): in f16 when the base is
+    /// quantized (half the bytes of f32; rows are looked up and widened to f32 a few at a time),
+    /// else in f32.
+    fn half_embedding(&self, name: &str, n: usize, d: usize) -> Result<Embedding, CheckpointError> {
         if self.quant.is_none() {
             return self.embedding(name, n, d);
         }
@@ -458,7 +459,13 @@ impl Loader<'_> {
         self.src.rows(name, &[n, d], &mut |v| {
             halves.extend(v.iter().map(|&x| half::f16::from_f32(x)))
         })?;
-        let t: Tensor<2> = Tensor::from_data(TensorData::new(halves, [n, d]), self.device);
+        // Kept in f16 where the device holds f16 (burn would otherwise widen it to f32).
+        let dtype = if self.device.supports_dtype(DType::F16) {
+            DType::F16
+        } else {
+            DType::F32
+        };
+        let t: Tensor<2> = Tensor::from_data(TensorData::new(halves, [n, d]), (self.device, dtype));
         Ok(Embedding {
             weight: Param::from_tensor(t).set_require_grad(false),
         })

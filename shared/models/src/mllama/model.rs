@@ -13,7 +13,7 @@ use super::layers::MASKED;
 use super::text::{LayerCache, causal_mask, rope_tables};
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::{DType, Device, FloatDType, Int, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 
 pub use super::loading::{RandomInit, Source, write_random_weights};
 pub use super::lora::{LoraAdapter, LoraConfig, LoraTargets, Proj};
@@ -351,10 +351,7 @@ impl Mllama {
         let device = ids.device();
         let (cos, sin) = rope_tables(&self.inv_freq, start, s, &device);
         let causal = causal_mask(start, s, &device);
-        let mut x = self.language_model.embed_tokens.forward(ids);
-        if x.dtype() != DType::F32 {
-            x = x.cast(FloatDType::F32); // an f16 embedding (a streamed 4-bit base)
-        }
+        let mut x = super::layers::f32_rows(self.language_model.embed_tokens.forward(ids));
         for (i, layer) in self.language_model.layers.iter().enumerate() {
             if layer.is_cross() && cross.is_none() {
                 continue;

@@ -7,7 +7,7 @@
 //! layers are kept), the post-tile embedding and the gated global transformer; output `[B,
 //! images, tiles, patches, hidden × (1 + intermediate layers)]`.
 
-use super::layers::{MASKED, attention, merge_heads, split_heads, tanh_gate};
+use super::layers::{MASKED, attention, f32_rows, merge_heads, split_heads, tanh_gate};
 use super::lora::Proj;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm};
@@ -170,7 +170,7 @@ impl VisionModel {
         let g = gp.gate.val().tanh().reshape([1, 1, 1, 1]);
         let x = x
             + (g.clone().neg() + 1.0) * gp.embedding.val().reshape([1, 1, p, d])
-            + g * gp.tile_embedding.forward(ids.clone()).reshape([bi, tiles, p, d]);
+            + g * f32_rows(gp.tile_embedding.forward(ids.clone())).reshape([bi, tiles, p, d]);
         let x = self.layernorm_pre.forward(x);
         // Pad the patches to a multiple of 8.
         let pad = (8 - p % 8) % 8;
