@@ -53,7 +53,9 @@ pub fn adapters_path(out: &Path) -> PathBuf {
 
 /// Writes a small random-weight base checkpoint into `dir` for tests and demonstrations: the
 /// architecture of the committed 28-px-tile fixture (`fixtures/mllama/gqa-llama3`) with Llama 3's
-/// real vocabulary and the fixture tokenizer that carries its real special tokens.
+/// real vocabulary and the fixture tokenizer that carries its real special tokens, laid out as
+/// the published checkpoints are (bf16 shards of about 4 MB with an index), so that what reads
+/// it goes through the streamed paths.
 pub fn write_tiny_base(fixtures: &Path, dir: &Path, seed: u64) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut config: serde_json::Value =
@@ -63,7 +65,7 @@ pub fn write_tiny_base(fixtures: &Path, dir: &Path, seed: u64) -> Result<()> {
     std::fs::write(dir.join("config.json"), serde_json::to_vec(&config)?)?;
     std::fs::copy(fixtures.join("mllama/chat/tokenizer.json"), dir.join("tokenizer.json"))?;
     let cfg = wbc_models::mllama::MllamaConfig::load(dir)?;
-    wbc_models::mllama::write_random_weights(&cfg, &dir.join("model.safetensors"), seed)?;
+    wbc_models::mllama::write_synthetic_checkpoint(&cfg, dir, seed, 4 << 20)?;
     Ok(())
 }
 
