@@ -164,13 +164,12 @@ pub fn export(base: &Path, run: &Path, val: &Path, to: &ExportTo, device: &Devic
     for (name, bytes) in parts_out {
         b = b.part(&name, bytes)?;
     }
-    let bytes = b.finish(key)?;
-    let size = bytes.len();
-    // What we ship verifies and passes its own self-test, read back as the appliance reads it;
-    // it takes its name only then (the bytes written are dropped before the check).
+    // Written as it is assembled; what we ship verifies and passes its own self-test, read back
+    // as the appliance reads it, and takes its name only then.
     let checking = out.with_extension("bundle.part");
-    std::fs::write(&checking, &bytes).with_context(|| format!("writing {}", checking.display()))?;
-    drop(bytes);
+    let size = b
+        .finish_to_file(key, &checking)
+        .with_context(|| format!("writing {}", checking.display()))? as usize;
     let checked = (|| -> Result<usize> {
         let bundle = Bundle::open(&checking, &[key.verifying_key()])?;
         let (bp, bm) = wbc_models::mllama::cell::from_bundle(&bundle, &device)?;

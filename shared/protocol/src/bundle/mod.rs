@@ -250,7 +250,20 @@ impl BundleBuilder {
     }
 
     /// Hashes the parts, signs the manifest and returns the bundle file's bytes.
-    pub fn finish(mut self, key: &SigningKey) -> Result<Vec<u8>, BundleError> {
+    pub fn finish(self, key: &SigningKey) -> Result<Vec<u8>, BundleError> {
+        self.finish_into(key, Vec::new())
+    }
+
+    /// As [`Self::finish`], written to `path` as it is assembled (a multi-GB bundle is not
+    /// copied into memory a second time); returns its size in bytes.
+    pub fn finish_to_file(self, key: &SigningKey, path: &Path) -> Result<u64, BundleError> {
+        let mut out = self.finish_into(key, std::io::BufWriter::new(std::fs::File::create(path)?))?;
+        std::io::Write::flush(&mut out)?;
+        Ok(out.get_ref().metadata()?.len())
+    }
+
+    /// Hashes the parts, signs the manifest and writes the bundle to `w`.
+    pub fn finish_into<W: std::io::Write>(mut self, key: &SigningKey, w: W) -> Result<W, BundleError> {
         self.manifest.format_version = FORMAT_VERSION;
         self.manifest.parts = self
             .parts
@@ -272,7 +285,7 @@ impl BundleBuilder {
             signature: hex::encode(key.sign(&manifest_bytes).to_bytes()),
         };
         let sig_bytes = serde_json::to_vec(&sig).map_err(|e| BundleError::BadManifest(e.to_string()))?;
-        let mut tar = tar::Builder::new(Vec::new());
+        let mut tar = tar::Builder::new(w);
         let mut add = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
             let mut h = tar::Header::new_gnu();
             h.set_size(bytes.len() as u64);

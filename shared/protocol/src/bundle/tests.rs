@@ -335,3 +335,22 @@ fn a_broken_key_ring_is_refused_naming_the_block() {
     let corrupt = format!("{good}{}", good.replace("MCow", "MCox"));
     assert!(err(&corrupt).contains("public key 2:"), "{}", err(&corrupt));
 }
+
+#[test]
+fn a_bundle_written_to_a_file_as_it_is_assembled_is_the_bundle_built_in_memory() {
+    let k = key(9);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.bundle");
+    let size = BundleBuilder::new(manifest())
+        .part("weights.safetensors", vec![7; 1000])
+        .unwrap()
+        .part("selftest/cell.png", vec![1, 2, 3])
+        .unwrap()
+        .finish_to_file(&k, &path)
+        .unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(bytes.len() as u64, size);
+    assert!(bytes == build(&k), "the same bytes either way");
+    let b = Bundle::open(&path, &[k.verifying_key()]).unwrap();
+    assert_eq!(b.part("weights.safetensors").unwrap(), &[7; 1000][..]);
+}
