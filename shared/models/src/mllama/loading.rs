@@ -220,8 +220,8 @@ pub trait Source {
     /// The tensor `name` (published naming), of `shape`, as f32.
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError>;
 
-    /// The same values in pieces of whole rows (of the last dimension), in order: a source
-    /// that can read a piece at a time never holds the whole tensor in f32.
+    /// The same values in pieces of whole rows, in order (what a loader streams: 2-D weights and
+    /// embeddings): a source that can read a piece at a time never holds the whole tensor in f32.
     fn rows(&self, name: &str, shape: &[usize], f: &mut dyn FnMut(&[f32])) -> Result<(), CheckpointError> {
         f(&self.tensor(name, shape)?);
         Ok(())
@@ -382,7 +382,7 @@ struct Loader<'a> {
     src: &'a dyn Source,
     device: &'a Device,
     /// Build the base's linear weights in 4 bits (blocks of this many output values) as they
-    /// are read, and the token embedding in f16.
+    /// are read, and the large embeddings in f16.
     quant: Option<u8>,
 }
 
