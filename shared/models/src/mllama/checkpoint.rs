@@ -157,7 +157,8 @@ pub struct Checkpoint {
     used: RefCell<BTreeSet<String>>,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+/// An I/O error on `path`.
+pub(super) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     move |source| CheckpointError::Io {
         path: path.display().to_string(),
         source,

@@ -1,9 +1,10 @@
-//! Building the model from named tensors: [`Source`] (a Hugging Face checkpoint, the compact
-//! format's [`Weights`](crate::compact::weights::Weights), or a seeded [`RandomInit`]), the
-//! loader that reads every tensor under its published name (the parameter names of
-//! transformers' `models/mllama/modeling_mllama.py`, `MllamaForConditionalGeneration`'s state
-//! dict as the published checkpoints store it) and turns PyTorch's `[out, in]` linear weights
-//! into burn's `[in, out]`, and [`write_random_weights`] for tests without real weights.
+//! Building the model from named tensors: [`Source`] (a Hugging Face checkpoint, an exported
+//! bundle's weights ([`WeightsView`](crate::compact::weights::WeightsView)), or a seeded
+//! [`RandomInit`]), the loader that reads every tensor under its published name (the parameter
+//! names of transformers' `models/mllama/modeling_mllama.py`, `MllamaForConditionalGeneration`'s
+//! state dict as the published checkpoints store it) and turns PyTorch's `[out, in]` linear
+//! weights into burn's `[in, out]`, in f32 or streamed into 4 bits. Random checkpoints for tests
+//! come from [`super::synthetic`].
 
 use super::checkpoint::{Checkpoint, CheckpointError};
 use super::config::MllamaConfig;
@@ -240,23 +241,6 @@ impl Source for Checkpoint {
     }
 }
 
-impl Source for crate::compact::weights::Weights {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError> {
-        let t = self
-            .0
-            .get(name)
-            .ok_or_else(|| CheckpointError::Missing(name.to_string()))?;
-        if t.shape != shape {
-            return Err(CheckpointError::Shape {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found: t.shape.clone(),
-            });
-        }
-        Ok(t.values.clone())
-    }
-}
-
 fn weight_error(e: crate::compact::weights::WeightError) -> CheckpointError {
     use crate::compact::weights::WeightError;
     match e {
@@ -328,54 +312,6 @@ impl Source for RandomInit {
             },
         )
     }
-}
-
-/// A named tensor: name, shape, values.
-type Named = (String, Vec<usize>, Vec<f32>);
-
-/// Records the tensors a configuration needs, with random values.
-struct Recording {
-    inner: RandomInit,
-    seen: std::cell::RefCell<Vec<Named>>,
-}
-
-impl Source for Recording {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError> {
-        let v = self.inner.tensor(name, shape)?;
-        self.seen
-            .borrow_mut()
-            .push((name.to_string(), shape.to_vec(), v.clone()));
-        Ok(v)
-    }
-}
-
-/// Writes a randomly initialised checkpoint of `cfg` (seeded, published tensor names, f32) to
-/// `path` (a `model.safetensors`): for tests, benchmarks and drills without real weights.
-pub fn write_random_weights(cfg: &MllamaConfig, path: &std::path::Path, seed: u64) -> Result<(), CheckpointError> {
-    let rec = Recording {
-        inner: RandomInit::new(seed),
-        seen: Default::default(),
-    };
-    Mllama::build(cfg, &rec, &Device::flex(), None)?;
-    let seen = rec.seen.into_inner();
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = seen
-        .into_iter()
-        .map(|(n, s, v)| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
-        .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("consistent sizes"),
-            )
-        })
-        .collect();
-    let out = safetensors::serialize(views, None).map_err(|e| CheckpointError::Format(e.to_string()))?;
-    std::fs::write(path, out).map_err(|source| CheckpointError::Io {
-        path: path.display().to_string(),
-        source,
-    })
 }
 
 struct Loader<'a> {

@@ -25,7 +25,7 @@ mod vision;
 pub use checkpoint::{Checkpoint, CheckpointError};
 pub use config::{ConfigError, MllamaConfig};
 pub use generate::{Prompted, Sampling, generate, probabilities, score};
-pub use model::{Cache, Inputs, LoraConfig, LoraTargets, Mllama, write_random_weights};
+pub use model::{Cache, Inputs, LoraConfig, LoraTargets, Mllama};
 pub use processor::{ImageProcessor, Processed};
 pub use synthetic::write_synthetic_checkpoint;
 

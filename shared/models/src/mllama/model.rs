@@ -15,7 +15,7 @@ use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::{Device, Int, Tensor};
 
-pub use super::loading::{RandomInit, Source, write_random_weights};
+pub use super::loading::{RandomInit, Source};
 pub use super::lora::{LoraAdapter, LoraConfig, LoraTargets, Proj};
 pub use super::text::{
     Cache, CrossAttention, CrossAttentionLayer, CrossContext, DecoderLayer, SelfAttention, SelfAttentionLayer, TextMlp,
@@ -214,15 +214,6 @@ impl Mllama {
             let delta = (a.clone().matmul(b.clone()) * *scale).transpose();
             Some(delta.into_data().try_to_vec::<f32>().expect("f32"))
         }
-    }
-
-    /// Builds the model from named tensors in the checkpoint's naming and layout.
-    pub fn from_weights(
-        cfg: &MllamaConfig,
-        w: &crate::compact::weights::Weights,
-        device: &Device,
-    ) -> Result<Self, CheckpointError> {
-        Self::build(cfg, w, device, None)
     }
 
     /// Builds the model from an exported bundle's weights (safetensors with 4-bit projections)

@@ -4,7 +4,7 @@
 //! are drawn, one tensor at a time, so a 21 GB checkpoint needs no more memory than its largest
 //! tensor and the 4-bit model that enumerating the tensors builds on the way.
 
-use super::checkpoint::CheckpointError;
+use super::checkpoint::{CheckpointError, io};
 use super::config::MllamaConfig;
 use super::loading::{RandomInit, Source};
 use super::model::Mllama;
@@ -43,13 +43,6 @@ struct ShardWriter {
     /// Closed shards (temporary names) and the tensor names in each.
     closed: RefCell<Vec<(PathBuf, Vec<String>)>>,
     total: RefCell<u64>,
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io {
-        path: path.display().to_string(),
-        source,
-    }
 }
 
 impl ShardWriter {
