@@ -210,6 +210,10 @@ pub struct NormaliseArgs {
     /// Micrometres of smear in view (0 = relative scale, the default).
     #[arg(long, default_value_t = 0.0)]
     pub view_microns: f32,
+    /// Take only the dark part of a pale, oversized stained region as the nucleus, as a site
+    /// adaptation reads its cells (`CellNorm::dark_nucleus`).
+    #[arg(long)]
+    pub dark_nucleus: bool,
 }
 
 /// Arguments of `trainer eval`.

@@ -352,10 +352,11 @@ pub fn normalise(a: NormaliseArgs) -> Result<()> {
         out,
         mask_background,
         view_microns,
-        ..
+        dark_nucleus,
     } = a;
     let norm = wbc_cells::cellnorm::CellNorm {
         mask_background,
+        dark_nucleus,
         ..trainer::compact::train::physical_cell_norm(view_microns)
     };
     let (found, total) = trainer::dataset::write_normalised(&csv, &out, &norm)?;

@@ -140,18 +140,31 @@ pub(crate) fn dilate(mask: &[bool], w: usize, h: usize, r: usize) -> Vec<bool> {
 /// and mostly pale (measured on every second training picture).
 const LEAKY_SHARE: f32 = 0.25;
 
+/// How strongly a nucleus absorbs green light at the least: the optical density
+/// `ln(bright / green)` against the picture's bright plasma. Where the dark part the split
+/// below finds is paler than this it is red cells, not a nucleus: at LISC the first split's
+/// threshold lies at 0.32–0.46 in pictures whose dark part is mostly red cells; in the training
+/// sources' pictures where the rule reaches it, at 0.94 or more (a large nucleus filling a
+/// tight crop).
+const NUCLEUS_MIN_DENSITY: f32 = 0.7;
+/// The dark part is split again at most this often.
+const MAX_SPLITS: usize = 3;
+
 /// Where a stain colours the red cells blue-violet as well (seen at another hospital, LISC),
 /// the threshold on blue over green keeps them with the nucleus, and the nucleus measured from
 /// that is the size of the picture: the nucleus-relative scale then zooms out until the view is
 /// mostly mirrored padding. When what was kept covers more of the picture than a nucleus does
 /// and most of it is pale, only its dark part (green below Otsu's threshold among the kept
-/// pixels: a nucleus absorbs green, a red cell much less) is the nucleus. Pictures of the
-/// training sources almost never meet both conditions. Behind `CellNorm::dark_nucleus`: the
-/// nucleus it finds at such a site is the right size, and the model must have been trained to
-/// answer for what it then sees (BENCHMARKS.md, issue 22).
+/// pixels: a nucleus absorbs green, a red cell much less) is the nucleus. Where red cells
+/// crowd a small nucleus, their darker parts outnumber their paler ones and that first dark
+/// part is mostly red cells; while it is too pale to be a nucleus ([`NUCLEUS_MIN_DENSITY`]) it
+/// is split again the same way. Pictures of the training sources almost never meet the
+/// conditions. Behind `CellNorm::dark_nucleus`: the nucleus it finds at such a site is the
+/// right size, and the model must have been trained to answer for what it then sees, or
+/// adapted to the site (BENCHMARKS.md, issue 22).
 /// Returns whether it did.
 fn dark_part_of_a_leaky_stain(work: &RgbImage, nucleus: &mut [bool]) -> bool {
-    let kept: Vec<f32> = work
+    let mut kept: Vec<f32> = work
         .pixels()
         .zip(nucleus.iter())
         .filter(|(_, n)| **n)
@@ -160,15 +173,28 @@ fn dark_part_of_a_leaky_stain(work: &RgbImage, nucleus: &mut [bool]) -> bool {
     if (kept.len() as f32) <= LEAKY_SHARE * nucleus.len() as f32 {
         return false;
     }
-    let t = otsu(&kept);
-    let dark = kept.iter().filter(|&&g| g < t).count();
-    if dark * 2 >= kept.len() {
-        return false;
+    let mut bright = None;
+    for _ in 0..MAX_SPLITS {
+        let t = otsu(&kept);
+        let dark: Vec<f32> = kept.iter().copied().filter(|&g| g < t).collect();
+        if dark.len() * 2 < kept.len() {
+            for (n, p) in nucleus.iter_mut().zip(work.pixels()) {
+                *n = *n && (p[1] as f32) < t;
+            }
+            return true;
+        }
+        // Mostly dark: a nucleus that fills much of the picture, or red cells crowding a
+        // small one. Only the latter is pale.
+        let bright = *bright.get_or_insert_with(|| {
+            let green: Vec<f32> = work.pixels().map(|p| p[1] as f32).collect();
+            percentile(&green, 0.95)
+        });
+        if dark.is_empty() || (bright / t.max(1.0)).ln() >= NUCLEUS_MIN_DENSITY {
+            return false;
+        }
+        kept = dark;
     }
-    for (n, p) in nucleus.iter_mut().zip(work.pixels()) {
-        *n = *n && (p[1] as f32) < t;
-    }
-    true
+    false
 }
 
 /// Finds the white cell nearest `hint` in a working copy (with `dark_nucleus`, see

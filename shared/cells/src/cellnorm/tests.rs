@@ -262,6 +262,78 @@ fn a_stain_that_colours_the_red_cells_too_still_gives_the_nucleus_its_size() {
     assert!(!b.dark_split, "the rule did not fire");
 }
 
+/// [`violet_smear`] with red cells of two tones, the darker more common (their darker centres
+/// crowding a small nucleus, as in LISC's lymphocyte pictures): the first split of what the
+/// stain threshold kept leaves the darker red cells with the nucleus.
+fn crowded_violet_smear() -> RgbImage {
+    let (rbc, step) = (24.0, 24.0 * 1.15);
+    let mut img = smear(240, 200, 130.0, 90.0, 40.0, rbc);
+    for (x, y, p) in img.enumerate_pixels_mut() {
+        if *p == Rgb([215, 150, 140]) {
+            // The red cell this pixel belongs to (they lie on a grid), five in eight darker.
+            let (i, j) = (
+                ((x as f32 - rbc / 2.0) / step).round() as u32,
+                ((y as f32 - rbc / 2.0) / step).round() as u32,
+            );
+            *p = if (i + 2 * j) % 8 < 5 {
+                Rgb([165, 145, 210])
+            } else {
+                Rgb([180, 175, 215])
+            };
+        }
+    }
+    img
+}
+
+#[test]
+fn red_cells_crowding_a_small_nucleus_are_split_off_until_the_nucleus_is_dark() {
+    let norm = CellNorm {
+        dark_nucleus: true,
+        ..CellNorm::default()
+    };
+    let img = crowded_violet_smear();
+    let on = norm.apply(&img, None, None);
+    assert!(on.found && on.dark_split);
+    assert!((on.nucleus_px - 0.6 * 40.0).abs() < 4.0, "nucleus {}", on.nucleus_px);
+    assert!(
+        (on.centre[0] - 130.0).abs() < 3.0 && (on.centre[1] - 90.0).abs() < 3.0,
+        "{:?}",
+        on.centre
+    );
+    // One split alone (the nucleus' green threshold is never reached) keeps the darker red
+    // cells: the nucleus would span the picture.
+    let off = CellNorm::default().apply(&img, None, None);
+    assert!(off.nucleus_px > 100.0, "nucleus {}", off.nucleus_px);
+}
+
+#[test]
+fn a_large_dark_nucleus_filling_its_picture_is_not_split() {
+    // A tight crop of a large cell: its nucleus (two dark tones) is most of what the stain
+    // threshold keeps and far darker than the plasma; the rule leaves it whole.
+    let mut img = RgbImage::from_pixel(100, 100, Rgb([235, 215, 205]));
+    for (x, y, p) in img.enumerate_pixels_mut() {
+        let d = ((x as f32 - 50.0).powi(2) + (y as f32 - 50.0).powi(2)).sqrt();
+        if d < 33.0 {
+            *p = if (x + y) % 5 < 3 {
+                Rgb([90, 50, 150])
+            } else {
+                Rgb([110, 80, 165])
+            };
+        } else if d < 45.0 {
+            *p = Rgb([215, 200, 210]);
+        }
+    }
+    let off = CellNorm::default().apply(&img, None, None);
+    let on = CellNorm {
+        dark_nucleus: true,
+        ..CellNorm::default()
+    }
+    .apply(&img, None, None);
+    assert!(!on.dark_split, "the rule did not fire");
+    assert_eq!((on.nucleus_px, on.centre), (off.nucleus_px, off.centre));
+    assert!(on.nucleus_px > 60.0, "nucleus {}", on.nucleus_px);
+}
+
 #[test]
 fn black_bars_padding_a_picture_change_neither_the_cell_nor_its_view() {
     let img = smear(200, 200, 100.0, 100.0, 48.0, 24.0);
