@@ -107,6 +107,17 @@ pub struct TrainArgs {
     /// (default: 5 % of all steps).
     #[arg(long)]
     pub warmup_steps: Option<usize>,
+    /// mllama: go on from the checkpoint the run in `--out` left (`--out`/resume), with the same
+    /// settings.
+    #[arg(long)]
+    pub resume: bool,
+    /// mllama: also leave a checkpoint every this many optimiser steps (default: at each
+    /// epoch's end only).
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: usize,
+    /// mllama: stop after this many optimiser steps, with a checkpoint (`--resume` goes on).
+    #[arg(long)]
+    pub stop_after: Option<usize>,
     /// mllama: the frozen base is held in 4 bits, one scale per this many values (0: f32).
     #[arg(long, default_value_t = 32)]
     pub base_block: u8,

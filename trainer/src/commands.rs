@@ -39,6 +39,9 @@ pub fn train_mllama(a: TrainArgs) -> Result<()> {
         seed,
         device,
         warmup_steps,
+        resume,
+        checkpoint_every,
+        stop_after,
         ..
     } = a;
     let (train, val) = if data.join("train.csv").is_file() {
@@ -64,7 +67,21 @@ pub fn train_mllama(a: TrainArgs) -> Result<()> {
         base_block,
         device,
     };
-    let r = trainer::mllama::train(&settings, &train, &val, &out)?;
+    let control = trainer::mllama::Control {
+        resume,
+        checkpoint_every,
+        stop_after,
+    };
+    let r = trainer::mllama::train_with(&settings, &train, &val, &out, &control)?;
+    if r.stopped {
+        println!(
+            "stopped as asked, {} of {} epochs finished; `--resume` with the same settings goes on from {}",
+            r.train_loss.len(),
+            settings.epochs,
+            trainer::mllama::resume_dir(&out).display()
+        );
+        return Ok(());
+    }
     println!(
         "best epoch {}: val answer loss {:.4}, val class accuracy {:.3} ({})",
         r.best_epoch,

@@ -217,3 +217,102 @@ fn lora_fine_tuning_on_real_cells_lowers_the_answer_loss_and_keeps_the_best_adap
         * 4;
     assert!(r.bytes * 2 < f32_bytes, "{} vs {f32_bytes}", r.bytes);
 }
+
+/// A run stopped part way (twice: inside the first epoch, then inside the second) and resumed
+/// ends where the same run without a stop ends: the adapters, the optimiser's moments, the
+/// position in the epoch and the schedule's step all come back. A checkpoint is refused for
+/// other settings, and a missing or damaged one is an error that says so.
+#[test]
+fn a_run_stopped_part_way_and_resumed_ends_as_the_run_without_a_stop() {
+    use trainer::mllama::{Control, resume_dir, train_with};
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    trainer::mllama::write_tiny_base(&fixtures(), &base, 3).unwrap();
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: LoraTargets::default(),
+        seed: 1,
+    };
+    let settings = MllamaSettings {
+        base: base.clone(),
+        epochs: 2,
+        lr: 1e-2,
+        warmup_steps: Some(1),
+        accumulate: 2,
+        lora,
+        max_per_class: None,
+        seed: 5,
+        base_block: 8,
+        device: trainer::device::DeviceChoice::Cpu,
+    };
+    let cells = fixtures().join("cells/cells.csv");
+    let whole = dir.path().join("whole");
+    let uninterrupted = train(&settings, &cells, &cells, &whole).unwrap();
+
+    let run = dir.path().join("run");
+    let stop = |resume| Control {
+        resume,
+        checkpoint_every: 0,
+        stop_after: Some(2),
+    };
+    let first = train_with(&settings, &cells, &cells, &run, &stop(false)).unwrap();
+    assert!(first.stopped && first.train_loss.is_empty(), "{first:?}");
+    assert!(resume_dir(&run).join("state.json").is_file());
+    let second = train_with(&settings, &cells, &cells, &run, &stop(true)).unwrap();
+    assert!(second.stopped && second.train_loss.len() == 1, "{second:?}");
+    let last = train_with(
+        &settings,
+        &cells,
+        &cells,
+        &run,
+        &Control {
+            resume: true,
+            ..Control::default()
+        },
+    )
+    .unwrap();
+    assert!(!last.stopped);
+    eprintln!("{uninterrupted:?}\n{last:?}");
+    for (a, b) in uninterrupted
+        .train_loss
+        .iter()
+        .chain(&uninterrupted.val_loss)
+        .zip(last.train_loss.iter().chain(&last.val_loss))
+    {
+        assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "{uninterrupted:?} vs {last:?}");
+    }
+    assert_eq!(uninterrupted.best_epoch, last.best_epoch);
+    let device = burn::tensor::Device::flex();
+    let img = image::open(fixtures().join("cells/EO_100884.jpg")).unwrap().to_rgb8();
+    let probs = |run: &std::path::Path| {
+        let (p, model) = load_tuned(&base, run, &lora, 8, &device).unwrap();
+        classify(&model, &p, &img, &device).unwrap()
+    };
+    let (a, b) = (probs(&whole), probs(&run));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-4, "{a:?} vs {b:?}");
+    }
+    // The curves hold both epochs once.
+    let curves = std::fs::read_to_string(run.join("curves.csv")).unwrap();
+    assert_eq!(curves.lines().count(), 3, "{curves}");
+
+    // Other settings: refused, and the checkpoint is left as it was.
+    let other = MllamaSettings {
+        lr: 2e-2,
+        ..settings.clone()
+    };
+    let resume = Control {
+        resume: true,
+        ..Control::default()
+    };
+    let e = train_with(&other, &cells, &cells, &run, &resume).unwrap_err();
+    assert!(format!("{e:#}").contains("other settings"), "{e:#}");
+    // Nothing to resume from, or a damaged state.
+    let e = train_with(&settings, &cells, &cells, &dir.path().join("new"), &resume).unwrap_err();
+    assert!(format!("{e:#}").contains("no checkpoint"), "{e:#}");
+    std::fs::write(resume_dir(&run).join("state.json"), b"{\"epoch\": 1").unwrap();
+    let e = train_with(&settings, &cells, &cells, &run, &resume).unwrap_err();
+    assert!(format!("{e:#}").contains("not a checkpoint"), "{e:#}");
+}

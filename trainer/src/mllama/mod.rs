@@ -24,7 +24,7 @@ pub mod export;
 pub mod train;
 
 pub use export::{EXPORT_TOLERANCE, ExportTo, MllamaExportReport, export};
-pub use train::{MllamaReport, MllamaSettings, train};
+pub use train::{Control, MllamaReport, MllamaSettings, resume_dir, train, train_with};
 
 /// The answer the model learns for a cell: the class name, then a description. The reference
 /// study trained on five phrasings per class; here each cell gets one of them or, for a cell

@@ -5,7 +5,7 @@ use crate::dataset::Sample;
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
-use burn::store::{ModuleSnapshot, SafetensorsStore};
+use burn::store::{BurnpackStore, ModuleSnapshot, SafetensorsStore};
 use image::RgbImage;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -48,7 +48,7 @@ pub struct MllamaSettings {
 }
 
 /// What a run measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MllamaReport {
     /// Mean training answer loss per epoch.
     pub train_loss: Vec<f64>,
@@ -58,6 +58,120 @@ pub struct MllamaReport {
     pub val_accuracy: Vec<f64>,
     /// Epoch whose adapters were kept (lowest validation loss).
     pub best_epoch: usize,
+    /// Whether this invocation stopped before the last epoch ([`Control::stop_after`]); the
+    /// run goes on with [`Control::resume`].
+    #[serde(default)]
+    pub stopped: bool,
+}
+
+/// How one invocation of [`train_with`] runs: where it starts, how often it leaves a
+/// checkpoint, when it stops. Not part of the run's settings: a run may be resumed with
+/// other ones.
+#[derive(Debug, Clone, Default)]
+pub struct Control {
+    /// Go on from the checkpoint in `out/resume` (the adapters, the optimiser's moments, the
+    /// position in the epoch, the schedule's step, the curves so far) instead of starting.
+    pub resume: bool,
+    /// Also leave a checkpoint every this many optimiser steps (0: at each epoch's end only).
+    pub checkpoint_every: usize,
+    /// Stop, with a checkpoint, after this many optimiser steps of this invocation.
+    pub stop_after: Option<usize>,
+}
+
+/// Where a run keeps its checkpoint.
+pub fn resume_dir(out: &Path) -> PathBuf {
+    out.join("resume")
+}
+
+/// What a checkpoint holds besides the tensors: enough to go on exactly where the run was.
+#[derive(Debug, Serialize, Deserialize)]
+struct ResumeState {
+    /// The run's settings (a resumed run must have the same, but for the device).
+    settings: serde_json::Value,
+    /// Epoch in progress (from 1); one past the last after the last epoch's end.
+    epoch: usize,
+    /// Position in the epoch's order of the next sample.
+    next: usize,
+    /// Optimiser steps taken.
+    step: usize,
+    /// Sum of the epoch's sample losses so far.
+    epoch_loss: f64,
+    /// Epochs finished.
+    report: MllamaReport,
+    /// The adapters' and the optimiser's files, in the checkpoint's folder.
+    lora: String,
+    optim: String,
+}
+
+fn comparable(s: &MllamaSettings) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(s)?;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("device");
+    }
+    Ok(v)
+}
+
+/// Writes a checkpoint: the adapters (with their parameter ids, which key the optimiser's
+/// state) and the optimiser in burn's own format, then the state, renamed into place last, so
+/// that a run killed while writing keeps its previous checkpoint.
+fn save_checkpoint(
+    out: &Path,
+    model: &Mllama,
+    optim: &burn::optim::ModuleOptimizer,
+    mut state: ResumeState,
+) -> Result<()> {
+    let dir = resume_dir(out);
+    std::fs::create_dir_all(&dir)?;
+    state.lora = format!("lora-{}.bpk", state.step);
+    state.optim = format!("optim-{}.bpk", state.step);
+    let lora = dir.join(&state.lora);
+    let mut store = BurnpackStore::from_file(&lora)
+        .with_regex(r"\.lora\.")
+        .overwrite(true)
+        .auto_extension(false);
+    model
+        .save_into(&mut store)
+        .map_err(|e| anyhow::anyhow!("saving {}: {e:?}", lora.display()))?;
+    let optim_path = dir.join(&state.optim);
+    optim
+        .to_record()
+        .save(&optim_path)
+        .map_err(|e| anyhow::anyhow!("saving {}: {e:?}", optim_path.display()))?;
+    let part = dir.join("state.json.part");
+    std::fs::write(&part, serde_json::to_vec_pretty(&state)?)?;
+    std::fs::rename(&part, dir.join("state.json"))?;
+    // The previous checkpoint's tensors.
+    for e in std::fs::read_dir(&dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".bpk") && name != state.lora && name != state.optim {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    tracing::info!(epoch = state.epoch, step = state.step, "checkpoint written");
+    Ok(())
+}
+
+fn load_checkpoint(out: &Path, settings: &MllamaSettings) -> Result<ResumeState> {
+    let path = resume_dir(out).join("state.json");
+    let bytes = std::fs::read(&path).with_context(|| format!("no checkpoint to resume from: {}", path.display()))?;
+    let state: ResumeState =
+        serde_json::from_slice(&bytes).with_context(|| format!("{}: not a checkpoint's state", path.display()))?;
+    if state.settings != comparable(settings)? {
+        bail!(
+            "{}: the run was started with other settings ({}); resume it with those, or start a new run in another folder",
+            path.display(),
+            state.settings
+        );
+    }
+    if state.epoch == 0 || state.report.train_loss.len() + 1 != state.epoch {
+        bail!(
+            "{}: a damaged checkpoint (epoch {} after {} finished)",
+            path.display(),
+            state.epoch,
+            state.report.train_loss.len()
+        );
+    }
+    Ok(state)
 }
 
 /// The learning rate of optimiser step `step` (from 0) of `total`: a linear warm-up over
@@ -72,12 +186,28 @@ pub fn scheduled_lr(peak: f64, step: usize, warmup: usize, total: usize) -> f64 
 }
 
 /// Fine-tunes with LoRA; writes `adapters.safetensors`, `curves.csv`, `curves.png` and
-/// `mllama-run.json` into `out`.
+/// `mllama-run.json` into `out`, and a checkpoint at each epoch's end (`resume/`).
 pub fn train(s: &MllamaSettings, train_csv: &Path, val_csv: &Path, out: &Path) -> Result<MllamaReport> {
+    train_with(s, train_csv, val_csv, out, &Control::default())
+}
+
+/// [`train`], started, checkpointed and stopped as `control` says.
+pub fn train_with(
+    s: &MllamaSettings,
+    train_csv: &Path,
+    val_csv: &Path,
+    out: &Path,
+    control: &Control,
+) -> Result<MllamaReport> {
     if s.accumulate == 0 || s.epochs == 0 || s.lora.rank == 0 {
         bail!("--accumulate, --epochs and --rank must be at least 1");
     }
     std::fs::create_dir_all(out)?;
+    let resumed = if control.resume {
+        Some(load_checkpoint(out, s)?)
+    } else {
+        None
+    };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed);
     let p = Prompting::load(&s.base)?;
     let device = s.device.device()?;
@@ -119,18 +249,76 @@ pub fn train(s: &MllamaSettings, train_csv: &Path, val_csv: &Path, out: &Path) -
         val_loss: Vec::new(),
         val_accuracy: Vec::new(),
         best_epoch: 0,
+        stopped: false,
     };
+    let (mut first_epoch, mut next, mut step, mut epoch_loss) = (1, 0, 0usize, 0f64);
+    if let Some(r) = resumed {
+        let dir = resume_dir(out);
+        // burn's own format keeps each adapter's parameter id, which keys its optimiser state.
+        let mut store = BurnpackStore::from_file(dir.join(&r.lora))
+            .with_regex(r"\.lora\.")
+            .allow_partial(true)
+            .auto_extension(false);
+        let applied = model
+            .load_from(&mut store)
+            .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", dir.join(&r.lora).display()))?;
+        // Every adapter of the model, and nothing else, comes from the checkpoint.
+        let lora_missing = applied
+            .missing
+            .iter()
+            .filter(|(name, _)| name.contains(".lora."))
+            .count();
+        if applied.applied.is_empty() || lora_missing > 0 || !applied.unused.is_empty() {
+            bail!(
+                "{}: the checkpoint's adapters do not fit this model ({} loaded, {lora_missing} missing, {} left over)",
+                dir.join(&r.lora).display(),
+                applied.applied.len(),
+                applied.unused.len()
+            );
+        }
+        let record = burn::optim::OptimizerRecord::load(dir.join(&r.optim))
+            .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", dir.join(&r.optim).display()))?;
+        optim = optim.load_record(record);
+        (first_epoch, next, step, epoch_loss, report) = (r.epoch, r.next, r.step, r.epoch_loss, r.report);
+        report.stopped = false;
+        tracing::info!(epoch = first_epoch, sample = next, step, "resumed");
+    }
     let mut curves = std::fs::File::create(out.join("curves.csv"))?;
     writeln!(curves, "epoch,train_loss,val_loss,val_accuracy")?;
+    for (e, ((tl, vl), va)) in report
+        .train_loss
+        .iter()
+        .zip(&report.val_loss)
+        .zip(&report.val_accuracy)
+        .enumerate()
+    {
+        writeln!(curves, "{},{tl:.5},{vl:.5},{va:.4}", e + 1)?;
+    }
     let mut order: Vec<usize> = (0..train_set.len()).collect();
+    // The orders of the epochs already done, drawn again from the seed.
+    for _ in 1..first_epoch {
+        order.shuffle(&mut rng);
+    }
     let total_steps = s.epochs * train_set.len().div_ceil(s.accumulate);
     let warmup = s.warmup_steps.unwrap_or((total_steps / 20).max(1));
-    let mut step = 0usize;
-    for epoch in 1..=s.epochs {
+    let mut steps_now = 0usize;
+    let state = |epoch, next, step, epoch_loss, report: &MllamaReport| -> Result<ResumeState> {
+        Ok(ResumeState {
+            settings: comparable(s)?,
+            epoch,
+            next,
+            step,
+            epoch_loss,
+            report: report.clone(),
+            lora: String::new(),
+            optim: String::new(),
+        })
+    };
+    for epoch in first_epoch..=s.epochs {
         order.shuffle(&mut rng);
         let mut acc = GradientsAccumulator::new();
-        let (mut total, mut pending) = (0f64, 0usize);
-        for (k, &i) in order.iter().enumerate() {
+        let (mut total, mut pending) = (std::mem::take(&mut epoch_loss), 0usize);
+        for (k, &i) in order.iter().enumerate().skip(std::mem::take(&mut next)) {
             let e = &encode(&train_set[i])?;
             let loss = model.answer_loss(p.inputs(e, None, &ad), e.answer_from) / s.accumulate as f64;
             let v = f64::from(loss.clone().into_scalar::<f32>()) * s.accumulate as f64;
@@ -143,7 +331,18 @@ pub fn train(s: &MllamaSettings, train_csv: &Path, val_csv: &Path, out: &Path) -
             if pending == s.accumulate || k + 1 == order.len() {
                 model = optim.step(scheduled_lr(s.lr, step, warmup, total_steps), model, acc.grads());
                 step += 1;
+                steps_now += 1;
                 pending = 0;
+                if k + 1 < order.len() {
+                    let stop = control.stop_after == Some(steps_now);
+                    if stop || (control.checkpoint_every > 0 && step.is_multiple_of(control.checkpoint_every)) {
+                        save_checkpoint(out, &model, &optim, state(epoch, k + 1, step, total, &report)?)?;
+                    }
+                    if stop {
+                        report.stopped = true;
+                        return Ok(report);
+                    }
+                }
             }
         }
         let valid = model.valid();
@@ -175,6 +374,11 @@ pub fn train(s: &MllamaSettings, train_csv: &Path, val_csv: &Path, out: &Path) -
         report.train_loss.push(tl);
         report.val_loss.push(vl);
         report.val_accuracy.push(va);
+        save_checkpoint(out, &model, &optim, state(epoch + 1, 0, step, 0.0, &report)?)?;
+        if control.stop_after == Some(steps_now) && epoch < s.epochs {
+            report.stopped = true;
+            return Ok(report);
+        }
     }
     crate::plot::curves(&out.join("curves.csv"), &out.join("curves.png"))?;
     std::fs::write(
