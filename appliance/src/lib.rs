@@ -41,7 +41,9 @@ pub fn trusted_keys(paths: &[PathBuf]) -> Result<Vec<VerifyingKey>> {
 /// Opens and verifies a bundle file, or the embedded default when `path` is `None`.
 pub fn open_bundle(path: Option<&Path>, trusted: &[VerifyingKey]) -> Result<Bundle> {
     match path {
-        Some(p) => Bundle::open(p, trusted).with_context(|| format!("model bundle {}", p.display())),
+        // Mapped, not read: a multi-GB bundle's weights are paged in as the model is built.
+        Some(p) => Bundle::open_mapped(p, trusted, &wbc_protocol::bundle::ReadLimits::default())
+            .with_context(|| format!("model bundle {}", p.display())),
         None => Bundle::from_bytes(DEFAULT_BUNDLE, trusted).context("embedded default model bundle"),
     }
 }

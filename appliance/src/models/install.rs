@@ -5,13 +5,13 @@
 //! trusted key list, kept in `trust.json`) and the memory of what became of each bundle offered
 //! (`seen.json`).
 
-use super::slots::{step, write_atomic_pausing};
+use super::slots::{copy_atomic_pausing, step};
 use super::{Models, Outcome, Pointer, Probation, Slot, State, msg, write_atomic};
 use anyhow::{Result, bail};
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use wbc_protocol::bundle::{UnverifiedBundle, file_sha256, sha256_hex};
+use wbc_protocol::bundle::{Bundle, UnverifiedBundle, file_sha256};
 use wbc_protocol::signed::{KeyList, Rollback, SignedDoc};
 use wbc_protocol::uplink::ModelEvent;
 
@@ -219,21 +219,13 @@ impl<T> Models<T> {
         };
         // Verified while streaming, in bounded memory: the signature before any part is read,
         // then every part's hash. Nothing a refused file claims is trusted, or read whole.
-        UnverifiedBundle::verify_file(path, &trusted, &self.limits()).map_err(|e| {
+        let (manifest, signed_by) = UnverifiedBundle::verify_file(path, &trusted, &self.limits()).map_err(|e| {
             // What it claimed to be, for the lab, read only now that it is refused.
             let claimed = UnverifiedBundle::claimed_version(path).unwrap_or(0);
             refuse(sha, claimed, e.to_string())
         })?;
-        // Signed by a trusted key, every part as listed: now it may be read, for the loader.
-        let bytes = std::fs::read(path).map_err(|e| transient(format!("cannot read {}: {e}", path.display())))?;
-        if sha256_hex(&bytes) != sha {
-            return Err(transient(format!("{} changed while it was checked", path.display())));
-        }
         let sha = sha.to_string();
-        let bundle = UnverifiedBundle::read(&bytes[..], &self.limits())
-            .and_then(|u| u.verify(&trusted))
-            .map_err(|e| refuse(&sha, 0, e.to_string()))?;
-        let m = &bundle.manifest;
+        let m = &manifest;
         let v = m.model_version;
         let needs = semver::Version::parse(&m.min_appliance_version).map_err(|e| {
             refuse(
@@ -278,20 +270,28 @@ impl<T> Models<T> {
         (self.report)(&msg(
             ModelEvent::Verified,
             v,
-            format!(
-                "{source}: signed by key {}, {} parts intact",
-                bundle.signed_by,
-                m.parts.len()
-            ),
+            format!("{source}: signed by key {signed_by}, {} parts intact", m.parts.len()),
         ));
         step("verified");
         let name = format!("slot-v{v}-{}.bundle", &sha[..12]);
         let slot_path = self.dir.join(&name);
         // Until the pointer names it (or the install fails), the clean-up leaves it alone.
         let _staging = Staging::new(self, &name);
-        self.stage(&bytes, &sha, &slot_path)
+        self.stage(path, &sha, &slot_path)
             .map_err(|e| transient(format!("copying into {name}: {e:#}")))?;
-        drop(bytes);
+        // The staged copy, verified once more as it is mapped (the offered file may have
+        // changed since it was checked; the copy cannot), is what the model is built from.
+        let bundle = match Bundle::open_mapped(&slot_path, &trusted, &self.limits()) {
+            Ok(b) if b.manifest == manifest => b,
+            Ok(_) => {
+                let _ = std::fs::remove_file(&slot_path);
+                return Err(transient(format!("{} changed while it was checked", path.display())));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&slot_path);
+                return Err(transient(format!("the copy in {name} does not verify: {e}")));
+            }
+        };
         let current = match (self.loader)(&bundle) {
             Ok(t) => t,
             Err(e) => {
@@ -404,12 +404,14 @@ impl<T> Models<T> {
 
     /// Writes the verified bundle into its slot ([`write_atomic`]), then reads it back and
     /// checks it against the sha256 that was verified.
-    fn stage(&self, bytes: &[u8], sha: &str, slot: &Path) -> Result<()> {
-        write_atomic_pausing(slot, bytes, Some("staging"))?;
+    /// Copies the offered file into its slot (streamed, never held whole) and checks that the
+    /// copy is the file that was checked.
+    fn stage(&self, from: &Path, sha: &str, slot: &Path) -> Result<()> {
+        copy_atomic_pausing(from, slot, Some("staging"))?;
         step("staged");
         if file_sha256(slot)?.0 != sha {
             let _ = std::fs::remove_file(slot);
-            bail!("the copy on disk differs from the verified bundle (a disk error?)");
+            bail!("the copy on disk differs from the verified bundle (the offered file changed, or a disk error)");
         }
         Ok(())
     }

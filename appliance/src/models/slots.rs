@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Mutex;
-use wbc_protocol::bundle::{ReadLimits, UnverifiedBundle, sha256_hex};
+use wbc_protocol::bundle::{Bundle, ReadLimits, UnverifiedBundle, file_sha256, sha256_hex};
 use wbc_protocol::signed::KeyList;
 use wbc_protocol::uplink::{ModelEvent, ModelMessage};
 
@@ -80,6 +80,27 @@ pub(super) fn write_atomic_pausing(path: &Path, bytes: &[u8], pause: Option<&str
             step(name);
         }
         f.write_all(&bytes[half..])?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// [`write_atomic_pausing`] for the contents of a file, copied as it streams (a multi-GB
+/// bundle is never held): a temporary file, synced, renamed into place.
+pub(super) fn copy_atomic_pausing(from: &Path, path: &Path, pause: Option<&str>) -> Result<()> {
+    let dir = path.parent().context("a file in a folder")?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut src = std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
+        let half = src.metadata()?.len() / 2;
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        std::io::copy(&mut std::io::Read::take(&mut src, half), &mut f)?;
+        if let Some(name) = pause {
+            step(name);
+        }
+        std::io::copy(&mut src, &mut f)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
@@ -279,19 +300,24 @@ impl<T> Models<T> {
 
     /// Verifies an installed model again and loads it (self-test included).
     pub(super) fn load(&self, slot: &Slot, trusted: &[VerifyingKey]) -> Result<T> {
-        let (bytes, keys): (std::borrow::Cow<[u8]>, &[VerifyingKey]) = match &slot.file {
-            None => ((&self.factory.bytes[..]).into(), &self.factory.trusted),
-            Some(f) => (
-                std::fs::read(self.dir.join(f))
-                    .with_context(|| format!("reading {f}"))?
-                    .into(),
-                trusted,
-            ),
+        let bundle = match &slot.file {
+            None => {
+                if sha256_hex(&self.factory.bytes) != slot.sha256 {
+                    bail!("the factory model differs from the one recorded");
+                }
+                UnverifiedBundle::read(&self.factory.bytes[..], &self.limits())?.verify(&self.factory.trusted)?
+            }
+            // An installed copy is the appliance's own file: mapped, not read, so that a
+            // multi-GB model is not copied onto the heap to be built.
+            Some(f) => {
+                let path = self.dir.join(f);
+                let (sha, _) = file_sha256(&path).with_context(|| format!("reading {f}"))?;
+                if sha != slot.sha256 {
+                    bail!("the file is damaged (its sha256 differs from when it was installed)");
+                }
+                Bundle::open_mapped(&path, trusted, &self.limits())?
+            }
         };
-        if sha256_hex(&bytes) != slot.sha256 {
-            bail!("the file is damaged (its sha256 differs from when it was installed)");
-        }
-        let bundle = UnverifiedBundle::read(&bytes[..], &self.limits())?.verify(keys)?;
         (self.loader)(&bundle)
     }
 

@@ -31,6 +31,9 @@ fn factory_version() -> u64 {
 struct Fixture {
     dir: tempfile::TempDir,
     events: Events,
+    /// How each bundle the loader was given held its weights (`Debug` of the part: held bytes,
+    /// or mapped from a file).
+    loaded: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Fixture {
@@ -38,6 +41,7 @@ impl Fixture {
         Fixture {
             dir: tempfile::tempdir().unwrap(),
             events: Arc::default(),
+            loaded: Arc::default(),
         }
     }
 
@@ -49,7 +53,9 @@ impl Fixture {
         let device = crate::backend::select(crate::backend::BackendChoice::Cpu)
             .unwrap()
             .device;
+        let loaded = self.loaded.clone();
         let loader: Loader<Arc<Classifier>> = Box::new(move |b| {
+            loaded.lock().unwrap().push(format!("{b:?}"));
             let c = Classifier::from_bundle(b, &device)?;
             c.self_test(b)?;
             Ok(Arc::new(c))
@@ -185,13 +191,22 @@ fn a_newer_signed_bundle_becomes_active_with_the_old_one_as_fallback() {
     let events: Vec<String> = f.events.lock().unwrap().iter().map(|e| e.event.to_string()).collect();
     assert_eq!(events, ["verified", "active"]);
     assert_eq!(f.slots().len(), 1);
+    // The factory model is built from the bytes embedded in the program; the new one from its
+    // installed copy, mapped rather than read onto the heap.
+    {
+        let loaded = f.loaded.lock().unwrap();
+        assert!(!loaded[0].contains("mapped"), "{}", loaded[0]);
+        assert!(loaded[1].contains("bytes mapped"), "{}", loaded[1]);
+    }
     // The same file again: nothing to do.
     assert!(matches!(m.install(&p, "test", &[]), Outcome::Skipped(_)));
     m.close().unwrap();
     drop(m);
-    // A clean restart keeps it (verified and self-tested again), not counted as a crash.
+    // A clean restart keeps it (verified and self-tested again, from the mapped copy), not
+    // counted as a crash.
     let (m, c) = f.open();
     assert_eq!(c.model_version, v0 + 1);
+    assert!(f.loaded.lock().unwrap().last().unwrap().contains("bytes mapped"));
     assert_eq!(m.status().probation.unwrap().crashed_starts, 0);
 }
 

@@ -224,7 +224,11 @@ impl BundleBuilder {
     pub fn from_bundle(bundle: &Bundle) -> Self {
         BundleBuilder {
             manifest: bundle.manifest.clone(),
-            parts: bundle.parts.clone(),
+            parts: bundle
+                .parts
+                .iter()
+                .map(|(n, b)| (n.clone(), b.as_slice().to_vec()))
+                .collect(),
         }
     }
 
@@ -412,6 +416,20 @@ pub fn verify_stream(
     limits: &ReadLimits,
     file_len: Option<u64>,
 ) -> Result<(Manifest, String), BundleError> {
+    verify_entries(reader, trusted, limits, file_len).map(|(m, k, _)| (m, k))
+}
+
+/// Where each part's bytes lie in the bundle file.
+type PartRanges = BTreeMap<String, std::ops::Range<u64>>;
+
+/// [`verify_stream`], with where each verified part lies in what was read.
+fn verify_entries(
+    reader: impl Read,
+    trusted: &[VerifyingKey],
+    limits: &ReadLimits,
+    file_len: Option<u64>,
+) -> Result<(Manifest, String, PartRanges), BundleError> {
+    let mut ranges = PartRanges::new();
     let mut archive = tar::Archive::new(reader.take(limits.max_total.saturating_add(1)));
     let mut manifest_bytes = None;
     let mut signed: Option<(Manifest, String)> = None;
@@ -444,6 +462,7 @@ pub fn verify_stream(
                 if listed.size != size {
                     return Err(BundleError::HashMismatch(name));
                 }
+                let start = entry.raw_file_position();
                 let mut sink = HashSink(Sha256::new(), 0);
                 std::io::copy(&mut (&mut entry).take(size), &mut sink).map_err(corrupt)?;
                 if sink.1 != size {
@@ -452,6 +471,7 @@ pub fn verify_stream(
                 if hex::encode(sink.0.finalize()) != listed.sha256 {
                     return Err(BundleError::HashMismatch(name));
                 }
+                ranges.insert(name, start..start + size);
             }
         }
     }
@@ -463,7 +483,7 @@ pub fn verify_stream(
     if let Some(name) = manifest.parts.keys().find(|n| !seen.contains(*n)) {
         return Err(BundleError::MissingPart(name.clone()));
     }
-    Ok((manifest, signed_by))
+    Ok((manifest, signed_by, ranges))
 }
 
 fn check_name(name: &str) -> Result<(), BundleError> {
@@ -494,7 +514,33 @@ pub struct Bundle {
     pub manifest: Manifest,
     /// Key that signed it.
     pub signed_by: String,
-    parts: BTreeMap<String, Vec<u8>>,
+    parts: BTreeMap<String, PartBytes>,
+}
+
+/// A verified part's bytes: held in memory, or a range of a bundle file mapped into memory
+/// ([`Bundle::open_mapped`]), which the kernel pages in as they are read and may drop again.
+#[derive(Clone)]
+enum PartBytes {
+    Held(Vec<u8>),
+    Mapped(std::sync::Arc<memmap2::Mmap>, std::ops::Range<usize>),
+}
+
+impl PartBytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            PartBytes::Held(b) => b,
+            PartBytes::Mapped(map, r) => &map[r.clone()],
+        }
+    }
+}
+
+impl std::fmt::Debug for PartBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PartBytes::Held(b) => write!(f, "{} bytes", b.len()),
+            PartBytes::Mapped(_, r) => write!(f, "{} bytes mapped", r.len()),
+        }
+    }
 }
 
 impl UnverifiedBundle {
@@ -600,7 +646,7 @@ impl UnverifiedBundle {
         Ok(Bundle {
             manifest,
             signed_by,
-            parts: self.parts,
+            parts: self.parts.into_iter().map(|(n, b)| (n, PartBytes::Held(b))).collect(),
         })
     }
 }
@@ -609,6 +655,48 @@ impl Bundle {
     /// Reads and verifies a bundle file in one step.
     pub fn open(path: &Path, trusted: &[VerifyingKey]) -> Result<Bundle, BundleError> {
         UnverifiedBundle::read_file(path, &ReadLimits::default())?.verify(trusted)
+    }
+
+    /// Verifies a bundle file and keeps it mapped into memory instead of reading it: its parts
+    /// are slices of the mapping, paged in by the kernel as a model is built from them and
+    /// dropped again under memory pressure, so a multi-GB bundle is never copied onto the heap.
+    /// Verification streams through the mapping once (signature first, then every part's hash)
+    /// and the parts are the very bytes it hashed.
+    ///
+    /// For files that nothing else changes while the bundle is in use: the appliance's own
+    /// installed copies, a bundle given on the command line. A file truncated by another
+    /// process while mapped would fault on the next read of what it lost.
+    pub fn open_mapped(path: &Path, trusted: &[VerifyingKey], limits: &ReadLimits) -> Result<Bundle, BundleError> {
+        let file = std::fs::File::open(path)?;
+        let len = file_len(path, limits)?;
+        if len == 0 {
+            return Err(BundleError::MissingManifest);
+        }
+        // SAFETY: the mapping is read-only and the file is one the caller owns and does not
+        // change while the bundle lives (see above); what it holds is verified before use.
+        let map = std::sync::Arc::new(unsafe { memmap2::Mmap::map(&file)? });
+        let (manifest, signed_by, ranges) = verify_entries(&map[..], trusted, limits, Some(len))?;
+        let parts = ranges
+            .into_iter()
+            .map(|(name, r)| {
+                let (start, end) = (usize::try_from(r.start), usize::try_from(r.end));
+                let (Ok(start), Ok(end)) = (start, end) else {
+                    return Err(BundleError::Corrupt(format!(
+                        "entry {name:?} lies beyond what can be mapped"
+                    )));
+                };
+                let r = start..end;
+                if r.end > map.len() {
+                    return Err(BundleError::Corrupt(format!("entry {name:?} lies beyond the file")));
+                }
+                Ok((name, PartBytes::Mapped(map.clone(), r)))
+            })
+            .collect::<Result<_, BundleError>>()?;
+        Ok(Bundle {
+            manifest,
+            signed_by,
+            parts,
+        })
     }
 
     /// Reads and verifies bundle bytes in one step.
@@ -620,7 +708,7 @@ impl Bundle {
     pub fn part(&self, name: &str) -> Result<&[u8], BundleError> {
         self.parts
             .get(name)
-            .map(Vec::as_slice)
+            .map(PartBytes::as_slice)
             .ok_or_else(|| BundleError::NoSuchPart(name.to_string()))
     }
 

@@ -33,10 +33,34 @@ fn build(k: &SigningKey) -> Vec<u8> {
         .unwrap()
 }
 
-/// Verifies `bytes` in memory and streamed: both must reach the same verdict.
+/// Verifies `bytes` in memory, streamed, and as a file mapped into memory: all three must
+/// reach the same verdict, and the mapped bundle's parts must be the bytes read in memory.
 fn verified(bytes: &[u8], trusted: &[VerifyingKey]) -> Result<Bundle, BundleError> {
     let streamed = verify_stream(bytes, trusted, &ReadLimits::default(), Some(bytes.len() as u64));
     let whole = Bundle::from_bytes(bytes, trusted);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file.bundle");
+    std::fs::write(&file, bytes).unwrap();
+    let mapped = Bundle::open_mapped(&file, trusted, &ReadLimits::default());
+    match (&whole, &mapped) {
+        (Ok(w), Ok(m)) => {
+            assert_eq!((&w.manifest, &w.signed_by), (&m.manifest, &m.signed_by));
+            assert!(w.part_names().eq(m.part_names()));
+            for name in w.part_names() {
+                assert_eq!(w.part(name).unwrap(), m.part(name).unwrap(), "{name}");
+            }
+        }
+        (Err(a), Err(b)) => assert_eq!(
+            std::mem::discriminant(a),
+            std::mem::discriminant(b),
+            "in memory: {a}; mapped: {b}"
+        ),
+        _ => panic!(
+            "in memory {:?}, mapped {:?}",
+            whole.as_ref().err(),
+            mapped.as_ref().err()
+        ),
+    }
     match (&whole, &streamed) {
         (Ok(b), Ok((m, by))) => assert_eq!((&b.manifest, &b.signed_by), (m, by)),
         (Err(a), Err(b)) => assert_eq!(
@@ -353,4 +377,34 @@ fn a_bundle_written_to_a_file_as_it_is_assembled_is_the_bundle_built_in_memory()
     assert!(bytes == build(&k), "the same bytes either way");
     let b = Bundle::open(&path, &[k.verifying_key()]).unwrap();
     assert_eq!(b.part("weights.safetensors").unwrap(), &[7; 1000][..]);
+}
+
+#[test]
+fn a_mapped_bundle_serves_its_parts_from_the_file_and_can_be_signed_again() {
+    let k = key(1);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.bundle");
+    std::fs::write(&path, build(&k)).unwrap();
+    let limits = ReadLimits::default();
+    let b = Bundle::open_mapped(&path, &[k.verifying_key()], &limits).unwrap();
+    assert_eq!(b.part("weights.safetensors").unwrap(), &[7u8; 1000][..]);
+    assert_eq!(b.part("selftest/cell.png").unwrap(), &[1u8, 2, 3][..]);
+    assert!(format!("{b:?}").contains("1000 bytes mapped"), "{b:?}");
+    // A clone shares the mapping; re-signing copies the parts out of it.
+    let again = BundleBuilder::from_bundle(&b.clone()).finish(&key(2)).unwrap();
+    drop(b);
+    let v = verified(&again, &[key(2).verifying_key()]).unwrap();
+    assert_eq!(v.part("weights.safetensors").unwrap(), &[7u8; 1000][..]);
+    // An empty file, a missing one, a directory.
+    std::fs::write(&path, b"").unwrap();
+    let trusted = [k.verifying_key()];
+    assert!(matches!(
+        Bundle::open_mapped(&path, &trusted, &limits),
+        Err(BundleError::MissingManifest)
+    ));
+    assert!(matches!(
+        Bundle::open_mapped(&dir.path().join("none"), &trusted, &limits),
+        Err(BundleError::Io(_))
+    ));
+    assert!(Bundle::open_mapped(dir.path(), &trusted, &limits).is_err());
 }
