@@ -71,11 +71,9 @@ pub fn open_models(
     backend::Backend { device, name: backend }: backend::Backend,
 ) -> Result<(std::sync::Arc<app::ModelStore>, std::sync::Arc<Classifier>)> {
     let factory = models::Factory {
-        bytes: match &config.bundle {
-            Some(p) => std::fs::read(p)
-                .with_context(|| format!("reading the model bundle {}", p.display()))?
-                .into(),
-            None => DEFAULT_BUNDLE.into(),
+        source: match &config.bundle {
+            Some(p) => models::FactorySource::File(p.clone()),
+            None => models::FactorySource::Embedded(DEFAULT_BUNDLE.into()),
         },
         name: config
             .bundle

@@ -24,7 +24,7 @@ fn a_1_kib_file_whose_header_claims_7_gib_is_refused_in_little_memory_and_not_tr
     let (models, ()) = Models::open(
         &dir.path().join("models"),
         Factory {
-            bytes: appliance::DEFAULT_BUNDLE.into(),
+            source: appliance::models::FactorySource::Embedded(appliance::DEFAULT_BUNDLE.into()),
             name: "embedded".into(),
             trusted: trusted.clone(),
             update_keys: trusted,

@@ -257,9 +257,30 @@ fn a_run_stopped_part_way_and_resumed_ends_as_the_run_without_a_stop() {
         checkpoint_every: 0,
         stop_after: Some(2),
     };
-    let first = train_with(&settings, &cells, &cells, &run, &stop(false)).unwrap();
+    // 7 cells in steps of 2: 4 optimiser steps an epoch. Stopped inside the first epoch (with a
+    // checkpoint at every step on the way: only the newest is kept) ...
+    let first = train_with(
+        &settings,
+        &cells,
+        &cells,
+        &run,
+        &Control {
+            checkpoint_every: 1,
+            ..stop(false)
+        },
+    )
+    .unwrap();
     assert!(first.stopped && first.train_loss.is_empty(), "{first:?}");
-    assert!(resume_dir(&run).join("state.json").is_file());
+    let mut kept: Vec<String> = std::fs::read_dir(resume_dir(&run))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["lora-2.bpk", "optim-2.bpk", "state.json"]);
+    // ... a run started again into its folder is refused, not overwritten ...
+    let e = train(&settings, &cells, &cells, &run).unwrap_err();
+    assert!(format!("{e:#}").contains("--resume"), "{e:#}");
+    // ... then at the end of the first epoch, then to the end.
     let second = train_with(&settings, &cells, &cells, &run, &stop(true)).unwrap();
     assert!(second.stopped && second.train_loss.len() == 1, "{second:?}");
     let last = train_with(
@@ -297,6 +318,22 @@ fn a_run_stopped_part_way_and_resumed_ends_as_the_run_without_a_stop() {
     // The curves hold both epochs once.
     let curves = std::fs::read_to_string(run.join("curves.csv")).unwrap();
     assert_eq!(curves.lines().count(), 3, "{curves}");
+    // A finished run resumed has nothing left to do.
+    let again = train_with(
+        &settings,
+        &cells,
+        &cells,
+        &run,
+        &Control {
+            resume: true,
+            ..Control::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (again.train_loss, again.best_epoch),
+        (last.train_loss.clone(), last.best_epoch)
+    );
 
     // Other settings: refused, and the checkpoint is left as it was.
     let other = MllamaSettings {
@@ -309,6 +346,17 @@ fn a_run_stopped_part_way_and_resumed_ends_as_the_run_without_a_stop() {
     };
     let e = train_with(&other, &cells, &cells, &run, &resume).unwrap_err();
     assert!(format!("{e:#}").contains("other settings"), "{e:#}");
+    // Other data: refused.
+    let fewer = dir.path().join("fewer.csv");
+    let listed = std::fs::read_to_string(&cells).unwrap();
+    let rows: Vec<&str> = listed.lines().collect();
+    std::fs::write(&fewer, rows[..rows.len() - 1].join("\n")).unwrap();
+    for f in std::fs::read_dir(fixtures().join("cells")).unwrap() {
+        let f = f.unwrap();
+        let _ = std::fs::copy(f.path(), dir.path().join(f.file_name()));
+    }
+    let e = train_with(&settings, &fewer, &fewer, &run, &resume).unwrap_err();
+    assert!(format!("{e:#}").contains("its own data"), "{e:#}");
     // Nothing to resume from, or a damaged state.
     let e = train_with(&settings, &cells, &cells, &dir.path().join("new"), &resume).unwrap_err();
     assert!(format!("{e:#}").contains("no checkpoint"), "{e:#}");

@@ -285,11 +285,13 @@ impl<T> Models<T> {
             Ok(b) if b.manifest == manifest => b,
             Ok(_) => {
                 let _ = std::fs::remove_file(&slot_path);
-                return Err(transient(format!("{} changed while it was checked", path.display())));
+                return Err(transient(format!("{} changed while it was installed", path.display())));
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&slot_path);
-                return Err(transient(format!("the copy in {name} does not verify: {e}")));
+                return Err(transient(format!(
+                    "the copy on the appliance's disk does not verify ({e}): a disk fault? The file is offered again at the next check"
+                )));
             }
         };
         let current = match (self.loader)(&bundle) {
@@ -402,12 +404,10 @@ impl<T> Models<T> {
         ))
     }
 
-    /// Writes the verified bundle into its slot ([`write_atomic`]), then reads it back and
-    /// checks it against the sha256 that was verified.
     /// Copies the offered file into its slot (streamed, never held whole) and checks that the
     /// copy is the file that was checked.
     fn stage(&self, from: &Path, sha: &str, slot: &Path) -> Result<()> {
-        copy_atomic_pausing(from, slot, Some("staging"))?;
+        copy_atomic_pausing(from, slot, self.policy.max_bundle_bytes, Some("staging"))?;
         step("staged");
         if file_sha256(slot)?.0 != sha {
             let _ = std::fs::remove_file(slot);

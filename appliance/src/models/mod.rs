@@ -53,8 +53,8 @@ pub use wbc_config::ModelPolicy;
 
 /// The factory model and the keys the device was provisioned with.
 pub struct Factory {
-    /// The factory bundle's bytes.
-    pub bytes: Arc<[u8]>,
+    /// The factory bundle.
+    pub source: FactorySource,
     /// Where they came from, in words.
     pub name: String,
     /// Keys that verify the factory bundle.
@@ -62,6 +62,15 @@ pub struct Factory {
     /// The provisioned update keys (configuration), trusted for updates until a signed key
     /// list replaces them.
     pub update_keys: Vec<VerifyingKey>,
+}
+
+/// Where the factory bundle is.
+pub enum FactorySource {
+    /// Bytes in the program (the embedded default).
+    Embedded(Arc<[u8]>),
+    /// A file of the device's own (a configured bundle): mapped when a model is built from it,
+    /// never read whole.
+    File(std::path::PathBuf),
 }
 
 /// Builds the runnable model from a verified bundle and runs its golden self-test.

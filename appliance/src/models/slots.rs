@@ -5,7 +5,7 @@
 //! model). Also where the models stand (`status`) and the clean stop.
 
 use super::install::Trust;
-use super::{Factory, Loader, ModelPolicy, Models, Probation, Reporter, State, Status, msg};
+use super::{Factory, FactorySource, Loader, ModelPolicy, Models, Probation, Reporter, State, Status, msg};
 use anyhow::{Context, Result, anyhow, bail};
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
@@ -87,21 +87,31 @@ pub(super) fn write_atomic_pausing(path: &Path, bytes: &[u8], pause: Option<&str
     Ok(())
 }
 
-/// [`write_atomic_pausing`] for the contents of a file, copied as it streams (a multi-GB
-/// bundle is never held): a temporary file, synced, renamed into place.
-pub(super) fn copy_atomic_pausing(from: &Path, path: &Path, pause: Option<&str>) -> Result<()> {
+/// [`write_atomic_pausing`] for the contents of a file of at most `max` bytes, copied as it
+/// streams (a multi-GB bundle is never held): a temporary file, synced, renamed into place. A
+/// file that grew past `max` since it was checked is not copied on, and a failed copy leaves
+/// no temporary file.
+pub(super) fn copy_atomic_pausing(from: &Path, path: &Path, max: u64, pause: Option<&str>) -> Result<()> {
     let dir = path.parent().context("a file in a folder")?;
     let tmp = path.with_extension("tmp");
-    {
+    let copy = || -> Result<()> {
         let mut src = std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
-        let half = src.metadata()?.len() / 2;
+        let half = src.metadata()?.len().min(max) / 2;
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        std::io::copy(&mut std::io::Read::take(&mut src, half), &mut f)?;
+        let first = std::io::copy(&mut std::io::Read::take(&mut src, half), &mut f)?;
         if let Some(name) = pause {
             step(name);
         }
-        std::io::copy(&mut src, &mut f)?;
+        let rest = std::io::copy(&mut std::io::Read::take(&mut src, max - first + 1), &mut f)?;
+        if first + rest > max {
+            bail!("{} grew past {max} bytes while it was copied", from.display());
+        }
         f.sync_all()?;
+        Ok(())
+    };
+    if let Err(e) = copy() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     std::fs::File::open(dir)?.sync_all()?;
@@ -134,14 +144,26 @@ impl<T> Models<T> {
                 dir.display()
             )
         })?;
-        let factory_version = UnverifiedBundle::read(&factory.bytes[..], &ReadLimits::default())
-            .and_then(|b| b.claimed_manifest())
-            .map(|m| m.model_version)
-            .with_context(|| format!("the factory model ({})", factory.name))?;
+        let (factory_version, factory_sha) = match &factory.source {
+            FactorySource::Embedded(bytes) => (
+                UnverifiedBundle::read(&bytes[..], &ReadLimits::default())
+                    .and_then(|b| b.claimed_manifest())
+                    .map(|m| m.model_version)
+                    .with_context(|| format!("the factory model ({})", factory.name))?,
+                sha256_hex(bytes),
+            ),
+            FactorySource::File(path) => (
+                UnverifiedBundle::claimed_version(path)
+                    .with_context(|| format!("the factory model ({}): not a readable bundle", factory.name))?,
+                file_sha256(path)
+                    .with_context(|| format!("reading the factory model {}", factory.name))?
+                    .0,
+            ),
+        };
         let factory_slot = Slot {
             file: None,
             model_version: factory_version,
-            sha256: sha256_hex(&factory.bytes),
+            sha256: factory_sha,
         };
         let mut notes: Vec<ModelMessage> = Vec::new();
         let pointer = match std::fs::read(dir.join("current.json")) {
@@ -300,23 +322,24 @@ impl<T> Models<T> {
 
     /// Verifies an installed model again and loads it (self-test included).
     pub(super) fn load(&self, slot: &Slot, trusted: &[VerifyingKey]) -> Result<T> {
-        let bundle = match &slot.file {
-            None => {
-                if sha256_hex(&self.factory.bytes) != slot.sha256 {
+        // A file of the device's own (an installed copy, a configured factory bundle) is
+        // mapped, not read, so that a multi-GB model is not copied onto the heap to be built.
+        let mapped = |path: &Path, keys: &[VerifyingKey]| -> Result<Bundle> {
+            let (sha, _) = file_sha256(path).with_context(|| format!("reading {}", path.display()))?;
+            if sha != slot.sha256 {
+                bail!("the file is damaged (its sha256 differs from when it was installed)");
+            }
+            Ok(Bundle::open_mapped(path, keys, &self.limits())?)
+        };
+        let bundle = match (&slot.file, &self.factory.source) {
+            (None, FactorySource::Embedded(bytes)) => {
+                if sha256_hex(bytes) != slot.sha256 {
                     bail!("the factory model differs from the one recorded");
                 }
-                UnverifiedBundle::read(&self.factory.bytes[..], &self.limits())?.verify(&self.factory.trusted)?
+                UnverifiedBundle::read(&bytes[..], &self.limits())?.verify(&self.factory.trusted)?
             }
-            // An installed copy is the appliance's own file: mapped, not read, so that a
-            // multi-GB model is not copied onto the heap to be built.
-            Some(f) => {
-                let path = self.dir.join(f);
-                let (sha, _) = file_sha256(&path).with_context(|| format!("reading {f}"))?;
-                if sha != slot.sha256 {
-                    bail!("the file is damaged (its sha256 differs from when it was installed)");
-                }
-                Bundle::open_mapped(&path, trusted, &self.limits())?
-            }
+            (None, FactorySource::File(path)) => mapped(path, &self.factory.trusted)?,
+            (Some(f), _) => mapped(&self.dir.join(f), trusted)?,
         };
         (self.loader)(&bundle)
     }

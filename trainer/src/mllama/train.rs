@@ -66,7 +66,8 @@ pub struct MllamaReport {
 
 /// How one invocation of [`train_with`] runs: where it starts, how often it leaves a
 /// checkpoint, when it stops. Not part of the run's settings: a run may be resumed with
-/// other ones.
+/// other ones. A resumed run is the same run but for LoRA dropout, whose masks come from the
+/// backend's generator and are drawn anew.
 #[derive(Debug, Clone, Default)]
 pub struct Control {
     /// Go on from the checkpoint in `out/resume` (the adapters, the optimiser's moments, the
@@ -98,6 +99,8 @@ struct ResumeState {
     epoch_loss: f64,
     /// Epochs finished.
     report: MllamaReport,
+    /// The data it trains on: the lists and how many labelled samples each gave.
+    data: [(String, usize); 2],
     /// The adapters' and the optimiser's files, in the checkpoint's folder.
     lora: String,
     optim: String,
@@ -137,9 +140,18 @@ fn save_checkpoint(
         .to_record()
         .save(&optim_path)
         .map_err(|e| anyhow::anyhow!("saving {}: {e:?}", optim_path.display()))?;
+    // On disk before the state names them: a power cut leaves the previous checkpoint whole.
+    for f in [&lora, &optim_path] {
+        std::fs::File::open(f)?.sync_all()?;
+    }
     let part = dir.join("state.json.part");
-    std::fs::write(&part, serde_json::to_vec_pretty(&state)?)?;
+    {
+        let mut f = std::fs::File::create(&part)?;
+        f.write_all(&serde_json::to_vec_pretty(&state)?)?;
+        f.sync_all()?;
+    }
     std::fs::rename(&part, dir.join("state.json"))?;
+    std::fs::File::open(&dir)?.sync_all()?;
     // The previous checkpoint's tensors.
     for e in std::fs::read_dir(&dir)?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -153,7 +165,10 @@ fn save_checkpoint(
 
 fn load_checkpoint(out: &Path, settings: &MllamaSettings) -> Result<ResumeState> {
     let path = resume_dir(out).join("state.json");
-    let bytes = std::fs::read(&path).with_context(|| format!("no checkpoint to resume from: {}", path.display()))?;
+    if !path.exists() {
+        bail!("no checkpoint to resume from: {} does not exist", path.display());
+    }
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let state: ResumeState =
         serde_json::from_slice(&bytes).with_context(|| format!("{}: not a checkpoint's state", path.display()))?;
     if state.settings != comparable(settings)? {
@@ -202,10 +217,21 @@ pub fn train_with(
     if s.accumulate == 0 || s.epochs == 0 || s.lora.rank == 0 {
         bail!("--accumulate, --epochs and --rank must be at least 1");
     }
+    if control.stop_after == Some(0) {
+        bail!("--stop-after must be at least 1");
+    }
     std::fs::create_dir_all(out)?;
     let resumed = if control.resume {
         Some(load_checkpoint(out, s)?)
     } else {
+        let state = resume_dir(out).join("state.json");
+        if state.exists() {
+            bail!(
+                "{} holds the checkpoint of a run: --resume goes on from it; to start again, remove {} (or train into another folder)",
+                out.display(),
+                resume_dir(out).display()
+            );
+        }
         None
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed);
@@ -240,6 +266,31 @@ pub fn train_with(
     let train_set = answers(labelled(train_csv, s.max_per_class, &mut rng)?);
     let val_set = answers(labelled(val_csv, None, &mut rng)?);
     tracing::info!(train = train_set.len(), val = val_set.len(), "samples read");
+    let named = |p: &Path| {
+        std::fs::canonicalize(p)
+            .unwrap_or_else(|_| p.to_path_buf())
+            .display()
+            .to_string()
+    };
+    let data = [(named(train_csv), train_set.len()), (named(val_csv), val_set.len())];
+    if let Some(r) = &resumed {
+        if r.data != data {
+            bail!(
+                "the run in {} trained on {:?}, not on {:?}: a run resumes on its own data",
+                out.display(),
+                r.data,
+                data
+            );
+        }
+        if r.next > train_set.len() {
+            bail!(
+                "{}: a damaged checkpoint (sample {} of {})",
+                resume_dir(out).display(),
+                r.next,
+                train_set.len()
+            );
+        }
+    }
     let encode =
         |(_, img, answer): &(CellClass, RgbImage, String)| -> Result<Encoded> { Ok(p.encode(img, Some(answer))?) };
     let candidates = p.class_candidates()?;
@@ -310,6 +361,7 @@ pub fn train_with(
             step,
             epoch_loss,
             report: report.clone(),
+            data: data.clone(),
             lora: String::new(),
             optim: String::new(),
         })

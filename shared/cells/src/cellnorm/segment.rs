@@ -147,7 +147,7 @@ const LEAKY_SHARE: f32 = 0.25;
 /// sources' pictures where the rule reaches it, at 0.94 or more (a large nucleus filling a
 /// tight crop).
 const NUCLEUS_MIN_DENSITY: f32 = 0.7;
-/// The dark part is split again at most this often.
+/// At most this many splits in all (the first and two more).
 const MAX_SPLITS: usize = 3;
 
 /// Where a stain colours the red cells blue-violet as well (seen at another hospital, LISC),
@@ -177,6 +177,10 @@ fn dark_part_of_a_leaky_stain(work: &RgbImage, nucleus: &mut [bool]) -> bool {
     for _ in 0..MAX_SPLITS {
         let t = otsu(&kept);
         let dark: Vec<f32> = kept.iter().copied().filter(|&g| g < t).collect();
+        // One green level only (Otsu has nothing to split): no nucleus to take.
+        if dark.is_empty() {
+            return false;
+        }
         if dark.len() * 2 < kept.len() {
             for (n, p) in nucleus.iter_mut().zip(work.pixels()) {
                 *n = *n && (p[1] as f32) < t;
@@ -189,7 +193,7 @@ fn dark_part_of_a_leaky_stain(work: &RgbImage, nucleus: &mut [bool]) -> bool {
             let green: Vec<f32> = work.pixels().map(|p| p[1] as f32).collect();
             percentile(&green, 0.95)
         });
-        if dark.is_empty() || (bright / t.max(1.0)).ln() >= NUCLEUS_MIN_DENSITY {
+        if (bright / t.max(1.0)).ln() >= NUCLEUS_MIN_DENSITY {
             return false;
         }
         kept = dark;

@@ -307,6 +307,29 @@ fn red_cells_crowding_a_small_nucleus_are_split_off_until_the_nucleus_is_dark() 
 }
 
 #[test]
+fn a_leaky_stain_of_one_green_level_is_left_as_it_is() {
+    // Everything the stain threshold keeps has the same green: nothing to split, and the
+    // nucleus is not emptied.
+    // Small enough to be segmented as it is (no resampling to blend the levels).
+    let mut img = smear(180, 160, 90.0, 80.0, 40.0, 24.0);
+    for p in img.pixels_mut() {
+        if *p == Rgb([90, 50, 150]) || *p == Rgb([215, 150, 140]) {
+            *p = Rgb([170, 160, 215]);
+        }
+    }
+    let norm = CellNorm {
+        dark_nucleus: true,
+        ..CellNorm::default()
+    };
+    let (on, off) = (
+        norm.apply(&img, None, None),
+        CellNorm::default().apply(&img, None, None),
+    );
+    assert!(!on.dark_split);
+    assert_eq!((on.found, on.nucleus_px), (off.found, off.nucleus_px));
+}
+
+#[test]
 fn a_large_dark_nucleus_filling_its_picture_is_not_split() {
     // A tight crop of a large cell: its nucleus (two dark tones) is most of what the stain
     // threshold keeps and far darker than the plasma; the rule leaves it whole.

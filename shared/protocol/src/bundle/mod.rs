@@ -316,7 +316,10 @@ fn corrupt(e: std::io::Error) -> BundleError {
 
 /// A bundle file's length, within the limit.
 fn file_len(path: &Path, limits: &ReadLimits) -> Result<u64, BundleError> {
-    let len = std::fs::metadata(path)?.len();
+    within_limits(std::fs::metadata(path)?.len(), limits)
+}
+
+fn within_limits(len: u64, limits: &ReadLimits) -> Result<u64, BundleError> {
     if len > limits.max_total {
         return Err(BundleError::TooLarge(format!(
             "file is {len} bytes, limit {}",
@@ -663,18 +666,21 @@ impl Bundle {
     /// Verification streams through the mapping once (signature first, then every part's hash)
     /// and the parts are the very bytes it hashed.
     ///
-    /// For files that nothing else changes while the bundle is in use: the appliance's own
-    /// installed copies, a bundle given on the command line. A file truncated by another
-    /// process while mapped would fault on the next read of what it lost.
+    /// Only for files that nothing changes while the bundle is in use: the appliance maps its
+    /// own installed copies and its configured factory bundle, and a file given on the command
+    /// line. The bytes are verified once, as they are mapped; a process that could write the
+    /// file could change them afterwards, and a file cut short (or on a medium pulled out)
+    /// while mapped stops the process with a bus error at the next read of what it lost.
+    /// Files offered from outside (USB, downloads) are verified as streams and copied first.
     pub fn open_mapped(path: &Path, trusted: &[VerifyingKey], limits: &ReadLimits) -> Result<Bundle, BundleError> {
         let file = std::fs::File::open(path)?;
-        let len = file_len(path, limits)?;
-        if len == 0 {
+        if within_limits(file.metadata()?.len(), limits)? == 0 {
             return Err(BundleError::MissingManifest);
         }
-        // SAFETY: the mapping is read-only and the file is one the caller owns and does not
-        // change while the bundle lives (see above); what it holds is verified before use.
+        // SAFETY: read-only, of a file that nothing changes while the bundle lives (the
+        // contract above); its bytes are verified before any is used.
         let map = std::sync::Arc::new(unsafe { memmap2::Mmap::map(&file)? });
+        let len = map.len() as u64;
         let (manifest, signed_by, ranges) = verify_entries(&map[..], trusted, limits, Some(len))?;
         let parts = ranges
             .into_iter()

@@ -408,3 +408,21 @@ fn a_mapped_bundle_serves_its_parts_from_the_file_and_can_be_signed_again() {
     ));
     assert!(Bundle::open_mapped(dir.path(), &trusted, &limits).is_err());
 }
+
+#[test]
+fn a_part_with_a_long_name_is_found_where_its_bytes_are_in_every_reading() {
+    // Over tar's 100-byte name field: written with a GNU long-name entry before it, which
+    // the mapped reading must step over to find the part's bytes.
+    let name = format!("{}/weights.bin", "d".repeat(150));
+    let k = key(1);
+    let bytes = BundleBuilder::new(manifest())
+        .part(&name, (0..5000u32).map(|i| (i % 251) as u8).collect())
+        .unwrap()
+        .part("selftest/cell.png", vec![1, 2, 3])
+        .unwrap()
+        .finish(&k)
+        .unwrap();
+    let b = verified(&bytes, &[k.verifying_key()]).unwrap();
+    assert_eq!(b.part(&name).unwrap().len(), 5000);
+    assert_eq!(b.part(&name).unwrap()[4999], (4999 % 251) as u8);
+}
