@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use std::path::Path;
 use std::time::Duration;
-use wbc_protocol::bundle::{ReadLimits, UnverifiedBundle};
+use wbc_protocol::bundle::UnverifiedBundle;
 use wbc_protocol::mqtt::{BrokerConfig, drive};
 use wbc_protocol::signed::{ANNOUNCE_ROOT, Announcement, SignedDoc};
 use wbc_protocol::uplink::valid_id;
@@ -35,9 +35,9 @@ fn read_doc(path: &Path) -> Result<SignedDoc> {
 /// The announcement of `bundle`, to be served at `url`: its version (from its manifest, which
 /// must be signed), size and sha256, with the signed documents given.
 pub fn announcement(bundle: &Path, url: &str, keys: Option<&Path>, rollback: Option<&Path>) -> Result<Announcement> {
-    let b = UnverifiedBundle::read_file(bundle, &ReadLimits::default())
+    // The manifest alone: a multi-GB bundle is hashed as it streams, never read whole.
+    let manifest = UnverifiedBundle::claimed_manifest_of_file(bundle)
         .with_context(|| format!("{} is not a model bundle", bundle.display()))?;
-    let manifest = b.claimed_manifest()?;
     let (sha256, size) = wbc_protocol::bundle::file_sha256(bundle)?;
     let a = Announcement {
         model_version: manifest.model_version,
@@ -55,9 +55,9 @@ pub fn announcement(bundle: &Path, url: &str, keys: Option<&Path>, rollback: Opt
 /// Refuses to announce a site bundle (one `trainer adapt` made for one clinic) to another
 /// clinic: its devices would refuse it anyway, and the lab has mixed up two clinics.
 pub fn check_clinic(bundle: &Path, clinic: &str) -> Result<()> {
-    let b = UnverifiedBundle::read_file(bundle, &ReadLimits::default())
+    let manifest = UnverifiedBundle::claimed_manifest_of_file(bundle)
         .with_context(|| format!("{} is not a model bundle", bundle.display()))?;
-    match b.claimed_manifest()?.clinic {
+    match manifest.clinic {
         Some(c) if c != clinic => anyhow::bail!(
             "{} was made for clinic {c:?} from its reviewed cells; it is not for clinic {clinic:?}",
             bundle.display()

@@ -185,7 +185,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         device,
         ..
     } = a;
-    let b = Bundle::open(&bundle, &trusted(&trust)?).with_context(|| format!("opening {}", bundle.display()))?;
+    let b = Bundle::open_mapped(&bundle, &trusted(&trust)?, &Default::default())
+        .with_context(|| format!("opening {}", bundle.display()))?;
     let classifier = Classifier::from_bundle(&b, &device.device()?)?;
     let minilm = minilm.or_else(|| {
         Some(default_weights_dir().join("all-MiniLM-L6-v2")).filter(|p| p.join("model.safetensors").is_file())

@@ -101,7 +101,7 @@ pub fn rollback(key: &SigningKey, to: &Path, from_version: u64, audience: Audien
 /// The bundle at `path`, verified with `trusted`, signed again by `key` (the manifest and parts
 /// unchanged).
 pub fn resign(path: &Path, trusted: &[VerifyingKey], key: &SigningKey) -> Result<Vec<u8>> {
-    let b = Bundle::open(path, trusted).with_context(|| format!("{}", path.display()))?;
+    let b = Bundle::open_mapped(path, trusted, &Default::default()).with_context(|| format!("{}", path.display()))?;
     Ok(BundleBuilder::from_bundle(&b).finish(key)?)
 }
 

@@ -609,18 +609,34 @@ impl UnverifiedBundle {
     /// The model version a bundle file claims, unverified, read from its first entry alone
     /// (at most 16 MiB): for telling the lab which version a refused file said it was.
     pub fn claimed_version(path: &Path) -> Option<u64> {
-        let file = std::fs::File::open(path).ok()?;
-        let mut archive = tar::Archive::new(file);
-        let mut entry = archive.entries().ok()?.next()?.ok()?;
-        let size = entry.header().size().ok()?;
-        if entry.path().ok()?.to_str()? != MANIFEST || size > MAX_MANIFEST_BYTES {
-            return None;
-        }
-        let bytes = read_entry(&mut entry, MANIFEST, size).ok()?;
-        serde_json::from_slice::<serde_json::Value>(&bytes)
+        serde_json::from_slice::<serde_json::Value>(&Self::manifest_entry(path).ok()?)
             .ok()?
             .get("model_version")?
             .as_u64()
+    }
+
+    /// The manifest a bundle file claims, unverified, read from its first entry alone (at most
+    /// 16 MiB; nothing else of the file is read).
+    pub fn claimed_manifest_of_file(path: &Path) -> Result<Manifest, BundleError> {
+        serde_json::from_slice(&Self::manifest_entry(path)?).map_err(|e| BundleError::BadManifest(e.to_string()))
+    }
+
+    fn manifest_entry(path: &Path) -> Result<Vec<u8>, BundleError> {
+        let mut archive = tar::Archive::new(std::fs::File::open(path)?);
+        let mut entry = archive
+            .entries()
+            .map_err(corrupt)?
+            .next()
+            .ok_or(BundleError::MissingManifest)?
+            .map_err(corrupt)?;
+        let size = entry.header().size().map_err(corrupt)?;
+        if entry.path().map_err(corrupt)?.to_str() != Some(MANIFEST) {
+            return Err(BundleError::MissingManifest);
+        }
+        if size > MAX_MANIFEST_BYTES {
+            return Err(BundleError::TooLarge(format!("{MANIFEST} is {size} bytes")));
+        }
+        read_entry(&mut entry, MANIFEST, size)
     }
 
     /// Parses the manifest without trusting it (for showing what a refused bundle claimed).

@@ -426,3 +426,31 @@ fn a_part_with_a_long_name_is_found_where_its_bytes_are_in_every_reading() {
     assert_eq!(b.part(&name).unwrap().len(), 5000);
     assert_eq!(b.part(&name).unwrap()[4999], (4999 % 251) as u8);
 }
+
+#[test]
+fn the_claimed_manifest_of_a_file_is_read_from_its_first_entry_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.bundle");
+    let bytes = build(&key(1));
+    // Only the manifest entry is there: the parts are not needed (or read).
+    let first = 512 + serde_json::to_vec_pretty(&manifest()).unwrap().len().div_ceil(512) * 512 + 1024;
+    std::fs::write(&path, &bytes[..first.min(bytes.len())]).unwrap();
+    assert_eq!(
+        UnverifiedBundle::claimed_manifest_of_file(&path).unwrap().model_version,
+        3
+    );
+    assert_eq!(UnverifiedBundle::claimed_version(&path), Some(3));
+    std::fs::write(&path, b"garbage").unwrap();
+    assert!(UnverifiedBundle::claimed_manifest_of_file(&path).is_err());
+    assert_eq!(UnverifiedBundle::claimed_version(&path), None);
+    std::fs::write(&path, claiming("weights.safetensors", 10, 10)).unwrap();
+    assert!(matches!(
+        UnverifiedBundle::claimed_manifest_of_file(&path),
+        Err(BundleError::MissingManifest)
+    ));
+    std::fs::write(&path, claiming(MANIFEST, 1 << 40, 100)).unwrap();
+    assert!(matches!(
+        UnverifiedBundle::claimed_manifest_of_file(&path),
+        Err(BundleError::TooLarge(_))
+    ));
+}
