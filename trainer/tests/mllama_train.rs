@@ -24,6 +24,23 @@ fn cell_images() -> Vec<image::RgbImage> {
         .collect()
 }
 
+/// Training settings for the tiny base: steps of two samples, a quick warm-up.
+fn tiny_settings(base: &std::path::Path, lora: LoraConfig, epochs: usize) -> MllamaSettings {
+    MllamaSettings {
+        base: base.to_path_buf(),
+        epochs,
+        lr: 1e-2,
+        warmup_steps: Some(1),
+        accumulate: 2,
+        lora,
+        max_per_class: None,
+        seed: 5,
+        // Every weight of this configuration divides into blocks of 8: the whole base in 4 bits.
+        base_block: 8,
+        device: trainer::device::DeviceChoice::Cpu,
+    }
+}
+
 #[test]
 fn lora_fine_tuning_on_real_cells_lowers_the_answer_loss_and_keeps_the_best_adapters() {
     let dir = tempfile::tempdir().unwrap();
@@ -54,19 +71,7 @@ fn lora_fine_tuning_on_real_cells_lowers_the_answer_loss_and_keeps_the_best_adap
         },
         seed: 1,
     };
-    let settings = MllamaSettings {
-        base: base.clone(),
-        epochs: 3,
-        lr: 1e-2,
-        warmup_steps: Some(1),
-        accumulate: 2,
-        lora,
-        max_per_class: None,
-        seed: 5,
-        // Every weight of this configuration divides into blocks of 8: the whole base in 4 bits.
-        base_block: 8,
-        device: trainer::device::DeviceChoice::Cpu,
-    };
+    let settings = tiny_settings(&base, lora, 3);
     let cells = fixtures().join("cells/cells.csv");
     let run = dir.path().join("run");
     let report = train(&settings, &cells, &cells, &run).unwrap();
@@ -235,18 +240,7 @@ fn a_run_stopped_part_way_and_resumed_ends_as_the_run_without_a_stop() {
         targets: LoraTargets::default(),
         seed: 1,
     };
-    let settings = MllamaSettings {
-        base: base.clone(),
-        epochs: 2,
-        lr: 1e-2,
-        warmup_steps: Some(1),
-        accumulate: 2,
-        lora,
-        max_per_class: None,
-        seed: 5,
-        base_block: 8,
-        device: trainer::device::DeviceChoice::Cpu,
-    };
+    let settings = tiny_settings(&base, lora, 2);
     let cells = fixtures().join("cells/cells.csv");
     let whole = dir.path().join("whole");
     let uninterrupted = train(&settings, &cells, &cells, &whole).unwrap();
@@ -283,17 +277,11 @@ fn a_run_stopped_part_way_and_resumed_ends_as_the_run_without_a_stop() {
     // ... then at the end of the first epoch, then to the end.
     let second = train_with(&settings, &cells, &cells, &run, &stop(true)).unwrap();
     assert!(second.stopped && second.train_loss.len() == 1, "{second:?}");
-    let last = train_with(
-        &settings,
-        &cells,
-        &cells,
-        &run,
-        &Control {
-            resume: true,
-            ..Control::default()
-        },
-    )
-    .unwrap();
+    let resume = Control {
+        resume: true,
+        ..Control::default()
+    };
+    let last = train_with(&settings, &cells, &cells, &run, &resume).unwrap();
     assert!(!last.stopped);
     eprintln!("{uninterrupted:?}\n{last:?}");
     for (a, b) in uninterrupted
@@ -319,17 +307,7 @@ fn a_run_stopped_part_way_and_resumed_ends_as_the_run_without_a_stop() {
     let curves = std::fs::read_to_string(run.join("curves.csv")).unwrap();
     assert_eq!(curves.lines().count(), 3, "{curves}");
     // A finished run resumed has nothing left to do.
-    let again = train_with(
-        &settings,
-        &cells,
-        &cells,
-        &run,
-        &Control {
-            resume: true,
-            ..Control::default()
-        },
-    )
-    .unwrap();
+    let again = train_with(&settings, &cells, &cells, &run, &resume).unwrap();
     assert_eq!(
         (again.train_loss, again.best_epoch),
         (last.train_loss.clone(), last.best_epoch)
@@ -339,10 +317,6 @@ fn a_run_stopped_part_way_and_resumed_ends_as_the_run_without_a_stop() {
     let other = MllamaSettings {
         lr: 2e-2,
         ..settings.clone()
-    };
-    let resume = Control {
-        resume: true,
-        ..Control::default()
     };
     let e = train_with(&other, &cells, &cells, &run, &resume).unwrap_err();
     assert!(format!("{e:#}").contains("other settings"), "{e:#}");

@@ -615,46 +615,33 @@ fn one_process_at_a_time() {
 fn a_configured_factory_bundle_is_mapped_from_its_file_not_read() {
     let f = Fixture::new();
     let path = f.file("factory.bundle", crate::DEFAULT_BUNDLE);
-    let loaded = f.loaded.clone();
-    let trusted = crate::trusted_keys(&[]).unwrap();
-    let (m, version) = Models::open(
-        &f.dir.path().join("models"),
-        Factory {
-            source: FactorySource::File(path.clone()),
-            name: path.display().to_string(),
-            trusted: trusted.clone(),
-            update_keys: trusted,
-        },
-        ModelPolicy::default(),
-        ("clinic-1", "scope-1"),
-        Box::new(move |b| {
-            loaded.lock().unwrap().push(format!("{b:?}"));
-            Ok(b.manifest.model_version)
-        }),
-        Box::new(|_| {}),
-    )
-    .unwrap();
+    let open = |folder: &str| {
+        let loaded = f.loaded.clone();
+        let trusted = crate::trusted_keys(&[]).unwrap();
+        Models::open(
+            &f.dir.path().join(folder),
+            Factory {
+                source: FactorySource::File(path.clone()),
+                name: path.display().to_string(),
+                trusted: trusted.clone(),
+                update_keys: trusted,
+            },
+            ModelPolicy::default(),
+            ("clinic-1", "scope-1"),
+            Box::new(move |b| {
+                loaded.lock().unwrap().push(format!("{b:?}"));
+                Ok(b.manifest.model_version)
+            }),
+            Box::new(|_| {}),
+        )
+    };
+    let (m, version) = open("models").unwrap();
     assert_eq!(version, factory_version());
     assert_eq!(m.status().active.file, None);
     assert!(f.loaded.lock().unwrap()[0].contains("bytes mapped"));
     drop(m);
     // A configured file that is not a bundle: the appliance says which and does not start.
     std::fs::write(&path, b"not a bundle").unwrap();
-    let trusted = crate::trusted_keys(&[]).unwrap();
-    let e = Models::open(
-        &f.dir.path().join("models2"),
-        Factory {
-            source: FactorySource::File(path.clone()),
-            name: path.display().to_string(),
-            trusted: trusted.clone(),
-            update_keys: trusted,
-        },
-        ModelPolicy::default(),
-        ("clinic-1", "scope-1"),
-        Box::new(|b| Ok(b.manifest.model_version)),
-        Box::new(|_| {}),
-    )
-    .err()
-    .expect("refused");
+    let e = open("models2").err().expect("refused");
     assert!(format!("{e:#}").contains("factory.bundle"), "{e:#}");
 }
