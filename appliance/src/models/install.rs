@@ -7,7 +7,7 @@
 
 use super::slots::{copy_atomic_pausing, step};
 use super::{Models, Outcome, Pointer, Probation, Slot, State, msg, write_atomic};
-use anyhow::{Result, bail};
+use anyhow::Result;
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -277,12 +277,13 @@ impl<T> Models<T> {
         let slot_path = self.dir.join(&name);
         // Until the pointer names it (or the install fails), the clean-up leaves it alone.
         let _staging = Staging::new(self, &name);
-        self.stage(path, &sha, &slot_path)
+        copy_atomic_pausing(path, &slot_path, self.policy.max_bundle_bytes, Some("staging"))
             .map_err(|e| transient(format!("copying into {name}: {e:#}")))?;
+        step("staged");
         // The staged copy, verified once more as it is mapped (the offered file may have
         // changed since it was checked; the copy cannot), is what the model is built from.
         let bundle = match Bundle::open_mapped(&slot_path, &trusted, &self.limits()) {
-            Ok(b) if b.manifest == manifest => b,
+            Ok(b) if b.manifest == manifest && b.file_sha256() == Some(sha.as_str()) => b,
             Ok(_) => {
                 let _ = std::fs::remove_file(&slot_path);
                 return Err(transient(format!("{} changed while it was installed", path.display())));
@@ -402,18 +403,6 @@ impl<T> Models<T> {
                 why.join("; ")
             ),
         ))
-    }
-
-    /// Copies the offered file into its slot (streamed, never held whole) and checks that the
-    /// copy is the file that was checked.
-    fn stage(&self, from: &Path, sha: &str, slot: &Path) -> Result<()> {
-        copy_atomic_pausing(from, slot, self.policy.max_bundle_bytes, Some("staging"))?;
-        step("staged");
-        if file_sha256(slot)?.0 != sha {
-            let _ = std::fs::remove_file(slot);
-            bail!("the copy on disk differs from the verified bundle (the offered file changed, or a disk error)");
-        }
-        Ok(())
     }
 
     /// A signed instruction to return to a model still on this device (the fallback or the

@@ -325,11 +325,11 @@ impl<T> Models<T> {
         // A file of the device's own (an installed copy, a configured factory bundle) is
         // mapped, not read, so that a multi-GB model is not copied onto the heap to be built.
         let mapped = |path: &Path, keys: &[VerifyingKey]| -> Result<Bundle> {
-            let (sha, _) = file_sha256(path).with_context(|| format!("reading {}", path.display()))?;
-            if sha != slot.sha256 {
+            let b = Bundle::open_mapped(path, keys, &self.limits())?;
+            if b.file_sha256() != Some(slot.sha256.as_str()) {
                 bail!("the file is damaged (its sha256 differs from when it was installed)");
             }
-            Ok(Bundle::open_mapped(path, keys, &self.limits())?)
+            Ok(b)
         };
         let bundle = match (&slot.file, &self.factory.source) {
             (None, FactorySource::Embedded(bytes)) => {

@@ -518,6 +518,24 @@ pub struct Bundle {
     /// Key that signed it.
     pub signed_by: String,
     parts: BTreeMap<String, PartBytes>,
+    file_sha256: Option<String>,
+}
+
+/// Reads a byte slice, hashing what it hands out.
+struct HashingReader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    hash: Sha256,
+}
+
+impl Read for HashingReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let chunk = &self.bytes[self.pos..(self.pos + buf.len()).min(self.bytes.len())];
+        buf[..chunk.len()].copy_from_slice(chunk);
+        self.hash.update(chunk);
+        self.pos += chunk.len();
+        Ok(chunk.len())
+    }
 }
 
 /// A verified part's bytes: held in memory, or a range of a bundle file mapped into memory
@@ -666,6 +684,7 @@ impl UnverifiedBundle {
             manifest,
             signed_by,
             parts: self.parts.into_iter().map(|(n, b)| (n, PartBytes::Held(b))).collect(),
+            file_sha256: None,
         })
     }
 }
@@ -697,7 +716,16 @@ impl Bundle {
         // contract above); its bytes are verified before any is used.
         let map = std::sync::Arc::new(unsafe { memmap2::Mmap::map(&file)? });
         let len = map.len() as u64;
-        let (manifest, signed_by, ranges) = verify_entries(&map[..], trusted, limits, Some(len))?;
+        // The whole file's sha256 in the same pass: what the archive reader reads, then the rest.
+        let mut reading = HashingReader {
+            bytes: &map[..],
+            pos: 0,
+            hash: Sha256::new(),
+        };
+        let (manifest, signed_by, ranges) = verify_entries(&mut reading, trusted, limits, Some(len))?;
+        let HashingReader { pos, mut hash, .. } = reading;
+        hash.update(&map[pos..]);
+        let file_sha256 = Some(hex::encode(hash.finalize()));
         let parts = ranges
             .into_iter()
             .map(|(name, r)| {
@@ -718,7 +746,14 @@ impl Bundle {
             manifest,
             signed_by,
             parts,
+            file_sha256,
         })
+    }
+
+    /// The sha256 (hex) of the whole file a mapped bundle was opened from ([`Self::open_mapped`]
+    /// hashes it in the pass that verifies it); `None` for a bundle read from bytes.
+    pub fn file_sha256(&self) -> Option<&str> {
+        self.file_sha256.as_deref()
     }
 
     /// Reads and verifies bundle bytes in one step.

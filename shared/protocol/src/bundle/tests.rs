@@ -45,6 +45,8 @@ fn verified(bytes: &[u8], trusted: &[VerifyingKey]) -> Result<Bundle, BundleErro
     match (&whole, &mapped) {
         (Ok(w), Ok(m)) => {
             assert_eq!((&w.manifest, &w.signed_by), (&m.manifest, &m.signed_by));
+            assert_eq!(m.file_sha256(), Some(sha256_hex(bytes).as_str()));
+            assert_eq!(w.file_sha256(), None);
             assert!(w.part_names().eq(m.part_names()));
             for name in w.part_names() {
                 assert_eq!(w.part(name).unwrap(), m.part(name).unwrap(), "{name}");
