@@ -212,22 +212,55 @@ impl FrozenConv {
         if s.is_depthwise() {
             return super::depthwise::depthwise3x3(x, self.weight.clone(), self.bias.clone(), s.stride, false);
         }
+        self.dense(x, None, false)
+    }
+
+    /// A dense unit (pointwise, or the stem) with `residual` added and ReLU6 where asked: one
+    /// pass on the CPU ([`super::pointwise`]), burn's operations elsewhere.
+    fn dense(&self, x: Tensor<4>, residual: Option<Tensor<4>>, relu6: bool) -> Tensor<4> {
+        let s = &self.spec;
+        if s.groups == 1 && (s.kernel == 1 || s.kernel == 3) {
+            return super::pointwise::dense_conv(x, self.weight.clone(), self.bias.clone(), residual, s.stride, relu6);
+        }
         let opts = ConvOptions::new([s.stride; 2], [s.kernel / 2; 2], [1, 1], s.groups);
-        conv2d(x, self.weight.clone(), Some(self.bias.clone()), opts)
+        let y = conv2d(x, self.weight.clone(), Some(self.bias.clone()), opts);
+        let y = plus(y, residual);
+        if relu6 { super::relu6::relu6(y) } else { y }
     }
 
     pub(super) fn forward(&self, x: Tensor<4>, lora: Option<&LoraPw>) -> Tensor<4> {
+        self.forward_add(x, lora, None)
+    }
+
+    /// The unit, with `residual` (the block's input) added before any ReLU6.
+    fn forward_add(&self, x: Tensor<4>, lora: Option<&LoraPw>, residual: Option<Tensor<4>>) -> Tensor<4> {
         let s = &self.spec;
         if s.is_depthwise() {
             debug_assert!(lora.is_none(), "adapters go on pointwise units only");
             // One pass over the output on the CPU.
-            return super::depthwise::depthwise3x3(x, self.weight.clone(), self.bias.clone(), s.stride, s.relu6);
+            let y = super::depthwise::depthwise3x3(x, self.weight.clone(), self.bias.clone(), s.stride, s.relu6);
+            debug_assert!(
+                residual.is_none(),
+                "MobileNetV2 ends its residual blocks with a pointwise unit"
+            );
+            return plus(y, residual);
         }
-        let y = match lora {
-            Some(l) => self.pre_activation(x.clone()) + l.forward(x),
-            None => self.pre_activation(x),
-        };
-        if s.relu6 { super::relu6::relu6(y) } else { y }
+        match lora {
+            Some(l) => {
+                let y = self.pre_activation(x.clone()) + l.forward(x);
+                let y = plus(y, residual);
+                if s.relu6 { super::relu6::relu6(y) } else { y }
+            }
+            None => self.dense(x, residual, s.relu6),
+        }
+    }
+}
+
+/// `y + r` where there is an `r`.
+fn plus(y: Tensor<4>, r: Option<Tensor<4>>) -> Tensor<4> {
+    match r {
+        Some(r) => y + r,
+        None => y,
     }
 }
 
@@ -292,8 +325,10 @@ impl Backbone {
                 .count()
         });
         for (i, (units, residual)) in self.blocks.iter().enumerate().take(to).skip(from) {
-            let input = x.clone();
-            for u in units {
+            // The block's input, added by its last unit (in the same pass on the CPU).
+            let mut input = residual.then(|| x.clone());
+            let last = units.len().saturating_sub(1);
+            for (j, u) in units.iter().enumerate() {
                 let lora = match (adapters, next.as_mut()) {
                     (Some((ads, start)), Some(n)) if i >= start && u.spec.is_pointwise() => {
                         let a = ads.get(*n);
@@ -302,10 +337,7 @@ impl Backbone {
                     }
                     _ => None,
                 };
-                x = u.forward(x, lora);
-            }
-            if *residual {
-                x = x + input;
+                x = u.forward_add(x, lora, if j == last { input.take() } else { None });
             }
         }
         x

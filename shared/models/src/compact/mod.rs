@@ -6,6 +6,7 @@
 pub mod depthwise;
 pub mod lora;
 pub mod mobilenet;
+pub mod pointwise;
 pub mod relu6;
 pub mod site_norm;
 pub mod weights;
