@@ -15,6 +15,7 @@
 //! page faults (250 000 against flex's 30 000 over the benchmark) made the model slower than
 //! with flex's convolution although each layer alone was faster.
 
+use super::simd::{self, Isa};
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
@@ -66,57 +67,6 @@ fn out_side(input: usize, stride: usize) -> usize {
     (input + 2 - 3) / stride + 1
 }
 
-/// One output row's accumulation. `FMA`: fused multiply-adds, where the processor has them
-/// (the AVX2/FMA build of the kernel on x86-64, always on aarch64); on a baseline x86-64 build
-/// `mul_add` would be a library call per value.
-#[inline(always)]
-fn madd<const FMA: bool>(w: f32, x: f32, acc: f32) -> f32 {
-    if FMA { w.mul_add(x, acc) } else { w * x + acc }
-}
-
-/// `out[o] += w0·r[o−1] + w1·r[o] + w2·r[o+1]` (stride 1; `r` as long as `out`, zero beyond).
-#[inline(always)]
-fn taps_stride1<const FMA: bool>(out: &mut [f32], r: &[f32], w: [f32; 3]) {
-    let n = out.len();
-    if n == 1 {
-        out[0] = madd::<FMA>(w[1], r[0], out[0]);
-        return;
-    }
-    out[0] = madd::<FMA>(w[2], r[1], madd::<FMA>(w[1], r[0], out[0]));
-    for (((o, &a), &b), &c) in out[1..n - 1].iter_mut().zip(&r[..n - 2]).zip(&r[1..n - 1]).zip(&r[2..]) {
-        *o = madd::<FMA>(w[2], c, madd::<FMA>(w[1], b, madd::<FMA>(w[0], a, *o)));
-    }
-    out[n - 1] = madd::<FMA>(w[1], r[n - 1], madd::<FMA>(w[0], r[n - 2], out[n - 1]));
-}
-
-/// Stride 2: input column `2o + k − 1` for tap `k`, from the row split into its even and odd
-/// columns (`even.len() == out.len()`, `odd.len()` that or one less).
-#[inline(always)]
-fn taps_stride2<const FMA: bool>(out: &mut [f32], even: &[f32], odd: &[f32], w: [f32; 3]) {
-    let n = out.len();
-    // o = 0: column −1 is padding.
-    out[0] = madd::<FMA>(w[1], even[0], out[0]);
-    if let Some(&o0) = odd.first() {
-        out[0] = madd::<FMA>(w[2], o0, out[0]);
-    }
-    // 1 ≤ o < odd.len(): all three taps.
-    let full = odd.len().min(n);
-    if full > 1 {
-        let rows = out[1..full]
-            .iter_mut()
-            .zip(&odd[..full - 1])
-            .zip(&even[1..full])
-            .zip(&odd[1..full]);
-        for (((o, &a), &b), &c) in rows {
-            *o = madd::<FMA>(w[2], c, madd::<FMA>(w[1], b, madd::<FMA>(w[0], a, *o)));
-        }
-    }
-    // An odd input width: the last output's right tap is padding.
-    if odd.len() < n && n > 1 {
-        out[n - 1] = madd::<FMA>(w[1], even[n - 1], madd::<FMA>(w[0], odd[n - 2], out[n - 1]));
-    }
-}
-
 /// An input plane's size, the stride, and whether ReLU6 follows.
 #[derive(Clone, Copy)]
 struct Geometry {
@@ -127,29 +77,69 @@ struct Geometry {
 }
 
 /// One output plane from its input plane (`h` rows of `w`; at stride 2 each row holds its even
-/// columns, then its odd ones) and its nine weights.
+/// columns, then its odd ones) and its nine weights: each run of `S::LANES` outputs of a row
+/// from the nine shifted runs of its three input rows (padding as lanes never read), the bias,
+/// the clamp, one store.
+///
+/// # Safety
+/// The processor has `S`; `input` holds `h × w` values and `out` the output plane.
 #[inline(always)]
-fn plane<const FMA: bool>(out: &mut [f32], input: &[f32], k: &[f32], bias: f32, g: Geometry) {
+unsafe fn plane<S: Isa>(out: &mut [f32], input: &[f32], k: &[f32], bias: f32, g: Geometry) {
     let Geometry { h, w, stride, relu6 } = g;
     let ow = out_side(w, stride);
+    let (even, odd) = (w.div_ceil(2), w / 2);
+    let lanes = S::LANES;
     for (oh, row) in out.chunks_exact_mut(ow).enumerate() {
-        row.fill(bias);
-        for kh in 0..3 {
-            let Some(ih) = (oh * stride + kh).checked_sub(1).filter(|&ih| ih < h) else {
-                continue;
-            };
-            let r = &input[ih * w..][..w];
-            let taps = [k[kh * 3], k[kh * 3 + 1], k[kh * 3 + 2]];
-            if stride == 1 {
-                taps_stride1::<FMA>(row, r, taps);
-            } else {
-                let (even, odd) = r.split_at(w.div_ceil(2));
-                taps_stride2::<FMA>(row, even, odd, taps);
-            }
-        }
-        if relu6 {
-            for v in row.iter_mut() {
-                *v = v.clamp(0.0, 6.0);
+        let rows: [Option<&[f32]>; 3] = std::array::from_fn(|kh| {
+            (oh * stride + kh)
+                .checked_sub(1)
+                .filter(|&ih| ih < h)
+                .map(|ih| &input[ih * w..][..w])
+        });
+        for o in (0..ow).step_by(lanes) {
+            let first = usize::from(o == 0);
+            // Every tap of every lane inside the row (stride 2: inside the odd columns).
+            let inside = o > 0 && if stride == 1 { o + lanes < w } else { o + lanes <= odd };
+            // SAFETY: every lane read is inside its row (the ranges below), the store inside
+            // the output row; the processor has `S` (the caller's).
+            unsafe {
+                let mut acc = S::splat(bias);
+                for (kh, r) in rows.iter().enumerate() {
+                    let Some(r) = r else { continue };
+                    let p = r.as_ptr();
+                    // Away from the row's ends every lane is inside it: plain loads.
+                    let (left, centre, right) = match (stride, inside) {
+                        (1, true) => (S::load(p.add(o - 1)), S::load(p.add(o)), S::load(p.add(o + 1))),
+                        (1, false) => (
+                            S::load_range(p.wrapping_add(o).wrapping_sub(1), first, (w + 1 - o).min(lanes)),
+                            S::load_range(p.add(o), 0, (w - o).min(lanes)),
+                            S::load_range(p.add(o + 1), 0, (w - o - 1).min(lanes)),
+                        ),
+                        (_, true) => {
+                            let q = p.add(even);
+                            (S::load(q.add(o - 1)), S::load(p.add(o)), S::load(q.add(o)))
+                        }
+                        (_, false) => {
+                            let q = p.add(even);
+                            (
+                                S::load_range(
+                                    q.wrapping_add(o).wrapping_sub(1),
+                                    first,
+                                    (odd + 1).saturating_sub(o).min(lanes),
+                                ),
+                                S::load_range(p.add(o), 0, (even - o).min(lanes)),
+                                S::load_range(q.wrapping_add(o), 0, odd.saturating_sub(o).min(lanes)),
+                            )
+                        }
+                    };
+                    acc = S::fma(S::splat(k[kh * 3]), left, acc);
+                    acc = S::fma(S::splat(k[kh * 3 + 1]), centre, acc);
+                    acc = S::fma(S::splat(k[kh * 3 + 2]), right, acc);
+                }
+                if relu6 {
+                    acc = S::relu6(acc);
+                }
+                S::store_n(row.as_mut_ptr().add(o), acc, (ow - o).min(lanes));
             }
         }
     }
@@ -157,37 +147,35 @@ fn plane<const FMA: bool>(out: &mut [f32], input: &[f32], k: &[f32], bias: f32, 
 
 /// One output plane from its input plane: at stride 2 through `split`, the plane copied with
 /// each row's even columns first, then its odd ones.
+///
+/// # Safety
+/// As [`plane`].
 #[inline(always)]
-fn plane_from<const FMA: bool>(
-    out: &mut [f32],
-    input: &[f32],
-    k: &[f32],
-    bias: f32,
-    g: Geometry,
-    split: &mut Vec<f32>,
-) {
-    if g.stride == 1 {
-        return plane::<FMA>(out, input, k, bias, g);
+unsafe fn plane_from<S: Isa>(out: &mut [f32], input: &[f32], k: &[f32], bias: f32, g: Geometry, split: &mut Vec<f32>) {
+    // SAFETY: the caller's.
+    unsafe {
+        if g.stride == 1 {
+            return plane::<S>(out, input, k, bias, g);
+        }
+        split.resize(g.h * g.w, 0.0);
+        split_columns::<S>(input, g.w, split);
+        plane::<S>(out, split, k, bias, g)
     }
-    split.resize(g.h * g.w, 0.0);
-    split_columns(input, g.w, split);
-    plane::<FMA>(out, split, k, bias, g)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn plane_avx2(out: &mut [f32], input: &[f32], k: &[f32], bias: f32, g: Geometry, split: &mut Vec<f32>) {
-    plane_from::<true>(out, input, k, bias, g, split)
+    // SAFETY: compiled for AVX2 and FMA, called only where the processor has them.
+    unsafe { plane_from::<simd::x86::Avx2>(out, input, k, bias, g, split) }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f")]
 fn plane_avx512(out: &mut [f32], input: &[f32], k: &[f32], bias: f32, g: Geometry, split: &mut Vec<f32>) {
-    plane_from::<true>(out, input, k, bias, g, split)
+    // SAFETY: compiled for AVX-512F, called only where the processor has it.
+    unsafe { plane_from::<simd::x86::Avx512>(out, input, k, bias, g, split) }
 }
-
-/// Whether the portable build of the kernel has fused multiply-adds in hardware.
-const NATIVE_FMA: bool = cfg!(target_arch = "aarch64");
 
 thread_local! {
     /// A worker's copy of the input plane it is convolving at stride 2, split into even and odd
@@ -196,20 +184,34 @@ thread_local! {
     static SPLIT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Each row of `w` values in `x` written to `out` as its even columns, then its odd ones. One
-/// loop over the pairs, which the compiler turns into vector shuffles (two loops, one per
-/// parity, it did not: 8 % of a cell's time went to this copy).
+/// Each row of `w` values in `x` written to `out` as its even columns, then its odd ones, a
+/// vector of each at a time (a scalar copy was 8 % of a cell's time).
+///
+/// # Safety
+/// The processor has `S`.
 #[inline(always)]
-fn split_columns(x: &[f32], w: usize, out: &mut [f32]) {
+unsafe fn split_columns<S: Isa>(x: &[f32], w: usize, out: &mut [f32]) {
     let half = w.div_ceil(2);
+    let lanes = S::LANES;
     for (o, r) in out.chunks_exact_mut(w).zip(x.chunks_exact(w)) {
         let (even, odd) = o.split_at_mut(half);
-        for ((e, d), pair) in even.iter_mut().zip(odd.iter_mut()).zip(r.chunks_exact(2)) {
-            *e = pair[0];
-            *d = pair[1];
+        let mut i = 0;
+        while 2 * (i + lanes) <= w {
+            // SAFETY: `2 · lanes` values from `2i` are inside the row, `lanes` from `i` inside
+            // each half (`i + lanes ≤ w / 2`).
+            unsafe {
+                let (e, d) = S::deinterleave(r.as_ptr().add(2 * i));
+                S::store_n(even.as_mut_ptr().add(i), e, lanes);
+                S::store_n(odd.as_mut_ptr().add(i), d, lanes);
+            }
+            i += lanes;
         }
-        if w % 2 == 1 {
-            even[half - 1] = r[w - 1];
+        for (j, &v) in r.iter().enumerate().skip(2 * i) {
+            if j % 2 == 0 {
+                even[j / 2] = v;
+            } else {
+                odd[j / 2] = v;
+            }
         }
     }
 }
@@ -233,7 +235,7 @@ impl Build {
             use std::arch::is_x86_feature_detected as has;
             if has!("avx2") && has!("fma") {
                 all.push(Build::Avx2);
-                if has!("avx512f") && has!("avx512vl") {
+                if has!("avx512f") {
                     all.push(Build::Avx512);
                 }
             }
@@ -266,12 +268,13 @@ fn depthwise(x: &[f32], weight: &[f32], bias: &[f32], n: usize, c: usize, g: Geo
             let input = &x[i * h * w..][..h * w];
             let (k, b) = (&weight[(i % c) * 9..][..9], bias[i % c]);
             SPLIT.with_borrow_mut(|split| match build {
-                Build::Portable => plane_from::<NATIVE_FMA>(out, input, k, b, g, split),
+                // SAFETY: plain Rust runs anywhere.
+                Build::Portable => unsafe { plane_from::<simd::Portable>(out, input, k, b, g, split) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the processor has AVX2 and FMA (asserted above).
                 Build::Avx2 => unsafe { plane_avx2(out, input, k, b, g, split) },
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: the processor has AVX-512F/VL, AVX2 and FMA (asserted above).
+                // SAFETY: the processor has AVX-512F (asserted above).
                 Build::Avx512 => unsafe { plane_avx512(out, input, k, b, g, split) },
             });
         });
@@ -355,7 +358,7 @@ mod tests {
     fn it_is_burns_convolution_at_both_strides_and_odd_sides() {
         let device = Device::flex();
         // (batch, channels, h, w, stride, relu6): the shapes MobileNetV2 uses, odd sides (the
-        // last stride-2 column is padding), a single row or column, a single value.
+        // last stride-2 column is padding), a single row or column, a single value, long rows.
         let cases = [
             (2, 6, 9, 9, 1, true),
             (2, 6, 16, 16, 2, true),
@@ -365,6 +368,12 @@ mod tests {
             (1, 3, 6, 1, 2, true),
             (1, 2, 1, 1, 1, false),
             (3, 8, 14, 14, 1, true),
+            // Rows longer than two vectors of every build (16 lanes at most), odd and even.
+            (1, 3, 5, 37, 1, true),
+            (1, 3, 6, 35, 2, false),
+            (1, 2, 3, 34, 2, true),
+            // Whole vectors inside the odd columns at stride 2 (16 lanes: 32 odd columns).
+            (1, 2, 3, 67, 2, true),
         ];
         for (n, c, h, w, stride, relu6) in cases {
             let x = Tensor::<4>::from_data(TensorData::new(values(n * c * h * w, 1), [n, c, h, w]), &device);

@@ -8,6 +8,7 @@ pub mod lora;
 pub mod mobilenet;
 pub mod pointwise;
 pub mod relu6;
+mod simd;
 pub mod site_norm;
 pub mod weights;
 

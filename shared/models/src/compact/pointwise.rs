@@ -16,6 +16,7 @@
 //! `clamp`; so does any shape this kernel does not cover (output channels not a multiple of
 //! the tile's rows, grouped convolutions, other dtypes).
 
+use super::simd::{Isa, Portable};
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
@@ -102,175 +103,6 @@ impl Shape {
 /// Output side with padding `kernel / 2`.
 fn out_side(input: usize, kernel: usize, stride: usize) -> usize {
     (input + 2 * (kernel / 2) - kernel) / stride + 1
-}
-
-/// The vector instructions a tile is computed with.
-trait Isa {
-    /// f32 values per vector.
-    const LANES: usize;
-    /// Output channels per tile.
-    const ROWS: usize;
-    /// Vectors of pixels per tile at most.
-    const VECTORS: usize;
-    type V: Copy;
-    unsafe fn splat(v: f32) -> Self::V;
-    unsafe fn load(p: *const f32) -> Self::V;
-    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
-    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
-    unsafe fn relu6(a: Self::V) -> Self::V;
-    /// The first `n` (≤ `LANES`) values at `p`, zeros after.
-    unsafe fn load_n(p: *const f32, n: usize) -> Self::V;
-    /// Stores the first `n` (≤ `LANES`) values of `v` at `p`.
-    unsafe fn store_n(p: *mut f32, v: Self::V, n: usize);
-}
-
-/// Plain Rust, vectorised by the compiler for the build's baseline.
-struct Portable;
-
-impl Isa for Portable {
-    const LANES: usize = 8;
-    const ROWS: usize = 4;
-    const VECTORS: usize = 2;
-    type V = [f32; 8];
-    #[inline(always)]
-    unsafe fn splat(v: f32) -> [f32; 8] {
-        [v; 8]
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> [f32; 8] {
-        // SAFETY: the caller passes 8 readable values.
-        unsafe { std::ptr::read_unaligned(p.cast()) }
-    }
-    #[inline(always)]
-    unsafe fn fma(a: [f32; 8], b: [f32; 8], c: [f32; 8]) -> [f32; 8] {
-        std::array::from_fn(|i| a[i] * b[i] + c[i])
-    }
-    #[inline(always)]
-    unsafe fn add(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
-        std::array::from_fn(|i| a[i] + b[i])
-    }
-    #[inline(always)]
-    unsafe fn relu6(a: [f32; 8]) -> [f32; 8] {
-        a.map(|v| v.clamp(0.0, 6.0))
-    }
-    #[inline(always)]
-    unsafe fn load_n(p: *const f32, n: usize) -> [f32; 8] {
-        // SAFETY: the caller passes `n` readable values.
-        std::array::from_fn(|i| if i < n { unsafe { *p.add(i) } } else { 0.0 })
-    }
-    #[inline(always)]
-    unsafe fn store_n(p: *mut f32, v: [f32; 8], n: usize) {
-        // SAFETY: the caller passes room for `n` values.
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, n.min(8)) }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::Isa;
-    use std::arch::x86_64::*;
-
-    /// AVX-512F: 8 output channels × 3 vectors of 16 pixels, 24 accumulators of 32 registers.
-    pub(super) struct Avx512;
-
-    #[inline(always)]
-    fn mask16(n: usize) -> __mmask16 {
-        if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 }
-    }
-
-    // SAFETY (every function below): called only from functions compiled for AVX-512F, chosen
-    // where the processor has it; pointers as `Isa` documents.
-    impl Isa for Avx512 {
-        const LANES: usize = 16;
-        const ROWS: usize = 8;
-        const VECTORS: usize = 3;
-        type V = __m512;
-        #[inline(always)]
-        unsafe fn splat(v: f32) -> __m512 {
-            unsafe { _mm512_set1_ps(v) }
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> __m512 {
-            unsafe { _mm512_loadu_ps(p) }
-        }
-        #[inline(always)]
-        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
-            unsafe { _mm512_fmadd_ps(a, b, c) }
-        }
-        #[inline(always)]
-        unsafe fn add(a: __m512, b: __m512) -> __m512 {
-            unsafe { _mm512_add_ps(a, b) }
-        }
-        #[inline(always)]
-        unsafe fn relu6(a: __m512) -> __m512 {
-            unsafe { _mm512_min_ps(_mm512_max_ps(a, _mm512_setzero_ps()), _mm512_set1_ps(6.0)) }
-        }
-        #[inline(always)]
-        unsafe fn load_n(p: *const f32, n: usize) -> __m512 {
-            unsafe { _mm512_maskz_loadu_ps(mask16(n), p) }
-        }
-        #[inline(always)]
-        unsafe fn store_n(p: *mut f32, v: __m512, n: usize) {
-            unsafe { _mm512_mask_storeu_ps(p, mask16(n), v) }
-        }
-    }
-
-    /// AVX2 and FMA: 4 output channels × 3 vectors of 8 pixels, 12 accumulators of 16 registers.
-    pub(super) struct Avx2;
-
-    #[inline(always)]
-    unsafe fn mask8(n: usize) -> __m256i {
-        unsafe { _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)) }
-    }
-
-    // SAFETY (every function below): called only from functions compiled for AVX2 and FMA,
-    // chosen where the processor has them; pointers as `Isa` documents.
-    impl Isa for Avx2 {
-        const LANES: usize = 8;
-        const ROWS: usize = 4;
-        const VECTORS: usize = 3;
-        type V = __m256;
-        #[inline(always)]
-        unsafe fn splat(v: f32) -> __m256 {
-            unsafe { _mm256_set1_ps(v) }
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> __m256 {
-            unsafe { _mm256_loadu_ps(p) }
-        }
-        #[inline(always)]
-        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
-            unsafe { _mm256_fmadd_ps(a, b, c) }
-        }
-        #[inline(always)]
-        unsafe fn add(a: __m256, b: __m256) -> __m256 {
-            unsafe { _mm256_add_ps(a, b) }
-        }
-        #[inline(always)]
-        unsafe fn relu6(a: __m256) -> __m256 {
-            unsafe { _mm256_min_ps(_mm256_max_ps(a, _mm256_setzero_ps()), _mm256_set1_ps(6.0)) }
-        }
-        #[inline(always)]
-        unsafe fn load_n(p: *const f32, n: usize) -> __m256 {
-            unsafe {
-                if n >= 8 {
-                    _mm256_loadu_ps(p)
-                } else {
-                    _mm256_maskload_ps(p, mask8(n))
-                }
-            }
-        }
-        #[inline(always)]
-        unsafe fn store_n(p: *mut f32, v: __m256, n: usize) {
-            unsafe {
-                if n >= 8 {
-                    _mm256_storeu_ps(p, v)
-                } else {
-                    _mm256_maskstore_ps(p, mask8(n), v)
-                }
-            }
-        }
-    }
 }
 
 /// Where one tile's output goes.
@@ -499,9 +331,9 @@ impl Kernel {
         match self {
             Kernel::Portable => Portable::ROWS,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => x86::Avx2::ROWS,
+            Kernel::Avx2 => super::simd::x86::Avx2::ROWS,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => x86::Avx512::ROWS,
+            Kernel::Avx512 => super::simd::x86::Avx512::ROWS,
         }
     }
 
@@ -510,9 +342,9 @@ impl Kernel {
         match self {
             Kernel::Portable => Portable::VECTORS * Portable::LANES,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => x86::Avx2::VECTORS * x86::Avx2::LANES,
+            Kernel::Avx2 => super::simd::x86::Avx2::VECTORS * super::simd::x86::Avx2::LANES,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => x86::Avx512::VECTORS * x86::Avx512::LANES,
+            Kernel::Avx512 => super::simd::x86::Avx512::VECTORS * super::simd::x86::Avx512::LANES,
         }
     }
 }
@@ -522,14 +354,14 @@ impl Kernel {
 fn task_avx512(job: &Job, t: usize, panel: &mut Vec<f32>) {
     // SAFETY: compiled for AVX-512F, run only where `Kernel::detect` found it; the job's
     // channels are a multiple of the rows (checked by `compute`).
-    unsafe { task::<x86::Avx512, 8>(job, t, panel) }
+    unsafe { task::<super::simd::x86::Avx512, 8>(job, t, panel) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn task_avx2(job: &Job, t: usize, panel: &mut Vec<f32>) {
     // SAFETY: as above, for AVX2 and FMA.
-    unsafe { task::<x86::Avx2, 4>(job, t, panel) }
+    unsafe { task::<super::simd::x86::Avx2, 4>(job, t, panel) }
 }
 
 thread_local! {
