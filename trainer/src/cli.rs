@@ -278,7 +278,8 @@ pub struct ExportArgs {
     /// mllama: where the model is merged and checked (the compact model exports on the CPU).
     #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
     pub device: DeviceChoice,
-    /// mllama: 4-bit group size of the exported projections.
+    /// mllama: 4-bit group size of the exported projections whose outputs do not divide into
+    /// the appliance's blocks of 32 (the others are stored in the appliance's own grid).
     #[arg(long, default_value_t = 32)]
     pub q4_group: usize,
     /// Backbone checkpoint used by the run.

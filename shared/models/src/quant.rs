@@ -212,6 +212,146 @@ fn dequantize_into(
     }
 }
 
+/// A linear weight in the 4-bit grid the model holds on its device: burn's `Q4S` scheme with one
+/// scale per `block` output values ([`crate::mllama::frozen::q4_scheme`]). Stored in that grid,
+/// a bundle's projections are built on the device from their values and scales as they are,
+/// where a grid of its own (groups along the input, [`Q4Tensor`]) had to be unpacked and
+/// quantized again, rounding every weight twice.
+///
+/// Layout: the weight as the model holds it, `[in, out]` (the checkpoint's `[out, in]`
+/// transposed), values offset by 8 and packed two a byte (low nibble first), and one f16 scale
+/// per input and block of outputs, `[in, out / block]`. The scale is burn's rule,
+/// `2·max|x| / (b − a)` for the scheme's range `[a, b]`, rounded to f16 before the values are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Q4Blocks {
+    /// Output values (the checkpoint's rows).
+    pub d_out: usize,
+    /// Input values.
+    pub d_in: usize,
+    /// Output values per scale.
+    pub block: usize,
+    /// `[in, out]` values, two a byte.
+    pub packed: Vec<u8>,
+    /// `[in, out / block]`.
+    pub scales: Vec<f16>,
+}
+
+/// The scheme's range of values, `[a, b]`.
+fn q4s_range() -> (f32, f32) {
+    burn::tensor::quantization::QuantValue::Q4S.range()
+}
+
+impl Q4Blocks {
+    /// Quantizes a weight given in the checkpoint's form, `d_out` rows of `d_in` values.
+    ///
+    /// # Panics
+    /// If `block` is 0 or does not divide `d_out`, or `values` is not `d_out × d_in` long.
+    pub fn quantize(values: &[f32], d_out: usize, d_in: usize, block: usize) -> Q4Blocks {
+        assert!(block > 0 && d_out.is_multiple_of(block), "{d_out} outputs in blocks of {block}");
+        assert_eq!(values.len(), d_out * d_in, "a [{d_out}, {d_in}] weight");
+        let (a, b) = q4s_range();
+        let nb = d_out / block;
+        let mut scales = vec![f16::ZERO; d_in * nb];
+        let mut q = vec![0u8; d_in * d_out];
+        for i in 0..d_in {
+            for j in 0..nb {
+                let rows = j * block..(j + 1) * block;
+                let m = rows.clone().fold(0f32, |m, o| m.max(values[o * d_in + i].abs()));
+                // f16's largest finite value bounds the scale (weights never come near it); a
+                // block of zeros (or of values f16 cannot tell from zero) gets 1 and zeros.
+                let s = match f16::from_f32((m * 2.0 / (b - a)).min(f16::MAX.to_f32())) {
+                    s if s.to_f32() > 0.0 => s,
+                    _ => f16::ONE,
+                };
+                scales[i * nb + j] = s;
+                let sf = s.to_f32();
+                for o in rows {
+                    let v = (values[o * d_in + i] / sf).round().clamp(a, b);
+                    q[i * d_out + o] = (v as i8 + 8) as u8;
+                }
+            }
+        }
+        let packed = q.chunks(2).map(|p| p[0] | (p.get(1).copied().unwrap_or(8) << 4)).collect();
+        Q4Blocks {
+            d_out,
+            d_in,
+            block,
+            packed,
+            scales,
+        }
+    }
+
+    /// The sizes a weight's stored parts must have: packed bytes and scales.
+    fn sizes(d_out: usize, d_in: usize, block: usize) -> Result<(usize, usize), QuantError> {
+        if block == 0 || d_out == 0 || d_in == 0 || !d_out.is_multiple_of(block) {
+            return Err(QuantError::BadLayout(vec![d_out, d_in], block));
+        }
+        Ok(((d_in * d_out).div_ceil(2), d_in * d_out / block))
+    }
+
+    fn check(d_out: usize, d_in: usize, block: usize, packed: &[u8], scales: &[u8]) -> Result<(), QuantError> {
+        let (expected_packed, expected_scales) = Self::sizes(d_out, d_in, block)?;
+        if packed.len() != expected_packed || scales.len() != 2 * expected_scales {
+            return Err(QuantError::SizeMismatch {
+                shape: vec![d_out, d_in],
+                group: block,
+                expected_packed,
+                expected_scales,
+                packed: packed.len(),
+                scales: scales.len() / 2,
+            });
+        }
+        Ok(())
+    }
+
+    /// The values (`[in, out]`, one a byte, in `capacity`-sized room) and f32 scales straight
+    /// from the stored parts (`scales` as little-endian f16 bytes): what the model's
+    /// quantized weight is made of, with nothing rounded again.
+    pub fn values_and_scales(
+        (d_out, d_in, block): (usize, usize, usize),
+        packed: &[u8],
+        scales: &[u8],
+        capacity: usize,
+    ) -> Result<(Vec<i8>, Vec<f32>), QuantError> {
+        Self::check(d_out, d_in, block, packed, scales)?;
+        let n = d_in * d_out;
+        let mut q = Vec::with_capacity(capacity.max(n));
+        q.extend(packed.iter().flat_map(|&b| [(b & 0x0f) as i8 - 8, (b >> 4) as i8 - 8]).take(n));
+        let s = scales
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect();
+        Ok((q, s))
+    }
+
+    /// Rows `rows` of the checkpoint's form (`[out, in]`) in f32, appended to `out`.
+    pub fn dequantize_rows(
+        (d_out, d_in, block): (usize, usize, usize),
+        packed: &[u8],
+        scales: &[u8],
+        rows: std::ops::Range<usize>,
+        out: &mut Vec<f32>,
+    ) -> Result<(), QuantError> {
+        Self::check(d_out, d_in, block, packed, scales)?;
+        if rows.end > d_out {
+            return Err(QuantError::BadLayout(vec![d_out, d_in], block));
+        }
+        let nb = d_out / block;
+        out.reserve(rows.len() * d_in);
+        for o in rows {
+            for i in 0..d_in {
+                let at = i * d_out + o;
+                let byte = packed[at / 2];
+                let nib = if at.is_multiple_of(2) { byte & 0x0f } else { byte >> 4 };
+                let k = 2 * (i * nb + o / block);
+                let s = f16::from_le_bytes([scales[k], scales[k + 1]]).to_f32();
+                out.push((nib as i32 - 8) as f32 * s);
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,5 +431,36 @@ mod tests {
                 prop_assert!(g.iter().zip(dg).all(|(a, b)| (a - b).abs() <= 0.5 * max + 1e-3));
             }
         }
+    }
+
+    #[test]
+    fn a_weight_in_the_device_grid_comes_back_as_stored_and_as_its_rows() {
+        let (d_out, d_in, block) = (64, 5, 32);
+        let values: Vec<f32> = (0..d_out * d_in).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
+        let q = Q4Blocks::quantize(&values, d_out, d_in, block);
+        let scales: Vec<u8> = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let (vals, s) = Q4Blocks::values_and_scales((d_out, d_in, block), &q.packed, &scales, 0).unwrap();
+        assert_eq!((vals.len(), s.len()), (d_out * d_in, d_in * 2));
+        let mut rows = Vec::new();
+        Q4Blocks::dequantize_rows((d_out, d_in, block), &q.packed, &scales, 0..d_out, &mut rows).unwrap();
+        let (a, b) = q4s_range();
+        for o in 0..d_out {
+            for i in 0..d_in {
+                let (v, sc) = (vals[i * d_out + o], s[i * 2 + o / block]);
+                assert!(f32::from(v) >= a && f32::from(v) <= b);
+                // The rows are the stored values times their scales, within half a step of
+                // the weight (or clipped at the range's top).
+                assert_eq!(rows[o * d_in + i], f32::from(v) * sc);
+                assert!((rows[o * d_in + i] - values[o * d_in + i]).abs() <= sc * 0.5 + 1e-6 || v == 7);
+            }
+        }
+        // A band of rows is the same rows.
+        let mut band = Vec::new();
+        Q4Blocks::dequantize_rows((d_out, d_in, block), &q.packed, &scales, 10..20, &mut band).unwrap();
+        assert_eq!(band, rows[10 * d_in..20 * d_in]);
+        // Damaged parts are refused, not read.
+        assert!(Q4Blocks::values_and_scales((d_out, d_in, block), &q.packed[1..], &scales, 0).is_err());
+        assert!(Q4Blocks::dequantize_rows((d_out, d_in, 48), &q.packed, &scales, 0..1, &mut band).is_err());
+        assert!(Q4Blocks::dequantize_rows((d_out, d_in, block), &q.packed, &scales, 0..65, &mut band).is_err());
     }
 }

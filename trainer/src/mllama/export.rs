@@ -36,14 +36,15 @@ pub struct ExportTo<'a> {
     pub key: &'a ed25519_dalek::SigningKey,
     /// Model version of the bundle.
     pub model_version: u64,
-    /// Values per 4-bit scale.
+    /// Values per 4-bit scale of the projections not stored in the appliance's grid.
     pub group: usize,
     /// Bundle file to write.
     pub out: &'a Path,
 }
 
-/// How an exported tensor is stored: projections (and the LM head and projector) in 4 bits,
-/// embeddings in f16, norms, gates and biases in f32.
+/// How an exported tensor is stored: projections (and the LM head and projector) in 4 bits
+/// (in the appliance's own grid where their outputs divide into its blocks), embeddings in
+/// f16, norms, gates and biases in f32.
 fn storage_of(name: &str, shape: &[usize]) -> wbc_models::compact::weights::Storage {
     use wbc_models::compact::weights::Storage;
     let projection = shape.len() == 2
@@ -53,7 +54,11 @@ fn storage_of(name: &str, shape: &[usize]) -> wbc_models::compact::weights::Stor
             || name.ends_with("fc2.weight")
             || name.ends_with("lm_head.weight")
             || name == "multi_modal_projector.weight");
-    if projection {
+    let resident = wbc_models::mllama::cell::RESIDENT_BLOCK as usize;
+    if projection && shape[0].is_multiple_of(resident) {
+        // In the grid the appliance holds: built from its values as they are, rounded once.
+        Storage::Q4Out(resident)
+    } else if projection {
         Storage::Q4
     } else if name.ends_with("embed_tokens.weight") || name.contains("embedding") {
         Storage::F16

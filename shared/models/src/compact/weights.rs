@@ -6,8 +6,12 @@
 //! `q4:{name}` (e.g. `"96,16,1,1;32"`). Spatial convolution weights (the stem and the depthwise
 //! 3×3s) are F16: in 4 bits they cost the most accuracy for the least memory. Everything else
 //! (biases, heads) is F32.
+//!
+//! A linear weight of the mllama family may instead be stored in the grid its model holds on
+//! the device ([`crate::quant::Q4Blocks`]): `{name}.q4out` (U8) and `{name}.q4outscale` (F16),
+//! its checkpoint shape and block under `q4out:{name}` (e.g. `"4096,4096;32"`).
 
-use crate::quant::{Q4Tensor, QuantError};
+use crate::quant::{Q4Blocks, Q4Tensor, QuantError};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::collections::{BTreeMap, HashMap};
 
@@ -58,6 +62,9 @@ pub enum Storage {
     F16,
     /// 4 bits, a f16 scale per group.
     Q4,
+    /// A `[out, in]` linear weight in 4 bits in the grid the model holds on the device: one f16
+    /// scale per input and this many outputs ([`Q4Blocks`]).
+    Q4Out(usize),
 }
 
 /// A set of named tensors.
@@ -206,6 +213,18 @@ impl SafetensorsWriter {
                 self.owned
                     .push((format!("{name}.q4scale"), Dtype::F16, vec![q.scales.len()], scales));
             }
+            Storage::Q4Out(block) => {
+                let [d_out, d_in] = t.shape[..] else {
+                    panic!("{name}: a 4-bit grid of blocks is for [out, in] weights, not {:?}", t.shape);
+                };
+                let q = Q4Blocks::quantize(&t.values, d_out, d_in, block);
+                self.meta.insert(format!("q4out:{name}"), format!("{d_out},{d_in};{block}"));
+                self.owned
+                    .push((format!("{name}.q4out"), Dtype::U8, vec![q.packed.len()], q.packed));
+                let scales: Vec<u8> = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+                self.owned
+                    .push((format!("{name}.q4outscale"), Dtype::F16, vec![q.scales.len()], scales));
+            }
             Storage::F32 => {
                 let bytes = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
                 self.owned.push((name, Dtype::F32, t.shape.clone(), bytes));
@@ -226,6 +245,8 @@ pub struct WeightsView<'a> {
     st: SafeTensors<'a>,
     /// Logical name of each 4-bit tensor: its shape and group.
     q4: BTreeMap<String, (Vec<usize>, usize)>,
+    /// Logical name of each weight in the device's grid: `(out, in, block)`.
+    q4out: BTreeMap<String, (usize, usize, usize)>,
 }
 
 impl<'a> WeightsView<'a> {
@@ -246,7 +267,16 @@ impl<'a> WeightsView<'a> {
             let group: usize = group_s.parse().map_err(|_| bad())?;
             q4.insert(name.to_string(), (shape, group));
         }
-        Ok(WeightsView { st, q4 })
+        let mut q4out = BTreeMap::new();
+        for (key, layout) in meta.iter().filter(|(k, _)| k.starts_with("q4out:")) {
+            let name = &key["q4out:".len()..];
+            let bad = || WeightError::Format(format!("bad 4-bit grid {layout:?} for {name:?}"));
+            let parse = |v: &str| v.parse::<usize>().map_err(|_| bad());
+            let (shape, block) = layout.split_once(';').ok_or_else(bad)?;
+            let (d_out, d_in) = shape.split_once(',').ok_or_else(bad)?;
+            q4out.insert(name.to_string(), (parse(d_out)?, parse(d_in)?, parse(block)?));
+        }
+        Ok(WeightsView { st, q4, q4out })
     }
 
     /// Every logical tensor name (4-bit tensors under their own name, not their parts).
@@ -256,8 +286,10 @@ impl<'a> WeightsView<'a> {
             .names()
             .into_iter()
             .filter(|n| !(n.ends_with(".q4") || n.ends_with(".q4scale")))
+            .filter(|n| !(n.ends_with(".q4out") || n.ends_with(".q4outscale")))
             .collect();
         names.extend(self.q4.keys().map(String::as_str));
+        names.extend(self.q4out.keys().map(String::as_str));
         names.sort_unstable();
         names.dedup();
         names
@@ -267,6 +299,9 @@ impl<'a> WeightsView<'a> {
     pub fn shape(&self, name: &str) -> Result<Vec<usize>, WeightError> {
         if let Some((shape, _)) = self.q4.get(name) {
             return Ok(shape.clone());
+        }
+        if let Some(&(d_out, d_in, _)) = self.q4out.get(name) {
+            return Ok(vec![d_out, d_in]);
         }
         let view = self
             .st
@@ -278,6 +313,22 @@ impl<'a> WeightsView<'a> {
     /// The tensor `name` in f32, a band of about `rows_per_piece` rows (of its first dimension)
     /// at a time: `f` gets each band's values. A 4-bit tensor is unpacked band by band.
     pub fn rows(&self, name: &str, rows_per_piece: usize, f: &mut dyn FnMut(&[f32])) -> Result<(), WeightError> {
+        if let Some(&layout) = self.q4out.get(name) {
+            let (packed, scales) = self.grid_parts(name)?;
+            let mut band = Vec::new();
+            for r0 in (0..layout.0).step_by(rows_per_piece.max(1)) {
+                band.clear();
+                let r1 = (r0 + rows_per_piece.max(1)).min(layout.0);
+                Q4Blocks::dequantize_rows(layout, packed, scales, r0..r1, &mut band).map_err(|source| {
+                    WeightError::Quant {
+                        name: name.to_string(),
+                        source,
+                    }
+                })?;
+                f(&band);
+            }
+            return Ok(());
+        }
         let Some((shape, group)) = self.q4.get(name) else {
             f(&self.get(name)?.values);
             return Ok(());
@@ -311,8 +362,61 @@ impl<'a> WeightsView<'a> {
         Ok(())
     }
 
+    /// The stored parts of a weight in the device's grid: packed values and f16 scale bytes.
+    fn grid_parts(&self, name: &str) -> Result<(&'a [u8], &'a [u8]), WeightError> {
+        let part = |suffix: &str, dtype: Dtype| -> Result<&'a [u8], WeightError> {
+            let v = self
+                .st
+                .tensor(&format!("{name}{suffix}"))
+                .map_err(|_| WeightError::Missing(format!("{name}{suffix}")))?;
+            if v.dtype() != dtype {
+                return Err(WeightError::Format(format!("4-bit grid {name:?}: {suffix} is {:?}", v.dtype())));
+            }
+            Ok(v.data())
+        };
+        Ok((part(".q4out", Dtype::U8)?, part(".q4outscale", Dtype::F16)?))
+    }
+
+    /// A `[out, in]` weight (`shape`) stored in the device's grid with `block` outputs per
+    /// scale: its values (`[in, out]`, one a byte, in room for `capacity`) and f32 scales as
+    /// stored. `None` for a tensor stored any other way or with other blocks; an error for one
+    /// of another shape.
+    pub fn grid(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        block: usize,
+        capacity: usize,
+    ) -> Result<Option<(Vec<i8>, Vec<f32>)>, WeightError> {
+        let Some(&layout) = self.q4out.get(name).filter(|l| l.2 == block) else {
+            return Ok(None);
+        };
+        if [layout.0, layout.1] != shape {
+            return Err(WeightError::Shape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: vec![layout.0, layout.1],
+            });
+        }
+        let (packed, scales) = self.grid_parts(name)?;
+        Q4Blocks::values_and_scales(layout, packed, scales, capacity)
+            .map(Some)
+            .map_err(|source| WeightError::Quant {
+                name: name.to_string(),
+                source,
+            })
+    }
+
     /// The tensor `name` in f32.
     pub fn get(&self, name: &str) -> Result<NamedTensor, WeightError> {
+        if let Some(&(d_out, d_in, _)) = self.q4out.get(name) {
+            let mut values = Vec::new();
+            self.rows(name, usize::MAX, &mut |v| values.extend_from_slice(v))?;
+            return Ok(NamedTensor {
+                shape: vec![d_out, d_in],
+                values,
+            });
+        }
         if let Some((shape, _)) = self.q4.get(name) {
             let mut values = Vec::new();
             self.rows(name, usize::MAX, &mut |v| values.extend_from_slice(v))?;

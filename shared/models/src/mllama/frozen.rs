@@ -169,9 +169,7 @@ impl RowQuantizer {
             "{d_out} rows do not divide into blocks of {block}"
         );
         let n = d_in * d_out;
-        // Room for the scales too: burn appends them to the values' buffer, and the tensor keeps
-        // that buffer; without the room it would grow it (to twice the values' size).
-        let mut q = Vec::with_capacity(n + 4 * (n / block) + 64);
+        let mut q = Vec::with_capacity(Self::room(d_out, d_in, block as u8));
         q.resize(n, 0);
         RowQuantizer {
             d_out,
@@ -181,6 +179,34 @@ impl RowQuantizer {
             scales: vec![0.0; d_in * (d_out / block)],
             band: Vec::with_capacity(block * d_in),
             rows: 0,
+        }
+    }
+
+    /// The bytes a weight's values are kept in: room for the scales too, which burn appends to
+    /// the values' buffer (the tensor keeps that buffer; without the room it would grow it, to
+    /// twice the values' size).
+    pub fn room(d_out: usize, d_in: usize, block: u8) -> usize {
+        let n = d_in * d_out;
+        n + 4 * (n / (block as usize).max(1)) + 64
+    }
+
+    /// A weight already in this grid: `values` `[in, out]` (in [`RowQuantizer::room`]) and
+    /// `scales` `[in, out / block]`, as [`crate::quant::Q4Blocks`] stores them.
+    ///
+    /// # Panics
+    /// If the sizes do not fit `d_out`, `d_in` and `block`.
+    pub fn from_grid(d_out: usize, d_in: usize, block: u8, values: Vec<i8>, scales: Vec<f32>) -> Self {
+        let block = block as usize;
+        assert!(block > 0 && d_out.is_multiple_of(block), "{d_out} outputs in blocks of {block}");
+        assert_eq!((values.len(), scales.len()), (d_in * d_out, d_in * d_out / block), "a [{d_in}, {d_out}] grid");
+        RowQuantizer {
+            d_out,
+            d_in,
+            block,
+            q: values,
+            scales,
+            band: Vec::new(),
+            rows: d_out,
         }
     }
 
@@ -265,5 +291,70 @@ impl RowQuantizer {
             w.quantize_dynamic(&scheme)
         };
         t.set_require_grad(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compact::weights::{NamedTensor, SafetensorsWriter, Storage, WeightsView};
+    use burn::tensor::Device;
+
+    #[test]
+    fn a_weight_stored_in_the_devices_grid_is_built_from_its_values_as_they_are() {
+        // A `[out, in]` weight written in the device's grid and read back: the model's tensor
+        // holds exactly the stored values times their scales, where unpacking it and
+        // quantizing it again (the path of a grid of its own) rounds a second time.
+        let (d_out, d_in, block) = (64, 24, 32u8);
+        let values: Vec<f32> = (0..d_out * d_in).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 300.0).collect();
+        let mut w = SafetensorsWriter::new(16);
+        let t = NamedTensor {
+            shape: vec![d_out, d_in],
+            values: values.clone(),
+        };
+        w.push("p.weight", &t, Storage::Q4Out(block as usize));
+        w.push("g.weight", &t, Storage::Q4);
+        let bytes = w.finish().unwrap();
+        let view = WeightsView::new(&bytes).unwrap();
+        assert_eq!(view.shape("p.weight").unwrap(), vec![d_out, d_in]);
+        let stored = view.get("p.weight").unwrap().values; // [out, in]
+        let room = RowQuantizer::room(d_out, d_in, block);
+        let shape = [d_out, d_in];
+        let (q, s) = view.grid("p.weight", shape, block as usize, room).unwrap().expect("stored in the grid");
+        assert!(q.capacity() >= room);
+        // Another block size, or a tensor in the other 4-bit form, is not this grid; another
+        // shape with as many values is an error, not a weight laid out wrongly.
+        assert!(view.grid("p.weight", shape, 16, room).unwrap().is_none());
+        assert!(view.grid("g.weight", shape, block as usize, room).unwrap().is_none());
+        assert!(view.grid("p.weight", [d_in * 2, d_out / 2], block as usize, room).is_err());
+
+        let device = Device::flex();
+        let direct = RowQuantizer::from_grid(d_out, d_in, block, q, s).finish(&device);
+        let direct: Vec<f32> = direct.dequantize().into_data().try_into_vec().unwrap(); // [in, out]
+        for o in 0..d_out {
+            for i in 0..d_in {
+                assert_eq!(direct[i * d_out + o], stored[o * d_in + i], "value ({o}, {i})");
+            }
+        }
+        // The export's rule is the device's: the original weight quantized on the device (f32
+        // scales) is the stored grid (f16 scales) but for a value rounded the other way where
+        // the two scales straddle a half step.
+        let mut on_device = RowQuantizer::new(d_out, d_in, block);
+        on_device.push(&values);
+        let on_device: Vec<f32> = on_device.finish(&device).dequantize().into_data().try_into_vec().unwrap();
+        let step = |i: usize, o: usize| {
+            let m = (o / 32 * 32..o / 32 * 32 + 32).fold(0f32, |m, r| m.max(values[r * d_in + i].abs()));
+            let (a, b) = QuantValue::Q4S.range();
+            m * 2.0 / (b - a)
+        };
+        let mut moved = 0;
+        for o in 0..d_out {
+            for i in 0..d_in {
+                let d = (direct[i * d_out + o] - on_device[i * d_out + o]).abs();
+                assert!(d <= step(i, o) * 1.01, "({o}, {i}): {d} against a step of {}", step(i, o));
+                moved += usize::from(d > step(i, o) * 0.01);
+            }
+        }
+        assert!(moved * 100 <= d_out * d_in, "{moved} of {} values rounded the other way", d_out * d_in);
     }
 }

@@ -227,6 +227,20 @@ pub trait Source {
         f(&self.tensor(name, shape)?);
         Ok(())
     }
+
+    /// The `[out, in]` weight `name` (`shape`) as the 4-bit values (`[in, out]`, one a byte, in
+    /// room for `capacity`) and scales of `block` outputs each that the model holds, where the
+    /// source stores it in that grid: nothing is unpacked to f32 or rounded again. `None`
+    /// elsewhere.
+    fn grid(
+        &self,
+        _name: &str,
+        _shape: [usize; 2],
+        _block: usize,
+        _capacity: usize,
+    ) -> Result<Option<(Vec<i8>, Vec<f32>)>, CheckpointError> {
+        Ok(None)
+    }
 }
 
 impl Source for Checkpoint {
@@ -268,6 +282,16 @@ impl Source for crate::compact::weights::WeightsView<'_> {
         let row: usize = shape.iter().skip(1).product::<usize>().max(1);
         let per = (super::checkpoint::READ_CHUNK / (4 * row)).max(1);
         crate::compact::weights::WeightsView::rows(self, name, per, f).map_err(weight_error)
+    }
+
+    fn grid(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        block: usize,
+        capacity: usize,
+    ) -> Result<Option<(Vec<i8>, Vec<f32>)>, CheckpointError> {
+        crate::compact::weights::WeightsView::grid(self, name, shape, block, capacity).map_err(weight_error)
     }
 }
 
@@ -352,8 +376,16 @@ impl Loader<'_> {
         let name = format!("{prefix}.weight");
         let weight = match self.quant {
             Some(block) if block > 0 && d_out.is_multiple_of(block as usize) => {
-                let mut q = RowQuantizer::new(d_out, d_in, block);
-                self.src.rows(&name, &[d_out, d_in], &mut |v| q.push(v))?;
+                let capacity = RowQuantizer::room(d_out, d_in, block);
+                let q = match self.src.grid(&name, [d_out, d_in], block as usize, capacity)? {
+                    // Stored in this grid (an exported bundle): taken as it is.
+                    Some((values, scales)) => RowQuantizer::from_grid(d_out, d_in, block, values, scales),
+                    None => {
+                        let mut q = RowQuantizer::new(d_out, d_in, block);
+                        self.src.rows(&name, &[d_out, d_in], &mut |v| q.push(v))?;
+                        q
+                    }
+                };
                 Param::from_tensor(q.finish(self.device)).set_require_grad(false)
             }
             _ => {
