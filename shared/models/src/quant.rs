@@ -247,7 +247,10 @@ impl Q4Blocks {
     /// # Panics
     /// If `block` is 0 or does not divide `d_out`, or `values` is not `d_out × d_in` long.
     pub fn quantize(values: &[f32], d_out: usize, d_in: usize, block: usize) -> Q4Blocks {
-        assert!(block > 0 && d_out.is_multiple_of(block), "{d_out} outputs in blocks of {block}");
+        assert!(
+            block > 0 && d_out.is_multiple_of(block),
+            "{d_out} outputs in blocks of {block}"
+        );
         assert_eq!(values.len(), d_out * d_in, "a [{d_out}, {d_in}] weight");
         let (a, b) = q4s_range();
         let nb = d_out / block;
@@ -271,7 +274,10 @@ impl Q4Blocks {
                 }
             }
         }
-        let packed = q.chunks(2).map(|p| p[0] | (p.get(1).copied().unwrap_or(8) << 4)).collect();
+        let packed = q
+            .chunks(2)
+            .map(|p| p[0] | (p.get(1).copied().unwrap_or(8) << 4))
+            .collect();
         Q4Blocks {
             d_out,
             d_in,
@@ -316,7 +322,12 @@ impl Q4Blocks {
         Self::check(d_out, d_in, block, packed, scales)?;
         let n = d_in * d_out;
         let mut q = Vec::with_capacity(capacity.max(n));
-        q.extend(packed.iter().flat_map(|&b| [(b & 0x0f) as i8 - 8, (b >> 4) as i8 - 8]).take(n));
+        q.extend(
+            packed
+                .iter()
+                .flat_map(|&b| [(b & 0x0f) as i8 - 8, (b >> 4) as i8 - 8])
+                .take(n),
+        );
         let s = scales
             .chunks_exact(2)
             .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
@@ -436,7 +447,9 @@ mod tests {
     #[test]
     fn a_weight_in_the_device_grid_comes_back_as_stored_and_as_its_rows() {
         let (d_out, d_in, block) = (64, 5, 32);
-        let values: Vec<f32> = (0..d_out * d_in).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
+        let values: Vec<f32> = (0..d_out * d_in)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+            .collect();
         let q = Q4Blocks::quantize(&values, d_out, d_in, block);
         let scales: Vec<u8> = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
         let (vals, s) = Q4Blocks::values_and_scales((d_out, d_in, block), &q.packed, &scales, 0).unwrap();

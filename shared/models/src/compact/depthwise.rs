@@ -217,38 +217,7 @@ unsafe fn split_columns<S: Isa>(x: &[f32], w: usize, out: &mut [f32]) {
 }
 
 /// The builds of the kernel: which vector instructions it is compiled for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Build {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-impl Build {
-    /// Every build this processor runs, the fastest last.
-    fn available() -> Vec<Build> {
-        let mut all = vec![Build::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") {
-                all.push(Build::Avx2);
-                if has!("avx512f") {
-                    all.push(Build::Avx512);
-                }
-            }
-        }
-        all
-    }
-
-    /// The fastest build this processor runs.
-    fn best() -> Build {
-        static BEST: std::sync::OnceLock<Build> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| *Build::available().last().expect("the portable build"))
-    }
-}
+type Build = simd::Level;
 
 /// The whole convolution on contiguous f32 values: `n` images of `c` planes of `h` × `w`, with
 /// `build` (one of [`Build::available`]).

@@ -16,7 +16,7 @@
 //! `clamp`; so does any shape this kernel does not cover (output channels not a multiple of
 //! the tile's rows, grouped convolutions, other dtypes).
 
-use super::simd::{Isa, Portable};
+use super::simd::{Isa, Level, Portable};
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
@@ -283,49 +283,11 @@ unsafe fn task<S: Isa, const R: usize>(job: &Job, t: usize, panel: &mut Vec<f32>
     }
 }
 
-/// The kernel a processor runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernel {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
+/// The kernel a processor runs: its instruction set.
+type Kernel = Level;
 
-impl Kernel {
-    /// The fastest kernel this processor has.
-    fn detect() -> Kernel {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") {
-                return Kernel::Avx512;
-            }
-            if has!("avx2") && has!("fma") {
-                return Kernel::Avx2;
-            }
-        }
-        Kernel::Portable
-    }
-
-    /// Every kernel this processor can run (the tests compare them all).
-    #[cfg(test)]
-    fn available() -> Vec<Kernel> {
-        let mut all = vec![Kernel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") {
-                all.push(Kernel::Avx2);
-            }
-            if has!("avx512f") {
-                all.push(Kernel::Avx512);
-            }
-        }
-        all
-    }
-
+/// Tile sizes at each level.
+impl Level {
     /// Output channels per tile.
     fn rows(self) -> usize {
         match self {
@@ -352,7 +314,7 @@ impl Kernel {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn task_avx512(job: &Job, t: usize, panel: &mut Vec<f32>) {
-    // SAFETY: compiled for AVX-512F, run only where `Kernel::detect` found it; the job's
+    // SAFETY: compiled for AVX-512F, run only where `Level::available` found it; the job's
     // channels are a multiple of the rows (checked by `compute`).
     unsafe { task::<super::simd::x86::Avx512, 8>(job, t, panel) }
 }
@@ -487,7 +449,7 @@ fn flex_dense(
     let (x, weight, bias) = (x.to_contiguous(), weight.to_contiguous(), bias.to_contiguous());
     let residual = residual.map(|r| r.to_contiguous());
     let y = compute(
-        Kernel::detect(),
+        Kernel::best(),
         values(&x),
         values(&weight),
         values(&bias),

@@ -3,6 +3,55 @@
 //! build's baseline. A kernel is generic over [`Isa`] and compiled once per instruction set in a
 //! function with that target feature, chosen at run time.
 
+/// The instruction sets a kernel is built for, the widest last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(in crate::compact) enum Level {
+    /// Plain Rust ([`Portable`]).
+    Portable,
+    /// AVX2 with FMA.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Level {
+    /// Every level this processor runs, the widest last.
+    pub(in crate::compact) fn available() -> Vec<Level> {
+        let mut all = vec![Level::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                all.push(Level::Avx2);
+                if has!("avx512f") {
+                    all.push(Level::Avx512);
+                }
+            }
+        }
+        all
+    }
+
+    /// The level the kernels run at: the widest this processor has, or narrower where the
+    /// environment variable `WBC_CPU_SIMD` says so (`avx2` or `portable`: what a processor
+    /// without AVX-512, or without either, would run; for measuring, or to rule a kernel out).
+    pub(in crate::compact) fn best() -> Level {
+        static BEST: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let all = Level::available();
+            let cap = match std::env::var("WBC_CPU_SIMD").as_deref() {
+                Ok("portable") => Some(Level::Portable),
+                #[cfg(target_arch = "x86_64")]
+                Ok("avx2") => Some(Level::Avx2),
+                _ => None,
+            };
+            let widest = *all.last().expect("the portable level");
+            cap.map_or(widest, |c| c.min(widest))
+        })
+    }
+}
+
 /// Vector instructions, as the kernels use them.
 pub(in crate::compact) trait Isa {
     /// f32 values per vector.

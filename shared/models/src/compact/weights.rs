@@ -215,10 +215,14 @@ impl SafetensorsWriter {
             }
             Storage::Q4Out(block) => {
                 let [d_out, d_in] = t.shape[..] else {
-                    panic!("{name}: a 4-bit grid of blocks is for [out, in] weights, not {:?}", t.shape);
+                    panic!(
+                        "{name}: a 4-bit grid of blocks is for [out, in] weights, not {:?}",
+                        t.shape
+                    );
                 };
                 let q = Q4Blocks::quantize(&t.values, d_out, d_in, block);
-                self.meta.insert(format!("q4out:{name}"), format!("{d_out},{d_in};{block}"));
+                self.meta
+                    .insert(format!("q4out:{name}"), format!("{d_out},{d_in};{block}"));
                 self.owned
                     .push((format!("{name}.q4out"), Dtype::U8, vec![q.packed.len()], q.packed));
                 let scales: Vec<u8> = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
@@ -370,7 +374,10 @@ impl<'a> WeightsView<'a> {
                 .tensor(&format!("{name}{suffix}"))
                 .map_err(|_| WeightError::Missing(format!("{name}{suffix}")))?;
             if v.dtype() != dtype {
-                return Err(WeightError::Format(format!("4-bit grid {name:?}: {suffix} is {:?}", v.dtype())));
+                return Err(WeightError::Format(format!(
+                    "4-bit grid {name:?}: {suffix} is {:?}",
+                    v.dtype()
+                )));
             }
             Ok(v.data())
         };

@@ -197,8 +197,15 @@ impl RowQuantizer {
     /// If the sizes do not fit `d_out`, `d_in` and `block`.
     pub fn from_grid(d_out: usize, d_in: usize, block: u8, values: Vec<i8>, scales: Vec<f32>) -> Self {
         let block = block as usize;
-        assert!(block > 0 && d_out.is_multiple_of(block), "{d_out} outputs in blocks of {block}");
-        assert_eq!((values.len(), scales.len()), (d_in * d_out, d_in * d_out / block), "a [{d_in}, {d_out}] grid");
+        assert!(
+            block > 0 && d_out.is_multiple_of(block),
+            "{d_out} outputs in blocks of {block}"
+        );
+        assert_eq!(
+            (values.len(), scales.len()),
+            (d_in * d_out, d_in * d_out / block),
+            "a [{d_in}, {d_out}] grid"
+        );
         RowQuantizer {
             d_out,
             d_in,
@@ -306,7 +313,9 @@ mod tests {
         // holds exactly the stored values times their scales, where unpacking it and
         // quantizing it again (the path of a grid of its own) rounds a second time.
         let (d_out, d_in, block) = (64, 24, 32u8);
-        let values: Vec<f32> = (0..d_out * d_in).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 300.0).collect();
+        let values: Vec<f32> = (0..d_out * d_in)
+            .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 300.0)
+            .collect();
         let mut w = SafetensorsWriter::new(16);
         let t = NamedTensor {
             shape: vec![d_out, d_in],
@@ -320,13 +329,19 @@ mod tests {
         let stored = view.get("p.weight").unwrap().values; // [out, in]
         let room = RowQuantizer::room(d_out, d_in, block);
         let shape = [d_out, d_in];
-        let (q, s) = view.grid("p.weight", shape, block as usize, room).unwrap().expect("stored in the grid");
+        let (q, s) = view
+            .grid("p.weight", shape, block as usize, room)
+            .unwrap()
+            .expect("stored in the grid");
         assert!(q.capacity() >= room);
         // Another block size, or a tensor in the other 4-bit form, is not this grid; another
         // shape with as many values is an error, not a weight laid out wrongly.
         assert!(view.grid("p.weight", shape, 16, room).unwrap().is_none());
         assert!(view.grid("g.weight", shape, block as usize, room).unwrap().is_none());
-        assert!(view.grid("p.weight", [d_in * 2, d_out / 2], block as usize, room).is_err());
+        assert!(
+            view.grid("p.weight", [d_in * 2, d_out / 2], block as usize, room)
+                .is_err()
+        );
 
         let device = Device::flex();
         let direct = RowQuantizer::from_grid(d_out, d_in, block, q, s).finish(&device);
@@ -341,7 +356,12 @@ mod tests {
         // the two scales straddle a half step.
         let mut on_device = RowQuantizer::new(d_out, d_in, block);
         on_device.push(&values);
-        let on_device: Vec<f32> = on_device.finish(&device).dequantize().into_data().try_into_vec().unwrap();
+        let on_device: Vec<f32> = on_device
+            .finish(&device)
+            .dequantize()
+            .into_data()
+            .try_into_vec()
+            .unwrap();
         let step = |i: usize, o: usize| {
             let m = (o / 32 * 32..o / 32 * 32 + 32).fold(0f32, |m, r| m.max(values[r * d_in + i].abs()));
             let (a, b) = QuantValue::Q4S.range();
@@ -351,10 +371,18 @@ mod tests {
         for o in 0..d_out {
             for i in 0..d_in {
                 let d = (direct[i * d_out + o] - on_device[i * d_out + o]).abs();
-                assert!(d <= step(i, o) * 1.01, "({o}, {i}): {d} against a step of {}", step(i, o));
+                assert!(
+                    d <= step(i, o) * 1.01,
+                    "({o}, {i}): {d} against a step of {}",
+                    step(i, o)
+                );
                 moved += usize::from(d > step(i, o) * 0.01);
             }
         }
-        assert!(moved * 100 <= d_out * d_in, "{moved} of {} values rounded the other way", d_out * d_in);
+        assert!(
+            moved * 100 <= d_out * d_in,
+            "{moved} of {} values rounded the other way",
+            d_out * d_in
+        );
     }
 }
