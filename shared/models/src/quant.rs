@@ -236,6 +236,10 @@ pub struct Q4Blocks {
     pub scales: Vec<f16>,
 }
 
+/// A weight in the device's grid as the model is built from it: its values (`[in, out]`, one a
+/// byte) and f32 scales (`[in, out / block]`).
+pub type GridParts = (Vec<i8>, Vec<f32>);
+
 /// The scheme's range of values, `[a, b]`.
 fn q4s_range() -> (f32, f32) {
     burn::tensor::quantization::QuantValue::Q4S.range()
@@ -318,7 +322,7 @@ impl Q4Blocks {
         packed: &[u8],
         scales: &[u8],
         capacity: usize,
-    ) -> Result<(Vec<i8>, Vec<f32>), QuantError> {
+    ) -> Result<GridParts, QuantError> {
         Self::check(d_out, d_in, block, packed, scales)?;
         let n = d_in * d_out;
         let mut q = Vec::with_capacity(capacity.max(n));

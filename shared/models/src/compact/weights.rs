@@ -394,7 +394,7 @@ impl<'a> WeightsView<'a> {
         shape: [usize; 2],
         block: usize,
         capacity: usize,
-    ) -> Result<Option<(Vec<i8>, Vec<f32>)>, WeightError> {
+    ) -> Result<Option<crate::quant::GridParts>, WeightError> {
         let Some(&layout) = self.q4out.get(name).filter(|l| l.2 == block) else {
             return Ok(None);
         };

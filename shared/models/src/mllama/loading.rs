@@ -238,7 +238,7 @@ pub trait Source {
         _shape: [usize; 2],
         _block: usize,
         _capacity: usize,
-    ) -> Result<Option<(Vec<i8>, Vec<f32>)>, CheckpointError> {
+    ) -> Result<Option<crate::quant::GridParts>, CheckpointError> {
         Ok(None)
     }
 }
@@ -290,7 +290,7 @@ impl Source for crate::compact::weights::WeightsView<'_> {
         shape: [usize; 2],
         block: usize,
         capacity: usize,
-    ) -> Result<Option<(Vec<i8>, Vec<f32>)>, CheckpointError> {
+    ) -> Result<Option<crate::quant::GridParts>, CheckpointError> {
         crate::compact::weights::WeightsView::grid(self, name, shape, block, capacity).map_err(weight_error)
     }
 }
