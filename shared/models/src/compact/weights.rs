@@ -337,20 +337,10 @@ impl<'a> WeightsView<'a> {
             f(&self.get(name)?.values);
             return Ok(());
         };
-        let part = |suffix: &str, dtype: Dtype| -> Result<&'a [u8], WeightError> {
-            let v = self
-                .st
-                .tensor(&format!("{name}{suffix}"))
-                .map_err(|_| WeightError::Missing(format!("{name}{suffix}")))?;
-            if v.dtype() != dtype {
-                return Err(WeightError::Format(format!(
-                    "4-bit tensor {name:?}: {suffix} is {:?}",
-                    v.dtype()
-                )));
-            }
-            Ok(v.data())
-        };
-        let (packed, scales) = (part(".q4", Dtype::U8)?, part(".q4scale", Dtype::F16)?);
+        let (packed, scales) = (
+            self.stored_part(name, ".q4", Dtype::U8)?,
+            self.stored_part(name, ".q4scale", Dtype::F16)?,
+        );
         let quant = |source| WeightError::Quant {
             name: name.to_string(),
             source,
@@ -366,22 +356,27 @@ impl<'a> WeightsView<'a> {
         Ok(())
     }
 
+    /// The bytes of the stored part `{name}{suffix}` of a 4-bit tensor, which must be `dtype`.
+    fn stored_part(&self, name: &str, suffix: &str, dtype: Dtype) -> Result<&'a [u8], WeightError> {
+        let v = self
+            .st
+            .tensor(&format!("{name}{suffix}"))
+            .map_err(|_| WeightError::Missing(format!("{name}{suffix}")))?;
+        if v.dtype() != dtype {
+            return Err(WeightError::Format(format!(
+                "4-bit tensor {name:?}: {suffix} is {:?}",
+                v.dtype()
+            )));
+        }
+        Ok(v.data())
+    }
+
     /// The stored parts of a weight in the device's grid: packed values and f16 scale bytes.
     fn grid_parts(&self, name: &str) -> Result<(&'a [u8], &'a [u8]), WeightError> {
-        let part = |suffix: &str, dtype: Dtype| -> Result<&'a [u8], WeightError> {
-            let v = self
-                .st
-                .tensor(&format!("{name}{suffix}"))
-                .map_err(|_| WeightError::Missing(format!("{name}{suffix}")))?;
-            if v.dtype() != dtype {
-                return Err(WeightError::Format(format!(
-                    "4-bit grid {name:?}: {suffix} is {:?}",
-                    v.dtype()
-                )));
-            }
-            Ok(v.data())
-        };
-        Ok((part(".q4out", Dtype::U8)?, part(".q4outscale", Dtype::F16)?))
+        Ok((
+            self.stored_part(name, ".q4out", Dtype::U8)?,
+            self.stored_part(name, ".q4outscale", Dtype::F16)?,
+        ))
     }
 
     /// A `[out, in]` weight (`shape`) stored in the device's grid with `block` outputs per
