@@ -211,17 +211,42 @@ pub fn crop_square(img: &RgbImage, centre: [f32; 2], side: f32, out: u32, pad: O
     // image of one stained blob must not exhaust memory. Larger squares are sampled.
     let r = s.min(8 * out.max(1) as i64);
     let step = s as f64 / r as f64;
+    let pixel = |x: u32, y: u32| {
+        let (sx, sy) = (x0 + (x as f64 * step) as i64, y0 + (y as f64 * step) as i64);
+        let inside = (0..w).contains(&sx) && (0..h).contains(&sy);
+        match pad {
+            Some(p) if !inside => p,
+            _ => *img.get_pixel(mirror(sx, w) as u32, mirror(sy, h) as u32),
+        }
+    };
     let sq = if w == 0 || h == 0 {
         RgbImage::from_pixel(r as u32, r as u32, pad.unwrap_or(Rgb([255, 255, 255])))
-    } else {
-        RgbImage::from_fn(r as u32, r as u32, |x, y| {
-            let (sx, sy) = (x0 + (x as f64 * step) as i64, y0 + (y as f64 * step) as i64);
-            let inside = (0..w).contains(&sx) && (0..h).contains(&sy);
-            match pad {
-                Some(p) if !inside => p,
-                _ => *img.get_pixel(mirror(sx, w) as u32, mirror(sy, h) as u32),
+    } else if r == s {
+        // One source pixel per pixel (the usual case): the part of each row inside the image
+        // is copied as a slice, the rest mirrored or padded pixel by pixel, as below.
+        let mut sq = RgbImage::new(r as u32, r as u32);
+        let (lo, hi) = ((-x0).clamp(0, r), (w - x0).clamp(0, r));
+        let row_bytes = 3 * r as usize;
+        for (y, row) in sq.chunks_exact_mut(row_bytes).enumerate() {
+            let sy = y0 + y as i64;
+            for x in (0..lo).chain(hi.max(lo)..r) {
+                row[3 * x as usize..][..3].copy_from_slice(&pixel(x as u32, y as u32).0);
             }
-        })
+            if lo < hi {
+                if (0..h).contains(&sy) {
+                    let src =
+                        &img.as_raw()[(sy as usize * w as usize + (x0 + lo) as usize) * 3..][..3 * (hi - lo) as usize];
+                    row[3 * lo as usize..3 * hi as usize].copy_from_slice(src);
+                } else {
+                    for x in lo..hi {
+                        row[3 * x as usize..][..3].copy_from_slice(&pixel(x as u32, y as u32).0);
+                    }
+                }
+            }
+        }
+        sq
+    } else {
+        RgbImage::from_fn(r as u32, r as u32, pixel)
     };
     if r as u32 == out {
         sq
@@ -268,6 +293,49 @@ mod crop_tests {
         // Far outside, and a huge side, still work (and stay small in memory).
         assert_eq!(crop_square(&img, [500.0, -300.0], 40.0, 8, None).dimensions(), (8, 8));
         assert_eq!(crop_square(&img, [5.0, 5.0], 1.0e6, 8, None).dimensions(), (8, 8));
+    }
+
+    #[test]
+    fn a_square_copied_row_by_row_is_the_square_built_pixel_by_pixel() {
+        // Squares inside the image, across each edge and corner, larger than the image on
+        // every side, wholly outside it; mirrored and padded. `out` = the side, so the square
+        // comes back as built (no resize).
+        let img = RgbImage::from_fn(23, 17, |x, y| Rgb([(x * 11) as u8, (y * 13) as u8, (x * y) as u8]));
+        let (w, h) = (23i64, 17i64);
+        let mirror = |i: i64, n: i64| {
+            let m = i.rem_euclid(2 * n);
+            if m < n { m } else { 2 * n - 1 - m }
+        };
+        for (cx, cy, side) in [
+            (11.5, 8.5, 9.0),
+            (0.0, 0.0, 12.0),
+            (22.0, 16.0, 8.0),
+            (11.0, 8.0, 60.0),
+            (-40.0, 3.0, 10.0),
+            (5.0, 90.0, 14.0),
+            (23.0, 8.0, 7.0),
+        ] {
+            for pad in [None, Some(Rgb([7, 8, 9]))] {
+                let s = (side as f32).round() as i64;
+                let got = crop_square(&img, [cx, cy], side, s as u32, pad);
+                let (x0, y0) = (
+                    ((cx - side / 2.0) as f32).round() as i64,
+                    ((cy - side / 2.0) as f32).round() as i64,
+                );
+                for (x, y, p) in got.enumerate_pixels() {
+                    let (sx, sy) = (x0 + x as i64, y0 + y as i64);
+                    let inside = (0..w).contains(&sx) && (0..h).contains(&sy);
+                    let want = match pad {
+                        Some(p) if !inside => p,
+                        _ => *img.get_pixel(mirror(sx, w) as u32, mirror(sy, h) as u32),
+                    };
+                    assert_eq!(
+                        *p, want,
+                        "centre ({cx}, {cy}), side {side}, pad {pad:?}: pixel ({x}, {y})"
+                    );
+                }
+            }
+        }
         // A huge image that is one stained blob normalises without building a huge square.
         let blob = RgbImage::from_pixel(3000, 3000, Rgb([90, 50, 150]));
         let n = CellNorm::default().apply(&blob, None, None);
