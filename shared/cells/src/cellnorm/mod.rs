@@ -316,12 +316,9 @@ mod crop_tests {
             (23.0, 8.0, 7.0),
         ] {
             for pad in [None, Some(Rgb([7, 8, 9]))] {
-                let s = (side as f32).round() as i64;
+                let s = side.round() as i64;
                 let got = crop_square(&img, [cx, cy], side, s as u32, pad);
-                let (x0, y0) = (
-                    ((cx - side / 2.0) as f32).round() as i64,
-                    ((cy - side / 2.0) as f32).round() as i64,
-                );
+                let (x0, y0) = ((cx - side / 2.0).round() as i64, (cy - side / 2.0).round() as i64);
                 for (x, y, p) in got.enumerate_pixels() {
                     let (sx, sy) = (x0 + x as i64, y0 + y as i64);
                     let inside = (0..w).contains(&sx) && (0..h).contains(&sy);
