@@ -245,6 +245,21 @@ fn q4s_range() -> (f32, f32) {
     burn::tensor::quantization::QuantValue::Q4S.range()
 }
 
+/// burn's symmetric 4-bit rule (`Q4S`), the one every 4-bit weight the model holds is made
+/// with: the scale of a block whose largest magnitude is `max_abs`, `2·max_abs / (b − a)`
+/// (the smallest positive f32 for a block of zeros).
+pub fn q4s_scale(max_abs: f32) -> f32 {
+    let (a, b) = q4s_range();
+    let s = max_abs * 2.0 / (b - a);
+    if s > 0.0 && s.is_finite() { s } else { f32::MIN_POSITIVE }
+}
+
+/// The same rule's value of `x` at a scale whose inverse is `inv_scale`.
+pub fn q4s_value(x: f32, inv_scale: f32) -> i8 {
+    let (a, b) = q4s_range();
+    (x * inv_scale).round().clamp(a, b) as i8
+}
+
 impl Q4Blocks {
     /// Quantizes a weight given in the checkpoint's form, `d_out` rows of `d_in` values.
     ///
@@ -256,7 +271,6 @@ impl Q4Blocks {
             "{d_out} outputs in blocks of {block}"
         );
         assert_eq!(values.len(), d_out * d_in, "a [{d_out}, {d_in}] weight");
-        let (a, b) = q4s_range();
         let nb = d_out / block;
         let mut scales = vec![f16::ZERO; d_in * nb];
         let mut q = vec![0u8; d_in * d_out];
@@ -264,17 +278,17 @@ impl Q4Blocks {
             for j in 0..nb {
                 let rows = j * block..(j + 1) * block;
                 let m = rows.clone().fold(0f32, |m, o| m.max(values[o * d_in + i].abs()));
-                // f16's largest finite value bounds the scale (weights never come near it); a
-                // block of zeros (or of values f16 cannot tell from zero) gets 1 and zeros.
-                let s = match f16::from_f32((m * 2.0 / (b - a)).min(f16::MAX.to_f32())) {
+                // The device's rule with the scale as stored (f16; its largest finite value
+                // bounds it, weights never come near). A block of zeros, or of values f16
+                // cannot tell from zero, gets 1 and zeros.
+                let s = match f16::from_f32(q4s_scale(m).min(f16::MAX.to_f32())) {
                     s if s.to_f32() > 0.0 => s,
                     _ => f16::ONE,
                 };
                 scales[i * nb + j] = s;
-                let sf = s.to_f32();
+                let inv = 1.0 / s.to_f32();
                 for o in rows {
-                    let v = (values[o * d_in + i] / sf).round().clamp(a, b);
-                    q[i * d_out + o] = (v as i8 + 8) as u8;
+                    q[i * d_out + o] = (q4s_value(values[o * d_in + i], inv) + 8) as u8;
                 }
             }
         }
@@ -291,16 +305,12 @@ impl Q4Blocks {
         }
     }
 
-    /// The sizes a weight's stored parts must have: packed bytes and scales.
-    fn sizes(d_out: usize, d_in: usize, block: usize) -> Result<(usize, usize), QuantError> {
+    /// Checks the stored parts' sizes against the layout (for data read from a file).
+    fn check(d_out: usize, d_in: usize, block: usize, packed: &[u8], scales: &[u8]) -> Result<(), QuantError> {
         if block == 0 || d_out == 0 || d_in == 0 || !d_out.is_multiple_of(block) {
             return Err(QuantError::BadLayout(vec![d_out, d_in], block));
         }
-        Ok(((d_in * d_out).div_ceil(2), d_in * d_out / block))
-    }
-
-    fn check(d_out: usize, d_in: usize, block: usize, packed: &[u8], scales: &[u8]) -> Result<(), QuantError> {
-        let (expected_packed, expected_scales) = Self::sizes(d_out, d_in, block)?;
+        let (expected_packed, expected_scales) = ((d_in * d_out).div_ceil(2), d_in * d_out / block);
         if packed.len() != expected_packed || scales.len() != 2 * expected_scales {
             return Err(QuantError::SizeMismatch {
                 shape: vec![d_out, d_in],

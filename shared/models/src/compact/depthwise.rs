@@ -15,7 +15,7 @@
 //! page faults (250 000 against flex's 30 000 over the benchmark) made the model slower than
 //! with flex's convolution although each layer alone was faster.
 
-use super::simd::{self, Isa};
+use super::simd::{self, Isa, Level, values};
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
@@ -216,18 +216,15 @@ unsafe fn split_columns<S: Isa>(x: &[f32], w: usize, out: &mut [f32]) {
     }
 }
 
-/// The builds of the kernel: which vector instructions it is compiled for.
-type Build = simd::Level;
-
 /// The whole convolution on contiguous f32 values: `n` images of `c` planes of `h` × `w`, with
-/// `build` (one of [`Build::available`]).
-fn depthwise(x: &[f32], weight: &[f32], bias: &[f32], n: usize, c: usize, g: Geometry, build: Build) -> Vec<f32> {
+/// `build` (one of [`Level::available`]).
+fn depthwise(x: &[f32], weight: &[f32], bias: &[f32], n: usize, c: usize, g: Geometry, build: Level) -> Vec<f32> {
     use rayon::prelude::*;
     let Geometry { h, w, stride, .. } = g;
     let plane_len = out_side(h, stride) * out_side(w, stride);
     let mut y = vec![0f32; n * c * plane_len];
     assert!(
-        Build::available().contains(&build),
+        Level::available().contains(&build),
         "{build:?} on a processor without it"
     );
     y.par_chunks_mut(plane_len)
@@ -238,22 +235,16 @@ fn depthwise(x: &[f32], weight: &[f32], bias: &[f32], n: usize, c: usize, g: Geo
             let (k, b) = (&weight[(i % c) * 9..][..9], bias[i % c]);
             SPLIT.with_borrow_mut(|split| match build {
                 // SAFETY: plain Rust runs anywhere.
-                Build::Portable => unsafe { plane_from::<simd::Portable>(out, input, k, b, g, split) },
+                Level::Portable => unsafe { plane_from::<simd::Portable>(out, input, k, b, g, split) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the processor has AVX2 and FMA (asserted above).
-                Build::Avx2 => unsafe { plane_avx2(out, input, k, b, g, split) },
+                Level::Avx2 => unsafe { plane_avx2(out, input, k, b, g, split) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the processor has AVX-512F (asserted above).
-                Build::Avx512 => unsafe { plane_avx512(out, input, k, b, g, split) },
+                Level::Avx512 => unsafe { plane_avx512(out, input, k, b, g, split) },
             });
         });
     y
-}
-
-/// The values of a contiguous f32 tensor.
-fn values(t: &FloatTensor<Flex>) -> &[f32] {
-    let l = t.layout();
-    &t.storage::<f32>()[l.start_offset()..][..l.num_elements()]
 }
 
 impl Depthwise for Flex {
@@ -282,7 +273,7 @@ impl Depthwise for Flex {
         let (n, c, h, w) = (xs[0], xs[1], xs[2], xs[3]);
         let (x, weight, bias) = (x.to_contiguous(), weight.to_contiguous(), bias.to_contiguous());
         let g = Geometry { h, w, stride, relu6 };
-        let y = depthwise(values(&x), values(&weight), values(&bias), n, c, g, Build::best());
+        let y = depthwise(values(&x), values(&weight), values(&bias), n, c, g, Level::best());
         Flex::float_from_data(
             TensorData::new(y, [n, c, out_side(h, stride), out_side(w, stride)]),
             &Default::default(),
@@ -379,7 +370,7 @@ mod tests {
                 b.into_data().try_into_vec().unwrap(),
             );
             let g = Geometry { h, w, stride, relu6 };
-            for build in Build::available() {
+            for &build in Level::available() {
                 let y = depthwise(&xv, &kv, &bv, n, c, g, build);
                 for (i, (a, b)) in y.iter().zip(&want).enumerate() {
                     assert!(

@@ -16,7 +16,7 @@
 //! `clamp`; so does any shape this kernel does not cover (output channels not a multiple of
 //! the tile's rows, grouped convolutions, other dtypes).
 
-use super::simd::{Isa, Level, Portable};
+use super::simd::{Isa, Level, Portable, values};
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
@@ -161,7 +161,7 @@ unsafe fn tile<S: Isa, const R: usize, const NV: usize>(
                 let at = r * out.plane + v * S::LANES;
                 let mut a = a;
                 if !out.residual.is_null() {
-                    a = S::add(a, S::load_n(out.residual.add(at), m));
+                    a = S::add(a, S::load_range(out.residual.add(at), 0, m));
                 }
                 if out.relu6 {
                     a = S::relu6(a);
@@ -283,30 +283,27 @@ unsafe fn task<S: Isa, const R: usize>(job: &Job, t: usize, panel: &mut Vec<f32>
     }
 }
 
-/// The kernel a processor runs: its instruction set.
-type Kernel = Level;
-
 /// Tile sizes at each level.
 impl Level {
     /// Output channels per tile.
     fn rows(self) -> usize {
         match self {
-            Kernel::Portable => Portable::ROWS,
+            Level::Portable => Portable::ROWS,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => super::simd::x86::Avx2::ROWS,
+            Level::Avx2 => super::simd::x86::Avx2::ROWS,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => super::simd::x86::Avx512::ROWS,
+            Level::Avx512 => super::simd::x86::Avx512::ROWS,
         }
     }
 
     /// Pixels per task's block.
     fn block(self) -> usize {
         match self {
-            Kernel::Portable => Portable::VECTORS * Portable::LANES,
+            Level::Portable => Portable::VECTORS * Portable::LANES,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => super::simd::x86::Avx2::VECTORS * super::simd::x86::Avx2::LANES,
+            Level::Avx2 => super::simd::x86::Avx2::VECTORS * super::simd::x86::Avx2::LANES,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => super::simd::x86::Avx512::VECTORS * super::simd::x86::Avx512::LANES,
+            Level::Avx512 => super::simd::x86::Avx512::VECTORS * super::simd::x86::Avx512::LANES,
         }
     }
 }
@@ -335,7 +332,7 @@ thread_local! {
 /// The convolution on contiguous values: `x` `[n, c_in, h, w]`, `w` `[c_out, depth]`, the
 /// residual (if any) as the output. `None` where `kernel` cannot take the shape.
 fn compute(
-    kernel: Kernel,
+    kernel: Level,
     x: &[f32],
     w: &[f32],
     bias: &[f32],
@@ -383,25 +380,19 @@ fn compute(
     (0..tasks).into_par_iter().for_each(|t| {
         PANEL.with_borrow_mut(|panel| match kernel {
             // SAFETY: the portable kernel runs anywhere; rows divide c_out (checked above).
-            Kernel::Portable => unsafe { task::<Portable, 4>(&job, t, panel) },
+            Level::Portable => unsafe { task::<Portable, 4>(&job, t, panel) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: chosen only where the processor has it.
-            Kernel::Avx2 => unsafe { task_avx2(&job, t, panel) },
+            Level::Avx2 => unsafe { task_avx2(&job, t, panel) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Kernel::Avx512 => unsafe { task_avx512(&job, t, panel) },
+            Level::Avx512 => unsafe { task_avx512(&job, t, panel) },
         })
     });
     // SAFETY: the tasks cover every (image, pixel block, channel chunk) once, and each tile
     // stores every valid pixel of each of its channels: all `len` values are written.
     unsafe { y.set_len(len) };
     Some(y)
-}
-
-/// The values of a contiguous f32 tensor.
-fn values(t: &FloatTensor<Flex>) -> &[f32] {
-    let l = t.layout();
-    &t.storage::<f32>()[l.start_offset()..][..l.num_elements()]
 }
 
 /// The flex path: the kernel where it fits, burn's operations elsewhere.
@@ -449,7 +440,7 @@ fn flex_dense(
     let (x, weight, bias) = (x.to_contiguous(), weight.to_contiguous(), bias.to_contiguous());
     let residual = residual.map(|r| r.to_contiguous());
     let y = compute(
-        Kernel::best(),
+        Level::best(),
         values(&x),
         values(&weight),
         values(&bias),
@@ -597,7 +588,7 @@ mod tests {
             (2, 3, 9, 9, 8, 3, 1),
             (1, 4, 1, 2, 8, 3, 2),
         ];
-        for kernel in Kernel::available() {
+        for &kernel in Level::available() {
             for (n, c_in, h, w, c_out, k, stride) in shapes {
                 let s = Shape {
                     n,
@@ -636,7 +627,7 @@ mod tests {
             stride: 1,
         };
         let (x, w, b) = (values(18, 1), values(12, 2), values(6, 3));
-        for kernel in Kernel::available() {
+        for &kernel in Level::available() {
             // 6 output channels is not a multiple of any kernel's rows.
             assert!(compute(kernel, &x, &w, &b, None, s, false).is_none());
             // A strided pointwise convolution, a residual of the wrong size.

@@ -3,6 +3,15 @@
 //! build's baseline. A kernel is generic over [`Isa`] and compiled once per instruction set in a
 //! function with that target feature, chosen at run time.
 
+use burn::backend::Flex;
+use burn::backend::tensor::FloatTensor;
+
+/// The values of a contiguous f32 tensor on the CPU backend, as the kernels read them.
+pub(in crate::compact) fn values(t: &FloatTensor<Flex>) -> &[f32] {
+    let l = t.layout();
+    &t.storage::<f32>()[l.start_offset()..][..l.num_elements()]
+}
+
 /// The instruction sets a kernel is built for, the widest last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(in crate::compact) enum Level {
@@ -17,20 +26,23 @@ pub(in crate::compact) enum Level {
 }
 
 impl Level {
-    /// Every level this processor runs, the widest last.
-    pub(in crate::compact) fn available() -> Vec<Level> {
-        let mut all = vec![Level::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") {
-                all.push(Level::Avx2);
-                if has!("avx512f") {
-                    all.push(Level::Avx512);
+    /// Every level this processor runs, the widest last (found once).
+    pub(in crate::compact) fn available() -> &'static [Level] {
+        static ALL: std::sync::OnceLock<Vec<Level>> = std::sync::OnceLock::new();
+        ALL.get_or_init(|| {
+            let mut all = vec![Level::Portable];
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                if has!("avx2") && has!("fma") {
+                    all.push(Level::Avx2);
+                    if has!("avx512f") {
+                        all.push(Level::Avx512);
+                    }
                 }
             }
-        }
-        all
+            all
+        })
     }
 
     /// The level the kernels run at: the widest this processor has, or narrower where the
@@ -66,8 +78,6 @@ pub(in crate::compact) trait Isa {
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn relu6(a: Self::V) -> Self::V;
-    /// The first `n` (≤ `LANES`) values at `p`, zeros after.
-    unsafe fn load_n(p: *const f32, n: usize) -> Self::V;
     /// Stores the first `n` (≤ `LANES`) values of `v` at `p`.
     unsafe fn store_n(p: *mut f32, v: Self::V, n: usize);
     /// Lanes `lo..hi` (`hi` ≤ `LANES`) from `p[lane]`, zeros in the others, which are never
@@ -105,11 +115,6 @@ impl Isa for Portable {
     #[inline(always)]
     unsafe fn relu6(a: [f32; 8]) -> [f32; 8] {
         a.map(|v| v.clamp(0.0, 6.0))
-    }
-    #[inline(always)]
-    unsafe fn load_n(p: *const f32, n: usize) -> [f32; 8] {
-        // SAFETY: the caller passes `n` readable values.
-        std::array::from_fn(|i| if i < n { unsafe { *p.add(i) } } else { 0.0 })
     }
     #[inline(always)]
     unsafe fn store_n(p: *mut f32, v: [f32; 8], n: usize) {
@@ -180,10 +185,6 @@ pub(in crate::compact) mod x86 {
             unsafe { _mm512_min_ps(_mm512_max_ps(a, _mm512_setzero_ps()), _mm512_set1_ps(6.0)) }
         }
         #[inline(always)]
-        unsafe fn load_n(p: *const f32, n: usize) -> __m512 {
-            unsafe { _mm512_maskz_loadu_ps(mask16(n), p) }
-        }
-        #[inline(always)]
         unsafe fn store_n(p: *mut f32, v: __m512, n: usize) {
             unsafe { _mm512_mask_storeu_ps(p, mask16(n), v) }
         }
@@ -237,16 +238,6 @@ pub(in crate::compact) mod x86 {
         #[inline(always)]
         unsafe fn relu6(a: __m256) -> __m256 {
             unsafe { _mm256_min_ps(_mm256_max_ps(a, _mm256_setzero_ps()), _mm256_set1_ps(6.0)) }
-        }
-        #[inline(always)]
-        unsafe fn load_n(p: *const f32, n: usize) -> __m256 {
-            unsafe {
-                if n >= 8 {
-                    _mm256_loadu_ps(p)
-                } else {
-                    _mm256_maskload_ps(p, mask8(n))
-                }
-            }
         }
         #[inline(always)]
         unsafe fn store_n(p: *mut f32, v: __m256, n: usize) {

@@ -411,19 +411,12 @@ impl<'a> WeightsView<'a> {
 
     /// The tensor `name` in f32.
     pub fn get(&self, name: &str) -> Result<NamedTensor, WeightError> {
-        if let Some(&(d_out, d_in, _)) = self.q4out.get(name) {
+        if self.q4.contains_key(name) || self.q4out.contains_key(name) {
+            // A 4-bit tensor, in either form: unpacked as its rows are.
             let mut values = Vec::new();
             self.rows(name, usize::MAX, &mut |v| values.extend_from_slice(v))?;
             return Ok(NamedTensor {
-                shape: vec![d_out, d_in],
-                values,
-            });
-        }
-        if let Some((shape, _)) = self.q4.get(name) {
-            let mut values = Vec::new();
-            self.rows(name, usize::MAX, &mut |v| values.extend_from_slice(v))?;
-            return Ok(NamedTensor {
-                shape: shape.clone(),
+                shape: self.shape(name)?,
                 values,
             });
         }

@@ -235,8 +235,8 @@ impl RowQuantizer {
     /// burn's symmetric block quantization does it (scale `2·max|x| / (b − a)`, values
     /// `round(x / scale)` clamped to `[a, b]`).
     fn quantize_band(&mut self) {
+        use crate::quant::{q4s_scale, q4s_value};
         use rayon::prelude::*;
-        let (a, b) = QuantValue::Q4S.range();
         let (d_in, d_out, block) = (self.d_in, self.d_out, self.block);
         let j0 = self.rows;
         let bi = j0 / block;
@@ -248,14 +248,10 @@ impl RowQuantizer {
             .enumerate()
             .with_min_len(256)
             .for_each(|(i, (qrow, srow))| {
-                let m = (0..block).fold(0f32, |m, k| m.max(band[k * d_in + i].abs()));
-                let mut s = m * 2.0 / (b - a);
-                if !(s > 0.0 && s.is_finite()) {
-                    s = f32::MIN_POSITIVE;
-                }
+                let s = q4s_scale((0..block).fold(0f32, |m, k| m.max(band[k * d_in + i].abs())));
                 let inv = 1.0 / s;
                 for k in 0..block {
-                    qrow[j0 + k] = (band[k * d_in + i] * inv).round().clamp(a, b) as i8;
+                    qrow[j0 + k] = q4s_value(band[k * d_in + i], inv);
                 }
                 srow[bi] = s;
             });
