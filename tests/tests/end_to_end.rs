@@ -251,6 +251,7 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
             train: Some(&data.join("train.csv")),
             bank_per_class: 2,
             knn_k: 1,
+            dark_nucleus: true,
             ..ExportOptions::recalibrate(&bundle, &new_key, &again, version)
         })
     };
@@ -267,6 +268,11 @@ fn trained_run_exports_a_signed_bundle_that_verifies_self_tests_and_classifies()
         b8.part(wbc_models::compact::WEIGHTS_PART).unwrap(),
         bundle.part(wbc_models::compact::WEIGHTS_PART).unwrap(),
         "the weights are kept byte for byte"
+    );
+    let rule = |b: &Bundle| b.manifest.preprocess.cell.as_ref().is_some_and(|c| c.dark_nucleus);
+    assert!(
+        rule(&b8) && !rule(&bundle),
+        "the new calibration's own view has the dark-nucleus rule on"
     );
     let c8 = Classifier::from_bundle(&b8, &device).unwrap();
     assert_eq!(c8.self_test(&b8).unwrap(), 6);

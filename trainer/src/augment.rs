@@ -27,7 +27,18 @@ pub struct Augment {
     pub noise: (f64, f32),
     /// Probability and lowest quality of a JPEG round trip.
     pub jpeg: (f64, u8),
+    /// Probability and smallest exponent of a stain-density curve ([`density_curve`]): the
+    /// exponent is drawn in `min..=DENSITY_GAMMA_MAX`. Below 1 it compresses the picture's
+    /// optical densities towards a red cell's, as a paler stain or a lower-contrast camera does.
+    pub density: (f64, f32),
 }
+
+/// Largest exponent of the stain-density curve: a little more contrast than the picture had.
+pub const DENSITY_GAMMA_MAX: f32 = 1.2;
+
+/// Optical density (natural log) that the stain-density curve keeps in place: about a red
+/// cell's, so that the curve changes how dark a nucleus is against the red cells around it.
+const DENSITY_PIVOT: f32 = 0.3;
 
 impl Default for Augment {
     fn default() -> Self {
@@ -40,6 +51,7 @@ impl Default for Augment {
             downscale: (0.0, 1.0),
             noise: (0.0, 0.0),
             jpeg: (0.0, 100),
+            density: (0.0, 1.0),
         }
     }
 }
@@ -56,6 +68,7 @@ impl Augment {
             downscale: (0.3, 0.4),
             noise: (0.3, 8.0),
             jpeg: (0.4, 30),
+            density: (0.0, 1.0),
         }
     }
 
@@ -89,6 +102,11 @@ impl Augment {
         if rng.gen_bool(self.blur.0) {
             out = image::imageops::blur(&out, rng.gen_range(0.3..=self.blur.1.max(0.31)));
         }
+        // Drawn only when on, so that recipes without it keep their random streams.
+        if self.density.0 > 0.0 && rng.gen_bool(self.density.0) {
+            let min = self.density.1.clamp(0.05, DENSITY_GAMMA_MAX);
+            density_curve(&mut out, rng.gen_range(min..=DENSITY_GAMMA_MAX));
+        }
         if rng.gen_bool(self.noise.0) {
             let sigma = rng.gen_range(0.0..=self.noise.1);
             for p in out.pixels_mut() {
@@ -120,7 +138,21 @@ pub fn jpeg_round_trip(img: &RgbImage, quality: u8) -> RgbImage {
         .unwrap_or_else(|_| img.clone())
 }
 
-impl Augment {}
+/// Raises every channel's optical density `d = −ln((v + 1) / 256)` to the power `gamma`
+/// around [`DENSITY_PIVOT`]: `d' = pivot · (d / pivot)^gamma`. With `gamma` below 1 a dark
+/// nucleus comes nearer the red cells' density and the plasma darkens a little: the low-contrast
+/// look of a paler stain, a thinner smear or a flatter camera, which no per-picture colour
+/// normalisation undoes (measured in `BENCHMARKS.md`, issue 22 §1).
+pub fn density_curve(img: &mut RgbImage, gamma: f32) {
+    let lut: [u8; 256] = std::array::from_fn(|v| {
+        let d = -((v as f32 + 1.0) / 256.0).ln();
+        let d = DENSITY_PIVOT * (d.max(0.0) / DENSITY_PIVOT).powf(gamma);
+        (256.0 * (-d).exp() - 1.0).round().clamp(0.0, 255.0) as u8
+    });
+    for p in img.pixels_mut() {
+        p.0 = p.0.map(|v| lut[v as usize]);
+    }
+}
 
 /// Applies brightness, contrast (around the image's mean grey), saturation and a hue rotation
 /// (in YIQ space) in one pass.
@@ -178,6 +210,24 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(Augment::strong().apply(&src, &mut rng).dimensions(), (10, 10));
         }
+    }
+
+    #[test]
+    fn density_curve_brings_dark_and_pale_towards_the_pivot() {
+        // A nucleus-dark, a red-cell and a plasma-pale value.
+        let px = |v: u8| image::Rgb([v, v, v]);
+        let mut img = RgbImage::from_fn(3, 1, |x, _| px([40, 189, 240][x as usize]));
+        let orig = img.clone();
+        density_curve(&mut img, 1.0);
+        assert_eq!(img, orig, "gamma 1 is the identity");
+        density_curve(&mut img, 0.4);
+        let [dark, pivot, pale] = [0, 1, 2].map(|x| img.get_pixel(x, 0)[0]);
+        assert!(dark > 90, "a dark nucleus is paler: {dark}");
+        assert!((pivot as i32 - 189).abs() <= 2, "the pivot density stays: {pivot}");
+        assert!(pale < 225, "the plasma darkens: {pale}");
+        let mut more = orig.clone();
+        density_curve(&mut more, 1.2);
+        assert!(more.get_pixel(0, 0)[0] < 40, "above 1 the nucleus darkens");
     }
 
     #[test]

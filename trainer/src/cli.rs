@@ -190,6 +190,12 @@ pub struct TrainArgs {
     /// (sharpness, texture, contrast) partly of a view from another source (0 = none).
     #[arg(long)]
     pub amplitude_mix: Option<f64>,
+    /// Stain density: give this share of the training views a random optical-density curve
+    /// (exponent 0.3–1.2 around a red cell's density: paler or darker nuclei, flatter or
+    /// harder contrast), so that how dark a nucleus is against its red cells is no cue to a
+    /// class (0 = none).
+    #[arg(long, default_value_t = 0.0)]
+    pub stain_density: f64,
 }
 
 /// Arguments of `trainer crop-fields`.
@@ -546,6 +552,10 @@ pub struct CalibrationArgs {
     /// fractions go into the manifest.
     #[arg(long, value_parser = parse_named)]
     pub other_site: Vec<(String, PathBuf)>,
+    /// Turn on the cell normalisation's dark-nucleus rule in the bundle's own view (for a model
+    /// trained to answer for the views it makes; `CellNorm::dark_nucleus`).
+    #[arg(long)]
+    pub dark_nucleus: bool,
 }
 
 impl CalibrationArgs {
@@ -560,6 +570,7 @@ impl CalibrationArgs {
             blast_keep: self.blast_keep,
             blast_size_keep: self.blast_size_keep,
             other_sites: self.other_site.iter().map(|(n, p)| (n.clone(), p.as_path())).collect(),
+            dark_nucleus: self.dark_nucleus || o.dark_nucleus,
             ..o
         }
     }

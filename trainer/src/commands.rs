@@ -117,6 +117,7 @@ pub fn train_compact(a: TrainArgs) -> Result<()> {
         source_adversary,
         mixstyle,
         amplitude_mix,
+        stain_density,
         ..
     } = a;
     let mut s = TrainSettings {
@@ -127,6 +128,7 @@ pub fn train_compact(a: TrainArgs) -> Result<()> {
         seed,
         max_per_class,
         strong_augment: !mild_augment,
+        stain_density: stain_density.clamp(0.0, 1.0),
         ..Default::default()
     };
     if let Some(a) = source_adversary {
@@ -268,7 +270,9 @@ pub fn export_compact(a: ExportArgs) -> Result<()> {
 pub fn recalibrate(a: RecalibrateArgs) -> Result<()> {
     let RecalibrateArgs { bundle, trust, cal, .. } = a;
     let key = keys::read_private(&cal.key)?;
-    let b = Bundle::open(&bundle, &trusted(&trust)?).with_context(|| format!("opening {}", bundle.display()))?;
+    // Mapped, not read onto the heap: the input bundle is a file given on the command line.
+    let b = Bundle::open_mapped(&bundle, &trusted(&trust)?, &Default::default())
+        .with_context(|| format!("opening {}", bundle.display()))?;
     let m = export(&cal.apply(ExportOptions::recalibrate(&b, &key, &cal.out, cal.model_version)))?;
     println!(
         "wrote {} (model version {}, recalibrated from {}, val {})",
@@ -283,7 +287,8 @@ pub fn recalibrate(a: RecalibrateArgs) -> Result<()> {
 /// `trainer adapt`.
 pub fn adapt(a: AdaptArgs) -> Result<()> {
     let key = keys::read_private(&a.key)?;
-    let b = Bundle::open(&a.bundle, &trusted(&a.trust)?).with_context(|| format!("opening {}", a.bundle.display()))?;
+    let b = Bundle::open_mapped(&a.bundle, &trusted(&a.trust)?, &Default::default())
+        .with_context(|| format!("opening {}", a.bundle.display()))?;
     let o = trainer::compact::site::SiteOptions {
         clinic: a.clinic,
         val: a.val.as_deref(),

@@ -67,6 +67,9 @@ pub struct ExportOptions<'a> {
     /// Unlabelled other-site cell sets whose reported distribution (Blast and Unidentified
     /// fractions) goes into the manifest: (name, sample list).
     pub other_sites: Vec<(String, &'a Path)>,
+    /// Turn on the cell normalisation's dark-nucleus rule (`CellNorm::dark_nucleus`) in the
+    /// bundle's own view: calibrated, measured and shipped with it.
+    pub dark_nucleus: bool,
 }
 
 impl<'a> ExportOptions<'a> {
@@ -95,6 +98,7 @@ impl<'a> ExportOptions<'a> {
             blast_keep: 0.98,
             blast_size_keep: 0.99,
             other_sites: Vec::new(),
+            dark_nucleus: false,
         }
     }
 }
@@ -327,6 +331,12 @@ fn finish(
     mut manifest: Manifest,
     device: &Device,
 ) -> Result<Manifest> {
+    if o.dark_nucleus {
+        let Some(cell) = manifest.preprocess.cell.as_mut() else {
+            bail!("the dark-nucleus rule needs the cell normalisation, which this model does not use");
+        };
+        cell.dark_nucleus = true;
+    }
     let mut classifier = Classifier::new(model, manifest.preprocess.clone(), o.model_version);
     let mut calibration_parts: Vec<(&str, Vec<u8>)> = Vec::new();
     let mut calibration_metrics = serde_json::Map::new();
