@@ -9,7 +9,8 @@
 # appliance/models/default.bundle, then evaluates the bundle on val (runs/default/val.json)
 # and on the other-site white cells (runs/default/other-site.json).
 #
-# TEACHING_BASE=1 trains the colour view instead (`trainer train --colour`) and writes
+# TEACHING_BASE=1 trains the colour view instead, with the stain-density augmentation
+# (`trainer train --colour --stain-density 0.5`), and writes
 # runs/teaching-base/ and runs/teaching-base.bundle, signed with the same key: the base a lab
 # teaches a clinic's reviews to (`trainer adapt --bundle runs/teaching-base.bundle`). It is not
 # an appliance's default (at another site it calls small lymphocytes blasts), but what it learns
@@ -41,7 +42,7 @@ if [ -d "$FIELDS/annotations" ]; then
 fi
 RUN=runs/default OUT=appliance/models/default.bundle VIEW=()
 if [ "${TEACHING_BASE:-0}" = 1 ]; then
-  RUN=runs/teaching-base OUT=runs/teaching-base.bundle VIEW=(--colour)
+  RUN=runs/teaching-base OUT=runs/teaching-base.bundle VIEW=(--colour --stain-density 0.5)
 fi
 "$TRAINER" train --data "$DATA" --out "$RUN" "${VIEW[@]}"
 "$TRAINER" export --run "$RUN" --key "$KEY" --val "$DATA/val.csv" --train "$DATA/train.csv" \
